@@ -1,0 +1,87 @@
+"""The compressed state of one cache layer, as the attention function reads it.
+
+This is the contract between ``cache/`` (which writes it) and ``attention/`` (which
+reads it). Everything is a plain tensor, batch first, KV heads only (GQA heads are
+never repeated). Cache indices count tokens in the order they entered the cache
+(0 = first token ever stored, padding included); they are what the attention mask's
+last dimension indexes.
+
+Tiers, in cache-index order::
+
+    landmarks [0, L) | cold blocks [L, L + nb*T) | hot buffer [hot_start, seq_len)
+
+Within each cold block, ``outliers_per_block`` tokens are kept exact; their low-rank
+rows must be ignored by attention (they are attended through the exact copy).
+
+Shapes (B batch, H KV heads, D head_dim, T block size, nb blocks, rk/rv ranks,
+o outliers per block, L landmarks, h hot tokens):
+
+- ``landmark_keys`` / ``landmark_values``: [B, H, L, D], model dtype, post-RoPE.
+- ``ColdBlocks.key_coeffs``: [B, H, nb, T, rk] int8 (coeff_bits=8); uint8 packed
+  [B, H, nb, T, ceil(rk/2)] (coeff_bits=4); model dtype (coeff_bits=16).
+- ``ColdBlocks.key_scales``: [B, H, nb, T, 1] float16, per-row scale (None when 16 bits);
+  coefficient row t of block n is ``key_coeffs[..., n, t, :] * key_scales[..., n, t, :]``.
+- ``ColdBlocks.key_basis``: [B, H, nb, rk, D]; the block's keys are ``coeffs @ basis``.
+- values likewise with rv. Values always stay latent in attention: ``(p @ C_V) @ B_V``.
+- ``ColdBlocks.outlier_keys`` / ``outlier_values``: [B, H, nb, o, D] exact, post-RoPE.
+- ``ColdBlocks.outlier_index``: [B, H, nb, o] int64, index inside the block (0..T-1).
+- ``ColdBlocks.block_starts``: [nb] int64, cache index of each block's first token.
+- ``hot_keys`` / ``hot_values``: [B, H, h, D] exact, post-RoPE; cache indices
+  ``hot_start .. hot_start + h - 1``.
+- ``chunk_keys`` / ``chunk_values`` (may be None): exact K/V of the tokens added by the
+  *current* forward call (cache indices ``chunk_start .. seq_len - 1``). They are kept
+  only until this layer's attention has run, so that a prefill chunk attends to itself
+  exactly while earlier chunks are read compressed. Attention uses the tiers for cache
+  indices < ``chunk_start`` and the chunk for the rest.
+
+``key_space == "pre_rope"`` means the cold blocks' low-rank keys are un-rotated; the
+attention function must rotate the reconstructed tile with ``rotate_block_keys``
+before scoring. Every exact tier is always stored post-RoPE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ColdBlocks:
+    key_coeffs: torch.Tensor
+    key_scales: torch.Tensor | None
+    key_basis: torch.Tensor
+    value_coeffs: torch.Tensor
+    value_scales: torch.Tensor | None
+    value_basis: torch.Tensor
+    outlier_keys: torch.Tensor
+    outlier_values: torch.Tensor
+    outlier_index: torch.Tensor
+    block_starts: torch.Tensor
+    block_size: int
+    coeff_bits: int
+    rank_keys: int
+    rank_values: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block_starts.numel())
+
+
+@dataclass
+class SpectralLayerState:
+    layer_idx: int
+    seq_len: int
+    landmark_keys: torch.Tensor
+    landmark_values: torch.Tensor
+    cold: ColdBlocks | None
+    hot_keys: torch.Tensor
+    hot_values: torch.Tensor
+    hot_start: int
+    chunk_keys: torch.Tensor | None
+    chunk_values: torch.Tensor | None
+    chunk_start: int
+    key_space: str
+    # pre_rope only: (keys [B, H, nb, T, D] pre-RoPE, block_starts [nb]) -> post-RoPE keys.
+    rotate_block_keys: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
