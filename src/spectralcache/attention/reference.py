@@ -1,0 +1,435 @@
+"""Reference attention over a compressed layer (``SpectralLayerState``), in plain torch.
+
+This is the definition the fused kernels of a later issue must match, so it favours
+clarity over cleverness, but it is also the CPU fast path: every tier is handled with a
+few batched matmuls (no Python loop over tokens or blocks; pre-RoPE keys loop over
+*tiles* of many blocks only to bound memory).
+
+One softmax spans all tiers. Scores are computed per tier in float32, the global row
+maximum is taken over every tier, and the exponentials of every tier share one
+denominator, so the result is exactly softmax attention over the union of the tiers:
+
+* exact tiers (landmarks, outliers, hot buffer, current chunk): ``q·kᵀ`` and ``p·v``;
+* cold blocks, keys post-RoPE: ``(q·B_Kᵀ)·C_Kᵀ`` with the per-row scale applied after
+  the product; keys pre-RoPE: each tile of blocks is reconstructed, rotated with
+  ``state.rotate_block_keys`` and scored;
+* cold blocks, values always latent: ``(p·C_V)·B_V`` with the per-row value scale
+  folded into ``p``, one matmul that also sums over blocks.
+
+Masking is by *cache index* (the order tokens entered the cache, padding included),
+which is what the attention mask's last dimension indexes, so left padding works for
+every tier: each tier gathers the mask columns of its own cache indices. Tokens at
+cache indices ``>= chunk_start`` are read from the exact chunk only; the tiers'
+copies of them (the cache may already have compressed them) are masked out.
+
+GQA: queries are viewed as ``[B, H_kv, groups * q, D]`` so keys and values are never
+repeated per query head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spectralcache.cache.state import ColdBlocks, SpectralLayerState
+
+__all__ = ["dense_attention", "dense_reference", "reconstruct_dense_kv", "spectral_attention"]
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+def _unpack_int4(packed: torch.Tensor, rank: int) -> torch.Tensor:
+    """Unpack coefficients stored two per byte, via the quantization module that packed them."""
+    from spectralcache.linalg import quant
+
+    return quant.unpack_int4(packed, rank)
+
+
+def _coeffs_float(coeffs: torch.Tensor, bits: int, rank: int) -> torch.Tensor:
+    """Integer (or 16-bit float) coefficients as float32, *without* their row scale."""
+    if bits == 4:
+        coeffs = _unpack_int4(coeffs, rank)
+    return coeffs.float()
+
+
+def _check_state(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, int, int, int, int]:
+    if query.dim() != 4:
+        raise ValueError(f"query must be [batch, heads, q_len, head_dim], got shape {tuple(query.shape)}")
+    if not query.is_floating_point():
+        raise TypeError(f"query must be a floating tensor, got {query.dtype}")
+    bsz, n_q_heads, q_len, head_dim = query.shape
+    if state.hot_keys.dim() != 4:
+        raise ValueError(f"state.hot_keys must be [B, H, h, D], got shape {tuple(state.hot_keys.shape)}")
+    kb, n_kv, _, kd = state.hot_keys.shape
+    if kb != bsz:
+        raise ValueError(f"query batch {bsz} does not match the cached batch {kb}")
+    if kd != head_dim:
+        raise ValueError(f"query head_dim {head_dim} does not match the cached head_dim {kd}")
+    if n_q_heads % n_kv:
+        raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv} KV heads")
+    if state.key_space not in ("pre_rope", "post_rope"):
+        raise ValueError(f"unknown key_space {state.key_space!r}")
+    if state.cold is not None and state.key_space == "pre_rope" and state.rotate_block_keys is None:
+        raise ValueError("pre_rope cold blocks need state.rotate_block_keys")
+    return bsz, n_q_heads, q_len, head_dim, n_kv
+
+
+# --------------------------------------------------------------------------- masks
+
+
+class _MaskColumns:
+    """Turns the attention mask into additive float32 biases for arbitrary cache indices.
+
+    ``attention_mask`` is what transformers passes: ``[B, 1, q, kv_len]`` bool (True =
+    attend), an additive float mask of that shape, or None (then causality is applied
+    here: query ``i`` sits at cache index ``seq_len - q + i``). Masked entries become
+    ``-inf`` so a fully masked row is detectable (and produces zeros, not NaN).
+    Entries of a float mask at or below half its dtype's minimum count as masked.
+    """
+
+    def __init__(
+        self,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        q_len: int,
+        seq_len: int,
+        tier_end: int,
+        device: torch.device,
+    ) -> None:
+        self.q_len = q_len
+        self.tier_end = tier_end  # cache indices >= tier_end are served by the chunk only
+        self.mask = None
+        self.q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
+        if attention_mask is None:
+            return
+        if attention_mask.dim() != 4:
+            raise ValueError(
+                f"attention_mask must be 4D [batch, 1, q_len, kv_len], got shape {tuple(attention_mask.shape)}"
+            )
+        mb, mh, mq, mk = attention_mask.shape
+        if mb not in (1, batch) or mh != 1 or mq != q_len:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not fit batch={batch}, q_len={q_len}"
+                " (expected [batch, 1, q_len, kv_len])"
+            )
+        if mk < seq_len:
+            raise ValueError(
+                f"attention_mask covers {mk} cache positions but the layer holds {seq_len} tokens"
+            )
+        if attention_mask.dtype == torch.bool:
+            self.mask = attention_mask
+        elif attention_mask.is_floating_point():
+            self.mask = attention_mask
+        else:
+            raise TypeError(f"attention_mask must be bool or floating, got {attention_mask.dtype}")
+        self.mask = self.mask.to(device)
+
+    def _from_values(self, cols: torch.Tensor) -> torch.Tensor:
+        if cols.dtype == torch.bool:
+            zero = torch.zeros((), dtype=torch.float32, device=cols.device)
+            return torch.where(cols, zero, _NEG_INF)
+        floor = torch.finfo(cols.dtype).min / 2
+        return torch.where(cols > floor, cols.float(), _NEG_INF)
+
+    def shared(self, idx: torch.Tensor) -> torch.Tensor:
+        """Bias for cache indices ``idx`` [n] shared by all heads -> [B|1, 1, q, n]."""
+        valid = idx < self.tier_end
+        if self.mask is None:
+            keep = (idx[None, :] <= self.q_pos[:, None]) & valid[None, :]
+            zero = torch.zeros((), dtype=torch.float32, device=idx.device)
+            return torch.where(keep, zero, _NEG_INF)[None, None]
+        bias = self._from_values(self.mask.index_select(-1, idx))
+        return bias.masked_fill(~valid, _NEG_INF)
+
+    def per_head(self, idx: torch.Tensor) -> torch.Tensor:
+        """Bias for per-(batch, head) cache indices ``idx`` [B, H, n] -> [B, H, q, n]."""
+        b, h, n = idx.shape
+        valid = (idx < self.tier_end)[:, :, None, :]
+        if self.mask is None:
+            keep = (idx[:, :, None, :] <= self.q_pos[:, None]) & valid
+            zero = torch.zeros((), dtype=torch.float32, device=idx.device)
+            return torch.where(keep, zero, _NEG_INF)
+        mask = self.mask.expand(b, h, self.q_len, self.mask.shape[-1])
+        cols = torch.gather(mask, -1, idx[:, :, None, :].expand(b, h, self.q_len, n))
+        return self._from_values(cols).masked_fill(~valid, _NEG_INF)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def _cold_scores(
+    qs: torch.Tensor, cold: ColdBlocks, state: SpectralLayerState, n_blocks: int, tile_tokens: int
+) -> torch.Tensor:
+    """Scaled query [B, H, R, D] against the first ``n_blocks`` cold blocks -> [B, H, nb, R, T]."""
+    rk = cold.rank_keys
+    coeffs = _coeffs_float(cold.key_coeffs[:, :, :n_blocks], cold.coeff_bits, rk)  # [B,H,nb,T,rk]
+    scales = None if cold.key_scales is None else cold.key_scales[:, :, :n_blocks].float()  # [B,H,nb,T,1]
+    basis = cold.key_basis[:, :, :n_blocks].float()  # [B,H,nb,rk,D]
+    bsz, n_kv, nb, t, _ = coeffs.shape
+    rows = qs.shape[2]
+    if state.key_space == "post_rope":
+        # (q·B_Kᵀ) for every block in one matmul: [B,H,R,D] @ [B,H,D,nb*rk]
+        proj = qs @ basis.reshape(bsz, n_kv, nb * rk, -1).transpose(-1, -2)
+        proj = proj.reshape(bsz, n_kv, rows, nb, rk).transpose(2, 3)  # [B,H,nb,R,rk]
+        scores = proj @ coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
+        if scales is not None:
+            scores = scores * scales.transpose(-1, -2)
+        return scores
+    # pre-RoPE: rebuild a tile of blocks, rotate it to its positions, then score.
+    starts = cold.block_starts[:n_blocks]
+    per_tile = max(1, tile_tokens // t)
+    tiles = []
+    for lo in range(0, nb, per_tile):
+        hi = min(nb, lo + per_tile)
+        c = coeffs[:, :, lo:hi]
+        if scales is not None:
+            c = c * scales[:, :, lo:hi]
+        keys = c @ basis[:, :, lo:hi]  # [B,H,nt,T,D] pre-RoPE
+        keys = state.rotate_block_keys(keys, starts[lo:hi]).float()
+        tiles.append(qs[:, :, None] @ keys.transpose(-1, -2))  # [B,H,nt,R,T]
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
+
+
+def _cold_values(p: torch.Tensor, cold: ColdBlocks, n_blocks: int) -> torch.Tensor:
+    """Latent value read: probabilities [B, H, nb, R, T] -> sum over blocks of (p·C_V)·B_V, [B, H, R, D]."""
+    rv = cold.rank_values
+    coeffs = _coeffs_float(cold.value_coeffs[:, :, :n_blocks], cold.coeff_bits, rv)  # [B,H,nb,T,rv]
+    if cold.value_scales is not None:
+        p = p * cold.value_scales[:, :, :n_blocks].float().transpose(-1, -2)
+    latent = p @ coeffs  # [B,H,nb,R,rv]
+    bsz, n_kv, nb, rows, _ = latent.shape
+    latent = latent.transpose(2, 3).reshape(bsz, n_kv, rows, nb * rv)
+    basis = cold.value_basis[:, :, :n_blocks].float().reshape(bsz, n_kv, nb * rv, -1)
+    return latent @ basis  # one matmul also sums the blocks
+
+
+def spectral_attention(
+    query: torch.Tensor,
+    state: SpectralLayerState,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    tile_tokens: int = 16384,
+) -> torch.Tensor:
+    """Attention of ``query`` [B, Hq, q, D] over a compressed layer, without decompressing it.
+
+    Returns [B, Hq, q, D] in the query's dtype. All arithmetic is float32. Rows with no
+    visible key (e.g. a padding query) return zeros instead of NaN.
+    """
+    bsz, n_q_heads, q_len, head_dim, n_kv = _check_state(query, state)
+    groups = n_q_heads // n_kv
+    rows = groups * q_len
+    device = query.device
+    seq_len = int(state.seq_len)
+    has_chunk = state.chunk_keys is not None
+    tier_end = int(state.chunk_start) if has_chunk else seq_len
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, tier_end, device)
+
+    # [B, H, groups*q, D]: query heads of one KV head are consecutive (same as repeat_kv).
+    qs = query.float().reshape(bsz, n_kv, rows, head_dim)
+    qs_scaled = qs * scale
+
+    def exact_scores(keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        s = _softcap(qs_scaled @ keys.float().transpose(-1, -2), softcap)  # [B,H,R,n]
+        s = s.view(bsz, n_kv, groups, q_len, -1) + bias.unsqueeze(2)
+        return s.view(bsz, n_kv, rows, -1)
+
+    exact: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores [B,H,R,n], values [B,H,n,D])
+
+    n_land = state.landmark_keys.shape[2]
+    if n_land and tier_end > 0:
+        idx = torch.arange(n_land, device=device)
+        exact.append((exact_scores(state.landmark_keys, masks.shared(idx)), state.landmark_values))
+
+    cold = state.cold
+    n_blocks = 0
+    if cold is not None and cold.num_blocks:
+        # blocks that start at or after the chunk are served by the chunk entirely
+        n_blocks = int((cold.block_starts < tier_end).sum())
+    cold_scores = None
+    if n_blocks:
+        t = cold.block_size
+        starts = cold.block_starts[:n_blocks].to(device)
+        s = _softcap(_cold_scores(qs_scaled, cold, state, n_blocks, tile_tokens), softcap)
+        idx = (starts[:, None] + torch.arange(t, device=device)).reshape(-1)
+        bias = masks.shared(idx)  # [B|1, 1, q, nb*T]
+        bias = bias.reshape(bias.shape[0], 1, q_len, n_blocks, t).permute(0, 1, 3, 2, 4).unsqueeze(3)
+        # rows kept exact as outliers are attended through their exact copy, not here
+        oidx = cold.outlier_index[:, :, :n_blocks]
+        is_outlier = torch.zeros(bsz, n_kv, n_blocks, t, dtype=torch.bool, device=device)
+        is_outlier.scatter_(-1, oidx, True)
+        s = s.view(bsz, n_kv, n_blocks, groups, q_len, t) + bias
+        s = s.masked_fill(is_outlier[:, :, :, None, None, :], _NEG_INF)
+        cold_scores = s.view(bsz, n_kv, n_blocks, rows, t)
+        if oidx.shape[-1]:
+            o_idx = (starts[None, None, :, None] + oidx).reshape(bsz, n_kv, -1)
+            o_keys = cold.outlier_keys[:, :, :n_blocks].reshape(bsz, n_kv, -1, head_dim)
+            o_vals = cold.outlier_values[:, :, :n_blocks].reshape(bsz, n_kv, -1, head_dim)
+            exact.append((exact_scores(o_keys, masks.per_head(o_idx)), o_vals))
+
+    n_hot = state.hot_keys.shape[2]
+    if n_hot and state.hot_start < tier_end:
+        idx = torch.arange(state.hot_start, state.hot_start + n_hot, device=device)
+        exact.append((exact_scores(state.hot_keys, masks.shared(idx)), state.hot_values))
+
+    if has_chunk:
+        n_chunk = state.chunk_keys.shape[2]
+        if state.chunk_start + n_chunk != seq_len:
+            raise ValueError(
+                f"chunk covers cache indices {state.chunk_start}..{state.chunk_start + n_chunk - 1}"
+                f" but the layer holds {seq_len} tokens"
+            )
+        chunk_masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, device)
+        idx = torch.arange(state.chunk_start, seq_len, device=device)
+        exact.append((exact_scores(state.chunk_keys, chunk_masks.shared(idx)), state.chunk_values))
+
+    # ---- one softmax over every tier
+    row_max = torch.full((bsz, n_kv, rows, 1), _NEG_INF, device=device)
+    for s, _ in exact:
+        row_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
+    if cold_scores is not None:
+        row_max = torch.maximum(row_max, cold_scores.amax(dim=(2, 4)).unsqueeze(-1))
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # fully masked rows: exp(-inf)=0
+
+    denom = torch.zeros(bsz, n_kv, rows, 1, device=device)
+    out = torch.zeros(bsz, n_kv, rows, head_dim, device=device)
+    for s, v in exact:
+        p = torch.exp(s - row_max)
+        denom = denom + p.sum(dim=-1, keepdim=True)
+        out = out + p @ v.float()
+    if cold_scores is not None:
+        p = torch.exp(cold_scores - row_max.unsqueeze(2))
+        denom = denom + p.sum(dim=(2, 4)).unsqueeze(-1)
+        out = out + _cold_values(p, cold, n_blocks)
+    out = torch.where(denom > 0, out / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return out.reshape(bsz, n_q_heads, q_len, head_dim).to(query.dtype)
+
+
+# --------------------------------------------------------------------------- dense references
+
+
+def _block_rows(coeffs: torch.Tensor, scales: torch.Tensor | None, basis: torch.Tensor, bits: int, rank: int):
+    c = _coeffs_float(coeffs, bits, rank)
+    if scales is not None:
+        c = c * scales.float()
+    return c @ basis.float()  # [B,H,nb,T,D]
+
+
+def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's K/V as full float32 tensors [B, H, seq_len, D], indexed by cache index.
+
+    Test-only: this is exactly the decompression the attention path avoids. Indices
+    ``>= chunk_start`` come from the chunk; the rest from landmarks, blocks (outlier rows
+    replaced by their exact copies, pre-RoPE keys rotated) and the hot buffer. Raises if
+    some index is covered by no tier.
+    """
+    bsz, n_kv, _, head_dim = state.hot_keys.shape
+    seq_len = int(state.seq_len)
+    device = state.hot_keys.device
+    keys = torch.zeros(bsz, n_kv, seq_len, head_dim, device=device)
+    values = torch.zeros_like(keys)
+    covered = torch.zeros(seq_len, dtype=torch.bool, device=device)
+
+    n_land = state.landmark_keys.shape[2]
+    keys[:, :, :n_land] = state.landmark_keys.float()
+    values[:, :, :n_land] = state.landmark_values.float()
+    covered[:n_land] = True
+
+    cold = state.cold
+    if cold is not None and cold.num_blocks:
+        k = _block_rows(cold.key_coeffs, cold.key_scales, cold.key_basis, cold.coeff_bits, cold.rank_keys)
+        if state.key_space == "pre_rope":
+            k = state.rotate_block_keys(k, cold.block_starts).float()
+        v = _block_rows(
+            cold.value_coeffs, cold.value_scales, cold.value_basis, cold.coeff_bits, cold.rank_values
+        )
+        oi = cold.outlier_index[..., None].expand(*cold.outlier_index.shape, head_dim)
+        k = k.scatter(3, oi, cold.outlier_keys.float())
+        v = v.scatter(3, oi, cold.outlier_values.float())
+        for n, start in enumerate(cold.block_starts.tolist()):
+            keys[:, :, start : start + cold.block_size] = k[:, :, n]
+            values[:, :, start : start + cold.block_size] = v[:, :, n]
+            covered[start : start + cold.block_size] = True
+
+    n_hot = state.hot_keys.shape[2]
+    hs = state.hot_start
+    keys[:, :, hs : hs + n_hot] = state.hot_keys.float()
+    values[:, :, hs : hs + n_hot] = state.hot_values.float()
+    covered[hs : hs + n_hot] = True
+
+    if state.chunk_keys is not None:
+        cs = state.chunk_start
+        keys[:, :, cs:] = state.chunk_keys.float()
+        values[:, :, cs:] = state.chunk_values.float()
+        covered[cs:] = True
+    if not bool(covered.all()):
+        missing = torch.nonzero(~covered).flatten()[:8].tolist()
+        raise ValueError(f"cache indices not covered by any tier, e.g. {missing}")
+    return keys, values
+
+
+def dense_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Plain softmax attention in float32 ([B, Hq, q, D] over [B, Hkv, kv, D]) with GQA by repetition.
+
+    A ``None`` mask means causal with the queries at the last ``q`` positions. Also the
+    fallback for uncompressed layers that need logit softcapping (which SDPA lacks).
+    """
+    _, n_q_heads, q_len, head_dim = query.shape
+    n_kv, kv_len = keys.shape[1], keys.shape[2]
+    groups = n_q_heads // n_kv
+    k = keys.float().repeat_interleave(groups, dim=1)
+    v = values.float().repeat_interleave(groups, dim=1)
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    scores = (query.float() @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        keep = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~keep, _NEG_INF)
+    else:
+        m = attention_mask[..., :kv_len]
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, _NEG_INF)
+        else:
+            scores = torch.where(m > torch.finfo(m.dtype).min / 2, scores + m.float(), _NEG_INF)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.where(denom > 0, (p @ v) / denom.clamp_min(math.ulp(0.0)), 0.0)
+    return out.to(query.dtype)
+
+
+def dense_reference(
+    query: torch.Tensor,
+    state: SpectralLayerState,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    scaling: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Decompress the whole layer and run plain attention: what ``spectral_attention`` must equal."""
+    _check_state(query, state)
+    keys, values = reconstruct_dense_kv(state)
+    return dense_attention(query, keys, values, attention_mask, scaling=scaling, softcap=softcap)
