@@ -1,0 +1,286 @@
+"""``SpectralConfig``: every knob of the spectral KV cache, validated at construction.
+
+A configuration is model-agnostic; the checks that need the model (rank <= head_dim, which
+layers exist, whether they are full attention) run when a :class:`SpectralCache` is built
+for a concrete model, via :meth:`SpectralConfig.check_for_model`.
+
+Named presets live in :data:`PRESETS` (see :func:`get_preset`), so that benchmarks, the CLI
+and tests can iterate over every preset by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from spectralcache.linalg.rsvd import ORTH_METHODS
+
+__all__ = [
+    "BASIS_DTYPES",
+    "KEY_SPACES",
+    "PRESETS",
+    "SVD_METHODS",
+    "SVD_ORTH",
+    "SpectralConfig",
+    "get_preset",
+    "list_presets",
+]
+
+KEY_SPACES = ("post_rope", "pre_rope")
+SVD_METHODS = ("randomized", "exact")
+# Orthonormalisation inside the randomized SVD (``spectralcache.linalg.rsvd.randomized_svd``).
+SVD_ORTH = ORTH_METHODS
+BASIS_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
+COMPUTE_DTYPES = ("float32", "float64")
+COEFF_BITS = (4, 8, 16)
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int; ``block_size=True`` is a bug, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SpectralConfig:
+    """Configuration of the spectral (low-rank) KV cache.
+
+    Every field has a default chosen for long-context decoding on models with head_dim 64-256.
+
+    Attributes:
+        block_size: 512. Tokens per compressed block. Larger blocks amortise the basis
+            (``rank * head_dim`` numbers per block) over more tokens; smaller blocks adapt the
+            basis to local content. 512 keeps the basis at <= 1/4 of the block's bytes for
+            head_dim 256 and rank 32/64 while a block still fits one GPU tile loop.
+        rank_keys: 32. Rank of each block's key basis. Keys (especially pre-RoPE) are
+            strongly low-rank; ``None`` means full rank (``head_dim``), for the lossless preset.
+        rank_values: 64. Rank of the value basis; values are markedly less low-rank than
+            keys, hence the asymmetric default. ``None`` means full rank.
+        hot_size: 64. The most recent tokens are always kept exact: recent tokens receive most
+            attention and are still changing the local context. A block is compressed once the
+            hot buffer holds ``hot_size + block_size`` tokens, so between ``hot_size`` and
+            ``hot_size + block_size - 1`` recent tokens are exact at any time.
+        landmarks: 16. The first tokens ever cached are kept exact: attention sinks and the
+            start of the system prompt draw attention out of proportion to their number.
+        outliers_per_block: 32. Tokens of each block (per KV head) kept exact because the
+            block's low-rank representation reconstructs them worst (a "needle" is such a
+            token). 32 of 512 is 6 %, enough for needles while costing 1/16 of the block's
+            exact bytes.
+        coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale
+            per row, 4 = two int4 values packed per uint8 with a float16 scale per row, 16 =
+            no quantization (model dtype), used by the lossless preset.
+        key_space: ``"post_rope"``. ``"pre_rope"`` un-rotates keys with the exact inverse of
+            the model's own RoPE before compression (pre-RoPE keys are lower rank); attention
+            then re-rotates every reconstructed tile, which costs compute. ``"post_rope"``
+            compresses keys as the model cached them and lets attention score in the latent
+            space directly.
+        svd_method: ``"randomized"``. ``"randomized"`` uses the project's randomized SVD (fast,
+            a few passes over the block); ``"exact"`` uses a full truncated SVD (reference /
+            lossless).
+        svd_orth: ``"cholqr2"``. Orthonormalisation inside the randomized SVD (CholeskyQR2:
+            a few GEMMs, orthogonal to working precision, with the rsvd module's fallback
+            chain if a Cholesky breaks down).
+        svd_n_iter: 2. Power iterations of the randomized SVD; 2 is the usual accuracy /
+            cost sweet spot for spectra that decay moderately.
+        svd_oversample: 8. Extra random directions sampled beyond the rank; improves the
+            captured subspace at negligible cost.
+        seed: 0. Seed of the randomized SVD's test matrices; compression is a deterministic
+            function of the block contents for a given seed.
+        refit_after_outliers: True. After choosing the outliers, fit the basis again on the
+            block with the outlier rows removed, so no rank is spent on tokens that are kept
+            exact anyway (costs a second SVD per block).
+        compress_layers: ``None``. ``None`` compresses every full-attention layer of the model
+            (``config.layer_types``); sliding-window layers always keep transformers'
+            ``DynamicSlidingWindowLayer`` (they are already bounded). An explicit tuple of layer
+            indices compresses only those layers (each must be a full-attention layer); the
+            other full-attention layers keep a plain ``DynamicLayer``.
+        basis_dtype: ``"auto"``. Storage dtype of the block bases. ``"auto"``: the model dtype
+            for float16 / bfloat16 models; for float32 models float16 when coefficients are
+            quantized (int8 rounding, ~1/254 of a row's max, dwarfs float16 rounding of a
+            unit-norm basis row, ~1/2048, and it halves the basis bytes) and float32 when
+            ``coeff_bits == 16`` (so that full rank stays lossless). ``"model"`` always uses the
+            model dtype.
+        compute_dtype: ``"float32"``. Dtype of the SVD and quantization arithmetic.
+    """
+
+    block_size: int = 512
+    rank_keys: int | None = 32
+    rank_values: int | None = 64
+    hot_size: int = 64
+    landmarks: int = 16
+    outliers_per_block: int = 32
+    coeff_bits: int = 8
+    key_space: str = "post_rope"
+    svd_method: str = "randomized"
+    svd_orth: str = "cholqr2"
+    svd_n_iter: int = 2
+    svd_oversample: int = 8
+    seed: int = 0
+    refit_after_outliers: bool = True
+    compress_layers: tuple[int, ...] | None = None
+    basis_dtype: str = "auto"
+    compute_dtype: str = "float32"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        def need_int(name: str, minimum: int) -> int:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"SpectralConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < minimum:
+                raise ValueError(f"SpectralConfig.{name} must be >= {minimum}, got {value}")
+            return value
+
+        block_size = need_int("block_size", 2)
+        need_int("hot_size", 0)
+        need_int("landmarks", 0)
+        outliers = need_int("outliers_per_block", 0)
+        need_int("svd_n_iter", 0)
+        need_int("svd_oversample", 0)
+        need_int("seed", 0)
+        for name in ("rank_keys", "rank_values"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            need_int(name, 1)
+            if value > block_size:
+                raise ValueError(
+                    f"SpectralConfig.{name}={value} exceeds block_size={block_size}: a block of "
+                    f"{block_size} tokens has rank at most {block_size}"
+                )
+        if outliers >= block_size:
+            raise ValueError(
+                f"SpectralConfig.outliers_per_block={outliers} must be < block_size={block_size} "
+                "(at least one token of each block must be low-rank)"
+            )
+        if not _is_int(self.coeff_bits) or self.coeff_bits not in COEFF_BITS:
+            raise ValueError(
+                f"SpectralConfig.coeff_bits must be one of {COEFF_BITS}, got {self.coeff_bits!r}"
+            )
+        for name, allowed in (
+            ("key_space", KEY_SPACES),
+            ("svd_method", SVD_METHODS),
+            ("svd_orth", SVD_ORTH),
+            ("basis_dtype", BASIS_DTYPES),
+            ("compute_dtype", COMPUTE_DTYPES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"SpectralConfig.{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.refit_after_outliers, bool):
+            raise TypeError(
+                f"SpectralConfig.refit_after_outliers must be a bool, got {self.refit_after_outliers!r}"
+            )
+        if self.compress_layers is not None:
+            layers = self.compress_layers
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                raise TypeError(
+                    f"SpectralConfig.compress_layers must be None or a sequence of layer indices, got {layers!r}"
+                )
+            layers = tuple(layers)
+            for idx in layers:
+                if not _is_int(idx) or idx < 0:
+                    raise ValueError(
+                        f"SpectralConfig.compress_layers entries must be non-negative ints, got {idx!r}"
+                    )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"SpectralConfig.compress_layers has duplicates: {layers}")
+            if not layers:
+                raise ValueError(
+                    "SpectralConfig.compress_layers is empty; use None for 'every full-attention layer'"
+                )
+            object.__setattr__(self, "compress_layers", tuple(sorted(layers)))
+        if not isinstance(self.name, str):
+            raise TypeError(f"SpectralConfig.name must be a str, got {self.name!r}")
+
+    # ------------------------------------------------------------------ model-dependent
+    def ranks_for(self, head_dim: int) -> tuple[int, int]:
+        """Resolved (rank_keys, rank_values) for a model's head_dim; ``None`` means full rank."""
+        rk = head_dim if self.rank_keys is None else self.rank_keys
+        rv = head_dim if self.rank_values is None else self.rank_values
+        return min(rk, self.block_size), min(rv, self.block_size)
+
+    def check_ranks(self, head_dim: int) -> None:
+        """Ranks must not exceed the model's head_dim (a block's keys have rank <= head_dim)."""
+        for name in ("rank_keys", "rank_values"):
+            value = getattr(self, name)
+            if value is not None and value > head_dim:
+                raise ValueError(
+                    f"SpectralConfig.{name}={value} exceeds the model's head_dim={head_dim}; "
+                    "use at most head_dim (or None for full rank)"
+                )
+
+    def check_for_model(self, head_dim: int, num_layers: int) -> None:
+        """Checks that need the model: ranks vs head_dim, layer indices vs the layer count."""
+        self.check_ranks(head_dim)
+        if self.compress_layers is not None:
+            bad = [i for i in self.compress_layers if i >= num_layers]
+            if bad:
+                raise ValueError(
+                    f"SpectralConfig.compress_layers has indices {bad} but the model has {num_layers} layers"
+                )
+
+    def basis_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """Storage dtype of the bases for a model whose K/V have ``model_dtype``."""
+        if self.basis_dtype == "model":
+            return model_dtype
+        if self.basis_dtype == "auto":
+            if model_dtype in (torch.float16, torch.bfloat16):
+                return model_dtype
+            return model_dtype if self.coeff_bits == 16 else torch.float16
+        return _TORCH_DTYPES[self.basis_dtype]
+
+    def compute_torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.compute_dtype == "float64" else torch.float32
+
+    def replace(self, **changes: object) -> SpectralConfig:
+        """A validated copy with some fields changed (name becomes "custom" unless given)."""
+        changes.setdefault("name", "custom")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> SpectralConfig:
+        """The named preset, optionally with some fields overridden."""
+        cfg = get_preset(name)
+        return cfg.replace(**overrides) if overrides else cfg
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS: dict[str, Callable[[], SpectralConfig]] = {
+    # Balanced: int8 coefficients, rank 32/64 of 512-token blocks, 32 exact outliers per block.
+    "default": lambda: SpectralConfig(name="default"),
+    # Smallest footprint: int4 coefficients, lower ranks, fewer outliers.
+    "aggressive": lambda: SpectralConfig(
+        rank_keys=16, rank_values=32, outliers_per_block=16, coeff_bits=4, name="aggressive"
+    ),
+    # Pre-RoPE keys: same budget as default but keys compressed before rotation.
+    "pre_rope": lambda: SpectralConfig(key_space="pre_rope", name="pre_rope"),
+    # Full rank, no quantization, exact SVD: the cache must reproduce DynamicCache outputs.
+    "lossless": lambda: SpectralConfig(
+        rank_keys=None,
+        rank_values=None,
+        outliers_per_block=0,
+        coeff_bits=16,
+        svd_method="exact",
+        refit_after_outliers=False,
+        basis_dtype="model",
+        name="lossless",
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> SpectralConfig:
+    """The preset registered under ``name`` (a fresh, validated instance)."""
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown SpectralConfig preset {name!r}; known presets: {list_presets()}") from None
+    return factory()
