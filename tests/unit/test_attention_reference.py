@@ -37,8 +37,8 @@ def _coeffs(g: torch.Generator, shape: tuple[int, ...], bits: int, dtype: torch.
         return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8), scales
     from spectralcache.linalg import quant
 
-    values = torch.randint(-7, 8, shape, generator=g, dtype=torch.int8)
-    return quant.pack_int4(values), scales
+    packed, scales = quant.quantize_int4(torch.randn(shape, generator=g))
+    return packed, scales
 
 
 def make_state(

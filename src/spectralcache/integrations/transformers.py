@@ -1,0 +1,88 @@
+"""Switching a transformers model to spectral attention.
+
+``enable(model)`` registers the ``"spectral"`` attention and mask functions and sets the
+model's attention implementation (top config and every sub-config, e.g. the text model
+of a multimodal Gemma 3) to it. It is idempotent and reversible (``disable``).
+
+``SpectralCache(model, cfg)`` calls ``enable`` itself, so
+``model.generate(ids, past_key_values=SpectralCache(model, cfg))`` just works. A cache
+built from a bare config cannot switch the model, so the cache checks
+:func:`require_enabled` on its first update: a model still on SDPA/eager would
+otherwise attend, uncompressed, over whatever K/V the cache returns — silently wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spectralcache.attention.interface import ATTENTION_NAME, register
+
+__all__ = ["ATTENTION_NAME", "disable", "enable", "is_enabled", "require_enabled"]
+
+_PREVIOUS = "_spectralcache_previous_attn_implementation"
+
+
+def _text_config(model_or_config: Any) -> Any:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    get_text = getattr(cfg, "get_text_config", None)
+    return get_text(decoder=True) if callable(get_text) else cfg
+
+
+def _check_model(model: Any) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"enable/disable expect a transformers PreTrainedModel, got {type(model).__name__}")
+    if not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so spectral attention cannot be switched on for it (unsupported attention layout)"
+        )
+
+
+def enable(model: Any) -> Any:
+    """Make ``model`` attend through the spectral attention function; returns the model.
+
+    Layers the cache does not compress keep transformers' SDPA path, so this is safe to
+    call on any model the cache supports, and calling it again is a no-op.
+    """
+    _check_model(model)
+    register()
+    current = model.config._attn_implementation
+    if current != ATTENTION_NAME:
+        setattr(model, _PREVIOUS, current)
+        model.set_attn_implementation(ATTENTION_NAME)
+    text = _text_config(model)
+    if text._attn_implementation != ATTENTION_NAME:
+        raise ValueError(
+            f"could not switch the decoder of {type(model).__name__} to spectral attention "
+            f"(still {text._attn_implementation!r})"
+        )
+    return model
+
+
+def disable(model: Any) -> Any:
+    """Undo :func:`enable`: back to the implementation the model had before (default SDPA)."""
+    _check_model(model)
+    previous = getattr(model, _PREVIOUS, None) or "sdpa"
+    if model.config._attn_implementation == ATTENTION_NAME:
+        model.set_attn_implementation(previous)
+    if hasattr(model, _PREVIOUS):
+        delattr(model, _PREVIOUS)
+    return model
+
+
+def is_enabled(model_or_config: Any) -> bool:
+    """Whether the (text) decoder of this model / config attends through spectral attention."""
+    return _text_config(model_or_config)._attn_implementation == ATTENTION_NAME
+
+
+def require_enabled(model_or_config: Any) -> None:
+    """Raise a clear error unless spectral attention is on (called by the cache before it compresses)."""
+    if not is_enabled(model_or_config):
+        impl = _text_config(model_or_config)._attn_implementation
+        raise RuntimeError(
+            f"SpectralCache needs the model to use spectral attention, but its attention implementation "
+            f"is {impl!r}: it would attend over the wrong keys and values. Call spectralcache.enable(model) "
+            "first (SpectralCache(model, config) does this for you when given the model itself)."
+        )
