@@ -182,12 +182,28 @@ class SpectralCache(Cache):
         self.num_kv_heads = n_kv
         self.layer_types = layer_types
         self.compressed_layers = tuple(compress)
+        if model is not None:
+            # Given the model, switch it to spectral attention so that
+            # generate(past_key_values=SpectralCache(model, cfg)) just works (idempotent).
+            from spectralcache.integrations.transformers import enable
+
+            enable(model)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SpectralLayer) and layer.has_pending_chunk:
+            # The previous call's chunk was never read by spectral attention: the model attended
+            # with another implementation over the wrong K/V (or a forward failed mid-way).
+            raise RuntimeError(
+                f"SpectralCache layer {layer_idx}: the previous forward's keys/values were not read by "
+                "spectral attention, so the model is not using it (attention implementation "
+                "must be 'spectral'). Call spectralcache.enable(model), or build the cache with "
+                "SpectralCache(model, config), which does it for you. The cache is unchanged."
+            )
         _ACTIVE.cache = weakref.ref(self)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
