@@ -362,3 +362,17 @@ def test_baseline_factory_rejects_bad_specs() -> None:
     with pytest.raises(TypeError, match="config"):
         make_sink_window_cache(object())
     assert isinstance(SinkWindowCache(_llama().config, window=8).layers[0], SinkWindowLayer)
+
+
+def test_held_bytes_match_storage_measurement(gemma) -> None:
+    """No layer keeps a view onto a larger storage: what we report is what stays allocated."""
+    from spectralcache.eval.methods import kv_bytes_by_layer
+
+    ids = _ids(70, seed=10)
+    for spec in ("kivi-int4-r8", "kivi-int2", "sinks-w20"):
+        cache = baseline_factory(spec)(gemma)
+        _greedy(gemma, ids, cache, 11)
+        storage = kv_bytes_by_layer(cache)
+        for i, layer in enumerate(cache.layers):
+            if not layer.is_sliding:
+                assert storage[i] == layer.nbytes_held(), (spec, i)

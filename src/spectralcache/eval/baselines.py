@@ -327,8 +327,11 @@ class PackedQuantizedLayer(QuantizedLayer):
             self._quantized_values = _cat_packed(
                 self._quantized_values, self._quantize(residual_values.contiguous())
             )
-            self.keys = residual_keys[..., :0, :]
-            self.values = residual_values[..., :0, :]
+            # Fresh empty tensors, not views: a view would keep the residual's storage alive.
+            self.keys = residual_keys.new_empty((*residual_keys.shape[:-2], 0, residual_keys.shape[-1]))
+            self.values = residual_values.new_empty(
+                (*residual_values.shape[:-2], 0, residual_values.shape[-1])
+            )
         else:
             self.keys, self.values = residual_keys, residual_values
         self.cumulative_length += key_states.shape[-2]
@@ -363,14 +366,15 @@ class PackedQuantizedLayer(QuantizedLayer):
             raise ValueError(f"cannot crop {n} tokens from a layer holding {self.cumulative_length}")
         residual = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         from_residual = min(n, residual)
+        # .clone(): a sliced view would keep the cropped tokens' storage allocated.
         if from_residual:
-            self.keys = self.keys[..., : residual - from_residual, :]
-            self.values = self.values[..., : residual - from_residual, :]
+            self.keys = self.keys[..., : residual - from_residual, :].clone()
+            self.values = self.values[..., : residual - from_residual, :].clone()
         rest = n - from_residual
         if rest:
             keep = self._quantized_keys.num_tokens - rest
-            self._quantized_keys = self._quantized_keys.map_tokens(lambda t: t[..., :keep, :])
-            self._quantized_values = self._quantized_values.map_tokens(lambda t: t[..., :keep, :])
+            self._quantized_keys = self._quantized_keys.map_tokens(lambda t: t[..., :keep, :].clone())
+            self._quantized_values = self._quantized_values.map_tokens(lambda t: t[..., :keep, :].clone())
         self.cumulative_length -= n
 
     def nbytes_held(self) -> int:
