@@ -214,7 +214,8 @@ class SpectralCache(Cache):
         Each distinct storage is counted once (``untyped_storage().nbytes()``, so a view pins
         and is charged its whole parent storage). ``dynamic_bytes`` is what a ``DynamicCache``
         holds for the same tokens: two compact ``[B, H, seq_len, D]`` tensors in the model dtype
-        (for sliding layers: the window it keeps, i.e. the same as ours). ``ratio`` =
+        (uncompressed and sliding layers are transformers' own layer classes, so for them it is
+        their measured bytes). ``ratio`` =
         held / dynamic. Also reports block-compression time (amortized, separate from decode).
         """
         seen: set[tuple[str, int]] = set()
@@ -266,7 +267,9 @@ class SpectralCache(Cache):
                 keys = getattr(layer, "keys", None)
                 values = getattr(layer, "values", None)
                 total = held([x for x in (keys, values) if isinstance(x, torch.Tensor)])
-                dyn = sum(x.numel() * x.element_size() for x in (keys, values) if isinstance(x, torch.Tensor))
+                # the very layer class a DynamicCache would use: it holds exactly this (note that
+                # transformers' sliding layer keeps a view that pins the last full concatenation)
+                dyn = total
             entry["held_bytes"] = total
             entry["dynamic_bytes"] = dyn
             entry["ratio"] = total / dyn if dyn else None
