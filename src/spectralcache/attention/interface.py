@@ -26,13 +26,17 @@ __all__ = ["ATTENTION_NAME", "register", "spectral_attention_forward", "spectral
 ATTENTION_NAME = "spectral"
 
 
-def _active_layer(layer_idx: int | None) -> Any:
-    """The compressed layer the SpectralCache is updating for ``layer_idx``, or None."""
+def _active_layer(layer_idx: int | None, key: torch.Tensor) -> Any:
+    """The compressed layer the SpectralCache is updating for ``layer_idx``, or None.
+
+    ``key`` must be the very tensor that layer's ``update`` returned: a leftover layer from
+    an earlier SpectralCache call in this thread is never read for another cache's K/V.
+    """
     if layer_idx is None:
         return None
     from spectralcache.cache.cache import get_active_spectral_layer
 
-    return get_active_spectral_layer(layer_idx)
+    return get_active_spectral_layer(layer_idx, key)
 
 
 def _stock_attention(
@@ -72,10 +76,8 @@ def spectral_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``[B, Hq, q, D]`` query -> (``[B, q, Hq, D]``, None)."""
-    layer = _active_layer(getattr(module, "layer_idx", None))
-    # A layer whose chunk was already consumed is a leftover from an earlier SpectralCache
-    # call in this thread, not the cache being updated now (e.g. a later DynamicCache run).
-    if layer is None or not layer.has_pending_chunk:
+    layer = _active_layer(getattr(module, "layer_idx", None), key)
+    if layer is None:
         return _stock_attention(module, query, key, value, attention_mask, scaling, dropout, softcap, kwargs)
     try:
         if sliding_window is not None:

@@ -1,0 +1,216 @@
+"""SpectralCache inside real transformers models (tiny random weights, built in code).
+
+At full rank with unquantized coefficients the compressed cache is lossless up to float
+rounding, so greedy generation must be token-identical to ``DynamicCache``: any slip in
+masks, cache indices, RoPE, GQA, chunk handling or tier bookkeeping changes tokens.
+Blocks of 128 tokens make a 1500-token prompt span ~10 compressed blocks per layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.tiny_models import MODEL_NAMES, tiny_model, tiny_prompt
+from transformers import DynamicCache
+
+import spectralcache
+from spectralcache import SpectralCache, SpectralConfig
+from spectralcache.integrations.transformers import disable, enable, is_enabled
+
+PROMPT = 1500
+NEW = 64
+KEY_SPACES = ("post_rope", "pre_rope")
+
+
+def lossless(key_space: str, **overrides) -> SpectralConfig:
+    """Full rank, 16-bit coefficients, a few outliers (exact anyway) so that path runs too."""
+    fields = dict(
+        block_size=128,
+        hot_size=32,
+        landmarks=8,
+        outliers_per_block=4,
+        key_space=key_space,
+        rank_keys=None,
+        rank_values=None,
+        coeff_bits=16,
+        svd_method="exact",
+        refit_after_outliers=False,
+        basis_dtype="model",
+    )
+    fields.update(overrides)
+    return SpectralConfig(**fields)
+
+
+def lossy(key_space: str = "post_rope", **overrides) -> SpectralConfig:
+    fields = dict(
+        block_size=128, hot_size=32, landmarks=8, outliers_per_block=8, rank_keys=16, rank_values=16
+    )
+    fields.update(key_space=key_space, **overrides)
+    return SpectralConfig(**fields)
+
+
+def greedy(model, ids, cache, attention_mask=None, new=NEW) -> torch.Tensor:
+    out = model.generate(
+        ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, ids.shape[1] :]
+
+
+def compressed_blocks(cache) -> int:
+    return sum(entry.get("num_blocks", 0) for entry in cache.memory_report()["layers"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: tiny_model(name) for name in MODEL_NAMES}
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_full_rank_greedy_equals_dynamic_cache(models, name: str, key_space: str) -> None:
+    model = models[name]
+    disable(model)
+    ids = tiny_prompt(1, PROMPT, seed=len(name))
+    want = greedy(model, ids, DynamicCache(config=model.config))
+    cache = SpectralCache(model, lossless(key_space))
+    assert is_enabled(model)  # constructing the cache with the model switched attention on
+    got = greedy(model, ids, cache)
+    assert compressed_blocks(cache) > 0
+    assert torch.equal(got, want), f"first mismatch at step {(got != want).nonzero()[0, 1].item()}"
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_batch_with_left_padding(models, name: str, key_space: str) -> None:
+    model = models[name]
+    ids = tiny_prompt(3, 700, seed=7)
+    mask = torch.ones_like(ids)
+    for row, pad in ((1, 150), (2, 37)):  # row 1 pads past the first (128-token) block
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    want = greedy(model, ids, DynamicCache(config=model.config), attention_mask=mask, new=24)
+    got = greedy(model, ids, SpectralCache(model, lossless(key_space)), attention_mask=mask, new=24)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_chunked_prefill_and_plain_forward_calls(models, key_space: str) -> None:
+    """Two prefill calls, then token-by-token forward calls, against DynamicCache logits."""
+    model = models["gemma3"]
+    ids = tiny_prompt(2, 900, seed=3)
+    spectral = SpectralCache(model, lossless(key_space))
+    dynamic = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for lo, hi in ((0, 500), (500, 900)):
+            a = model(ids[:, lo:hi], past_key_values=spectral, use_cache=True).logits
+            b = model(ids[:, lo:hi], past_key_values=dynamic, use_cache=True).logits
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        token = a[:, -1:].argmax(-1)
+        for _ in range(8):
+            a = model(token, past_key_values=spectral, use_cache=True).logits
+            b = model(token, past_key_values=dynamic, use_cache=True).logits
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            token = b[:, -1:].argmax(-1)
+    assert spectral.get_seq_length() == dynamic.get_seq_length() == 908
+
+
+def _teacher_forced_logits(model, cache, ids, follow) -> torch.Tensor:
+    with torch.no_grad():
+        steps = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for i in range(follow.shape[1]):
+            steps.append(model(follow[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(steps).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
+    """Same weights, same (teacher-forced) tokens: the int8 spectral cache in half precision
+    stays about as close to its fp32 run as DynamicCache in half precision stays to its own."""
+    ids = tiny_prompt(2, 600, seed=11)
+    follow = tiny_prompt(2, 5, seed=12)
+    fp32 = tiny_model("llama")
+    half = tiny_model("llama").to(dtype)
+
+    def cos_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(1 - torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).min())
+
+    spec_cache = SpectralCache(half, lossy())
+    spec_half = _teacher_forced_logits(half, spec_cache, ids, follow)
+    assert compressed_blocks(spec_cache) > 0
+    assert torch.isfinite(spec_half).all()
+    spec_gap = cos_gap(spec_half, _teacher_forced_logits(fp32, SpectralCache(fp32, lossy()), ids, follow))
+    dyn_half = _teacher_forced_logits(half, DynamicCache(config=half.config), ids, follow)
+    dyn_gap = cos_gap(dyn_half, _teacher_forced_logits(fp32, DynamicCache(config=fp32.config), ids, follow))
+    assert spec_gap < 3 * dyn_gap + 0.005, (spec_gap, dyn_gap)
+
+
+def test_lossy_generate_runs_and_differs_little(models) -> None:
+    model = models["qwen3"]
+    ids = tiny_prompt(1, PROMPT, seed=5)
+    cache = SpectralCache(model, lossy(coeff_bits=8))
+    got = greedy(model, ids, cache, new=16)
+    assert got.shape == (1, 16)
+    assert compressed_blocks(cache) > 0
+    assert cache.memory_report()["compressed_layers"]["ratio"] < 1.0
+
+
+def test_enable_is_idempotent_and_disable_restores(models) -> None:
+    model = models["llama"]
+    disable(model)
+    before = model.config._attn_implementation
+    spectralcache.enable(model)
+    spectralcache.enable(model)
+    assert model.config._attn_implementation == "spectral"
+    disable(model)
+    assert model.config._attn_implementation == before
+    disable(model)
+    assert model.config._attn_implementation == before
+
+
+def test_uncompressed_run_on_enabled_model_matches_sdpa(models) -> None:
+    """With no SpectralCache active, "spectral" is SDPA for every layer (sliding ones included)."""
+    model = models["gemma3"]
+    ids = tiny_prompt(2, 300, seed=9)
+    disable(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        enable(model)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_cache_from_config_on_sdpa_model_is_a_clear_error() -> None:
+    """A cache built from a bare config cannot switch the model; the next call must refuse.
+
+    The first call from an empty cache is still right (the chunk is every token); the
+    second would let SDPA attend over the new tokens only, so the cache raises instead.
+    """
+    model = tiny_model("llama")
+    cache = SpectralCache(model.config, lossless("post_rope"))
+    ids = tiny_prompt(1, 300)
+    with torch.no_grad():
+        first = model(ids, past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(first, model(ids).logits)
+        with pytest.raises(RuntimeError, match=r"spectralcache\.enable"):
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 300  # unchanged by the refused call
+
+
+def test_enable_rejects_non_models() -> None:
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        enable(torch.nn.Linear(2, 2))
