@@ -1,0 +1,126 @@
+"""Symmetric per-row quantization of low-rank coefficients (int8, or int4 packed in uint8).
+
+Why per row: a cold block's coefficient row ``t`` holds token ``t``'s coordinates in
+the block's basis, and token norms vary a lot (attention sinks, outliers), so one scale
+per token keeps every token's relative error bounded.
+
+Layout (the contract attention relies on, see ``cache/state.py``):
+
+* ``bits=8``: ``data`` is ``int8 [..., rows, cols]`` with values in ``[-127, 127]``.
+* ``bits=4``: ``data`` is ``uint8 [..., rows, ceil(cols / 2)]``; column ``2j`` is the low
+  nibble of byte ``j`` and column ``2j + 1`` the high nibble, each a two's-complement
+  4-bit value in ``[-7, 7]``; an odd last column is padded with 0.
+* ``scales``: ``[..., rows, 1]`` in ``scale_dtype`` (float16 by default), so
+  ``x ≈ data * scales`` broadcasts. Because the scale is per row, attention can multiply
+  the raw integer coefficients (cast to float) first and apply the scale afterwards:
+  keys ``scores[..., t] = (q @ Bᵀ) @ C[t]ᵀ * s[t]``, values ``p @ (s * C) = (p * sᵀ) @ C``.
+
+Guarantee: ``|x - dequantize(quantize(x))| <= scale / 2`` per element (plus float32
+rounding), with ``scale`` the *stored* scale: the scale is rounded up to the next
+representable value of ``scale_dtype`` before the integers are computed, so no value
+is clipped. A zero row gets scale 0 and zero data (no NaN or inf).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["QuantizedRows", "dequantize_rows", "pack_int4", "quantize_rows", "unpack_int4"]
+
+_QMAX = {8: 127, 4: 7}
+_SCALE_DTYPES = (torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Integer rows plus one scale per row; see the module docstring for the layout."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    n_cols: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the tensor this represents."""
+        return torch.Size((*self.scales.shape[:-1], self.n_cols))
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in _QMAX:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return _QMAX[bits]
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7] ``[..., cols]`` -> uint8 ``[..., ceil(cols/2)]`` (two per byte)."""
+    if values.dtype != torch.int8:
+        raise ValueError(f"pack_int4 expects int8 values, got {values.dtype}")
+    if values.numel() and (int(values.min()) < -8 or int(values.max()) > 7):
+        raise ValueError("pack_int4 values must lie in [-8, 7]")
+    return _pack(values)
+
+
+def _pack(values: torch.Tensor) -> torch.Tensor:
+    if values.shape[-1] % 2:
+        values = torch.nn.functional.pad(values, (0, 1))
+    nib = values.to(torch.uint8) & 0xF  # two's complement nibble
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_int4(data: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """uint8 ``[..., ceil(n_cols/2)]`` -> int8 ``[..., n_cols]`` in [-8, 7] (sign-extended)."""
+    if data.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4 expects uint8 data, got {data.dtype}")
+    if data.shape[-1] != (n_cols + 1) // 2:
+        raise ValueError(
+            f"data has {data.shape[-1]} bytes per row, {n_cols} columns need {(n_cols + 1) // 2}"
+        )
+    lo = (data & 0xF).to(torch.int16)
+    hi = (data >> 4).to(torch.int16)
+    both = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n_cols]
+    return ((both ^ 8) - 8).to(torch.int8)
+
+
+def _round_up_scale(s32: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    s = s32.to(scale_dtype)
+    if scale_dtype == torch.float32:
+        return s
+    up = torch.nextafter(s, torch.full_like(s, float("inf")))
+    return torch.where(s.float() < s32, up, s)
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = torch.float16) -> QuantizedRows:
+    """Quantize each row (last dim) of ``x [..., rows, cols]`` symmetrically to ``bits`` bits."""
+    qmax = _check_bits(bits)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"quantize_rows needs a floating tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"quantize_rows needs rows with at least one column, got shape {tuple(x.shape)}")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("quantize_rows input contains NaN or inf")
+    scales = _round_up_scale(amax / qmax, scale_dtype)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"row magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32")
+    s = scales.float()
+    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
+    data = q if bits == 8 else _pack(q)
+    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1])
+
+
+def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Back to floats: ``data * scales`` (computed in float32, returned in ``dtype``)."""
+    _check_bits(q.bits)
+    ints = q.data if q.bits == 8 else unpack_int4(q.data, q.n_cols)
+    if ints.dtype != torch.int8:
+        raise ValueError(f"8-bit QuantizedRows data must be int8, got {ints.dtype}")
+    return (ints.float() * q.scales.float()).to(dtype)

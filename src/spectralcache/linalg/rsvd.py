@@ -1,0 +1,826 @@
+"""Fast batched randomized SVD (Halko, Martinsson & Tropp 2011) and an exact reference.
+
+Why this exists: the spectral cache compresses thousands of small ``[T, D]`` blocks per
+forward pass, and exact SVD of many tiny matrices is launch- and LAPACK-bound. A
+randomized range finder with Cholesky-based orthogonalization needs only a handful of
+batched GEMMs plus ``l x l`` factorizations (``l = rank + oversample``).
+
+Two algorithms share one interface (the input is always viewed as tall, ``m >= n``,
+transposing when needed, so the sketch lives on the smaller side):
+
+* ``"direct"``: the textbook range finder. ``Y = M Ω``; ``n_iter`` power iterations
+  ``Y = M orth(Mᵀ orth(Y))``; ``Q = orth(Y)``; ``B = Qᵀ M``; SVD of the ``l x l``
+  triangular factor of ``Bᵀ``; lift back. Best when ``n`` is large.
+* ``"gram"``: for small ``n`` (head_dim-sized blocks) one GEMM forms ``G = Mᵀ M``
+  (``n x n``, float32) and the power iterations run on ``G``, so they cost almost
+  nothing. ``Z = orth(G^(n_iter+1) Ω)`` spans ``Mᵀ Q`` of the direct method with the
+  same ``n_iter``, and ``M ≈ (M Z) Zᵀ`` is at least as accurate as ``Q Qᵀ M`` (its rows
+  are the best approximation inside that span). The ``n x l`` side runs in float64
+  (it is tiny), which absorbs the squared condition number of ``G``; ``M Z`` is
+  orthogonalized from ``M`` itself in float32, so the output's orthogonality never
+  depends on ``G``. ``G`` itself is float32 (from ``M``), so singular values below
+  ~3e-4 of the largest are not resolved on this path; "direct" resolves them.
+
+Orthogonalization (``orth``): ``"householder"`` (``torch.linalg.qr``), ``"cholqr"``
+(one CholeskyQR pass: orthogonality ~ eps·κ²), ``"cholqr2"`` (two passes: orthogonal to
+working precision while κ ≲ eps^-1/2), ``"shifted_cholqr"`` (a pass on ``XᵀX + sI`` with
+``s`` proportional to ``trace(XᵀX)`` that cannot break down, followed by CholeskyQR2:
+the "shifted CholeskyQR3" of Fukaya et al. 2020). Power iterations only need a basis of
+the right span, so they use a single pass of the chosen kind; the final bases get all
+passes.
+
+Fallbacks never return NaN or a non-orthonormal basis silently. Every Cholesky reports
+failure through ``cholesky_ex``'s ``info`` (batched, no host sync), and each final pass
+checks that its triangular factor is what an orthonormal basis would give. A batch
+element that fails anywhere is recomputed one level down the chain
+``requested -> shifted CholeskyQR with a 1000x larger shift -> Householder QR -> exact
+SVD``; the path each element took is reported in :class:`RSVDInfo` and counted in
+:func:`rsvd_stats`. One host sync per call reads the failure flags (``torch.linalg.svd``
+syncs too); ``timing=True`` adds a sync per stage and is the only other sync.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "ORTH_METHODS",
+    "RSVDInfo",
+    "RandomizedSVD",
+    "randomized_svd",
+    "reset_rsvd_stats",
+    "rsvd_stats",
+    "truncated_svd",
+]
+
+ORTH_METHODS: tuple[str, ...] = ("householder", "cholqr", "cholqr2", "shifted_cholqr")
+ALGORITHMS: tuple[str, ...] = ("auto", "gram", "direct")
+STAGES: tuple[str, ...] = ("sketch", "power", "orth", "core", "lift", "fallback")
+_HALF = (torch.float16, torch.bfloat16)
+# Fallback levels, in order. Level 0 is the requested method.
+_SHIFT_GROWTH = 1000.0
+
+_STATS: Counter[str] = Counter()
+
+
+def rsvd_stats() -> dict[str, int]:
+    """Process-wide counts of calls and of batch elements per path (for run statistics)."""
+    return dict(_STATS)
+
+
+def reset_rsvd_stats() -> None:
+    _STATS.clear()
+
+
+@dataclass
+class RSVDInfo:
+    """What one call did: which algorithm, which fallback path each batch element took.
+
+    ``paths`` maps a path name (the requested ``orth``, ``"shifted_cholqr*"`` for the
+    larger-shift retry, ``"householder"``, ``"exact_svd"``) to the number of batch
+    elements that finished on it. ``path`` is the deepest one taken. ``timings_ms`` is
+    filled only with ``timing=True``.
+    """
+
+    algorithm: str
+    orth: str
+    batch: int
+    paths: dict[str, int] = field(default_factory=dict)
+    timings_ms: dict[str, float] | None = None
+
+    @property
+    def path(self) -> str:
+        order = [self.orth, "shifted_cholqr*", "householder", "exact_svd"]
+        taken = [p for p in order if self.paths.get(p)]
+        return taken[-1] if taken else self.orth
+
+    @property
+    def n_fallback(self) -> int:
+        return sum(v for k, v in self.paths.items() if k != self.orth)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _validate(M: torch.Tensor, rank: int, *, check_finite: bool = True) -> None:
+    if not isinstance(M, torch.Tensor):
+        raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
+    if M.ndim < 2:
+        raise ValueError(f"M must have at least 2 dimensions [..., m, n], got shape {tuple(M.shape)}")
+    if not M.is_floating_point():
+        raise ValueError(f"M must have a floating dtype (float16/bfloat16/float32/float64), got {M.dtype}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an int, got {rank!r}")
+    m, n = M.shape[-2], M.shape[-1]
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if rank > min(m, n):
+        raise ValueError(f"rank {rank} > min(m, n) = {min(m, n)} for M of shape {tuple(M.shape)}")
+    # One reduction instead of an elementwise mask: any NaN/inf makes the sum
+    # non-finite; a finite matrix whose sum overflows gets the exact check.
+    if check_finite and M.numel() and not bool(torch.isfinite(M.sum())):
+        if not bool(torch.isfinite(M).all()):
+            raise ValueError("M contains NaN or inf; randomized_svd needs finite input")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gemm_dtype(M: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+        return compute_dtype
+    if M.dtype in _HALF:
+        # Half GEMMs pay off on GPUs; CPUs without native bf16 units run them slower
+        # and less accurately than float32.
+        return M.dtype if M.is_cuda else torch.float32
+    return M.dtype
+
+
+# ------------------------------------------------------------------ orthogonalization
+
+
+@dataclass
+class _Ctx:
+    """Per-call constants for the passes: which kind, shift multiplier, accumulators."""
+
+    orth: str
+    shift_mult: float
+    acc: torch.dtype
+    use_inverse: bool  # Q = X @ R^-1 as a GEMM (GPU) vs a triangular solve (CPU)
+    infos: list[torch.Tensor] = field(default_factory=list)  # cholesky_ex info per pass
+    checks: list[torch.Tensor] = field(default_factory=list)  # [B] bool per checked quantity
+
+    def ok(self) -> torch.Tensor:
+        """[B] bool: every Cholesky succeeded and every check held (a few ops, once)."""
+        ok = torch.stack(self.infos).eq(0).all(0) if self.infos else None
+        for c in self.checks:
+            ok = c if ok is None else ok & c
+        assert ok is not None
+        return ok
+
+    @property
+    def core(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # The Householder level is the robust one: LAPACK SVD for the core too.
+        return _core_svd if self.orth == "householder" else _core_eigh
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def _chol_pass(
+    X: torch.Tensor, ctx: _Ctx, *, shifted: bool, check: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (shifted) CholeskyQR pass: returns (X R^-1, R) and records success in ctx.
+
+    Every pass records cholesky_ex's ``info``. ``check`` adds: "identity" (the input was
+    already nearly orthonormal, so R must be close to I: the proof that the previous
+    pass worked) or "single" (a lone final pass: orthogonality loss ~ eps·κ², with κ
+    estimated from R's diagonal, must stay below 1e-6 in float64 / 1e-4 in float32).
+    Span-only passes need no more: any invertible R keeps the span.
+    """
+    acc = torch.float64 if X.dtype == torch.float64 else ctx.acc
+    Xa = X if X.dtype == acc else X.to(acc)
+    A = Xa.mT @ Xa
+    ncol = A.shape[-1]
+    if shifted:
+        A = _shift(A, ctx)
+    R, info = torch.linalg.cholesky_ex(A, upper=True)
+    ctx.infos.append(info)
+    if check == "identity":
+        ctx.checks.append((R.diagonal(dim1=-2, dim2=-1) - 1).abs().amax(-1) < 0.5)
+    elif check == "single":
+        _single_check(R, ctx, acc)
+    if ctx.use_inverse:
+        eye = torch.eye(ncol, dtype=R.dtype, device=R.device)
+        Rinv = torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
+        return Xa @ Rinv, R
+    return torch.linalg.solve_triangular(R, Xa, upper=True, left=False), R
+
+
+def _shift(A: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """A + s I with s = mult · max(l, 16) · eps · trace(A) (+ a floor so zero works)."""
+    ncol = A.shape[-1]
+    eps = _eps(A.dtype)
+    tr = A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    s = (ctx.shift_mult * max(ncol, 16) * eps) * tr + torch.finfo(A.dtype).tiny * 1e6
+    return A + torch.diag_embed(s.expand(*s.shape[:-1], ncol))
+
+
+def _single_check(R: torch.Tensor, ctx: _Ctx, dtype: torch.dtype) -> None:
+    """A lone final pass: orthogonality loss ~ eps·κ², κ estimated from R's diagonal."""
+    d = R.diagonal(dim1=-2, dim2=-1).abs()
+    lo, hi = d.amin(-1), d.amax(-1)
+    target = 1e-6 if dtype == torch.float64 else 1e-4
+    ctx.checks.append((_eps(dtype) * hi * hi <= target * lo * lo) & (hi > 0))
+
+
+def _orth(X: torch.Tensor, ctx: _Ctx, *, final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Orthonormal basis of span(X) (final) or a well-scaled basis of it (span-only).
+
+    Returns (Q, R) with X = Q R. A float64 input (the Gram path's tiny side) gets a
+    single checked pass for every Cholesky kind: in float64 one pass already reaches
+    float32-level orthogonality, and the check sends the element down the chain if not.
+    """
+    kind = ctx.orth
+    if kind == "householder":
+        Xa = X if X.dtype in (ctx.acc, torch.float64) else X.to(ctx.acc)
+        return torch.linalg.qr(Xa)
+    shifted = kind == "shifted_cholqr"
+    if not final:
+        return _chol_pass(X, ctx, shifted=shifted, check=None)
+    if kind == "cholqr" or X.dtype == torch.float64:
+        if shifted:
+            Q0, R0 = _chol_pass(X, ctx, shifted=True, check=None)
+            Q, R1 = _chol_pass(Q0, ctx, shifted=False, check="single")
+            return Q, R1 @ R0
+        return _chol_pass(X, ctx, shifted=False, check="single")
+    if kind == "cholqr2":
+        Q1, R1 = _chol_pass(X, ctx, shifted=False, check=None)
+        Q, R2 = _chol_pass(Q1, ctx, shifted=False, check="identity")
+        return Q, R2 @ R1
+    if kind == "shifted_cholqr":
+        Q0, R0 = _chol_pass(X, ctx, shifted=True, check=None)
+        Q1, R1 = _chol_pass(Q0, ctx, shifted=False, check=None)
+        Q, R2 = _chol_pass(Q1, ctx, shifted=False, check="identity")
+        return Q, R2 @ (R1 @ R0)
+    raise ValueError(f"orth must be one of {ORTH_METHODS}, got {kind!r}")
+
+
+# ------------------------------------------------------------------------- timing
+
+
+class _Timer:
+    """Per-stage wall time; synchronizes CUDA at each mark, so only built when asked."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self._sync()
+        self.t = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self, stage: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.ms[stage] += (now - self.t) * 1e3
+        self.t = now
+
+
+# ----------------------------------------------------------------------- pipeline
+
+
+def _choose_algorithm(m: int, n: int, width: int, n_iter: int, algorithm: str) -> str:
+    if algorithm != "auto":
+        return algorithm
+    # FLOPs per row of M: Gram m·n² + M·Z m·n·l, vs direct (2q+2) m·n·l (l = width). For small n the
+    # Gram path also has far fewer (launch-bound) ops, so prefer it there.
+    gram_cost = n * n + 2 * n * width
+    direct_cost = (2 * n_iter + 2) * n * width
+    return "gram" if (n <= 256 or gram_cost <= direct_cost) else "direct"
+
+
+def _pipeline(
+    M: torch.Tensor,
+    omega: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    algorithm: str,
+    ctx: _Ctx,
+    gdtype: torch.dtype,
+    timer: _Timer | None,
+):
+    """Tall M [B, m, n] (m >= n) -> U [B,m,k], S [B,k], Vh [B,k,n] in the acc dtype.
+
+    A generator: it yields the small core matrix and receives its SVD via ``send``, so a
+    graph-captured plan can run the (host-syncing) core SVD between two captures.
+    ``omega`` [n, width] is the Gaussian test matrix in the accumulation dtype, shared by
+    the batch so that a batched call equals per-matrix calls with the same seed.
+    """
+    Mc = M if M.dtype == gdtype else M.to(gdtype)
+    if algorithm == "gram":
+        # G @ Z runs in the accumulation dtype; the n x l bases are orthogonalized in
+        # float64 (tiny), since products with G carry squared singular values that a
+        # float32 Cholesky could not handle.
+        G = Mc.mT @ Mc
+        G = G if G.dtype == ctx.acc else G.to(ctx.acc)
+        f64 = torch.float64
+        X = G @ omega
+        if timer:
+            timer.mark("sketch")
+        for _ in range(n_iter):
+            Z, _ = _orth(X.to(f64), ctx, final=False)
+            X = G @ Z.to(G.dtype)
+        if timer:
+            timer.mark("power")
+        Z, _ = _orth(X.to(f64), ctx, final=True)
+        Zc = Z.to(ctx.acc)
+        if ctx.orth == "householder":
+            Q, R = _orth(Mc @ Zc.to(gdtype), ctx, final=True)
+            if timer:
+                timer.mark("orth")
+            Ur, S, Wh = yield _core_input(R, ctx)
+            U = Q @ Ur[..., :rank]
+        else:
+            # CholeskyQR of Y = M Z whose first pass takes its Gram ZᵀGZ from the
+            # float64 side: Q1 = M (Z R1⁻¹) costs one GEMM; the later passes run on
+            # the real Q1, so orthogonality does not depend on G's rounding.
+            A = Z.mT @ (G @ Zc).to(f64)
+            if ctx.orth == "shifted_cholqr":
+                A = _shift(A, ctx)
+            R1, info = torch.linalg.cholesky_ex(A, upper=True)
+            ctx.infos.append(info)
+            Q1 = (Mc @ torch.linalg.solve_triangular(R1, Z, upper=True, left=False).to(gdtype)).to(ctx.acc)
+            R = R1
+            if ctx.orth == "cholqr":
+                _single_check(R1, ctx, torch.float32)
+            else:
+                Q2 = Q1
+                if ctx.orth == "shifted_cholqr":
+                    Q2, R15 = _chol_pass(Q1, ctx, shifted=False, check=None)
+                    R = R15.to(R.dtype) @ R
+                A2 = Q2.mT @ Q2
+                R2, info = torch.linalg.cholesky_ex(A2.to(torch.float64), upper=True)
+                ctx.infos.append(info)
+                ctx.checks.append((R2.diagonal(dim1=-2, dim2=-1) - 1).abs().amax(-1) < 0.5)
+                R = R2 @ R
+                Q1 = Q2
+            if timer:
+                timer.mark("orth")
+            Ur, S, Wh = yield _core_input(R, ctx)
+            Ck = Ur[..., :rank]
+            if ctx.orth != "cholqr":
+                Ck = torch.linalg.solve_triangular(R2, Ck, upper=True)  # Q = Q1 R2⁻¹
+            U = Q1 @ Ck.to(Q1.dtype)
+        if timer:
+            timer.mark("core")
+        Vh = Wh[..., :rank, :] @ Z.mT.to(Wh.dtype)
+    else:
+        Y = Mc @ omega.to(gdtype)
+        if timer:
+            timer.mark("sketch")
+        for _ in range(n_iter):
+            Q, _ = _orth(Y, ctx, final=False)
+            Z = Mc.mT @ Q.to(gdtype)
+            Z, _ = _orth(Z, ctx, final=False)
+            Y = Mc @ Z.to(gdtype)
+        if timer:
+            timer.mark("power")
+        Q, _ = _orth(Y, ctx, final=True)
+        Bt = Mc.mT @ Q.to(gdtype)  # [B, n, width] = (Qᵀ M)ᵀ
+        P, T = _orth(Bt, ctx, final=True)  # Bt = P T, so B = Tᵀ Pᵀ
+        if timer:
+            timer.mark("orth")
+        Ut, S, Wh = yield _core_input(T.mT, ctx)
+        if timer:
+            timer.mark("core")
+        U = Q @ Ut[..., :rank]
+        Vh = Wh[..., :rank, :] @ P.mT
+    S = S[..., :rank]
+    if ctx.core is _core_eigh:
+        # NaN fails these comparisons too.
+        ctx.checks.append((S[..., -1] >= 1e-6 * S[..., 0]) & (S[..., 0] > 0))
+    else:
+        ctx.checks.append(torch.isfinite(S).all(-1))
+    if timer:
+        timer.mark("lift")
+    return U, S, Vh
+
+
+def _core_input(R: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    # A failed Cholesky can leave non-finite entries; the element is already marked
+    # failed, but LAPACK would raise on them, so hand the core a finite matrix.
+    ctx.checks.append(torch.isfinite(R).flatten(-2).all(-1))
+    return torch.nan_to_num(R, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _finish_gen(gen, core_out):
+    try:
+        gen.send(core_out)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("randomized_svd pipeline yielded twice")
+
+
+def _run_pipeline(
+    M: torch.Tensor,
+    omega: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    algorithm: str,
+    ctx: _Ctx,
+    gdtype: torch.dtype,
+    timer: _Timer | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = _pipeline(M, omega, rank, n_iter, algorithm, ctx, gdtype, timer)
+    R = next(gen)
+    return _finish_gen(gen, ctx.core(R))
+
+
+def _core_svd(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(R, full_matrices=False)
+
+
+def _core_eigh(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the small core via a float64 eigendecomposition of RᵀR.
+
+    Why: batched LAPACK SVD of many 24x24 matrices costs ~60 us each on CPU, eigh about
+    a third of that. Squaring the condition number in float64 still leaves the
+    singular vectors accurate far beyond float32 for singular values above ~1e-6 of the
+    largest; the pipeline sends elements whose rank-th singular value is smaller down
+    the fallback chain (Householder level, which uses LAPACK SVD).
+    """
+    Rd = R.double()
+    lam, W = torch.linalg.eigh(Rd.mT @ Rd)
+    lam, W = lam.flip(-1), W.flip(-1)
+    s = lam.clamp_min(0).sqrt()
+    Ur = (Rd @ W) / torch.where(s > 0, s, 1.0).unsqueeze(-2)
+    return Ur.to(R.dtype), s.to(R.dtype), W.mT.to(R.dtype)
+
+
+def truncated_svd(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact rank-``rank`` SVD via ``torch.linalg.svd`` (reference for tests/benchmarks).
+
+    Half inputs are decomposed in float32 and returned in their own dtype.
+    """
+    _validate(M, rank)
+    x = M.to(_acc_dtype(M.dtype)) if M.dtype != torch.float64 else M
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    if M.dtype in _HALF:
+        return U.to(M.dtype), S.to(M.dtype), Vh.to(M.dtype)
+    return U, S, Vh
+
+
+def _draw_omega(
+    n: int, width: int, acc: torch.dtype, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    if generator is not None and generator.device.type != device.type:
+        # Draw on the generator's device so a CPU generator reproduces on any device.
+        return torch.randn(n, width, generator=generator, dtype=acc, device=generator.device).to(device)
+    return torch.randn(n, width, generator=generator, dtype=acc, device=device)
+
+
+def _fallback_levels(orth: str) -> list[tuple[str, str, float]]:
+    """(report name, orth kind, shift multiplier) for each level of the chain."""
+    levels = [(orth, orth, 1.0)]
+    if orth != "householder":
+        levels.append(("shifted_cholqr*", "shifted_cholqr", _SHIFT_GROWTH))
+        levels.append(("householder", "householder", 1.0))
+    levels.append(("exact_svd", "exact_svd", 1.0))
+    return levels
+
+
+def _solve(
+    Mt: torch.Tensor,
+    rank: int,
+    width: int,
+    n_iter: int,
+    orth: str,
+    algorithm: str,
+    gdtype: torch.dtype,
+    omega: torch.Tensor,
+    timer: _Timer | None,
+    paths: dict[str, int],
+    first: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the chain on tall Mt [B, m, n]; returns acc-dtype U, S, Vh."""
+    acc = _acc_dtype(Mt.dtype)
+    U = S = Vh = None
+    todo: torch.Tensor | None = None  # indices still to solve (None = all)
+    for level, (name, kind, shift_mult) in enumerate(_fallback_levels(orth)):
+        sub = Mt if todo is None else Mt.index_select(0, todo)
+        if kind == "exact_svd":
+            u, s, vh = truncated_svd(sub.to(acc), rank)
+            ok = torch.ones(sub.shape[0], dtype=torch.bool, device=sub.device)
+        elif level == 0 and first is not None:
+            u, s, vh, ok = first(sub)
+        else:
+            ctx = _Ctx(kind, shift_mult, acc, Mt.is_cuda)
+            u, s, vh = _run_pipeline(
+                sub, omega, rank, n_iter, algorithm, ctx, gdtype, None if level else timer
+            )
+            ok = ctx.ok()
+        if todo is None:
+            U, S, Vh = u, s, vh
+        else:
+            U[todo], S[todo], Vh[todo] = u, s, vh
+        # The one host sync of a call: which elements need the next level.
+        n_bad = int((~ok).sum()) if kind != "exact_svd" else 0
+        n_sub = sub.shape[0]
+        if n_sub - n_bad:
+            paths[name] = paths.get(name, 0) + n_sub - n_bad
+        if n_bad == 0:
+            break
+        bad = (~ok).nonzero().flatten()
+        todo = bad if todo is None else todo[bad]
+    assert U is not None and S is not None and Vh is not None
+    if timer and todo is not None:
+        timer.mark("fallback")
+    return U, S, Vh
+
+
+def _prepare(M: torch.Tensor) -> tuple[torch.Tensor, bool, tuple[int, ...]]:
+    m, n = M.shape[-2], M.shape[-1]
+    lead = tuple(M.shape[:-2])
+    transposed = m < n
+    Mt = M.mT if transposed else M
+    Mt = Mt.reshape(-1, Mt.shape[-2], Mt.shape[-1])
+    return Mt, transposed, lead
+
+
+def _finish(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    Vh: torch.Tensor,
+    transposed: bool,
+    lead: tuple[int, ...],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if transposed:
+        U, Vh = Vh.mT, U.mT
+    U = U.reshape(*lead, *U.shape[-2:])
+    S = S.reshape(*lead, S.shape[-1])
+    Vh = Vh.reshape(*lead, *Vh.shape[-2:])
+    return U.to(dtype), S.to(dtype), Vh.to(dtype)
+
+
+def _check_params(n_iter: int, oversample: int, orth: str, algorithm: str) -> None:
+    if orth not in ORTH_METHODS:
+        raise ValueError(f"orth must be one of {ORTH_METHODS}, got {orth!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
+
+
+def randomized_svd(
+    M: torch.Tensor,
+    rank: int,
+    *,
+    n_iter: int = 2,
+    oversample: int = 8,
+    orth: str = "cholqr2",
+    compute_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+    algorithm: str = "auto",
+    return_info: bool = False,
+    timing: bool = False,
+    use_cuda_graph: bool = False,
+) -> (
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    | tuple[torch.Tensor, torch.Tensor, torch.Tensor, RSVDInfo]
+):
+    """Rank-``rank`` SVD of ``M [..., m, n]``: ``U [..., m, rank]``, ``S [..., rank]``, ``Vh [..., rank, n]``.
+
+    ``compute_dtype``: dtype of the GEMMs against ``M`` (default: the input's dtype on
+    CUDA, float32 for half inputs on CPU). Gram matrices, Cholesky and the core SVD
+    always run in float32 (float64 for float64 input); half inputs come back in their
+    dtype. ``return_info`` appends an :class:`RSVDInfo`; ``timing`` fills its
+    per-stage ``timings_ms`` (synchronizes; off by default). ``use_cuda_graph`` (CUDA
+    only) runs a cached, graph-captured :class:`RandomizedSVD` plan for this shape; its
+    test matrix is drawn once per plan.
+    """
+    _check_params(n_iter, oversample, orth, algorithm)
+    _validate(M, rank)
+    if use_cuda_graph:
+        if not M.is_cuda:
+            raise ValueError("use_cuda_graph=True needs a CUDA tensor")
+        plan = _cached_plan(M, rank, n_iter, oversample, orth, compute_dtype, generator, algorithm)
+        U, S, Vh = plan(M, _validated=True)
+        if return_info:
+            return U, S, Vh, plan.last_info
+        return U, S, Vh
+    m, n = M.shape[-2], M.shape[-1]
+    small = min(m, n)
+    width = min(rank + oversample, small)
+    acc = _acc_dtype(M.dtype)
+    Mt, transposed, lead = _prepare(M)
+    alg = _choose_algorithm(max(m, n), small, width, n_iter, algorithm)
+    gdtype = _gemm_dtype(M, compute_dtype)
+    timer = _Timer(M.device) if timing else None
+    omega = _draw_omega(small, width, acc, M.device, generator)
+    paths: dict[str, int] = {}
+    if Mt.shape[0] == 0:
+        U = M.new_zeros(0, Mt.shape[-2], rank, dtype=acc)
+        S = M.new_zeros(0, rank, dtype=acc)
+        Vh = M.new_zeros(0, rank, Mt.shape[-1], dtype=acc)
+    else:
+        U, S, Vh = _solve(Mt, rank, width, n_iter, orth, alg, gdtype, omega, timer, paths)
+    out = _finish(U, S, Vh, transposed, lead, M.dtype)
+    _STATS["calls"] += 1
+    for k, v in paths.items():
+        _STATS[f"path:{k}"] += v
+    if return_info:
+        info = RSVDInfo(alg, orth, Mt.shape[0], paths, dict(timer.ms) if timer else None)
+        return (*out, info)
+    return out
+
+
+# -------------------------------------------------------------- CUDA-graph plans
+
+
+class RandomizedSVD:
+    """A reusable randomized-SVD plan for one input shape/dtype/device.
+
+    Why: on a GPU the tiny per-block problems are launch-bound; capturing the whole
+    pipeline in a CUDA graph replays ~50 kernels for the cost of one launch. The test
+    matrix is drawn once when the plan is built (fixed across calls, like a seed).
+    With ``use_cuda_graph=False`` (or on CPU) the plan runs the ordinary eager pipeline
+    with that fixed test matrix, which is what the graph replays. Failed elements are
+    recomputed eagerly down the same fallback chain as :func:`randomized_svd`.
+
+    The core ``l x l`` SVD syncs inside ``torch.linalg.svd`` on CUDA; if it cannot be
+    captured the plan captures the stages before and after it as two graphs and runs
+    the core eagerly in between (``self.graph_mode`` says which: "full" or "split").
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        rank: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        n_iter: int = 2,
+        oversample: int = 8,
+        orth: str = "cholqr2",
+        compute_dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        algorithm: str = "auto",
+        use_cuda_graph: bool = False,
+    ) -> None:
+        _check_params(n_iter, oversample, orth, algorithm)
+        self.device = torch.device(device)
+        probe = torch.empty(0, dtype=dtype, device="meta").expand(*shape) if len(shape) >= 2 else None
+        if probe is None:
+            raise ValueError(f"shape must have at least 2 dimensions, got {tuple(shape)}")
+        _validate(probe, rank, check_finite=False)
+        if use_cuda_graph and self.device.type != "cuda":
+            raise ValueError("use_cuda_graph=True needs a CUDA device")
+        self.shape = tuple(shape)
+        self.rank = rank
+        self.dtype = dtype
+        self.n_iter = n_iter
+        self.orth = orth
+        m, n = self.shape[-2], self.shape[-1]
+        small = min(m, n)
+        self.width = min(rank + oversample, small)
+        self.acc = _acc_dtype(dtype)
+        self.algorithm = _choose_algorithm(max(m, n), small, self.width, n_iter, algorithm)
+        self.gdtype = _gemm_dtype(torch.empty(0, dtype=dtype, device=self.device), compute_dtype)
+        self.omega = _draw_omega(small, self.width, self.acc, self.device, generator)
+        self.use_cuda_graph = use_cuda_graph
+        self.graph_mode: str | None = None
+        self.last_info: RSVDInfo | None = None
+        self._graphs: list[torch.cuda.CUDAGraph] = []
+        self.capture_error: str | None = None
+
+    # the level-0 attempt on tall [B, m, n]: eager, or replayed from graphs
+    def _new_ctx(self, Mt: torch.Tensor) -> _Ctx:
+        return _Ctx(self.orth, 1.0, self.acc, Mt.is_cuda)
+
+    def _eager_first(self, Mt: torch.Tensor):
+        ctx = self._new_ctx(Mt)
+        U, S, Vh = _run_pipeline(
+            Mt, self.omega, self.rank, self.n_iter, self.algorithm, ctx, self.gdtype, None
+        )
+        return U, S, Vh, ctx.ok()
+
+    def _capture(self, Mt: torch.Tensor) -> None:
+        self._static_in = Mt.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: cuBLAS/cuSOLVER handles and workspaces
+                self._eager_first(self._static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._static_out = self._eager_first(self._static_in)
+            self._graphs = [g]
+            self.graph_mode = "full"
+            return
+        except RuntimeError as err:  # the core SVD syncs: capture around it
+            self.capture_error = str(err).splitlines()[0][:200]
+            torch.cuda.synchronize()
+        try:
+            ctx = self._new_ctx(self._static_in)
+            gen = _pipeline(
+                self._static_in, self.omega, self.rank, self.n_iter, self.algorithm, ctx, self.gdtype, None
+            )
+            g1 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g1):
+                self._R = next(gen)
+            self._core = ctx.core
+            self._core_out = tuple(t.clone() for t in self._core(self._R))
+            g2 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g2, pool=g1.pool()):
+                U, S, Vh = _finish_gen(gen, self._core_out)
+                self._static_out = (U, S, Vh, ctx.ok())
+            self._graphs = [g1, g2]
+            self.graph_mode = "split"
+        except RuntimeError as err:
+            torch.cuda.synchronize()
+            self.capture_error = str(err).splitlines()[0][:200]
+            self.graph_mode = "eager"
+            self.use_cuda_graph = False
+
+    def _graph_first(self, Mt: torch.Tensor):
+        if self.graph_mode is None:
+            self._capture(Mt)
+        if not self.use_cuda_graph:
+            return self._eager_first(Mt)
+        self._static_in.copy_(Mt)
+        self._graphs[0].replay()
+        if self.graph_mode == "split":
+            for dst, src in zip(self._core_out, self._core(self._R)):
+                dst.copy_(src)
+            self._graphs[1].replay()
+        return self._static_out
+
+    def __call__(
+        self, M: torch.Tensor, *, _validated: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if tuple(M.shape) != self.shape or M.dtype != self.dtype or M.device.type != self.device.type:
+            raise ValueError(
+                f"plan built for {self.shape} {self.dtype} on {self.device}, "
+                f"got {tuple(M.shape)} {M.dtype} on {M.device}"
+            )
+        if not _validated:
+            _validate(M, self.rank)
+        Mt, transposed, lead = _prepare(M)
+        first = self._graph_first if self.use_cuda_graph else self._eager_first
+        paths: dict[str, int] = {}
+        U, S, Vh = _solve(
+            Mt,
+            self.rank,
+            self.width,
+            self.n_iter,
+            self.orth,
+            self.algorithm,
+            self.gdtype,
+            self.omega,
+            None,
+            paths,
+            first,
+        )
+        if self.use_cuda_graph:  # outputs alias the graph's static buffers
+            U, S, Vh = U.clone(), S.clone(), Vh.clone()
+        _STATS["calls"] += 1
+        for k, v in paths.items():
+            _STATS[f"path:{k}"] += v
+        self.last_info = RSVDInfo(self.algorithm, self.orth, Mt.shape[0], paths, None)
+        return _finish(U, S, Vh, transposed, lead, M.dtype)
+
+
+_PLANS: OrderedDict[tuple, RandomizedSVD] = OrderedDict()
+
+
+def _cached_plan(
+    M: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    oversample: int,
+    orth: str,
+    compute_dtype: torch.dtype | None,
+    generator: torch.Generator | None,
+    algorithm: str,
+) -> RandomizedSVD:
+    key = (tuple(M.shape), M.dtype, str(M.device), rank, n_iter, oversample, orth, compute_dtype, algorithm)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = RandomizedSVD(
+            M.shape,
+            rank,
+            dtype=M.dtype,
+            device=M.device,
+            n_iter=n_iter,
+            oversample=oversample,
+            orth=orth,
+            compute_dtype=compute_dtype,
+            generator=generator,
+            algorithm=algorithm,
+            use_cuda_graph=True,
+        )
+        _PLANS[key] = plan
+        while len(_PLANS) > 8:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
