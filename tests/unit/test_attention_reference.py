@@ -37,8 +37,8 @@ def _coeffs(g: torch.Generator, shape: tuple[int, ...], bits: int, dtype: torch.
         return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8), scales
     from spectralcache.linalg import quant
 
-    packed, scales = quant.quantize_int4(torch.randn(shape, generator=g))
-    return packed, scales
+    q = quant.quantize_rows(torch.randn(shape, generator=g), bits=4)
+    return q.data, q.scales
 
 
 def make_state(
@@ -275,3 +275,23 @@ def test_bad_input_is_a_clear_error(change, error, text) -> None:
     query, mask = change(query, mask)
     with pytest.raises(error, match=text):
         spectral_attention(query, state, mask)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_coefficient_decoding_matches_the_quantizer(bits: int) -> None:
+    """Attention reads int8 / packed int4 (odd rank) exactly as linalg.quant wrote them."""
+    from spectralcache.attention.reference import reconstruct_dense_kv
+    from spectralcache.linalg import quant
+
+    state = make_state(kv_heads=3, blocks=1, block_size=16, rank_keys=11, outliers=0, bits=bits)
+    cold = state.cold
+    q = quant.quantize_rows(
+        torch.randn(2, 3, 1, 16, 11, generator=torch.Generator().manual_seed(bits)), bits=bits
+    )
+    cold.key_coeffs, cold.key_scales = q.data, q.scales
+    keys, _ = reconstruct_dense_kv(state)
+    want = quant.dequantize_rows(q) @ cold.key_basis.float()
+    start = int(cold.block_starts[0])
+    torch.testing.assert_close(keys[:, :, start : start + 16], want[:, :, 0], rtol=1e-5, atol=1e-5)
+    query = _query(state, 6, 1)
+    _close(spectral_attention(query, state, None), dense_reference(query, state, None))
