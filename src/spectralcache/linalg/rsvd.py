@@ -395,7 +395,7 @@ def _pipeline(
         ctx.checks.append(torch.isfinite(S).all(-1))
     if timer:
         timer.mark("lift")
-    return U, S, Vh
+    return U.to(ctx.acc), S.to(ctx.acc), Vh.to(ctx.acc)
 
 
 def _core_input(R: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
@@ -665,10 +665,7 @@ class RandomizedSVD:
     ) -> None:
         _check_params(n_iter, oversample, orth, algorithm)
         self.device = torch.device(device)
-        probe = torch.empty(0, dtype=dtype, device="meta").expand(*shape) if len(shape) >= 2 else None
-        if probe is None:
-            raise ValueError(f"shape must have at least 2 dimensions, got {tuple(shape)}")
-        _validate(probe, rank, check_finite=False)
+        _validate(torch.empty(tuple(shape), dtype=dtype, device="meta"), rank, check_finite=False)
         if use_cuda_graph and self.device.type != "cuda":
             raise ValueError("use_cuda_graph=True needs a CUDA device")
         self.shape = tuple(shape)

@@ -1,0 +1,275 @@
+"""randomized_svd / truncated_svd / RandomizedSVD: accuracy, orthogonality, batching,
+degenerate inputs, errors, the fallback chain and its reporting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectralcache.bench.svd import decaying_matrix, rel_error
+from spectralcache.linalg import (
+    ORTH_METHODS,
+    RandomizedSVD,
+    randomized_svd,
+    reset_rsvd_stats,
+    rsvd_stats,
+    truncated_svd,
+)
+
+ALGORITHMS = ("gram", "direct")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def orth_err(X: torch.Tensor) -> float:
+    """Largest ||XᵀX - I||_F over the batch (X with orthonormal columns)."""
+    X = X.double()
+    eye = torch.eye(X.shape[-1], dtype=X.dtype)
+    return float(torch.linalg.matrix_norm(X.mT @ X - eye).max())
+
+
+def make_matrix(shape, seed, *, dtype=torch.float32, noise=1e-2, decay=None):
+    return decaying_matrix(shape, noise=noise, dtype=dtype, generator=gen(seed), decay=decay)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+@pytest.mark.parametrize("shape,rank", [((6, 192, 48), 8), ((3, 40, 160), 12)])
+def test_fp32_error_and_orthogonality(orth, algorithm, shape, rank):
+    """Spectrum exp(-i/(p/4)) plus noise: κ of the l-column sketch ~ 10-50, inside the
+    range where even a single CholeskyQR pass keeps float32 orthogonality ~1e-5."""
+    seed = sum(map(ord, orth + algorithm)) + shape[-1]
+    M = make_matrix(shape, seed, decay=min(shape[-2:]) / 4)
+    U, S, Vh, info = randomized_svd(
+        M, rank, orth=orth, algorithm=algorithm, generator=gen(seed), return_info=True
+    )
+    assert (
+        U.shape == (*shape[:-1], rank)
+        and S.shape == (*shape[:-2], rank)
+        and Vh.shape == (*shape[:-2], rank, shape[-1])
+    )
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    Ue, Se, Vhe = truncated_svd(M, rank)
+    opt = rel_error(M, Ue, Se, Vhe)
+    err = rel_error(M, U, S, Vh)
+    assert err <= 1.05 * opt, (err, opt, info)
+    assert orth_err(U) < 1e-3 and orth_err(Vh.mT) < 1e-3
+    assert torch.all(S[..., :-1] >= S[..., 1:])
+    assert info.paths == {orth: shape[0]}  # no fallback on well-conditioned input
+    assert info.algorithm == algorithm
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+def test_bf16_error_vs_exact_svd_of_the_rounded_matrix(orth, algorithm, compute_dtype):
+    """bf16 input: compare with the optimum *for the bf16 matrix*, returned in bf16 too.
+
+    The input is already rounded, so the reference is the exact truncated SVD of that
+    rounded matrix with its factors rounded to bf16 (what any method returning bf16 can
+    at best give). Rounding the factors adds ~u_bf16·||M|| in quadrature, far below 5%
+    of the optimal error here (noise level 1e-2, optimum ~0.1), so 1.05 is meaningful.
+    """
+    shape, rank = (5, 160, 48), 8
+    Mb = make_matrix(shape, 7).to(torch.bfloat16)
+    U, S, Vh = randomized_svd(
+        Mb, rank, orth=orth, algorithm=algorithm, compute_dtype=compute_dtype, generator=gen(1)
+    )
+    assert U.dtype == S.dtype == Vh.dtype == torch.bfloat16
+    Mf = Mb.float()
+    ref = rel_error(Mf, *truncated_svd(Mb, rank))
+    assert rel_error(Mf, U, S, Vh) <= 1.05 * ref
+
+
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+def test_batched_equals_per_matrix(orth):
+    M = make_matrix((4, 96, 40), 3)
+    U, S, Vh = randomized_svd(M, 6, orth=orth, generator=gen(5))
+    for i in range(M.shape[0]):
+        u, s, vh = randomized_svd(M[i], 6, orth=orth, generator=gen(5))
+        torch.testing.assert_close(s, S[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close((u * s) @ vh, (U[i] * S[i]) @ Vh[i], rtol=1e-4, atol=1e-5)
+        # same subspace, same sign conventions (deterministic given the same sketch)
+        torch.testing.assert_close(u, U[i], rtol=1e-3, atol=1e-4)
+
+
+def test_leading_dims_and_wide_input():
+    M = make_matrix((2, 3, 30, 70), 11)  # m < n: the sketch goes on the smaller side
+    U, S, Vh = randomized_svd(M, 5, generator=gen())
+    assert U.shape == (2, 3, 30, 5) and S.shape == (2, 3, 5) and Vh.shape == (2, 3, 5, 70)
+    assert rel_error(M, U, S, Vh) <= 1.05 * rel_error(M, *truncated_svd(M, 5))
+
+
+def test_same_generator_seed_is_deterministic():
+    M = make_matrix((3, 64, 32), 2)
+    a = randomized_svd(M, 4, generator=gen(9))
+    b = randomized_svd(M, 4, generator=gen(9))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_zero_matrix_gives_zeros_without_nan(orth, algorithm):
+    M = torch.zeros(3, 50, 20)
+    U, S, Vh, info = randomized_svd(M, 4, orth=orth, algorithm=algorithm, return_info=True)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert torch.equal(S, torch.zeros(3, 4))
+    assert torch.equal((U * S.unsqueeze(-2)) @ Vh, M[..., :, :])
+    assert sum(info.paths.values()) == 3
+
+
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_rank_deficient_input(orth, algorithm):
+    g = gen(4)
+    M = torch.randn(2, 60, 3, generator=g) @ torch.randn(2, 3, 25, generator=g)  # rank 3, ask for 6
+    U, S, Vh = randomized_svd(M, 6, orth=orth, algorithm=algorithm, generator=gen())
+    for t in (U, S, Vh):
+        assert torch.isfinite(t).all()
+    assert rel_error(M, U, S, Vh) < 1e-4
+    assert orth_err(U) < 1e-3 and orth_err(Vh.mT) < 1e-3
+    assert float(S[..., 3:].abs().max()) < 1e-4 * float(S[..., 0].min())
+
+
+def test_mixed_batch_only_bad_element_falls_back():
+    M = make_matrix((4, 64, 24), 5)
+    M[2] = 0
+    reset_rsvd_stats()
+    U, S, Vh, info = randomized_svd(M, 4, orth="cholqr2", return_info=True)
+    assert info.paths["cholqr2"] == 3 and info.n_fallback == 1
+    good = [0, 1, 3]
+    assert rel_error(M[good], U[good], S[good], Vh[good]) <= 1.05 * rel_error(
+        M[good], *truncated_svd(M[good], 4)
+    )
+    assert torch.equal(S[2], torch.zeros(4))
+    stats = rsvd_stats()
+    assert stats["calls"] == 1 and stats["path:cholqr2"] == 3
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_plain_cholqr_failure_is_caught_and_reported(algorithm):
+    """Singular values spread over 1e7: plain CholeskyQR in float32 breaks down (its Gram
+    has condition ~1e14). The chain must recover with a correct result and say so."""
+    g = gen(8)
+    m, n, p = 120, 40, 40
+    Uo, _ = torch.linalg.qr(torch.randn(2, m, p, generator=g, dtype=torch.float64))
+    Vo, _ = torch.linalg.qr(torch.randn(2, n, p, generator=g, dtype=torch.float64))
+    sig = torch.logspace(0, -7, p, dtype=torch.float64)
+    M = ((Uo * sig) @ Vo.mT).float()
+    U, S, Vh, info = randomized_svd(
+        M, 20, orth="cholqr", algorithm=algorithm, generator=gen(), return_info=True
+    )
+    assert info.n_fallback > 0 and info.path != "cholqr", info.paths
+    for t in (U, S, Vh):
+        assert torch.isfinite(t).all()
+    opt = rel_error(M, *truncated_svd(M, 20))
+    assert rel_error(M, U, S, Vh) <= 1.05 * opt + 1e-6
+    assert orth_err(U) < 1e-3 and orth_err(Vh.mT) < 1e-3
+
+
+def test_timing_is_opt_in():
+    M = make_matrix((2, 64, 32), 1)
+    *_, info = randomized_svd(M, 4, return_info=True)
+    assert info.timings_ms is None
+    *_, info = randomized_svd(M, 4, return_info=True, timing=True)
+    assert set(info.timings_ms) >= {"sketch", "power", "orth", "core", "lift"}
+    assert all(v >= 0 for v in info.timings_ms.values())
+
+
+def test_n_iter_zero_and_no_oversample_still_valid():
+    M = make_matrix((2, 80, 30), 6)
+    for n_iter, over in ((0, 0), (0, 8), (4, 0)):
+        U, S, Vh = randomized_svd(M, 5, n_iter=n_iter, oversample=over, generator=gen())
+        assert orth_err(U) < 1e-3 and torch.isfinite(S).all()
+    # rank == min(m, n): the sketch is the whole space, so the result is exact
+    U, S, Vh = randomized_svd(M, 30, generator=gen())
+    assert rel_error(M, U, S, Vh) < 1e-5
+
+
+def test_float64_stays_float64():
+    M = make_matrix((2, 50, 20), 2, dtype=torch.float64)
+    U, S, Vh = randomized_svd(M, 4, generator=gen())
+    assert U.dtype == torch.float64
+    assert rel_error(M, U, S, Vh) <= 1.05 * rel_error(M, *truncated_svd(M, 4))
+
+
+@pytest.mark.parametrize(
+    "make,rank,match",
+    [
+        (lambda: torch.full((4, 3), float("nan")), 1, "NaN or inf"),
+        (lambda: torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1, "NaN or inf"),
+        (lambda: torch.randn(5, 4), 5, "rank 5 > min"),
+        (lambda: torch.randn(5, 4), 0, "rank must be >= 1"),
+        (lambda: torch.ones(5, 4, dtype=torch.int32), 1, "floating dtype"),
+        (lambda: torch.randn(5), 1, "at least 2 dimensions"),
+    ],
+)
+@pytest.mark.parametrize("fn", [randomized_svd, truncated_svd])
+def test_bad_input_is_a_clear_value_error(fn, make, rank, match):
+    with pytest.raises(ValueError, match=match):
+        fn(make(), rank)
+
+
+def test_bad_options_are_value_errors():
+    M = torch.randn(10, 6)
+    with pytest.raises(ValueError, match="orth must be one of"):
+        randomized_svd(M, 2, orth="qr")
+    with pytest.raises(ValueError, match="n_iter"):
+        randomized_svd(M, 2, n_iter=-1)
+    with pytest.raises(ValueError, match="algorithm"):
+        randomized_svd(M, 2, algorithm="fast")
+    with pytest.raises(ValueError, match="CUDA"):
+        randomized_svd(M, 2, use_cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        RandomizedSVD((10, 6), 2, use_cuda_graph=True)
+
+
+def test_plan_without_graph_matches_function_with_same_seed():
+    """The plan draws its sketch once; with the same seed it equals randomized_svd."""
+    M = make_matrix((3, 70, 28), 4)
+    plan = RandomizedSVD(M.shape, 5, generator=gen(3))
+    a = plan(M)
+    b = randomized_svd(M, 5, generator=gen(3))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    M2 = make_matrix((3, 70, 28), 5)  # fresh input, same plan
+    U, S, Vh = plan(M2)
+    assert rel_error(M2, U, S, Vh) <= 1.05 * rel_error(M2, *truncated_svd(M2, 5))
+    assert plan.last_info is not None and plan.graph_mode is None
+    with pytest.raises(ValueError, match="plan built for"):
+        plan(torch.randn(2, 70, 28))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_cuda_graph_plan_matches_eager(compute_dtype):
+    M = make_matrix((8, 512, 128), 1).cuda()
+    eager = RandomizedSVD(M.shape, 16, device="cuda", compute_dtype=compute_dtype, generator=gen(2))
+    graph = RandomizedSVD(
+        M.shape, 16, device="cuda", compute_dtype=compute_dtype, generator=gen(2), use_cuda_graph=True
+    )
+    for seed in (1, 2):  # second call replays the captured graph on new data
+        X = make_matrix((8, 512, 128), seed).cuda()
+        a, b = eager(X), graph(X)
+        assert graph.graph_mode in ("full", "split")
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
+    X[3] = 0  # a failing element is recomputed eagerly down the chain
+    U, S, Vh = graph(X)
+    assert graph.last_info.n_fallback == 1
+    assert all(torch.isfinite(t).all() for t in (U, S, Vh))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+def test_cuda_half_gemms_accuracy(orth):
+    Mb = make_matrix((4, 512, 128), 3).cuda().to(torch.bfloat16)
+    U, S, Vh = randomized_svd(Mb, 16, orth=orth, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert U.dtype == torch.bfloat16
+    Mf = Mb.float()
+    assert rel_error(Mf, U, S, Vh) <= 1.05 * rel_error(Mf, *truncated_svd(Mb, 16))
