@@ -82,70 +82,16 @@ class CompressedBlocks:
 # --------------------------------------------------------------------------- linalg glue
 
 
-def _quant_module():
-    try:
-        from spectralcache.linalg import quant
-    except ImportError:  # TEMPORARY until linalg/quant.py lands
-        return _fallback
-    return quant
+def _rsvd_module():  # late import keeps ``import spectralcache.cache.block`` cheap
+    from spectralcache.linalg import rsvd
 
-
-def _rsvd_module():
-    try:
-        from spectralcache.linalg import rsvd
-    except ImportError:  # TEMPORARY until linalg/rsvd.py lands
-        return _fallback
     return rsvd
 
 
-class _fallback:  # TEMPORARY stand-in with the foundation issue's names; removed once linalg lands
-    @staticmethod
-    def truncated_svd(m, rank):
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+def _quant_module():
+    from spectralcache.linalg import quant
 
-    @staticmethod
-    def randomized_svd(m, rank, *, n_iter=2, oversample=8, orth="qr", generator=None):
-        d = m.shape[-1]
-        width = min(rank + oversample, min(m.shape[-2], d))
-        omega = torch.randn(d, width, generator=generator, device=m.device, dtype=m.dtype)
-        q = torch.linalg.qr(m @ omega).Q
-        for _ in range(n_iter):
-            q = torch.linalg.qr(m.mT @ q).Q
-            q = torch.linalg.qr(m @ q).Q
-        ub, s, vh = torch.linalg.svd(q.mT @ m, full_matrices=False)
-        return (q @ ub)[..., :rank], s[..., :rank], vh[..., :rank, :]
-
-    @staticmethod
-    def quantize_int8(x):
-        scale = (x.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
-        sf = scale.float()
-        q = torch.where(sf > 0, x / torch.where(sf > 0, sf, 1.0), 0.0).round().clamp(-127, 127)
-        return q.to(torch.int8), scale
-
-    @staticmethod
-    def dequantize_int8(q, scale):
-        return q.float() * scale.float()
-
-    @staticmethod
-    def quantize_int4(x):
-        scale = (x.abs().amax(-1, keepdim=True) / 7).to(torch.float16)
-        sf = scale.float()
-        q = torch.where(sf > 0, x / torch.where(sf > 0, sf, 1.0), 0.0).round().clamp(-7, 7).to(torch.int16)
-        if q.shape[-1] % 2:
-            q = torch.nn.functional.pad(q, (0, 1))
-        u = (q + 8).to(torch.uint8)
-        return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous(), scale
-
-    @staticmethod
-    def unpack_int4(packed, rank):
-        lo = (packed & 0x0F).to(torch.int8) - 8
-        hi = (packed >> 4).to(torch.int8) - 8
-        return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :rank]
-
-    @staticmethod
-    def dequantize_int4(packed, scale, rank):
-        return _fallback.unpack_int4(packed, rank).float() * scale.float()
+    return quant
 
 
 def low_rank_fit(
@@ -168,15 +114,11 @@ def low_rank_fit(
 
 
 def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype):
-    """-> (stored coeffs, scales or None)."""
+    """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer."""
     if bits == 16:
         return coeffs.to(model_dtype), None
-    quant = _quant_module()
-    if bits == 8:
-        q, scales = quant.quantize_int8(coeffs)
-    else:
-        q, scales = quant.quantize_int4(coeffs)
-    return q, scales
+    q = _quant_module().quantize_rows(coeffs, bits=bits, scale_dtype=torch.float16)
+    return q.data, q.scales
 
 
 def dequantize_coeffs(
@@ -190,9 +132,9 @@ def dequantize_coeffs(
     if bits == 16:
         return coeffs.to(dtype)
     quant = _quant_module()
-    if bits == 8:
-        return quant.dequantize_int8(coeffs, scales).to(dtype)
-    return quant.dequantize_int4(coeffs, scales, rank).to(dtype)
+    return quant.dequantize_rows(
+        quant.QuantizedRows(data=coeffs, scales=scales, bits=bits, n_cols=rank), dtype
+    )
 
 
 def _row_sq_norm(x: torch.Tensor) -> torch.Tensor:
