@@ -288,22 +288,16 @@ def _layers(cache: Any) -> list[Any]:
     return list(layers)
 
 
-def _report_total(report: Any) -> int | None:
-    """The total measured bytes of a SpectralCache ``memory_report()``, whatever its shape."""
-    if isinstance(report, dict):
-        for key in ("total_bytes", "total", "bytes"):
-            v = report.get(key)
-            if isinstance(v, int):
-                return v
-            if isinstance(v, dict):
-                inner = _report_total(v)
-                if inner is not None:
-                    return inner
-    for attr in ("total_bytes", "total"):
-        v = getattr(report, attr, None)
-        if isinstance(v, int):
-            return v
-    return None
+def _report_layers(cache: Any) -> list[int] | None:
+    """Per-layer held bytes from a SpectralCache ``memory_report()`` (None for other caches)."""
+    report_fn = getattr(cache, "memory_report", None)
+    if not callable(report_fn):
+        return None
+    report = report_fn()
+    try:
+        return [int(e["held_bytes"]) for e in report["layers"]]
+    except (KeyError, TypeError) as err:
+        raise TypeError(f"unexpected memory_report() layout from {type(cache).__name__}: {err}") from None
 
 
 def kv_bytes_by_layer(cache: Any) -> list[int]:
@@ -320,18 +314,16 @@ def kv_bytes_by_layer(cache: Any) -> list[int]:
     return per_layer
 
 
-def measure_kv_bytes(cache: Any) -> int:
-    """Bytes actually held by the cache's tensors (not a formula).
+def measure_kv_bytes_per_layer(cache: Any) -> list[int]:
+    """Measured bytes per layer: a SpectralCache's own ``memory_report()`` (measured from
+    tensor storage per tier), else :func:`kv_bytes_by_layer`."""
+    per_layer = _report_layers(cache)
+    return per_layer if per_layer is not None else kv_bytes_by_layer(cache)
 
-    For a SpectralCache its own ``memory_report()`` (measured from tensor storage per
-    tier) is used; for any other transformers ``Cache`` every layer's tensors are walked.
-    """
-    report_fn = getattr(cache, "memory_report", None)
-    if callable(report_fn):
-        total = _report_total(report_fn())
-        if total is not None:
-            return total
-    return sum(kv_bytes_by_layer(cache))
+
+def measure_kv_bytes(cache: Any) -> int:
+    """Bytes actually held by the cache's tensors (not a formula)."""
+    return sum(measure_kv_bytes_per_layer(cache))
 
 
 def full_attention_layers(config: Any) -> list[int]:

@@ -45,10 +45,35 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "spectralcache"
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_override() -> Path | None:
+    """``$SPECTRALCACHE_GGUF``: a GGUF file to use instead of the model package (machines
+    where the package cannot be installed); cached under its own checksum."""
+    env = os.environ.get("SPECTRALCACHE_GGUF")
+    if not env:
+        return None
+    path = Path(env)
+    if not path.is_file():
+        raise FileNotFoundError(f"SPECTRALCACHE_GGUF={env} is not a file")
+    return path
+
+
 def _package_key(name: str) -> tuple[str, str]:
     import importlib
     import importlib.metadata as md
 
+    override = _gguf_override()
+    if override is not None:
+        return "", f"{name}-gguf-{_file_sha256(override)[:12]}"
     module_name = MODELS[name]
     mod = importlib.import_module(module_name)
     version = md.version(module_name.replace("_", "-"))
@@ -73,7 +98,7 @@ def _materialize(name: str) -> Path:
 
     module_name, _ = _package_key(name)
     target = weights_dir(name)
-    gguf = Path(importlib.import_module(module_name).assemble())
+    gguf = _gguf_override() or Path(importlib.import_module(module_name).assemble())
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

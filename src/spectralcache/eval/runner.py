@@ -82,8 +82,7 @@ import torch
 from spectralcache.eval.methods import (
     Method,
     full_attention_layers,
-    kv_bytes_by_layer,
-    measure_kv_bytes,
+    measure_kv_bytes_per_layer,
     with_baseline_first,
 )
 
@@ -225,10 +224,10 @@ def answer(
     logits = model(input_ids=q, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     _sync(device)
     t2 = time.perf_counter()
-    per_layer = kv_bytes_by_layer(cache)
+    per_layer = measure_kv_bytes_per_layer(cache)
     full = full_attention_layers(model.config)
     kv_full = sum(per_layer[i] for i in full if i < len(per_layer))
-    kv_total = measure_kv_bytes(cache)
+    kv_total = sum(per_layer)
     stops = eos_ids(model, tokenizer)
     generated: list[int] = []
     text = ""
@@ -337,103 +336,133 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
 
 
-def run_task_file(
-    model: Any, tokenizer: Any, task_file: Path, methods: Sequence[Method], opts: RunOptions
-) -> list[dict]:
-    """Every method on the first ``opts.samples`` samples of one task file; returns the
-    per-method summaries. Finished (method, id) pairs are skipped."""
+def run_one(model: Any, tokenizer: Any, sample: dict, method: Method, opts: RunOptions) -> dict:
+    """One (sample, method): a prediction row (``error`` set instead of raising)."""
     from spectralcache.eval.scoring import score
+
+    s = sample
+    torch.manual_seed(sample_seed(opts.seed, str(s["id"]), method.name))
+    row: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "id": str(s["id"]),
+        "method": method.name,
+        "task": s["task"],
+        "target_length": s["target_length"],
+        "depth": s.get("depth"),
+        "context_tokens": s.get("context_tokens"),
+        "device": opts.device,
+        "dtype": opts.dtype,
+        "model": opts.model_name,
+        "seed": opts.seed,
+        "answers": s["answers"],
+        "metric": s["metric"],
+    }
+    try:
+        cache = method.make_cache(model)
+        a = answer(
+            model,
+            tokenizer,
+            cache,
+            s["context"],
+            s["question"] + s["answer_prefix"],
+            max_new_tokens=opts.max_new_tokens or s["max_new_tokens"],
+            stop_newline=opts.stop_newline,
+            prefill_chunk=opts.prefill_chunk,
+        )
+        del cache
+        row.update(
+            prediction=a.text,
+            score=float(score(s["metric"], a.text, s["answers"])),
+            kv_bytes=a.kv_bytes,
+            kv_bytes_full=a.kv_bytes_full,
+            context_tokens=a.context_tokens,
+            prefill_s=round(a.prefill_s, 4),
+            question_s=round(a.question_s, 4),
+            decode_s=round(a.decode_s, 4),
+            new_tokens=a.new_tokens,
+            error=None,
+        )
+    except (RuntimeError, ValueError, TypeError, ImportError, NotImplementedError, AssertionError) as err:
+        row.update(prediction="", score=None, kv_bytes=None, error=f"{type(err).__name__}: {err}")
+    return row
+
+
+def run_task_files(
+    model: Any, tokenizer: Any, task_files: Sequence[Path], methods: Sequence[Method], opts: RunOptions
+) -> list[dict]:
+    """Every method on the first ``opts.samples`` samples of every task file.
+
+    Order: sample index outermost, then task file, then method (baseline first). So
+    whenever a long CPU run is stopped, every method and task has answered the same
+    samples (paired comparisons), and a resumed run continues where it stopped:
+    finished (method, id) pairs are skipped.
+    """
     from spectralcache.eval.tasks import read_task_file
 
-    samples = read_task_file(task_file)[: opts.samples]
-    stem = Path(task_file).stem
-    summaries = []
-    baseline_bytes: dict[str, tuple[int, int]] = {}
-    for method in with_baseline_first(list(methods)):
-        path = predictions_path(opts.out, method.slug, stem)
-        done = latest_rows(read_rows(path, repair=True))
-        todo = [s for s in samples if not (str(s["id"]) in done and done[str(s["id"])].get("error") is None)]
-        bar = _progress(len(samples), f"{method.name} {stem}", opts.progress)
-        bar.update(len(samples) - len(todo))
-        for s in todo:
-            torch.manual_seed(sample_seed(opts.seed, str(s["id"]), method.name))
-            row: dict[str, Any] = {
-                "schema": SCHEMA_VERSION,
-                "id": str(s["id"]),
-                "method": method.name,
-                "task": s["task"],
-                "target_length": s["target_length"],
-                "depth": s.get("depth"),
-                "context_tokens": s.get("context_tokens"),
-                "device": opts.device,
-                "dtype": opts.dtype,
-                "model": opts.model_name,
-                "seed": opts.seed,
-                "answers": s["answers"],
-                "metric": s["metric"],
-            }
-            try:
-                cache = method.make_cache(model)
-                a = answer(
-                    model,
-                    tokenizer,
-                    cache,
-                    s["context"],
-                    s["question"] + s["answer_prefix"],
-                    max_new_tokens=opts.max_new_tokens or s["max_new_tokens"],
-                    stop_newline=opts.stop_newline,
-                    prefill_chunk=opts.prefill_chunk,
-                )
-                del cache
-                row.update(
-                    prediction=a.text,
-                    score=float(score(s["metric"], a.text, s["answers"])),
-                    kv_bytes=a.kv_bytes,
-                    kv_bytes_full=a.kv_bytes_full,
-                    context_tokens=a.context_tokens,
-                    prefill_s=round(a.prefill_s, 4),
-                    question_s=round(a.question_s, 4),
-                    decode_s=round(a.decode_s, 4),
-                    new_tokens=a.new_tokens,
-                    error=None,
-                )
-            except (
-                RuntimeError,
-                ValueError,
-                TypeError,
-                ImportError,
-                NotImplementedError,
-                AssertionError,
-            ) as err:
-                row.update(prediction="", score=None, kv_bytes=None, error=f"{type(err).__name__}: {err}")
-            _fill_ratio(row, baseline_bytes, done if method.is_baseline else None)
-            if method.is_baseline and row["error"] is None:
-                baseline_bytes[row["id"]] = (row["kv_bytes"], row["kv_bytes_full"])
-            append_row(path, row)
-            bar.update(1)
-            if opts.progress and row["error"] is None:
-                bar.set_postfix(score=f"{row['score']:.2f}", ratio=f"{row.get('compression_ratio') or 1:.2f}")
-            elif row["error"] is not None:
-                bar.write(f"[{method.name}] {row['id']}: {row['error']}")
-        bar.close()
-        if method.is_baseline:
-            for r in latest_rows(read_rows(path)).values():
-                if r.get("error") is None:
-                    baseline_bytes.setdefault(str(r["id"]), (r["kv_bytes"], r.get("kv_bytes_full")))
-        summaries.append(summarize_file(opts.out, method.slug, stem))
-    return summaries
+    methods = with_baseline_first(list(methods))
+    files = [(Path(f).stem, read_task_file(f)[: opts.samples]) for f in task_files]
+    done: dict[tuple[str, str], dict[str, dict]] = {}
+    for stem, _ in files:
+        for m in methods:
+            done[(m.slug, stem)] = latest_rows(
+                read_rows(predictions_path(opts.out, m.slug, stem), repair=True)
+            )
+
+    def finished(m: Method, stem: str, sid: str) -> bool:
+        r = done[(m.slug, stem)].get(sid)
+        return r is not None and r.get("error") is None
+
+    total = sum(len(samples) for _, samples in files) * len(methods)
+    left = sum(
+        not finished(m, stem, str(s["id"])) for stem, samples in files for s in samples for m in methods
+    )
+    bar = _progress(total, "eval", opts.progress)
+    bar.update(total - left)
+    failed: dict[str, str] = {}
+    for i in range(max((len(x) for _, x in files), default=0)):
+        for stem, samples in files:
+            if i >= len(samples):
+                continue
+            s = samples[i]
+            sid = str(s["id"])
+            base = done[(methods[0].slug, stem)].get(sid)
+            for m in methods:
+                if finished(m, stem, sid):
+                    continue
+                bar.set_description(f"{stem} #{i} {m.name}")
+                row = run_one(model, tokenizer, s, m, opts)
+                _fill_ratio(row, base)
+                if m.is_baseline and row["error"] is None:
+                    base = row
+                path = predictions_path(opts.out, m.slug, stem)
+                append_row(path, row)
+                done[(m.slug, stem)][sid] = row
+                bar.update(1)
+                if row["error"] is not None:
+                    if failed.get(m.name) != row["error"]:
+                        bar.write(f"[{m.name}] {sid}: {row['error']}")
+                    failed[m.name] = row["error"]
+                else:
+                    bar.set_postfix(
+                        score=f"{row['score']:.2f}", ratio=f"{row.get('compression_ratio') or 1:.2f}"
+                    )
+    bar.close()
+    return [summarize_file(opts.out, m.slug, stem) for stem, _ in files for m in methods]
 
 
-def _fill_ratio(row: dict, baseline_bytes: dict[str, tuple[int, int]], _unused: Any = None) -> None:
-    base = baseline_bytes.get(row["id"])
-    if base is None or row.get("kv_bytes") in (None, 0):
-        if row["method"] == "baseline" and row.get("kv_bytes"):
-            row.update(baseline_kv_bytes=row["kv_bytes"], compression_ratio=1.0, compression_ratio_full=1.0)
+def _fill_ratio(row: dict, base: dict | None) -> None:
+    """Compression ratios against the baseline row of the same sample (if it ran)."""
+    if row.get("kv_bytes") in (None, 0):
         return
-    row["baseline_kv_bytes"] = base[0]
-    row["compression_ratio"] = base[0] / row["kv_bytes"]
-    if base[1] and row.get("kv_bytes_full"):
-        row["compression_ratio_full"] = base[1] / row["kv_bytes_full"]
+    if row["method"] == "baseline":
+        row.update(baseline_kv_bytes=row["kv_bytes"], compression_ratio=1.0, compression_ratio_full=1.0)
+        return
+    if base is None or base.get("error") is not None or not base.get("kv_bytes"):
+        return
+    row["baseline_kv_bytes"] = base["kv_bytes"]
+    row["compression_ratio"] = base["kv_bytes"] / row["kv_bytes"]
+    if base.get("kv_bytes_full") and row.get("kv_bytes_full"):
+        row["compression_ratio_full"] = base["kv_bytes_full"] / row["kv_bytes_full"]
 
 
 # ---------------------------------------------------------------------------- summaries
@@ -451,7 +480,7 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
     samples = {str(s["id"]): s for s in read_task_file(out / "tasks" / f"{stem}.jsonl")}
     rows = latest_rows(read_rows(predictions_path(out, method_slug, stem)))
     base_rows = latest_rows(read_rows(predictions_path(out, "baseline", stem)))
-    scored, errors, ratios, ratios_full = [], [], [], []
+    scored, errors, ratios, ratios_full, agree = [], [], [], [], []
     kv, kv_full, base_kv, pre, dec, ntok = [], [], [], [], [], []
     method = None
     for sid, r in rows.items():
@@ -464,6 +493,8 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
         s = samples[sid]
         scored.append(float(score(s["metric"], r["prediction"], s["answers"])))
         b = base_rows.get(sid)
+        if b is not None and b.get("error") is None:
+            agree.append(float(r["prediction"].strip() == b["prediction"].strip()))
         if r.get("kv_bytes"):
             kv.append(r["kv_bytes"])
             if b and b.get("error") is None and b.get("kv_bytes"):
@@ -488,6 +519,8 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
         "n_errors": len(errors),
         "first_error": errors[0] if errors else None,
         "score": 100.0 * _mean(scored) if scored else None,
+        # fidelity independent of the ceiling: identical answer text to the baseline's
+        "agree_with_baseline": 100.0 * _mean(agree) if agree else None,
         "kv_bytes": _mean(kv),
         "kv_bytes_full": _mean(kv_full),
         "baseline_kv_bytes": _mean(base_kv),
@@ -536,16 +569,16 @@ def summary_table(summaries: list[dict]) -> str:
         ),
     )
     lines = [
-        "| task | length | depth | method | n | score % | KV MiB | ratio (all layers) | ratio (full-attn layers) "
+        "| task | length | depth | method | n | score % | same answer as baseline % | KV MiB | ratio (all layers) | ratio (full-attn layers) "
         "| prefill s | decode s | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rows:
         err = f"{s['n_errors']}: {s['first_error'][:60]}" if s["n_errors"] else ""
         kv = None if s["kv_bytes"] is None else s["kv_bytes"] / 2**20
         lines.append(
             f"| {s['task']} | {s['target_length']} | {_fmt(s['depth'], '.2f')} | {s['method']} | {s['n']} "
-            f"| {_fmt(s['score'], '.1f')} | {_fmt(kv, '.2f')} | {_fmt(s['compression_ratio'], '.2f')} "
+            f"| {_fmt(s['score'], '.1f')} | {_fmt(s.get('agree_with_baseline'), '.0f')} | {_fmt(kv, '.2f')} | {_fmt(s['compression_ratio'], '.2f')} "
             f"| {_fmt(s['compression_ratio_full'], '.2f')} | {_fmt(s['prefill_s'], '.2f')} "
             f"| {_fmt(s['decode_s'], '.2f')} | {err} |"
         )
@@ -572,6 +605,5 @@ def run_eval(
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     files = prepare_task_files(out, tokenizer, tasks, lengths, opts.samples, opts.seed, depths)
-    for f in files:
-        run_task_file(model, tokenizer, f, methods, opts)
+    run_task_files(model, tokenizer, files, methods, opts)
     return summarize(out)
