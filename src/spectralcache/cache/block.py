@@ -21,7 +21,13 @@ relative to the row maximum), so absolute (not per-token relative) residuals are
 ranked. The normalisation by the block mean only makes keys and values commensurable.
 
 With ``refit_after_outliers`` the basis is fitted again on the block with the outlier rows
-zeroed: they are served exactly, so the rank is spent on the remaining tokens.
+zeroed: they are served exactly, so the rank is spent on the remaining tokens (optional:
+it doubles the compression cost for a small gain on real K/V).
+
+Measured on real Gemma 3 270M K/V (3 full-attention layers, 7 blocks of 512, rank 32/64
+int8, 32 outliers; relative attention-output error of the last 256 real queries), this
+score was as good as or better than key-only, value-only, key-norm-weighted and
+per-token-relative variants; value-only doubled the error on the last layer.
 
 Compression is deterministic for a given seed and independent of how many blocks are
 compressed together: the random test matrix of the randomized SVD is drawn once per call
@@ -141,6 +147,17 @@ def _row_sq_norm(x: torch.Tensor) -> torch.Tensor:
     return x.square().sum(-1)
 
 
+def outlier_score(
+    keys: torch.Tensor, keys_rec: torch.Tensor, values: torch.Tensor, values_rec: torch.Tensor
+) -> torch.Tensor:
+    """Per-token score ``[N, T]``: squared residuals of the stored representation, keys and
+    values each normalised by the block's mean squared token norm (see the module docstring)."""
+    eps = torch.finfo(keys.dtype).tiny
+    k_energy = _row_sq_norm(keys).mean(-1, keepdim=True).clamp_min(eps)
+    v_energy = _row_sq_norm(values).mean(-1, keepdim=True).clamp_min(eps)
+    return _row_sq_norm(keys - keys_rec) / k_energy + _row_sq_norm(values - values_rec) / v_energy
+
+
 def _fit_and_store(
     m: torch.Tensor,
     rank: int,
@@ -202,10 +219,7 @@ def compress_blocks(
     vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype)
 
     if o > 0:
-        eps = torch.finfo(cdt).tiny
-        k_energy = _row_sq_norm(kf).mean(-1, keepdim=True).clamp_min(eps)
-        v_energy = _row_sq_norm(vf).mean(-1, keepdim=True).clamp_min(eps)
-        score = _row_sq_norm(kf - krec) / k_energy + _row_sq_norm(vf - vrec) / v_energy  # [N, T]
+        score = outlier_score(kf, krec, vf, vrec)  # [N, T]
         idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
         if config.refit_after_outliers:
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)
