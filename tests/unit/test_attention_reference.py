@@ -295,3 +295,15 @@ def test_coefficient_decoding_matches_the_quantizer(bits: int) -> None:
     torch.testing.assert_close(keys[:, :, start : start + 16], want[:, :, 0], rtol=1e-5, atol=1e-5)
     query = _query(state, 6, 1)
     _close(spectral_attention(query, state, None), dense_reference(query, state, None))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_query_tiles_give_same_result(masked: bool) -> None:
+    """A long prefill split into query tiles equals the one-shot computation."""
+    state = make_state(key_space="pre_rope", bits=8, chunk=30, seed=4)
+    query = _query(state, 4, 30)
+    mask = padded_causal_mask(2, 30, state.seq_len, pads=[0, 5]) if masked else None
+    one = spectral_attention(query, state, mask)
+    tiled = spectral_attention(query, state, mask, max_score_elements=2 * 4 * state.seq_len * 7)  # 7 rows
+    torch.testing.assert_close(one, tiled, rtol=1e-5, atol=1e-6)
+    _close(tiled, dense_reference(query, state, mask))

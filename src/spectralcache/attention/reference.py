@@ -99,11 +99,13 @@ class _MaskColumns:
         seq_len: int,
         tier_end: int,
         device: torch.device,
+        q_first: int | None = None,
     ) -> None:
         self.q_len = q_len
         self.tier_end = tier_end  # cache indices >= tier_end are served by the chunk only
         self.mask = None
-        self.q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
+        q_first = seq_len - q_len if q_first is None else q_first
+        self.q_pos = torch.arange(q_first, q_first + q_len, device=device)
         if attention_mask is None:
             return
         if attention_mask.dim() != 4:
@@ -221,12 +223,44 @@ def spectral_attention(
     scaling: float | None = None,
     softcap: float | None = None,
     tile_tokens: int = 16384,
+    max_score_elements: int = 1 << 23,
 ) -> torch.Tensor:
     """Attention of ``query`` [B, Hq, q, D] over a compressed layer, without decompressing it.
 
     Returns [B, Hq, q, D] in the query's dtype. All arithmetic is float32. Rows with no
-    visible key (e.g. a padding query) return zeros instead of NaN.
+    visible key (e.g. a padding query) return zeros instead of NaN. A long prefill is
+    split into query tiles so the float32 score matrix stays under ``max_score_elements``
+    (decode is always one tile); ``tile_tokens`` bounds a pre-RoPE reconstruction tile.
     """
+    bsz, n_q_heads, q_len, _, _ = _check_state(query, state)
+    seq_len = int(state.seq_len)
+    q_first = seq_len - q_len
+    if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[2] != q_len):
+        raise ValueError(
+            f"attention_mask must be 4D [batch, 1, q_len={q_len}, kv_len], got shape {tuple(attention_mask.shape)}"
+        )
+    per_query_row = bsz * n_q_heads * max(seq_len, 1)
+    q_tile = max(1, max_score_elements // per_query_row)
+    if q_tile >= q_len:
+        return _attend(query, state, attention_mask, q_first, scaling, softcap, tile_tokens)
+    outs = []
+    for lo in range(0, q_len, q_tile):
+        hi = min(q_len, lo + q_tile)
+        mask = None if attention_mask is None else attention_mask[:, :, lo:hi]
+        outs.append(_attend(query[:, :, lo:hi], state, mask, q_first + lo, scaling, softcap, tile_tokens))
+    return torch.cat(outs, dim=2)
+
+
+def _attend(
+    query: torch.Tensor,
+    state: SpectralLayerState,
+    attention_mask: torch.Tensor | None,
+    q_first: int,
+    scaling: float | None,
+    softcap: float | None,
+    tile_tokens: int,
+) -> torch.Tensor:
+    """One query tile (queries at cache indices ``q_first ..``) against every tier."""
     bsz, n_q_heads, q_len, head_dim, n_kv = _check_state(query, state)
     groups = n_q_heads // n_kv
     rows = groups * q_len
@@ -235,7 +269,7 @@ def spectral_attention(
     has_chunk = state.chunk_keys is not None
     tier_end = int(state.chunk_start) if has_chunk else seq_len
     scale = head_dim**-0.5 if scaling is None else float(scaling)
-    masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, tier_end, device)
+    masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, tier_end, device, q_first)
 
     # [B, H, groups*q, D]: query heads of one KV head are consecutive (same as repeat_kv).
     qs = query.float().reshape(bsz, n_kv, rows, head_dim)
@@ -291,7 +325,7 @@ def spectral_attention(
                 f"chunk covers cache indices {state.chunk_start}..{state.chunk_start + n_chunk - 1}"
                 f" but the layer holds {seq_len} tokens"
             )
-        chunk_masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, device)
+        chunk_masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, device, q_first)
         idx = torch.arange(state.chunk_start, seq_len, device=device)
         exact.append((exact_scores(state.chunk_keys, chunk_masks.shared(idx)), state.chunk_values))
 
