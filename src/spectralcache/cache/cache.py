@@ -208,6 +208,21 @@ class SpectralCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ------------------------------------------------------------------ reporting
+    def compression_stats(self) -> dict[str, Any]:
+        """Block compression cost, kept apart from decode: it is paid once per ``block_size``
+        tokens per layer (amortized), or in one batched call per layer during prefill."""
+        calls = [
+            c for layer in self.layers if isinstance(layer, SpectralLayer) for c in layer.compression_calls
+        ]
+        blocks = sum(n for n, _ in calls)
+        seconds = sum(s for _, s in calls)
+        return {
+            "calls": len(calls),
+            "blocks": blocks,
+            "seconds": seconds,
+            "seconds_per_block": seconds / blocks if blocks else None,
+        }
+
     def memory_report(self) -> dict[str, Any]:
         """Bytes actually held, per tier and layer, measured from tensor storage.
 
@@ -235,8 +250,6 @@ class SpectralCache(Cache):
 
         layers = []
         agg = {"compressed": [0, 0], "all": [0, 0]}
-        blocks = 0
-        seconds = 0.0
         for i, layer in enumerate(self.layers):
             entry: dict[str, Any] = {"layer_idx": i, "layer_type": self.layer_types[i]}
             if isinstance(layer, SpectralLayer):
@@ -258,9 +271,6 @@ class SpectralCache(Cache):
                     )
                 else:
                     dyn = 0
-                for n, s in layer.compression_calls:
-                    blocks += n
-                    seconds += s
             else:
                 entry["kind"] = "sliding" if getattr(layer, "is_sliding", False) else "dynamic"
                 entry["seq_len"] = layer.get_seq_length() if layer.is_initialized else 0
@@ -296,9 +306,5 @@ class SpectralCache(Cache):
             "tiers": tier_totals,
             "compressed_layers": summary(agg["compressed"]),
             "all_layers": summary(agg["all"]),
-            "compression": {
-                "blocks": blocks,
-                "seconds": seconds,
-                "seconds_per_block": seconds / blocks if blocks else None,
-            },
+            "compression": self.compression_stats(),
         }

@@ -190,7 +190,8 @@ class SpectralLayer(CacheLayerMixin):
         rk, rv = self.config.ranks_for(d)
         if max(rk, rv) > d:
             raise ValueError(f"layer {self.layer_idx}: ranks ({rk}, {rv}) exceed head_dim {d}")
-        if not (torch.isfinite(key_states).all() and torch.isfinite(value_states).all()):
+        # one host sync for both tensors
+        if not bool(torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
             raise ValueError(
                 f"layer {self.layer_idx}: key/value states contain NaN or inf; the cache was not changed"
             )
