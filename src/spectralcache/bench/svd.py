@@ -126,7 +126,13 @@ Method = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def build_methods(
-    M: torch.Tensor, rank: int, n_iter: int, oversample: int, seed: int, include: list[str] | None
+    M: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    oversample: int,
+    seed: int,
+    include: list[str] | None,
+    skip_svd_above: int = 0,
 ) -> dict[str, Method]:
     """Name -> callable for one shape. Ours use a fixed seed per call (fair and repeatable)."""
     dev = M.device
@@ -147,6 +153,8 @@ def build_methods(
         "torch.linalg.svd": linalg_svd,
         f"torch.svd_lowrank(niter={n_iter})": lowrank,
     }
+    if skip_svd_above and M.numel() > skip_svd_above:
+        del methods["torch.linalg.svd"]
     for orth in ORTH_METHODS:
         methods[f"rsvd[{orth}]"] = lambda x, o=orth: randomized_svd(
             x, rank, n_iter=n_iter, oversample=oversample, orth=o, generator=gen()
@@ -162,6 +170,19 @@ def build_methods(
                 compute_dtype=torch.bfloat16,
                 generator=gen(),
             )
+        if M.dtype == torch.float32:
+
+            def tf32(x: torch.Tensor):
+                prev = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    return randomized_svd(
+                        x, rank, n_iter=n_iter, oversample=oversample, orth="cholqr2", generator=gen()
+                    )
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = prev
+
+            methods["rsvd[cholqr2,tf32]"] = tf32
         plan = RandomizedSVD(
             M.shape, rank, dtype=M.dtype, device=dev, n_iter=n_iter, oversample=oversample,
             orth="cholqr2", generator=gen(), use_cuda_graph=True,
@@ -425,6 +446,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--machine", default=None, help="machine description stored in the JSON")
     parser.add_argument("--sweep", action="store_true", help="sweep n_iter and oversampling instead")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--skip-svd-above",
+        type=int,
+        default=None,
+        help="skip torch.linalg.svd for inputs with more elements (default: 1e8 on CUDA, never on CPU)",
+    )
+    parser.add_argument(
+        "--from-json", default=None, help="only redraw the PNG(s) from a JSON this benchmark wrote"
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -465,7 +495,9 @@ def run_compare(
         g = torch.Generator(device="cpu").manual_seed(args.seed)
         M = decaying_matrix(shape, noise=args.noise, dtype=dtype, device=dev, generator=g)
         opt = optimal_errors(M, [rank])[rank]
-        methods = build_methods(M, rank, args.n_iter, args.oversample, args.seed, include)
+        methods = build_methods(
+            M, rank, args.n_iter, args.oversample, args.seed, include, args.skip_svd_above
+        )
         bar = _progress(len(methods), "x".join(map(str, shape)) + f" r{rank}")
         shape_rows = []
         for name, fn in methods.items():
@@ -485,7 +517,7 @@ def run_compare(
                 "opt_err": opt,
                 "err_ratio": err / opt if opt > 0 else float("nan"),
             }
-            if name.startswith("rsvd[") and "cuda-graph" not in name:
+            if name.startswith("rsvd[") and "cuda-graph" not in name and "tf32" not in name:
                 orth = name[5:-1].split(",")[0]
                 kw = {"compute_dtype": torch.bfloat16} if "bf16" in name else {}
                 stages, paths, alg = stage_times(M, rank, args.n_iter, args.oversample, orth, 3, **kw)
@@ -557,6 +589,8 @@ def run_sweep(args: argparse.Namespace, dev: torch.device, shapes, dtype: torch.
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        return replot(Path(args.from_json))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0 or args.n_iter < 0 or args.oversample < 0:
@@ -566,12 +600,14 @@ def run(args: argparse.Namespace) -> int:
         shapes = parse_shapes(args.shapes or (CUDA_SHAPES if dev.type == "cuda" else CPU_SHAPES))
     except ValueError as err:
         raise SystemExit(f"spectralcache bench svd: {err}") from None
+    if args.skip_svd_above is None:
+        args.skip_svd_above = 10**8 if dev.type == "cuda" else 0
     dtype = getattr(torch, args.dtype)
     tag = args.tag or dev.type
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = metadata(args, dev)
-    title = f"randomized SVD on {meta['device_name']} ({dev.type}, torch {torch.__version__}, {args.dtype})"
+    title = _title(meta) + f" {args.dtype}"
     if args.sweep:
         sweeps = run_sweep(args, dev, shapes, dtype)
         (out_dir / f"rsvd_sweep_{tag}.json").write_text(
@@ -598,6 +634,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         plot_results(rows, out_dir / f"rsvd_{tag}.png", title)
     print(f"wrote {out_dir / f'rsvd_{tag}.json'}")
+    return 0
+
+
+def _title(meta: dict[str, Any]) -> str:
+    dev = str(meta.get("device", ""))
+    return f"randomized SVD on {meta.get('device_name')} ({dev}, torch {meta.get('torch')})"
+
+
+def replot(path: Path) -> int:
+    """Redraw PNGs next to a JSON written by this benchmark (e.g. one from a GPU box)."""
+    data = json.loads(path.read_text())
+    title = _title(data["meta"])
+    if "results" in data:
+        plot_results(data["results"], path.with_suffix(".png"), title)
+        print(f"wrote {path.with_suffix('.png')}")
+    for key, sw in data.get("sweeps", {}).items():
+        out = path.with_name(f"{path.stem}_{key}.png")
+        plot_sweep(sw, out, f"{title}: {key}")
+        print(f"wrote {out}")
     return 0
 
 
