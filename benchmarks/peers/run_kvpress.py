@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -382,6 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stock-errors", action="store_true", help="also run stock kvpress pipeline on sample 0")
     ap.add_argument("--check-equivalence", action="store_true", help="shared vs context caches on sample 0")
     ap.add_argument("--results", type=Path, default=None, help="write/merge a summary JSON here")
+    ap.add_argument(
+        "--summarize-only", action="store_true", help="no model: rewrite --results from the rows under --out"
+    )
     return ap.parse_args(argv)
 
 
@@ -399,6 +403,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"compression ratio must be in [0, 1), got {r}")
     configs = [("none", 0.0)] if "none" in presses else []
     configs += [(p, r) for p in presses if p != "none" for r in ratios]
+
+    if args.summarize_only:
+        if not args.results:
+            raise SystemExit("--summarize-only needs --results")
+        prev = json.loads(args.results.read_text()) if args.results.exists() else {}
+        refused = {
+            r["method"]: r["errors"][0] for r in prev.get("runs", []) if not r.get("samples") and r["errors"]
+        }
+        report = {"stock": {}, "equivalence": {}, "runnable": refused}
+        runnable = [(p, r) for p, r in configs if method_name(p, r) not in refused]
+        write_results(args, runnable, configs, report, prev.get("model_load_s", 0.0))
+        return 0
 
     from spectralcache.eval.model import load_model
     from spectralcache.eval.runner import append_row, latest_rows, read_rows
@@ -466,53 +482,65 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"[equivalence] {name}: {same}", flush=True)
 
+    # Sample-major order over the task files (sample 0 of every file, then sample 1, ...),
+    # so a run stopped early still has the same number of samples per task.
+    per_file = []
     for task_file in args.tasks:
-        samples = read_task_file(task_file)
-        if args.samples:
-            samples = samples[: args.samples]
+        samples = read_task_file(task_file)[: args.samples] if args.samples else read_task_file(task_file)
         stem = task_file.stem
-        done = {
+        done_f = {
             name: latest_rows(read_rows(out_path(name, stem), repair=True))
             for name in (method_name(p, r) for p, r in runnable)
         }
-        for i, s in enumerate(samples):
-            sid = str(s["id"])
-            todo = [
-                (p, r)
-                for p, r in runnable
-                if done[method_name(p, r)].get(sid, {}).get("error", 1) is not None
-            ]
-            if not todo:
-                continue
-            t0 = time.perf_counter()
-            try:
-                if args.mode == "shared":
-                    results = run_sample_shared(model, tok, s, todo, args)
-                else:
-                    results = []
-                    for p, r in todo:
-                        out, _ = run_sample_context(model, tok, s, p, r, args)
-                        results.append((method_name(p, r), p, r, out))
-                errors = {}
-            except Exception as err:
+        per_file.append((stem, samples, done_f))
+    work = [
+        (i, stem, s, done_f)
+        for i in range(max(len(x[1]) for x in per_file))
+        for stem, samples_f, done_f in per_file
+        if i < len(samples_f)
+        for s in [samples_f[i]]
+    ]
+    for i, stem, s, done in work:
+        samples = next(x[1] for x in per_file if x[0] == stem)
+        sid = str(s["id"])
+        todo = [
+            (p, r) for p, r in runnable if done[method_name(p, r)].get(sid, {}).get("error", 1) is not None
+        ]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        try:
+            if args.mode == "shared":
+                results = run_sample_shared(model, tok, s, todo, args)
+            else:
                 results = []
-                errors = {method_name(p, r): f"{type(err).__name__}: {err}" for p, r in todo}
-            base = next((o for nm, _, _, o in results if nm == "kvpress:none"), None)
-            for name, p, r, out in results:
-                row = _row(s, name, p, r, out, args, score)
-                if base is not None:
-                    row["baseline_kv_bytes"] = base["kv_bytes"]
-                    row["baseline_kv_bytes_full"] = base["kv_bytes_full"]
-                    row["compression_ratio"] = round(base["kv_bytes"] / out["kv_bytes"], 4)
-                    row["compression_ratio_full"] = round(base["kv_bytes_full"] / out["kv_bytes_full"], 4)
-                append_row(out_path(name, stem), row)
-            for name, msg in errors.items():
-                p, r = next((p, r) for p, r in todo if method_name(p, r) == name)
-                row = _row(s, name, p, r, {"prediction": "", "kv_bytes": None}, args, None)
-                row["error"] = msg
-                append_row(out_path(name, stem), row)
-            summary = " ".join(f"{nm.split(':')[1]}={o['prediction'][:12]!r}" for nm, _, _, o in results[:3])
-            print(f"{stem} {i + 1}/{len(samples)} {time.perf_counter() - t0:.1f}s {summary}", flush=True)
+                for p, r in todo:
+                    out, _ = run_sample_context(model, tok, s, p, r, args)
+                    results.append((method_name(p, r), p, r, out))
+            errors = {}
+        except Exception as err:
+            results = []
+            errors = {method_name(p, r): f"{type(err).__name__}: {err}" for p, r in todo}
+        base = next((o for nm, _, _, o in results if nm == "kvpress:none"), None)
+        if base is None and "kvpress:none" in done and sid in done["kvpress:none"]:
+            base = done["kvpress:none"][sid] if done["kvpress:none"][sid].get("error") is None else None
+        for name, p, r, out in results:
+            row = _row(s, name, p, r, out, args, score)
+            if base is not None:
+                row["baseline_kv_bytes"] = base["kv_bytes"]
+                row["baseline_kv_bytes_full"] = base["kv_bytes_full"]
+                row["compression_ratio"] = round(base["kv_bytes"] / out["kv_bytes"], 4)
+                row["compression_ratio_full"] = round(base["kv_bytes_full"] / out["kv_bytes_full"], 4)
+            append_row(out_path(name, stem), row)
+        for name, msg in errors.items():
+            p, r = next((p, r) for p, r in todo if method_name(p, r) == name)
+            row = _row(s, name, p, r, {"prediction": "", "kv_bytes": None}, args, None)
+            row["error"] = msg
+            append_row(out_path(name, stem), row)
+        summary = " ".join(f"{nm.split(':')[1]}={o['prediction'][:12]!r}" for nm, _, _, o in results[:3])
+        print(f"{stem} {i + 1}/{len(samples)} {time.perf_counter() - t0:.1f}s {summary}", flush=True)
+        if args.results and stem == per_file[-1][0]:  # after each round over the files
+            write_results(args, runnable, configs, report, load_s)
 
     if args.results:
         write_results(args, runnable, configs, report, load_s)
@@ -611,6 +639,9 @@ def write_results(args: Any, runnable: list, configs: list, report: dict, load_s
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}",
         "versions": versions(),
+        "task_files_sha256": {
+            t.stem: hashlib.sha256(t.read_bytes()).hexdigest() for t in args.tasks if t.exists()
+        },
         "model_load_s": round(load_s, 1),
         "protocol": (
             "context (BOS) prefilled and compressed by the press (question-agnostic); then question+answer_prefix;"
@@ -629,6 +660,12 @@ def write_results(args: Any, runnable: list, configs: list, report: dict, load_s
         },
         "runs": sorted(runs.values(), key=lambda x: (x["task_file"], x["method"])),
     }
+    if getattr(args, "summarize_only", False):
+        # The rows came from an earlier run: keep how and where that run was made.
+        for key in ("command", "machine", "versions", "mode", "adapters"):
+            if key in prev:
+                out[key] = prev[key]
+        out["summarized_by"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}", flush=True)
