@@ -4,7 +4,8 @@ Each factory returns a model in eval mode with deterministic weights. Sizes are 
 enough that a 1500-token prompt plus 64 greedy steps runs in about a second on 2 CPU
 cores, but keep what the cache must handle: GQA (fewer KV heads than query heads),
 several layers, RoPE, and for Gemma 3 interleaved sliding / full layers with
-per-layer-type RoPE theta, q/k norms and a non-default attention scaling.
+per-layer-type RoPE theta, q/k norms and a non-default attention scaling. ``gemma2``
+(not in ``MODEL_NAMES``) adds attention-logit softcapping.
 
 Weights use a larger init range than the libraries' default so logits are far from
 ties: greedy decoding then compares attention implementations, not rounding noise.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -72,8 +74,17 @@ def tiny_config(name: str, **overrides) -> PretrainedConfig:
             },
         )
         cls = Gemma3TextConfig
+    elif name == "gemma2":  # logit softcapping (attention sees softcap=...)
+        cfg = dict(
+            common,
+            query_pre_attn_scalar=32,
+            sliding_window=64,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=None,
+        )
+        cls = Gemma2Config
     else:
-        raise ValueError(f"unknown tiny model {name!r}; choose from {MODEL_NAMES}")
+        raise ValueError(f"unknown tiny model {name!r}; choose from {(*MODEL_NAMES, 'gemma2')}")
     cfg.update(overrides)
     return cls(**cfg)
 

@@ -159,7 +159,18 @@ def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
     assert spec_gap < 3 * dyn_gap + 0.005, (spec_gap, dyn_gap)
 
 
-def test_lossy_generate_runs_and_differs_little(models) -> None:
+@pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_softcapping_model_gemma2(key_space: str) -> None:
+    """Gemma 2 passes softcap= to attention: the spectral path and the fallback for its
+    sliding layers (SDPA has no softcap) must both apply it, like eager attention."""
+    model = tiny_model("gemma2", attn_implementation="eager")
+    ids = tiny_prompt(1, 700, seed=13)
+    want = greedy(model, ids, DynamicCache(config=model.config), new=32)
+    got = greedy(model, ids, SpectralCache(model, lossless(key_space)), new=32)
+    assert torch.equal(got, want)
+
+
+def test_lossy_int8_generate_compresses(models) -> None:
     model = models["qwen3"]
     ids = tiny_prompt(1, PROMPT, seed=5)
     cache = SpectralCache(model, lossy(coeff_bits=8))
