@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -226,7 +227,15 @@ def run(args: argparse.Namespace) -> int:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         },
+        "command": "spectralcache bench decode "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if k in ("tokens", "steps", "threads", "key_space")
+        ),
         "results": rows,
     }
     if args.out:
