@@ -225,3 +225,28 @@ def test_cache_from_config_on_sdpa_model_is_a_clear_error() -> None:
 def test_enable_rejects_non_models() -> None:
     with pytest.raises(TypeError, match="PreTrainedModel"):
         enable(torch.nn.Linear(2, 2))
+
+
+def test_attention_function_errors_leave_cache_usable() -> None:
+    """Unsupported requests fail clearly, and the chunk is released so the cache stays usable."""
+    from spectralcache.attention.interface import spectral_attention_forward
+
+    model = tiny_model("llama")
+    cache = SpectralCache(model, lossless("post_rope"))
+    ids = tiny_prompt(1, 300)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        attn = model.model.layers[0].self_attn
+        q = torch.randn(1, 4, 1, 32)
+        k = v = torch.randn(1, 2, 1, 32)
+        for kwargs, text in (
+            ({"sliding_window": 16}, "sliding-window"),
+            ({"output_attentions": True}, "attention weights"),
+        ):
+            cache.update(k, v, 0)
+            with pytest.raises(ValueError, match=text):
+                spectral_attention_forward(attn, q, k, v, None, **kwargs)
+            assert not cache.layers[0].has_pending_chunk
+        seen = cache.get_seq_length()
+        model(ids[:, :1], past_key_values=cache, use_cache=True)  # still usable
+    assert cache.get_seq_length() == seen + 1
