@@ -384,3 +384,46 @@ def test_active_layer_registry():
         cache.update(k1, v1, 4)
     del cache, layer
     assert get_active_spectral_layer(1) is None
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_cuda_layer_matches_cpu(key_space):
+    """Same tokens on CUDA and CPU: same tiers, reconstructions within float32 noise, and the
+    memory report measures CUDA storage."""
+    cfg = small_cfg(key_space=key_space, coeff_bits=16, rank_keys=8, rank_values=8, svd_method="exact")
+    rot = llama_rotator() if key_space == "pre_rope" else None
+    k, v = kv(2, 3 + 5 * T + 6, seed=9)
+    layers = {}
+    for dev in ("cpu", "cuda"):
+        layer = SpectralLayer(cfg, 0, head_dim=D, num_kv_heads=H, rotator=rot)
+        layer.update(k[:, :, :40].to(dev), v[:, :, :40].to(dev))
+        for i in range(40, k.shape[2]):
+            layer.update(k[:, :, i : i + 1].to(dev), v[:, :, i : i + 1].to(dev))
+        layer.crop(-T)
+        layers[dev] = layer
+    st = layers["cuda"].state()
+    assert st.cold.key_coeffs.is_cuda and st.cold.block_starts.is_cuda and st.hot_keys.is_cuda
+    assert layers["cuda"].num_blocks == layers["cpu"].num_blocks
+    for a, b in zip(layers["cuda"].reconstruct(), layers["cpu"].reconstruct()):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cache_memory_report_and_generate():
+    model = tiny_model("gemma3").cuda()
+    ids = torch.randint(3, 200, (2, 300), device="cuda")
+    cache = SpectralCache(
+        model, small_cfg(block_size=64, rank_keys=16, rank_values=16, landmarks=4, hot_size=8)
+    )
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 308)
+    rep = cache.memory_report()
+    assert rep["compressed_layers"]["held_bytes"] > 0 and rep["compression"]["blocks"] > 0
+    assert cache.layers[1].state().cold.key_coeffs.dtype == torch.int8
