@@ -196,6 +196,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="SpectralConfig.key_space",
     )
     parser.add_argument(
+        "--model",
+        choices=["tiny", "gemma3-270m"],
+        default="tiny",
+        help="tiny: Gemma-3-like random model, every layer compressed; gemma3-270m: the real model "
+        "(3 of 18 layers full attention, large vocabulary)",
+    )
+    parser.add_argument(
         "--out", default="benchmarks/results/decode_step.json", help="JSON file for the results ('' to skip)"
     )
 
@@ -207,11 +214,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     spaces = ["post_rope", "pre_rope"] if args.key_space == "both" else [args.key_space]
     rows = []
-    model = tiny_decode_model()
+    if args.model == "tiny":
+        model = tiny_decode_model()
+    else:
+        from spectralcache.eval.model import load_model
+
+        model = load_model(args.model, dtype=torch.float32)[0]
     for space in spaces:
         rows.append(
             measure_model_step(model, args.tokens, args.steps, config=SpectralConfig(key_space=space))
         )
+    for row in rows:
+        row["model"] = args.model
     rows.append(measure_attention(args.tokens, steps=max(args.steps, 30)))
     header = f"{'measurement':<28}{'key space':<11}{'tokens':>7}{'dynamic ms':>12}{'spectral ms':>13}{'ratio':>7}{'compress s/block':>18}"
     print(header)
