@@ -137,6 +137,16 @@ def _teacher_forced_logits(model, cache, ids, follow) -> torch.Tensor:
     return torch.stack(steps).float()
 
 
+def test_beam_search_equals_dynamic_cache(models) -> None:
+    """Beam search reorders the cache every step (reorder_cache on compressed tiers)."""
+    model = models["qwen2"]
+    ids = tiny_prompt(2, 600, seed=17)
+    kw = dict(max_new_tokens=16, min_new_tokens=16, num_beams=3, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+    got = model.generate(ids, past_key_values=SpectralCache(model, lossless("post_rope")), **kw)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_float32(dtype: torch.dtype) -> None:
     """Same weights, same (teacher-forced) tokens: the int8 spectral cache in half precision
