@@ -1,1 +1,2 @@
-"""spectralcache.integrations."""
+"""spectralcache.integrations: switching transformers models to spectral attention
+(``integrations.transformers.enable`` / ``disable``)."""
