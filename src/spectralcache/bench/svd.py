@@ -210,13 +210,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+_CLOCK: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
 def time_method(
-    fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int, budget_s: float
+    fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int, budget_s: float, clock: str = "wall"
 ) -> tuple[list[float], Any]:
     """Median-ready list of per-call ms (CUDA events on GPU) and the last output.
 
     A method whose first call alone exceeds the per-method budget is timed from fewer
     repeats (at least one), so ``torch.linalg.svd`` on the big shapes stays affordable.
+    ``clock="thread"`` (CPU, one thread) counts this thread's CPU time: on a shared
+    machine it leaves out the time other processes hold the core.
     """
     t0 = time.perf_counter()
     out = fn()
@@ -238,9 +243,10 @@ def time_method(
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t = time.perf_counter()
+            now = _CLOCK[clock]
+            t = now()
             out = fn()
-            times.append((time.perf_counter() - t) * 1e3)
+            times.append((now() - t) * 1e3)
     return times, out
 
 
@@ -281,6 +287,7 @@ def metadata(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         "oversample": args.oversample,
         "seed": args.seed,
         "noise": args.noise,
+        "clock": "cuda events" if dev.type == "cuda" else args.clock,
     }
     if dev.type == "cuda":
         meta["device_name"] = torch.cuda.get_device_name(dev)
@@ -453,6 +460,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="skip torch.linalg.svd for inputs with more elements (default: 1e8 on CUDA, never on CPU)",
     )
     parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="CPU timer: wall (default) or thread CPU time (needs --threads 1; robust to other load)",
+    )
+    parser.add_argument(
         "--from-json", default=None, help="only redraw the PNG(s) from a JSON this benchmark wrote"
     )
 
@@ -503,7 +516,7 @@ def run_compare(
         for name, fn in methods.items():
             bar.set_postfix_str(name)
             times, (U, S, Vh) = time_method(
-                lambda f=fn, x=M: f(x), dev, args.repeats, args.warmup, args.budget
+                lambda f=fn, x=M: f(x), dev, args.repeats, args.warmup, args.budget, args.clock
             )
             err = rel_error(M, U, S, Vh)
             row: dict[str, Any] = {
@@ -565,7 +578,7 @@ def run_sweep(args: argparse.Namespace, dev: torch.device, shapes, dtype: torch.
                     gen = torch.Generator(device=dev).manual_seed(args.seed)
                     return randomized_svd(x, k, n_iter=n, oversample=p, orth=o, generator=gen)
 
-                times, (U, S, Vh) = time_method(fn, dev, args.repeats, args.warmup, args.budget)
+                times, (U, S, Vh) = time_method(fn, dev, args.repeats, args.warmup, args.budget, args.clock)
                 err = rel_error(M, U, S, Vh)
                 stages, paths, alg = stage_times(M, rank, n_iter, over, orth, 3)
                 sweep.setdefault(axis, []).append(
@@ -593,6 +606,8 @@ def run(args: argparse.Namespace) -> int:
         return replot(Path(args.from_json))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise SystemExit("spectralcache bench svd: --clock thread needs --threads 1 (it counts one thread)")
     if args.repeats < 1 or args.warmup < 0 or args.n_iter < 0 or args.oversample < 0:
         raise SystemExit("spectralcache bench svd: --repeats >= 1, --warmup/--n-iter/--oversample >= 0")
     try:
