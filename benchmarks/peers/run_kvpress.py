@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"stock": {}, "equivalence": {}, "runnable": refused}
         runnable = [(p, r) for p, r in configs if method_name(p, r) not in refused]
         write_results(args, runnable, configs, report, prev.get("model_load_s", 0.0))
+        print(markdown_table(json.loads(args.results.read_text())))
         return 0
 
     from spectralcache.eval.model import load_model
@@ -669,6 +670,28 @@ def write_results(args: Any, runnable: list, configs: list, report: dict, load_s
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+def markdown_table(results: dict) -> str:
+    """The README table: one row per (task file, method)."""
+    lines = [
+        "| task | method | n | score | KV bytes (MB) | full-attn KV (MB) | ratio total | ratio full-attn |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["runs"]:
+        if not r.get("samples"):
+            err = (r.get("errors") or ["-"])[0]
+            lines.append(f"| {r['task_file']} | {r['method']} | 0 | error: {err} | | | | |")
+            continue
+
+        def mb(key: str, r: dict = r) -> str:
+            return f"{r[key] / 1e6:.2f}" if r.get(key) is not None else "-"
+
+        lines.append(
+            f"| {r['task_file']} | {r['method']} | {r['samples']} | {r['score']:.2f} | {mb('kv_bytes')} | "
+            f"{mb('kv_bytes_full')} | {r.get('compression_ratio') or '-'} | {r.get('compression_ratio_full') or '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def _first_samples(task_file: Path, n: int) -> list[dict]:
