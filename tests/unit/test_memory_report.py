@@ -126,13 +126,16 @@ def _block_only_ratio(dtype):
     v = torch.randn(1, 1, n, 256, generator=g).to(dtype)
     cache.update(k, v, 0)
     cache.layers[0].release_chunk()
-    rep = cache.memory_report()["layers"][0]
+    report = cache.memory_report()
+    rep = report["layers"][0]
     tiers = rep["tiers"]
     cold = sum(
         tiers[name]
         for name in ("coefficients", "scales", "bases", "outliers", "outlier_index", "block_starts")
     )
     cold_dynamic = 2 * 4 * 512 * 256 * _bytes(dtype)
+    assert (rep["cold_bytes"], rep["cold_dynamic_bytes"]) == (cold, cold_dynamic)
+    assert report["cold_blocks"]["ratio"] == pytest.approx(cold / cold_dynamic)
     return cold / cold_dynamic, rep["ratio"], tiers
 
 

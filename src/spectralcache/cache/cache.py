@@ -35,6 +35,7 @@ _ACTIVE = threading.local()
 
 # Layer types that hold per-token K/V of standard multi-head attention (candidates for compression).
 _FULL = "full_attention"
+_COLD_TIERS = ("coefficients", "scales", "bases", "outliers", "outlier_index", "block_starts")
 _UNSUPPORTED_TYPES = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "indexed_attention"}
 
 
@@ -231,7 +232,11 @@ class SpectralCache(Cache):
         holds for the same tokens: two compact ``[B, H, seq_len, D]`` tensors in the model dtype
         (uncompressed and sliding layers are transformers' own layer classes, so for them it is
         their measured bytes). ``ratio`` =
-        held / dynamic. Also reports block-compression time (amortized, separate from decode).
+        held / dynamic. ``cold_blocks`` (and per layer ``cold_ratio``) is the compressed tier alone
+        against the same tokens held exact: the whole-layer ratio also carries the exact
+        landmarks and hot buffer (between ``hot_size`` and ``hot_size + block_size - 1`` tokens),
+        so it approaches ``cold_ratio`` only as the context grows. Also reports
+        block-compression time (amortized, separate from decode).
         """
         seen: set[tuple[str, int]] = set()
 
@@ -249,7 +254,7 @@ class SpectralCache(Cache):
             return total
 
         layers = []
-        agg = {"compressed": [0, 0], "all": [0, 0]}
+        agg = {"compressed": [0, 0], "all": [0, 0], "cold": [0, 0]}
         for i, layer in enumerate(self.layers):
             entry: dict[str, Any] = {"layer_idx": i, "layer_type": self.layer_types[i]}
             if isinstance(layer, SpectralLayer):
@@ -259,18 +264,19 @@ class SpectralCache(Cache):
                 entry["num_blocks"] = layer.num_blocks
                 entry["tiers"] = tiers
                 total = sum(tiers.values())
+                per_token = 0  # bytes a DynamicLayer holds per cached token (K and V)
                 if layer.is_initialized:
                     itemsize = torch.empty((), dtype=layer.dtype).element_size()
-                    dyn = (
-                        2
-                        * layer.batch_size
-                        * layer.num_kv_heads
-                        * layer.get_seq_length()
-                        * layer.head_dim
-                        * itemsize
-                    )
-                else:
-                    dyn = 0
+                    per_token = 2 * layer.batch_size * layer.num_kv_heads * layer.head_dim * itemsize
+                dyn = per_token * layer.get_seq_length()
+                # the cold tier alone, against the same tokens held exact
+                cold_bytes = sum(tiers[name] for name in _COLD_TIERS)
+                cold_dyn = per_token * layer.num_blocks * self.config.block_size
+                entry["cold_bytes"] = cold_bytes
+                entry["cold_dynamic_bytes"] = cold_dyn
+                entry["cold_ratio"] = cold_bytes / cold_dyn if cold_dyn else None
+                agg["cold"][0] += cold_bytes
+                agg["cold"][1] += cold_dyn
             else:
                 entry["kind"] = "sliding" if getattr(layer, "is_sliding", False) else "dynamic"
                 entry["seq_len"] = layer.get_seq_length() if layer.is_initialized else 0
@@ -305,6 +311,7 @@ class SpectralCache(Cache):
             "layers": layers,
             "tiers": tier_totals,
             "compressed_layers": summary(agg["compressed"]),
+            "cold_blocks": summary(agg["cold"]),
             "all_layers": summary(agg["all"]),
             "compression": self.compression_stats(),
         }
