@@ -207,18 +207,21 @@ def test_same_needle_across_lengths_and_depths(gemma_tokenizer):
 
 
 def test_fit_matches_exhaustive_search(gemma_tokenizer):
-    """The secant/bisection fit picks the same haystack size as trying every size."""
+    """The secant/bisection fit is as good as trying every size (up to its early stop)."""
     count = T.token_counter(gemma_tokenizer)
     for name, target in (("niah_single_1", 700), ("fwe", 600), ("niah_single_2", 400)):
         task = TASKS[name]
         key = task.rng_key(4, 0)
-        _, n_fit, tok_fit = T._fit(task, key, target, None, count, None)
+        _, n_fit, tok_fit, _ = T._fit(task, key, target, None, count, None)
         best = None
         for n in range(task.min_units, 3 * n_fit // 2 + 2):
             t = count(task.draft(key, n, None, target).prompt)
             cand = (abs(t - target), t > target, n)
             best = cand if best is None or cand < best else best
-        assert abs(tok_fit - target) == best[0], (name, n_fit, best)
+        # the fit stops early once within max(2 tokens, 0.25%); otherwise it is the optimum
+        assert abs(tok_fit - target) <= max(best[0], T._good_enough(target)), (name, n_fit, best)
+        if abs(tok_fit - target) > T._good_enough(target):
+            assert abs(tok_fit - target) == best[0]
 
 
 def test_twenty_samples_at_8k_take_seconds(gemma_tokenizer):

@@ -176,6 +176,11 @@ def prose_source() -> str:
     return f"pydoc_data.topics (Python {v.major}.{v.minor})"
 
 
+@functools.lru_cache(maxsize=1)
+def _prose_sentence_words() -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(s.split()) for s in prose_sentences())
+
+
 def prose_words(start: int, count: int) -> list[list[str]]:
     """``count`` words of prose from sentence ``start`` on (wrapping around the corpus),
     grouped by sentence; the last sentence is cut short when the budget runs out.
@@ -184,13 +189,13 @@ def prose_words(start: int, count: int) -> list[list[str]]:
     inserts needles between sentences); word granularity lets the prompt length be hit
     within a couple of tokens.
     """
-    sents = prose_sentences()
+    sents = _prose_sentence_words()
     n = len(sents)
     out: list[list[str]] = []
     left = count
     i = start
     while left > 0:
-        words = sents[i % n].split()[:left]
+        words = list(sents[i % n][:left])
         out.append(words)
         left -= len(words)
         i += 1

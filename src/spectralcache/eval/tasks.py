@@ -429,10 +429,11 @@ class CommonWordsTask(Task):
         return 40, 10, 3, self.freq_cw, self.freq_ucw
 
     @staticmethod
-    def _pool_base() -> list[str]:
+    @functools.lru_cache(maxsize=1)
+    def _pool_base() -> tuple[str, ...]:
         words = hs.english_words()
         # drop words contained in another one ("old" in "bold"): substring scoring could credit them
-        return [w for w in words if not any(w != o and w in o for o in words)]
+        return tuple(w for w in words if not any(w != o and w in o for o in words))
 
     def _listing(self, words: list[str], common_x: int, uncommon_x: int, rng: random.Random) -> str:
         entries = words[: self.num_cw] * common_x + words[self.num_cw :] * uncommon_x
@@ -441,7 +442,7 @@ class CommonWordsTask(Task):
 
     def draft(self, key: str, units: int, depth: float | None, target_length: int) -> Draft:
         rng = random.Random(key)
-        base = self._pool_base()
+        base = list(self._pool_base())
         rng.shuffle(base)
         n_ex, ex_c, ex_u, c, u = self._freqs(target_length)
         example_words = base[:n_ex]
@@ -617,18 +618,25 @@ def token_counter(tokenizer: Any) -> TokenCounter:
     return count
 
 
+def _good_enough(target: int) -> float:
+    """Fit error at which the search stops early: 0.25% of the target, at least 2 tokens."""
+    return max(2.0, 0.0025 * target)
+
+
 def _fit(
     task: Task,
     key: str,
     target: int,
     depth: float | None,
     count: TokenCounter,
-    hint: int | None,
-) -> tuple[Draft, int, int]:
+    hint: tuple[int, float] | None,
+) -> tuple[Draft, int, int, float]:
     """Find the haystack size whose prompt is closest to ``target`` tokens.
 
-    Secant steps on the measured token count; each step tokenizes one full prompt.
-    Returns (draft, units, prompt_tokens).
+    Secant steps on the measured token count, then bisection between the closest sizes
+    below and above the target; each step tokenizes one full prompt. ``hint`` is the
+    (size, tokens-per-unit) found for the previous sample, which is usually within a
+    unit or two. Returns (draft, units, prompt_tokens, tokens-per-unit).
     """
     cache: dict[int, tuple[int, Draft]] = {}
 
@@ -639,16 +647,19 @@ def _fit(
         return cache[n][0]
 
     lo = task.min_units
-    t_lo = measure(lo)
-    if t_lo > target * (1 + LENGTH_TOLERANCE):
-        raise ValueError(
-            f"length {target} is too short for task {task.name!r}: its prompt with the smallest "
-            f"haystack already has {t_lo} tokens"
-        )
-    n = hint if hint is not None else lo + max(1, round((target - t_lo) / task.tokens_per_unit))
-    n = max(n, lo + 1)
-    t = measure(n)
-    slope = max((t - t_lo) / (n - lo), 1e-3)
+    if hint is None:
+        t_lo = measure(lo)
+        if t_lo > target * (1 + LENGTH_TOLERANCE):
+            raise ValueError(
+                f"length {target} is too short for task {task.name!r}: its prompt with the smallest "
+                f"haystack already has {t_lo} tokens"
+            )
+        n = max(lo + 1, lo + round((target - t_lo) / task.tokens_per_unit))
+        t = measure(n)
+        slope = max((t - t_lo) / (n - lo), 1e-3)
+    else:
+        n, slope = max(hint[0], lo), hint[1]
+        t = measure(n)
     for _ in range(8):  # secant: lands within a unit or two of the target
         step = round((target - t) / slope)
         if step == 0:
@@ -660,7 +671,11 @@ def _fit(
         if t_new != t and n_new != n:
             slope = max((t_new - t) / (n_new - n), 1e-3)
         n, t = n_new, t_new
-    # bracket [a, b] with T(a) <= target < T(b), then bisect to adjacent sizes
+    # close enough already (well inside the 2% contract): stop; else bracket [a, b] with
+    # T(a) <= target < T(b) and bisect to adjacent sizes, i.e. the best achievable size
+    if any(abs(v[0] - target) <= _good_enough(target) for v in cache.values()):
+        best = min(cache, key=lambda k: (abs(cache[k][0] - target), cache[k][0] > target, k))
+        return cache[best][1], best, cache[best][0], slope
     below = [k for k in cache if cache[k][0] <= target]
     a = max(below) if below else lo
     above = [k for k in cache if cache[k][0] > target and k > a]
@@ -686,7 +701,7 @@ def _fit(
             f"could not fit task {task.name!r} to {target} tokens (closest: {tokens}); "
             "the haystack unit is too coarse for this length"
         )
-    return draft, best, tokens
+    return draft, best, tokens, slope
 
 
 # --------------------------------------------------------------------------- API
@@ -731,10 +746,11 @@ def generate_samples(
             raise ValueError(f"depth must be in [0, 1], got {depth}")
     count = token_counter(tokenizer)
     samples: list[dict[str, Any]] = []
-    hint: int | None = None
+    hint: tuple[int, float] | None = None
     for i in range(num_samples):
         key = t.rng_key(seed, i)
-        draft, hint, tokens = _fit(t, key, length, depth, count, hint)
+        draft, units, tokens, slope = _fit(t, key, length, depth, count, hint)
+        hint = (units, slope)
         sid = f"{t.name}-{length}-s{seed}-{i:04d}" + (f"-d{depth:g}" if depth is not None else "")
         sample: dict[str, Any] = {
             "id": sid,
