@@ -329,6 +329,12 @@ def test_cache_builds_layers_from_layer_types():
         SpectralCache(model.config, small_cfg(compress_layers=(0,)))
     with pytest.raises(ValueError, match="compress_layers has indices"):
         SpectralCache(model.config, small_cfg(compress_layers=(9,)))
+    # pre-RoPE: the compressed (full-attention) layers invert the full-attention RoPE (theta 1e6)
+    pre = SpectralCache(model, small_cfg(key_space="pre_rope"))
+    full = find_rotary_inv_freq(model, "full_attention")
+    assert torch.equal(pre.layers[1].rotator.inv_freq, full) and torch.equal(
+        pre.layers[3].rotator.inv_freq, full
+    )
     # string preset / default
     assert SpectralCache(model.config, "aggressive").config.coeff_bits == 4
     assert isinstance(SpectralCache(model.config).config, SpectralConfig)
