@@ -105,6 +105,7 @@ class _MaskColumns:
         self.tier_end = tier_end  # cache indices >= tier_end are served by the chunk only
         self.mask = None
         q_first = seq_len - q_len if q_first is None else q_first
+        self.q_first = q_first
         self.q_pos = torch.arange(q_first, q_first + q_len, device=device)
         if attention_mask is None:
             return
@@ -137,8 +138,18 @@ class _MaskColumns:
         floor = torch.finfo(cols.dtype).min / 2
         return torch.where(cols > floor, cols.float(), _NEG_INF)
 
-    def shared(self, idx: torch.Tensor) -> torch.Tensor:
-        """Bias for cache indices ``idx`` [n] shared by all heads -> [B|1, 1, q, n]."""
+    def all_visible(self, end: int) -> bool:
+        """True when no mask is given and every cache index below ``end`` is seen by every query
+        (the decode case): the tier then needs no bias at all."""
+        return self.mask is None and end <= self.tier_end and end - 1 <= self.q_first
+
+    def shared(self, idx: torch.Tensor, end: int | None = None) -> torch.Tensor | None:
+        """Bias for cache indices ``idx`` [n] shared by all heads -> [B|1, 1, q, n].
+
+        ``end`` (optional) is an upper bound of ``idx``; None is returned when nothing below
+        it is masked."""
+        if end is not None and self.all_visible(end):
+            return None
         valid = idx < self.tier_end
         if self.mask is None:
             keep = (idx[None, :] <= self.q_pos[:, None]) & valid[None, :]
@@ -147,8 +158,10 @@ class _MaskColumns:
         bias = self._from_values(self.mask.index_select(-1, idx))
         return bias.masked_fill(~valid, _NEG_INF)
 
-    def per_head(self, idx: torch.Tensor) -> torch.Tensor:
-        """Bias for per-(batch, head) cache indices ``idx`` [B, H, n] -> [B, H, q, n]."""
+    def per_head(self, idx: torch.Tensor, end: int | None = None) -> torch.Tensor | None:
+        """Bias for per-(batch, head) cache indices ``idx`` [B, H, n] -> [B, H, q, n] (None as in ``shared``)."""
+        if end is not None and self.all_visible(end):
+            return None
         b, h, n = idx.shape
         valid = (idx < self.tier_end)[:, :, None, :]
         if self.mask is None:
@@ -275,8 +288,10 @@ def _attend(
     qs = query.float().reshape(bsz, n_kv, rows, head_dim)
     qs_scaled = qs * scale
 
-    def exact_scores(keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def exact_scores(keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s = _softcap(qs_scaled @ keys.float().transpose(-1, -2), softcap)  # [B,H,R,n]
+        if bias is None:
+            return s
         s = s.view(bsz, n_kv, groups, q_len, -1) + bias.unsqueeze(2)
         return s.view(bsz, n_kv, rows, -1)
 
@@ -285,7 +300,7 @@ def _attend(
     n_land = state.landmark_keys.shape[2]
     if n_land and tier_end > 0:
         idx = torch.arange(n_land, device=device)
-        exact.append((exact_scores(state.landmark_keys, masks.shared(idx)), state.landmark_values))
+        exact.append((exact_scores(state.landmark_keys, masks.shared(idx, n_land)), state.landmark_values))
 
     cold = state.cold
     n_blocks = 0
@@ -297,26 +312,30 @@ def _attend(
         t = cold.block_size
         starts = cold.block_starts[:n_blocks].to(device)
         s = _softcap(_cold_scores(qs_scaled, cold, state, n_blocks, tile_tokens), softcap)
+        cold_end = int(starts[-1]) + t
         idx = (starts[:, None] + torch.arange(t, device=device)).reshape(-1)
-        bias = masks.shared(idx)  # [B|1, 1, q, nb*T]
-        bias = bias.reshape(bias.shape[0], 1, q_len, n_blocks, t).permute(0, 1, 3, 2, 4).unsqueeze(3)
+        bias = masks.shared(idx, cold_end)  # [B|1, 1, q, nb*T] or None
         # rows kept exact as outliers are attended through their exact copy, not here
         oidx = cold.outlier_index[:, :, :n_blocks]
         is_outlier = torch.zeros(bsz, n_kv, n_blocks, t, dtype=torch.bool, device=device)
         is_outlier.scatter_(-1, oidx, True)
-        s = s.view(bsz, n_kv, n_blocks, groups, q_len, t) + bias
+        s = s.view(bsz, n_kv, n_blocks, groups, q_len, t)
+        if bias is not None:
+            s = s + bias.reshape(bias.shape[0], 1, q_len, n_blocks, t).permute(0, 1, 3, 2, 4).unsqueeze(3)
         s = s.masked_fill(is_outlier[:, :, :, None, None, :], _NEG_INF)
         cold_scores = s.view(bsz, n_kv, n_blocks, rows, t)
         if oidx.shape[-1]:
             o_idx = (starts[None, None, :, None] + oidx).reshape(bsz, n_kv, -1)
             o_keys = cold.outlier_keys[:, :, :n_blocks].reshape(bsz, n_kv, -1, head_dim)
             o_vals = cold.outlier_values[:, :, :n_blocks].reshape(bsz, n_kv, -1, head_dim)
-            exact.append((exact_scores(o_keys, masks.per_head(o_idx)), o_vals))
+            exact.append((exact_scores(o_keys, masks.per_head(o_idx, cold_end)), o_vals))
 
     n_hot = state.hot_keys.shape[2]
     if n_hot and state.hot_start < tier_end:
         idx = torch.arange(state.hot_start, state.hot_start + n_hot, device=device)
-        exact.append((exact_scores(state.hot_keys, masks.shared(idx)), state.hot_values))
+        exact.append(
+            (exact_scores(state.hot_keys, masks.shared(idx, state.hot_start + n_hot)), state.hot_values)
+        )
 
     if has_chunk:
         n_chunk = state.chunk_keys.shape[2]
@@ -327,7 +346,7 @@ def _attend(
             )
         chunk_masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, device, q_first)
         idx = torch.arange(state.chunk_start, seq_len, device=device)
-        exact.append((exact_scores(state.chunk_keys, chunk_masks.shared(idx)), state.chunk_values))
+        exact.append((exact_scores(state.chunk_keys, chunk_masks.shared(idx, seq_len)), state.chunk_values))
 
     # ---- one softmax over every tier
     row_max = torch.full((bsz, n_kv, rows, 1), _NEG_INF, device=device)
@@ -345,7 +364,7 @@ def _attend(
         out = out + p @ v.float()
     if cold_scores is not None:
         p = torch.exp(cold_scores - row_max.unsqueeze(2))
-        denom = denom + p.sum(dim=(2, 4)).unsqueeze(-1)
+        denom = denom + p.sum(dim=-1).sum(dim=2).unsqueeze(-1)
         out = out + _cold_values(p, cold, n_blocks)
     out = torch.where(denom > 0, out / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     return out.reshape(bsz, n_q_heads, q_len, head_dim).to(query.dtype)
