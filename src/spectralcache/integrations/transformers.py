@@ -6,9 +6,10 @@ of a multimodal Gemma 3) to it. It is idempotent and reversible (``disable``).
 
 ``SpectralCache(model, cfg)`` calls ``enable`` itself, so
 ``model.generate(ids, past_key_values=SpectralCache(model, cfg))`` just works. A cache
-built from a bare config cannot switch the model, so the cache checks
-:func:`require_enabled` on its first update: a model still on SDPA/eager would
-otherwise attend, uncompressed, over whatever K/V the cache returns — silently wrong.
+built from a bare config cannot switch the model; if the model still attends with
+SDPA/eager, the attention never consumes the cache's pending chunk, and the cache's next
+``update`` raises a clear error (the first call from an empty cache is still correct:
+its chunk is every token). So a model never silently attends over the wrong K/V.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from spectralcache.attention.interface import ATTENTION_NAME, register
 
-__all__ = ["ATTENTION_NAME", "disable", "enable", "is_enabled", "require_enabled"]
+__all__ = ["ATTENTION_NAME", "disable", "enable", "is_enabled"]
 
 _PREVIOUS = "_spectralcache_previous_attn_implementation"
 
@@ -75,14 +76,3 @@ def disable(model: Any) -> Any:
 def is_enabled(model_or_config: Any) -> bool:
     """Whether the (text) decoder of this model / config attends through spectral attention."""
     return _text_config(model_or_config)._attn_implementation == ATTENTION_NAME
-
-
-def require_enabled(model_or_config: Any) -> None:
-    """Raise a clear error unless spectral attention is on (called by the cache before it compresses)."""
-    if not is_enabled(model_or_config):
-        impl = _text_config(model_or_config)._attn_implementation
-        raise RuntimeError(
-            f"SpectralCache needs the model to use spectral attention, but its attention implementation "
-            f"is {impl!r}: it would attend over the wrong keys and values. Call spectralcache.enable(model) "
-            "first (SpectralCache(model, config) does this for you when given the model itself)."
-        )
