@@ -15,6 +15,8 @@ _LAZY = {
     "SpectralConfig": "spectralcache.config",
     "SpectralCache": "spectralcache.cache.cache",
     "enable": "spectralcache.integrations.transformers",
+    "disable": "spectralcache.integrations.transformers",
+    "is_enabled": "spectralcache.integrations.transformers",
     "randomized_svd": "spectralcache.linalg.rsvd",
     "truncated_svd": "spectralcache.linalg.rsvd",
 }
