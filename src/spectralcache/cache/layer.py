@@ -7,8 +7,8 @@ possible while ``hot_size`` stay hot) are compressed in one batched call and app
 cold tier, whose tensors are stacked ``[B, H, nb, ...]`` so attention never loops over blocks.
 
 The current call's exact K/V (the "chunk") are kept only until this layer's attention has run:
-the attention function calls :meth:`SpectralLayer.release_chunk`; the next ``update`` (and
-``crop`` / ``reset`` / batch ops) drop it anyway.
+the attention function calls :meth:`SpectralLayer.release_chunk`; the next ``update``,
+``crop`` or ``reset`` drops it anyway.
 
 ``update`` returns the exact chunk ``(key_states, value_states)`` it was given, *not* the whole
 cache: the spectral attention reads :meth:`state` instead. A stock attention function handed
