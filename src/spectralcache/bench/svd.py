@@ -146,6 +146,9 @@ def build_methods(
         return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
     def lowrank(x: torch.Tensor):
+        # Seeded like ours, so both draw the same Gaussian sketch and any error
+        # difference comes from the algorithms, not from the luck of the draw.
+        torch.manual_seed(seed)
         U, S, V = torch.svd_lowrank(x, q=q, niter=n_iter)
         return U[..., :rank], S[..., :rank], V[..., :rank].mT
 
