@@ -32,11 +32,12 @@ job() {  # job NAME THREADS ARGS...
 "$py" -c "from spectralcache.eval.model import load_model; load_model()" >>"$root/setup.log" 2>&1
 
 for task in niah_single_1 niah_multikey_1 vt; do
-  job "tasks_$task" 3 eval --tasks "$task" --lengths 4096 --samples 20 --methods "$methods" --out "$root/eval_tasks"
+  job "tasks_$task" "${TASK_THREADS:-3}" eval --tasks "$task" --lengths 4096 --samples 20 --methods "$methods" --out "$root/eval_tasks"
 done
-job needle 4 eval needle --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 2 \
+job needle "${NEEDLE_THREADS:-4}" eval needle --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 2 \
   --methods "$needle_methods" --out "$root/eval_needle"
-job perplexity 3 eval perplexity --prefill 2048 --continue 512 --segments 2 \
+[ -e "$root/eval_perplexity/perplexity/summary.json" ] || job perplexity 3 eval perplexity --prefill 2048 --continue 512 --segments 2 \
   --methods "$methods,spectral:pre_rope" --out "$root/eval_perplexity"
+[ -e "$root/eval_spectrum/spectrum.json" ] || job spectrum 1 eval spectrum --length 4096 --out "$root/eval_spectrum"
 wait
 echo "[$(date -u +%H:%M:%S)] all jobs ended" >>"$root/commands.log"

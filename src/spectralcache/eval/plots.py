@@ -89,6 +89,7 @@ def plot_needle(summaries: list[dict], path: Path) -> Path | None:
     lengths = sorted({s["target_length"] for s in rows})
     depths = sorted({s["depth"] for s in rows})
     fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods) + 1, 3.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.12)
     im = None
     for ax, m in zip(axes[0], methods):
         grid = [[float("nan")] * len(lengths) for _ in depths]
@@ -104,9 +105,10 @@ def plot_needle(summaries: list[dict], path: Path) -> Path | None:
                 if v == v:
                     ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths] if ax is axes[0][0] else [])
         ax.set_xlabel("context length")
-        ax.set_ylabel("needle depth")
+        if ax is axes[0][0]:
+            ax.set_ylabel("needle depth (fraction of the context)")
         title = m if len(m) < 28 else m[:27] + "…"
         if ratios and m != "baseline":
             title += f"\nratio {min(ratios):.2f}–{max(ratios):.2f}"

@@ -471,6 +471,11 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _stem_depth(stem: str) -> float | None:
+    last = stem.rsplit("_", 1)[-1]
+    return int(last[1:]) / 100 if last.startswith("d") and last[1:].isdigit() else None
+
+
 def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
     """Score (again, from the task file's answers) and summarize one predictions file."""
     from spectralcache.eval.scoring import score
@@ -514,7 +519,11 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
         "stem": stem,
         "task": first["task"],
         "target_length": first["target_length"],
-        "depth": first.get("depth") if stem.rsplit("_", 1)[-1].startswith("d") else None,
+        # the depth asked for (from the file name); samples record where the needle landed
+        "depth": _stem_depth(stem),
+        "placed_depth_mean": _mean([x.get("depth") for x in samples.values()])
+        if _stem_depth(stem) is not None
+        else None,
         "n": len(scored),
         "n_errors": len(errors),
         "first_error": errors[0] if errors else None,
