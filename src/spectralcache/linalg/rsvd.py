@@ -15,11 +15,20 @@ transposing when needed, so the sketch lives on the smaller side):
   (``n x n``, float32) and the power iterations run on ``G``, so they cost almost
   nothing. ``Z = orth(G^(n_iter+1) Ω)`` spans ``Mᵀ Q`` of the direct method with the
   same ``n_iter``, and ``M ≈ (M Z) Zᵀ`` is at least as accurate as ``Q Qᵀ M`` (its rows
-  are the best approximation inside that span). The ``n x l`` side runs in float64
-  (it is tiny), which absorbs the squared condition number of ``G``; ``M Z`` is
-  orthogonalized from ``M`` itself in float32, so the output's orthogonality never
-  depends on ``G``. ``G`` itself is float32 (from ``M``), so singular values below
-  ~3e-4 of the largest are not resolved on this path; "direct" resolves them.
+  are the best approximation inside that span). The ``n x l`` bases are
+  orthogonalized in float64 (they are tiny), which absorbs the squared condition
+  number that products with ``G`` carry. ``Y = M Z`` is orthogonalized by CholeskyQR
+  whose first pass takes its Gram ``ZᵀGZ`` from the small side (so ``Q1 = M (Z R1⁻¹)``
+  is one GEMM) and whose later passes run on the real ``Q1``, so the output's
+  orthogonality never depends on ``G``'s rounding. ``G`` is float32, so singular
+  values below ~3e-4 of the largest are not resolved on this path; "direct" resolves
+  them. ``algorithm="auto"`` picks "gram" for ``n <= 256`` or when it needs fewer FLOPs.
+
+The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
+LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
+cores up to 32x32, the float64 eigendecomposition on the host for many larger ones and
+on the device for a few large ones (measured on an H100). The Householder level always
+uses the SVD.
 
 Orthogonalization (``orth``): ``"householder"`` (``torch.linalg.qr``), ``"cholqr"``
 (one CholeskyQR pass: orthogonality ~ eps·κ²), ``"cholqr2"`` (two passes: orthogonal to
@@ -35,8 +44,11 @@ checks that its triangular factor is what an orthonormal basis would give. A bat
 element that fails anywhere is recomputed one level down the chain
 ``requested -> shifted CholeskyQR with a 1000x larger shift -> Householder QR -> exact
 SVD``; the path each element took is reported in :class:`RSVDInfo` and counted in
-:func:`rsvd_stats`. One host sync per call reads the failure flags (``torch.linalg.svd``
-syncs too); ``timing=True`` adds a sync per stage and is the only other sync.
+:func:`rsvd_stats`. Host syncs per call: the NaN/inf check of the input (one
+reduction), the core solver (cuSOLVER reports its status to the host, as
+``torch.linalg.svd`` does) and reading the failure flags; ``timing=True`` adds one per
+stage and is otherwise free. :class:`RandomizedSVD` captures everything but the core in
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -646,6 +658,8 @@ def randomized_svd(
     if use_cuda_graph:
         if not M.is_cuda:
             raise ValueError("use_cuda_graph=True needs a CUDA tensor")
+        if timing:
+            raise ValueError("timing=True cannot time stages inside a CUDA graph; use use_cuda_graph=False")
         plan = _cached_plan(M, rank, n_iter, oversample, orth, compute_dtype, generator, algorithm)
         U, S, Vh = plan(M, _validated=True)
         if return_info:
