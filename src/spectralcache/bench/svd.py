@@ -358,6 +358,7 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib not installed: no PNG written")
         return False
@@ -370,6 +371,7 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         axes[0, j].barh(names, [r["median_ms"] for r in rs], color=colors)
         axes[0, j].set_xscale("log")
         axes[0, j].set_xlim(left=min(r["median_ms"] for r in rs) / 3)
+        axes[0, j].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[0, j].set_title(sh, fontsize=9)
         axes[0, j].set_xlabel("median ms (log)")
         axes[1, j].barh(names, [r["err_ratio"] for r in rs], color=colors)
