@@ -99,34 +99,24 @@ def demo(
         )
         console.print(f"{label}: {a.text!r} ({'correct' if ok else 'wrong'})")
     table = Table(title=f"Needle in a {s['context_tokens']}-token haystack — expected {s['answers'][0]}")
-    for col in (
-        "cache",
-        "answer",
-        "ok",
-        "KV all",
-        "ratio",
-        f"KV {n_full} full",
-        "ratio",
-        "prefill s",
-        "decode s",
-    ):
+    for col in ("cache", "answer", "ok", "KV all layers", f"KV {n_full} full-attn", "prefill s", "decode s"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             r["cache"],
             r["answer"],
             "yes" if r["correct"] else "no",
-            _mib(r["kv_bytes"]),
-            f"{r['ratio']:.2f}x" if r["ratio"] else "—",
-            _mib(r["kv_bytes_full"]),
-            f"{r['ratio_full']:.2f}x" if r["ratio_full"] else "—",
+            f"{_mib(r['kv_bytes'])} {r['ratio']:.2f}x" if r["ratio"] else _mib(r["kv_bytes"]),
+            f"{_mib(r['kv_bytes_full'])} {r['ratio_full']:.2f}x"
+            if r["ratio_full"]
+            else _mib(r["kv_bytes_full"]),
             f"{r['prefill_s']:.1f}",
-            f"{r['decode_s']:.1f}/{r['new_tokens']} tok",
+            f"{r['decode_s']:.1f} ({r['new_tokens']} tok)",
         )
     console.print(table)
     console.print(
-        f"KV all / KV {n_full} full: bytes held by all layers / by the {n_full} full-attention layers (the ones "
-        "SpectralCache compresses), measured from tensor storage when decoding starts; the "
+        f"KV: bytes held by all layers / by the {n_full} full-attention layers (the ones SpectralCache "
+        "compresses) and the ratio against DynamicCache, measured from tensor storage when decoding starts; the "
         f"{model.config.num_hidden_layers - n_full} sliding-window layers are transformers' own in both caches. "
         f"Total demo time {time.perf_counter() - t_start:.0f} s."
     )

@@ -133,7 +133,7 @@ def load_model(
 ):
     """Return ``(model, tokenizer)`` (plus a :class:`LoadInfo` with ``return_info``).
 
-    The model is in eval mode with eager-free SDPA attention as transformers picks it;
+    The model is in eval mode on transformers' default attention (SDPA);
     callers that need SpectralCache's attention call ``spectralcache.enable(model)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
