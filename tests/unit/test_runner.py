@@ -278,3 +278,32 @@ def test_answer_protocol_matches_generate(tiny_gemma, gemma_tokenizer):
         tiny_gemma, tok, None, context, question, max_new_tokens=6, stop_newline=False, prefill_chunk=37
     )
     assert b.text == a.text
+
+
+def test_peer_rows_are_rescored_and_keep_their_own_baseline(gemma_tokenizer, tmp_path):
+    """A peer driver (benchmarks/peers) writes rows in the documented format into
+    DIR/predictions/<slug>/<stem>.jsonl; summarize() re-scores them from the task file and
+    uses the baseline the peer measured in its own environment."""
+    from spectralcache.eval.tasks import generate_samples, write_task_file
+
+    samples = generate_samples("niah_single_1", tokenizer=gemma_tokenizer, length=400, num_samples=2, seed=1)
+    stem = "niah_single_1_400"
+    write_task_file(runner.task_path(tmp_path, "niah_single_1", 400), samples)
+    rows = [
+        {"id": samples[0]["id"], "method": "kvpress:snapkv,ratio=0.5", "prediction": f"it is {samples[0]['answers'][0]}.",
+         "kv_bytes": 100, "kv_bytes_full": 10, "baseline_kv_bytes": 300, "baseline_kv_bytes_full": 40,
+         "score": 0.0, "error": None},
+        {"id": samples[1]["id"], "method": "kvpress:snapkv,ratio=0.5", "prediction": "no idea",
+         "kv_bytes": 100, "kv_bytes_full": 10, "baseline_kv_bytes": 200, "baseline_kv_bytes_full": 20, "error": None},
+    ]  # fmt: skip
+    for r in rows:
+        runner.append_row(runner.predictions_path(tmp_path, "kvpress-snapkv_ratio=0.5", stem), r)
+    (summary,) = runner.summarize(tmp_path)
+    assert summary["method"] == "kvpress:snapkv,ratio=0.5" and summary["n"] == 2
+    assert summary["score"] == pytest.approx(50.0)  # the peer's own "score": 0.0 is not trusted
+    assert summary["compression_ratio"] == pytest.approx(2.5) and summary[
+        "compression_ratio_full"
+    ] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="unknown sample id"):
+        runner.append_row(runner.predictions_path(tmp_path, "x", stem), dict(rows[0], id="nope"))
+        runner.summarize(tmp_path)

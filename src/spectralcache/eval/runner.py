@@ -502,7 +502,17 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
             agree.append(float(r["prediction"].strip() == b["prediction"].strip()))
         if r.get("kv_bytes"):
             kv.append(r["kv_bytes"])
-            if b and b.get("error") is None and b.get("kv_bytes"):
+            # A row that measured its own baseline (a peer driver, in its own environment)
+            # is compared with that; otherwise with our baseline row for the same sample.
+            own_b, own_bf = r.get("baseline_kv_bytes"), r.get("baseline_kv_bytes_full")
+            if own_b and r.get("method") != "baseline":
+                base_kv.append(own_b)
+                ratios.append(own_b / r["kv_bytes"])
+                if own_bf and r.get("kv_bytes_full"):
+                    ratios_full.append(own_bf / r["kv_bytes_full"])
+                elif r.get("compression_ratio_full"):
+                    ratios_full.append(r["compression_ratio_full"])
+            elif b and b.get("error") is None and b.get("kv_bytes"):
                 base_kv.append(b["kv_bytes"])
                 ratios.append(b["kv_bytes"] / r["kv_bytes"])
                 if b.get("kv_bytes_full") and r.get("kv_bytes_full"):
