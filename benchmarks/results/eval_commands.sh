@@ -24,7 +24,7 @@ job() {  # job NAME THREADS ARGS...
   shift 2
   echo "[$(date -u +%H:%M:%S)] start $name ($threads threads): spectralcache $*" >>"$root/commands.log"
   OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" timeout "${limit}" \
-    nice -n 10 "$py" -m spectralcache.cli "$@" --no-progress --no-plots >>"$root/$name.log" 2>&1 &
+    nice -n 10 "$py" -m spectralcache.cli "$@" --threads "$threads" --no-progress --no-plots >>"$root/$name.log" 2>&1 &
 }
 [ "$limit" = 0 ] && limit=1000000
 

@@ -50,6 +50,15 @@ def test_argument_errors_exit_2_with_message(argv, needle, capsys):
     assert pytest.importorskip("re").search(needle, capsys.readouterr().err)
 
 
+def test_bad_threads_is_an_error(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    assert main(["eval", "--out", str(tmp_path), "--threads", "0"]) == 2
+    assert "threads must be >= 1" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
+
+
 def test_bare_eval_without_out_is_an_error(capsys):
     assert main(["eval", "--tasks", "vt"]) == 2
     assert "--out" in capsys.readouterr().err

@@ -84,6 +84,9 @@ def _common(p: argparse.ArgumentParser, *, methods: bool = True, top: bool = Fal
         "--seed", type=int, default=0, help="task generation and per-sample torch seed (default 0)"
     )
     p.add_argument("--model", default="gemma3-270m", help="model (default gemma3-270m, the embedded package)")
+    p.add_argument(
+        "--threads", default="auto", help="torch threads, or 'auto' (1 when the CPU is oversubscribed)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="write JSON only")
     if methods:
@@ -154,6 +157,13 @@ def run(args: argparse.Namespace) -> int:
     cmd = getattr(args, "eval_command", None) or "tasks"
     if args.out is None:
         print("spectralcache eval: error: the following arguments are required: --out", file=sys.stderr)
+        return 2
+    from spectralcache.eval.model import choose_threads
+
+    try:
+        print(f"torch threads: {choose_threads(args.threads)}", file=sys.stderr)
+    except ValueError as err:
+        print(f"spectralcache eval: error: {err}", file=sys.stderr)
         return 2
     progress = not args.no_progress
     if cmd == "spectrum":

@@ -25,6 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=0, help="which generated sample to ask (default 0)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--threads", default="auto", help="torch threads, or 'auto' (1 when the CPU is oversubscribed)"
+    )
 
 
 def _mib(n: int | None) -> str:
@@ -40,6 +43,7 @@ def demo(
     sample: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
+    threads: str | int = "auto",
     console: Any = None,
 ) -> list[dict]:
     """Run the demo and print its table; returns one dict per cache (for tests)."""
@@ -47,7 +51,7 @@ def demo(
     from rich.table import Table
 
     from spectralcache.eval.methods import parse_methods
-    from spectralcache.eval.model import load_model
+    from spectralcache.eval.model import choose_threads, load_model
     from spectralcache.eval.runner import answer
     from spectralcache.eval.scoring import score
     from spectralcache.eval.tasks import generate_samples
@@ -58,10 +62,13 @@ def demo(
         raise ValueError(f"--sample must be >= 0, got {sample}")
     console = console or Console()
     t_start = time.perf_counter()
+    n_threads = choose_threads(threads)
     methods = parse_methods(f"baseline,spectral:{preset}")  # validates the preset before any loading
     with console.status("loading Gemma 3 270M (first start: dequantizing the GGUF and caching it, ~1 min)"):
         model, tok, info = load_model(device=device, dtype=dtype, return_info=True)
-    console.print(f"model from {info.source} in {info.seconds:.1f} s  ({info.cache_dir})")
+    console.print(
+        f"model from {info.source} in {info.seconds:.1f} s  ({info.cache_dir}); torch threads {n_threads}"
+    )
     with console.status(f"building a {length}-token {task} prompt"):
         s = generate_samples(task, tokenizer=tok, length=length, num_samples=sample + 1, seed=seed)[sample]
     console.print(
@@ -125,5 +132,5 @@ def demo(
 
 def run(args: argparse.Namespace) -> int:
     demo(length=args.length, preset=args.preset, task=args.task, seed=args.seed, sample=args.sample,
-         device=args.device, dtype=args.dtype)  # fmt: skip
+         device=args.device, dtype=args.dtype, threads=args.threads)  # fmt: skip
     return 0
