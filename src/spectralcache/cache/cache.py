@@ -105,6 +105,20 @@ def _check_layout(cfg: Any) -> tuple[int, int, int]:
     return int(n_layers), int(n_kv), int(head_dim)
 
 
+def _layer_types_and_kwargs(cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """transformers' layer types and per-layer init kwargs. Before 5.2x the helper returned one
+    kwargs dict for the whole model; both shapes are accepted (pyproject allows transformers 5.x)."""
+    layer_types, kwargs = get_layer_types_and_kwargs(cfg)
+    layer_types = list(layer_types)
+    if isinstance(kwargs, dict):
+        windowed = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+        kwargs = [
+            {k: v for k, v in kwargs.items() if k == "sliding_window"} if lt in windowed else {}
+            for lt in layer_types
+        ]
+    return layer_types, list(kwargs)
+
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     st = t.untyped_storage()
     return (str(t.device), st.data_ptr())
@@ -129,8 +143,8 @@ class SpectralCache(Cache):
         text_cfg, model = _text_config(model_or_config)
         n_layers, n_kv, head_dim = _check_layout(text_cfg)
         config.check_for_model(head_dim, n_layers)
-        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_cfg)
-        layer_types = list(layer_types)[:n_layers]
+        layer_types, per_layer_kwargs = _layer_types_and_kwargs(text_cfg)
+        layer_types = layer_types[:n_layers]
         unsupported = sorted(
             {lt for lt in layer_types if lt in _UNSUPPORTED_TYPES or lt not in DYNAMIC_LAYER_TYPE_MAPPING}
         )
