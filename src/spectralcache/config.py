@@ -20,6 +20,7 @@ from spectralcache.linalg.rsvd import ORTH_METHODS
 
 __all__ = [
     "BASIS_DTYPES",
+    "CODECS",
     "KEY_SPACES",
     "PRESETS",
     "SVD_METHODS",
@@ -36,6 +37,9 @@ SVD_ORTH = ORTH_METHODS
 BASIS_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
 COMPUTE_DTYPES = ("float32", "float64")
 COEFF_BITS = (4, 8, 16)
+# How a block's keys / values are stored: "lowrank" = coefficients on a fitted basis;
+# "identity" = the rows themselves, quantized per token (the basis is the identity, not stored).
+CODECS = ("lowrank", "identity")
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -70,6 +74,16 @@ class SpectralConfig:
             block's low-rank representation reconstructs them worst (a "needle" is such a
             token). 32 of 512 is 6 %, enough for needles while costing 1/16 of the block's
             exact bytes.
+        key_codec: ``"lowrank"``. How each block's keys are stored. ``"lowrank"``: a rank
+            ``rank_keys`` basis fitted per block plus per-token coefficients. ``"identity"``: no
+            basis; the keys themselves are the coefficients (``[T, head_dim]``, quantized per
+            token with ``coeff_bits``), so ``rank_keys`` is ignored and the only error is the
+            quantization. On a block whose spectrum is flat (prose) the identity codec is far more
+            accurate per byte than a high rank: with head_dim 256 and a float16 basis, rank 128
+            costs as many bytes as the identity codec (int8) and keeps ~8 % error where int8
+            rounding keeps ~0.5 %. See ``docs/fidelity.md``.
+        value_codec: ``"lowrank"``. The same choice for values (``rank_values`` ignored when
+            ``"identity"``).
         coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale
             per row, 4 = two int4 values packed per uint8 with a float16 scale per row, 16 =
             no quantization (model dtype), used by the lossless preset.
@@ -115,6 +129,8 @@ class SpectralConfig:
     hot_size: int = 64
     landmarks: int = 16
     outliers_per_block: int = 32
+    key_codec: str = "lowrank"
+    value_codec: str = "lowrank"
     coeff_bits: int = 8
     key_space: str = "post_rope"
     svd_method: str = "randomized"
@@ -164,6 +180,8 @@ class SpectralConfig:
                 f"SpectralConfig.coeff_bits must be one of {COEFF_BITS}, got {self.coeff_bits!r}"
             )
         for name, allowed in (
+            ("key_codec", CODECS),
+            ("value_codec", CODECS),
             ("key_space", KEY_SPACES),
             ("svd_method", SVD_METHODS),
             ("svd_orth", SVD_ORTH),
@@ -201,15 +219,25 @@ class SpectralConfig:
 
     # ------------------------------------------------------------------ model-dependent
     def ranks_for(self, head_dim: int) -> tuple[int, int]:
-        """Resolved (rank_keys, rank_values) for a model's head_dim; ``None`` means full rank."""
-        rk = head_dim if self.rank_keys is None else self.rank_keys
-        rv = head_dim if self.rank_values is None else self.rank_values
-        return min(rk, self.block_size), min(rv, self.block_size)
+        """Resolved (rank_keys, rank_values) for a model's head_dim: the number of stored
+        coefficient columns per token. ``None`` means full rank; an identity codec stores
+        ``head_dim`` columns (the rows themselves) whatever the configured rank."""
+        if self.key_codec == "identity":
+            rk = head_dim
+        else:
+            rk = min(head_dim if self.rank_keys is None else self.rank_keys, self.block_size)
+        if self.value_codec == "identity":
+            rv = head_dim
+        else:
+            rv = min(head_dim if self.rank_values is None else self.rank_values, self.block_size)
+        return rk, rv
 
     def check_ranks(self, head_dim: int) -> None:
         """Ranks must not exceed the model's head_dim (a block's keys have rank <= head_dim)."""
-        for name in ("rank_keys", "rank_values"):
+        for name, codec in (("rank_keys", self.key_codec), ("rank_values", self.value_codec)):
             value = getattr(self, name)
+            if codec == "identity":
+                continue
             if value is not None and value > head_dim:
                 raise ValueError(
                     f"SpectralConfig.{name}={value} exceeds the model's head_dim={head_dim}; "

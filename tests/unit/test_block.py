@@ -201,3 +201,77 @@ def test_every_preset_compresses(name):
     b = compress_blocks(k, k, c, rk, rv)
     err = rel_err(reconstruct(b)[0], k)
     assert math.isfinite(err) and err < 0.25
+
+
+# --------------------------------------------------------------------------- identity codec
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("side", ["keys", "values", "both"])
+def test_identity_codec_stores_rows_without_basis(bits, side):
+    g = torch.Generator().manual_seed(20)
+    k = torch.randn(2, 3, T, D, generator=g)
+    v = torch.randn(2, 3, T, D, generator=g)
+    c = cfg(
+        coeff_bits=bits,
+        key_codec="identity" if side in ("keys", "both") else "lowrank",
+        value_codec="identity" if side in ("values", "both") else "lowrank",
+    )
+    rk_, rv_ = c.ranks_for(D)
+    blocks = compress_blocks(k, v, c, rk_, rv_)
+    rk, rv = reconstruct(blocks)
+    # int8 per-row rounding: <= half a step of row max / 127 per element; int4 / 7
+    tol = {16: 1e-6, 8: 0.01, 4: 0.12}[bits]
+    if side in ("keys", "both"):
+        assert blocks.key_basis is None and rk_ == D
+        assert blocks.key_coeffs.shape[-2] == T
+        assert rel_err(rk, k) < tol
+    else:
+        assert blocks.key_basis is not None and rel_err(rk, k) > 0.3  # rank 8 of a flat 32-dim block
+    if side in ("values", "both"):
+        assert blocks.value_basis is None and rv_ == D
+        assert rel_err(rv, v) < tol
+    else:
+        assert blocks.value_basis is not None
+
+
+def test_identity_codec_rank_must_be_head_dim():
+    k = low_rank((1,), rank=4)
+    with pytest.raises(ValueError, match="identity codec for keys"):
+        compress_blocks(k, k, cfg(key_codec="identity"), 8, 8)
+
+
+def test_needle_in_a_prose_like_block_survives_with_identity_keys():
+    """Prose blocks have flat key spectra: a needle's key is no worse reconstructed than any
+    other token's, so the outlier score cannot single it out and a low-rank fit blurs every
+    token's key. A query that retrieves the needle exactly must still retrieve it from the
+    stored block; with the low-rank codec at the same key bytes it does not."""
+    from spectralcache.attention.reference import dense_attention
+
+    g = torch.Generator().manual_seed(21)
+    t, d = 128, 64
+    k = torch.randn(1, 1, 1, t, d, generator=g)  # flat spectrum, like prose post-RoPE keys
+    v = torch.randn(1, 1, 1, t, d, generator=g)
+    needle = 77
+    q = (k[0, 0, 0, needle] * 0.7).reshape(1, 1, 1, d)  # the needle wins about half the attention
+    base = dict(block_size=t, hot_size=4, landmarks=2, outliers_per_block=4)
+
+    def needle_weight(c):
+        rk_, rv_ = c.ranks_for(d)
+        rec_k, rec_v = reconstruct(compress_blocks(k, v, c, rk_, rv_))
+        scores = (q @ rec_k[0, 0].transpose(-1, -2)) * d**-0.5
+        w = scores.softmax(-1)[0, 0, 0, needle].item()
+        out = dense_attention(q, rec_k[0, 0][None], rec_v[0, 0][None], None)
+        return w, out
+
+    w_exact = (q @ k[0, 0].transpose(-1, -2) * d**-0.5).softmax(-1)[0, 0, 0, needle].item()
+    out_exact = dense_attention(q, k[0, 0][None], v[0, 0][None], None)
+    assert w_exact > 0.5
+    # identity int8 keys (rows + a scale each): retrieval intact
+    w_id, out_id = needle_weight(SpectralConfig(**base, key_codec="identity", rank_values=32))
+    assert abs(w_id - w_exact) < 0.01 * w_exact
+    # rank-32 keys cost about the same bytes (32 int8 coefficients + a float16 basis per block
+    # of 128 tokens: 32*128 + 2*32*64 = 8192 vs 64*128 = 8192) but lose the needle
+    w_lr, out_lr = needle_weight(SpectralConfig(**base, rank_keys=32, rank_values=32))
+    assert w_lr < 0.6 * w_exact
+    assert (out_id - out_exact).norm() < 0.5 * (out_lr - out_exact).norm()

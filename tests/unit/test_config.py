@@ -63,6 +63,8 @@ def test_unknown_preset_lists_known_ones():
         ("refit_after_outliers", 1, TypeError),
         ("basis_dtype", "float8", ValueError),
         ("compute_dtype", "float16", ValueError),
+        ("key_codec", "svd", ValueError),
+        ("value_codec", None, ValueError),
         ("compress_layers", (1, 1), ValueError),
         ("compress_layers", (-1,), ValueError),
         ("compress_layers", (), ValueError),
@@ -92,6 +94,21 @@ def test_model_dependent_checks():
     assert get_preset("lossless").ranks_for(64) == (64, 64)
     # full rank is capped by the block size (a block's rank is <= T)
     assert get_preset("lossless").replace(block_size=16).ranks_for(64) == (16, 16)
+
+
+def test_identity_codec_stores_head_dim_columns():
+    """An identity codec has no rank: it stores the rows (head_dim columns), even past the
+    block size, and a configured rank on that side is neither used nor checked."""
+    cfg = SpectralConfig(key_codec="identity", rank_keys=32, rank_values=64)
+    assert cfg.ranks_for(256) == (256, 64)
+    assert cfg.replace(value_codec="identity").ranks_for(48) == (48, 48)
+    small = SpectralConfig(
+        block_size=16, rank_keys=8, rank_values=8, outliers_per_block=2, key_codec="identity"
+    )
+    assert small.ranks_for(64) == (64, 8)
+    cfg.replace(rank_values=16, key_codec="identity").check_for_model(head_dim=16, num_layers=4)
+    with pytest.raises(ValueError, match="rank_values=64 exceeds the model's head_dim=32"):
+        SpectralConfig(key_codec="identity").check_for_model(head_dim=32, num_layers=4)
 
 
 def test_basis_dtype_resolution():

@@ -95,6 +95,21 @@ def test_full_rank_greedy_equals_dynamic_cache(models, name: str, key_space: str
 
 
 @pytest.mark.parametrize("key_space", KEY_SPACES)
+def test_identity_codec_unquantized_greedy_equals_dynamic_cache(models, key_space: str) -> None:
+    """Identity codec (no basis) on both sides, 16-bit rows: lossless, so greedy tokens match."""
+    model = models["gemma3"]
+    disable(model)
+    ids = tiny_prompt(1, PROMPT, seed=11)
+    want = greedy(model, ids, DynamicCache(config=model.config))
+    cfg = lossless(key_space, key_codec="identity", value_codec="identity", rank_keys=8, rank_values=8)
+    cache = SpectralCache(model, cfg)
+    got = greedy(model, ids, cache)
+    assert compressed_blocks(cache) > 0
+    assert cache.memory_report()["tiers"]["bases"] == 0
+    assert torch.equal(got, want), f"first mismatch at step {(got != want).nonzero()[0, 1].item()}"
+
+
+@pytest.mark.parametrize("key_space", KEY_SPACES)
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_batch_with_left_padding(models, name: str, key_space: str) -> None:
     model = models[name]

@@ -83,6 +83,29 @@ def test_tiers_are_measured_from_storage(bits, dtype):
     assert rep["compression"]["seconds"] > 0
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_identity_codec_bytes(bits):
+    """Identity keys store head_dim columns per token and no key basis; values keep theirs."""
+    cfg = SpectralConfig(
+        block_size=32,
+        rank_keys=6,
+        rank_values=9,
+        hot_size=5,
+        landmarks=3,
+        outliers_per_block=4,
+        coeff_bits=bits,
+        key_codec="identity",
+    )
+    n = 3 + 4 * 32 + 7
+    cache = filled_cache(cfg, n, torch.float32)
+    exp = expected_tier_bytes(2, 2, 4, 32, 64, 64, 9, 4, 3, 7, bits, torch.float32, torch.float16)
+    exp["bases"] = 2 * 2 * 4 * 9 * 64 * 2  # value basis only
+    layer0 = cache.memory_report()["layers"][0]
+    assert layer0["tiers"] == exp
+    st = cache.layers[0].state()
+    assert st.cold.key_basis is None and st.cold.rank_keys == 64
+
+
 def test_views_are_charged_their_whole_storage_once():
     cfg = SpectralConfig(
         block_size=16, rank_keys=4, rank_values=4, hot_size=2, landmarks=0, outliers_per_block=1

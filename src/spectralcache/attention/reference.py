@@ -15,6 +15,8 @@ denominator, so the result is exactly softmax attention over the union of the ti
   ``state.rotate_block_keys`` and scored;
 * cold blocks, values always latent: ``(p·C_V)·B_V`` with the per-row value scale
   folded into ``p``, one matmul that also sums over blocks.
+* identity codec (``key_basis`` / ``value_basis`` None): the scaled coefficient rows are the
+  keys / values themselves, so the basis product is skipped (``q·C_Kᵀ``, ``Σ_blocks p·C_V``).
 
 Masking is by *cache index* (the order tokens entered the cache, padding included),
 which is what the attention mask's last dimension indexes, so left padding works for
@@ -189,9 +191,15 @@ def _cold_scores(
     rk = cold.rank_keys
     coeffs = _coeffs_float(cold.key_coeffs[:, :, :n_blocks], cold.coeff_bits, rk)  # [B,H,nb,T,rk]
     scales = None if cold.key_scales is None else cold.key_scales[:, :, :n_blocks].float()  # [B,H,nb,T,1]
-    basis = cold.key_basis[:, :, :n_blocks].float()  # [B,H,nb,rk,D]
+    basis = None if cold.key_basis is None else cold.key_basis[:, :, :n_blocks].float()  # [B,H,nb,rk,D]
     bsz, n_kv, nb, t, _ = coeffs.shape
     rows = qs.shape[2]
+    if state.key_space == "post_rope" and basis is None:
+        # identity basis: the coefficient rows are the keys, q·Cᵀ per block
+        scores = qs[:, :, None] @ coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
+        if scales is not None:
+            scores = scores * scales.transpose(-1, -2)
+        return scores
     if state.key_space == "post_rope":
         # (q·B_Kᵀ) for every block in one matmul: [B,H,R,D] @ [B,H,D,nb*rk]
         proj = qs @ basis.reshape(bsz, n_kv, nb * rk, -1).transpose(-1, -2)
@@ -209,7 +217,7 @@ def _cold_scores(
         c = coeffs[:, :, lo:hi]
         if scales is not None:
             c = c * scales[:, :, lo:hi]
-        keys = c @ basis[:, :, lo:hi]  # [B,H,nt,T,D] pre-RoPE
+        keys = c if basis is None else c @ basis[:, :, lo:hi]  # [B,H,nt,T,D] pre-RoPE
         keys = state.rotate_block_keys(keys, starts[lo:hi]).float()
         tiles.append(qs[:, :, None] @ keys.transpose(-1, -2))  # [B,H,nt,R,T]
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
@@ -222,6 +230,8 @@ def _cold_values(p: torch.Tensor, cold: ColdBlocks, n_blocks: int) -> torch.Tens
     if cold.value_scales is not None:
         p = p * cold.value_scales[:, :, :n_blocks].float().transpose(-1, -2)
     latent = p @ coeffs  # [B,H,nb,R,rv]
+    if cold.value_basis is None:  # identity basis: the latent read is the output
+        return latent.sum(dim=2)
     bsz, n_kv, nb, rows, _ = latent.shape
     latent = latent.transpose(2, 3).reshape(bsz, n_kv, rows, nb * rv)
     basis = cold.value_basis[:, :, :n_blocks].float().reshape(bsz, n_kv, nb * rv, -1)
@@ -373,11 +383,13 @@ def _attend(
 # --------------------------------------------------------------------------- dense references
 
 
-def _block_rows(coeffs: torch.Tensor, scales: torch.Tensor | None, basis: torch.Tensor, bits: int, rank: int):
+def _block_rows(
+    coeffs: torch.Tensor, scales: torch.Tensor | None, basis: torch.Tensor | None, bits: int, rank: int
+):
     c = _coeffs_float(coeffs, bits, rank)
     if scales is not None:
         c = c * scales.float()
-    return c @ basis.float()  # [B,H,nb,T,D]
+    return c if basis is None else c @ basis.float()  # [B,H,nb,T,D]
 
 
 def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,12 @@ One block is ``T`` tokens of one KV head: ``K, V [T, D]``. It becomes
   kept in the model dtype when ``coeff_bits == 16``); the basis in the storage dtype;
 * ``o`` outlier tokens kept exact (keys and values, with their in-block index).
 
+With ``key_codec`` / ``value_codec == "identity"`` that side has no basis (stored as None):
+the rows themselves are the coefficients, ``[T, D]`` quantized per token, so only the
+quantization error remains. On Gemma 3 270M prose blocks the post-RoPE keys lose needle
+retrieval at rank 32-64 (layer 11 alone was enough to break it), while int8 rows of the same
+blocks keep the baseline's answers (``docs/fidelity.md``).
+
 Outlier score: the per-token reconstruction error *of the stored representation* (after
 quantization and basis rounding), keys and values each normalised by the block's mean
 squared token norm, summed::
@@ -60,10 +66,10 @@ class CompressedBlocks:
 
     key_coeffs: torch.Tensor  # [..., T, rk] int8 | [..., T, ceil(rk/2)] uint8 | model dtype
     key_scales: torch.Tensor | None  # [..., T, 1] float16 (None when coeff_bits == 16)
-    key_basis: torch.Tensor  # [..., rk, D]
+    key_basis: torch.Tensor | None  # [..., rk, D]; None = identity codec (coeffs are the keys, rk = D)
     value_coeffs: torch.Tensor
     value_scales: torch.Tensor | None
-    value_basis: torch.Tensor  # [..., rv, D]
+    value_basis: torch.Tensor | None  # [..., rv, D]; None = identity codec
     outlier_keys: torch.Tensor  # [..., o, D] exact, model dtype (post-RoPE)
     outlier_values: torch.Tensor  # [..., o, D]
     outlier_index: torch.Tensor  # [..., o] int64, sorted, in 0..T-1
@@ -165,8 +171,14 @@ def _fit_and_store(
     generator: torch.Generator | None,
     model_dtype: torch.dtype,
     basis_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Fit + quantize; returns (stored coeffs, scales, stored basis, reconstruction in compute dtype)."""
+    codec: str = "lowrank",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Fit + quantize; returns (stored coeffs, scales, stored basis or None for the identity
+    codec, reconstruction in compute dtype)."""
+    if codec == "identity":
+        q, scales = _quantize(m, config.coeff_bits, model_dtype)
+        recon = dequantize_coeffs(q, scales, config.coeff_bits, m.shape[-1], m.dtype)
+        return q.contiguous(), None if scales is None else scales.contiguous(), None, recon
     coeffs, basis = low_rank_fit(m, rank, config, generator)
     q, scales = _quantize(coeffs, config.coeff_bits, model_dtype)
     basis_stored = basis.to(basis_dtype).contiguous()
@@ -200,8 +212,15 @@ def compress_blocks(
     *lead, t, d = keys.shape
     if t != config.block_size:
         raise ValueError(f"a block has {t} tokens but block_size is {config.block_size}")
-    if rank_keys > min(t, d) or rank_values > min(t, d):
-        raise ValueError(f"ranks ({rank_keys}, {rank_values}) exceed min(T, D) = {min(t, d)}")
+    for rank, codec, side in (
+        (rank_keys, config.key_codec, "keys"),
+        (rank_values, config.value_codec, "values"),
+    ):
+        if codec == "identity":
+            if rank != d:
+                raise ValueError(f"identity codec for {side}: rank must be head_dim={d}, got {rank}")
+        elif rank > min(t, d):
+            raise ValueError(f"ranks ({rank_keys}, {rank_values}) exceed min(T, D) = {min(t, d)}")
     model_dtype = values.dtype
     basis_dtype = config.basis_torch_dtype(model_dtype) if basis_dtype is None else basis_dtype
     cdt = config.compute_torch_dtype()
@@ -215,17 +234,23 @@ def compress_blocks(
     def gen() -> torch.Generator:
         return torch.Generator(device=kf.device).manual_seed(config.seed)
 
-    kq, ks, kb, krec = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype)
-    vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype)
+    kc, vc = config.key_codec, config.value_codec
+    kq, ks, kb, krec = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc)
+    vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype, vc)
 
     if o > 0:
         score = outlier_score(kf, krec, vf, vrec)  # [N, T]
         idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
         if config.refit_after_outliers:
+            # only a fitted basis can be re-spent; identity rows stay as they are
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)
             keep.scatter_(1, idx.unsqueeze(-1), 0.0)
-            kq, ks, kb, _ = _fit_and_store(kf * keep, rank_keys, config, gen(), model_dtype, basis_dtype)
-            vq, vs, vb, _ = _fit_and_store(vf * keep, rank_values, config, gen(), model_dtype, basis_dtype)
+            if kc == "lowrank":
+                kq, ks, kb, _ = _fit_and_store(kf * keep, rank_keys, config, gen(), model_dtype, basis_dtype)
+            if vc == "lowrank":
+                vq, vs, vb, _ = _fit_and_store(
+                    vf * keep, rank_values, config, gen(), model_dtype, basis_dtype
+                )
         gather = idx.unsqueeze(-1).expand(n, o, d)
         out_k = torch.gather(exact_keys.reshape(n, t, d), 1, gather)
         out_v = torch.gather(values.reshape(n, t, d), 1, gather)
@@ -271,7 +296,7 @@ def reconstruct_keys(
     """Reference decode of the keys ``[..., T, D]``: low-rank part (rotated with ``rotate`` for
     pre-RoPE blocks), then the exact outlier rows written over it."""
     c = dequantize_coeffs(blocks.key_coeffs, blocks.key_scales, blocks.coeff_bits, blocks.rank_keys, dtype)
-    recon = c @ blocks.key_basis.to(dtype)
+    recon = c if blocks.key_basis is None else c @ blocks.key_basis.to(dtype)
     if rotate is not None:
         recon = rotate(recon).to(dtype)
     return _scatter_outliers(recon, blocks.outlier_index, blocks.outlier_keys)
@@ -281,7 +306,7 @@ def reconstruct_values(blocks: CompressedBlocks, dtype: torch.dtype = torch.floa
     c = dequantize_coeffs(
         blocks.value_coeffs, blocks.value_scales, blocks.coeff_bits, blocks.rank_values, dtype
     )
-    recon = c @ blocks.value_basis.to(dtype)
+    recon = c if blocks.value_basis is None else c @ blocks.value_basis.to(dtype)
     return _scatter_outliers(recon, blocks.outlier_index, blocks.outlier_values)
 
 

@@ -512,7 +512,8 @@ class SpectralLayer(CacheLayerMixin):
             c = self._cold
             tiers["coefficients"] = [c["key_coeffs"], c["value_coeffs"]]
             tiers["scales"] = [x for x in (c["key_scales"], c["value_scales"]) if x is not None]
-            tiers["bases"] = [c["key_basis"], c["value_basis"]]
+            # an identity codec stores no basis (None)
+            tiers["bases"] = [x for x in (c["key_basis"], c["value_basis"]) if x is not None]
             tiers["outliers"] = [c["outlier_keys"], c["outlier_values"]]
             tiers["outlier_index"] = [c["outlier_index"]]
             tiers["block_starts"] = [self._block_starts]

@@ -22,7 +22,10 @@ o outliers per block, L landmarks, h hot tokens):
 - ``ColdBlocks.key_scales``: [B, H, nb, T, 1] float16, per-row scale (None when 16 bits);
   coefficient row t of block n is ``key_coeffs[..., n, t, :] * key_scales[..., n, t, :]``.
 - ``ColdBlocks.key_basis``: [B, H, nb, rk, D]; the block's keys are ``coeffs @ basis``.
-- values likewise with rv. Values always stay latent in attention: ``(p @ C_V) @ B_V``.
+  ``None`` means the identity basis (``key_codec="identity"``): then ``rk == D`` and the
+  (scaled) coefficient rows *are* the keys.
+- values likewise with rv. Values always stay latent in attention: ``(p @ C_V) @ B_V``,
+  or just ``p @ C_V`` when ``value_basis`` is None.
 - ``ColdBlocks.outlier_keys`` / ``outlier_values``: [B, H, nb, o, D] exact, post-RoPE.
 - ``ColdBlocks.outlier_index``: [B, H, nb, o] int64, index inside the block (0..T-1).
 - ``ColdBlocks.block_starts``: [nb] int64, cache index of each block's first token.
@@ -51,10 +54,10 @@ import torch
 class ColdBlocks:
     key_coeffs: torch.Tensor
     key_scales: torch.Tensor | None
-    key_basis: torch.Tensor
+    key_basis: torch.Tensor | None  # None = identity basis (rank_keys == head_dim)
     value_coeffs: torch.Tensor
     value_scales: torch.Tensor | None
-    value_basis: torch.Tensor
+    value_basis: torch.Tensor | None  # None = identity basis (rank_values == head_dim)
     outlier_keys: torch.Tensor
     outlier_values: torch.Tensor
     outlier_index: torch.Tensor
