@@ -50,21 +50,25 @@ def test_memory_ratio_on_real_kv(gemma, gemma_prefill):
         assert err_k < 0.2 and err_v < 0.05
 
 
-@pytest.mark.parametrize("key_space", ["post_rope"])
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 def test_decode_close_to_dynamic_cache(gemma, gemma_prefill, key_space):
-    """Prefill through SpectralCache (exact chunk), then teacher-forced decode steps that read
-    the compressed blocks: logits stay close to DynamicCache's."""
+    """Teacher-forced decode steps that read the compressed blocks: logits stay close to
+    DynamicCache's. The SpectralCache is filled from the shared prefill (its compressed layers
+    through ``update``; its sliding layers are transformers' own class, copied), so no second
+    2K-token prefill is paid; prefill through the cache is covered by the tiny-model tests."""
     model, _ = gemma
-    ids, dynamic, dyn_logits = gemma_prefill
-    dynamic = copy.deepcopy(dynamic)
+    _, prefilled, dyn_logits = gemma_prefill
+    dynamic = copy.deepcopy(prefilled)
     cache = SpectralCache(model, ISSUE_CFG.replace(key_space=key_space))
+    for i, layer in enumerate(cache.layers):
+        if i in cache.compressed_layers:
+            cache.update(prefilled.layers[i].keys, prefilled.layers[i].values, i)
+            layer.release_chunk()
+        else:
+            assert type(layer) is type(prefilled.layers[i])
+            cache.layers[i] = copy.deepcopy(prefilled.layers[i])
+    assert cache.get_seq_length() == dynamic.get_seq_length()
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        # the prefill attends to its own exact chunk: identical to DynamicCache
-        torch.testing.assert_close(logits, dyn_logits, rtol=1e-3, atol=1e-3)
-        assert sum(cache.layers[i].num_blocks for i in cache.compressed_layers) == 4 * len(
-            cache.compressed_layers
-        )
         token = dyn_logits.argmax(-1, keepdim=True)
         agree = 0
         for _ in range(4):
@@ -72,12 +76,13 @@ def test_decode_close_to_dynamic_cache(gemma, gemma_prefill, key_space):
             b = model(token, past_key_values=dynamic, use_cache=True).logits[:, -1]
             cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).item()
             diff = (a - b).abs().max().item()
+            same = bool(a.argmax() == b.argmax())
             print(
-                f"decode step: logits cosine {cos:.6f}, max |diff| {diff:.4f}, argmax equal {bool(a.argmax() == b.argmax())}"
+                f"{key_space} decode step: logits cosine {cos:.6f}, max |diff| {diff:.4f}, argmax equal {same}"
             )
             assert cos > 0.99
             assert diff > 0  # the compressed blocks were really read (lossy), not an exact copy
-            agree += int(a.argmax() == b.argmax())
+            agree += int(same)
             token = b.argmax(-1, keepdim=True)
     assert agree >= 3
     assert cache.memory_report()["compressed_layers"]["ratio"] < 0.25
