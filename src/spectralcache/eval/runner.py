@@ -51,14 +51,20 @@ field                  required  meaning
 ``task``, ``target_length``, ``depth``, ``context_tokens``   copied from the sample
 ``score``              no        the scorer's value in [0, 1]; :func:`summarize` re-scores every
                                  row from the task file's answers, so peers may omit it
-``baseline_kv_bytes``  no        baseline row's ``kv_bytes`` for the same id (filled by
-                                 :func:`summarize` where missing)
+``baseline_kv_bytes``  no        the baseline's ``kv_bytes`` for the same id. A peer that measured
+                                 its own uncompressed baseline (its environment, its transformers
+                                 version) writes it here and :func:`summarize` uses it for the
+                                 ratio; otherwise our baseline row for the id is used
+                                 (``baseline_kv_bytes_full`` likewise)
 ``compression_ratio``  no        ``baseline_kv_bytes / kv_bytes`` (likewise);
                                  ``compression_ratio_full`` on full-attention layers
 ``prefill_s``          no        seconds for step 1; ``question_s`` step 2; ``decode_s`` step 3
 ``new_tokens``         no        tokens generated
 ``device``, ``dtype``, ``model``, ``seed``   run conditions
 =====================  ========  =================================================================
+
+Order: sample index outermost, then task file, then method (baseline first), so a run
+stopped at any time leaves every method with the same (paired) samples.
 
 A row is final once written; a resumed run skips every ``id`` that has a row without
 ``error`` in the method's file (rows with ``error`` are retried; the last row per id
