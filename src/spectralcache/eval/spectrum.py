@@ -137,7 +137,9 @@ def plot_spectrum(res: dict[str, Any], path: Path) -> Path:
         for name, r in ranks.items():
             row[1].axvline(r, color="gray", ls="--", lw=0.8)
             row[1].text(r, 0.95, f" {name}={r}", fontsize=7, color="gray", va="top")
-        row[0].set_title(f"layer {layer}: σ_i / σ_1 per {res['block_size']}-token block (band: min-max)", fontsize=10)
+        row[0].set_title(
+            f"layer {layer}: σ_i / σ_1 per {res['block_size']}-token block (band: min-max)", fontsize=10
+        )
         row[0].set_ylim(1e-6, 1.5)
         row[0].set_xlabel("index")
         row[0].legend(fontsize=7)
