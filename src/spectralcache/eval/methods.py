@@ -62,6 +62,15 @@ class Method:
         """
         return _FACTORIES[self.kind](self, model)
 
+    def describe(self) -> dict[str, Any]:
+        """What the name stood for when it ran (presets can change between commits)."""
+        if self.kind != "spectral":
+            return {"kind": self.kind, "preset": self.preset, **self.options}
+        import dataclasses
+
+        cfg = dataclasses.asdict(self.spectral_config())
+        return {"kind": "spectral", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
+
     def spectral_config(self) -> Any:
         if self.kind != "spectral":
             raise TypeError(f"{self.name} is not a spectral method")

@@ -159,6 +159,10 @@ def run_perplexity(
                 base = old if method.is_baseline else base
                 continue
         res: dict[str, Any] = {"method": method.name, "protocol": protocol, "device": device, "dtype": dtype}
+        try:
+            res["method_config"] = method.describe()
+        except (ValueError, TypeError, ImportError) as err:
+            res["method_config"] = f"{type(err).__name__}: {err}"
         per_seg = []
         try:
             for k, ids in enumerate(tqdm(segs, desc=f"ppl {method.name}", disable=not progress)):

@@ -364,6 +364,7 @@ def run_one(model: Any, tokenizer: Any, sample: dict, method: Method, opts: RunO
         "metric": s["metric"],
     }
     try:
+        row["method_config"] = method.describe()
         cache = method.make_cache(model)
         a = answer(
             model,
