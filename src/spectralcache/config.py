@@ -87,6 +87,11 @@ class SpectralConfig:
         coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale
             per row, 4 = two int4 values packed per uint8 with a float16 scale per row, 16 =
             no quantization (model dtype), used by the lossless preset.
+        value_coeff_bits: ``None``. Storage of the value coefficients when it should differ from
+            ``coeff_bits`` (same choices); ``None`` means ``coeff_bits``. Values tolerate coarser
+            rounding than keys: a key error is exponentiated by the softmax, a value error is
+            only averaged. On Gemma 3 270M multikey prompts int4 value rows kept the baseline's
+            answers where int4 key rows lost them (``docs/fidelity.md``).
         key_space: ``"post_rope"``. ``"pre_rope"`` un-rotates keys with the exact inverse of
             the model's own RoPE before compression (pre-RoPE keys are lower rank); attention
             then re-rotates every reconstructed tile, which costs compute. ``"post_rope"``
@@ -132,6 +137,7 @@ class SpectralConfig:
     key_codec: str = "lowrank"
     value_codec: str = "lowrank"
     coeff_bits: int = 8
+    value_coeff_bits: int | None = None
     key_space: str = "post_rope"
     svd_method: str = "randomized"
     svd_orth: str = "cholqr2"
@@ -160,12 +166,12 @@ class SpectralConfig:
         need_int("svd_n_iter", 0)
         need_int("svd_oversample", 0)
         need_int("seed", 0)
-        for name in ("rank_keys", "rank_values"):
+        for name, codec in (("rank_keys", self.key_codec), ("rank_values", self.value_codec)):
             value = getattr(self, name)
             if value is None:
                 continue
             need_int(name, 1)
-            if value > block_size:
+            if value > block_size and codec != "identity":  # an identity codec has no rank
                 raise ValueError(
                     f"SpectralConfig.{name}={value} exceeds block_size={block_size}: a block of "
                     f"{block_size} tokens has rank at most {block_size}"
@@ -178,6 +184,11 @@ class SpectralConfig:
         if not _is_int(self.coeff_bits) or self.coeff_bits not in COEFF_BITS:
             raise ValueError(
                 f"SpectralConfig.coeff_bits must be one of {COEFF_BITS}, got {self.coeff_bits!r}"
+            )
+        vb = self.value_coeff_bits
+        if vb is not None and (not _is_int(vb) or vb not in COEFF_BITS):
+            raise ValueError(
+                f"SpectralConfig.value_coeff_bits must be None or one of {COEFF_BITS}, got {vb!r}"
             )
         for name, allowed in (
             ("key_codec", CODECS),
@@ -216,6 +227,11 @@ class SpectralConfig:
             object.__setattr__(self, "compress_layers", tuple(sorted(layers)))
         if not isinstance(self.name, str):
             raise TypeError(f"SpectralConfig.name must be a str, got {self.name!r}")
+
+    @property
+    def value_bits(self) -> int:
+        """Resolved storage width of the value coefficients."""
+        return self.coeff_bits if self.value_coeff_bits is None else self.value_coeff_bits
 
     # ------------------------------------------------------------------ model-dependent
     def ranks_for(self, head_dim: int) -> tuple[int, int]:
@@ -261,7 +277,7 @@ class SpectralConfig:
         if self.basis_dtype == "auto":
             if model_dtype in (torch.float16, torch.bfloat16):
                 return model_dtype
-            return model_dtype if self.coeff_bits == 16 else torch.float16
+            return model_dtype if self.coeff_bits == 16 and self.value_bits == 16 else torch.float16
         return _TORCH_DTYPES[self.basis_dtype]
 
     def compute_torch_dtype(self) -> torch.dtype:

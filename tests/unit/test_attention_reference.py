@@ -65,6 +65,7 @@ def make_state(
     seed: int = 0,
     identity_keys: bool = False,
     identity_values: bool = False,
+    value_bits: int | None = None,
 ) -> SpectralLayerState:
     """A random state: landmarks | blocks | hot, with the last ``chunk`` tokens also as the chunk."""
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +83,7 @@ def make_state(
         rank_values = d
     if nb:
         kc, ks = _coeffs(g, (b, h, nb, t, rank_keys), bits, dtype)
-        vc, vs = _coeffs(g, (b, h, nb, t, rank_values), bits, dtype)
+        vc, vs = _coeffs(g, (b, h, nb, t, rank_values), bits if value_bits is None else value_bits, dtype)
         basis_dtype = dtype if bits == 16 else torch.float16
         cold = ColdBlocks(
             key_coeffs=kc,
@@ -101,6 +102,7 @@ def make_state(
             coeff_bits=bits,
             rank_keys=rank_keys,
             rank_values=rank_values,
+            value_coeff_bits=value_bits,
         )
         if identity_keys:
             cold.key_basis = None
@@ -198,6 +200,26 @@ def test_identity_codec_matches_dense_reference(key_space: str, bits: int, codec
     if cold.value_basis is not None:
         v = v @ cold.value_basis[0, 0, 0].float()
     torch.testing.assert_close(values[0, 0, start + row], v[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize(("bits", "value_bits"), [(8, 4), (4, 8), (16, 8)])
+@pytest.mark.parametrize("phase", ["decode", "prefill_chunk"])
+def test_value_bits_differ_from_key_bits(key_space: str, bits: int, value_bits: int, phase: str) -> None:
+    chunk = 1 if phase == "decode" else 27
+    for identity in (False, True):
+        state = make_state(
+            key_space=key_space,
+            bits=bits,
+            value_bits=value_bits,
+            chunk=chunk,
+            seed=bits + value_bits,
+            identity_keys=identity,
+            identity_values=identity,
+        )
+        assert state.cold.value_bits == value_bits
+        query = _query(state, q_heads=6, q_len=chunk)
+        _close(spectral_attention(query, state, None), dense_reference(query, state, None))
 
 
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])

@@ -275,3 +275,17 @@ def test_needle_in_a_prose_like_block_survives_with_identity_keys():
     w_lr, out_lr = needle_weight(SpectralConfig(**base, rank_keys=32, rank_values=32))
     assert w_lr < 0.6 * w_exact
     assert (out_id - out_exact).norm() < 0.5 * (out_lr - out_exact).norm()
+
+
+def test_value_coeff_bits_int4_values_int8_keys():
+    g = torch.Generator().manual_seed(22)
+    k = torch.randn(2, T, D, generator=g)
+    v = torch.randn(2, T, D, generator=g)
+    c = cfg(key_codec="identity", value_codec="identity", coeff_bits=8, value_coeff_bits=4)
+    blocks = compress_blocks(k, v, c, D, D)
+    assert blocks.key_coeffs.dtype == torch.int8 and blocks.key_coeffs.shape[-1] == D
+    assert blocks.value_coeffs.dtype == torch.uint8 and blocks.value_coeffs.shape[-1] == D // 2
+    assert blocks.value_bits == 4
+    rk, rv = reconstruct(blocks)
+    assert rel_err(rk, k) < 0.01
+    assert 0.01 < rel_err(rv, v) < 0.12

@@ -64,6 +64,8 @@ def test_unknown_preset_lists_known_ones():
         ("basis_dtype", "float8", ValueError),
         ("compute_dtype", "float16", ValueError),
         ("key_codec", "svd", ValueError),
+        ("value_coeff_bits", 2, ValueError),
+        ("value_coeff_bits", 8.0, ValueError),
         ("value_codec", None, ValueError),
         ("compress_layers", (1, 1), ValueError),
         ("compress_layers", (-1,), ValueError),
@@ -109,6 +111,14 @@ def test_identity_codec_stores_head_dim_columns():
     cfg.replace(rank_values=16, key_codec="identity").check_for_model(head_dim=16, num_layers=4)
     with pytest.raises(ValueError, match="rank_values=64 exceeds the model's head_dim=32"):
         SpectralConfig(key_codec="identity").check_for_model(head_dim=32, num_layers=4)
+
+
+def test_value_bits_resolution():
+    assert SpectralConfig().value_bits == 8
+    assert SpectralConfig(value_coeff_bits=4).value_bits == 4
+    assert SpectralConfig(coeff_bits=4).value_bits == 4
+    # lossless keeps the model dtype only when neither side is quantized
+    assert SpectralConfig(coeff_bits=16, value_coeff_bits=8).basis_torch_dtype(torch.float32) == torch.float16
 
 
 def test_basis_dtype_resolution():

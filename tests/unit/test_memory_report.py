@@ -83,6 +83,25 @@ def test_tiers_are_measured_from_storage(bits, dtype):
     assert rep["compression"]["seconds"] > 0
 
 
+def test_identity_codec_int8_keys_int4_values_bytes():
+    cfg = SpectralConfig(
+        block_size=32,
+        hot_size=5,
+        landmarks=3,
+        outliers_per_block=4,
+        key_codec="identity",
+        value_codec="identity",
+        coeff_bits=8,
+        value_coeff_bits=4,
+    )
+    n = 3 + 4 * 32 + 7
+    cache = filled_cache(cfg, n, torch.float32)
+    tiers = cache.memory_report()["layers"][0]["tiers"]
+    assert tiers["bases"] == 0
+    assert tiers["coefficients"] == 2 * 2 * 4 * 32 * (64 + 32)  # int8 key rows + packed int4 value rows
+    assert tiers["scales"] == 2 * 2 * 4 * 32 * 2 * 2
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_identity_codec_bytes(bits):
     """Identity keys store head_dim columns per token and no key basis; values keep theirs."""

@@ -226,7 +226,7 @@ def _cold_scores(
 def _cold_values(p: torch.Tensor, cold: ColdBlocks, n_blocks: int) -> torch.Tensor:
     """Latent value read: probabilities [B, H, nb, R, T] -> sum over blocks of (p·C_V)·B_V, [B, H, R, D]."""
     rv = cold.rank_values
-    coeffs = _coeffs_float(cold.value_coeffs[:, :, :n_blocks], cold.coeff_bits, rv)  # [B,H,nb,T,rv]
+    coeffs = _coeffs_float(cold.value_coeffs[:, :, :n_blocks], cold.value_bits, rv)  # [B,H,nb,T,rv]
     if cold.value_scales is not None:
         p = p * cold.value_scales[:, :, :n_blocks].float().transpose(-1, -2)
     latent = p @ coeffs  # [B,H,nb,R,rv]
@@ -418,7 +418,7 @@ def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch
         if state.key_space == "pre_rope":
             k = state.rotate_block_keys(k, cold.block_starts).float()
         v = _block_rows(
-            cold.value_coeffs, cold.value_scales, cold.value_basis, cold.coeff_bits, cold.rank_values
+            cold.value_coeffs, cold.value_scales, cold.value_basis, cold.value_bits, cold.rank_values
         )
         oi = cold.outlier_index[..., None].expand(*cold.outlier_index.shape, head_dim)
         k = k.scatter(3, oi, cold.outlier_keys.float())

@@ -76,6 +76,11 @@ class CompressedBlocks:
     coeff_bits: int
     rank_keys: int
     rank_values: int
+    value_coeff_bits: int | None = None  # None: same as coeff_bits
+
+    @property
+    def value_bits(self) -> int:
+        return self.coeff_bits if self.value_coeff_bits is None else self.value_coeff_bits
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {
@@ -172,17 +177,19 @@ def _fit_and_store(
     model_dtype: torch.dtype,
     basis_dtype: torch.dtype,
     codec: str = "lowrank",
+    bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Fit + quantize; returns (stored coeffs, scales, stored basis or None for the identity
-    codec, reconstruction in compute dtype)."""
+    """Fit + quantize (``bits`` default ``config.coeff_bits``); returns (stored coeffs, scales,
+    stored basis or None for the identity codec, reconstruction in compute dtype)."""
+    bits = config.coeff_bits if bits is None else bits
     if codec == "identity":
-        q, scales = _quantize(m, config.coeff_bits, model_dtype)
-        recon = dequantize_coeffs(q, scales, config.coeff_bits, m.shape[-1], m.dtype)
+        q, scales = _quantize(m, bits, model_dtype)
+        recon = dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype)
         return q.contiguous(), None if scales is None else scales.contiguous(), None, recon
     coeffs, basis = low_rank_fit(m, rank, config, generator)
-    q, scales = _quantize(coeffs, config.coeff_bits, model_dtype)
+    q, scales = _quantize(coeffs, bits, model_dtype)
     basis_stored = basis.to(basis_dtype).contiguous()
-    recon = dequantize_coeffs(q, scales, config.coeff_bits, rank, m.dtype) @ basis_stored.to(m.dtype)
+    recon = dequantize_coeffs(q, scales, bits, rank, m.dtype) @ basis_stored.to(m.dtype)
     return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, recon
 
 
@@ -236,7 +243,8 @@ def compress_blocks(
 
     kc, vc = config.key_codec, config.value_codec
     kq, ks, kb, krec = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc)
-    vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype, vc)
+    vbits = config.value_bits
+    vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits)
 
     if o > 0:
         score = outlier_score(kf, krec, vf, vrec)  # [N, T]
@@ -249,7 +257,7 @@ def compress_blocks(
                 kq, ks, kb, _ = _fit_and_store(kf * keep, rank_keys, config, gen(), model_dtype, basis_dtype)
             if vc == "lowrank":
                 vq, vs, vb, _ = _fit_and_store(
-                    vf * keep, rank_values, config, gen(), model_dtype, basis_dtype
+                    vf * keep, rank_values, config, gen(), model_dtype, basis_dtype, "lowrank", vbits
                 )
         gather = idx.unsqueeze(-1).expand(n, o, d)
         out_k = torch.gather(exact_keys.reshape(n, t, d), 1, gather)
@@ -275,6 +283,7 @@ def compress_blocks(
         coeff_bits=config.coeff_bits,
         rank_keys=rank_keys,
         rank_values=rank_values,
+        value_coeff_bits=None if vbits == config.coeff_bits else vbits,
     )
 
 
@@ -304,7 +313,7 @@ def reconstruct_keys(
 
 def reconstruct_values(blocks: CompressedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     c = dequantize_coeffs(
-        blocks.value_coeffs, blocks.value_scales, blocks.coeff_bits, blocks.rank_values, dtype
+        blocks.value_coeffs, blocks.value_scales, blocks.value_bits, blocks.rank_values, dtype
     )
     recon = c if blocks.value_basis is None else c @ blocks.value_basis.to(dtype)
     return _scatter_outliers(recon, blocks.outlier_index, blocks.outlier_values)

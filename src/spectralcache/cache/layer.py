@@ -425,6 +425,7 @@ class SpectralLayer(CacheLayerMixin):
             coeff_bits=self.config.coeff_bits,
             rank_keys=rk,
             rank_values=rv,
+            value_coeff_bits=self.config.value_coeff_bits,
         )
 
     # ------------------------------------------------------------------ state
@@ -451,6 +452,7 @@ class SpectralLayer(CacheLayerMixin):
                 coeff_bits=self.config.coeff_bits,
                 rank_keys=rk,
                 rank_values=rv,
+                value_coeff_bits=self.config.value_coeff_bits,
             )
         rotate = None
         if self.config.key_space == "pre_rope":

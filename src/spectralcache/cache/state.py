@@ -24,7 +24,8 @@ o outliers per block, L landmarks, h hot tokens):
 - ``ColdBlocks.key_basis``: [B, H, nb, rk, D]; the block's keys are ``coeffs @ basis``.
   ``None`` means the identity basis (``key_codec="identity"``): then ``rk == D`` and the
   (scaled) coefficient rows *are* the keys.
-- values likewise with rv. Values always stay latent in attention: ``(p @ C_V) @ B_V``,
+- values likewise with rv, stored with ``value_bits`` (= ``value_coeff_bits``, or
+  ``coeff_bits`` when that is None). Values always stay latent in attention: ``(p @ C_V) @ B_V``,
   or just ``p @ C_V`` when ``value_basis`` is None.
 - ``ColdBlocks.outlier_keys`` / ``outlier_values``: [B, H, nb, o, D] exact, post-RoPE.
 - ``ColdBlocks.outlier_index``: [B, H, nb, o] int64, index inside the block (0..T-1).
@@ -66,6 +67,12 @@ class ColdBlocks:
     coeff_bits: int
     rank_keys: int
     rank_values: int
+    # storage width of the value coefficients when it differs from coeff_bits (None: the same)
+    value_coeff_bits: int | None = None
+
+    @property
+    def value_bits(self) -> int:
+        return self.coeff_bits if self.value_coeff_bits is None else self.value_coeff_bits
 
     @property
     def num_blocks(self) -> int:
