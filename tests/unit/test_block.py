@@ -289,3 +289,16 @@ def test_value_coeff_bits_int4_values_int8_keys():
     rk, rv = reconstruct(blocks)
     assert rel_err(rk, k) < 0.01
     assert 0.01 < rel_err(rv, v) < 0.12
+
+
+def test_identity_codec_unquantized_owns_its_storage():
+    """With the identity codec at 16 bits the stored rows equal the input; they must still be
+    a copy (the cold tier may not alias or pin the hot buffer it was cut from)."""
+    k = low_rank((1, 1, 1), rank=4, seed=17)
+    v = low_rank((1, 1, 1), rank=4, seed=18)
+    c = cfg(key_codec="identity", value_codec="identity", coeff_bits=16, outliers_per_block=0)
+    b = compress_blocks(k, v, c, D, D)
+    assert b.key_basis is None and b.value_basis is None
+    assert b.key_coeffs.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    assert b.value_coeffs.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+    torch.testing.assert_close(reconstruct(b)[0], k, rtol=0, atol=0)

@@ -135,7 +135,7 @@ class Reference:
 
 
 configs = st.builds(
-    lambda t, hot, lm, o, rk, rv, bits, ks, refit: SpectralConfig(
+    lambda t, hot, lm, o, rk, rv, bits, ks, refit, kc, vc: SpectralConfig(
         block_size=t,
         hot_size=hot,
         landmarks=lm,
@@ -145,6 +145,8 @@ configs = st.builds(
         coeff_bits=bits,
         key_space=ks,
         refit_after_outliers=refit,
+        key_codec=kc,
+        value_codec=vc,
     ),
     t=st.sampled_from([4, 8]),
     hot=st.sampled_from([0, 1, 3]),
@@ -155,6 +157,8 @@ configs = st.builds(
     bits=st.sampled_from([4, 8, 16]),
     ks=st.sampled_from(["post_rope", "pre_rope"]),
     refit=st.booleans(),
+    kc=st.sampled_from(["lowrank", "lowrank", "identity"]),
+    vc=st.sampled_from(["lowrank", "lowrank", "identity"]),
 )
 
 ops = st.lists(

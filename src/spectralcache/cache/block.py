@@ -133,7 +133,9 @@ def low_rank_fit(
 def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype):
     """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer."""
     if bits == 16:
-        return coeffs.to(model_dtype), None
+        # copy=True: with the identity codec the "coefficients" are the input rows themselves,
+        # and the cold tier must own its storage (no aliasing of, or pinning, the hot buffer)
+        return coeffs.to(model_dtype, copy=True), None
     q = _quant_module().quantize_rows(coeffs, bits=bits, scale_dtype=torch.float16)
     return q.data, q.scales
 
