@@ -13,22 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectralcache.cache.block import CompressedBlocks, compress_blocks, reconstruct
-from spectralcache.cache.layer import SpectralLayer
+from spectralcache.cache.layer import _COLD_FIELDS, SpectralLayer
 from spectralcache.cache.rope import RopeRotator
 from spectralcache.config import SpectralConfig
 
 D = 8
-_FIELDS = (
-    "key_coeffs",
-    "key_scales",
-    "key_basis",
-    "value_coeffs",
-    "value_scales",
-    "value_basis",
-    "outlier_keys",
-    "outlier_values",
-    "outlier_index",
-)
+_FIELDS = _COLD_FIELDS  # the stored tiers, named once in the layer
 
 
 @pytest.fixture(autouse=True, scope="module")
