@@ -180,6 +180,12 @@ class SpectralCache(Cache):
                 lt = layer_types[i]
                 if lt not in rotators:
                     rotators[lt] = RopeRotator(find_rotary_inv_freq(model, lt), head_dim)
+        if model is not None:
+            # Tensor parallelism: each rank caches only its own KV heads, read from the sharded
+            # model (the config holds the global count). Unchanged on an unsharded model.
+            from spectralcache.integrations.tp import kv_heads_per_rank
+
+            n_kv = kv_heads_per_rank(model, n_kv, head_dim, compress)
         layers: list[Any] = []
         compress_set = set(compress)
         for i, (lt, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
