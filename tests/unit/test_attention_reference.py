@@ -8,6 +8,8 @@ the three mask forms transformers passes (None, bool, additive float) with left 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,12 +22,16 @@ from spectralcache.attention.reference import (
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
 
+def _inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
 def _rope(keys: torch.Tensor, block_starts: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotate-half RoPE of pre-RoPE block keys [B, H, nb, T, D] at their absolute positions."""
     d = keys.shape[-1]
     t = keys.shape[-2]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    pos = (block_starts[:, None] + torch.arange(t)).float()  # [nb, T]
+    inv = _inv_freq(d, theta).to(keys.device)
+    pos = (block_starts[:, None].to(keys.device) + torch.arange(t, device=keys.device)).float()  # [nb, T]
     ang = pos[..., None] * inv  # [nb, T, D/2]
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([ang.sin(), ang.sin()], -1)
@@ -113,6 +119,15 @@ def make_state(
     if chunk is not None:
         chunk_start = seq_len - chunk
         chunk_keys, chunk_values = rn(b, h, chunk, d), rn(b, h, chunk, d)
+    # the pre-RoPE rotation: RoPE inverse frequencies in the state (cache/state.py contract), or the
+    # older bound-callable field while a checkout still has it
+    rope: dict = {}
+    if key_space == "pre_rope":
+        names = {f.name for f in dataclasses.fields(SpectralLayerState)}
+        if "rope_inv_freq" in names:
+            rope["rope_inv_freq"] = _inv_freq(head_dim)
+        else:
+            rope["rotate_block_keys"] = _rope
     return SpectralLayerState(
         layer_idx=0,
         seq_len=seq_len,
@@ -126,7 +141,7 @@ def make_state(
         chunk_values=chunk_values,
         chunk_start=chunk_start,
         key_space=key_space,
-        rotate_block_keys=_rope if key_space == "pre_rope" else None,
+        **rope,
     )
 
 

@@ -5,38 +5,61 @@ clarity over cleverness, but it is also the CPU fast path: every tier is handled
 few batched matmuls (no Python loop over tokens or blocks; pre-RoPE keys loop over
 *tiles* of many blocks only to bound memory).
 
-One softmax spans all tiers. Scores are computed per tier in float32, the global row
-maximum is taken over every tier, and the exponentials of every tier share one
-denominator, so the result is exactly softmax attention over the union of the tiers:
+Two parts, merged exactly by their log-sum-exps (:func:`merge_partials`):
 
-* exact tiers (landmarks, outliers, hot buffer, current chunk): ``q·kᵀ`` and ``p·v``;
-* cold blocks, keys post-RoPE: ``(q·B_Kᵀ)·C_Kᵀ`` with the per-row scale applied after
-  the product; keys pre-RoPE: each tile of blocks is reconstructed, rotated with
-  ``state.rotate_block_keys`` and scored;
-* cold blocks, values always latent: ``(p·C_V)·B_V`` with the per-row value scale
-  folded into ``p``, one matmul that also sums over blocks.
-* identity codec (``key_basis`` / ``value_basis`` None): the scaled coefficient rows are the
-  keys / values themselves, so the basis product is skipped (``q·C_Kᵀ``, ``Σ_blocks p·C_V``).
+* **the exact current chunk** (cache indices ``chunk_start .. seq_len - 1``, the K/V this
+  forward call added) runs through a fused SDPA kernel (:func:`sdpa_with_lse`: FlashAttention
+  / memory-efficient on CUDA, the flash kernel on CPU) that also returns its log-sum-exp. A
+  first prefill (nothing cached before the chunk) is plain SDPA. Decode and short chunks,
+  and softcapped models (SDPA has no softcap), attend the chunk as one more exact tier of
+  the torch softmax below instead.
+* **the tiers before the chunk**: one softmax spans them. Scores are computed per tier in
+  float32, the global row maximum is taken over every tier, and the exponentials of every
+  tier share one denominator, so the result is exactly softmax attention over their union:
+
+  * exact tiers (landmarks, outliers, hot buffer): ``q·kᵀ`` and ``p·v``;
+  * cold blocks, keys post-RoPE: ``(q·B_Kᵀ)·C_Kᵀ`` with the per-row scale applied after
+    the product; keys pre-RoPE: each tile of blocks is reconstructed, rotated to its cache
+    indices (``cache/rope.py``) and scored;
+  * cold blocks, values always latent: ``(p·C_V)·B_V`` with the per-row value scale
+    folded into ``p``, one matmul that also sums over blocks.
+  * identity codec (``key_basis`` / ``value_basis`` None): the scaled coefficient rows are the
+    keys / values themselves, so the basis product is skipped (``q·C_Kᵀ``, ``Σ_blocks p·C_V``).
 
 Masking is by *cache index* (the order tokens entered the cache, padding included),
 which is what the attention mask's last dimension indexes, so left padding works for
 every tier: each tier gathers the mask columns of its own cache indices. Tokens at
 cache indices ``>= chunk_start`` are read from the exact chunk only; the tiers'
-copies of them (the cache may already have compressed them) are masked out.
+copies of them (the cache may already have compressed them) are masked out. A row that
+sees no key at all returns zeros and log-sum-exp ``-inf``, never NaN.
 
 GQA: queries are viewed as ``[B, H_kv, groups * q, D]`` so keys and values are never
-repeated per query head.
+repeated per query head (the CUDA LSE kernels get K/V repeated; that copy is small next
+to the attention it feeds).
+
+Decode reads no tensor on the host (no ``.item()``, ``bool(t)``, ``.tolist()``): every size
+comes from host integers of the state (``seq_len``, ``hot_start``, ``chunk_start``,
+``ColdBlocks.num_blocks``), so a CUDA decode step never waits for the device.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
-__all__ = ["dense_attention", "dense_reference", "reconstruct_dense_kv", "spectral_attention"]
+__all__ = [
+    "dense_attention",
+    "dense_reference",
+    "merge_partials",
+    "reconstruct_dense_kv",
+    "sdpa_with_lse",
+    "spectral_attention",
+]
 
 _NEG_INF = float("-inf")
 
@@ -75,9 +98,28 @@ def _check_state(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, i
         raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv} KV heads")
     if state.key_space not in ("pre_rope", "post_rope"):
         raise ValueError(f"unknown key_space {state.key_space!r}")
-    if state.cold is not None and state.key_space == "pre_rope" and state.rotate_block_keys is None:
-        raise ValueError("pre_rope cold blocks need state.rotate_block_keys")
+    if (
+        state.cold is not None
+        and state.key_space == "pre_rope"
+        and getattr(state, "rope_inv_freq", None) is None
+        and getattr(state, "rotate_block_keys", None) is None
+    ):
+        raise ValueError(
+            "pre_rope cold blocks need state.rope_inv_freq (the model's RoPE inverse frequencies)"
+        )
     return bsz, n_q_heads, q_len, head_dim, n_kv
+
+
+def _rotate_block_keys(
+    state: SpectralLayerState, keys: torch.Tensor, block_starts: torch.Tensor
+) -> torch.Tensor:
+    """Re-rotate pre-RoPE block keys [B, H, nb, T, D] to their cache indices (post-RoPE)."""
+    inv_freq = getattr(state, "rope_inv_freq", None)
+    if inv_freq is not None:
+        from spectralcache.cache.rope import rotate_block_keys
+
+        return rotate_block_keys(keys, block_starts, inv_freq)
+    return state.rotate_block_keys(keys, block_starts)
 
 
 # --------------------------------------------------------------------------- masks
@@ -218,7 +260,7 @@ def _cold_scores(
         if scales is not None:
             c = c * scales[:, :, lo:hi]
         keys = c if basis is None else c @ basis[:, :, lo:hi]  # [B,H,nt,T,D] pre-RoPE
-        keys = state.rotate_block_keys(keys, starts[lo:hi]).float()
+        keys = _rotate_block_keys(state, keys, starts[lo:hi]).float()
         tiles.append(qs[:, :, None] @ keys.transpose(-1, -2))  # [B,H,nt,R,T]
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
 
@@ -238,6 +280,202 @@ def _cold_values(p: torch.Tensor, cold: ColdBlocks, n_blocks: int) -> torch.Tens
     return latent @ basis  # one matmul also sums the blocks
 
 
+# --------------------------------------------------------------------------- merging partial results
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial softmax-attention results over disjoint key sets.
+
+    ``out_x`` [..., q, D] is softmax attention over key set X alone and ``lse_x`` [..., q]
+    the natural-log log-sum-exp of its (scaled, softcapped, masked) scores. The result is
+    attention over the union, ``(e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b})``,
+    and its log-sum-exp ``logaddexp(lse_a, lse_b)``; both float32.
+
+    ``lse = -inf`` marks an empty part (no visible key): its ``out`` is ignored, even if it is
+    NaN or inf. When both parts are empty the row is empty too: ``out`` is 0 and ``lse`` is
+    ``-inf`` (the same convention as :func:`spectral_attention` for a fully masked row), so
+    merges can be chained without producing NaN.
+    """
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(lse_a, lse_b)
+    ref = torch.where(torch.isfinite(lse), lse, 0.0)  # both empty: weights exp(-inf - 0) = 0
+    w_a = torch.exp(lse_a - ref).unsqueeze(-1)
+    w_b = torch.exp(lse_b - ref).unsqueeze(-1)
+    # where(), not a product: an empty part's out may be garbage, and 0 * NaN is NaN
+    out = torch.where(w_a > 0, out_a.float() * w_a, 0.0) + torch.where(w_b > 0, out_b.float() * w_b, 0.0)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- the exact chunk via SDPA
+
+# The chunk goes through SDPA when it has at least this many (query, chunk key) pairs; below it
+# (decode, short chunks) attending it inside the one-softmax tier path costs less than an extra
+# kernel launch plus the merge.
+_SDPA_MIN_PAIRS = 4096
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _chunk_bias(
+    attention_mask: torch.Tensor | None,
+    q_first: int,
+    q_len: int,
+    chunk_start: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
+    """What SDPA needs to attend queries at cache indices ``q_first ..`` to the chunk.
+
+    Returns ``(bias, is_causal, visible)``: an additive ``[B|1, 1, q, n]`` bias in ``dtype``
+    (``-inf`` = masked) or None, whether SDPA's own causal flag applies (only when the
+    queries *are* the chunk, so top-left and bottom-right alignment agree), and a
+    ``[B|1, 1, q]`` bool of rows that see at least one chunk key (None = every row does).
+    """
+    n_chunk = seq_len - chunk_start
+    if attention_mask is None:
+        if q_first == chunk_start and q_len == n_chunk:
+            return None, True, None
+        q_pos = torch.arange(q_first, q_first + q_len, device=device)
+        keep = torch.arange(chunk_start, seq_len, device=device)[None, :] <= q_pos[:, None]
+        keep = keep[None, None]
+    else:
+        cols = attention_mask[..., chunk_start:seq_len].to(device)
+        if cols.dtype == torch.bool:
+            keep = cols
+        else:
+            keep = cols > torch.finfo(cols.dtype).min / 2
+            bias = torch.where(keep, cols.to(dtype), _NEG_INF)
+            return bias, False, keep.any(dim=-1)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(keep, zero, _NEG_INF), False, keep.any(dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, n, D] -> [B, Hkv * groups, n, D], query head h reading KV head h // groups."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def _aligned_bias(bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """The memory-efficient CUDA kernel wants the bias rows 16-element aligned and 4D per head."""
+    b, _, q, n = bias.shape
+    padded = bias.new_empty(b, 1, q, (n + 15) // 16 * 16)[..., :n]
+    padded.copy_(bias)
+    return padded.expand(b, heads, q, n)
+
+
+def sdpa_with_lse(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, str] | None:
+    """Softmax attention of ``query`` [B, Hq, q, D] over ``keys`` / ``values`` [B, Hkv, n, D] by a
+    fused SDPA kernel, with its natural-log log-sum-exp of the scaled scores [B, Hq, q] float32.
+
+    ``bias`` is an additive mask in the query dtype (``-inf`` = masked), ``is_causal`` SDPA's
+    top-left causal flag. Returns ``(out, lse, backend)`` or None when no fused kernel applies
+    here (the caller then uses the torch path). Backends: CPU ``flash_cpu`` (the only fused CPU
+    kernel, mask supported, GQA native); CUDA ``flash`` (fp16/bf16, no mask) or ``efficient``
+    (any mask, fp32 too), K/V repeated per query head (cheap next to attention); ``sdpa`` = the
+    public function (CUDA, ``need_lse=False``: torch picks its fastest backend, no LSE).
+    Rows whose keys are all masked come back arbitrary (the caller masks them).
+    """
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
+    aten = torch.ops.aten
+    try:
+        if query.device.type == "cpu":
+            if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+                return None
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                query, keys, values, 0.0, is_causal, attn_mask=bias, scale=scale
+            )
+            return out, lse, "flash_cpu"
+        if query.device.type != "cuda":
+            return None
+        head_dim = query.shape[-1]
+        if not need_lse:
+            if bias is None:
+                out = F.scaled_dot_product_attention(
+                    query, keys, values, is_causal=is_causal, scale=scale, enable_gqa=groups > 1
+                )
+            else:  # GQA with a mask would fall back to the math kernel: repeat instead
+                out = F.scaled_dot_product_attention(
+                    query, _repeat_kv(keys, groups), _repeat_kv(values, groups), attn_mask=bias, scale=scale
+                )
+            return out, None, "sdpa"
+        keys, values = _repeat_kv(keys, groups), _repeat_kv(values, groups)
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        if bias is None and half and head_dim % 8 == 0 and head_dim <= 256:
+            res = aten._scaled_dot_product_flash_attention(
+                query, keys, values, 0.0, is_causal, False, scale=scale
+            )
+            return res[0], res[1][..., : query.shape[2]], "flash"
+        if head_dim % (8 if half else 4) == 0:
+            attn_bias = None if bias is None else _aligned_bias(bias, query.shape[1])
+            res = aten._scaled_dot_product_efficient_attention(
+                query, keys, values, attn_bias, True, 0.0, is_causal, scale=scale
+            )
+            return res[0], res[1][..., : query.shape[2]], "efficient"
+    except RuntimeError as exc:  # a kernel refusing these shapes: the torch path is always right
+        _warn_once(
+            f"sdpa:{query.device.type}:{query.dtype}",
+            f"spectral attention: fused SDPA failed ({exc}); using the torch path",
+        )
+    return None
+
+
+def _attend_chunk_sdpa(
+    query: torch.Tensor,
+    state: SpectralLayerState,
+    attention_mask: torch.Tensor | None,
+    q_first: int,
+    scale: float,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Queries against the exact chunk through SDPA: (out [B, Hq, q, D] query dtype, lse or None)."""
+    q_len = query.shape[2]
+    seq_len = int(state.seq_len)
+    bias, is_causal, visible = _chunk_bias(
+        attention_mask, q_first, q_len, state.chunk_start, seq_len, query.dtype, query.device
+    )
+    res = sdpa_with_lse(
+        query,
+        state.chunk_keys,
+        state.chunk_values,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        need_lse=need_lse,
+    )
+    if res is None:
+        return None
+    out, lse, _ = res
+    if visible is not None:  # rows that see no chunk key: empty part (kernels disagree on what they return)
+        out = torch.where(visible[..., None], out, 0.0).to(query.dtype)
+        if lse is not None:
+            lse = torch.where(visible, lse, _NEG_INF)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- attention
+
+
 def spectral_attention(
     query: torch.Tensor,
     state: SpectralLayerState,
@@ -246,57 +484,131 @@ def spectral_attention(
     scaling: float | None = None,
     softcap: float | None = None,
     tile_tokens: int = 16384,
-    max_score_elements: int = 1 << 23,
-) -> torch.Tensor:
+    max_score_elements: int | None = None,
+    return_lse: bool = False,
+    chunk_backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` [B, Hq, q, D] over a compressed layer, without decompressing it.
 
-    Returns [B, Hq, q, D] in the query's dtype. All arithmetic is float32. Rows with no
-    visible key (e.g. a padding query) return zeros instead of NaN. A long prefill is
-    split into query tiles so the float32 score matrix stays under ``max_score_elements``
-    (decode is always one tile); ``tile_tokens`` bounds a pre-RoPE reconstruction tile.
+    Returns [B, Hq, q, D] in the query's dtype (and, with ``return_lse``, the natural-log
+    log-sum-exp of the scaled scores, [B, Hq, q] float32, ``-inf`` for a row that sees no key).
+    Rows with no visible key (e.g. a padding query) return zeros instead of NaN.
+
+    Two parts, merged exactly by their log-sum-exps (:func:`merge_partials`):
+
+    * the tiers before the chunk (cache indices < ``chunk_start``: landmarks, cold blocks and
+      outliers, hot buffer) in float32 torch, split into query tiles so the score matrix stays
+      under ``max_score_elements`` (default 2**23 on CPU, 2**26 on CUDA; decode is one tile);
+      ``tile_tokens`` bounds a pre-RoPE reconstruction tile;
+    * the exact current chunk through a fused SDPA kernel (:func:`sdpa_with_lse`). When nothing
+      precedes the chunk (a first prefill) this is plain SDPA.
+
+    ``chunk_backend``: ``"auto"`` uses SDPA for chunks of at least ``_SDPA_MIN_PAIRS``
+    (query, key) pairs without softcap (SDPA has none); ``"sdpa"`` always when a kernel exists;
+    ``"torch"`` never (the chunk is then one more exact tier of the one float32 softmax).
     """
-    bsz, n_q_heads, q_len, _, _ = _check_state(query, state)
+    bsz, n_q_heads, q_len, head_dim, _ = _check_state(query, state)
+    if chunk_backend not in ("auto", "sdpa", "torch"):
+        raise ValueError(f"chunk_backend must be 'auto', 'sdpa' or 'torch', got {chunk_backend!r}")
     seq_len = int(state.seq_len)
     q_first = seq_len - q_len
     if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[2] != q_len):
         raise ValueError(
             f"attention_mask must be 4D [batch, 1, q_len={q_len}, kv_len], got shape {tuple(attention_mask.shape)}"
         )
-    per_query_row = bsz * n_q_heads * max(seq_len, 1)
+    if max_score_elements is None:
+        max_score_elements = 1 << 26 if query.device.type == "cuda" else 1 << 23
+    has_chunk = state.chunk_keys is not None
+    if has_chunk:
+        n_chunk = state.chunk_keys.shape[2]
+        if state.chunk_start + n_chunk != seq_len:
+            raise ValueError(
+                f"chunk covers cache indices {state.chunk_start}..{state.chunk_start + n_chunk - 1}"
+                f" but the layer holds {seq_len} tokens"
+            )
+        # validates the mask's shape before any kernel sees it
+        _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, query.device, q_first)
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    use_sdpa = (
+        has_chunk
+        and softcap is None
+        and chunk_backend != "torch"
+        and (chunk_backend == "sdpa" or q_len * state.chunk_keys.shape[2] >= _SDPA_MIN_PAIRS)
+    )
+    chunk_part = None
+    if use_sdpa:
+        only_chunk = state.chunk_start == 0  # nothing precedes the chunk: plain SDPA
+        chunk_part = _attend_chunk_sdpa(
+            query, state, attention_mask, q_first, scale, need_lse=return_lse or not only_chunk
+        )
+        if chunk_part is not None and only_chunk:
+            out, lse = chunk_part
+            return (out, lse) if return_lse else out
+    include_chunk = chunk_part is None
+    tier_end = seq_len if include_chunk else int(state.chunk_start)
+    per_query_row = bsz * n_q_heads * max(tier_end, 1)
     q_tile = max(1, max_score_elements // per_query_row)
-    if q_tile >= q_len:
-        return _attend(query, state, attention_mask, q_first, scaling, softcap, tile_tokens)
-    outs = []
+    outs, lses = [], []
     for lo in range(0, q_len, q_tile):
         hi = min(q_len, lo + q_tile)
         mask = None if attention_mask is None else attention_mask[:, :, lo:hi]
-        outs.append(_attend(query[:, :, lo:hi], state, mask, q_first + lo, scaling, softcap, tile_tokens))
-    return torch.cat(outs, dim=2)
+        q = query[:, :, lo:hi]
+        o, s = _attend_tiers(q, state, mask, q_first + lo, scale, softcap, tile_tokens, include_chunk)
+        outs.append(o)
+        lses.append(s)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+    if chunk_part is not None:
+        out, lse = merge_partials(out, lse, chunk_part[0], chunk_part[1])
+    out = out.to(query.dtype)
+    return (out, lse) if return_lse else out
 
 
-def _attend(
+def _cold_blocks_before(state: SpectralLayerState, tier_end: int) -> int:
+    """How many cold blocks start before cache index ``tier_end``, from host integers only.
+
+    The contract (``cache/state.py``) lays the blocks out contiguously, ending where the hot
+    buffer starts: block ``n`` covers ``[hot_start - (nb - n) * T, hot_start - (nb - n - 1) * T)``.
+    Reading ``block_starts`` instead would synchronize the device at every decode step.
+    """
+    cold = state.cold
+    if cold is None:
+        return 0
+    nb = cold.num_blocks
+    if nb == 0:
+        return 0
+    t = cold.block_size
+    first = state.hot_start - nb * t
+    return max(0, min(nb, -((first - tier_end) // t)))  # ceil((tier_end - first) / t), clamped
+
+
+def _attend_tiers(
     query: torch.Tensor,
     state: SpectralLayerState,
     attention_mask: torch.Tensor | None,
     q_first: int,
-    scaling: float | None,
+    scale: float,
     softcap: float | None,
     tile_tokens: int,
-) -> torch.Tensor:
-    """One query tile (queries at cache indices ``q_first ..``) against every tier."""
+    include_chunk: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query tile (queries at cache indices ``q_first ..``) against the tiers before the
+    chunk, plus the chunk itself when ``include_chunk``; one float32 softmax over all of them.
+
+    Returns (out [B, Hq, q, D] float32, lse [B, Hq, q] float32, ``-inf`` where no key is seen).
+    No host synchronization: every size used here is a host integer of the state.
+    """
     bsz, n_q_heads, q_len, head_dim, n_kv = _check_state(query, state)
     groups = n_q_heads // n_kv
     rows = groups * q_len
     device = query.device
     seq_len = int(state.seq_len)
-    has_chunk = state.chunk_keys is not None
-    tier_end = int(state.chunk_start) if has_chunk else seq_len
-    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    has_chunk = include_chunk and state.chunk_keys is not None
+    tier_end = int(state.chunk_start) if state.chunk_keys is not None else seq_len
     masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, tier_end, device, q_first)
 
     # [B, H, groups*q, D]: query heads of one KV head are consecutive (same as repeat_kv).
-    qs = query.float().reshape(bsz, n_kv, rows, head_dim)
-    qs_scaled = qs * scale
+    qs_scaled = query.float().reshape(bsz, n_kv, rows, head_dim) * scale
 
     def exact_scores(keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s = _softcap(qs_scaled @ keys.float().transpose(-1, -2), softcap)  # [B,H,R,n]
@@ -313,16 +625,14 @@ def _attend(
         exact.append((exact_scores(state.landmark_keys, masks.shared(idx, n_land)), state.landmark_values))
 
     cold = state.cold
-    n_blocks = 0
-    if cold is not None and cold.num_blocks:
-        # blocks that start at or after the chunk are served by the chunk entirely
-        n_blocks = int((cold.block_starts < tier_end).sum())
+    # blocks that start at or after the chunk are served by the chunk entirely
+    n_blocks = _cold_blocks_before(state, tier_end)
     cold_scores = None
     if n_blocks:
         t = cold.block_size
         starts = cold.block_starts[:n_blocks].to(device)
         s = _softcap(_cold_scores(qs_scaled, cold, state, n_blocks, tile_tokens), softcap)
-        cold_end = int(starts[-1]) + t
+        cold_end = state.hot_start - (cold.num_blocks - n_blocks) * t
         idx = (starts[:, None] + torch.arange(t, device=device)).reshape(-1)
         bias = masks.shared(idx, cold_end)  # [B|1, 1, q, nb*T] or None
         # rows kept exact as outliers are attended through their exact copy, not here
@@ -348,12 +658,6 @@ def _attend(
         )
 
     if has_chunk:
-        n_chunk = state.chunk_keys.shape[2]
-        if state.chunk_start + n_chunk != seq_len:
-            raise ValueError(
-                f"chunk covers cache indices {state.chunk_start}..{state.chunk_start + n_chunk - 1}"
-                f" but the layer holds {seq_len} tokens"
-            )
         chunk_masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, device, q_first)
         idx = torch.arange(state.chunk_start, seq_len, device=device)
         exact.append((exact_scores(state.chunk_keys, chunk_masks.shared(idx, seq_len)), state.chunk_values))
@@ -376,8 +680,10 @@ def _attend(
         p = torch.exp(cold_scores - row_max.unsqueeze(2))
         denom = denom + p.sum(dim=-1).sum(dim=2).unsqueeze(-1)
         out = out + _cold_values(p, cold, n_blocks)
-    out = torch.where(denom > 0, out / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return out.reshape(bsz, n_q_heads, q_len, head_dim).to(query.dtype)
+    seen = denom > 0
+    out = torch.where(seen, out / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    lse = torch.where(seen, row_max + torch.log(denom), _NEG_INF)
+    return out.reshape(bsz, n_q_heads, q_len, head_dim), lse.reshape(bsz, n_q_heads, q_len)
 
 
 # --------------------------------------------------------------------------- dense references
@@ -416,7 +722,7 @@ def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch
     if cold is not None and cold.num_blocks:
         k = _block_rows(cold.key_coeffs, cold.key_scales, cold.key_basis, cold.coeff_bits, cold.rank_keys)
         if state.key_space == "pre_rope":
-            k = state.rotate_block_keys(k, cold.block_starts).float()
+            k = _rotate_block_keys(state, k, cold.block_starts).float()
         v = _block_rows(
             cold.value_coeffs, cold.value_scales, cold.value_basis, cold.value_bits, cold.rank_values
         )
