@@ -18,6 +18,14 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "randomized SVD vs torch.linalg.svd / torch.svd_lowrank: latency, error, sweeps",
     ),
     "decode": ("spectralcache.bench.decode", "decode step: SpectralCache vs DynamicCache side by side"),
+    "attention": (
+        "spectralcache.bench.attention",
+        "one decode-attention layer (Llama-8B shape): dense SDPA vs Triton kernel vs torch reference, GB/s",
+    ),
+    "e2e": (
+        "spectralcache.bench.e2e",
+        "random Llama-8B-shaped model: prefill s, decode ms/token, peak memory, KV bytes per cache",
+    ),
 }
 
 

@@ -1,0 +1,689 @@
+"""Decode-attention benchmark: one layer, one query token, dense SDPA vs the compressed cache.
+
+One attention layer at the Llama-3.1-8B attention shape (32 query heads, 8 KV heads,
+head_dim 128; bf16 on CUDA), one query token, for each context ``T``, batch and preset:
+
+* ``sdpa``: transformers' SDPA attention (what a ``DynamicCache`` model runs) over the dense
+  K/V; it must read ``K + V`` bytes.
+* ``kernel``: ``spectralcache.attention.triton.decode_attention`` over the layer's
+  ``SpectralLayerState`` (imported lazily; "n/a (reason)" when it is missing or raises).
+* ``torch``: the torch reference ``spectral_attention`` over the same state.
+* ``dispatch``: one decode step of the layer as a model runs it: ``SpectralCache.update`` of
+  one token, then the registered ``"spectral"`` attention function (which picks kernel or
+  reference itself). The cache grows by one token per timed call, so this row includes the
+  update and is timed over a fixed number of steps.
+
+The state is built by a real :class:`SpectralCache` (one compressed layer) filled through its
+public ``update`` with random K/V of a decaying spectrum (like real keys), so the tiers,
+block counts and byte sizes are the ones the cache produces. Bytes read by a spectral method
+are summed over the tensors of ``layer.state()`` (what a kernel must read: coefficients,
+scales, bases, outliers and indices, landmarks, hot buffer, the current token); bytes held are
+the layer's storage (``memory_report``). Achieved GB/s = bytes read / median time, compared
+with a device-to-device copy measured in the same run (bytes read + written).
+
+Timing: see :mod:`spectralcache.bench.common` (median of ``triton.testing.do_bench`` on CUDA,
+L2 cleared before every call; inputs additionally rotate among copies while one copy's working
+set would fit in L2). Output: ``bench_attention_<tag>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectralcache.bench.common import (
+    device_from_name,
+    dtype_from_name,
+    measure_copy_bandwidth,
+    parse_int_list,
+    progress,
+    run_metadata,
+    sync,
+    time_fn,
+)
+
+__all__ = [
+    "METHODS",
+    "build_case",
+    "clone_state",
+    "configure",
+    "load_kernel",
+    "main",
+    "random_kv",
+    "run",
+    "state_bytes",
+]
+
+METHODS = ("sdpa", "kernel", "torch", "dispatch")
+CUDA_CONTEXTS = "4096,16384,65536,131072"
+CPU_CONTEXTS = "1024,4096"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def random_kv(
+    batch: int,
+    kv_heads: int,
+    tokens: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random keys / values ``[B, H, T, D]`` with a decaying spectrum (keys faster than values).
+
+    Real keys are far from white noise (a few directions dominate); a flat spectrum would make
+    every block look incompressible and the outlier tier meaningless. Built one batch row at a
+    time so the float32 temporaries stay small at 128K x batch 8.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mix_k = torch.randn(head_dim, head_dim, generator=g) * torch.logspace(0, -2, head_dim)[:, None]
+    mix_v = torch.randn(head_dim, head_dim, generator=g) * torch.logspace(0, -1, head_dim)[:, None]
+    mix_k, mix_v = mix_k.to(device), mix_v.to(device)
+    keys = torch.empty(batch, kv_heads, tokens, head_dim, dtype=dtype, device=device)
+    values = torch.empty_like(keys)
+    dg = torch.Generator(device=device).manual_seed(seed + 1)
+    for b in range(batch):
+        for out, mix in ((keys, mix_k), (values, mix_v)):
+            x = torch.randn(kv_heads, tokens, head_dim, generator=dg, device=device)
+            out[b] = (x @ mix).to(dtype)
+    return keys, values
+
+
+def _tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor field of a (nested) dataclass, with dotted names."""
+    found: list[tuple[str, torch.Tensor]] = []
+    if not dataclasses.is_dataclass(obj):
+        return found
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            found.append((prefix + f.name, value))
+        elif dataclasses.is_dataclass(value):
+            found.extend(_tensors(value, prefix + f.name + "."))
+    return found
+
+
+def state_bytes(state: Any) -> dict[str, int]:
+    """Bytes of each tensor of a ``SpectralLayerState`` (logical size of the view, i.e. what a
+    kernel must read, not the capacity behind it) and their ``total``."""
+    out = {name: t.numel() * t.element_size() for name, t in _tensors(state)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def clone_state(state: Any) -> Any:
+    """A deep copy of a (nested) state dataclass with every tensor cloned (own storage)."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.clone()
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = clone_state(value)
+    return dataclasses.replace(state, **changes)
+
+
+def _held_bytes(cache: Any) -> int:
+    """Bytes the compressed layer holds (its storage, capacity included), from the cache's report."""
+    return int(cache.memory_report()["compressed_layers"]["held_bytes"])
+
+
+def _llama_attention_config(q_heads: int, kv_heads: int, head_dim: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=16,
+        hidden_size=q_heads * head_dim,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=q_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+    )
+
+
+class _AttentionModule(torch.nn.Module):
+    """What transformers' attention functions read from the calling module."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.layer_idx = 0
+        self.training = False
+
+
+@dataclasses.dataclass
+class Case:
+    """One (context, batch, preset): the filled cache, its state with the decode token as the
+    current chunk, the dense K/V a DynamicCache would hold, and the query."""
+
+    cache: Any
+    state: Any
+    keys: torch.Tensor
+    values: torch.Tensor
+    query: torch.Tensor
+    fill_s: float
+    compress_s: float
+
+
+def build_case(
+    preset: str,
+    batch: int,
+    tokens: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Case:
+    """Fill a one-layer SpectralCache with ``tokens - 1`` tokens (a prefill), then add the decode
+    token, so ``state()`` is exactly what attention reads at a decode step."""
+    from spectralcache.cache.cache import SpectralCache
+    from spectralcache.config import SpectralConfig
+
+    keys, values = keys_values or random_kv(batch, kv_heads, tokens, head_dim, dtype, device, seed)
+    cfg = SpectralConfig.from_preset(preset)
+    cache = SpectralCache(_llama_attention_config(q_heads, kv_heads, head_dim), cfg)
+    layer = cache.layers[0]
+    sync(device)
+    t0 = time.perf_counter()
+    cache.update(keys[:, :, : tokens - 1], values[:, :, : tokens - 1], 0)
+    sync(device)
+    fill_s = time.perf_counter() - t0
+    layer.release_chunk()  # the prefill's attention would have read it
+    cache.update(keys[:, :, tokens - 1 :], values[:, :, tokens - 1 :], 0)
+    state = layer.state()
+    g = torch.Generator(device="cpu").manual_seed(seed + 7)
+    query = torch.randn(batch, q_heads, 1, head_dim, generator=g).to(device=device, dtype=dtype)
+    compress_s = sum(s for _, s in layer.compression_calls)
+    return Case(cache, state, keys, values, query, fill_s, compress_s)
+
+
+def load_kernel() -> tuple[Callable[..., torch.Tensor] | None, str]:
+    """The Triton decode kernel, or (None, reason) when it cannot be imported."""
+    try:
+        from spectralcache.attention.triton import decode_attention  # type: ignore[attr-defined]
+    except Exception as err:  # any import failure makes the column n/a
+        return None, f"{type(err).__name__}: {err}"
+    return decode_attention, ""
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _rotation(working_set: int, l2_bytes: int | None, device: torch.device, limit: int = 8) -> int:
+    """How many input copies to rotate among so the set of copies exceeds twice the L2."""
+    if device.type != "cuda" or not l2_bytes or working_set <= 0:
+        return 1
+    return int(min(limit, max(1, math.ceil(2 * l2_bytes / working_set))))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref64, out64 = ref.double(), out.double()
+    return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-30))
+
+
+def _cycle(items: list[Any]) -> Callable[[], Any]:
+    state = {"i": 0}
+
+    def nxt() -> Any:
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+
+    return nxt
+
+
+def _short(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip().replace("\n", " ")
+    return text[:300]
+
+
+def measure_case(
+    args: argparse.Namespace,
+    dev: torch.device,
+    dtype: torch.dtype,
+    tokens: int,
+    batch: int,
+    presets: list[str],
+    methods: list[str],
+    kernel: Callable[..., torch.Tensor] | None,
+    kernel_reason: str,
+    l2_bytes: int | None,
+    copy_gbps: float | None,
+    bar: Any,
+) -> list[dict[str, Any]]:
+    """Every method at one (context, batch); dense K/V shared by all presets."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from spectralcache.attention.reference import spectral_attention
+
+    rows: list[dict[str, Any]] = []
+    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
+    scaling = d**-0.5
+    module = _AttentionModule(hq // hkv)
+    base = {"context": tokens, "batch": batch}
+    keys, values = random_kv(batch, hkv, tokens, d, dtype, dev, args.seed)
+    dense_bytes = 2 * keys.numel() * keys.element_size()
+    timing_kw = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "cpu_repeats": args.repeats}
+
+    def finish(row: dict[str, Any], t: dict[str, Any] | None, read: int | None) -> dict[str, Any]:
+        row = {**base, **row}
+        if t is not None:
+            row.update(median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], calls=t["calls"])
+            if read:
+                row["bytes_read"] = read
+                row["gbps"] = read / (t["median_ms"] * 1e-3) / 1e9
+                row["frac_copy_bw"] = row["gbps"] / copy_gbps if copy_gbps else None
+        rows.append(row)
+        bar.update(1)
+        bar.set_postfix_str(
+            f"T={tokens} b={batch} {row.get('preset') or ''} {row['method']}: "
+            + (f"{row['median_ms']:.3f} ms" if "median_ms" in row else row.get("status", ""))
+        )
+        return row
+
+    sdpa_ms = None
+    if "sdpa" in methods:
+        try:
+            copies = _rotation(dense_bytes, l2_bytes, dev)
+            kv = [(keys, values)] + [(keys.clone(), values.clone()) for _ in range(copies - 1)]
+            query = torch.randn(batch, hq, 1, d, device=dev, dtype=dtype)
+            nxt = _cycle(kv)
+
+            def sdpa() -> torch.Tensor:
+                k, v = nxt()
+                return sdpa_attention_forward(module, query, k, v, None, scaling=scaling)[0]
+
+            t = time_fn(sdpa, dev, **timing_kw)
+            sdpa_ms = t["median_ms"]
+            finish({"preset": None, "method": "sdpa", "status": "ok", "copies": copies}, t, dense_bytes)
+            del kv
+        except torch.cuda.OutOfMemoryError as err:
+            finish({"preset": None, "method": "sdpa", "status": "oom", "reason": _short(err)}, None, None)
+        _free(dev)
+
+    spectral_methods = [m for m in methods if m != "sdpa"]
+    for preset in presets if spectral_methods else []:
+        try:
+            case = build_case(preset, batch, tokens, hq, hkv, d, dtype, dev, args.seed, (keys, values))
+        except torch.cuda.OutOfMemoryError as err:
+            for m in spectral_methods:
+                finish({"preset": preset, "method": m, "status": "oom", "reason": _short(err)}, None, None)
+            _free(dev)
+            continue
+        read = state_bytes(case.state)
+        held = _held_bytes(case.cache)
+        info = {
+            "preset": preset,
+            "bytes_read_by_tensor": read,
+            "held_bytes": held,
+            "dense_bytes": dense_bytes,
+            "byte_ratio": dense_bytes / read["total"],
+            "held_ratio": dense_bytes / held if held else None,
+            "num_blocks": case.cache.layers[0].num_blocks,
+            "fill_s": case.fill_s,
+            "compress_s": case.compress_s,
+        }
+        copies = _rotation(read["total"], l2_bytes, dev)
+        states = [case.state] + [clone_state(case.state) for _ in range(copies - 1)]
+        ref_out = None
+        if "torch" in spectral_methods:
+            try:
+                with torch.no_grad():
+                    ref_out = spectral_attention(case.query, case.state, None, scaling=scaling)
+                nxt = _cycle(states)
+                t = time_fn(
+                    lambda c=case, n=nxt: spectral_attention(c.query, n(), None, scaling=scaling),
+                    dev,
+                    **timing_kw,
+                )
+                row = finish({**info, "method": "torch", "status": "ok", "copies": copies}, t, read["total"])
+                row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
+            except torch.cuda.OutOfMemoryError as err:
+                finish({**info, "method": "torch", "status": "oom", "reason": _short(err)}, None, None)
+            _free(dev)
+        if "kernel" in spectral_methods:
+            if kernel is None:
+                finish({**info, "method": "kernel", "status": "n/a", "reason": kernel_reason}, None, None)
+            elif dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                reason = "Triton kernels need CUDA (TRITON_INTERPRET=1 runs them on CPU, for tests only)"
+                finish({**info, "method": "kernel", "status": "n/a", "reason": reason}, None, None)
+            else:
+                try:
+                    with torch.no_grad():
+                        out = kernel(case.query, case.state, None, scaling, None)
+                    sync(dev)
+                    err = None if ref_out is None else _rel_err(out, ref_out)
+                    nxt = _cycle(states)
+                    t = time_fn(
+                        lambda c=case, n=nxt: kernel(c.query, n(), None, scaling, None), dev, **timing_kw
+                    )
+                    row = finish(
+                        {**info, "method": "kernel", "status": "ok", "copies": copies}, t, read["total"]
+                    )
+                    row["rel_err_vs_torch"] = err
+                    row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
+                    if err is not None and not err < args.max_rel_err:
+                        row["status"] = "wrong"
+                        row["reason"] = f"relative error vs torch reference {err:.3g} >= {args.max_rel_err}"
+                except Exception as err:  # a failing kernel is reported, not fatal
+                    if args.verbose:
+                        traceback.print_exc()
+                    finish({**info, "method": "kernel", "status": "n/a", "reason": _short(err)}, None, None)
+                _free(dev)
+        states = []
+        if "dispatch" in spectral_methods:
+            try:
+                row = _measure_dispatch(case, module, scaling, dev, args.step_repeats)
+                t = {k: row.pop(k) for k in ("median_ms", "p20_ms", "p80_ms", "calls")}
+                row = finish({**info, **row}, t, read["total"])
+                row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
+            except Exception as err:
+                if args.verbose:
+                    traceback.print_exc()
+                status = "oom" if isinstance(err, torch.cuda.OutOfMemoryError) else "error"
+                finish({**info, "method": "dispatch", "status": status, "reason": _short(err)}, None, None)
+        case = None
+        _free(dev)
+    keys = values = None
+    _free(dev)
+    return rows
+
+
+def _measure_dispatch(
+    case: Case, module: Any, scaling: float, dev: torch.device, steps: int
+) -> dict[str, Any]:
+    """Median of ``steps`` decode steps: cache.update(1 token) + the registered attention function."""
+    from spectralcache.attention.interface import spectral_attention_forward
+
+    cache, layer = case.cache, case.cache.layers[0]
+    layer.release_chunk()  # the chunk of the state measured above was read
+    b, hkv, _, d = case.keys.shape
+    g = torch.Generator(device="cpu").manual_seed(11)
+    new_k = (
+        torch.randn(steps + 5, b, hkv, 1, d, generator=g) * case.keys[..., :1, :].float().std().cpu()
+    ).to(dev, case.keys.dtype)
+    new_v = torch.randn_like(new_k)
+    times: list[float] = []
+    with torch.no_grad():
+        for i in range(steps + 5):
+            sync(dev)
+            t0 = time.perf_counter()
+            k, v = cache.update(new_k[i], new_v[i], 0)
+            out, _ = spectral_attention_forward(module, case.query, k, v, None, scaling=scaling)
+            sync(dev)
+            if i >= 5:
+                times.append((time.perf_counter() - t0) * 1e3)
+            if layer.has_pending_chunk:
+                raise RuntimeError("the 'spectral' attention function did not read the compressed layer")
+    times.sort()
+    q = _quantiles(times)
+    return {
+        "method": "dispatch",
+        "status": "ok",
+        "median_ms": q[1],
+        "p20_ms": q[0],
+        "p80_ms": q[2],
+        "calls": len(times),
+        "timer": "host clock around update + attention, synchronized (the cache grows one token per step)",
+        "out_finite": bool(torch.isfinite(out).all()),
+    }
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    import statistics
+
+    if len(times) < 2:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=5)
+    return q[0], statistics.median(times), q[3]
+
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    bw = meta.get("copy_bandwidth", {}).get("gbps")
+    print(
+        f"\ndecode attention, one layer {meta['shape']} {meta['dtype']} on {meta['device_name']}; "
+        f"measured copy bandwidth {bw:.0f} GB/s"
+        if bw
+        else ""
+    )
+    header = (
+        f"{'T':>7} {'B':>2} {'preset':<10} {'method':<8} {'median ms':>10} {'GB/s':>7} {'%copy':>6} "
+        f"{'x SDPA':>7} {'bytes ratio':>11} {'rel err':>8}  status"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ms = f"{r['median_ms']:.4f}" if "median_ms" in r else "-"
+        gbps = f"{r['gbps']:.0f}" if r.get("gbps") else "-"
+        frac = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("frac_copy_bw") else "-"
+        sp = f"{r['speedup_vs_sdpa']:.2f}" if r.get("speedup_vs_sdpa") else "-"
+        ratio = f"{r['byte_ratio']:.2f}x" if r.get("byte_ratio") else "-"
+        err = f"{r['rel_err_vs_torch']:.1e}" if r.get("rel_err_vs_torch") is not None else "-"
+        status = r.get("status", "")
+        if status != "ok":
+            status += f" ({r.get('reason', '')})"
+        print(
+            f"{r['context']:>7} {r['batch']:>2} {r.get('preset') or '-':<10} {r['method']:<8} {ms:>10} "
+            f"{gbps:>7} {frac:>6} {sp:>7} {ratio:>11} {err:>8}  {status}"
+        )
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG written")
+        return False
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(batches), 2, figsize=(12, 4.2 * len(batches)), squeeze=False)
+    series: dict[tuple[str, str | None], str] = {}
+    styles = {"sdpa": "k-o", "kernel": "-s", "torch": "--^", "dispatch": ":d"}
+    bw = meta.get("copy_bandwidth", {}).get("gbps")
+    for i, b in enumerate(batches):
+        for r in rows:
+            if r["batch"] == b and r.get("status") == "ok" and "median_ms" in r:
+                series.setdefault((r["method"], r.get("preset")), styles.get(r["method"], "-"))
+        for (method, preset), style in sorted(series.items(), key=lambda x: (x[0][0], x[0][1] or "")):
+            pts = sorted(
+                (r["context"], r["median_ms"], r.get("gbps"))
+                for r in rows
+                if r["batch"] == b
+                and r["method"] == method
+                and r.get("preset") == preset
+                and "median_ms" in r
+                and r.get("status") == "ok"
+            )
+            if not pts:
+                continue
+            label = method if preset is None else f"{method} ({preset})"
+            xs = [p[0] for p in pts]
+            axes[i, 0].plot(xs, [p[1] for p in pts], style, label=label)
+            axes[i, 1].plot(xs, [p[2] or float("nan") for p in pts], style, label=label)
+        for j, ylabel in enumerate(("median ms (one layer, one token)", "achieved GB/s on bytes read")):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"batch {b}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[i, 0].set_yscale("log")
+        if bw:
+            axes[i, 1].axhline(bw, color="gray", ls="--", label=f"measured copy {bw:.0f} GB/s")
+        axes[i, 1].legend(fontsize=7)
+        axes[i, 0].legend(fontsize=7)
+    fig.suptitle(
+        f"decode attention {meta['shape']} {meta['dtype']} on {meta['device_name']} "
+        f"(commit {str(meta.get('git_commit'))[:8]})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument(
+        "--contexts",
+        default=None,
+        help=f"context lengths, comma separated, k = 1024 (default: {CUDA_CONTEXTS} on cuda, {CPU_CONTEXTS} on cpu)",
+    )
+    parser.add_argument(
+        "--batches", default="1,8", help="batch sizes (default 1,8; skipped cases are reported)"
+    )
+    parser.add_argument("--presets", default="default,aggressive", help="SpectralConfig presets (post-RoPE)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on cuda, float32 on cpu), bfloat16, float16, float32"
+    )
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA warm-up per measurement (ms)")
+    parser.add_argument(
+        "--rep-ms", type=float, default=100.0, help="CUDA timed repetition per measurement (ms)"
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="CPU timed calls per measurement")
+    parser.add_argument("--step-repeats", type=int, default=30, help="timed decode steps for 'dispatch'")
+    parser.add_argument("--max-rel-err", type=float, default=2e-2, help="kernel vs torch reference bound")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: as is)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--tag", default=None, help="file tag (default: cuda_<gpu> or cpu)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
+
+
+def _tag(dev: torch.device) -> str:
+    if dev.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(dev).lower()
+    for short in ("h100", "h200", "a100", "l4", "a10"):
+        if short in name:
+            return f"cuda_{short}"
+    return "cuda"
+
+
+def run(args: argparse.Namespace) -> int:
+    dev = device_from_name(args.device)
+    dtype = dtype_from_name(args.dtype, dev)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    contexts = parse_int_list(
+        args.contexts or (CUDA_CONTEXTS if dev.type == "cuda" else CPU_CONTEXTS), "context"
+    )
+    batches = parse_int_list(args.batches, "batch")
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    from spectralcache.config import SpectralConfig
+
+    for p in presets:
+        cfg = SpectralConfig.from_preset(p)  # unknown preset: clear ValueError
+        if cfg.key_space != "post_rope":
+            raise SystemExit(
+                f"preset {p!r} uses key_space={cfg.key_space!r}; this benchmark builds post-RoPE states"
+            )
+    if args.q_heads % args.kv_heads:
+        raise SystemExit(f"--q-heads {args.q_heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if min(contexts) < 2:
+        raise SystemExit("contexts must be at least 2 tokens")
+
+    kernel, kernel_reason = load_kernel() if "kernel" in methods else (None, "not requested")
+    copy = measure_copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 26))
+    meta = run_metadata(
+        "spectralcache bench attention",
+        dev,
+        shape=f"{args.q_heads}q/{args.kv_heads}kv heads x head_dim {args.head_dim}, 1 query token",
+        dtype=str(dtype).replace("torch.", ""),
+        contexts=contexts,
+        batches=batches,
+        presets=presets,
+        methods=methods,
+        copy_bandwidth=copy,
+        kernel_available=kernel is not None,
+        kernel_import_error=kernel_reason or None,
+        bytes_read_definition=(
+            "sdpa: K + V of the dense cache; spectral methods: sum of the tensors of layer.state() "
+            "(logical view sizes), including landmarks, hot buffer and the current token"
+        ),
+    )
+    print(
+        f"copy bandwidth: {copy['gbps']:.0f} GB/s (read + write) on {meta['device_name']}; kernel: "
+        + ("available" if kernel is not None else f"n/a ({kernel_reason})"),
+        flush=True,
+    )
+    n_spectral = len([m for m in methods if m != "sdpa"])
+    total = len(contexts) * len(batches) * (("sdpa" in methods) + n_spectral * len(presets))
+    bar = progress(total, "bench attention")
+    rows: list[dict[str, Any]] = []
+    l2 = meta.get("l2_cache_bytes")
+    for tokens in contexts:
+        for batch in batches:
+            try:
+                rows.extend(
+                    measure_case(args, dev, dtype, tokens, batch, presets, methods, kernel, kernel_reason, l2,
+                                 copy["gbps"], bar)
+                )  # fmt: skip
+            except torch.cuda.OutOfMemoryError as err:  # dense K/V did not fit
+                rows.append({"context": tokens, "batch": batch, "preset": None, "method": "all",
+                             "status": "oom", "reason": _short(err)})  # fmt: skip
+                _free(dev)
+    bar.close()
+    print_table(rows, meta)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or _tag(dev)
+    json_path = out_dir / f"bench_attention_{tag}.json"
+    json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str))
+    print(f"wrote {json_path}")
+    if not args.no_plot and plot(rows, meta, out_dir / f"bench_attention_{tag}.png"):
+        print(f"wrote {out_dir / f'bench_attention_{tag}.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

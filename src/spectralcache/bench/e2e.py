@@ -1,0 +1,529 @@
+"""End-to-end benchmark: a whole model, DynamicCache vs SpectralCache presets, side by side.
+
+One process, one model, the same random prompt and the same teacher-forced decode tokens for
+every cache. Per prompt length and cache:
+
+* ``prefill_s``: one forward over the whole prompt (``logits_to_keep=1``), block compression
+  included, device synchronized before and after;
+* ``decode_ms_per_token``: median wall time of one-token forwards after warm-up steps
+  (synchronized around each step, as ``generate`` effectively is: it reads every token back);
+* ``peak_bytes``: ``torch.cuda.max_memory_allocated`` over prefill + decode, reset between
+  caches (``peak_above_weights_bytes`` subtracts what was allocated before the cache existed);
+* ``kv_bytes``: bytes the cache's tensors hold, measured from storage
+  (``spectralcache.eval.methods.measure_kv_bytes``: a SpectralCache's ``memory_report``).
+
+Models (random weights, built in code, nothing downloaded):
+
+* ``llama8b`` (default on CUDA): Llama-3.1-8B shapes — 32 layers (``--layers`` to change, e.g.
+  8 for the issue's 8-layer table), hidden 4096, 32 query / 8 KV heads, head_dim 128,
+  intermediate 14336 — with the vocabulary reduced to 32000 (``--vocab``) to save memory; bf16.
+* ``tiny`` (default on CPU): 4 layers, hidden 512, 8 query / 2 KV heads, float32.
+* ``gemma3-270m``: the real Gemma 3 270M (the package's embedded GGUF; 3 of 18 layers full
+  attention, so only those are compressed).
+
+A time budget (``--time-budget-s``) skips a (length, cache) whose prefill + decode, estimated
+from the same cache at the previous length (quadratic in length, to be safe), would not fit;
+skipped and out-of-memory cases are recorded with the reason. The JSON is rewritten after every
+case, so a run stopped from outside keeps what it measured. Output: ``bench_e2e_<tag>.json`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectralcache.bench.common import (
+    device_from_name,
+    dtype_from_name,
+    parse_int_list,
+    progress,
+    run_metadata,
+    sync,
+)
+
+__all__ = ["build_model", "cache_argument", "configure", "main", "measure_method", "run"]
+
+CUDA_LENGTHS = "8192,32768,131072"
+CPU_LENGTHS = "2048,8192"
+MODELS = ("llama8b", "tiny", "gemma3-270m")
+
+
+def build_model(
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    layers: int | None = None,
+    vocab: int | None = None,
+    max_positions: int = 131072 + 1024,
+    seed: int = 0,
+) -> tuple[Any, dict[str, Any]]:
+    """The benchmark model (eval mode, SDPA attention) and a description for the JSON."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if kind == "gemma3-270m":
+        from spectralcache.eval.model import load_model
+
+        model = load_model("gemma3-270m", device=device, dtype=dtype)[0]
+        cfg = model.config.get_text_config(decoder=True)
+        return model, {
+            "name": "gemma3-270m (real weights)",
+            "layers": cfg.num_hidden_layers,
+            "layer_types": sorted(set(getattr(cfg, "layer_types", []) or [])),
+            "vocab": cfg.vocab_size,
+        }
+    shapes = {
+        "llama8b": dict(layers=32, hidden=4096, q=32, kv=8, head_dim=128, inter=14336, vocab=32000),
+        "tiny": dict(layers=4, hidden=512, q=8, kv=2, head_dim=64, inter=1536, vocab=32000),
+    }
+    if kind not in shapes:
+        raise SystemExit(f"unknown --model {kind!r}; choose from {', '.join(MODELS)}")
+    s = dict(shapes[kind])
+    if layers:
+        s["layers"] = layers
+    if vocab:
+        s["vocab"] = vocab
+    config = LlamaConfig(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["q"],
+        num_key_value_heads=s["kv"],
+        head_dim=s["head_dim"],
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):  # weights initialized on the device, in the target dtype
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    desc = {
+        "name": f"random-weight LlamaForCausalLM ({kind} shape)",
+        "layers": s["layers"],
+        "hidden": s["hidden"],
+        "q_heads": s["q"],
+        "kv_heads": s["kv"],
+        "head_dim": s["head_dim"],
+        "intermediate": s["inter"],
+        "vocab": s["vocab"],
+        "parameters": params,
+    }
+    if kind == "llama8b":
+        desc["note"] = (
+            f"Llama-3.1-8B layer shapes; vocabulary {s['vocab']} instead of 128256 to save memory "
+            "(affects only the embedding and the one-token LM head)"
+        )
+    return model, desc
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword the installed transformers' forward takes the cache by (``cache`` from 5.24 on,
+    ``past_key_values`` before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _make_cache(model: Any, method: str) -> Any:
+    """``dynamic`` or a SpectralConfig preset name (optionally ``preset,key=value,...``)."""
+    import spectralcache
+
+    if method == "dynamic":
+        from transformers import DynamicCache
+
+        if spectralcache.is_enabled(model):
+            spectralcache.disable(model)
+        return DynamicCache(config=model.config)
+    from spectralcache.cache.cache import SpectralCache
+    from spectralcache.config import SpectralConfig
+
+    preset, *overrides = method.split(",")
+    kwargs: dict[str, Any] = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        kwargs[key] = _parse_value(raw)
+    config = SpectralConfig.from_preset(preset, **kwargs)
+    spectralcache.enable(model)  # explicit: the cache may not switch the model itself
+    return SpectralCache(model, config)
+
+
+def _parse_value(raw: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return {"none": None, "true": True, "false": False}.get(raw.lower(), raw)
+
+
+def _kv_bytes(cache: Any) -> int:
+    from spectralcache.eval.methods import measure_kv_bytes
+
+    return int(measure_kv_bytes(cache))
+
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_method(
+    model: Any,
+    method: str,
+    prompt: torch.Tensor,
+    follow: torch.Tensor,
+    dev: torch.device,
+    warmup_steps: int,
+) -> dict[str, Any]:
+    """Prefill ``prompt`` then decode ``follow`` token by token with a fresh cache."""
+    kw = cache_argument(model)
+    row: dict[str, Any] = {"method": method, "length": int(prompt.shape[-1]), "batch": int(prompt.shape[0])}
+    _free(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    cache = _make_cache(model, method)
+    with torch.no_grad():
+        sync(dev)
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True, logits_to_keep=1, **{kw: cache})
+        sync(dev)
+        row["prefill_s"] = time.perf_counter() - t0
+        row["prefill_tokens_per_s"] = prompt.numel() / row["prefill_s"]
+        finite = bool(torch.isfinite(out.logits).all())
+        del out
+        steps: list[float] = []
+        for i in range(follow.shape[-1]):
+            tok = follow[:, i : i + 1]
+            sync(dev)
+            t0 = time.perf_counter()
+            out = model(tok, use_cache=True, **{kw: cache})
+            sync(dev)
+            if i >= warmup_steps:
+                steps.append((time.perf_counter() - t0) * 1e3)
+            finite = finite and bool(torch.isfinite(out.logits).all())
+            del out
+    if dev.type == "cuda":
+        row["peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        row["peak_above_weights_bytes"] = row["peak_bytes"] - int(before)
+    row["decode_steps"] = len(steps)
+    row["decode_ms_per_token"] = statistics.median(steps)
+    if len(steps) >= 2:
+        q = statistics.quantiles(steps, n=5)
+        row["decode_p20_ms"], row["decode_p80_ms"] = q[0], q[3]
+    row["decode_tokens_per_s"] = 1e3 / row["decode_ms_per_token"] * prompt.shape[0]
+    row["kv_bytes"] = _kv_bytes(cache)
+    row["cached_tokens"] = int(cache.get_seq_length())
+    row["logits_finite"] = finite
+    report = getattr(cache, "memory_report", None)
+    if callable(report):
+        rep = report()
+        comp = rep.get("compression", {})
+        row["compression_s"] = comp.get("seconds")
+        row["compression_blocks"] = comp.get("blocks")
+        row["compressed_layers_ratio"] = rep.get("compressed_layers", {}).get("ratio")
+    row["status"] = "ok"
+    return row
+
+
+def _estimate_s(done: list[dict[str, Any]], method: str, length: int, decode_steps: int) -> float | None:
+    """Seconds a (method, length) should take, from the same method at its longest shorter length."""
+    prev = [r for r in done if r["method"] == method and r.get("status") == "ok" and r["length"] < length]
+    if not prev:
+        return None
+    p = max(prev, key=lambda r: r["length"])
+    f = length / p["length"]
+    return p["prefill_s"] * f * f + decode_steps * p["decode_ms_per_token"] * 1e-3 * f
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _gib(x: Any) -> str:
+    return f"{x / 2**30:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def _mib(x: Any) -> str:
+    return f"{x / 2**20:.1f}" if isinstance(x, (int, float)) else "-"
+
+
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    m = meta["model"]
+    print(f"\n{m['name']}, {m['layers']} layers, {meta['dtype']}, {meta['device_name']}")
+    header = (
+        f"{'length':>7} {'cache':<16} {'prefill s':>10} {'x dyn':>6} {'decode ms':>10} {'x dyn':>6} "
+        f"{'peak GiB':>9} {'KV MiB':>8} {'KV ratio':>8} {'compress s':>10}  status"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ok = r.get("status") == "ok"
+        print(
+            f"{r['length']:>7} {r['method']:<16} "
+            + (
+                f"{r['prefill_s']:>10.3f} {r.get('prefill_x_dynamic') or 0:>6.2f} "
+                f"{r['decode_ms_per_token']:>10.2f} {r.get('decode_x_dynamic') or 0:>6.2f} "
+                f"{_gib(r.get('peak_bytes')):>9} {_mib(r.get('kv_bytes')):>8} "
+                f"{r.get('kv_ratio_vs_dynamic') or 0:>8.2f} "
+                f"{r['compression_s'] if r.get('compression_s') is not None else 0:>10.3f}  ok"
+                if ok
+                else f"{'':>78}  {r.get('status')} ({r.get('reason', '')})"
+            )
+        )
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """x dynamic (time ratios; >1 = slower than DynamicCache) and DynamicCache KV bytes / ours."""
+    dyn = {r["length"]: r for r in rows if r["method"] == "dynamic" and r.get("status") == "ok"}
+    for r in rows:
+        d = dyn.get(r["length"])
+        if d is None or r.get("status") != "ok":
+            continue
+        r["prefill_x_dynamic"] = r["prefill_s"] / d["prefill_s"]
+        r["decode_x_dynamic"] = r["decode_ms_per_token"] / d["decode_ms_per_token"]
+        r["decode_speedup_vs_dynamic"] = d["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["kv_ratio_vs_dynamic"] = d["kv_bytes"] / r["kv_bytes"] if r["kv_bytes"] else None
+        if r.get("peak_bytes") and d.get("peak_bytes"):
+            r["peak_x_dynamic"] = r["peak_bytes"] / d["peak_bytes"]
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG written")
+        return False
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return False
+    lengths = sorted({r["length"] for r in ok})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    panels = [
+        ("prefill_s", "prefill s (compression included)", 1.0),
+        ("decode_ms_per_token", "decode ms / token (median)", 1.0),
+        ("peak_bytes", "peak GPU memory GiB", 2**-30),
+        ("kv_bytes", "KV cache GiB (measured)", 2**-30),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0))
+    width = 0.8 / max(len(methods), 1)
+    for ax, (key, label, scale) in zip(axes, panels):
+        for j, m in enumerate(methods):
+            ys = []
+            for length in lengths:
+                r = next((x for x in ok if x["method"] == m and x["length"] == length), None)
+                ys.append(r[key] * scale if r is not None and r.get(key) is not None else float("nan"))
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(lengths))]
+            ax.bar(xs, ys, width, label=m)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(label, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        if key == "prefill_s":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    m = meta["model"]
+    fig.suptitle(
+        f"{m['name']}, {m['layers']} layers, {meta['dtype']}, {meta['device_name']} "
+        f"(commit {str(meta.get('git_commit'))[:8]})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument(
+        "--model", default="auto", help=f"auto (llama8b on cuda, tiny on cpu), {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="override the layer count (8: issue 7's table)"
+    )
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary (default 32000)")
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        help=f"prompt lengths, k = 1024 (default: {CUDA_LENGTHS} on cuda, {CPU_LENGTHS} on cpu)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="dynamic,default,aggressive",
+        help="'dynamic' and SpectralConfig presets, ';'-separated when a preset carries overrides "
+        "(e.g. 'dynamic;default;default,value_codec=identity'); ',' also separates plain names",
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (cuda 32, cpu 8)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="untimed decode steps first (cuda 4, cpu 2)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on cuda, float32 on cpu), bfloat16, float16, float32"
+    )
+    parser.add_argument(
+        "--warmup-tokens", type=int, default=1024, help="untimed warm-up prompt per cache first (0: none)"
+    )
+    parser.add_argument(
+        "--time-budget-s", type=float, default=0.0, help="skip cases estimated past it (0: none)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: as is)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--tag", default=None, help="file tag (default: <device>_<model>_<layers>l)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
+
+
+def _split_methods(text: str) -> list[str]:
+    if ";" in text:
+        return [m.strip() for m in text.split(";") if m.strip()]
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    dev = device_from_name(args.device)
+    dtype = dtype_from_name(args.dtype, dev)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kind = args.model if args.model != "auto" else ("llama8b" if dev.type == "cuda" else "tiny")
+    if kind not in MODELS:
+        raise SystemExit(f"unknown --model {kind!r}; choose from auto, {', '.join(MODELS)}")
+    lengths = parse_int_list(args.lengths or (CUDA_LENGTHS if dev.type == "cuda" else CPU_LENGTHS), "length")
+    methods = _split_methods(args.methods)
+    from spectralcache.config import SpectralConfig
+
+    for m in methods:  # fail before building an 8B model on a typo
+        if m != "dynamic":
+            preset, *overrides = m.split(",")
+            SpectralConfig.from_preset(
+                preset, **{k: _parse_value(v) for k, _, v in (o.partition("=") for o in overrides)}
+            )
+    steps = args.decode_steps if args.decode_steps is not None else (32 if dev.type == "cuda" else 8)
+    warm = args.warmup_steps if args.warmup_steps is not None else (4 if dev.type == "cuda" else 2)
+    if steps < 1:
+        raise SystemExit("--decode-steps must be >= 1")
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    model, desc = build_model(kind, dev, dtype, layers=args.layers, vocab=args.vocab, seed=args.seed,
+                              max_positions=max(lengths) + warm + steps + 16)  # fmt: skip
+    sync(dev)
+    desc["build_s"] = time.perf_counter() - t0
+    meta = run_metadata(
+        "spectralcache bench e2e",
+        dev,
+        model=desc,
+        dtype=str(dtype).replace("torch.", ""),
+        lengths=lengths,
+        methods=methods,
+        batch=args.batch,
+        decode_steps=steps,
+        warmup_steps=warm,
+        cache_argument=cache_argument(model),
+        weights_bytes=int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else None,
+        timing=(
+            "prefill: one synchronized forward over the prompt (logits_to_keep=1); decode: median of "
+            "synchronized one-token forwards after warm-up steps, same tokens for every cache"
+        ),
+    )
+    print(f"built {desc['name']} ({desc['layers']} layers) in {desc['build_s']:.1f} s", flush=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{'cuda' if dev.type == 'cuda' else 'cpu'}_{kind}_{desc['layers']}l"
+    json_path = out_dir / f"bench_e2e_{tag}.json"
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        _add_ratios(rows)
+        json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str))
+
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    if args.warmup_tokens:
+        # Untimed: the first forward of each cache pays one-off costs (CUDA context and cuBLAS
+        # handles, kernel autotuning / compilation, lazy imports) that are not prefill or decode.
+        g = torch.Generator().manual_seed(args.seed)
+        n = min(args.warmup_tokens, min(lengths))
+        w_prompt = torch.randint(3, vocab, (args.batch, n), generator=g).to(dev)
+        w_follow = torch.randint(3, vocab, (args.batch, 2), generator=g).to(dev)
+        t0 = time.perf_counter()
+        for method in methods:
+            try:
+                measure_method(model, method, w_prompt, w_follow, dev, 1)
+            except Exception as err:  # reported again (and recorded) by the measured run
+                print(f"warm-up {method}: {type(err).__name__}: {err}", file=sys.stderr)
+        _free(dev)
+        meta["warmup"] = {"tokens": n, "seconds": time.perf_counter() - t0}
+    bar = progress(len(lengths) * len(methods), "bench e2e")
+    for length in lengths:
+        g = torch.Generator().manual_seed(args.seed + length)
+        prompt = torch.randint(3, vocab, (args.batch, length), generator=g).to(dev)
+        follow = torch.randint(3, vocab, (args.batch, warm + steps), generator=g).to(dev)
+        for method in methods:
+            bar.set_postfix_str(f"{length} tokens, {method}")
+            est = _estimate_s(rows, method, length, warm + steps)
+            left = args.time_budget_s - (time.perf_counter() - t_start) if args.time_budget_s else None
+            if est is not None and left is not None and est > left:
+                rows.append({"method": method, "length": length, "batch": args.batch, "status": "skipped",
+                             "reason": f"estimated {est:.0f} s > {left:.0f} s left of --time-budget-s"})  # fmt: skip
+            else:
+                try:
+                    rows.append(measure_method(model, method, prompt, follow, dev, warm))
+                except torch.cuda.OutOfMemoryError as err:
+                    rows.append({"method": method, "length": length, "batch": args.batch, "status": "oom",
+                                 "reason": str(err).splitlines()[0][:300]})  # fmt: skip
+                except Exception as err:  # a failing cache is reported; the others still run
+                    if args.verbose:
+                        traceback.print_exc()
+                    rows.append({"method": method, "length": length, "batch": args.batch, "status": "error",
+                                 "reason": f"{type(err).__name__}: {err}"[:300]})  # fmt: skip
+            _free(dev)
+            save()
+            bar.update(1)
+            r = rows[-1]
+            print(
+                f"  {length:>7} {method:<14} "
+                + (
+                    f"prefill {r['prefill_s']:.3f} s, decode {r['decode_ms_per_token']:.2f} ms/token, "
+                    f"KV {_mib(r['kv_bytes'])} MiB"
+                    + (f", peak {_gib(r['peak_bytes'])} GiB" if "peak_bytes" in r else "")
+                    if r["status"] == "ok"
+                    else f"{r['status']}: {r.get('reason')}"
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+    bar.close()
+    save()
+    print_table(rows, meta)
+    print(f"wrote {json_path}")
+    if not args.no_plot and plot(rows, meta, out_dir / f"bench_e2e_{tag}.png"):
+        print(f"wrote {out_dir / f'bench_e2e_{tag}.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
