@@ -295,6 +295,11 @@ class PackedQuantizedLayer(QuantizedLayer):
     def _quantize(self, tensor: torch.Tensor, axis: int = -1) -> PackedGroups:
         return quantize_groups(tensor, self.nbits, self.q_group_size)
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # transformers >= 5.2x no longer records the dtype on the layer; dequantization needs it.
+        self.dtype = key_states.dtype
+
     def _dequantize(self, q_tensor: PackedGroups) -> torch.Tensor:
         return dequantize_groups(q_tensor, self.dtype)
 
