@@ -134,7 +134,7 @@ def test_storage_dtypes_and_shapes(bits):
     assert b.outlier_keys.dtype == torch.bfloat16 and b.outlier_keys.shape == (2, 3, 4, D)
     assert b.outlier_index.dtype == torch.int64 and b.outlier_index.shape == (2, 3, 4)
     assert (b.outlier_index.diff(dim=-1) > 0).all()
-    for t in b.tensors().values():
+    for t in b.tensors().values():  # fields derived from the ColdBlocks dataclass
         if t is not None:
             assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     err = rel_err(reconstruct(b)[0], k.float())

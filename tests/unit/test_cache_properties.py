@@ -12,13 +12,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spectralcache.cache.block import CompressedBlocks, compress_blocks, reconstruct
-from spectralcache.cache.layer import _COLD_FIELDS, SpectralLayer
+from spectralcache.cache.block import compress_blocks, reconstruct
+from spectralcache.cache.layer import SpectralLayer
 from spectralcache.cache.rope import RopeRotator
+from spectralcache.cache.state import ColdBlocks
 from spectralcache.config import SpectralConfig
 
 D = 8
-_FIELDS = _COLD_FIELDS  # the stored tiers, named once in the layer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +39,7 @@ class Reference:
         self.cfg, self.rot = cfg, rot
         self.k = self.v = None
         self.nb = 0
-        self.blocks: dict[str, torch.Tensor | None] | None = None
+        self.blocks: ColdBlocks | None = None
         self.rk, self.rv = cfg.ranks_for(D)
 
     @property
@@ -72,19 +72,17 @@ class Reference:
                 fit = self.rot.unrotate(self.k[:, :, sl], hot_start + torch.arange(n * t)).reshape(
                     b, h, n, t, D
                 )
-            comp = compress_blocks(fit, vb, cfg, self.rk, self.rv, exact_keys=kb)
+            comp = compress_blocks(fit, vb, cfg, self.rk, self.rv, exact_keys=kb, block_starts=starts)
             rk, rv = reconstruct(comp, self._rotate(starts))
             self.k[:, :, sl] = rk.reshape(b, h, n * t, D)
             self.v[:, :, sl] = rv.reshape(b, h, n * t, D)
-            new = comp.tensors()
             if self.blocks is None:
-                self.blocks = new
-                self.starts = starts
-            else:
-                self.blocks = {
-                    f: None if new[f] is None else torch.cat([self.blocks[f], new[f]], 2) for f in _FIELDS
-                }
-                self.starts = torch.cat([self.starts, starts])
+                self.blocks = comp
+            else:  # the plain, slow way: concatenate everything
+                old = self.blocks
+                self.blocks = comp.map_tensors(
+                    lambda f, x: torch.cat([getattr(old, f), x], 0 if f == "block_starts" else 2)
+                )
             self.nb += n
 
     def crop(self, n):
@@ -97,23 +95,13 @@ class Reference:
             partial = new_len - (cfg.landmarks + keep_blocks * t)
             if partial > 0:
                 j = keep_blocks
-                blk = CompressedBlocks(
-                    **{f: None if x is None else x[:, :, j : j + 1] for f, x in self.blocks.items()},
-                    coeff_bits=cfg.coeff_bits,
-                    rank_keys=self.rk,
-                    rank_values=self.rv,
-                )
-                rk, rv = reconstruct(blk, self._rotate(self.starts[j : j + 1]))
+                blk = self.blocks.blocks(j, j + 1)
+                rk, rv = reconstruct(blk, self._rotate(blk.block_starts))
                 lo = cfg.landmarks + j * t
                 self.k[:, :, lo : lo + partial] = rk[:, :, 0, :partial]
                 self.v[:, :, lo : lo + partial] = rv[:, :, 0, :partial]
             self.nb = keep_blocks
-            self.blocks = (
-                None
-                if keep_blocks == 0
-                else {f: None if x is None else x[:, :, :keep_blocks] for f, x in self.blocks.items()}
-            )
-            self.starts = self.starts[:keep_blocks]
+            self.blocks = None if keep_blocks == 0 else self.blocks.blocks(0, keep_blocks)
         self.k, self.v = self.k[:, :, :new_len], self.v[:, :, :new_len]
 
     def batch(self, fn):
@@ -121,7 +109,7 @@ class Reference:
             return
         self.k, self.v = fn(self.k), fn(self.v)
         if self.blocks is not None:
-            self.blocks = {f: None if x is None else fn(x) for f, x in self.blocks.items()}
+            self.blocks = self.blocks.map_tensors(lambda f, x: x if f == "block_starts" else fn(x))
 
 
 configs = st.builds(

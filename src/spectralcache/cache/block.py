@@ -42,15 +42,15 @@ with shape ``[D, rank + oversample]`` and shared by every block of the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from spectralcache.cache.state import ColdBlocks
 from spectralcache.config import SpectralConfig
 
 __all__ = [
-    "CompressedBlocks",
     "compress_blocks",
     "dequantize_coeffs",
     "low_rank_fit",
@@ -58,42 +58,6 @@ __all__ = [
     "reconstruct_keys",
     "reconstruct_values",
 ]
-
-
-@dataclass
-class CompressedBlocks:
-    """Compressed blocks; every tensor has the same leading dims ``[...]`` (e.g. ``[B, H, nb]``)."""
-
-    key_coeffs: torch.Tensor  # [..., T, rk] int8 | [..., T, ceil(rk/2)] uint8 | model dtype
-    key_scales: torch.Tensor | None  # [..., T, 1] float16 (None when coeff_bits == 16)
-    key_basis: torch.Tensor | None  # [..., rk, D]; None = identity codec (coeffs are the keys, rk = D)
-    value_coeffs: torch.Tensor
-    value_scales: torch.Tensor | None
-    value_basis: torch.Tensor | None  # [..., rv, D]; None = identity codec
-    outlier_keys: torch.Tensor  # [..., o, D] exact, model dtype (post-RoPE)
-    outlier_values: torch.Tensor  # [..., o, D]
-    outlier_index: torch.Tensor  # [..., o] int64, sorted, in 0..T-1
-    coeff_bits: int
-    rank_keys: int
-    rank_values: int
-    value_coeff_bits: int | None = None  # None: same as coeff_bits
-
-    @property
-    def value_bits(self) -> int:
-        return self.coeff_bits if self.value_coeff_bits is None else self.value_coeff_bits
-
-    def tensors(self) -> dict[str, torch.Tensor | None]:
-        return {
-            "key_coeffs": self.key_coeffs,
-            "key_scales": self.key_scales,
-            "key_basis": self.key_basis,
-            "value_coeffs": self.value_coeffs,
-            "value_scales": self.value_scales,
-            "value_basis": self.value_basis,
-            "outlier_keys": self.outlier_keys,
-            "outlier_values": self.outlier_values,
-            "outlier_index": self.outlier_index,
-        }
 
 
 # --------------------------------------------------------------------------- linalg glue
@@ -156,6 +120,29 @@ def dequantize_coeffs(
     )
 
 
+_SCALE_MARGIN = 0.99  # headroom for the rounding of the fit and of the scale (rounded up)
+
+
+def _coeff_limit(bits: int, model_dtype: torch.dtype) -> float:
+    """Largest |coefficient| a stored row may hold: ``max|row| / qmax`` must be a finite
+    float16 scale (int8 / int4), or the coefficient itself finite in the model dtype (16 bits)."""
+    if bits == 16:
+        return torch.finfo(model_dtype).max * _SCALE_MARGIN
+    qmax = 127 if bits == 8 else 7
+    return torch.finfo(torch.float16).max * qmax * _SCALE_MARGIN
+
+
+def _overflowing_rows(x: torch.Tensor, bits: int, codec: str, model_dtype: torch.dtype) -> torch.Tensor:
+    """Rows of ``x [N, T, D]`` whose coefficients could exceed :func:`_coeff_limit`, ``[N, T]`` bool.
+
+    A low-rank coefficient row is the row projected on an orthonormal basis, so each entry is
+    at most the row's norm, itself at most ``sqrt(D) * max|x|`` (computed without squaring, so
+    it cannot overflow); an identity-codec row's coefficients are its own entries."""
+    amax = x.abs().amax(-1)
+    bound = amax if codec == "identity" else amax * math.sqrt(x.shape[-1])
+    return bound > _coeff_limit(bits, model_dtype)
+
+
 def _row_sq_norm(x: torch.Tensor) -> torch.Tensor:
     return x.square().sum(-1)
 
@@ -204,12 +191,19 @@ def compress_blocks(
     *,
     basis_dtype: torch.dtype | None = None,
     exact_keys: torch.Tensor | None = None,
-) -> CompressedBlocks:
-    """Compress blocks ``keys, values [..., T, D]``.
+    block_starts: torch.Tensor | None = None,
+) -> ColdBlocks:
+    """Compress blocks ``keys, values [..., T, D]`` in one batched call (no loop over blocks or heads).
 
     ``keys`` is what the low-rank fit sees (pre-RoPE keys in ``pre_rope`` mode); ``exact_keys``
     (default ``keys``) is what outliers store, i.e. the post-RoPE keys as the model cached
-    them. Stored dtypes follow ``values.dtype`` (the model dtype).
+    them. Stored dtypes follow ``values.dtype`` (the model dtype). ``block_starts`` (the cache
+    index of each block along the last leading dim; default ``0, T, 2T, ...``) is stored as is.
+
+    Rows too large for the stored coefficients (a per-row float16 scale would overflow, or a
+    16-bit coefficient the model dtype; see :func:`_overflowing_rows`) are kept exact as
+    outliers and left out of the fit. A block with more such rows than ``outliers_per_block``
+    cannot be stored: ValueError (nothing is returned, so a caller's cache stays unchanged).
     """
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
@@ -239,17 +233,31 @@ def compress_blocks(
     kf = keys.reshape(n, t, d).to(cdt)
     vf = values.reshape(n, t, d).to(cdt)
     o = config.outliers_per_block
+    vbits = config.value_bits
+    huge = _overflowing_rows(kf, config.coeff_bits, config.key_codec, model_dtype) | _overflowing_rows(
+        vf, vbits, config.value_codec, model_dtype
+    )  # [N, T]
+    n_huge = huge.sum(-1)
+    if bool((n_huge > o).any()):  # one host sync per compression call
+        worst = int(n_huge.max())
+        raise ValueError(
+            f"a block has {worst} rows too large for {config.coeff_bits}/{vbits}-bit coefficients "
+            f"(max |value| {float(torch.maximum(kf.abs().amax(), vf.abs().amax())):.3g}; per-row "
+            f"float16 scales overflow); at most outliers_per_block={o} such rows per block can be kept exact"
+        )
+    # huge rows are served exactly (forced outliers below): keep them out of the fit and the scales
+    kf = kf.masked_fill(huge.unsqueeze(-1), 0.0)
+    vf = vf.masked_fill(huge.unsqueeze(-1), 0.0)
 
     def gen() -> torch.Generator:
         return torch.Generator(device=kf.device).manual_seed(config.seed)
 
     kc, vc = config.key_codec, config.value_codec
     kq, ks, kb, krec = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc)
-    vbits = config.value_bits
     vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits)
 
     if o > 0:
-        score = outlier_score(kf, krec, vf, vrec)  # [N, T]
+        score = outlier_score(kf, krec, vf, vrec).masked_fill(huge, float("inf"))  # [N, T]
         idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
         if config.refit_after_outliers:
             # only a fitted basis can be re-spent; identity rows stay as they are
@@ -269,10 +277,14 @@ def compress_blocks(
         out_k = exact_keys.new_zeros(n, 0, d)
         out_v = values.new_zeros(n, 0, d)
 
+    if block_starts is None:
+        nb = lead[-1] if lead else 1
+        block_starts = t * torch.arange(nb, dtype=torch.int64, device=kf.device)
+
     def shaped(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.reshape(*lead, *x.shape[1:]).contiguous()
 
-    return CompressedBlocks(
+    return ColdBlocks(
         key_coeffs=shaped(kq),
         key_scales=shaped(ks),
         key_basis=shaped(kb),
@@ -282,6 +294,8 @@ def compress_blocks(
         outlier_keys=shaped(out_k.to(exact_keys.dtype)),
         outlier_values=shaped(out_v.to(values.dtype)),
         outlier_index=shaped(idx.to(torch.int64)),
+        block_starts=block_starts,
+        block_size=t,
         coeff_bits=config.coeff_bits,
         rank_keys=rank_keys,
         rank_values=rank_values,
@@ -300,7 +314,7 @@ def _scatter_outliers(recon: torch.Tensor, index: torch.Tensor, exact: torch.Ten
 
 
 def reconstruct_keys(
-    blocks: CompressedBlocks,
+    blocks: ColdBlocks,
     rotate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -313,7 +327,7 @@ def reconstruct_keys(
     return _scatter_outliers(recon, blocks.outlier_index, blocks.outlier_keys)
 
 
-def reconstruct_values(blocks: CompressedBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reconstruct_values(blocks: ColdBlocks, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     c = dequantize_coeffs(
         blocks.value_coeffs, blocks.value_scales, blocks.value_bits, blocks.rank_values, dtype
     )
@@ -322,7 +336,7 @@ def reconstruct_values(blocks: CompressedBlocks, dtype: torch.dtype = torch.floa
 
 
 def reconstruct(
-    blocks: CompressedBlocks,
+    blocks: ColdBlocks,
     rotate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,49 @@
 """``SpectralLayer``: one compressed decoder layer's cache (landmarks | cold blocks | hot buffer).
 
 Token flow: the first ``landmarks`` tokens ever cached go to the landmark tier (exact, never
-compressed); later tokens enter the hot buffer. Whenever the hot buffer holds at least
-``hot_size + block_size`` tokens, its oldest ``n * block_size`` tokens (as many whole blocks as
-possible while ``hot_size`` stay hot) are compressed in one batched call and appended to the
-cold tier, whose tensors are stacked ``[B, H, nb, ...]`` so attention never loops over blocks.
+compressed); later tokens enter the hot buffer. Whenever the hot buffer (with the incoming
+tokens) holds at least ``hot_size + block_size`` tokens, its oldest ``n * block_size`` tokens (as
+many whole blocks as possible while ``hot_size`` stay hot) are compressed in **one** batched call
+(every block of every head at once) and appended to the cold tier, whose tensors are stacked
+``[B, H, nb, ...]`` so attention never loops over blocks.
+
+Storage (append-only, preallocated):
+
+* the cold tier is one :class:`ColdBlocks` whose tensors are buffers ``[B, H, capacity, ...]``
+  (``block_starts [capacity]``); ``state()`` hands out the views ``[:, :, :nb]``. New blocks
+  are written in place after the last one; when the capacity is exhausted the buffers are
+  reallocated with geometric growth (:data:`COLD_GROWTH`; a prefill into an empty tier allocates
+  exactly what it needs);
+* the landmarks live in a ``[B, H, landmarks, D]`` buffer filled in place;
+* the hot buffer is ``[B, H, capacity, D]`` with a live window ``[lo, hi)``: new tokens are
+  written at ``hi``; compressing the oldest hot tokens only advances ``lo``. When a decode
+  token does not fit, the live window is copied into a fresh buffer with ``max(block_size // 4,
+  16)`` tokens of slack (a prefill chunk's remainder is stored in an exact-fit buffer).
+
+Nothing already visible through a view is ever overwritten, and every reallocation makes a fresh
+buffer, so :meth:`SpectralLayer.checkpoint` (counters + references) and
+:meth:`SpectralLayer.rollback` restore the layer exactly after a failed forward. ``crop``,
+``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``, ``offload``,
+``prefetch``, ``reset`` and ``to`` may reallocate or shrink the windows; they invalidate
+outstanding checkpoints.
+
+NaN / inf guarantee (no host synchronization on the decode path):
+
+* a chunk of more than one token (prefill) is checked before anything changes; NaN/inf there
+  raises ValueError naming the layer, and the cache is unchanged;
+* a single-token update (decode) is not checked on the host: its finiteness is folded into a
+  device-side flag. The flag is read at the next natural synchronization point -- before any
+  block is compressed, at the next multi-token update, in :meth:`check_finite` (which
+  ``SpectralCache.memory_report`` calls) -- and raises ValueError naming the layer and the first
+  non-finite cache index (the raising update is refused; crop to that index to go on).
+  Therefore a NaN/inf token never enters a compressed block, and it is reported at the latest
+  when the block holding it would be compressed. Until then it sits in the exact tiers, where
+  the attention output of the step that stored it is already NaN (a model producing NaN K/V
+  produces NaN hidden states as well).
+
+Rows too large for the stored coefficients (finite, but ``max|row| / 127`` overflows a float16
+scale) are kept exact as outliers by ``compress_blocks``; a block with more of them than
+``outliers_per_block`` is refused with ValueError before the layer changes.
 
 The current call's exact K/V (the "chunk") are kept only until this layer's attention has run:
 the attention function calls :meth:`SpectralLayer.release_chunk`; the next ``update``,
@@ -15,38 +54,68 @@ cache: the spectral attention reads :meth:`state` instead. A stock attention fun
 these tensors would see only the new tokens; with a mask sized by :meth:`get_mask_sizes`
 (``seq_len + q``) SDPA then fails on the shape mismatch instead of silently attending to a
 truncated context.
-
-All stored tensors are compact (contiguous, own storage), so ``untyped_storage().nbytes()`` is
-the data actually held (see ``SpectralCache.memory_report``).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from spectralcache.cache.block import CompressedBlocks, compress_blocks, reconstruct
+from spectralcache.cache.block import compress_blocks, reconstruct
 from spectralcache.cache.rope import RopeRotator
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 from spectralcache.config import SpectralConfig
 
-__all__ = ["SpectralLayer"]
+__all__ = ["COLD_GROWTH", "LayerCheckpoint", "SpectralLayer"]
 
-_COLD_FIELDS = (
-    "key_coeffs",
-    "key_scales",
-    "key_basis",
-    "value_coeffs",
-    "value_scales",
-    "value_basis",
-    "outlier_keys",
-    "outlier_values",
-    "outlier_index",
-)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Growth factor of the cold tier's capacity. Geometric growth keeps appends amortized O(1)
+# (each block is copied 1 / (COLD_GROWTH - 1) = 4 times on average); 1.25 rather than 2 because
+# the capacity is held memory (memory_report counts it), and doubling could hold twice the cold
+# tier a long decode needs.
+COLD_GROWTH = 1.25
+# Everything a checkpoint restores (the layer's whole mutable state; buffers by reference).
+_STATE_ATTRS = (
+    "keys",
+    "values",
+    "is_initialized",
+    "dtype",
+    "device",
+    "batch_size",
+    "num_kv_heads",
+    "head_dim",
+    "_seq_len",
+    "_lm_k",
+    "_lm_v",
+    "_n_lm",
+    "_cold",
+    "_nb",
+    "_hot_k",
+    "_hot_v",
+    "_hot_lo",
+    "_hot_hi",
+    "_hot_start",
+    "_chunk_k",
+    "_chunk_v",
+    "_chunk_start",
+    "_nonfinite",
+)
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class LayerCheckpoint:
+    """What :meth:`SpectralLayer.checkpoint` returns: counters and buffer references (no copies)."""
+
+    layer: SpectralLayer
+    generation: int
+    attrs: tuple[tuple[str, Any], ...]
+    n_compression_calls: int
 
 
 class SpectralLayer(CacheLayerMixin):
@@ -81,6 +150,7 @@ class SpectralLayer(CacheLayerMixin):
         self.rotator = rotator
         # stats: (blocks compressed, seconds) per compression call
         self.compression_calls: list[tuple[int, float]] = []
+        self._generation = 0
         self._clear()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -89,16 +159,25 @@ class SpectralLayer(CacheLayerMixin):
         self.values = None
         self.is_initialized = False
         self._seq_len = 0
-        self._lm_k: torch.Tensor | None = None
+        self._lm_k: torch.Tensor | None = None  # [B, H, landmarks, D] buffer
         self._lm_v: torch.Tensor | None = None
-        self._cold: dict[str, torch.Tensor | None] | None = None
-        self._block_starts: torch.Tensor | None = None
-        self._hot_k: torch.Tensor | None = None
+        self._n_lm = 0
+        self._cold: ColdBlocks | None = None  # buffers [B, H, capacity, ...]
+        self._nb = 0
+        self._hot_k: torch.Tensor | None = None  # [B, H, capacity, D] buffer, live [lo, hi)
         self._hot_v: torch.Tensor | None = None
-        self._hot_start = 0
+        self._hot_lo = 0
+        self._hot_hi = 0
+        self._hot_start = 0  # cache index of the token at _hot_lo
         self._chunk_k: torch.Tensor | None = None
         self._chunk_v: torch.Tensor | None = None
         self._chunk_start = 0
+        # device bool: a decode token stored since the last check was NaN/inf (None: none stored)
+        self._nonfinite: torch.Tensor | None = None
+        self._invalidate_checkpoints()
+
+    def _invalidate_checkpoints(self) -> None:
+        self._generation += 1
 
     def __repr__(self) -> str:
         return (
@@ -108,15 +187,20 @@ class SpectralLayer(CacheLayerMixin):
 
     @property
     def num_blocks(self) -> int:
-        return 0 if self._block_starts is None else int(self._block_starts.numel())
+        return self._nb
+
+    @property
+    def cold_capacity(self) -> int:
+        """Blocks the cold buffers can hold before they are reallocated."""
+        return 0 if self._cold is None else int(self._cold.block_starts.shape[0])
 
     @property
     def hot_len(self) -> int:
-        return 0 if self._hot_k is None else int(self._hot_k.shape[-2])
+        return self._hot_hi - self._hot_lo
 
     @property
     def num_landmarks(self) -> int:
-        return 0 if self._lm_k is None else int(self._lm_k.shape[-2])
+        return self._n_lm
 
     @property
     def ranks(self) -> tuple[int, int]:
@@ -133,6 +217,48 @@ class SpectralLayer(CacheLayerMixin):
     def has_pending_chunk(self) -> bool:
         """True between ``update`` and ``release_chunk`` (i.e. while attention may still read it)."""
         return self._chunk_k is not None
+
+    # ------------------------------------------------------------------ views
+    def _landmarks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._lm_k[:, :, : self._n_lm], self._lm_v[:, :, : self._n_lm]
+
+    def _hot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self._hot_lo, self._hot_hi
+        return self._hot_k[:, :, lo:hi], self._hot_v[:, :, lo:hi]
+
+    def _cold_view(self, lo: int = 0, hi: int | None = None) -> ColdBlocks | None:
+        if self._cold is None or self._nb == 0:
+            return None
+        return self._cold.blocks(lo, self._nb if hi is None else hi)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> LayerCheckpoint:
+        """A cheap snapshot (counters and references to the current buffers, no copy).
+
+        :meth:`rollback` with it restores the layer exactly, as long as only ``update`` and
+        ``release_chunk`` ran since (they write only past every live window). Any other
+        mutation (crop, batch ops, reset, offload, ``to``) or a rollback invalidates it.
+        """
+        attrs = tuple((name, getattr(self, name, _MISSING)) for name in _STATE_ATTRS)
+        return LayerCheckpoint(self, self._generation, attrs, len(self.compression_calls))
+
+    def rollback(self, token: LayerCheckpoint) -> None:
+        """Restore the state captured by :meth:`checkpoint` (single use)."""
+        if not isinstance(token, LayerCheckpoint) or token.layer is not self:
+            raise ValueError(f"layer {self.layer_idx}: rollback needs a checkpoint taken on this layer")
+        if token.generation != self._generation:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: this checkpoint is no longer valid (the layer was cropped, "
+                "reordered, reset, moved or rolled back since it was taken)"
+            )
+        for name, value in token.attrs:
+            if value is _MISSING:
+                if hasattr(self, name):
+                    delattr(self, name)
+            else:
+                setattr(self, name, value)
+        del self.compression_calls[token.n_compression_calls :]
+        self._invalidate_checkpoints()
 
     # ------------------------------------------------------------------ validation
     def _validate(self, key_states: Any, value_states: Any) -> None:
@@ -190,20 +316,68 @@ class SpectralLayer(CacheLayerMixin):
         rk, rv = self.config.ranks_for(d)
         if max(rk, rv) > d:
             raise ValueError(f"layer {self.layer_idx}: ranks ({rk}, {rv}) exceed head_dim {d}")
-        # one host sync for both tensors
-        if not bool(torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
-            raise ValueError(
-                f"layer {self.layer_idx}: key/value states contain NaN or inf; the cache was not changed"
-            )
+        if key_states.shape[-2] > 1:
+            # a prefill chunk: checked on the host (one sync, cheap next to the prefill itself)
+            if not bool(torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
+                raise ValueError(
+                    f"layer {self.layer_idx}: key/value states contain NaN or inf; the cache was not changed"
+                )
+            self.check_finite()
+
+    # ------------------------------------------------------------------ finiteness
+    def _note_decode_finiteness(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Fold the tokens' finiteness into the device-side flag (no host synchronization)."""
+        bad = ~(torch.isfinite(key_states).all() & torch.isfinite(value_states).all())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def _first_nonfinite_index(self) -> int | None:
+        """Cache index of the first stored exact token with a NaN/inf (host sync; errors only)."""
+        if not self.is_initialized:
+            return None
+        tiers = [(0, *self._landmarks()), (self._hot_start, *self._hot())]
+        for first, k, v in tiers:
+            if k.shape[-2] == 0:
+                continue
+            bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, H, n]
+            rows = bad.flatten(0, 1).any(0).nonzero()
+            if rows.numel():
+                return first + int(rows[0])
+        return None
+
+    def check_finite(self) -> None:
+        """Read the decode NaN/inf flag (one host sync); raise ValueError naming the layer if set.
+
+        Called before every block compression and every multi-token update, and by
+        ``SpectralCache.memory_report``; nothing is changed when it raises.
+        """
+        flag = self._nonfinite
+        if flag is None:
+            return
+        if not bool(flag):
+            self._nonfinite = None
+            return
+        index = self._first_nonfinite_index()
+        where = "" if index is None else f" (first at cache index {index})"
+        hint = "" if index is None else f"; crop the cache to {index} tokens or reset it to go on"
+        raise ValueError(
+            f"layer {self.layer_idx}: a decode step stored key/value states with NaN or inf{where}. "
+            f"They were never compressed{hint}"
+        )
 
     # ------------------------------------------------------------------ CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_kv_heads, _, self.head_dim = key_states.shape
-        empty = key_states.new_zeros(self.batch_size, self.num_kv_heads, 0, self.head_dim)
-        self._lm_k, self._lm_v = empty, empty.clone()
-        self._hot_k, self._hot_v = empty.clone(), empty.clone()
-        self._hot_start = 0
+        b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+        lm = self.config.landmarks
+        self._lm_k = key_states.new_empty(b, h, lm, d)
+        self._lm_v = key_states.new_empty(b, h, lm, d)
+        self._n_lm = 0
+        self._hot_k = key_states.new_empty(b, h, 0, d)
+        self._hot_v = key_states.new_empty(b, h, 0, d)
+        self._hot_lo = self._hot_hi = self._hot_start = 0
+        self._cold, self._nb = None, 0
+        self._nonfinite = None
         self.is_initialized = True
 
     def update(
@@ -211,49 +385,95 @@ class SpectralLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[B, H, q, D]`` post-RoPE keys / values; compress whole blocks when due.
 
-        Validates first (NaN/inf, shapes, heads, batch, dtype, device) and computes every new
-        tier before assigning any of them, so a failure leaves the cache unchanged.
+        Validates first (shapes, heads, batch, dtype, device; NaN/inf on the host for q > 1,
+        through the device flag for q == 1: see the module docstring). A failure anywhere
+        restores the layer from a checkpoint, so it leaves the cache unchanged.
         Returns the exact chunk (the given tensors); attention reads :meth:`state`.
         """
         self._validate(key_states, value_states)
+        token = self.checkpoint()
+        try:
+            self._append(key_states, value_states)
+        except BaseException:
+            self.rollback(token)
+            raise
+        return key_states, value_states
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if not self.is_initialized or self._seq_len == 0:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        cfg = self.config
+        cfg, t = self.config, self.config.block_size
         start = self._seq_len
+        if q == 1:
+            self._note_decode_finiteness(key_states, value_states)
 
-        # landmarks
-        n_lm = min(max(cfg.landmarks - self.num_landmarks, 0), q)
-        lm_k, lm_v = self._lm_k, self._lm_v
+        # landmarks: written in place after the last one
+        n_lm = min(max(cfg.landmarks - self._n_lm, 0), q)
         if n_lm:
-            lm_k = torch.cat([lm_k, key_states[:, :, :n_lm]], dim=-2)
-            lm_v = torch.cat([lm_v, value_states[:, :, :n_lm]], dim=-2)
-        hot_k = torch.cat([self._hot_k, key_states[:, :, n_lm:]], dim=-2)
-        hot_v = torch.cat([self._hot_v, value_states[:, :, n_lm:]], dim=-2)
+            self._lm_k[:, :, self._n_lm : self._n_lm + n_lm].copy_(key_states[:, :, :n_lm])
+            self._lm_v[:, :, self._n_lm : self._n_lm + n_lm].copy_(value_states[:, :, :n_lm])
+            self._n_lm += n_lm
+        xk, xv = key_states[:, :, n_lm:], value_states[:, :, n_lm:]
         # Invariant: landmarks [0, L') | blocks [L', L' + nb*T) | hot; hot only holds tokens once
-        # the landmarks are full, so the hot buffer starts right after the last block.
-        hot_start = lm_k.shape[-2] + self.num_blocks * cfg.block_size
+        # the landmarks are full, so the hot window starts right after the last block.
+        self._hot_start = self._n_lm + self._nb * t
 
-        cold, starts = self._cold, self._block_starts
-        t = cfg.block_size
-        n_new = (hot_k.shape[-2] - cfg.hot_size) // t if hot_k.shape[-2] >= cfg.hot_size + t else 0
-        if n_new > 0:
-            blocks = self._compress(hot_k[:, :, : n_new * t], hot_v[:, :, : n_new * t], hot_start)
-            new_starts = hot_start + t * torch.arange(n_new, device=hot_k.device, dtype=torch.int64)
-            cold, starts = self._append_blocks(blocks, new_starts)
-            hot_k = hot_k[:, :, n_new * t :].clone()
-            hot_v = hot_v[:, :, n_new * t :].clone()
-            hot_start += n_new * t
+        # whole blocks due: read them from the live hot window and/or the incoming tokens
+        live = self.hot_len
+        total = live + xk.shape[-2]
+        n_new = (total - cfg.hot_size) // t if total >= cfg.hot_size + t else 0
+        if n_new:
+            m = n_new * t
+            from_hot = min(m, live)
+            from_new = m - from_hot
+            hk, hv = self._hot()
+            if from_new == 0:
+                src_k, src_v = hk[:, :, :m], hv[:, :, :m]
+            elif from_hot == 0:
+                src_k, src_v = xk[:, :, :m], xv[:, :, :m]
+            else:
+                src_k = torch.cat([hk, xk[:, :, :from_new]], dim=-2)
+                src_v = torch.cat([hv, xv[:, :, :from_new]], dim=-2)
+            self.check_finite()  # natural sync point: a NaN/inf decode token never enters a block
+            blocks = self._compress(src_k, src_v, self._hot_start)
+            self._append_blocks(blocks)
+            self._hot_lo += from_hot
+            self._hot_start += m
+            xk, xv = xk[:, :, from_new:], xv[:, :, from_new:]
 
-        # commit (nothing above mutated self)
-        self._lm_k, self._lm_v = lm_k, lm_v
-        self._hot_k, self._hot_v = hot_k, hot_v
-        self._hot_start = hot_start
-        self._cold, self._block_starts = cold, starts
+        # the rest enters the hot buffer, in place after the live window when it fits
+        rem = xk.shape[-2]
+        if rem:
+            hi = self._hot_hi
+            if hi + rem <= self._hot_k.shape[-2]:
+                self._hot_k[:, :, hi : hi + rem].copy_(xk)
+                self._hot_v[:, :, hi : hi + rem].copy_(xv)
+                self._hot_hi = hi + rem
+            else:
+                # a fresh buffer (never compacted in place: checkpoints may reference the old one);
+                # decode gets slack, a prefill chunk's remainder an exact fit
+                slack = self.hot_slack if q <= self.hot_slack else 0
+                lo, kept = self._hot_lo, self.hot_len
+                self._hot_k = self._compact(self._hot_k[:, :, lo:hi], xk, slack)
+                self._hot_v = self._compact(self._hot_v[:, :, lo:hi], xv, slack)
+                self._hot_lo, self._hot_hi = 0, kept + rem
         self._chunk_k, self._chunk_v = key_states, value_states
         self._chunk_start = start
         self._seq_len = start + q
-        return key_states, value_states
+
+    @property
+    def hot_slack(self) -> int:
+        """Tokens of room a decode-time reallocation of the hot buffer leaves after the live window."""
+        return max(self.config.block_size // 4, 16)
+
+    @staticmethod
+    def _compact(window: torch.Tensor, new: torch.Tensor, slack: int) -> torch.Tensor:
+        b, h, n, d = window.shape
+        buf = window.new_empty(b, h, n + new.shape[-2] + slack, d)
+        buf[:, :, :n].copy_(window)
+        buf[:, :, n : n + new.shape[-2]].copy_(new)
+        return buf
 
     def release_chunk(self) -> None:
         """Drop the current call's exact K/V (called by attention once it has run)."""
@@ -273,59 +493,125 @@ class SpectralLayer(CacheLayerMixin):
         self._clear()
 
     def offload(self) -> None:
-        self._map_batch_tensors(lambda x: x.to("cpu", non_blocking=True), include_starts=True)
+        self._map_tensors(lambda x: x.to("cpu", non_blocking=True), compact=False)
 
     def prefetch(self) -> None:
         if self.is_initialized:
             device = self.device
-            self._map_batch_tensors(lambda x: x.to(device, non_blocking=True), include_starts=True)
+            self._map_tensors(lambda x: x.to(device, non_blocking=True), compact=False)
 
     # ------------------------------------------------------------------ batch ops
-    def _map_batch_tensors(self, fn, include_starts: bool = False) -> None:
-        """Apply ``fn`` to every batch-first tensor (building all results before assigning)."""
+    def _map_tensors(self, fn, *, compact: bool, batch: bool = False) -> None:
+        """Apply ``fn`` to every tensor (building all results before assigning anything).
+
+        ``compact``: apply it to the live views only, so the results are exact-fit buffers (batch
+        ops); otherwise to the whole buffers, capacity included (``offload`` / ``prefetch`` / ``to``).
+        ``batch``: ``fn`` acts on the batch dim, so it skips ``block_starts`` (no batch dim).
+        """
         if not self.is_initialized:
             return
-        new: dict[str, Any] = {}
-        for name in ("_lm_k", "_lm_v", "_hot_k", "_hot_v", "_chunk_k", "_chunk_v"):
-            x = getattr(self, name)
-            new[name] = None if x is None else fn(x)
-        cold = None
-        if self._cold is not None:
-            cold = {k: None if v is None else fn(v) for k, v in self._cold.items()}
-        starts = self._block_starts
-        if include_starts and starts is not None:
-            starts = fn(starts)
-        for name, value in new.items():
-            setattr(self, name, value)
-        self._cold = cold
-        self._block_starts = starts
+        if compact:
+            lm_k, lm_v = self._lm_k, self._lm_v  # fixed capacity: map whole
+            hot_k, hot_v = self._hot()
+            cold = self._cold_view()
+        else:
+            lm_k, lm_v, hot_k, hot_v, cold = self._lm_k, self._lm_v, self._hot_k, self._hot_v, self._cold
+        new_cold = None
+        if cold is not None:
+            new_cold = cold.map_tensors(lambda name, x: x if batch and name == "block_starts" else fn(x))
+        chunk = [None if x is None else fn(x) for x in (self._chunk_k, self._chunk_v)]
+        new = (fn(lm_k), fn(lm_v), fn(hot_k), fn(hot_v))
+        flag = self._nonfinite
+        if flag is not None and not batch:
+            flag = fn(flag)
+        # assign (nothing above mutated self)
+        self._lm_k, self._lm_v, self._hot_k, self._hot_v = new
+        self._chunk_k, self._chunk_v = chunk
+        self._cold = new_cold
+        self._nonfinite = flag
+        if compact:
+            self._hot_hi -= self._hot_lo
+            self._hot_lo = 0
+            if new_cold is None:
+                self._nb = 0
+        self._invalidate_checkpoints()
+
+    def _batch_op(self, fn) -> None:
+        if self.is_initialized and self._seq_len > 0:
+            self._map_tensors(fn, compact=True, batch=True)
+            self.batch_size = int(self._hot_k.shape[0])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized and self._seq_len > 0:
             idx = beam_idx.to(self.device)
-            self._map_batch_tensors(lambda x: x.index_select(0, idx))
-            self.batch_size = int(self._hot_k.shape[0])
+            self._batch_op(lambda x: x.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized and self._seq_len > 0:
-            self._map_batch_tensors(lambda x: x.repeat_interleave(repeats, dim=0))
-            self.batch_size = int(self._hot_k.shape[0])
+        self._batch_op(lambda x: x.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized and self._seq_len > 0:
             if isinstance(indices, torch.Tensor):
                 indices = indices.to(self.device)
-            self._map_batch_tensors(lambda x: x[indices, ...].contiguous())
-            self.batch_size = int(self._hot_k.shape[0])
+            self._batch_op(lambda x: x[indices, ...].contiguous())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SpectralLayer:
+        """Move every tensor to ``device`` and / or convert the exact tiers and bases to ``dtype``.
+
+        Integer coefficients, outlier indices and float16 scales keep their dtype; 16-bit
+        coefficients (stored in the model dtype) and bases stored in the model dtype follow
+        ``dtype``; float16 bases (``basis_dtype`` auto for float32 models) stay float16 unless the
+        config says ``basis_dtype="model"``. Returns self.
+        """
+        if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"layer {self.layer_idx}: unsupported dtype {dtype}")
+        if not self.is_initialized:
+            return self
+        target_device = self.device if device is None else torch.device(device)
+        old_dtype = self.dtype
+        new_dtype = old_dtype if dtype is None else dtype
+        new_basis = self.config.basis_torch_dtype(new_dtype)
+        old_basis = self.config.basis_torch_dtype(old_dtype)
+
+        def move(x: torch.Tensor, kind: str = "exact") -> torch.Tensor:
+            want = x.dtype
+            if kind == "exact" and x.dtype == old_dtype:
+                want = new_dtype
+            elif kind == "basis" and x.dtype == old_basis:
+                want = new_basis
+            return x.to(device=target_device, dtype=want)
+
+        cold = None
+        if self._cold is not None:
+            kinds = {
+                "key_basis": "basis",
+                "value_basis": "basis",
+                "outlier_keys": "exact",
+                "outlier_values": "exact",
+                "key_coeffs": "exact" if self.config.coeff_bits == 16 else "keep",
+                "value_coeffs": "exact" if self.config.value_bits == 16 else "keep",
+            }
+            cold = self._cold.map_tensors(lambda name, x: move(x, kinds.get(name, "keep")))
+        moved = [move(x) for x in (self._lm_k, self._lm_v, self._hot_k, self._hot_v)]
+        chunk = [None if x is None else move(x) for x in (self._chunk_k, self._chunk_v)]
+        flag = None if self._nonfinite is None else self._nonfinite.to(target_device)
+        self._lm_k, self._lm_v, self._hot_k, self._hot_v = moved
+        self._chunk_k, self._chunk_v = chunk
+        self._cold = cold
+        self._nonfinite = flag
+        self.dtype, self.device = new_dtype, target_device
+        self._invalidate_checkpoints()
+        return self
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a negative int, as ``DynamicLayer``).
 
-        Tokens in the hot buffer or landmarks are sliced off. Cropping into the cold tier drops
-        every block that reaches past the new length; the kept head of a partially cropped block
-        is put back into the hot buffer as its *reconstruction* (outliers exact, the rest from the
-        low-rank representation, re-rotated for pre-RoPE), so no exact copy is pretended. Those
-        tokens are compressed again when the hot buffer next fills.
+        Tokens in the hot buffer or landmarks are cut off (the windows shrink; no copy). Cropping
+        into the cold tier drops every block that reaches past the new length; the kept head of a
+        partially cropped block is put back into the hot buffer as its *reconstruction* (outliers
+        exact, the rest from the low-rank representation, re-rotated for pre-RoPE), so no exact
+        copy is pretended. Those tokens are compressed again when the hot buffer next fills.
+        No host synchronization (every boundary is a host int).
         """
         if tokens_to_remove > 0:
             raise ValueError(
@@ -336,37 +622,40 @@ class SpectralLayer(CacheLayerMixin):
         self.release_chunk()
         new_len = max(self._seq_len + tokens_to_remove, 0)
         t = self.config.block_size
+        first_block = self._hot_start - self._nb * t  # == number of landmarks whenever nb > 0
         if new_len >= self._hot_start:
-            keep = new_len - self._hot_start
-            hot_k, hot_v = self._hot_k[:, :, :keep].clone(), self._hot_v[:, :, :keep].clone()
-            lm_k, lm_v = self._lm_k, self._lm_v
-            cold, starts, hot_start = self._cold, self._block_starts, self._hot_start
-        elif self.num_blocks and new_len >= int(self._block_starts[0]):
-            first_block = int(self._block_starts[0])
+            self._hot_hi = self._hot_lo + (new_len - self._hot_start)
+        elif self._nb and new_len >= first_block:
             n_keep = (new_len - first_block) // t  # whole blocks kept
             partial = new_len - first_block - n_keep * t
-            hot_start = first_block + n_keep * t
-            empty = self._hot_k[:, :, :0].clone()
-            hot_k, hot_v = empty, empty.clone()
+            b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+            hot_k = self._hot_k.new_empty(b, h, partial, d)
+            hot_v = self._hot_v.new_empty(b, h, partial, d)
             if partial:
-                block = self._block_as_compressed(n_keep, n_keep + 1)
-                rotate = self._rotate_fn(self._block_starts[n_keep : n_keep + 1])
-                rec_k, rec_v = reconstruct(block, rotate)  # [B,H,1,T,D]
-                hot_k = rec_k[:, :, 0, :partial].to(self.dtype).contiguous()
-                hot_v = rec_v[:, :, 0, :partial].to(self.dtype).contiguous()
-            cold, starts = self._slice_blocks(n_keep)
-            lm_k, lm_v = self._lm_k, self._lm_v
+                block = self._cold_view(n_keep, n_keep + 1)
+                rec_k, rec_v = reconstruct(block, self._rotate_fn(block.block_starts))  # [B,H,1,T,D]
+                hot_k.copy_(rec_k[:, :, 0, :partial])
+                hot_v.copy_(rec_v[:, :, 0, :partial])
+            self._hot_k, self._hot_v = hot_k, hot_v
+            self._hot_lo, self._hot_hi = 0, partial
+            self._hot_start = first_block + n_keep * t
+            self._nb = n_keep
+            if n_keep == 0:
+                self._cold = None  # release the cold buffers
         else:
-            lm_k = self._lm_k[:, :, :new_len].clone()
-            lm_v = self._lm_v[:, :, :new_len].clone()
-            empty = self._hot_k[:, :, :0].clone()
-            hot_k, hot_v = empty, empty.clone()
-            cold, starts, hot_start = None, None, lm_k.shape[-2]
-        self._lm_k, self._lm_v = lm_k, lm_v
-        self._hot_k, self._hot_v = hot_k, hot_v
-        self._cold, self._block_starts = cold, starts
-        self._hot_start = hot_start
+            self._n_lm = new_len
+            self._hot_lo = self._hot_hi = 0
+            self._hot_start = new_len
+            self._cold, self._nb = None, 0
         self._seq_len = new_len
+        if self._nonfinite is not None:
+            # re-derive the flag from what is left (device ops only, no sync)
+            (lk, lv), (hk, hv) = self._landmarks(), self._hot()
+            bad = torch.zeros((), dtype=torch.bool, device=self._hot_k.device)
+            for x in (lk, lv, hk, hv):
+                bad = bad | ~torch.isfinite(x).all()
+            self._nonfinite = bad
+        self._invalidate_checkpoints()
 
     # ------------------------------------------------------------------ compression
     def _rotate_fn(self, block_starts: torch.Tensor):
@@ -375,8 +664,9 @@ class SpectralLayer(CacheLayerMixin):
         rotator = self.rotator
         return lambda keys: rotator.rotate_block_keys(keys, block_starts)
 
-    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first_index: int) -> CompressedBlocks:
-        """Compress ``[B, H, n*T, D]`` tokens starting at cache index ``first_index``."""
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first_index: int) -> ColdBlocks:
+        """Compress ``[B, H, n*T, D]`` tokens starting at cache index ``first_index``: one
+        ``compress_blocks`` call for every block of every head."""
         b, h, n_tok, d = keys.shape
         t = self.config.block_size
         nb = n_tok // t
@@ -386,85 +676,71 @@ class SpectralLayer(CacheLayerMixin):
         if self.config.key_space == "pre_rope":
             positions = first_index + torch.arange(n_tok, device=keys.device, dtype=torch.int64)
             fit_keys = self.rotator.unrotate(keys.float(), positions).reshape(b, h, nb, t, d)
+        starts = first_index + t * torch.arange(nb, device=keys.device, dtype=torch.int64)
         rk, rv = self.config.ranks_for(d)
         sync = keys.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(keys.device)
         t0 = time.perf_counter()
-        blocks = compress_blocks(fit_keys, vb, self.config, rk, rv, exact_keys=kb)
+        try:
+            blocks = compress_blocks(fit_keys, vb, self.config, rk, rv, exact_keys=kb, block_starts=starts)
+        except ValueError as e:
+            raise ValueError(
+                f"layer {self.layer_idx}: cannot compress cache indices {first_index}..{first_index + n_tok - 1}: "
+                f"{e}. The update was refused and the cache is unchanged"
+            ) from e
         if sync:
             torch.cuda.synchronize(keys.device)
         self.compression_calls.append((nb, time.perf_counter() - t0))
         return blocks
 
-    def _append_blocks(
-        self, blocks: CompressedBlocks, new_starts: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
-        fresh = blocks.tensors()
-        if self._cold is None:
-            cold = {k: None if v is None else v.contiguous() for k, v in fresh.items()}
-            return cold, new_starts
-        cold = {}
-        for k in _COLD_FIELDS:
-            old, new = self._cold[k], fresh[k]
-            cold[k] = None if old is None else torch.cat([old, new], dim=2)
-        return cold, torch.cat([self._block_starts, new_starts])
+    def _append_blocks(self, new: ColdBlocks) -> None:
+        """Write ``new`` after the last block, growing the buffers (fresh ones) when full."""
+        n = new.num_blocks
+        need = self._nb + n
+        if self._cold is None or need > self.cold_capacity:
+            cap = need if self._nb == 0 else max(need, math.ceil(self._nb * COLD_GROWTH))
+            old, nb = self._cold, self._nb
 
-    def _slice_blocks(self, n_keep: int) -> tuple[dict[str, torch.Tensor | None] | None, torch.Tensor | None]:
-        if n_keep == 0:
-            return None, None
-        cold = {k: None if v is None else v[:, :, :n_keep].clone() for k, v in self._cold.items()}
-        return cold, self._block_starts[:n_keep].clone()
+            def grow(name: str, x: torch.Tensor) -> torch.Tensor:
+                axis = 0 if name == "block_starts" else 2
+                shape = list(x.shape)
+                shape[axis] = cap
+                buf = x.new_empty(shape)
+                if nb:
+                    src = getattr(old, name)
+                    buf.narrow(axis, 0, nb).copy_(src.narrow(axis, 0, nb))
+                return buf
 
-    def _block_as_compressed(self, lo: int = 0, hi: int | None = None) -> CompressedBlocks:
-        rk, rv = self.ranks
-        c = self._cold
-        sl = slice(lo, hi)
-        return CompressedBlocks(
-            **{k: None if c[k] is None else c[k][:, :, sl] for k in _COLD_FIELDS},
-            coeff_bits=self.config.coeff_bits,
-            rank_keys=rk,
-            rank_values=rv,
-            value_coeff_bits=self.config.value_coeff_bits,
-        )
+            self._cold = new.map_tensors(grow)
+        nb = self._nb
+
+        def put(name: str, x: torch.Tensor) -> torch.Tensor:
+            axis = 0 if name == "block_starts" else 2
+            getattr(self._cold, name).narrow(axis, nb, n).copy_(x)
+            return x
+
+        new.map_tensors(put)
+        self._nb = need
 
     # ------------------------------------------------------------------ state
     def state(self) -> SpectralLayerState:
-        """The compressed state as the attention function reads it (see ``cache/state.py``)."""
+        """The compressed state as the attention function reads it (see ``cache/state.py``):
+        views into the layer's buffers, shapes exactly as documented there."""
         if not self.is_initialized:
             raise RuntimeError(f"layer {self.layer_idx}: state() before the first update")
-        cold = None
-        if self._cold is not None:
-            rk, rv = self.ranks
-            c = self._cold
-            cold = ColdBlocks(
-                key_coeffs=c["key_coeffs"],
-                key_scales=c["key_scales"],
-                key_basis=c["key_basis"],
-                value_coeffs=c["value_coeffs"],
-                value_scales=c["value_scales"],
-                value_basis=c["value_basis"],
-                outlier_keys=c["outlier_keys"],
-                outlier_values=c["outlier_values"],
-                outlier_index=c["outlier_index"],
-                block_starts=self._block_starts,
-                block_size=self.config.block_size,
-                coeff_bits=self.config.coeff_bits,
-                rank_keys=rk,
-                rank_values=rv,
-                value_coeff_bits=self.config.value_coeff_bits,
-            )
         rotate = None
         if self.config.key_space == "pre_rope":
             rotate = self.rotator.rotate_block_keys
+        (lk, lv), (hk, hv) = self._landmarks(), self._hot()
         return SpectralLayerState(
             layer_idx=self.layer_idx,
             seq_len=self._seq_len,
-            landmark_keys=self._lm_k,
-            landmark_values=self._lm_v,
-            cold=cold,
-            hot_keys=self._hot_k,
-            hot_values=self._hot_v,
+            landmark_keys=lk,
+            landmark_values=lv,
+            cold=self._cold_view(),
+            hot_keys=hk,
+            hot_values=hv,
             hot_start=self._hot_start,
             chunk_keys=self._chunk_k,
             chunk_values=self._chunk_v,
@@ -478,21 +754,21 @@ class SpectralLayer(CacheLayerMixin):
         (landmarks, cold blocks with outliers exact, hot). For tests and debugging only."""
         if not self.is_initialized:
             raise RuntimeError(f"layer {self.layer_idx}: reconstruct() before the first update")
-        ks = [self._lm_k.to(dtype)]
-        vs = [self._lm_v.to(dtype)]
-        if self._cold is not None:
-            block = self._block_as_compressed()
-            rk_, rv_ = reconstruct(block, self._rotate_fn(self._block_starts), dtype)
+        (lk, lv), (hk, hv) = self._landmarks(), self._hot()
+        ks, vs = [lk.to(dtype)], [lv.to(dtype)]
+        cold = self._cold_view()
+        if cold is not None:
+            rk_, rv_ = reconstruct(cold, self._rotate_fn(cold.block_starts), dtype)
             b, h, nb, t, d = rk_.shape
             ks.append(rk_.reshape(b, h, nb * t, d))
             vs.append(rv_.reshape(b, h, nb * t, d))
-        ks.append(self._hot_k.to(dtype))
-        vs.append(self._hot_v.to(dtype))
+        ks.append(hk.to(dtype))
+        vs.append(hv.to(dtype))
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     # ------------------------------------------------------------------ memory
     def tier_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """Tensors held per tier (for ``memory_report``)."""
+        """Tensors held per tier (for ``memory_report``): the whole buffers, capacity included."""
         tiers: dict[str, list[torch.Tensor]] = {
             "landmarks": [],
             "coefficients": [],
@@ -512,11 +788,11 @@ class SpectralLayer(CacheLayerMixin):
             tiers["chunk"] = [self._chunk_k, self._chunk_v]
         if self._cold is not None:
             c = self._cold
-            tiers["coefficients"] = [c["key_coeffs"], c["value_coeffs"]]
-            tiers["scales"] = [x for x in (c["key_scales"], c["value_scales"]) if x is not None]
+            tiers["coefficients"] = [c.key_coeffs, c.value_coeffs]
+            tiers["scales"] = [x for x in (c.key_scales, c.value_scales) if x is not None]
             # an identity codec stores no basis (None)
-            tiers["bases"] = [x for x in (c["key_basis"], c["value_basis"]) if x is not None]
-            tiers["outliers"] = [c["outlier_keys"], c["outlier_values"]]
-            tiers["outlier_index"] = [c["outlier_index"]]
-            tiers["block_starts"] = [self._block_starts]
+            tiers["bases"] = [x for x in (c.key_basis, c.value_basis) if x is not None]
+            tiers["outliers"] = [c.outlier_keys, c.outlier_values]
+            tiers["outlier_index"] = [c.outlier_index]
+            tiers["block_starts"] = [c.block_starts]
         return tiers

@@ -45,10 +45,13 @@ before scoring. Every exact tier is always stored post-RoPE.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+__all__ = ["ColdBlocks", "SpectralLayerState"]
 
 
 @dataclass
@@ -76,7 +79,27 @@ class ColdBlocks:
 
     @property
     def num_blocks(self) -> int:
+        # numel() is metadata: no device synchronization
         return int(self.block_starts.numel())
+
+    @classmethod
+    def tensor_fields(cls) -> tuple[str, ...]:
+        """Names of the tensor fields (the one list, derived from the dataclass itself)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if "Tensor" in str(f.type))
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The tensor fields by name (``None`` for an identity codec's basis / 16-bit scales)."""
+        return {name: getattr(self, name) for name in self.tensor_fields()}
+
+    def map_tensors(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> ColdBlocks:
+        """A copy with ``fn(name, tensor)`` applied to every tensor field that is not None."""
+        return dataclasses.replace(
+            self, **{name: None if t is None else fn(name, t) for name, t in self.tensors().items()}
+        )
+
+    def blocks(self, lo: int, hi: int) -> ColdBlocks:
+        """Views of blocks ``lo:hi`` (layout ``[B, H, nb, ...]``, ``block_starts [nb]``)."""
+        return self.map_tensors(lambda name, t: t[lo:hi] if name == "block_starts" else t[:, :, lo:hi])
 
 
 @dataclass

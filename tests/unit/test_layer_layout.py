@@ -1,0 +1,219 @@
+"""The layer's storage layout: preallocated, append-only tiers, checkpoint / rollback.
+
+A twin layer that never saw the rolled-back update is the reference: after ``rollback`` the
+layer must be indistinguishable from it (state tensors, counters, and every later update).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from spectralcache.cache.layer import COLD_GROWTH, SpectralLayer
+from spectralcache.cache.rope import RopeRotator
+from spectralcache.cache.state import ColdBlocks
+from spectralcache.config import SpectralConfig
+
+H, D, T = 2, 16, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(**kw):
+    base = dict(block_size=T, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
+    base.update(kw)
+    return SpectralConfig(**base)
+
+
+def kv(b, n, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, H, n, D, generator=g).to(dtype), torch.randn(b, H, n, D, generator=g).to(dtype)
+
+
+def rotator():
+    return RopeRotator(1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float) / D)), D)
+
+
+def make_layer(key_space="post_rope", **kw):
+    rot = rotator() if key_space == "pre_rope" else None
+    return SpectralLayer(small_cfg(key_space=key_space, **kw), 0, head_dim=D, num_kv_heads=H, rotator=rot)
+
+
+def _tensors_of(layer):
+    st = layer.state()
+    out = {
+        "landmark_keys": st.landmark_keys,
+        "landmark_values": st.landmark_values,
+        "hot_keys": st.hot_keys,
+        "hot_values": st.hot_values,
+    }
+    if st.cold is not None:
+        out.update({f"cold.{k}": v for k, v in st.cold.tensors().items()})
+    return st, out
+
+
+def assert_same(a: SpectralLayer, b: SpectralLayer) -> None:
+    assert (a.get_seq_length(), a.num_blocks, a.hot_len, a.num_landmarks) == (
+        b.get_seq_length(),
+        b.num_blocks,
+        b.hot_len,
+        b.num_landmarks,
+    )
+    if b.get_seq_length() == 0:
+        return
+    sa, ta = _tensors_of(a)
+    sb, tb = _tensors_of(b)
+    assert (sa.hot_start, sa.seq_len, sa.chunk_start) == (sb.hot_start, sb.seq_len, sb.chunk_start)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        x, y = ta[name], tb[name]
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.shape == y.shape and x.dtype == y.dtype, name
+            assert torch.equal(x, y), name
+
+
+def test_state_is_views_into_preallocated_buffers():
+    layer = make_layer()
+    k, v = kv(2, 3 + 3 * T + 5, seed=1)
+    layer.update(k, v)
+    st = layer.state()
+    cold = st.cold
+    assert cold.num_blocks == 3 and cold.key_coeffs.shape == (2, H, 3, T, 4)
+    assert cold.block_starts.tolist() == [3, 3 + T, 3 + 2 * T]
+    # a prefill into an empty cold tier allocates exactly what it needs
+    assert layer.cold_capacity == 3
+    # views share the layer's buffers (no copy per state() call)
+    assert st.hot_keys.untyped_storage().data_ptr() == layer.state().hot_keys.untyped_storage().data_ptr()
+    assert cold.key_coeffs.untyped_storage().data_ptr() == layer._cold.key_coeffs.untyped_storage().data_ptr()
+    # the tensor fields are derived from the dataclass, block_starts included
+    assert "block_starts" in ColdBlocks.tensor_fields() and "block_size" not in ColdBlocks.tensor_fields()
+
+
+def test_cold_tier_grows_geometrically_during_decode():
+    layer = make_layer()
+    k, v = kv(1, 3 + 40 * T, seed=2)
+    layer.update(k[:, :, :40], v[:, :, :40])
+    ptrs, caps = set(), []
+    for i in range(40, k.shape[2]):
+        layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        layer.release_chunk()
+        if layer._cold is not None:
+            ptrs.add(layer._cold.key_coeffs.untyped_storage().data_ptr())
+            if not caps or caps[-1] != layer.cold_capacity:
+                caps.append(layer.cold_capacity)
+    nb = layer.num_blocks
+    assert nb >= 38 and layer.cold_capacity >= nb
+    # amortized: each reallocation grows by COLD_GROWTH (at least one block), so there are
+    # O(log nb) of them, not one per block
+    for a, b in itertools.pairwise(caps):
+        assert b >= max(a + 1, int(a * COLD_GROWTH))
+    assert len(caps) <= 16 < nb
+    # the live blocks equal a fresh prefill-free reference: reconstruct is exact over every tier
+    ref = make_layer()
+    ref.update(k[:, :, :40], v[:, :, :40])
+    for i in range(40, k.shape[2]):
+        ref.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    torch.testing.assert_close(layer.reconstruct()[0], ref.reconstruct()[0], rtol=0, atol=0)
+
+
+def test_hot_buffer_is_append_only_during_decode():
+    layer = make_layer()
+    k, v = kv(1, 400, seed=3)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    reallocations = 0
+    ptr = layer._hot_k.untyped_storage().data_ptr()
+    for i in range(30, 400):
+        hot_before = layer.state().hot_keys.clone()
+        lo_before = layer._hot_lo
+        layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        new_ptr = layer._hot_k.untyped_storage().data_ptr()
+        if new_ptr != ptr:
+            reallocations += 1
+            ptr = new_ptr
+        elif layer._hot_lo > lo_before:
+            # a block moved to the cold tier: only the window start advanced, nothing shifted
+            moved = layer._hot_lo - lo_before
+            torch.testing.assert_close(layer.state().hot_keys[:, :, :-1], hot_before[:, :, moved:])
+    # one reallocation per `hot_slack` decode tokens at most (not one per token)
+    assert 0 < reallocations <= (400 - 30) // layer.hot_slack + 1
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize(
+    ("history", "failed"),
+    [
+        ([], 40),  # rollback of the very first update (lazy initialization)
+        ([2], 40),  # landmarks partly filled, then a prefill chunk with compressions
+        ([30], 1),  # plain decode token
+        ([30] + [1] * 25, 1),  # decode token that triggers a block compression
+        ([30] + [1] * 7, 1),  # decode token that reallocates the hot buffer
+        ([3 + 8 * T], 5 * T),  # prefill chunk that grows the cold buffers
+        ([3 + 8 * T, 1, 1], 3),  # short chunk after decode
+    ],
+)
+def test_rollback_restores_the_layer_exactly(key_space, history, failed):
+    layer, twin = make_layer(key_space), make_layer(key_space)
+    total = sum(history) + failed + 3 * T
+    k, v = kv(2, total, seed=sum(history) + failed)
+    pos = 0
+    for n in history:
+        for lay in (layer, twin):
+            lay.update(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+            lay.release_chunk()
+        pos += n
+    token = layer.checkpoint()
+    # an update whose forward fails later: the layer must come back exactly
+    junk_k, junk_v = kv(2, failed, seed=99)
+    layer.update(junk_k, junk_v)
+    layer.rollback(token)
+    assert_same(layer, twin)
+    assert len(layer.compression_calls) == len(twin.compression_calls)
+    # ...and keep behaving like the twin (the junk never resurfaces)
+    for n in (failed, 1, 1, 2 * T, 1):
+        for lay in (layer, twin):
+            lay.update(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        pos += n
+        assert_same(layer, twin)
+    torch.testing.assert_close(layer.reconstruct()[0], twin.reconstruct()[0], rtol=0, atol=0)
+
+
+def test_rollback_is_refused_after_a_structural_change():
+    layer = make_layer()
+    k, v = kv(2, 60, seed=4)
+    layer.update(k[:, :, :50], v[:, :, :50])
+    token = layer.checkpoint()
+    layer.update(k[:, :, 50:51], v[:, :, 50:51])
+    layer.crop(-3)
+    with pytest.raises(RuntimeError, match="no longer valid"):
+        layer.rollback(token)
+    other = make_layer()
+    with pytest.raises(ValueError, match="this layer"):
+        other.rollback(layer.checkpoint())
+    # single use: a rollback invalidates the token it used
+    token = layer.checkpoint()
+    layer.update(k[:, :, 51:52], v[:, :, 51:52])
+    layer.rollback(token)
+    with pytest.raises(RuntimeError, match="no longer valid"):
+        layer.rollback(token)
+
+
+def test_failed_update_restores_the_layer():
+    """A failure inside update (here: the compression refuses a block) rolls back by itself."""
+    layer, twin = make_layer(), make_layer()
+    k, v = kv(1, 3 + 2 * T, seed=5)
+    for lay in (layer, twin):
+        lay.update(k[:, :, :20], v[:, :, :20])
+        lay.release_chunk()
+    bad_k, bad_v = kv(1, 2 * T, seed=6)
+    bad_k[:, :, 3:6] = 3e37  # three rows per block too large for float16 scales, 2 outliers allowed
+    with pytest.raises(ValueError, match="layer 0: cannot compress cache indices"):
+        layer.update(bad_k, bad_v)
+    assert_same(layer, twin)
+    assert layer.pending_chunk_keys is None
