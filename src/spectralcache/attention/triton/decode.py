@@ -1,0 +1,325 @@
+"""Fused decode attention over a compressed layer: host side (checks, split plan, two launches).
+
+``decode_attention(query, state, attention_mask, scaling, softcap)`` computes exactly what
+:func:`spectralcache.attention.reference.spectral_attention` computes, for a small query
+(decode, or a few speculative tokens: ``groups * q_len <= MAX_ROWS``), reading the cold tier's
+int8 / packed-int4 coefficients directly (no float copy in memory) with the flash-decoding
+plan of ``decode_splits`` (one program per KV head and range of blocks, plus programs for the
+exact tiers) and the log-sum-exp reduction of ``combine_splits``.
+
+It runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
+interpreter; that is how CI tests it). Everything it does not support raises a ValueError
+naming the problem; the torch reference is the fallback for those cases
+(:func:`spectralcache.attention.interface.attend` chooses).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from spectralcache.attention.triton.combine_splits import combine_splits_kernel
+from spectralcache.attention.triton.decode_splits import spectral_decode_split_kernel
+from spectralcache.cache.state import SpectralLayerState
+
+__all__ = ["MAX_ROWS", "decode_attention", "interpreter_enabled"]
+
+# query rows of one KV head handled by one program: groups * q_len (the tile is padded to >= 16)
+MAX_ROWS = 64
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter is on (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if interpreter_enabled():
+    from spectralcache.attention.triton import _interpreter_compat
+
+    _interpreter_compat.apply()
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def _dummies(device: torch.device) -> dict[torch.dtype, torch.Tensor]:
+    """One-element stand-ins for absent tensors (the kernel never reads them: flags say so)."""
+    return {dt: torch.zeros(1, dtype=dt, device=device) for dt in (torch.int64, torch.int8, torch.float16)}
+
+
+def _t(x: torch.Tensor | None, ndim: int, dummy: torch.Tensor) -> tuple:
+    """(tensor, strides...) for a kernel argument; an absent or empty tensor becomes ``dummy``."""
+    if x is None or x.numel() == 0:
+        return (dummy, *([0] * ndim))
+    if x.dim() != ndim:
+        raise ValueError(f"expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+    return (x, *x.stride())
+
+
+def _resolve_inv_freq(state: SpectralLayerState, device: torch.device) -> torch.Tensor:
+    """The RoPE inverse frequencies pre-RoPE blocks are re-rotated with."""
+    inv_freq = getattr(state, "rope_inv_freq", None)
+    if inv_freq is None:
+        # until every producer fills ``rope_inv_freq``: a RopeRotator's bound method carries them
+        owner = (
+            getattr(state.rotate_block_keys, "__self__", None)
+            if hasattr(state, "rotate_block_keys")
+            else None
+        )
+        inv_freq = getattr(owner, "inv_freq", None)
+    if inv_freq is None:
+        raise ValueError(
+            "pre_rope cold blocks need state.rope_inv_freq (the model's RoPE inverse frequencies) "
+            "for the Triton kernel"
+        )
+    return inv_freq.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _check(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, int, int, int, int]:
+    if query.dim() != 4:
+        raise ValueError(f"query must be [batch, heads, q_len, head_dim], got shape {tuple(query.shape)}")
+    if query.dtype not in _TL_DTYPES:
+        raise TypeError(f"query must be float32, float16 or bfloat16, got {query.dtype}")
+    bsz, n_q, q_len, head_dim = query.shape
+    if state.hot_keys.dim() != 4:
+        raise ValueError(f"state.hot_keys must be [B, H, h, D], got shape {tuple(state.hot_keys.shape)}")
+    kb, n_kv, _, kd = state.hot_keys.shape
+    if kb != bsz:
+        raise ValueError(f"query batch {bsz} does not match the cached batch {kb}")
+    if kd != head_dim:
+        raise ValueError(f"query head_dim {head_dim} does not match the cached head_dim {kd}")
+    if n_q % n_kv:
+        raise ValueError(f"{n_q} query heads are not a multiple of {n_kv} KV heads")
+    if state.key_space not in ("pre_rope", "post_rope"):
+        raise ValueError(f"unknown key_space {state.key_space!r}")
+    if (n_q // n_kv) * q_len > MAX_ROWS:
+        raise ValueError(
+            f"decode_attention handles groups*q_len <= {MAX_ROWS} query rows per KV head, got "
+            f"{n_q // n_kv}*{q_len}; use the torch reference (spectral_attention) for prefill"
+        )
+    if not query.is_cuda and not interpreter_enabled():
+        raise ValueError("decode_attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return bsz, n_q, q_len, head_dim, n_kv
+
+
+def _coeff_width(bits: int, rank: int) -> int:
+    if bits not in (4, 8, 16):
+        raise ValueError(f"coefficient bits must be 4, 8 or 16, got {bits}")
+    return (rank + 1) // 2 if bits == 4 else rank
+
+
+def decode_attention(
+    query: torch.Tensor,
+    state: SpectralLayerState,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    blocks_per_split: int | None = None,
+    block_t: int | None = None,
+    block_e: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Attention of a small ``query`` [B, Hq, q, D] over a compressed layer -> [B, Hq, q, D].
+
+    Same function as ``spectral_attention`` (same arguments, same masking by cache index, zeros
+    for fully masked rows). ``out`` (optional, [B, Hq, q, D] in the query's dtype, any strides)
+    receives the result; by default it is a view of a ``[B, q, Hq, D]`` buffer, so transformers'
+    ``transpose(1, 2).contiguous()`` costs nothing. ``blocks_per_split`` / ``block_t`` /
+    ``block_e`` / ``num_warps`` override the launch plan (tests and tuning).
+    """
+    bsz, n_q, q_len, head_dim, n_kv = _check(query, state)
+    device = query.device
+    groups = n_q // n_kv
+    rows = groups * q_len
+    seq_len = int(state.seq_len)
+    has_chunk = state.chunk_keys is not None
+    n_chunk = int(state.chunk_keys.shape[2]) if has_chunk else 0
+    if has_chunk and int(state.chunk_start) + n_chunk != seq_len:
+        raise ValueError(
+            f"chunk covers cache indices {state.chunk_start}..{int(state.chunk_start) + n_chunk - 1}"
+            f" but the layer holds {seq_len} tokens"
+        )
+    tier_end = int(state.chunk_start) if has_chunk else seq_len
+    q_first = seq_len - q_len
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+    dummy = _dummies(device)
+
+    # ---- mask
+    if attention_mask is None:
+        mask_args: tuple = (dummy[torch.int8], 0, 0, 0, 0.0)
+        has_mask = mask_bool = False
+    else:
+        if attention_mask.dim() != 4:
+            raise ValueError(
+                f"attention_mask must be 4D [batch, 1, q_len, kv_len], got shape {tuple(attention_mask.shape)}"
+            )
+        mb, mh, mq, mk = attention_mask.shape
+        if mb not in (1, bsz) or mh != 1 or mq != q_len:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not fit batch={bsz}, q_len={q_len}"
+                " (expected [batch, 1, q_len, kv_len])"
+            )
+        if mk < seq_len:
+            raise ValueError(
+                f"attention_mask covers {mk} cache positions but the layer holds {seq_len} tokens"
+            )
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, the query on {device}")
+        if attention_mask.dtype == torch.bool:
+            mask, floor, mask_bool = attention_mask.view(torch.uint8), 0.0, True
+        elif attention_mask.is_floating_point():
+            mask, floor, mask_bool = attention_mask, torch.finfo(attention_mask.dtype).min / 2, False
+        else:
+            raise TypeError(f"attention_mask must be bool or floating, got {attention_mask.dtype}")
+        has_mask = True
+        mask_args = (mask, 0 if mb == 1 else mask.stride(0), mask.stride(2), mask.stride(3), floor)
+
+    # ---- cold tier
+    cold = state.cold
+    n_blocks = cold.num_blocks if cold is not None else 0
+    pre_rope = False
+    rot_half = 1
+    if n_blocks:
+        t = int(cold.block_size)
+        rk, rv = int(cold.rank_keys), int(cold.rank_values)
+        kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
+        key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
+        for name, coeffs, bits, rank, ident in (
+            ("key", cold.key_coeffs, kbits, rk, key_identity),
+            ("value", cold.value_coeffs, vbits, rv, value_identity),
+        ):
+            if coeffs.shape[-1] != _coeff_width(bits, rank) or coeffs.shape[-2] != t:
+                raise ValueError(
+                    f"cold {name}_coeffs shape {tuple(coeffs.shape)} does not fit block_size={t}, "
+                    f"rank={rank}, {bits}-bit coefficients"
+                )
+            if ident and rank != head_dim:
+                raise ValueError(f"identity {name} codec needs rank == head_dim, got {rank} vs {head_dim}")
+        n_out = int(cold.outlier_index.shape[-1])
+        if state.key_space == "pre_rope":
+            pre_rope = True
+            inv_freq = _resolve_inv_freq(state, device)
+            rot_half = int(inv_freq.numel())
+            if rot_half == 0 or 2 * rot_half > head_dim:
+                raise ValueError(
+                    f"rope_inv_freq with {rot_half} frequencies does not fit head_dim={head_dim}"
+                )
+        else:
+            inv_freq = dummy[torch.float16]
+        starts = cold.block_starts
+        if starts.device != device or starts.dtype != torch.int64:
+            starts = starts.to(device=device, dtype=torch.int64)
+        f16 = dummy[torch.float16]
+        cold_args = (
+            starts,
+            *_t(cold.key_coeffs, 5, dummy[torch.int8]),
+            *(_t(cold.key_scales, 5, f16)[:5]),
+            *_t(cold.key_basis, 5, f16),
+            *_t(cold.value_coeffs, 5, dummy[torch.int8]),
+            *(_t(cold.value_scales, 5, f16)[:5]),
+            *_t(cold.value_basis, 5, f16),
+            *_t(cold.outlier_keys, 5, f16),
+            *_t(cold.outlier_values, 5, f16),
+            *_t(cold.outlier_index, 4, dummy[torch.int64]),
+            inv_freq,
+        )
+    else:
+        t, rk, rv, kbits, vbits, n_out = 16, head_dim, head_dim, 8, 8, 0
+        key_identity = value_identity = True
+        i8, f16, i64 = dummy[torch.int8], dummy[torch.float16], dummy[torch.int64]
+        cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
+                     i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
+                     f16, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0, i64, 0, 0, 0, 0, f16)  # fmt: skip
+
+    # ---- exact tiers
+    f16 = dummy[torch.float16]
+    n_land = int(state.landmark_keys.shape[2])
+    n_hot = int(state.hot_keys.shape[2])
+    exact_args = (
+        *_t(state.landmark_keys, 4, f16),
+        *_t(state.landmark_values, 4, f16),
+        *_t(state.hot_keys, 4, f16),
+        *_t(state.hot_values, 4, f16),
+        *_t(state.chunk_keys, 4, f16),
+        *_t(state.chunk_values, 4, f16),
+        n_land,
+        int(state.hot_start),
+        n_hot,
+        int(state.chunk_start),
+        n_chunk,
+    )
+
+    # ---- launch plan
+    block_t = min(_next_pow2(t), 64) if block_t is None else block_t
+    block_e = 32 if block_e is None else block_e
+    n_bh = bsz * n_kv
+    if blocks_per_split is None:
+        target = (
+            2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            if query.is_cuda
+            else 2
+        )
+        want_splits = max(1, math.ceil(target / n_bh))
+        blocks_per_split = max(1, math.ceil(n_blocks / want_splits)) if n_blocks else 1
+    n_cold_splits = math.ceil(n_blocks / blocks_per_split) if n_blocks else 0
+    n_exact = n_land + n_hot + n_chunk
+    # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
+    # about as many bytes as a cold program
+    exact_per_split = max(block_e, triton.cdiv(blocks_per_split * t // 2, block_e) * block_e)
+    n_exact_splits = math.ceil(n_exact / exact_per_split) if n_exact else (0 if n_cold_splits else 1)
+    n_splits = n_cold_splits + n_exact_splits
+
+    r_p = _next_pow2(rows)
+    d_p = _next_pow2(head_dim)
+    part_acc = torch.empty(n_bh, n_splits, rows, head_dim, dtype=torch.float32, device=device)
+    part_m = torch.empty(n_bh, n_splits, rows, dtype=torch.float32, device=device)
+    part_l = torch.empty(n_bh, n_splits, rows, dtype=torch.float32, device=device)
+
+    spectral_decode_split_kernel[(n_bh, n_splits)](
+        query, *query.stride(),
+        *mask_args,
+        *cold_args,
+        *exact_args,
+        part_acc, part_m, part_l,
+        n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
+        scale, 1.0 if softcap is None else float(softcap),
+        G=groups, R=rows, R_P=r_p, D=head_dim, D_P=d_p, T=t, BLOCK_T=block_t,
+        RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
+        BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
+        KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=softcap is not None, HAS_CHUNK=has_chunk,
+        F32=query.dtype == torch.float32,
+        num_warps=num_warps,
+    )  # fmt: skip
+
+    if out is None:
+        out = torch.empty(bsz, q_len, n_q, head_dim, dtype=query.dtype, device=device).transpose(1, 2)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.device != device:
+        raise ValueError(
+            f"out must be {tuple(query.shape)} {query.dtype} on {device}, got {tuple(out.shape)} {out.dtype}"
+        )
+    combine_splits_kernel[(n_bh,)](
+        part_acc, part_m, part_l,
+        out, *out.stride(),
+        n_kv, n_splits, q_len,
+        G=groups, R=rows, R_P=r_p, D=head_dim, D_P=d_p,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out

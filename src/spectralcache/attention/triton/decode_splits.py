@@ -1,0 +1,449 @@
+"""Split kernel of the fused decode attention: one program = one KV head × one range of the cache.
+
+Math (per batch row ``b``, KV head ``h``; the ``G = Hq / Hkv`` query heads of ``h`` and the
+``q`` query positions are packed as ``R = G·q`` rows of one tile, row ``r = g·q + i``):
+
+* scores of an exact token ``k``: ``s = softcap((q·k)·scale)`` plus the mask bias of its cache
+  index (``-inf`` when masked, or an additive float mask value);
+* cold block ``n`` with low-rank post-RoPE keys: ``qB = (q·B_Kᵀ)·scale`` ([R, rk], once per
+  block), then ``s[:, t] = (qB·C_K[t]ᵀ)·σ_K[t]`` (σ the per-row scale; the integer
+  coefficients are widened on chip, never in memory). Identity keys: ``s = (q·C_Kᵀ)·σ_K·scale``.
+  Pre-RoPE keys: a key tile ``K = (C_K·σ_K)·B_K`` and its rotate-half partner
+  ``K' = (C_K·σ_K)·B_K'`` (``B_K'`` = the basis with its rotary columns swapped and negated)
+  are built on chip and ``K·cos + K'·sin`` (angle ``float32(cache index)·inv_freq``) is scored;
+* rows of a cold block that are kept exact as outliers are masked (``-inf``) in the low-rank
+  scores and attended through their exact copy in the same step;
+* one online softmax over everything the program reads: running max ``m``, denominator
+  ``den``, accumulator ``acc`` [R, D]; low-rank values stay latent within a block:
+  ``lat += (p·σ_V)·C_V`` ([R, rv]) for each token tile, and ``acc += lat·B_V`` once at the end
+  of the block (identity values: ``acc += (p·σ_V)·C_V`` directly). ``lat`` is rescaled with
+  ``acc`` whenever the running max moves, so the result is exact.
+
+Programs ``0 .. n_cold_splits-1`` take ``blocks_per_split`` consecutive cold blocks each; the
+remaining programs take ``exact_per_split`` tokens each of the exact tiers laid end to end
+(landmarks | hot buffer | current chunk). Each program writes its ``(m, den, acc)`` partial;
+``combine_splits`` merges them by log-sum-exp.
+
+Masking is by cache index, as in the torch reference: cache indices ``>= tier_end`` are read
+from the chunk only (their copies in the other tiers are masked), and the mask is either the
+bool / float ``[B|1, 1, q, kv_len]`` tensor transformers passes or, without one, causality
+(query ``i`` sits at cache index ``q_first + i``).
+
+Precision: with float32 queries every product is a float32 ("ieee") dot. Otherwise exact
+tiers use the model dtype as flash attention does, and the cold tier multiplies in float16
+(integer coefficients up to 127 are exact in float16, probabilities and orthonormal basis rows
+are bounded), always accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+__all__ = ["spectral_decode_split_kernel"]
+
+# Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies bfloat16 dot
+# operands as raw bits (Triton 3.6: off by 1e10); there, bfloat16 dots run in float32 instead.
+_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr, LP: tl.constexpr):
+    """a @ b in float32 (exact "ieee" mode) or with both operands in the low-precision type LP."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif LP == tl.bfloat16 and not _BF16_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(LP), b.to(LP), out_dtype=tl.float32)
+
+
+@triton.jit
+def _softcap(s, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at ±inf, no NaN for large |x|
+        x = s / softcap
+        s = (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * softcap
+    return s
+
+
+@triton.jit
+def _mask_bias(
+    mask_ptr,
+    stride_mq,
+    stride_mk,
+    mask_floor,
+    rows_q,
+    rows_ok,
+    idx,
+    idx_ok,
+    q_first,
+    tier_end,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+):
+    """Additive float32 bias [R, N] for cache indices ``idx`` [N]: 0 / mask value, or -inf.
+
+    ``mask_ptr`` already points at this batch row; ``rows_q`` [R] is each row's query position
+    (0..q-1)."""
+    ok = rows_ok[:, None] & idx_ok[None, :] & (idx < tier_end)[None, :]
+    if HAS_MASK:
+        mp = mask_ptr + rows_q[:, None] * stride_mq + idx[None, :] * stride_mk
+        if MASK_BOOL:
+            mv = tl.load(mp, mask=ok, other=0)
+            ok = ok & (mv != 0)
+            bias = tl.zeros(ok.shape, dtype=tl.float32)
+        else:
+            bias = tl.load(mp, mask=ok, other=0.0).to(tl.float32)
+            ok = ok & (bias > mask_floor)
+    else:
+        ok = ok & (idx[None, :] <= (q_first + rows_q)[:, None])
+        bias = tl.zeros(ok.shape, dtype=tl.float32)
+    return tl.where(ok, bias, float("-inf"))
+
+
+@triton.jit
+def _online_step(m, den, s):
+    """New running max, rescale factor for the old state, and the tile's probabilities."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: exp(-inf) = 0
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, alpha, p
+
+
+@triton.jit
+def _load_coeffs(
+    base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr
+):
+    """Coefficient tile [N, RANK_P] (zeros past RANK / outside ``rows_ok``), unscaled.
+
+    int8 and packed int4 come back as exact small integers in float16; 16-bit coefficients
+    in their stored dtype. int4: column 2j is the low nibble of byte j, 2j+1 the high one,
+    each two's complement (linalg/quant.py)."""
+    cols = tl.arange(0, RANK_P)
+    ok = rows_ok[:, None] & (cols < RANK)[None, :]
+    if BITS == 4:
+        ptrs = base + rows[:, None] * stride_t + (cols // 2)[None, :] * stride_c
+        byte = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+        nib = (byte >> ((cols % 2) * 4)[None, :]) & 15
+        return ((nib ^ 8) - 8).to(tl.float16)
+    elif BITS == 8:
+        ptrs = base + rows[:, None] * stride_t + cols[None, :] * stride_c
+        return tl.load(ptrs, mask=ok, other=0).to(tl.float16)
+    else:
+        ptrs = base + rows[:, None] * stride_t + cols[None, :] * stride_c
+        return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _exact_segment(
+    m,
+    den,
+    acc,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    seg_lo,
+    seg_hi,
+    first_index,
+    seg_tier_end,
+    mask_ptr,
+    stride_mq,
+    stride_mk,
+    mask_floor,
+    rows_q,
+    rows_ok,
+    q_first,
+    scale,
+    softcap,
+    D: tl.constexpr,
+    D_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    F32: tl.constexpr,
+):
+    """Tokens ``seg_lo .. seg_hi-1`` of one exact tier (K/V [n, D], cache index ``first_index + i``)."""
+    dcols = tl.arange(0, D_P)
+    d_ok = dcols < D
+    for t0 in range(seg_lo, seg_hi, BLOCK_E):
+        tt = t0 + tl.arange(0, BLOCK_E)
+        t_ok = tt < seg_hi
+        kv_ok = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + tt[:, None] * stride_kt + dcols[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), F32, k.dtype) * scale
+        s = _softcap(s, softcap, HAS_SOFTCAP)
+        s += _mask_bias(
+            mask_ptr, stride_mq, stride_mk, mask_floor, rows_q, rows_ok, first_index + tt, t_ok,
+            q_first, seg_tier_end, HAS_MASK, MASK_BOOL,
+        )  # fmt: skip
+        m, alpha, p = _online_step(m, den, s)
+        v = tl.load(v_base + tt[:, None] * stride_vt + dcols[None, :] * stride_vd, mask=kv_ok, other=0.0)
+        den = den * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p, v, F32, v.dtype)
+    return m, den, acc
+
+
+@triton.jit
+def spectral_decode_split_kernel(
+    # query [B, Hq, q, D]
+    q_ptr, s_qb, s_qh, s_qq, s_qd,
+    # mask [B|1, 1, q, kv] (uint8 view of bool, or float); stride_mb = 0 broadcasts
+    mask_ptr, s_mb, s_mq, s_mk, mask_floor,
+    # cold tier
+    starts_ptr,
+    kc_ptr, s_kc_b, s_kc_h, s_kc_n, s_kc_t, s_kc_c,
+    ks_ptr, s_ks_b, s_ks_h, s_ks_n, s_ks_t,
+    kb_ptr, s_kb_b, s_kb_h, s_kb_n, s_kb_r, s_kb_d,
+    vc_ptr, s_vc_b, s_vc_h, s_vc_n, s_vc_t, s_vc_c,
+    vs_ptr, s_vs_b, s_vs_h, s_vs_n, s_vs_t,
+    vb_ptr, s_vb_b, s_vb_h, s_vb_n, s_vb_r, s_vb_d,
+    ok_ptr, s_ok_b, s_ok_h, s_ok_n, s_ok_o, s_ok_d,
+    ov_ptr, s_ov_b, s_ov_h, s_ov_n, s_ov_o, s_ov_d,
+    oi_ptr, s_oi_b, s_oi_h, s_oi_n, s_oi_o,
+    inv_freq_ptr,
+    # exact tiers: landmarks, hot buffer, current chunk ([B, H, n, D] each)
+    lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d,
+    lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
+    hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d,
+    hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
+    ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d,
+    cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
+    n_land, hot_start, n_hot, chunk_start, n_chunk,
+    # partials: acc [BH, S, R, D], m / l [BH, S, R] float32, contiguous
+    pacc_ptr, pm_ptr, pl_ptr,
+    # sizes
+    n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
+    scale, softcap,
+    G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    T: tl.constexpr, BLOCK_T: tl.constexpr,
+    RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
+    N_OUT: tl.constexpr, N_OUT_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
+    KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
+    PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = pid_bh // n_kv
+    h = pid_bh % n_kv
+
+    # ---- the query tile: rows r = g*q + i of query head h*G + g, position i
+    rows = tl.arange(0, R_P)
+    rows_ok = rows < R
+    rows_g = rows // q_len
+    rows_q = rows % q_len
+    dcols = tl.arange(0, D_P)
+    d_ok = dcols < D
+    q_ptrs = (
+        q_ptr + b * s_qb + (h * G + rows_g)[:, None] * s_qh + rows_q[:, None] * s_qq + dcols[None, :] * s_qd
+    )
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    # products use the query as given (no rounding of q·scale); scores are scaled in float32
+    mrow_ptr = mask_ptr + b * s_mb
+
+    m = tl.full((R_P,), float("-inf"), dtype=tl.float32)
+    den = tl.zeros((R_P,), dtype=tl.float32)
+    acc = tl.zeros((R_P, D_P), dtype=tl.float32)
+
+    if pid_s < n_cold_splits:
+        # ------------------------------------------------------------ cold blocks
+        n_lo = pid_s * blocks_per_split
+        n_hi = tl.minimum(n_lo + blocks_per_split, n_blocks)
+        kc_bh = kc_ptr + b * s_kc_b + h * s_kc_h
+        ks_bh = ks_ptr + b * s_ks_b + h * s_ks_h
+        kb_bh = kb_ptr + b * s_kb_b + h * s_kb_h
+        vc_bh = vc_ptr + b * s_vc_b + h * s_vc_h
+        vs_bh = vs_ptr + b * s_vs_b + h * s_vs_h
+        vb_bh = vb_ptr + b * s_vb_b + h * s_vb_h
+        ok_bh = ok_ptr + b * s_ok_b + h * s_ok_h
+        ov_bh = ov_ptr + b * s_ov_b + h * s_ov_h
+        oi_bh = oi_ptr + b * s_oi_b + h * s_oi_h
+        kr = tl.arange(0, RK_P)
+        vr = tl.arange(0, RV_P)
+        orow = tl.arange(0, N_OUT_P)
+        o_ok = orow < N_OUT
+        if PRE_ROPE:
+            # rotate-half partner of column j: -x[j + half] (j < half), x[j - half] (half <= j < 2*half)
+            is_rot = dcols < 2 * ROT_HALF
+            lo_half = dcols < ROT_HALF
+            partner = tl.where(lo_half, dcols + ROT_HALF, tl.where(is_rot, dcols - ROT_HALF, dcols))
+            sign = tl.where(lo_half, -1.0, 1.0)
+            freq = tl.load(inv_freq_ptr + dcols % ROT_HALF, mask=is_rot, other=0.0)
+        for n in range(n_lo, n_hi):
+            start = tl.load(starts_ptr + n)
+            # -- exact outliers of this block, in the same online softmax
+            if N_OUT > 0:
+                oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1)
+                okeys = tl.load(
+                    ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
+                    mask=o_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                s = _softcap(_dot(q, tl.trans(okeys), F32, okeys.dtype) * scale, softcap, HAS_SOFTCAP)
+                s += _mask_bias(
+                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + oidx, o_ok,
+                    q_first, tier_end, HAS_MASK, MASK_BOOL,
+                )  # fmt: skip
+                m, alpha, p = _online_step(m, den, s)
+                ovals = tl.load(
+                    ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + dcols[None, :] * s_ov_d,
+                    mask=o_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                den = den * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot(p, ovals, F32, ovals.dtype)
+            # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
+            if not KEY_IDENTITY:
+                bk = tl.load(
+                    kb_bh + n * s_kb_n + kr[:, None] * s_kb_r + dcols[None, :] * s_kb_d,
+                    mask=(kr < RK)[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                if PRE_ROPE:
+                    bk_partner = tl.load(
+                        kb_bh + n * s_kb_n + kr[:, None] * s_kb_r + partner[None, :] * s_kb_d,
+                        mask=(kr < RK)[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
+                    bk_partner = bk_partner * sign[None, :].to(bk_partner.dtype)
+                else:
+                    qb = _dot(q, tl.trans(bk), F32, bk.dtype) * scale  # [R_P, RK_P] float32
+            if not VALUE_IDENTITY:
+                lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
+            for t0 in range(0, T, BLOCK_T):
+                tt = t0 + tl.arange(0, BLOCK_T)
+                t_ok = tt < T
+                ck = _load_coeffs(kc_bh + n * s_kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS)
+                if KEY_BITS != 16:
+                    kscale = tl.load(ks_bh + n * s_ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
+                if PRE_ROPE:
+                    # rebuild the pre-RoPE key tile, rotate it by its cache indices, then score
+                    if KEY_BITS != 16:
+                        cks = ck.to(tl.float32) * kscale[:, None]
+                    else:
+                        cks = ck.to(tl.float32)
+                    if KEY_IDENTITY:
+                        # identity: the partner columns come straight from the coefficient rows
+                        keys = cks
+                        keys_partner = _partner_rows(
+                            kc_bh + n * s_kc_n, tt, t_ok, s_kc_t, s_kc_c, partner, sign, D, D_P, KEY_BITS
+                        )
+                        if KEY_BITS != 16:
+                            keys_partner = keys_partner * kscale[:, None]
+                    else:
+                        keys = _dot(cks, bk, F32, tl.float16)
+                        keys_partner = _dot(cks, bk_partner, F32, tl.float16)
+                    ang = (start + tt).to(tl.float32)[:, None] * freq[None, :]
+                    cos = tl.where(is_rot[None, :], tl.cos(ang), 1.0)
+                    sin = tl.where(is_rot[None, :], tl.sin(ang), 0.0)
+                    keys = keys * cos + keys_partner * sin
+                    s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
+                elif KEY_IDENTITY:
+                    s = _dot(q, tl.trans(ck), F32, ck.dtype) * scale
+                    if KEY_BITS != 16:
+                        s = s * kscale[None, :]
+                else:
+                    s = _dot(qb, tl.trans(ck), F32, ck.dtype)
+                    if KEY_BITS != 16:
+                        s = s * kscale[None, :]
+                s = _softcap(s, softcap, HAS_SOFTCAP)
+                if N_OUT > 0:
+                    # low-rank rows of tokens kept exact are attended through the exact copy only
+                    is_out = tl.max((oidx[:, None] == tt[None, :]).to(tl.int32), axis=0) > 0
+                    t_live = t_ok & (~is_out)
+                else:
+                    t_live = t_ok
+                s += _mask_bias(
+                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
+                    q_first, tier_end, HAS_MASK, MASK_BOOL,
+                )  # fmt: skip
+                m, alpha, p = _online_step(m, den, s)
+                den = den * alpha + tl.sum(p, axis=1)
+                cv = _load_coeffs(vc_bh + n * s_vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS)
+                if VALUE_BITS != 16:
+                    vscale = tl.load(vs_bh + n * s_vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+                    pv = p * vscale[None, :]
+                else:
+                    pv = p
+                acc = acc * alpha[:, None]
+                if VALUE_IDENTITY:
+                    acc += _dot(pv, cv, F32, cv.dtype)
+                else:
+                    lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
+            if not VALUE_IDENTITY:
+                bv = tl.load(
+                    vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
+                    mask=(vr < RV)[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                acc += _dot(lat, bv, F32, tl.float16)
+    else:
+        # ------------------------------------------------------------ exact tiers
+        e_lo = (pid_s - n_cold_splits) * exact_per_split
+        e_hi = e_lo + exact_per_split
+        # landmarks: virtual [0, n_land)
+        m, den, acc = _exact_segment(
+            m, den, acc, q,
+            lk_ptr + b * s_lk_b + h * s_lk_h, lv_ptr + b * s_lv_b + h * s_lv_h,
+            s_lk_t, s_lk_d, s_lv_t, s_lv_d,
+            tl.maximum(e_lo, 0), tl.minimum(e_hi, n_land), 0, tier_end,
+            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+        )  # fmt: skip
+        # hot buffer: virtual [n_land, n_land + n_hot)
+        m, den, acc = _exact_segment(
+            m, den, acc, q,
+            hk_ptr + b * s_hk_b + h * s_hk_h, hv_ptr + b * s_hv_b + h * s_hv_h,
+            s_hk_t, s_hk_d, s_hv_t, s_hv_d,
+            tl.maximum(e_lo - n_land, 0), tl.minimum(e_hi - n_land, n_hot), hot_start, tier_end,
+            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+        )  # fmt: skip
+        if HAS_CHUNK:
+            c0 = n_land + n_hot
+            m, den, acc = _exact_segment(
+                m, den, acc, q,
+                ck_ptr + b * s_ck_b + h * s_ck_h, cv_ptr + b * s_cv_b + h * s_cv_h,
+                s_ck_t, s_ck_d, s_cv_t, s_cv_d,
+                tl.maximum(e_lo - c0, 0), tl.minimum(e_hi - c0, n_chunk), chunk_start, seq_len,
+                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+                D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+            )  # fmt: skip
+
+    # ---- this program's partial
+    part = pid_bh * n_splits + pid_s
+    tl.store(pm_ptr + part * R + rows, m, mask=rows_ok)
+    tl.store(pl_ptr + part * R + rows, den, mask=rows_ok)
+    tl.store(
+        pacc_ptr + (part * R + rows)[:, None] * D + dcols[None, :],
+        acc,
+        mask=rows_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _partner_rows(base, rows, rows_ok, stride_t, stride_c, partner, sign, D: tl.constexpr, D_P: tl.constexpr,
+                  BITS: tl.constexpr):  # fmt: skip
+    """Identity pre-RoPE keys: the rotate-half partner tile ``sign[j] * C[t, partner[j]]`` [N, D_P]."""
+    ok = rows_ok[:, None] & (tl.arange(0, D_P) < D)[None, :]
+    if BITS == 4:
+        ptrs = base + rows[:, None] * stride_t + (partner // 2)[None, :] * stride_c
+        byte = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+        nib = (byte >> ((partner % 2) * 4)[None, :]) & 15
+        vals = ((nib ^ 8) - 8).to(tl.float32)
+    else:
+        ptrs = base + rows[:, None] * stride_t + partner[None, :] * stride_c
+        vals = tl.load(ptrs, mask=ok, other=0).to(tl.float32)
+    return vals * sign[None, :]
