@@ -92,7 +92,11 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", default=None, help="where to save/load the random model")
     p.add_argument("--caches", nargs="+", choices=("dynamic", "spectral"), default=["dynamic", "spectral"])
     p.add_argument(
-        "--max-seconds", type=float, default=None, help="skip measurements once this much has passed"
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="skip a measurement whose estimated end (from the same cache at the previous context: "
+        "prefill scaled quadratically, decode linearly) would pass this many seconds since start",
     )
     p.add_argument("--out", default="benchmarks/results/tp_generate.json")
     return p.parse_args(argv)
@@ -212,6 +216,20 @@ def _measure(model: Any, ids: torch.Tensor, kind: str, args: argparse.Namespace)
     return result
 
 
+def _estimate_seconds(rows: list[dict[str, Any]], kind: str, context: int, args: argparse.Namespace) -> float:
+    """Wall seconds a measurement of ``kind`` at ``context`` should take, from the last one of the
+    same cache (prefill quadratic in context: attention dominates at long context; the rest
+    linear). 0 when there is none to scale from."""
+    previous = [row for row in rows if row["cache"] == kind]
+    if not previous:
+        return 0.0
+    last = previous[-1]
+    scale = context / last["context"]
+    prefill = max(r["prefill_s"] for r in last["ranks"])
+    rest = max(r["measure_wall_s"] for r in last["ranks"]) - prefill
+    return prefill * scale**2 + max(rest, 0.0) * scale
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -312,16 +330,23 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(3, cfg_kwargs["vocab_size"], (1, context), generator=g).to(device)
         for kind in args.caches:
             elapsed = time.perf_counter() - start
-            go = torch.tensor([args.max_seconds is None or elapsed < args.max_seconds], dtype=torch.int32)
-            if device.type == "cuda":
-                go = go.to(device)
-            dist.broadcast(go, 0)  # every rank takes the same decision
+            estimate = _estimate_seconds(rows, kind, context, args)
+            fits = args.max_seconds is None or elapsed + estimate < args.max_seconds
+            go = torch.tensor([fits], dtype=torch.int32, device=device)
+            dist.broadcast(go, 0)  # every rank takes rank 0's decision
             if not bool(go.item()):
                 skipped.append(
-                    {"context": context, "cache": kind, "reason": f"--max-seconds after {elapsed:.0f}s"}
+                    {
+                        "context": context,
+                        "cache": kind,
+                        "reason": f"--max-seconds {args.max_seconds}: at {elapsed:.0f}s, estimated "
+                        f"{estimate:.0f}s more",
+                    }
                 )
                 continue
+            t_measure = time.perf_counter()
             result = _measure(model, ids, kind, args)
+            result["measure_wall_s"] = time.perf_counter() - t_measure
             result["rank"] = rank
             per_rank: list[Any] = [None] * world
             dist.all_gather_object(per_rank, result)
