@@ -1,0 +1,290 @@
+"""Fused Triton decode kernel: CUDA correctness + timing + launch-plan variants, in one run.
+
+Usage (on a CUDA machine)::
+
+    python benchmarks/attention_kernel_dev.py --out DIR [--sections copy,check,time,variants]
+
+* ``copy``: the card's device-to-device copy bandwidth (bytes read + written), the ceiling
+  the kernel's achieved bandwidth is compared to;
+* ``check``: kernel vs torch reference (``spectral_attention``) on fresh random states for
+  every mode (key space, codec per side, 4/8/16-bit, outliers, GQA 1/4/8, batch, padding,
+  q_len > 1, softcap), float32 (< 1e-5) and bfloat16 (< 1e-2), output poisoned with NaN first;
+* ``time``: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one
+  query token, contexts 4K..128K, batch 1 and 8, presets default / aggressive: SDPA on the dense
+  K/V vs the kernel (eager and CUDA-graph replay) vs the torch reference; median ms, GB/s on the
+  bytes the kernel must read, fraction of the copy bandwidth, byte ratio vs dense;
+* ``variants``: block_t / num_warps / split-size choices at 32K and 128K.
+
+Prints a short table last and writes ``kernel_dev.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from spectralcache.attention.reference import spectral_attention
+from spectralcache.attention.triton import decode_attention
+from spectralcache.attention.triton.synthetic import random_state
+
+PRESETS = {
+    # name: (rank_keys, rank_values, outliers, bits)
+    "default": (32, 64, 32, 8),
+    "aggressive": (16, 32, 16, 4),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def state_bytes(state) -> int:
+    """Bytes the kernel must read: every tensor of the state once (logical size, not capacity)."""
+    tensors = [state.landmark_keys, state.landmark_values, state.hot_keys, state.hot_values]
+    if state.chunk_keys is not None:
+        tensors += [state.chunk_keys, state.chunk_values]
+    c = state.cold
+    if c is not None:
+        tensors += [
+            c.key_coeffs, c.key_scales, c.key_basis, c.value_coeffs, c.value_scales, c.value_basis,
+            c.outlier_keys, c.outlier_values, c.outlier_index, c.block_starts,
+        ]  # fmt: skip
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def bench(fn, graph: bool = False) -> float:
+    import triton.testing as tt
+
+    if graph:
+        return float(tt.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    return float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def section_copy(res: dict) -> None:
+    n = 1 << 28  # 1 GiB of float32
+    x = torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda x=x, y=y: y.copy_(x))
+    res["copy"] = {"bytes": 2 * x.numel() * 4, "ms": ms, "GBps": 2 * x.numel() * 4 / ms / 1e6}
+    print(f"copy bandwidth: {res['copy']['GBps']:.0f} GB/s ({ms:.3f} ms for 2 GiB moved)", flush=True)
+    del x, y
+
+
+def check_modes():
+    base = dict(batch=2, kv_heads=4, head_dim=128, landmarks=16, block_size=128, blocks=5, outliers=8,
+                hot=70, chunk=1, rank_keys=32, rank_values=64)  # fmt: skip
+    modes = []
+    for ks in ("post_rope", "pre_rope"):
+        for kb in (8, 4, 16):
+            modes.append((f"{ks} k{kb}", dict(key_space=ks, key_bits=kb), 4, 1, None, None))
+        modes.append((f"{ks} idK", dict(key_space=ks, identity_keys=True), 4, 1, None, None))
+        modes.append((f"{ks} idK4 idV", dict(key_space=ks, identity_keys=True, identity_values=True,
+                                             key_bits=4), 4, 1, None, None))  # fmt: skip
+    modes += [
+        ("idV v4", dict(identity_values=True, value_bits=4), 4, 1, None, None),
+        ("G1 b1", dict(batch=1), 1, 1, None, None),
+        ("G8 b4", dict(batch=4), 8, 1, None, None),
+        ("pad mask", dict(), 4, 1, "pad", None),
+        ("float mask", dict(), 4, 1, "float", None),
+        ("q4 spec", dict(chunk=4), 4, 4, None, None),
+        ("q4 pad", dict(chunk=4), 4, 4, "pad", None),
+        ("softcap", dict(), 4, 1, None, 30.0),
+        ("no outliers", dict(outliers=0), 4, 1, None, None),
+        ("no cold", dict(blocks=0), 4, 1, None, None),
+        ("odd T=100 rk=20", dict(block_size=100, rank_keys=20, rank_values=36), 4, 1, None, None),
+        ("prerope half rot", dict(key_space="pre_rope", rot_dim=64), 4, 1, None, None),
+    ]
+    return base, modes
+
+
+def section_check(res: dict) -> None:
+    base, modes = check_modes()
+    rows = []
+    seed = 100
+    for name, over, groups, q_len, mask_kind, softcap in modes:
+        for dtype, bar in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            seed += 1
+            kw = {**base, **over, "dtype": dtype, "device": "cuda", "seed": seed}
+            try:
+                st = random_state(**kw)
+                b, h = kw["batch"], kw["kv_heads"]
+                g = torch.Generator().manual_seed(seed)
+                q = torch.randn(b, h * groups, q_len, kw["head_dim"], generator=g).to(dtype).cuda()
+                mask = None
+                if mask_kind is not None:
+                    pads = torch.randint(0, st.seq_len // 2, (b,), generator=g)
+                    qpos = torch.arange(st.seq_len - q_len, st.seq_len)
+                    kv = torch.arange(st.seq_len)
+                    keep = (kv[None, :] <= qpos[:, None])[None] & (kv[None, None, :] >= pads[:, None, None])
+                    mask = keep[:, None].cuda()
+                    if mask_kind == "float":
+                        mask = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
+                out = torch.full_like(q, float("nan"))
+                decode_attention(q, st, mask, None, softcap, out=out)
+                torch.cuda.synchronize()
+                ref = spectral_attention(q, st, mask, softcap=softcap)
+                err = rel(out, ref)
+                ok = bool(torch.isfinite(out).all()) and err < bar
+                rows.append({"mode": name, "dtype": str(dtype), "rel_err": err, "ok": ok})
+            except Exception as exc:  # report and go on: one failing mode must not hide the others
+                rows.append({"mode": name, "dtype": str(dtype), "error": repr(exc)[:500], "ok": False})
+                traceback.print_exc()
+            r = rows[-1]
+            print(f"check {name:22s} {dtype!s:15s} {r.get('rel_err', float('nan')):.2e} "
+                  f"{'ok' if r['ok'] else 'FAIL ' + r.get('error', '')[:200]}", flush=True)  # fmt: skip
+    res["check"] = rows
+
+
+def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: int = 0):
+    rk, rv, o, bits = PRESETS[preset]
+    t, lm = 512, 16
+    nb = (ctx - lm - 64) // t
+    hot = ctx - lm - nb * t
+    return random_state(batch=batch, kv_heads=8, head_dim=128, landmarks=lm, block_size=t, blocks=nb,
+                        outliers=o, hot=hot, chunk=1, rank_keys=rk, rank_values=rv, key_bits=bits,
+                        dtype=torch.bfloat16, basis_dtype=torch.bfloat16, spare_capacity=0,
+                        device=device, seed=seed)  # fmt: skip
+
+
+def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
+    import torch.nn.functional as F
+
+    rows = []
+    copy_bw = res.get("copy", {}).get("GBps")
+    for ctx in contexts:
+        for batch in batches:
+            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            dense_bytes = 2 * k.numel() * 2
+            sdpa_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            del k, v
+            for preset in PRESETS:
+                t0 = time.time()
+                st = llama_state(ctx, batch, preset)
+                build_s = time.time() - t0
+                nbytes = state_bytes(st)
+                out = torch.empty_like(q)
+                ms = bench(lambda st=st, out=out, q=q: decode_attention(q, st, out=out))
+                try:
+                    ms_graph = bench(lambda st=st, out=out, q=q: decode_attention(q, st, out=out), graph=True)
+                except Exception as exc:
+                    ms_graph = float("nan")
+                    print("graph capture failed:", repr(exc)[:300])
+                ref_ms = float("nan")
+                err = float("nan")
+                if with_ref and ctx <= 32768:
+                    ref = spectral_attention(q, st)
+                    err = rel(decode_attention(q, st), ref)
+                    ref_ms = bench(lambda st=st, q=q: spectral_attention(q, st))
+                best = min(ms, ms_graph) if not math.isnan(ms_graph) else ms
+                row = {
+                    "ctx": ctx, "batch": batch, "preset": preset, "sdpa_ms": sdpa_ms, "kernel_ms": ms,
+                    "kernel_graph_ms": ms_graph, "torch_ref_ms": ref_ms, "bytes": nbytes,
+                    "dense_bytes": dense_bytes, "byte_ratio": dense_bytes / nbytes,
+                    "GBps": nbytes / best / 1e6, "GBps_eager": nbytes / ms / 1e6,
+                    "frac_copy": (nbytes / best / 1e6) / copy_bw if copy_bw else None,
+                    "speedup_vs_sdpa": sdpa_ms / best, "rel_err_vs_ref": err, "build_s": build_s,
+                }  # fmt: skip
+                rows.append(row)
+                print(
+                    f"time ctx={ctx:6d} B={batch} {preset:10s} sdpa {sdpa_ms:.4f} ms | kernel {ms:.4f} ms "
+                    f"(graph {ms_graph:.4f}) {row['GBps']:.0f} GB/s = {row['frac_copy'] or 0:.0%} copy | "
+                    f"x{row['speedup_vs_sdpa']:.2f} vs sdpa | ref {ref_ms:.3f} ms err {err:.1e}",
+                    flush=True,
+                )
+                del st
+                torch.cuda.empty_cache()
+    res.setdefault("time", []).extend(rows)
+
+
+def section_variants(res: dict, contexts) -> None:
+    rows = []
+    for ctx in contexts:
+        for preset in PRESETS:
+            st = llama_state(ctx, 1, preset)
+            nbytes = state_bytes(st)
+            q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty_like(q)
+            ref = decode_attention(q, st).float()
+            nb = st.cold.num_blocks
+            for block_t in (32, 64, 128):
+                for warps in (4, 8):
+                    for bps in (None, 1, 2, 4, 8):
+                        if bps is not None and bps > nb:
+                            continue
+                        try:
+                            fn = lambda st=st, out=out, bt=block_t, w=warps, b=bps, q=q: decode_attention(  # noqa: E731
+                                q, st, out=out, block_t=bt, num_warps=w, blocks_per_split=b
+                            )
+                            fn()
+                            err = rel(out, ref)
+                            ms = bench(fn, graph=True)
+                        except Exception as exc:
+                            print("variant failed", block_t, warps, bps, repr(exc)[:300])
+                            continue
+                        rows.append({"ctx": ctx, "preset": preset, "block_t": block_t, "num_warps": warps,
+                                     "blocks_per_split": bps, "ms_graph": ms, "GBps": nbytes / ms / 1e6,
+                                     "rel_vs_default": err})  # fmt: skip
+            best = sorted(
+                [r for r in rows if r["ctx"] == ctx and r["preset"] == preset], key=lambda r: r["ms_graph"]
+            )
+            for r in best[:4]:
+                print(f"variant ctx={ctx} {preset}: block_t={r['block_t']} warps={r['num_warps']} "
+                      f"bps={r['blocks_per_split']} {r['ms_graph']:.4f} ms {r['GBps']:.0f} GB/s", flush=True)  # fmt: skip
+            del st
+    res["variants"] = rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sections", default="copy,check,time,variants")
+    p.add_argument("--contexts", default="4096,16384,32768,65536,131072")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--variant-contexts", default="32768,131072")
+    p.add_argument("--no-ref", action="store_true")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    res: dict = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    }  # fmt: skip
+    print(res, flush=True)
+    sections = args.sections.split(",")
+    t0 = time.time()
+    for name in sections:
+        try:
+            if name == "copy":
+                section_copy(res)
+            elif name == "check":
+                section_check(res)
+            elif name == "time":
+                section_time(res, [int(c) for c in args.contexts.split(",")],
+                             [int(b) for b in args.batches.split(",")], not args.no_ref)  # fmt: skip
+            elif name == "variants":
+                section_variants(res, [int(c) for c in args.variant_contexts.split(",")])
+        except Exception:
+            traceback.print_exc()
+            res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-800:]}")
+        (args.out / "kernel_dev.json").write_text(json.dumps(res, indent=1))
+        print(f"[{name} done at {time.time() - t0:.0f} s]", flush=True)
+    checks = res.get("check", [])
+    print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok")
+    for r in res.get("time", []):
+        print(f"{r['ctx']:6d} B{r['batch']} {r['preset']:10s} sdpa {r['sdpa_ms']:.4f} kernel {r['kernel_ms']:.4f} "
+              f"graph {r['kernel_graph_ms']:.4f} ms {r['GBps']:5.0f} GB/s ({r['frac_copy'] or 0:.0%}) "
+              f"x{r['speedup_vs_sdpa']:.2f} bytes/{r['byte_ratio']:.1f}")  # fmt: skip
+    return 0 if all(r["ok"] for r in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
