@@ -8,10 +8,11 @@ head_dim 128; bf16 on CUDA), one query token, for each context ``T``, batch and 
 * ``kernel``: ``spectralcache.attention.triton.decode_attention`` over the layer's
   ``SpectralLayerState`` (imported lazily; "n/a (reason)" when it is missing or raises).
 * ``torch``: the torch reference ``spectral_attention`` over the same state.
-* ``dispatch``: one decode step of the layer as a model runs it: ``SpectralCache.update`` of
-  one token, then the registered ``"spectral"`` attention function (which picks kernel or
-  reference itself). The cache grows by one token per timed call, so this row includes the
-  update and is timed over a fixed number of steps.
+* ``dispatch``: ``spectralcache.attention.interface.attend`` (the entry point that picks the
+  kernel or the reference) over the same state, where it exists.
+* ``step``: one decode step of the layer as a model runs it: ``SpectralCache.update`` of one
+  token, then the registered ``"spectral"`` attention function. The cache grows by one token
+  per timed call, so this row includes the update and is timed over a fixed number of steps.
 
 The state is built by a real :class:`SpectralCache` (one compressed layer) filled through its
 public ``update`` with random K/V of a decaying spectrum (like real keys), so the tiers,
@@ -66,7 +67,7 @@ __all__ = [
     "state_bytes",
 ]
 
-METHODS = ("sdpa", "kernel", "torch", "dispatch")
+METHODS = ("sdpa", "kernel", "torch", "dispatch", "step")
 CUDA_CONTEXTS = "4096,16384,65536,131072"
 CPU_CONTEXTS = "1024,4096"
 
@@ -225,6 +226,23 @@ def load_kernel() -> tuple[Callable[..., torch.Tensor] | None, str]:
     return decode_attention, ""
 
 
+def load_dispatch() -> tuple[Callable[..., torch.Tensor] | None, str]:
+    """The attention entry point that chooses kernel or reference (``attention.interface.attend``),
+    called as ``attend(query, state, mask, scaling, softcap)``; (None, reason) where it is missing."""
+    try:
+        from spectralcache.attention import interface
+    except Exception as err:  # any import failure makes the column n/a
+        return None, f"{type(err).__name__}: {err}"
+    fn = getattr(interface, "attend", None)
+    if fn is None:
+        return None, "spectralcache.attention.interface has no 'attend' dispatch function"
+
+    def call(query, state, mask, scaling, softcap):
+        return fn(query, state, mask, scaling=scaling, softcap=softcap)
+
+    return call, ""
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -360,39 +378,48 @@ def measure_case(
             except torch.cuda.OutOfMemoryError as err:
                 finish({**info, "method": "torch", "status": "oom", "reason": _short(err)}, None, None)
             _free(dev)
+        callables: list[tuple[str, Callable[..., torch.Tensor] | None, str]] = []
         if "kernel" in spectral_methods:
-            if kernel is None:
-                finish({**info, "method": "kernel", "status": "n/a", "reason": kernel_reason}, None, None)
-            elif dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-                reason = "Triton kernels need CUDA (TRITON_INTERPRET=1 runs them on CPU, for tests only)"
-                finish({**info, "method": "kernel", "status": "n/a", "reason": reason}, None, None)
+            if kernel is not None and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                callables.append(
+                    (
+                        "kernel",
+                        None,
+                        "Triton kernels need CUDA (TRITON_INTERPRET=1 runs them on CPU, for tests)",
+                    )
+                )
             else:
-                try:
-                    with torch.no_grad():
-                        out = kernel(case.query, case.state, None, scaling, None)
-                    sync(dev)
-                    err = None if ref_out is None else _rel_err(out, ref_out)
-                    nxt = _cycle(states)
-                    t = time_fn(
-                        lambda c=case, n=nxt: kernel(c.query, n(), None, scaling, None), dev, **timing_kw
-                    )
-                    row = finish(
-                        {**info, "method": "kernel", "status": "ok", "copies": copies}, t, read["total"]
-                    )
-                    row["rel_err_vs_torch"] = err
-                    row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
-                    if err is not None and not err < args.max_rel_err:
-                        row["status"] = "wrong"
-                        row["reason"] = f"relative error vs torch reference {err:.3g} >= {args.max_rel_err}"
-                except Exception as err:  # a failing kernel is reported, not fatal
-                    if args.verbose:
-                        traceback.print_exc()
-                    finish({**info, "method": "kernel", "status": "n/a", "reason": _short(err)}, None, None)
-                _free(dev)
-        states = []
+                callables.append(("kernel", kernel, kernel_reason))
         if "dispatch" in spectral_methods:
+            callables.append(("dispatch", *load_dispatch()))
+        for name, fn, why in callables:
+            if fn is None:
+                finish({**info, "method": name, "status": "n/a", "reason": why}, None, None)
+                continue
             try:
-                row = _measure_dispatch(case, module, scaling, dev, args.step_repeats)
+                with torch.no_grad():
+                    out = fn(case.query, case.state, None, scaling, None)
+                sync(dev)
+                err = None if ref_out is None else _rel_err(out, ref_out)
+                nxt = _cycle(states)
+                t = time_fn(
+                    lambda c=case, n=nxt, f=fn: f(c.query, n(), None, scaling, None), dev, **timing_kw
+                )
+                row = finish({**info, "method": name, "status": "ok", "copies": copies}, t, read["total"])
+                row["rel_err_vs_torch"] = err
+                row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
+                if err is not None and not err < args.max_rel_err:
+                    row["status"] = "wrong"
+                    row["reason"] = f"relative error vs torch reference {err:.3g} >= {args.max_rel_err}"
+            except Exception as err:  # a failing kernel is reported in its column, not fatal
+                if args.verbose:
+                    traceback.print_exc()
+                finish({**info, "method": name, "status": "n/a", "reason": _short(err)}, None, None)
+            _free(dev)
+        states = []
+        if "step" in spectral_methods:
+            try:
+                row = _measure_step(case, module, scaling, dev, args.step_repeats)
                 t = {k: row.pop(k) for k in ("median_ms", "p20_ms", "p80_ms", "calls")}
                 row = finish({**info, **row}, t, read["total"])
                 row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
@@ -400,7 +427,7 @@ def measure_case(
                 if args.verbose:
                     traceback.print_exc()
                 status = "oom" if isinstance(err, torch.cuda.OutOfMemoryError) else "error"
-                finish({**info, "method": "dispatch", "status": status, "reason": _short(err)}, None, None)
+                finish({**info, "method": "step", "status": status, "reason": _short(err)}, None, None)
         case = None
         _free(dev)
     keys = values = None
@@ -408,9 +435,7 @@ def measure_case(
     return rows
 
 
-def _measure_dispatch(
-    case: Case, module: Any, scaling: float, dev: torch.device, steps: int
-) -> dict[str, Any]:
+def _measure_step(case: Case, module: Any, scaling: float, dev: torch.device, steps: int) -> dict[str, Any]:
     """Median of ``steps`` decode steps: cache.update(1 token) + the registered attention function."""
     from spectralcache.attention.interface import spectral_attention_forward
 
@@ -437,7 +462,7 @@ def _measure_dispatch(
     times.sort()
     q = _quantiles(times)
     return {
-        "method": "dispatch",
+        "method": "step",
         "status": "ok",
         "median_ms": q[1],
         "p20_ms": q[0],
@@ -508,7 +533,7 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(batches), 2, figsize=(12, 4.2 * len(batches)), squeeze=False)
     series: dict[tuple[str, str | None], str] = {}
-    styles = {"sdpa": "k-o", "kernel": "-s", "torch": "--^", "dispatch": ":d"}
+    styles = {"sdpa": "k-o", "kernel": "-s", "torch": "--^", "dispatch": "-.x", "step": ":d"}
     bw = meta.get("copy_bandwidth", {}).get("gbps")
     for i, b in enumerate(batches):
         for r in rows:

@@ -1,0 +1,91 @@
+"""``spectralcache bench e2e`` on a tiny random Llama (CPU): JSON schema, finite results, every
+cache ran side by side, the time budget skips with a reason, bad arguments fail before the model
+is built."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import pytest
+
+from spectralcache.bench import e2e
+from spectralcache.cli import main
+
+TINY = ["--device", "cpu", "--model", "tiny", "--layers", "2", "--vocab", "128", "--decode-steps", "2",
+        "--warmup-steps", "1", "--warmup-tokens", "0"]  # fmt: skip
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    rc = main(["bench", "e2e", *TINY, "--out", str(tmp_path), "--tag", "t", *extra])
+    assert rc == 0
+    return json.loads((tmp_path / "bench_e2e_t.json").read_text())
+
+
+def test_bench_e2e_json_schema_and_finite_results(tmp_path):
+    data = _run(tmp_path, "--lengths", "1100", "--methods", "dynamic,default,aggressive")
+    meta = data["meta"]
+    for key in (
+        "command",
+        "date_utc",
+        "torch",
+        "transformers",
+        "device",
+        "device_name",
+        "model",
+        "cache_argument",
+    ):
+        assert meta[key] not in (None, ""), key
+    assert meta["model"]["layers"] == 2 and meta["model"]["vocab"] == 128
+    rows = {r["method"]: r for r in data["results"]}
+    assert list(rows) == ["dynamic", "default", "aggressive"]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["length"] == 1100 and r["cached_tokens"] == 1100 + 3  # prompt + warm-up + timed steps
+        for key in ("prefill_s", "decode_ms_per_token", "decode_tokens_per_s", "prefill_x_dynamic"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["logits_finite"] and r["kv_bytes"] > 0
+    dyn = rows["dynamic"]
+    # the DynamicCache holds exactly K and V of every token: 2 layers x (K, V) x 2 KV heads x 64 x fp32
+    assert dyn["kv_bytes"] == 2 * 2 * 2 * 1103 * 64 * 4 and dyn["kv_ratio_vs_dynamic"] == 1.0
+    for preset in ("default", "aggressive"):
+        r = rows[preset]
+        assert r["compression_blocks"] >= 2 and r["compression_s"] > 0  # both layers compressed a block
+        assert r["kv_ratio_vs_dynamic"] > 1.2  # measured bytes, not a formula
+    assert rows["aggressive"]["kv_bytes"] < rows["default"]["kv_bytes"]
+    assert (tmp_path / "bench_e2e_t.png").stat().st_size > 1000
+
+
+def test_time_budget_skips_with_a_reason(tmp_path):
+    data = _run(
+        tmp_path, "--lengths", "600,1200", "--methods", "dynamic", "--time-budget-s", "0.001", "--no-plot"
+    )
+    first, second = data["results"]
+    assert first["status"] == "ok"  # nothing to extrapolate from: it runs
+    assert second["status"] == "skipped" and "--time-budget-s" in second["reason"]
+
+
+def test_bad_method_fails_before_building_the_model(tmp_path, monkeypatch):
+    def no_build(*a, **k):
+        raise AssertionError("the model must not be built for a bad --methods")
+
+    monkeypatch.setattr(e2e, "build_model", no_build)
+    with pytest.raises(ValueError, match="unknown SpectralConfig preset"):
+        _run(tmp_path, "--lengths", "600", "--methods", "dynamic,nosuchpreset")
+    with pytest.raises(SystemExit, match="unknown --model"):
+        main(["bench", "e2e", "--device", "cpu", "--model", "gpt5", "--out", str(tmp_path)])
+
+
+def test_cache_argument_follows_the_installed_signature():
+    class New:
+        def forward(self, input_ids, cache=None): ...
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None): ...
+
+    assert e2e.cache_argument(New()) == "cache" and e2e.cache_argument(Old()) == "past_key_values"
+    from transformers import LlamaForCausalLM
+
+    params = inspect.signature(LlamaForCausalLM.forward).parameters
+    assert e2e.cache_argument(LlamaForCausalLM.__new__(LlamaForCausalLM)) in params
