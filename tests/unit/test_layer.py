@@ -310,7 +310,7 @@ def test_pre_rope_blocks_are_lower_rank_and_reconstruct_post_rope():
         rk, _ = layer.reconstruct()
         errs[ks] = ((rk - k_post).norm() / k_post.norm()).item()
         st = layer.state()
-        assert st.key_space == ks and (st.rotate_block_keys is not None) == (ks == "pre_rope")
+        assert st.key_space == ks and (st.rope_inv_freq is not None) == (ks == "pre_rope")
     assert errs["pre_rope"] < 1e-5 < 0.05 < errs["post_rope"], errs
 
 

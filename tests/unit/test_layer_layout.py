@@ -217,3 +217,35 @@ def test_failed_update_restores_the_layer():
         layer.update(bad_k, bad_v)
     assert_same(layer, twin)
     assert layer.pending_chunk_keys is None
+
+
+def test_pure_rotate_block_keys_matches_the_rotator_and_the_state_carries_tensors_only():
+    import dataclasses
+
+    from spectralcache.cache.rope import rotate_block_keys
+
+    g = torch.Generator().manual_seed(7)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, 12, 2, dtype=torch.float) / 12))  # partial rotary: 12 of 16
+    keys = torch.randn(2, H, 3, T, D, generator=g)
+    starts = torch.tensor([5, 5 + T, 5 + 2 * T])
+    got = rotate_block_keys(keys, starts, inv)
+    # hand-written rotate-half over the leading 12 dims, angle = float32(cache index) * inv_freq
+    pos = (starts[:, None] + torch.arange(T)).float()[..., None] * inv  # [nb, T, 6]
+    cos, sin = torch.cat([pos.cos()] * 2, -1), torch.cat([pos.sin()] * 2, -1)
+    xr = keys[..., :12]
+    want = torch.cat([xr * cos + torch.cat([-xr[..., 6:], xr[..., :6]], -1) * sin, keys[..., 12:]], -1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(RopeRotator(inv, D).rotate_block_keys(keys, starts), got, rtol=0, atol=0)
+    # the layer's state: tensors and plain values only (no bound methods)
+    layer = SpectralLayer(small_cfg(key_space="pre_rope"), 0, head_dim=D, num_kv_heads=H, rope_inv_freq=inv)
+    k, v = kv(1, 3 + 2 * T + 4, seed=8)
+    layer.update(k, v)
+    st = layer.state()
+    assert torch.equal(st.rope_inv_freq, inv) and st.rope_inv_freq.dtype == torch.float32
+    for f in dataclasses.fields(st):
+        assert not callable(getattr(st, f.name)) or isinstance(getattr(st, f.name), torch.Tensor), f.name
+    # the post-RoPE reconstruction uses exactly this function
+    rk, _ = layer.reconstruct()
+    assert rk.shape == (1, H, 3 + 2 * T + 4, D)
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        SpectralLayer(small_cfg(key_space="pre_rope"), 0)

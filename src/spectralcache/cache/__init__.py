@@ -13,9 +13,10 @@ _LAZY = {
     "SpectralCache": "spectralcache.cache.cache",
     "get_active_spectral_layer": "spectralcache.cache.cache",
     "SpectralLayer": "spectralcache.cache.layer",
-    "CompressedBlocks": "spectralcache.cache.block",
+    "LayerCheckpoint": "spectralcache.cache.layer",
     "compress_blocks": "spectralcache.cache.block",
     "RopeRotator": "spectralcache.cache.rope",
+    "rotate_block_keys": "spectralcache.cache.rope",
     "ColdBlocks": "spectralcache.cache.state",
     "SpectralLayerState": "spectralcache.cache.state",
 }

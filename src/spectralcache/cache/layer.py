@@ -58,6 +58,7 @@ truncated context.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from spectralcache.cache.block import compress_blocks, reconstruct
-from spectralcache.cache.rope import RopeRotator
+from spectralcache.cache.rope import RopeRotator, rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 from spectralcache.config import SpectralConfig
 
@@ -132,14 +133,20 @@ class SpectralLayer(CacheLayerMixin):
         *,
         head_dim: int | None = None,
         num_kv_heads: int | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
         rotator: RopeRotator | None = None,
     ) -> None:
+        """``rope_inv_freq`` (pre_rope only): the model's RoPE inverse frequencies for this
+        layer (``find_rotary_inv_freq``); ``rotator`` is accepted instead for convenience."""
         super().__init__()
         if not isinstance(config, SpectralConfig):
             raise TypeError(f"SpectralLayer needs a SpectralConfig, got {type(config).__name__}")
-        if config.key_space == "pre_rope" and rotator is None:
+        if rope_inv_freq is None and rotator is not None:
+            rope_inv_freq = rotator.inv_freq
+        if config.key_space == "pre_rope" and rope_inv_freq is None:
             raise ValueError(
-                "key_space='pre_rope' needs a RopeRotator (built from the model's rotary embedding)"
+                "key_space='pre_rope' needs rope_inv_freq (the model's rotary inverse frequencies, "
+                "see spectralcache.cache.rope.find_rotary_inv_freq)"
             )
         if head_dim is not None:
             config.check_ranks(head_dim)
@@ -147,7 +154,10 @@ class SpectralLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.expected_head_dim = head_dim
         self.expected_kv_heads = num_kv_heads
-        self.rotator = rotator
+        # validated here (host, once); moved to the cache's device at the first update
+        self.rotator: RopeRotator | None = None
+        if config.key_space == "pre_rope":
+            self.rotator = RopeRotator(rope_inv_freq, head_dim or 2 * rope_inv_freq.numel())
         # stats: (blocks compressed, seconds) per compression call
         self.compression_calls: list[tuple[int, float]] = []
         self._generation = 0
@@ -188,6 +198,17 @@ class SpectralLayer(CacheLayerMixin):
     @property
     def num_blocks(self) -> int:
         return self._nb
+
+    @property
+    def rope_inv_freq(self) -> torch.Tensor | None:
+        """[rot_dim / 2] float32 (pre_rope only), on the cache's device once initialized."""
+        return None if self.rotator is None else self.rotator.inv_freq
+
+    def _place_rotator(self, device: torch.device) -> None:
+        if self.rotator is not None and self.rotator.inv_freq.device != device:
+            moved = copy.copy(self.rotator)  # already validated: no second (syncing) check
+            moved.inv_freq = self.rotator.inv_freq.to(device)
+            self.rotator = moved
 
     @property
     def cold_capacity(self) -> int:
@@ -378,6 +399,7 @@ class SpectralLayer(CacheLayerMixin):
         self._hot_lo = self._hot_hi = self._hot_start = 0
         self._cold, self._nb = None, 0
         self._nonfinite = None
+        self._place_rotator(self.device)
         self.is_initialized = True
 
     def update(
@@ -600,6 +622,7 @@ class SpectralLayer(CacheLayerMixin):
         self._cold = cold
         self._nonfinite = flag
         self.dtype, self.device = new_dtype, target_device
+        self._place_rotator(target_device)
         self._invalidate_checkpoints()
         return self
 
@@ -661,8 +684,8 @@ class SpectralLayer(CacheLayerMixin):
     def _rotate_fn(self, block_starts: torch.Tensor):
         if self.config.key_space != "pre_rope":
             return None
-        rotator = self.rotator
-        return lambda keys: rotator.rotate_block_keys(keys, block_starts)
+        inv_freq = self.rope_inv_freq
+        return lambda keys: rotate_block_keys(keys, block_starts, inv_freq)
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, first_index: int) -> ColdBlocks:
         """Compress ``[B, H, n*T, D]`` tokens starting at cache index ``first_index``: one
@@ -729,9 +752,6 @@ class SpectralLayer(CacheLayerMixin):
         views into the layer's buffers, shapes exactly as documented there."""
         if not self.is_initialized:
             raise RuntimeError(f"layer {self.layer_idx}: state() before the first update")
-        rotate = None
-        if self.config.key_space == "pre_rope":
-            rotate = self.rotator.rotate_block_keys
         (lk, lv), (hk, hv) = self._landmarks(), self._hot()
         return SpectralLayerState(
             layer_idx=self.layer_idx,
@@ -746,7 +766,7 @@ class SpectralLayer(CacheLayerMixin):
             chunk_values=self._chunk_v,
             chunk_start=self._chunk_start if self._chunk_k is not None else self._seq_len,
             key_space=self.config.key_space,
-            rotate_block_keys=rotate,
+            rope_inv_freq=self.rope_inv_freq,
         )
 
     def reconstruct(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

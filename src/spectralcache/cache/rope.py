@@ -25,7 +25,50 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RopeRotator", "find_rotary_inv_freq"]
+__all__ = ["RopeRotator", "find_rotary_inv_freq", "rotate_block_keys", "rotate_by_positions"]
+
+
+def rotate_by_positions(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sign: float = 1.0
+) -> torch.Tensor:
+    """Rotate-half RoPE of ``x [..., T, D]`` by ``sign * float32(positions) * inv_freq``.
+
+    ``positions`` broadcasts to ``x.shape[:-1]``; the leading ``2 * len(inv_freq)`` dims are
+    rotated, the rest pass through. Computed in float32, returned in ``x.dtype``.
+    """
+    rd = 2 * inv_freq.shape[-1]
+    if rd == 0 or rd > x.shape[-1]:
+        raise ValueError(
+            f"rotary embedding with {inv_freq.shape[-1]} frequencies does not fit head_dim={x.shape[-1]}"
+        )
+    freqs = positions.to(x.device)[..., None].float() * inv_freq.to(x.device, torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    xf = x.float()
+    xr = xf[..., :rd]
+    half = rd // 2
+    rotated_half = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    yr = xr * cos + rotated_half * (sin * sign)
+    if rd < xf.shape[-1]:
+        yr = torch.cat((yr, xf[..., rd:]), dim=-1)
+    return yr.to(x.dtype)
+
+
+def rotate_block_keys(keys: torch.Tensor, block_starts: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Re-rotate pre-RoPE block keys ``[B, H, nb, T, D]`` whose blocks start at cache indices
+    ``block_starts [nb]`` with R(+angle(cache index)); returns post-RoPE keys in ``keys.dtype``.
+
+    A pure function of tensors (what ``SpectralLayerState.rope_inv_freq`` feeds); no host sync.
+    """
+    if keys.ndim != 5:
+        raise ValueError(f"rotate_block_keys expects keys [B, H, nb, T, D], got shape {tuple(keys.shape)}")
+    nb, t = keys.shape[2], keys.shape[3]
+    if block_starts.numel() != nb:
+        raise ValueError(f"rotate_block_keys: {block_starts.numel()} block starts for {nb} blocks")
+    positions = block_starts.to(keys.device, torch.int64).view(nb, 1) + torch.arange(
+        t, device=keys.device, dtype=torch.int64
+    )
+    return rotate_by_positions(keys, positions, inv_freq)
 
 
 class RopeRotator:
@@ -44,48 +87,17 @@ class RopeRotator:
         self.rot_dim = rot_dim
         self.head_dim = head_dim
 
-    def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq.to(device)
-        freqs = positions.to(device)[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-    def _apply(self, x: torch.Tensor, positions: torch.Tensor, sign: float) -> torch.Tensor:
-        """Rotate ``x [..., T, D]`` by ``sign * angle(positions [..., T])`` (broadcast), in float32."""
-        out_dtype = x.dtype
-        xf = x.float()
-        cos, sin = self._cos_sin(positions, x.device)
-        rd = self.rot_dim
-        xr = xf[..., :rd]
-        half = rd // 2
-        rotated_half = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-        yr = xr * cos + rotated_half * (sin * sign)
-        if rd < xf.shape[-1]:
-            yr = torch.cat((yr, xf[..., rd:]), dim=-1)
-        return yr.to(out_dtype)
-
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply R(positions): ``x [..., T, D]``, ``positions`` broadcastable to ``x.shape[:-1]``."""
-        return self._apply(x, positions, 1.0)
+        return rotate_by_positions(x, positions, self.inv_freq, 1.0)
 
     def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply R(positions)^-1 (the exact inverse of :meth:`rotate`)."""
-        return self._apply(x, positions, -1.0)
+        return rotate_by_positions(x, positions, self.inv_freq, -1.0)
 
     def rotate_block_keys(self, keys: torch.Tensor, block_starts: torch.Tensor) -> torch.Tensor:
-        """Re-rotate pre-RoPE block keys ``[B, H, nb, T, D]`` whose blocks start at cache
-        indices ``block_starts [nb]``; returns post-RoPE keys in ``keys.dtype``."""
-        if keys.ndim != 5:
-            raise ValueError(
-                f"rotate_block_keys expects keys [B, H, nb, T, D], got shape {tuple(keys.shape)}"
-            )
-        nb, t = keys.shape[2], keys.shape[3]
-        if block_starts.numel() != nb:
-            raise ValueError(f"rotate_block_keys: {block_starts.numel()} block starts for {nb} blocks")
-        positions = block_starts.to(keys.device, torch.int64).view(nb, 1) + torch.arange(
-            t, device=keys.device, dtype=torch.int64
-        )
-        return self.rotate(keys, positions)
+        """:func:`rotate_block_keys` with this rotator's inverse frequencies."""
+        return rotate_block_keys(keys, block_starts, self.inv_freq)
 
 
 def find_rotary_inv_freq(model: nn.Module, layer_type: str | None) -> torch.Tensor:

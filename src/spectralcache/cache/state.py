@@ -14,33 +14,50 @@ Within each cold block, ``outliers_per_block`` tokens are kept exact; their low-
 rows must be ignored by attention (they are attended through the exact copy).
 
 Shapes (B batch, H KV heads, D head_dim, T block size, nb blocks, rk/rv ranks,
-o outliers per block, L landmarks, h hot tokens):
+o outliers per block, L landmarks stored so far, h hot tokens):
 
 - ``landmark_keys`` / ``landmark_values``: [B, H, L, D], model dtype, post-RoPE.
 - ``ColdBlocks.key_coeffs``: [B, H, nb, T, rk] int8 (coeff_bits=8); uint8 packed
-  [B, H, nb, T, ceil(rk/2)] (coeff_bits=4); model dtype (coeff_bits=16).
+  [B, H, nb, T, ceil(rk/2)] (coeff_bits=4, two values per byte as ``linalg/quant.py``
+  packs them); model dtype (coeff_bits=16).
 - ``ColdBlocks.key_scales``: [B, H, nb, T, 1] float16, per-row scale (None when 16 bits);
   coefficient row t of block n is ``key_coeffs[..., n, t, :] * key_scales[..., n, t, :]``.
-- ``ColdBlocks.key_basis``: [B, H, nb, rk, D]; the block's keys are ``coeffs @ basis``.
-  ``None`` means the identity basis (``key_codec="identity"``): then ``rk == D`` and the
-  (scaled) coefficient rows *are* the keys.
+- ``ColdBlocks.key_basis``: [B, H, nb, rk, D] (storage dtype: ``SpectralConfig.basis_dtype``);
+  the block's keys are ``coeffs @ basis``. ``None`` means the identity basis
+  (``key_codec="identity"``): then ``rk == D`` and the (scaled) coefficient rows *are* the keys.
 - values likewise with rv, stored with ``value_bits`` (= ``value_coeff_bits``, or
   ``coeff_bits`` when that is None). Values always stay latent in attention: ``(p @ C_V) @ B_V``,
   or just ``p @ C_V`` when ``value_basis`` is None.
-- ``ColdBlocks.outlier_keys`` / ``outlier_values``: [B, H, nb, o, D] exact, post-RoPE.
-- ``ColdBlocks.outlier_index``: [B, H, nb, o] int64, index inside the block (0..T-1).
-- ``ColdBlocks.block_starts``: [nb] int64, cache index of each block's first token.
-- ``hot_keys`` / ``hot_values``: [B, H, h, D] exact, post-RoPE; cache indices
+- ``ColdBlocks.outlier_keys`` / ``outlier_values``: [B, H, nb, o, D] exact, model dtype,
+  post-RoPE.
+- ``ColdBlocks.outlier_index``: [B, H, nb, o] int64, index inside the block (0..T-1), sorted.
+- ``ColdBlocks.block_starts``: [nb] int64 on the cache's device, cache index of each block's
+  first token. ``ColdBlocks.num_blocks`` is a host int (from the shape: no device sync).
+- ``hot_keys`` / ``hot_values``: [B, H, h, D] exact, model dtype, post-RoPE; cache indices
   ``hot_start .. hot_start + h - 1``.
-- ``chunk_keys`` / ``chunk_values`` (may be None): exact K/V of the tokens added by the
-  *current* forward call (cache indices ``chunk_start .. seq_len - 1``). They are kept
-  only until this layer's attention has run, so that a prefill chunk attends to itself
-  exactly while earlier chunks are read compressed. Attention uses the tiers for cache
-  indices < ``chunk_start`` and the chunk for the rest.
+- ``chunk_keys`` / ``chunk_values`` (may be None): [B, H, q, D] exact K/V of the tokens added by
+  the *current* forward call (cache indices ``chunk_start .. seq_len - 1``), the very tensors
+  ``update`` was given. They are kept only until this layer's attention has run, so that a
+  prefill chunk attends to itself exactly while earlier chunks are read compressed. Attention
+  uses the tiers for cache indices < ``chunk_start`` and the chunk for the rest.
+- ``rope_inv_freq``: [rot_dim / 2] float32 on the cache's device (``pre_rope`` only, else None).
+- ``seq_len``, ``hot_start``, ``chunk_start``, ``layer_idx``: host ints; ``key_space``: str.
+
+Views and strides: the layer keeps every tier in preallocated capacity buffers (the cold tier
+``[B, H, capacity, ...]``, grown geometrically; the hot buffer ``[B, H, capacity, D]`` with a
+live window; the landmarks ``[B, H, landmarks, D]``), and the state's tensors are *views* of
+them (e.g. ``key_coeffs = buffer[:, :, :nb]``, ``hot_keys = buffer[:, :, lo:hi]``). The shapes
+are exactly as above, but only the innermost two dims are guaranteed contiguous: readers
+(torch reference, Triton kernels) must use strides and must not assume ``.is_contiguous()``.
+A state is a snapshot: it stays valid until the layer's next ``update`` (which only writes
+past the views' ends, or into fresh buffers) and is invalidated by ``crop`` / batch ops.
 
 ``key_space == "pre_rope"`` means the cold blocks' low-rank keys are un-rotated; the
-attention function must rotate the reconstructed tile with ``rotate_block_keys``
-before scoring. Every exact tier is always stored post-RoPE.
+attention function re-rotates the reconstructed tile before scoring with
+``cache.rope.rotate_block_keys(keys, block_starts, rope_inv_freq)``: rotate-half ("NeoX")
+layout over the leading ``rot_dim = 2 * len(rope_inv_freq)`` dims, angle
+``float32(cache_index) * rope_inv_freq``, keys rotated by R(+angle). Every exact tier (landmarks,
+outliers, hot, chunk) is always stored post-RoPE.
 """
 
 from __future__ import annotations
@@ -116,5 +133,6 @@ class SpectralLayerState:
     chunk_values: torch.Tensor | None
     chunk_start: int
     key_space: str
-    # pre_rope only: (keys [B, H, nb, T, D] pre-RoPE, block_starts [nb]) -> post-RoPE keys.
-    rotate_block_keys: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # pre_rope only: the model's RoPE inverse frequencies, [rot_dim / 2] float32 on the cache's
+    # device (rotation: see the module docstring and ``cache.rope.rotate_block_keys``).
+    rope_inv_freq: torch.Tensor | None = None
