@@ -63,6 +63,7 @@ __all__ = [
     "load_kernel",
     "main",
     "random_kv",
+    "replot",
     "run",
     "state_bytes",
 ]
@@ -558,6 +559,9 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
         for j, ylabel in enumerate(("median ms (one layer, one token)", "achieved GB/s on bytes read")):
             ax = axes[i, j]
             ax.set_xscale("log", base=2)
+            ctx = sorted({r["context"] for r in rows})
+            ax.set_xticks(ctx, [f"{c / 1024:g}K" for c in ctx])
+            ax.minorticks_off()
             ax.set_xlabel("context tokens")
             ax.set_ylabel(ylabel)
             ax.set_title(f"batch {b}")
@@ -611,6 +615,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--tag", default=None, help="file tag (default: cuda_<gpu> or cpu)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
 
 
@@ -624,7 +629,19 @@ def _tag(dev: torch.device) -> str:
     return "cuda"
 
 
+def replot(path: str | Path) -> Path:
+    """Redraw ``bench_attention_<tag>.png`` beside a results JSON (e.g. one fetched from the GPU)."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    png = path.with_suffix(".png")
+    plot(data["results"], data["meta"], png)
+    return png
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        print(f"wrote {replot(args.replot)}")
+        return 0
     dev = device_from_name(args.device)
     dtype = dtype_from_name(args.dtype, dev)
     if args.threads:
@@ -680,6 +697,14 @@ def run(args: argparse.Namespace) -> int:
     bar = progress(total, "bench attention")
     rows: list[dict[str, Any]] = []
     l2 = meta.get("l2_cache_bytes")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or _tag(dev)
+    json_path = out_dir / f"bench_attention_{tag}.json"
+
+    def save() -> None:  # after every case, so a run stopped from outside keeps what it measured
+        json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str))
+
     for tokens in contexts:
         for batch in batches:
             try:
@@ -691,13 +716,10 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({"context": tokens, "batch": batch, "preset": None, "method": "all",
                              "status": "oom", "reason": _short(err)})  # fmt: skip
                 _free(dev)
+            save()
     bar.close()
     print_table(rows, meta)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or _tag(dev)
-    json_path = out_dir / f"bench_attention_{tag}.json"
-    json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str))
+    save()
     print(f"wrote {json_path}")
     if not args.no_plot and plot(rows, meta, out_dir / f"bench_attention_{tag}.png"):
         print(f"wrote {out_dir / f'bench_attention_{tag}.png'}")

@@ -51,7 +51,15 @@ from spectralcache.bench.common import (
     sync,
 )
 
-__all__ = ["build_model", "cache_argument", "configure", "main", "measure_method", "run"]
+__all__ = [
+    "build_model",
+    "cache_argument",
+    "configure",
+    "main",
+    "measure_method",
+    "replot",
+    "run",
+]
 
 CUDA_LENGTHS = "8192,32768,131072"
 CPU_LENGTHS = "2048,8192"
@@ -390,6 +398,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--tag", default=None, help="file tag (default: <device>_<model>_<layers>l)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
 
 
@@ -399,7 +408,19 @@ def _split_methods(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
+def replot(path: str | Path) -> Path:
+    """Redraw ``bench_e2e_<tag>.png`` beside a results JSON (e.g. one fetched from the GPU)."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    png = path.with_suffix(".png")
+    plot(data["results"], data["meta"], png)
+    return png
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        print(f"wrote {replot(args.replot)}")
+        return 0
     dev = device_from_name(args.device)
     dtype = dtype_from_name(args.dtype, dev)
     if args.threads:
