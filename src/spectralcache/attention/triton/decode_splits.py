@@ -291,19 +291,19 @@ def spectral_decode_split_kernel(
                     mask=o_ok[:, None] & d_ok[None, :],
                     other=0.0,
                 )
-                s = _softcap(_dot(q, tl.trans(okeys), F32, okeys.dtype) * scale, softcap, HAS_SOFTCAP)
-                s += _mask_bias(
+                s_out = _softcap(_dot(q, tl.trans(okeys), F32, okeys.dtype) * scale, softcap, HAS_SOFTCAP)
+                s_out += _mask_bias(
                     mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + oidx, o_ok,
                     q_first, tier_end, HAS_MASK, MASK_BOOL,
                 )  # fmt: skip
-                m, alpha, p = _online_step(m, den, s)
+                m, alpha_out, p_out = _online_step(m, den, s_out)
                 ovals = tl.load(
                     ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + dcols[None, :] * s_ov_d,
                     mask=o_ok[:, None] & d_ok[None, :],
                     other=0.0,
                 )
-                den = den * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p, ovals, F32, ovals.dtype)
+                den = den * alpha_out + tl.sum(p_out, axis=1)
+                acc = acc * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
             # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
             if not KEY_IDENTITY:
                 bk = tl.load(
