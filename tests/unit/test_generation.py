@@ -231,20 +231,52 @@ def test_uncompressed_run_on_enabled_model_matches_sdpa(models) -> None:
 
 
 def test_cache_from_config_on_sdpa_model_is_a_clear_error() -> None:
-    """A cache built from a bare config cannot switch the model; the next call must refuse.
-
-    The first call from an empty cache is still right (the chunk is every token); the
-    second would let SDPA attend over the new tokens only, so the cache raises instead.
-    """
+    """A cache built from a bare config cannot switch the model: the first compressed layer the
+    SDPA model reads raises (not only from the second call on), and nothing is cached."""
     model = tiny_model("llama")
     cache = SpectralCache(model.config, lossless("post_rope"))
     ids = tiny_prompt(1, 300)
     with torch.no_grad():
-        first = model(ids, past_key_values=cache, use_cache=True).logits
-        torch.testing.assert_close(first, model(ids).logits)
-        with pytest.raises(RuntimeError, match=r"spectralcache\.enable"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
-    assert cache.get_seq_length() == 300  # unchanged by the refused call
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=r"layer 0: .*spectralcache\.enable"):
+                model(ids, past_key_values=cache, use_cache=True)
+            assert cache.layer_lengths() == [0, 0]
+        enable(model)
+        got = model(ids, past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(got, model(ids).logits)
+    assert cache.get_seq_length() == 300
+
+
+@pytest.mark.parametrize("how", ["disable", "never_enabled", "unpickled"])
+def test_filled_cache_read_by_non_spectral_attention_raises(how: str) -> None:
+    """A filled cache read by SDPA would attend over the new token alone (wrong logits, silently,
+    before): it raises naming the fix, and the cache is unchanged (the next call is right)."""
+    import pickle
+
+    model = tiny_model("llama")
+    ids = tiny_prompt(1, 300, seed=4)
+    token = tiny_prompt(1, 1, seed=5)
+    cache = SpectralCache(model, lossless("post_rope"))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        reader = model
+        if how == "disable":
+            disable(model)
+        elif how == "never_enabled":
+            reader = tiny_model("llama")  # same weights, attention still "sdpa"
+        else:  # a new process: the cache comes back from bytes, the model is loaded fresh
+            cache = pickle.loads(pickle.dumps(cache))
+            reader = tiny_model("llama")
+        assert not is_enabled(reader)
+        with pytest.raises(RuntimeError, match=r"spectralcache\.enable\(model\)"):
+            reader(token, past_key_values=cache, use_cache=True)
+        assert cache.layer_lengths() == [300, 300]
+        enable(reader)
+        got = reader(token, past_key_values=cache, use_cache=True).logits
+        dynamic = DynamicCache(config=model.config)
+        model(ids, past_key_values=dynamic, use_cache=True)
+        want = model(token, past_key_values=dynamic, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_enable_rejects_non_models() -> None:
@@ -253,7 +285,7 @@ def test_enable_rejects_non_models() -> None:
 
 
 def test_attention_function_errors_leave_cache_usable() -> None:
-    """Unsupported requests fail clearly, and the chunk is released so the cache stays usable."""
+    """Unsupported requests fail clearly and roll the forward back, so the cache stays usable."""
     from spectralcache.attention.interface import spectral_attention_forward
 
     model = tiny_model("llama")
@@ -261,6 +293,7 @@ def test_attention_function_errors_leave_cache_usable() -> None:
     ids = tiny_prompt(1, 300)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
+        seen = cache.get_seq_length()
         attn = model.model.layers[0].self_attn
         q = torch.randn(1, 4, 1, 32)
         k = v = torch.randn(1, 2, 1, 32)
@@ -268,10 +301,10 @@ def test_attention_function_errors_leave_cache_usable() -> None:
             ({"sliding_window": 16}, "sliding-window"),
             ({"output_attentions": True}, "attention weights"),
         ):
-            cache.update(k, v, 0)
+            ck, cv = cache.update(k, v, 0)
             with pytest.raises(ValueError, match=text):
-                spectral_attention_forward(attn, q, k, v, None, **kwargs)
+                spectral_attention_forward(attn, q, ck, cv, None, **kwargs)
             assert not cache.layers[0].has_pending_chunk
-        seen = cache.get_seq_length()
+            assert cache.layer_lengths() == [seen, seen]  # rolled back
         model(ids[:, :1], past_key_values=cache, use_cache=True)  # still usable
     assert cache.get_seq_length() == seen + 1

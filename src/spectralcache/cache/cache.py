@@ -5,15 +5,28 @@ compressed layer (default: every ``full_attention`` layer), transformers' own
 ``DynamicSlidingWindowLayer`` for sliding / chunked layers, ``DynamicLayer`` for full-attention
 layers the config leaves uncompressed.
 
-The attention function finds the layer it must read with :func:`get_active_spectral_layer`:
-``SpectralCache.update`` records, per thread, the cache being updated, and the attention call
-of the same layer follows immediately in the same thread.
+Handshake with attention (``attention/interface.py``): for a compressed layer ``update`` returns
+:class:`~spectralcache.attention.interface.SpectralOnlyTensor` objects sharing the chunk's memory
+and registers the key one with ``register_chunk``; the attention function finds the layer with
+``lookup`` on the very tensor it was handed (a weak, identity-keyed mapping): no thread-global
+state, so another cache, a stale layer or another thread can never be read by mistake. Any
+other attention function that touches those tensors raises a clear error.
+
+Atomic forwards. A forward updates every layer once. Before its first update in a forward,
+each layer is checkpointed (``SpectralLayer.checkpoint()``; transformers' own layers by a
+snapshot of their attributes -- their ``update`` replaces ``keys`` / ``values`` by
+``torch.cat`` and never writes into them). If the forward is refused or fails part-way (an
+error in ``update``, in spectral attention, a non-spectral read of a compressed layer, or --
+on a model switched by ``spectralcache.enable`` -- anywhere in the model), every layer it
+changed is rolled back, so the next call sees the cache exactly as before the failed one. A
+forward interrupted where no hook sees it (``KeyboardInterrupt``, a bare base-model call that
+raises) leaves layers of different lengths; the next forward through an enabled model rolls
+them back before it reads the cache length, and a next ``update`` without such a hook rolls
+back and raises, since that call's positions were computed from the inconsistent length.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -31,8 +44,6 @@ from spectralcache.config import SpectralConfig, get_preset
 
 __all__ = ["SpectralCache", "get_active_spectral_layer"]
 
-_ACTIVE = threading.local()
-
 # Layer types that hold per-token K/V of standard multi-head attention (candidates for compression).
 _FULL = "full_attention"
 _COLD_TIERS = ("coefficients", "scales", "bases", "outliers", "outlier_index", "block_starts")
@@ -40,21 +51,15 @@ _UNSUPPORTED_TYPES = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "i
 
 
 def get_active_spectral_layer(layer_idx: int, key_states: torch.Tensor | None = None) -> SpectralLayer | None:
-    """The compressed layer ``layer_idx`` of the SpectralCache updated last in this thread, or None.
+    """The compressed layer with index ``layer_idx`` whose ``update`` returned ``key_states`` and
+    whose attention has not run yet, or None (also None without ``key_states``: there is no
+    "last updated cache" any more, see ``attention.interface.lookup``)."""
+    if key_states is None:
+        return None
+    from spectralcache.attention.interface import lookup
 
-    Returns None when no SpectralCache is active, when that layer is not compressed, or when
-    the layer has no pending chunk (its attention already ran / it was not updated in this
-    call), so a stale cache from an earlier forward is never read. If ``key_states`` is given,
-    the layer is returned only if they are the very tensors its ``update`` returned.
-    """
-    ref = getattr(_ACTIVE, "cache", None)
-    cache = ref() if ref is not None else None
-    if cache is None or not 0 <= layer_idx < len(cache.layers):
-        return None
-    layer = cache.layers[layer_idx]
-    if not isinstance(layer, SpectralLayer) or not layer.has_pending_chunk:
-        return None
-    if key_states is not None and key_states is not layer.pending_chunk_keys:
+    layer = lookup(key_states)
+    if layer is None or getattr(layer, "layer_idx", None) != layer_idx:
         return None
     return layer
 
@@ -71,7 +76,32 @@ def _text_config(model_or_config: Any) -> tuple[Any, nn.Module | None]:
         raise TypeError(
             f"SpectralCache needs a transformers model or PretrainedConfig, got {type(model_or_config).__name__}"
         )
+    _refuse_encoders(config)
     return config.get_text_config(decoder=True), model
+
+
+def _refuse_encoders(config: Any) -> None:
+    """Encoder-decoder (T5, BART) and encoder-only (BERT-style) models: clear error.
+
+    A SpectralCache compresses the self-attention K/V of a causal decoder that grows one token
+    at a time; an encoder attends bidirectionally over a fixed input (nothing to cache), and an
+    encoder-decoder model's cache pairs self- with cross-attention (``EncoderDecoderCache``).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    name = type(config).__name__
+    text = config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} is an encoder-decoder model (like T5 / BART): SpectralCache supports decoder-only "
+            "causal language models (its cache would have to pair self- with cross-attention)"
+        )
+    model_type = getattr(text, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(text, "is_decoder", False):
+        raise ValueError(
+            f"{name} is an encoder model (BERT-style, bidirectional attention over a fixed input): "
+            "SpectralCache supports decoder-only causal language models"
+        )
 
 
 def _check_layout(cfg: Any) -> tuple[int, int, int]:
@@ -122,6 +152,31 @@ def _layer_types_and_kwargs(cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     st = t.untyped_storage()
     return (str(t.device), st.data_ptr())
+
+
+def _checkpoint(layer: Any) -> Any:
+    """A rollback token for ``layer``: its own ``checkpoint()`` (SpectralLayer), else a snapshot of
+    its attributes (transformers' DynamicLayer / DynamicSlidingWindowLayer replace ``keys`` /
+    ``values`` on update and never write into them, so references suffice)."""
+    own = getattr(layer, "checkpoint", None)
+    if callable(own) and callable(getattr(layer, "rollback", None)):
+        return ("own", own())
+    return (
+        "attrs",
+        {
+            k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+            for k, v in vars(layer).items()
+        },
+    )
+
+
+def _rollback(layer: Any, token: Any) -> None:
+    kind, data = token
+    if kind == "own":
+        layer.rollback(data)
+    else:
+        layer.__dict__.clear()
+        layer.__dict__.update(data)
 
 
 class SpectralCache(Cache):
@@ -203,9 +258,15 @@ class SpectralCache(Cache):
         self.num_kv_heads = n_kv
         self.layer_types = layer_types
         self.compressed_layers = tuple(compress)
+        # atomic forwards: checkpoints of the layers updated since the current forward began
+        self._forward_checkpoints: dict[int, Any] = {}
+        # True between the begin and end hooks of a forward through an enabled model
+        self._hooked_forward = False
         if model is not None:
-            # Given the model, switch it to spectral attention so that
-            # generate(past_key_values=SpectralCache(model, cfg)) just works (idempotent).
+            # The one side effect on the model, on purpose (README "Use it"): only spectral
+            # attention can read this cache, so a cache built for a model switches that model
+            # (idempotent, undone by spectralcache.disable). A cache built from a config touches
+            # nothing; any other attention that reads it raises instead of attending wrongly.
             from spectralcache.integrations.transformers import enable
 
             enable(model)
@@ -213,20 +274,149 @@ class SpectralCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= layer_idx < len(self.layers):
+        """Append one layer's new K/V; atomic per forward (see the module docstring).
+
+        For a compressed layer the returned tensors are :class:`SpectralOnlyTensor` views of the
+        given ones, readable by spectral attention only. Any error raised here rolls back every
+        layer this forward has updated before it propagates.
+        """
+        from spectralcache.attention.interface import register_chunk, spectral_only
+
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            self._abort_forward()
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
+        if layer_idx in self._forward_checkpoints:
+            self._start_unhooked_forward(layer_idx)
         layer = self.layers[layer_idx]
-        if isinstance(layer, SpectralLayer) and layer.has_pending_chunk:
-            # The previous call's chunk was never read by spectral attention: the model attended
-            # with another implementation over the wrong K/V (or a forward failed mid-way).
+        try:
+            if isinstance(layer, SpectralLayer) and layer.has_pending_chunk:
+                # The previous call's chunk was never read by spectral attention: the model attended
+                # with another implementation over the wrong K/V.
+                raise RuntimeError(
+                    f"SpectralCache layer {layer_idx}: the previous forward's keys/values were not read by "
+                    "spectral attention, so the model is not using it (attention implementation "
+                    "must be 'spectral'). Call spectralcache.enable(model), or build the cache with "
+                    "SpectralCache(model, config), which does it for you. Nothing was cached by this call."
+                )
+            self._forward_checkpoints[layer_idx] = _checkpoint(layer)
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            if isinstance(layer, SpectralLayer):
+                keys = spectral_only(keys, layer_idx, self._abort_forward)
+                values = spectral_only(values, layer_idx, self._abort_forward)
+                register_chunk(keys, layer, abort=self._abort_forward)
+        except BaseException:
+            self._abort_forward()
+            raise
+        return keys, values
+
+    # ------------------------------------------------------------------ atomic forwards
+    def layer_lengths(self) -> list[int]:
+        """Tokens held per layer (``get_seq_length``); all equal whenever no forward is open."""
+        return [layer.get_seq_length() for layer in self.layers]
+
+    def _abort_forward(self) -> None:
+        """Roll every layer updated since the current forward began back to its state before it."""
+        checkpoints = self._forward_checkpoints
+        errors = []
+        for idx in sorted(checkpoints, reverse=True):
+            try:
+                _rollback(self.layers[idx], checkpoints[idx])
+            except Exception as err:  # keep rolling the others back; report below
+                errors.append(f"layer {idx}: {err}")
+        checkpoints.clear()
+        if errors:
+            raise RuntimeError("SpectralCache: rollback after a failed forward failed: " + "; ".join(errors))
+
+    def _settle(self) -> bool:
+        """Close the open forward: keep it if every layer holds as many tokens, else roll it back.
+        Returns whether it had to roll back."""
+        if not self._forward_checkpoints:
+            return False
+        if len(set(self.layer_lengths())) <= 1:
+            self._forward_checkpoints.clear()
+            return False
+        self._abort_forward()
+        return True
+
+    def _start_unhooked_forward(self, layer_idx: int) -> None:
+        """``update`` of a layer already updated in the open forward: a new forward has begun
+        without the enabled model's hooks (or a model updates a layer twice)."""
+        updated = sorted(self._forward_checkpoints)
+        twice_in_one = self._hooked_forward
+        if self._settle() or twice_in_one:
+            if twice_in_one:
+                self._abort_forward()
             raise RuntimeError(
-                f"SpectralCache layer {layer_idx}: the previous forward's keys/values were not read by "
-                "spectral attention, so the model is not using it (attention implementation "
-                "must be 'spectral'). Call spectralcache.enable(model), or build the cache with "
-                "SpectralCache(model, config), which does it for you. The cache is unchanged."
+                f"SpectralCache: layer {layer_idx} updated again while the previous forward had updated "
+                f"only layers {updated} of {len(self.layers)}: that forward was interrupted. It was rolled "
+                "back (every layer holds what it held before it); this call was refused because its "
+                "positions were computed from the inconsistent cache -- run it again."
+                if not twice_in_one
+                else f"SpectralCache: layer {layer_idx} was updated twice in one forward (layers updated: "
+                f"{updated}); models that update a layer's cache more than once per forward are not "
+                "supported. The cache was rolled back to its state before this forward."
             )
-        _ACTIVE.cache = weakref.ref(self)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _begin_forward(self) -> None:
+        """Called (by the hooks ``spectralcache.enable`` installs) before a model forward that reads
+        this cache, i.e. before the model computes positions from ``get_seq_length``."""
+        if self._hooked_forward:
+            # the previous forward through an enabled model never ended (KeyboardInterrupt, ...)
+            self._abort_forward()
+        elif self._forward_checkpoints and self._settle():
+            raise RuntimeError(
+                f"SpectralCache: layers were left with different numbers of tokens by updates outside "
+                f"a model forward; they were rolled back. Lengths now: {self.layer_lengths()}"
+            )
+        self._forward_checkpoints.clear()
+        lengths = set(self.layer_lengths())
+        if len(lengths) > 1:
+            raise RuntimeError(
+                f"SpectralCache: its layers hold different numbers of tokens ({self.layer_lengths()}), so a "
+                "forward would compute wrong positions; fill every layer through model forwards (or "
+                "crop / reset the cache)"
+            )
+        self._hooked_forward = True
+
+    def _end_forward(self, failed: bool) -> None:
+        """Called after that forward: keep its updates, or roll them all back if it raised."""
+        self._hooked_forward = False
+        if failed:
+            self._abort_forward()
+        else:
+            self._forward_checkpoints.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_forward_checkpoints"] = {}  # only valid within this process' forward
+        state["_hooked_forward"] = False
+        return state
+
+    def reset(self) -> None:
+        self._forward_checkpoints.clear()
+        super().reset()
+
+    def crop(self, max_length: int) -> None:
+        self._settle_between_forwards()
+        super().crop(max_length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._settle_between_forwards()
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._settle_between_forwards()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._settle_between_forwards()
+        super().batch_select_indices(indices)
+
+    def _settle_between_forwards(self) -> None:
+        # these operations invalidate layer checkpoints: close the open forward first (rolling
+        # back one that was interrupted, recognisable by unequal layer lengths)
+        self._settle()
+        self._forward_checkpoints.clear()
 
     # ------------------------------------------------------------------ reporting
     def compression_stats(self) -> dict[str, Any]:
