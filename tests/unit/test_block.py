@@ -302,3 +302,54 @@ def test_identity_codec_unquantized_owns_its_storage():
     assert b.key_coeffs.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
     assert b.value_coeffs.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
     torch.testing.assert_close(reconstruct(b)[0], k, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_one_batched_fit_per_side_for_every_block_of_every_head(monkeypatch, refit):
+    """compress_blocks never loops over blocks or heads in Python: the randomized SVD and the
+    quantizer see every block of every head (B*H*nb matrices) in one call per side."""
+    from spectralcache.linalg import quant, rsvd
+
+    seen: dict[str, list[tuple[int, ...]]] = {"svd": [], "quant": []}
+    orig_svd, orig_quant = rsvd.randomized_svd, quant.quantize_rows
+
+    def svd(m, *a, **kw):
+        seen["svd"].append(tuple(m.shape))
+        return orig_svd(m, *a, **kw)
+
+    def qr(x, *a, **kw):
+        seen["quant"].append(tuple(x.shape))
+        return orig_quant(x, *a, **kw)
+
+    monkeypatch.setattr(rsvd, "randomized_svd", svd)
+    monkeypatch.setattr(quant, "quantize_rows", qr)
+    k, v = low_rank((2, 3, 5), rank=6, seed=21), low_rank((2, 3, 5), rank=6, seed=22)
+    b = compress_blocks(k, v, cfg(refit_after_outliers=refit), 8, 8)
+    per_side = 2 if refit else 1  # refit fits each side once more, still batched
+    assert seen["svd"] == [(30, T, D)] * (2 * per_side)
+    assert seen["quant"] == [(30, T, 8)] * (2 * per_side)
+    assert b.key_coeffs.shape == (2, 3, 5, T, 8) and b.num_blocks == 5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_too_large_for_float16_scales_are_kept_exact(bits):
+    """A finite row whose int8/int4 scale would overflow float16 is stored exactly as an outlier
+    (and kept out of the fit), instead of making every later compression fail."""
+    k, v = low_rank((2,), rank=6, seed=23), low_rank((2,), rank=6, seed=24)
+    k[0, 10] = 3e38 / (torch.arange(D) + 1)  # float32-finite, far beyond 65504 * 127
+    v[1, 20, 3] = 1e7
+    c = cfg(coeff_bits=bits)
+    b = compress_blocks(k, v, c, 8, 8)
+    assert 10 in b.outlier_index[0].tolist() and 20 in b.outlier_index[1].tolist()
+    rk, rv = reconstruct(b)
+    assert torch.equal(rk[0, 10], k[0, 10]) and torch.equal(rv[1, 20], v[1, 20])
+    for x in (b.key_scales, b.value_scales):
+        assert torch.isfinite(x).all()
+    # the other rows are fitted as if the huge rows were absent
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[0, 10] = mask[1, 20] = False
+    assert rel_err(rk[mask], k[mask]) < {4: 0.2, 8: 0.02}[bits]
+    # more such rows than outliers_per_block in one block: refused with a clear error
+    k[0, :5] = 1e30
+    with pytest.raises(ValueError, match=r"a block has 6 rows too large .* outliers_per_block=4"):
+        compress_blocks(k, v, c, 8, 8)

@@ -145,3 +145,22 @@ def test_nonfinite_prefill_chunk_is_refused_before_any_change():
         layer.update(k2, v[:, :, 40:])
     after = layer.reconstruct()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_but_finite_decode_token_does_not_block_compression(dtype):
+    """Before: a finite key of 1e10 made every later compression raise (float16 scale overflow),
+    so the cache could never compress again. Now the row is kept exact and compression goes on."""
+    layer = make_layer(coeff_bits=4)
+    k, v = kv(1, 3 + 6 * T, seed=3)
+    k, v = k.to(dtype), v.to(dtype)
+    layer.update(k[:, :, :20], v[:, :, :20])
+    huge_at = 21
+    k[0, 1, huge_at] = 1e10
+    for i in range(20, k.shape[2]):
+        layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        layer.release_chunk()
+    assert layer.num_blocks >= 4  # the block holding the huge token and later ones compressed
+    rk, _ = layer.reconstruct(dtype=torch.float32)
+    assert torch.equal(rk[0, 1, huge_at], k[0, 1, huge_at].float())
+    assert torch.isfinite(rk).all()
