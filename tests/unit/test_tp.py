@@ -15,7 +15,8 @@ The parent then compares with one unsharded process: TP output matches the unsha
 (so each rank really cached its own heads), and each rank holds half the bytes an unsharded
 SpectralCache holds for the same prompt, at the same compression ratio.
 
-Run on 2 GPUs (NCCL) with ``SPECTRALCACHE_TP_DEVICE=cuda`` (see the README, "Several GPUs").
+Run on 2 GPUs (NCCL) with ``SPECTRALCACHE_TP_DEVICE=cuda`` (see the README, "Several GPUs");
+``SPECTRALCACHE_TP_RESULTS=DIR`` keeps each rank's measured results there.
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ def _run_tp(tmp_path: Path, device: str) -> tuple[list[dict[str, Any]], Any, tor
         f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     )
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    keep = os.environ.get("SPECTRALCACHE_TP_RESULTS")  # keep the per-rank evidence of a GPU run
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for r in range(WORLD):
+            Path(keep, f"rank{r}.json").write_text((out_dir / f"rank{r}.json").read_text())
     return results, model, _prompt(model.config.vocab_size)
 
 
