@@ -1,0 +1,182 @@
+"""The fused Triton decode kernel must compute exactly what the torch reference computes.
+
+On CPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` when no CUDA device is present), on tiny shapes; the same kernels run
+compiled on CUDA in ``tests/gpu``. Every case draws a fresh random state (``synthetic.random_state``:
+cold and hot tensors are strided views into capacity buffers, as the cache keeps them) and
+query, fills the output with NaN first (so an unwritten element fails), and compares with
+``spectral_attention`` by relative norm: < 1e-5 in float32, < 1e-2 in bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+from spectralcache.attention.reference import spectral_attention  # noqa: E402
+from spectralcache.attention.triton import MAX_ROWS, decode_attention  # noqa: E402
+from spectralcache.attention.triton.synthetic import random_state  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_seed = iter(range(1000, 100000))
+
+
+def _padded_mask(batch: int, q_len: int, seq_len: int, pads: torch.Tensor) -> torch.Tensor:
+    """transformers-style bool [B, 1, q, kv]: causal by cache index, left padding per row."""
+    q_pos = torch.arange(seq_len - q_len, seq_len)
+    kv = torch.arange(seq_len)
+    keep = (kv[None, :] <= q_pos[:, None])[None] & (kv[None, None, :] >= pads[:, None, None])
+    return keep[:, None]
+
+
+def _check(
+    *,
+    groups: int = 2,
+    q_len: int = 1,
+    dtype: torch.dtype = torch.float32,
+    mask: str | None = None,
+    softcap: float | None = None,
+    blocks_per_split: int | None = 1,
+    **state_kw,
+) -> float:
+    seed = next(_seed)
+    kw = dict(batch=1, kv_heads=2, head_dim=32, dtype=dtype, seed=seed, device=DEVICE)
+    kw.update(state_kw)
+    if q_len > 1 and "chunk" not in state_kw:
+        kw["chunk"] = q_len
+    state = random_state(**kw)
+    g = torch.Generator().manual_seed(seed)
+    b, h, d = kw["batch"], kw["kv_heads"], kw["head_dim"]
+    query = torch.randn(b, h * groups, q_len, d, generator=g).to(dtype).to(DEVICE)
+    attn_mask = None
+    if mask is not None:
+        pads = torch.randint(0, state.seq_len // 2, (b,), generator=g)
+        attn_mask = _padded_mask(b, q_len, state.seq_len, pads).to(DEVICE)
+        if mask == "float":
+            attn_mask = torch.where(attn_mask, 0.0, torch.finfo(dtype).min).to(dtype)
+    out = torch.full_like(query, float("nan"))
+    got = decode_attention(
+        query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16
+    )
+    assert got is out
+    ref = spectral_attention(query, state, attn_mask, softcap=softcap)
+    assert torch.isfinite(out).all(), "kernel left unwritten (NaN) output elements"
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    bar = 1e-5 if dtype == torch.float32 else 1e-2
+    assert err < bar, f"relative error {err:.2e} >= {bar}"
+    return err
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("key_bits", [8, 4, 16])
+@pytest.mark.parametrize("codecs", ["lowrank", "identity_keys", "identity_values", "identity_both"])
+def test_modes_float32(key_space: str, key_bits: int, codecs: str) -> None:
+    _check(
+        key_space=key_space,
+        key_bits=key_bits,
+        identity_keys=codecs in ("identity_keys", "identity_both"),
+        identity_values=codecs in ("identity_values", "identity_both"),
+    )
+
+
+@pytest.mark.parametrize("value_bits", [4, 8, 16])
+def test_value_width_differs_from_key_width(value_bits: int) -> None:
+    _check(key_bits=8, value_bits=value_bits)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gqa_and_batch(groups: int, batch: int) -> None:
+    _check(groups=groups, batch=batch, kv_heads=1 if batch == 4 else 2, blocks=2)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_padding_masks_and_small_q(mask: str, q_len: int) -> None:
+    _check(batch=2, mask=mask, q_len=q_len, blocks=3)
+
+
+def test_causal_small_q_without_mask() -> None:
+    # speculative decoding: q > 1 with mask None means causal by cache index
+    _check(q_len=4, groups=4)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(block_size=13, rank_keys=5, rank_values=7, outliers=3),  # odd sizes, odd int4 ranks
+        dict(block_size=16, outliers=0),  # no outliers
+        dict(blocks=0),  # exact tiers only
+        dict(landmarks=0, hot=0, chunk=None),  # cold tier only
+        dict(chunk=20, hot=6),  # the chunk starts inside the last block (partially served block)
+        dict(blocks=5, hot=40, landmarks=9),  # several exact splits
+        dict(head_dim=24, rank_keys=6),  # head_dim not a power of two
+    ],
+)
+@pytest.mark.parametrize("key_bits", [8, 4])
+def test_odd_shapes_and_partial_blocks(shape: dict, key_bits: int) -> None:
+    q_len = shape.get("chunk") or 1
+    kw = dict(shape)
+    if q_len > 1:
+        kw["chunk"] = q_len
+    groups = 2 if q_len * 2 <= MAX_ROWS else 1
+    _check(key_bits=key_bits, q_len=min(q_len, 20), groups=groups, **kw)
+
+
+def test_pre_rope_partial_rotary() -> None:
+    _check(key_space="pre_rope", rot_dim=16)
+    _check(key_space="pre_rope", rot_dim=16, identity_keys=True, key_bits=4)
+
+
+def test_softcap() -> None:
+    _check(softcap=2.0)
+    _check(softcap=5.0, key_space="pre_rope", mask="bool", batch=2)
+
+
+@pytest.mark.parametrize("blocks_per_split", [None, 1, 2, 5])
+def test_split_plans_agree(blocks_per_split: int | None) -> None:
+    _check(blocks=4, blocks_per_split=blocks_per_split)
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("key_bits", [8, 4])
+def test_bfloat16(key_space: str, key_bits: int) -> None:
+    _check(dtype=torch.bfloat16, key_space=key_space, key_bits=key_bits, groups=4, mask="bool", batch=2)
+
+
+def test_fully_masked_row_is_zero_not_nan() -> None:
+    state = random_state(batch=2, device=DEVICE, seed=next(_seed))
+    query = torch.randn(2, 4, 1, 32).to(DEVICE)
+    mask = torch.ones(2, 1, 1, state.seq_len, dtype=torch.bool, device=DEVICE)
+    mask[1] = False  # batch row 1 sees nothing
+    out = decode_attention(query, state, mask)
+    ref = spectral_attention(query, state, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_what_it_does_not_handle() -> None:
+    state = random_state(device=DEVICE, chunk=None)
+    with pytest.raises(ValueError, match="query rows per KV head"):
+        decode_attention(torch.randn(1, 4, MAX_ROWS, 32).to(DEVICE), state)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(torch.randn(1, 4, 1, 16).to(DEVICE), state)
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention(torch.randn(1, 3, 1, 32).to(DEVICE), state)
+    with pytest.raises(ValueError, match="attention_mask covers"):
+        decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), state, torch.ones(1, 1, 1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="softcap"):
+        decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), state, None, None, -1.0)
+    pre = random_state(device=DEVICE, key_space="pre_rope")
+    pre.rope_inv_freq = None
+    if hasattr(pre, "rotate_block_keys"):
+        pre.rotate_block_keys = None
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), pre)
