@@ -40,6 +40,8 @@ COEFF_BITS = (4, 8, 16)
 # How a block's keys / values are stored: "lowrank" = coefficients on a fitted basis;
 # "identity" = the rows themselves, quantized per token (the basis is the identity, not stored).
 CODECS = ("lowrank", "identity")
+# Who reads a compressed layer in attention (see ``attention/triton/dispatch.py``).
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -126,6 +128,12 @@ class SpectralConfig:
             ``coeff_bits == 16`` (so that full rank stays lossless). ``"model"`` always uses the
             model dtype.
         compute_dtype: ``"float32"``. Dtype of the SVD and quantization arithmetic.
+        attention_backend: ``"auto"``. Which implementation attends over the compressed layers:
+            ``"auto"`` uses the fused Triton decode kernel for decode steps on CUDA when Triton is
+            installed and the torch reference otherwise (CPU, prefill); ``"triton"`` requires the
+            kernel for every decode step (prefill still uses the reference); ``"torch"`` always
+            uses the reference. The environment variable ``SPECTRALCACHE_ATTENTION_BACKEND`` (same
+            values), when set, overrides this field. It changes no stored byte, only who reads them.
     """
 
     block_size: int = 512
@@ -148,6 +156,7 @@ class SpectralConfig:
     compress_layers: tuple[int, ...] | None = None
     basis_dtype: str = "auto"
     compute_dtype: str = "float32"
+    attention_backend: str = "auto"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -198,6 +207,7 @@ class SpectralConfig:
             ("svd_orth", SVD_ORTH),
             ("basis_dtype", BASIS_DTYPES),
             ("compute_dtype", COMPUTE_DTYPES),
+            ("attention_backend", ATTENTION_BACKENDS),
         ):
             value = getattr(self, name)
             if value not in allowed:

@@ -180,3 +180,51 @@ def test_refuses_what_it_does_not_handle() -> None:
         pre.rotate_block_keys = None
     with pytest.raises(ValueError, match="rope_inv_freq"):
         decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), pre)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_backend_knob_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectralcache.attention.triton import dispatch
+    from spectralcache.config import SpectralConfig
+
+    assert SpectralConfig().attention_backend == "auto"
+    with pytest.raises(ValueError, match="attention_backend"):
+        SpectralConfig(attention_backend="cuda")
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert dispatch.resolve_backend("torch") == "torch"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    assert dispatch.resolve_backend("torch") == "triton"  # the environment overrides the config
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="SPECTRALCACHE_ATTENTION_BACKEND"):
+        dispatch.resolve_backend("auto")
+
+
+def test_attend_routes_decode_and_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectralcache.attention.triton import decode, dispatch
+
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    calls = []
+    real = decode.decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_attention", counting)
+    state = random_state(device=DEVICE, seed=next(_seed), chunk=1)
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    ref = spectral_attention(query, state)
+    torch.testing.assert_close(dispatch.attend(query, state, None, None, None, "torch"), ref)
+    assert calls == []
+    out = dispatch.attend(query, state, None, None, None, "triton")
+    assert len(calls) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    dispatch.attend(query, state, None, None, None, "auto")
+    assert len(calls) == (2 if query.is_cuda else 1)  # auto never runs the interpreter on CPU
+    # a prefill (more query rows than the kernel takes) stays on the reference even when forced
+    long = random_state(device=DEVICE, seed=next(_seed), chunk=40, hot=40)
+    q_long = torch.randn(1, 4, 40, 32).to(DEVICE)
+    dispatch.attend(q_long, long, None, None, None, "triton")
+    assert len(calls) == (2 if query.is_cuda else 1)

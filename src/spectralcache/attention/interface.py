@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from spectralcache.attention.reference import dense_attention, spectral_attention
+from spectralcache.attention.reference import dense_attention
+from spectralcache.attention.triton.dispatch import attend
 
 __all__ = [
     "ATTENTION_NAME",
@@ -337,7 +338,9 @@ def spectral_attention_forward(
             return _stock_attention(
                 module, query, exact[0], exact[1], attention_mask, scaling, dropout, softcap, kwargs
             )
-        out = spectral_attention(query, state, attention_mask, scaling=scaling, softcap=softcap)
+        # fused Triton kernel for decode on CUDA, torch reference otherwise (attention/triton/dispatch.py)
+        backend = getattr(getattr(layer, "config", None), "attention_backend", "auto")
+        out = attend(query, state, attention_mask, scaling, softcap, backend)
     except BaseException:
         # refused or failed: every layer this forward changed goes back to its state before it
         _abort(key)
