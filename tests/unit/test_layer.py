@@ -372,24 +372,26 @@ def test_cache_construction_errors():
 
 
 def test_active_layer_registry():
+    """The layer is found from the very chunk tensor its update returned (no "last updated
+    cache": get_active_spectral_layer without the tensor finds nothing)."""
     model = tiny_model("gemma3")
     cache = SpectralCache(model, small_cfg())
     k1 = torch.randn(1, 1, 10, 64)  # gemma3 tiny: 1 KV head, head_dim 64
     v1 = torch.randn(1, 1, 10, 64)
     out_k, _ = cache.update(k1, v1, 1)
-    layer = get_active_spectral_layer(1)
-    assert layer is cache.layers[1]
+    layer = cache.layers[1]
     assert get_active_spectral_layer(1, out_k) is layer
+    assert get_active_spectral_layer(1) is None
+    assert get_active_spectral_layer(3, out_k) is None  # another layer index
     assert get_active_spectral_layer(1, k1.clone()) is None
-    cache.update(k1, v1, 0)
-    assert get_active_spectral_layer(0) is None  # sliding layer: stock attention
-    assert get_active_spectral_layer(7) is None
+    out0, _ = cache.update(k1, v1, 0)
+    assert get_active_spectral_layer(0, out0) is None  # sliding layer: stock attention
     layer.release_chunk()
-    assert get_active_spectral_layer(1) is None  # attention already ran: never read stale state
+    assert get_active_spectral_layer(1, out_k) is None  # attention already ran: never read stale state
     with pytest.raises(ValueError, match="out of range"):
         cache.update(k1, v1, 4)
     del cache, layer
-    assert get_active_spectral_layer(1) is None
+    assert get_active_spectral_layer(1, out_k) is None
 
 
 # ------------------------------------------------------------------------------ CUDA
