@@ -28,6 +28,7 @@ Runs on CPU with gloo too (``--shape tiny``), to check the script itself.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -102,10 +103,12 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _model_dir(args: argparse.Namespace, nbytes: int) -> Path:
+def _model_dir(args: argparse.Namespace, cfg_kwargs: dict[str, Any], nbytes: int) -> Path:
     if args.model_dir:
         return Path(args.model_dir)
-    name = f"spectralcache-tp-{args.shape}-{args.layers or 'full'}-{args.dtype}"
+    # keyed by the config itself, so a saved model is reused only for the very same shape
+    digest = hashlib.sha256(json.dumps(cfg_kwargs, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"spectralcache-tp-{args.shape}-{args.dtype}-{digest}"
     shm = Path("/dev/shm")
     if shm.is_dir() and shutil.disk_usage(shm).free > 1.3 * nbytes:
         return shm / name
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + 2 * cfg_kwargs["vocab_size"] * cfg_kwargs["hidden_size"]
     )
-    path = _model_dir(args, est_params * torch.empty((), dtype=dtype).element_size())
+    path = _model_dir(args, cfg_kwargs, est_params * torch.empty((), dtype=dtype).element_size())
     t0 = time.perf_counter()
     if rank == 0 and not (path / "config.json").exists():
         _build_and_save(cfg_kwargs, dtype, device, path)
