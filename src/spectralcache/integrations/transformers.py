@@ -56,7 +56,8 @@ def _install_forward_hooks(model: Any) -> None:
     if getattr(model, _FORWARD_HOOKS, None) is not None:
         return
     handles = (
-        model.register_forward_pre_hook(_begin_forward, with_kwargs=True),
+        # prepend: an interrupted forward is rolled back before any other hook reads the cache
+        model.register_forward_pre_hook(_begin_forward, with_kwargs=True, prepend=True),
         model.register_forward_hook(_end_forward, with_kwargs=True, always_call=True),
     )
     object.__setattr__(model, _FORWARD_HOOKS, handles)
@@ -95,6 +96,10 @@ def enable(model: Any) -> Any:
     call on any model the cache supports, and calling it again is a no-op.
     """
     _check_model(model)
+    # Refuses a model whose inference Unsloth runs; installs the "cache never bypassed" check.
+    from spectralcache.integrations import guard
+
+    guard.attach(model)
     register()
     _install_forward_hooks(model)
     current = model.config._attn_implementation
@@ -119,6 +124,9 @@ def disable(model: Any) -> Any:
         model.set_attn_implementation(previous)
     if hasattr(model, _PREVIOUS):
         delattr(model, _PREVIOUS)
+    from spectralcache.integrations import guard
+
+    guard.detach(model)
     return model
 
 
