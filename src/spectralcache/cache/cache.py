@@ -38,15 +38,15 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from spectralcache.cache.layer import SpectralLayer
-from spectralcache.cache.rope import RopeRotator, find_rotary_inv_freq
+from spectralcache.cache.layer import COLD_TIERS, SpectralLayer
+from spectralcache.cache.memory import held_bytes, logical_bytes
+from spectralcache.cache.rope import find_rotary_inv_freq
 from spectralcache.config import SpectralConfig, get_preset
 
 __all__ = ["SpectralCache", "get_active_spectral_layer"]
 
 # Layer types that hold per-token K/V of standard multi-head attention (candidates for compression).
 _FULL = "full_attention"
-_COLD_TIERS = ("coefficients", "scales", "bases", "outliers", "outlier_index", "block_starts")
 _UNSUPPORTED_TYPES = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "indexed_attention"}
 
 
@@ -149,11 +149,6 @@ def _layer_types_and_kwargs(cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
     return layer_types, list(kwargs)
 
 
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    st = t.untyped_storage()
-    return (str(t.device), st.data_ptr())
-
-
 def _checkpoint(layer: Any) -> Any:
     """A rollback token for ``layer``: its own ``checkpoint()`` (SpectralLayer), else a snapshot of
     its attributes (transformers' DynamicLayer / DynamicSlidingWindowLayer replace ``keys`` /
@@ -224,7 +219,7 @@ class SpectralCache(Cache):
                 f"{type(text_cfg).__name__} has layer types {unsupported} that SpectralCache does not support "
                 "(linear / hybrid / indexed attention)"
             )
-        rotators: dict[str, RopeRotator] = {}
+        rope_inv_freqs: dict[str, torch.Tensor] = {}  # per layer type (Gemma 3: own theta)
         if config.key_space == "pre_rope":
             if model is None:
                 raise ValueError(
@@ -233,8 +228,8 @@ class SpectralCache(Cache):
                 )
             for i in compress:
                 lt = layer_types[i]
-                if lt not in rotators:
-                    rotators[lt] = RopeRotator(find_rotary_inv_freq(model, lt), head_dim)
+                if lt not in rope_inv_freqs:
+                    rope_inv_freqs[lt] = find_rotary_inv_freq(model, lt)
         if model is not None:
             # Tensor parallelism: each rank caches only its own KV heads, read from the sharded
             # model (the config holds the global count). Unchanged on an unsharded model.
@@ -246,7 +241,9 @@ class SpectralCache(Cache):
         for i, (lt, kwargs) in enumerate(zip(layer_types, per_layer_kwargs)):
             if i in compress_set:
                 layers.append(
-                    SpectralLayer(config, i, head_dim=head_dim, num_kv_heads=n_kv, rotator=rotators.get(lt))
+                    SpectralLayer(
+                        config, i, head_dim=head_dim, num_kv_heads=n_kv, rope_inv_freq=rope_inv_freqs.get(lt)
+                    )
                 )
             elif lt == _FULL:
                 layers.append(DynamicLayer())
@@ -363,11 +360,11 @@ class SpectralCache(Cache):
         if self._hooked_forward:
             # the previous forward through an enabled model never ended (KeyboardInterrupt, ...)
             self._abort_forward()
-        elif self._forward_checkpoints and self._settle():
-            raise RuntimeError(
-                f"SpectralCache: layers were left with different numbers of tokens by updates outside "
-                f"a model forward; they were rolled back. Lengths now: {self.layer_lengths()}"
-            )
+        else:
+            # updates outside a hooked forward (a bare base-model call, manual updates): kept if
+            # every layer holds as many tokens, rolled back if that forward stopped part-way.
+            # Positions are not computed yet, so this forward then runs on the restored cache.
+            self._settle()
         self._forward_checkpoints.clear()
         lengths = set(self.layer_lengths())
         if len(lengths) > 1:
@@ -418,6 +415,48 @@ class SpectralCache(Cache):
         self._settle()
         self._forward_checkpoints.clear()
 
+    def to(
+        self,
+        device_or_dtype: torch.device | str | torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> SpectralCache:
+        """Move every layer's tensors (compressed and transformers' own layers) to ``device``
+        and / or convert them to ``dtype``: ``cache.to("cuda")``, ``cache.to(torch.bfloat16)``,
+        ``cache.to("cuda", torch.bfloat16)``. A filled cache converts its exact tiers (landmarks,
+        hot, outliers, 16-bit coefficients) and bases; integer coefficients, float16 scales and
+        indices keep their dtype. Returns self."""
+        if isinstance(device_or_dtype, torch.dtype):
+            if dtype is not None:
+                raise TypeError("SpectralCache.to: dtype given twice")
+            dtype = device_or_dtype
+        elif device_or_dtype is not None:
+            if device is not None:
+                raise TypeError("SpectralCache.to: device given twice")
+            device = device_or_dtype
+        target = None if device is None else torch.device(device)
+        self._settle_between_forwards()
+        for layer in self.layers:
+            if isinstance(layer, SpectralLayer):
+                layer.to(target, dtype)
+                continue
+            old_dtype = getattr(layer, "dtype", None)
+            if old_dtype is None and isinstance(getattr(layer, "keys", None), torch.Tensor):
+                old_dtype = layer.keys.dtype
+            moved = {}
+            for name, x in vars(layer).items():
+                if isinstance(x, torch.Tensor):
+                    convert = dtype is not None and x.is_floating_point() and x.dtype == old_dtype
+                    moved[name] = x.to(device=target, dtype=dtype if convert else x.dtype)
+            for name, x in moved.items():
+                setattr(layer, name, x)
+            if target is not None and hasattr(layer, "device"):
+                layer.device = target
+            if dtype is not None and hasattr(layer, "dtype"):
+                layer.dtype = dtype
+        return self
+
     # ------------------------------------------------------------------ reporting
     def compression_stats(self) -> dict[str, Any]:
         """Block compression cost, kept apart from decode: it is paid once per ``block_size``
@@ -437,8 +476,11 @@ class SpectralCache(Cache):
     def memory_report(self) -> dict[str, Any]:
         """Bytes actually held, per tier and layer, measured from tensor storage.
 
-        Each distinct storage is counted once (``untyped_storage().nbytes()``, so a view pins
-        and is charged its whole parent storage). ``dynamic_bytes`` is what a ``DynamicCache``
+        Measured with :func:`spectralcache.cache.memory.held_bytes`: each distinct storage is
+        counted once (``untyped_storage().nbytes()``, so a view pins and is charged its whole
+        parent storage), and preallocated capacity counts, because it is allocated:
+        ``held_bytes`` / ``tiers`` are what is allocated, ``used_bytes`` / ``tiers_used`` the live
+        data (``numel * element_size`` of the views ``state()`` hands out). ``dynamic_bytes`` is what a ``DynamicCache``
         holds for the same tokens: two compact ``[B, H, seq_len, D]`` tensors in the model dtype
         (uncompressed and sliding layers are transformers' own layer classes, so for them it is
         their measured bytes). ``ratio`` =
@@ -447,21 +489,17 @@ class SpectralCache(Cache):
         landmarks and hot buffer (between ``hot_size`` and ``hot_size + block_size - 1`` tokens),
         so it approaches ``cold_ratio`` only as the context grows. Also reports
         block-compression time (amortized, separate from decode).
+
+        It is also a natural sync point: a NaN/inf stored by a decode step raises here
+        (``SpectralLayer.check_finite``).
         """
+        for layer in self.layers:
+            if isinstance(layer, SpectralLayer):
+                layer.check_finite()
         seen: set[tuple[str, int]] = set()
 
         def held(tensors: list[torch.Tensor]) -> int:
-            total = 0
-            for t in tensors:
-                if t is None:
-                    continue
-                key = _storage_key(t)
-                nbytes = t.untyped_storage().nbytes()
-                if nbytes == 0 or key in seen:
-                    continue
-                seen.add(key)
-                total += nbytes
-            return total
+            return held_bytes(*tensors, seen=seen)
 
         layers = []
         agg = {"compressed": [0, 0], "all": [0, 0], "cold": [0, 0]}
@@ -474,13 +512,16 @@ class SpectralCache(Cache):
                 entry["num_blocks"] = layer.num_blocks
                 entry["tiers"] = tiers
                 total = sum(tiers.values())
+                used = {name: logical_bytes(*ts) for name, ts in layer.tier_used_tensors().items()}
+                entry["tiers_used"] = used
+                entry["used_bytes"] = sum(used.values())
                 per_token = 0  # bytes a DynamicLayer holds per cached token (K and V)
                 if layer.is_initialized:
                     itemsize = torch.empty((), dtype=layer.dtype).element_size()
                     per_token = 2 * layer.batch_size * layer.num_kv_heads * layer.head_dim * itemsize
                 dyn = per_token * layer.get_seq_length()
                 # the cold tier alone, against the same tokens held exact
-                cold_bytes = sum(tiers[name] for name in _COLD_TIERS)
+                cold_bytes = sum(tiers[name] for name in COLD_TIERS)
                 cold_dyn = per_token * layer.num_blocks * self.config.block_size
                 entry["cold_bytes"] = cold_bytes
                 entry["cold_dynamic_bytes"] = cold_dyn
