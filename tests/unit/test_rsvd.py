@@ -273,3 +273,135 @@ def test_cuda_half_gemms_accuracy(orth):
     assert U.dtype == torch.bfloat16
     Mf = Mb.float()
     assert rel_error(Mf, U, S, Vh) <= 1.05 * rel_error(Mf, *truncated_svd(Mb, 16))
+
+
+# ------------------------------------------- sync-free Rayleigh-Ritz pipeline (host_sync=False)
+
+
+@pytest.mark.parametrize(
+    "shape,rank,dtype",
+    [
+        ((8, 512, 128), 16, torch.float32),
+        ((6, 192, 48), 8, torch.float32),
+        ((3, 40, 160), 12, torch.float32),  # wide: the sketch goes on the smaller side
+        ((4, 512, 128), 64, torch.float32),
+        ((3, 100, 30), 5, torch.float64),
+    ],
+)
+def test_sync_free_pipeline_error_and_orthogonality(shape, rank, dtype):
+    seed = shape[-1] + rank
+    M = make_matrix(shape, seed, dtype=dtype, decay=min(shape[-2:]) / 4)
+    U, S, Vh, info = randomized_svd(M, rank, generator=gen(seed), host_sync=False, return_info=True)
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    assert U.shape == (*shape[:-1], rank) and Vh.shape == (*shape[:-2], rank, shape[-1])
+    opt = rel_error(M, *truncated_svd(M, rank))
+    assert rel_error(M, U, S, Vh) <= 1.05 * opt
+    assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5  # float64 bases: orthonormal to float32 precision
+    assert torch.all(S[..., :-1] >= S[..., 1:])
+    assert info.ok is not None and info.paths == {"rayleigh_ritz": shape[0]} and info.n_fallback == 0
+    # the same subspace as the checked pipeline (same sketch)
+    _, Sc, _ = randomized_svd(M, rank, generator=gen(seed), host_sync=True)
+    torch.testing.assert_close(S, Sc, rtol=1e-4, atol=1e-6 * float(Sc.max()))
+
+
+def test_sync_free_bf16_input_vs_exact_svd_of_the_rounded_matrix():
+    Mb = make_matrix((5, 160, 48), 7).to(torch.bfloat16)
+    U, S, Vh = randomized_svd(Mb, 8, generator=gen(1), host_sync=False)
+    assert U.dtype == torch.bfloat16
+    Mf = Mb.float()
+    assert rel_error(Mf, U, S, Vh) <= 1.05 * rel_error(Mf, *truncated_svd(Mb, 8))
+
+
+def test_sync_free_degenerate_blocks_need_no_fallback():
+    """Zero, exactly low-rank and huge-but-finite blocks in one batch: every element gets
+    orthonormal factors and the exact product, with no element flagged."""
+    g = gen(4)
+    low = torch.randn(60, 3, generator=g) @ torch.randn(3, 25, generator=g)  # rank 3, ask for 6
+    M = torch.stack([torch.zeros(60, 25), low, make_matrix((60, 25), 3) * 1e30, make_matrix((60, 25), 4)])
+    U, S, Vh, info = randomized_svd(M, 6, generator=gen(), host_sync=False, return_info=True)
+    assert info.paths == {"rayleigh_ritz": 4}
+    assert all(torch.isfinite(t).all() for t in (U, S, Vh))
+    assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5
+    assert torch.equal(S[0], torch.zeros(6))
+    assert rel_error(M[1:2], U[1:2], S[1:2], Vh[1:2]) < 1e-5
+    assert float(S[1, 3:].max()) < 1e-5 * float(S[1, 0])
+    for i in (2, 3):  # the huge block is scaled before its Gram, so it cannot overflow
+        Mi = M[i : i + 1].double()
+        opt = rel_error(Mi, *truncated_svd(Mi, 6))
+        assert (
+            rel_error(Mi, U[i : i + 1].double(), S[i : i + 1].double(), Vh[i : i + 1].double()) <= 1.05 * opt
+        )
+
+
+def test_sync_free_nonfinite_element_is_nan_and_flagged_lazily():
+    M = make_matrix((4, 64, 24), 5)
+    M[1, 3, 3] = float("nan")
+    M[2, 0, 0] = float("inf")
+    U, S, Vh, info = randomized_svd(M, 4, generator=gen(), host_sync=False, return_info=True)
+    assert info.ok.tolist() == [True, False, False, True]  # a device tensor: nothing was read yet
+    for t in (U, S, Vh):  # never a plausible-looking number for a bad element
+        assert torch.isnan(t[1]).all() and torch.isnan(t[2]).all()
+        assert torch.isfinite(t[0]).all() and torch.isfinite(t[3]).all()
+    assert info.paths == {"rayleigh_ritz": 2, "nonfinite": 2} and info.path == "nonfinite"
+    with pytest.raises(ValueError, match="2 of 4 matrices contain NaN or inf"):
+        info.raise_if_nonfinite()
+    good = [0, 3]
+    assert rel_error(M[good], U[good], S[good], Vh[good]) <= 1.05 * rel_error(
+        M[good], *truncated_svd(M[good], 4)
+    )
+
+
+def test_sync_free_batched_equals_per_matrix_and_is_deterministic():
+    M = make_matrix((4, 96, 40), 3)
+    U, S, Vh = randomized_svd(M, 6, generator=gen(5), host_sync=False)
+    again = randomized_svd(M, 6, generator=gen(5), host_sync=False)
+    assert all(torch.equal(a, b) for a, b in zip((U, S, Vh), again))
+    for i in range(M.shape[0]):
+        u, s, vh = randomized_svd(M[i], 6, generator=gen(5), host_sync=False)
+        torch.testing.assert_close(s, S[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close((u * s) @ vh, (U[i] * S[i]) @ Vh[i], rtol=1e-4, atol=1e-5)
+
+
+def test_sync_free_option_errors_and_defaults():
+    M = make_matrix((2, 40, 30), 1)
+    with pytest.raises(ValueError, match="host_sync must be"):
+        randomized_svd(M, 2, host_sync=1)
+    with pytest.raises(ValueError, match="algorithm='gram'"):
+        randomized_svd(M, 2, algorithm="direct", host_sync=False)
+    # CPU default: the checked pipeline, which validates its input on the host
+    *_, info = randomized_svd(M, 2, return_info=True)
+    assert info.ok is None and info.paths == {"cholqr2": 2}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        randomized_svd(torch.full((5, 4), float("nan")), 1)
+
+
+def test_gram_from_two_gemms_equals_the_full_gram():
+    from spectralcache.linalg.rsvd import _gram
+
+    M = make_matrix((3, 200, 96), 2)
+    G = _gram(M, torch.float32)
+    torch.testing.assert_close(G, M.mT @ M, rtol=1e-5, atol=1e-5)
+    assert torch.equal(G, G.mT)
+    G64 = _gram(M.double(), torch.float64)
+    torch.testing.assert_close(G64, M.double().mT @ M.double(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_cuda_default_is_sync_free_and_accurate(compute_dtype):
+    """On CUDA the default pipeline reads nothing back: run it under torch's sync debug
+    mode set to "error" (any host synchronization raises)."""
+    M = make_matrix((64, 512, 128), 1).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    randomized_svd(M, 32, generator=g, compute_dtype=compute_dtype)  # warm-up (cuSOLVER handles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        U, S, Vh, info = randomized_svd(M, 32, generator=g, compute_dtype=compute_dtype, return_info=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert info.paths == {"rayleigh_ritz": 64}
+    opt = rel_error(M, *truncated_svd(M, 32))
+    assert rel_error(M, U, S, Vh) <= 1.05 * opt
+    assert orth_err(U.cpu()) < 1e-4 and orth_err(Vh.mT.cpu()) < 1e-4

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from spectralcache.linalg.rsvd import ORTH_METHODS, RandomizedSVD, randomized_svd
+from spectralcache.linalg.rsvd import ORTH_METHODS, RR_PATH, RandomizedSVD, randomized_svd
 
 __all__ = ["configure", "decaying_matrix", "main", "optimal_errors", "parse_shapes", "run"]
 
@@ -158,9 +158,13 @@ def build_methods(
     }
     if skip_svd_above and M.numel() > skip_svd_above:
         del methods["torch.linalg.svd"]
-    for orth in ORTH_METHODS:
+    for orth in ORTH_METHODS:  # the checked pipelines (host_sync=True: reads failure flags on the host)
         methods[f"rsvd[{orth}]"] = lambda x, o=orth: randomized_svd(
-            x, rank, n_iter=n_iter, oversample=oversample, orth=o, generator=gen()
+            x, rank, n_iter=n_iter, oversample=oversample, orth=o, generator=gen(), host_sync=True
+        )
+    if min(M.shape[-2:]) <= 256:  # the sync-free Rayleigh-Ritz pipeline (Gram algorithm only)
+        methods[f"rsvd[{RR_PATH}]"] = lambda x: randomized_svd(
+            x, rank, n_iter=n_iter, oversample=oversample, generator=gen(), host_sync=False
         )
     if dev.type == "cuda":
         if M.dtype == torch.float32:
@@ -172,7 +176,13 @@ def build_methods(
                 orth="cholqr2",
                 compute_dtype=torch.bfloat16,
                 generator=gen(),
+                host_sync=True,
             )
+            if min(M.shape[-2:]) <= 256:
+                methods[f"rsvd[{RR_PATH},bf16-gemm]"] = lambda x: randomized_svd(
+                    x, rank, n_iter=n_iter, oversample=oversample, compute_dtype=torch.bfloat16,
+                    generator=gen(), host_sync=False,
+                )  # fmt: skip
         if M.dtype == torch.float32:
 
             def tf32(x: torch.Tensor):
@@ -180,8 +190,9 @@ def build_methods(
                 torch.backends.cuda.matmul.allow_tf32 = True
                 try:
                     return randomized_svd(
-                        x, rank, n_iter=n_iter, oversample=oversample, orth="cholqr2", generator=gen()
-                    )
+                        x, rank, n_iter=n_iter, oversample=oversample, orth="cholqr2", generator=gen(),
+                        host_sync=True,
+                    )  # fmt: skip
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = prev
 
@@ -538,7 +549,9 @@ def run_compare(
             }
             if name.startswith("rsvd[") and "cuda-graph" not in name and "tf32" not in name:
                 orth = name[5:-1].split(",")[0]
-                kw = {"compute_dtype": torch.bfloat16} if "bf16" in name else {}
+                kw: dict[str, Any] = {"compute_dtype": torch.bfloat16} if "bf16" in name else {}
+                kw["host_sync"] = orth != RR_PATH
+                orth = "cholqr2" if orth == RR_PATH else orth
                 stages, paths, alg = stage_times(M, rank, args.n_iter, args.oversample, orth, 3, **kw)
                 row.update(stages_ms=stages, path=paths, algorithm=alg)
             elif "cuda-graph" in name:
@@ -582,11 +595,11 @@ def run_sweep(args: argparse.Namespace, dev: torch.device, shapes, dtype: torch.
 
                 def fn(n=n_iter, p=over, o=orth, x=M, k=rank):
                     gen = torch.Generator(device=dev).manual_seed(args.seed)
-                    return randomized_svd(x, k, n_iter=n, oversample=p, orth=o, generator=gen)
+                    return randomized_svd(x, k, n_iter=n, oversample=p, orth=o, generator=gen, host_sync=True)
 
                 times, (U, S, Vh) = time_method(fn, dev, args.repeats, args.warmup, args.budget, args.clock)
                 err = rel_error(M, U, S, Vh)
-                stages, paths, alg = stage_times(M, rank, n_iter, over, orth, 3)
+                stages, paths, alg = stage_times(M, rank, n_iter, over, orth, 3, host_sync=True)
                 sweep.setdefault(axis, []).append(
                     {
                         axis: n_iter if axis == "n_iter" else over,

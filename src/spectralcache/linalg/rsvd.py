@@ -76,6 +76,8 @@ STAGES: tuple[str, ...] = ("sketch", "power", "orth", "core", "lift", "fallback"
 _HALF = (torch.float16, torch.bfloat16)
 # Fallback levels, in order. Level 0 is the requested method.
 _SHIFT_GROWTH = 1000.0
+# Path name of the sync-free Rayleigh-Ritz pipeline (``host_sync=False``).
+RR_PATH = "rayleigh_ritz"
 
 _STATS: Counter[str] = Counter()
 
@@ -102,18 +104,37 @@ class RSVDInfo:
     algorithm: str
     orth: str
     batch: int
-    paths: dict[str, int] = field(default_factory=dict)
+    _paths: dict[str, int] = field(default_factory=dict)
     timings_ms: dict[str, float] | None = None
+    ok: torch.Tensor | None = None  # [batch] bool on the device (sync-free calls only)
+
+    @property
+    def paths(self) -> dict[str, int]:
+        """Elements per path. For a sync-free call (``host_sync=False``) this is where the
+        host first reads the device-side flags (one synchronization, when asked):
+        ``"rayleigh_ritz"`` counts the finite results, ``"nonfinite"`` the NaN ones."""
+        if self.ok is not None and not self._paths:
+            n_ok = int(self.ok.sum())
+            self._paths = {k: v for k, v in ((RR_PATH, n_ok), ("nonfinite", self.batch - n_ok)) if v}
+        return self._paths
 
     @property
     def path(self) -> str:
-        order = [self.orth, "shifted_cholqr*", "householder", "exact_svd"]
+        order = [self.orth, RR_PATH, "shifted_cholqr*", "householder", "exact_svd", "nonfinite"]
         taken = [p for p in order if self.paths.get(p)]
         return taken[-1] if taken else self.orth
 
+    def raise_if_nonfinite(self) -> None:
+        """Raise ValueError if any element had non-finite input (reads the device flags)."""
+        if self.paths.get("nonfinite"):
+            raise ValueError(
+                f"randomized_svd: {self.paths['nonfinite']} of {self.batch} matrices contain NaN or inf "
+                "(their factors are NaN)"
+            )
+
     @property
     def n_fallback(self) -> int:
-        return sum(v for k, v in self.paths.items() if k != self.orth)
+        return sum(v for k, v in self.paths.items() if k not in (self.orth, RR_PATH))
 
 
 # --------------------------------------------------------------------------- checks
@@ -495,6 +516,142 @@ def _run_pipeline(
     return _finish_gen(gen, ctx.pick_core(R)(R))
 
 
+# ------------------------------------------------- sync-free Rayleigh-Ritz pipeline
+
+_FILLS: dict[tuple, torch.Tensor] = {}
+
+
+def _fill_matrix(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A fixed Gaussian ``[rows, cols]`` float64 matrix with unit columns (own seed, cached).
+
+    It completes rank-deficient bases (zero or exactly low-rank blocks) without a data-
+    dependent branch; a separate seed leaves the caller's generator stream untouched.
+    """
+    key = (rows, cols, str(device))
+    fill = _FILLS.get(key)
+    if fill is None:
+        g = torch.Generator().manual_seed(0x5EC7)
+        fill = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+        fill = (fill / torch.linalg.vector_norm(fill, dim=0)).to(device)
+        if len(_FILLS) > 64:
+            _FILLS.clear()
+        _FILLS[key] = fill
+    return fill
+
+
+def _robust_orth(X: torch.Tensor, passes: int) -> torch.Tensor:
+    """Float64 basis of span(X) ``[B, n, l]`` that cannot break down on finite input.
+
+    A perturbation of 1e-12 of ``||X||_F`` (plus 1e-30: zero input) along fixed random unit directions makes X full
+    rank (it only decides directions that float32 data cannot resolve anyway, ~1e-12 of
+    the largest); the first pass is a shifted CholeskyQR (``XᵀX + sI`` is positive
+    definite), the following ones plain CholeskyQR: three passes are the shifted
+    CholeskyQR3 of Fukaya et al. 2020, orthonormal to float64 working precision.
+    """
+    f64 = torch.float64
+    Xd = X.to(f64)
+    n, width = Xd.shape[-2], Xd.shape[-1]
+    scale = torch.linalg.matrix_norm(Xd).unsqueeze(-1).unsqueeze(-1)
+    Xd = Xd + (1e-12 * scale + 1e-30) * _fill_matrix(n, width, Xd.device)
+    eps = _eps(f64)
+    for i in range(passes):
+        A = Xd.mT @ Xd
+        if i == 0:
+            s = 11.0 * (n * width + width * (width + 1)) * eps * A.diagonal(dim1=-2, dim2=-1).sum(-1)
+            A = A + torch.diag_embed(s.unsqueeze(-1).expand(*s.shape, width))
+        R, _ = torch.linalg.cholesky_ex(A, upper=True)
+        Xd = _right_solve(Xd, R)
+    return Xd
+
+
+def _right_solve(X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``X R⁻¹`` for upper-triangular R: a GEMM with the small inverse on GPUs (batched
+    triangular solves are slow there), a triangular solve on CPU."""
+    if X.is_cuda:
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+        return X @ torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
+    return torch.linalg.solve_triangular(R, X, upper=True, left=False)
+
+
+def _eigh_desc(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of symmetric ``A [B, l, l]`` in descending order (on A's device)."""
+    neg, W = torch.linalg.eigh(-A)
+    return neg.neg(), W
+
+
+def _pipeline_rr(
+    M: torch.Tensor,
+    omega: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    gdtype: torch.dtype,
+    acc: torch.dtype,
+    timer: _Timer | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tall M [B, m, n] -> U, S, Vh (acc dtype) and ok [B], with no host synchronization.
+
+    Every step is a batched tensor op whose result is used whatever its value, so the
+    whole pipeline can be queued (and CUDA-graph captured) without reading anything back:
+
+    1. each block is scaled by its largest magnitude (the float32 Gram cannot overflow
+       or underflow; zero blocks get scale 1), ``G = Mᵀ M``;
+    2. ``X = G^(n_iter+1) Ω`` with a :func:`_robust_orth` pass between products, then an
+       orthonormal ``Z`` (shifted CholeskyQR3 in float64: no breakdown on finite input);
+    3. Rayleigh-Ritz on the real product ``Y = M Z``: eigendecomposition of ``YᵀY``
+       (float64, ``l x l``), ``V = Z W``, ``S = sqrt(λ)``, ``U = Y W S⁻¹``;
+    4. columns of U whose singular value is below 1e-7 of the largest (rank-deficient
+       blocks) are replaced by fixed random directions, and one float64 CholeskyQR pass
+       makes U orthonormal to working precision (its Gram is near the identity, so it
+       cannot fail); those columns carry a zero-ish S, so the product is unchanged.
+
+    ``ok`` is False exactly where the input (or an intermediate, e.g. an overflow) was not
+    finite; those elements are returned as NaN, never as plausible numbers. The only
+    possible synchronization is inside ``torch.linalg.eigh`` on CUDA (its error check).
+    """
+    f64 = torch.float64
+    B, m = M.shape[0], M.shape[1]
+    Ma = M.to(acc)
+    scale = torch.linalg.vector_norm(Ma, ord=float("inf"), dim=(-2, -1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Mc = (Ma / scale.view(B, 1, 1)).to(gdtype)
+    del Ma
+    G = _gram(Mc, acc)
+    X = G @ omega
+    if timer:
+        timer.mark("sketch")
+    for _ in range(n_iter):
+        X = G @ _robust_orth(X, 1).to(acc)
+    if timer:
+        timer.mark("power")
+    Z = _robust_orth(X, 3)  # [B, n, l] float64, orthonormal
+    if timer:
+        timer.mark("orth")
+    Yd = _mm(Mc, Z.to(gdtype), acc).to(f64)  # [B, m, l]
+    A = Yd.mT @ Yd
+    finite = torch.isfinite(A).flatten(1).all(-1)
+    lam, W = _eigh_desc(torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0))
+    if timer:
+        timer.mark("core")
+    s = lam[..., :rank].clamp_min(0).sqrt()  # [B, k]
+    Wk = W[..., :rank]
+    good = s > 1e-7 * s[..., :1]
+    inv = torch.where(good, 1.0 / torch.where(good, s, torch.ones_like(s)), torch.zeros_like(s))
+    U0 = Yd @ (Wk * inv.unsqueeze(-2))
+    U0 = torch.where(good.unsqueeze(-2), U0, _fill_matrix(m, rank, M.device))
+    R, _ = torch.linalg.cholesky_ex(U0.mT @ U0, upper=True)
+    U = _right_solve(U0, R)
+    Vh = (Z @ Wk).mT
+    S = s * scale.to(f64).unsqueeze(-1)
+    ok = finite & torch.isfinite(S).all(-1)
+    nan = torch.tensor(float("nan"), dtype=f64, device=M.device)
+    U = torch.where(ok.view(B, 1, 1), U, nan)
+    S = torch.where(ok.view(B, 1), S, nan)
+    Vh = torch.where(ok.view(B, 1, 1), Vh, nan)
+    if timer:
+        timer.mark("lift")
+    return U.to(acc), S.to(acc), Vh.to(acc), ok
+
+
 def _core_svd(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.linalg.svd(R, full_matrices=False)
 
@@ -653,6 +810,7 @@ def randomized_svd(
     return_info: bool = False,
     timing: bool = False,
     use_cuda_graph: bool = False,
+    host_sync: bool | None = None,
 ) -> (
     tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     | tuple[torch.Tensor, torch.Tensor, torch.Tensor, RSVDInfo]
@@ -666,9 +824,31 @@ def randomized_svd(
     per-stage ``timings_ms`` (synchronizes; off by default). ``use_cuda_graph`` (CUDA
     only) runs a cached, graph-captured :class:`RandomizedSVD` plan for this shape; its
     test matrix is drawn once per plan.
+
+    ``host_sync`` (default: False on CUDA for the Gram algorithm, True otherwise) chooses
+    between two pipelines. True: the checked pipeline of ``orth`` above, which reads the
+    finiteness of the input and the per-element failure flags on the host (a few
+    synchronizations per call) and recomputes failed elements down the fallback chain.
+    False: the sync-free Rayleigh-Ritz pipeline (:func:`_pipeline_rr`; ``orth`` does not
+    apply, its float64 bases use shifted CholeskyQR3), which cannot break down on finite
+    input, so nothing needs reading back: NaN/inf input gives NaN factors for that
+    element, flagged in ``RSVDInfo.ok`` and read only when ``info.paths`` is asked for.
+    Callers that must never see NaN validate before (the cache validates every block).
     """
     _check_params(n_iter, oversample, orth, algorithm)
-    _validate(M, rank)
+    if host_sync is not None and not isinstance(host_sync, bool):
+        raise ValueError(f"host_sync must be None, True or False, got {host_sync!r}")
+    _validate(M, rank, check_finite=False)
+    m, n = M.shape[-2], M.shape[-1]
+    alg = _choose_algorithm(max(m, n), min(m, n), min(rank + oversample, m, n), n_iter, algorithm)
+    sync = host_sync if host_sync is not None else not (M.is_cuda and alg == "gram" and not use_cuda_graph)
+    if not sync and (alg != "gram" or use_cuda_graph):
+        raise ValueError(
+            "host_sync=False runs the Gram-based Rayleigh-Ritz pipeline eagerly: it needs "
+            "algorithm='gram' or 'auto' (n <= 256) and use_cuda_graph=False"
+        )
+    if sync:
+        _validate(M, rank)
     if use_cuda_graph:
         if not M.is_cuda:
             raise ValueError("use_cuda_graph=True needs a CUDA tensor")
@@ -679,16 +859,23 @@ def randomized_svd(
         if return_info:
             return U, S, Vh, plan.last_info
         return U, S, Vh
-    m, n = M.shape[-2], M.shape[-1]
     small = min(m, n)
     width = min(rank + oversample, small)
     acc = _acc_dtype(M.dtype)
     Mt, transposed, lead = _prepare(M)
-    alg = _choose_algorithm(max(m, n), small, width, n_iter, algorithm)
     gdtype = _gemm_dtype(M, compute_dtype)
     timer = _Timer(M.device) if timing else None
     omega = _draw_omega(small, width, acc, M.device, generator)
     paths: dict[str, int] = {}
+    if not sync and Mt.shape[0]:
+        U, S, Vh, ok = _pipeline_rr(Mt, omega, rank, n_iter, gdtype, acc, timer)
+        out = _finish(U, S, Vh, transposed, lead, M.dtype)
+        _STATS["calls"] += 1
+        _STATS[f"path:{RR_PATH}"] += Mt.shape[0]
+        if return_info:
+            timings = dict(timer.ms) if timer else None
+            return (*out, RSVDInfo(alg, orth, Mt.shape[0], {}, timings, ok=ok))
+        return out
     if Mt.shape[0] == 0:
         U = M.new_zeros(0, Mt.shape[-2], rank, dtype=acc)
         S = M.new_zeros(0, rank, dtype=acc)

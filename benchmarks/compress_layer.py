@@ -1,0 +1,254 @@
+"""Time the compression of one long-context layer: every full block of every KV head in one call.
+
+What it measures: ``spectralcache.cache.block.compress_blocks`` (the entry point the cache
+calls once per layer) on keys/values of one layer at Llama-3.1-8B KV shape (8 KV heads,
+head_dim 128), ``--tokens`` long (default 131072 = 128K), with a preset's block size,
+ranks and outliers. The number of blocks is what the cache compresses for that context:
+the hot buffer keeps ``hot_size`` tokens exact, so ``(tokens - hot_size) // block_size``
+full blocks (255 for 128K with the default preset).
+
+Also timed, side by side in the same process on the same data: the randomized SVD alone
+for the key and the value shapes, with the sync-free Rayleigh-Ritz pipeline
+(``host_sync=False``, the CUDA default) and the checked pipeline (``host_sync=True``), and
+``torch.linalg.svd`` of the key blocks (the exact reference; skipped with
+``--no-exact``). Host synchronizations per compression call are counted with
+``torch.cuda.set_sync_debug_mode`` (CUDA only).
+
+Timing: CUDA events around each call after warm-up and a synchronize (median of
+``--repeats``); on CPU wall clock (the machine's load average is recorded).
+Writes ``benchmarks/results/compress_layer_<tag>.json``.
+
+    python benchmarks/compress_layer.py --device cuda
+    python benchmarks/compress_layer.py --device cpu --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectralcache.bench.svd import decaying_matrix, rel_error
+from spectralcache.cache.block import compress_blocks, reconstruct
+from spectralcache.config import get_preset
+from spectralcache.linalg.rsvd import randomized_svd
+
+
+def layer_kv(
+    heads: int, blocks: int, block: int, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values ``[heads, blocks, block, head_dim]`` with a KV-like spectrum per block.
+
+    Keys: fast-decaying spectrum (decay 8) plus noise and a few large "sink" rows; values:
+    slower decay (32). Built on the device in chunks (a 128K layer is 2 x 0.5 GB in float32).
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n = heads * blocks
+    k = torch.empty(n, block, head_dim, dtype=dtype, device=device)
+    v = torch.empty_like(k)
+    step = 256
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        k[i:j] = (3.0 * decaying_matrix((j - i, block, head_dim), decay=8.0, generator=g)).to(device, dtype)
+        v[i:j] = decaying_matrix((j - i, block, head_dim), decay=32.0, generator=g).to(device, dtype)
+    k[:, 0] *= 20.0  # an attention-sink-like first token per block
+    shape = (heads, blocks, block, head_dim)
+    return k.view(shape), v.view(shape)
+
+
+def _time(fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    out = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def count_syncs(fn: Callable[[], Any], dev: torch.device) -> int | None:
+    """Host synchronizations torch reports during one call (CUDA only)."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--heads", type=int, default=8, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--preset", default="default")
+    p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--no-exact", action="store_true", help="skip the torch.linalg.svd reference timing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
+    cfg = get_preset(args.preset)
+    blocks = (args.tokens - cfg.hot_size) // cfg.block_size
+    if blocks < 1:
+        raise SystemExit(
+            f"--tokens {args.tokens} gives no full block of {cfg.block_size} after the hot buffer"
+        )
+    rk, rv = cfg.ranks_for(args.head_dim)
+    keys, values = layer_kv(args.heads, blocks, cfg.block_size, args.head_dim, dtype, dev, args.seed)
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, fn: Callable[[], Any], repeats: int | None = None, **extra: Any) -> None:
+        times = _time(fn, dev, repeats or args.repeats, args.warmup)
+        row = {
+            "what": name,
+            "median_ms": statistics.median(times),
+            "min_ms": min(times),
+            "repeats": len(times),
+        }
+        row.update(extra)
+        rows.append(row)
+        print(
+            f"{name:55s} {row['median_ms']:10.2f} ms  (min {row['min_ms']:.2f}, n={len(times)}) {extra or ''}"
+        )
+
+    def compress() -> Any:
+        return compress_blocks(keys, values, cfg, rk, rv)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    out = compress()
+    kr, vr = reconstruct(out)
+    k_err = float(torch.linalg.vector_norm(keys.float() - kr) / torch.linalg.vector_norm(keys.float()))
+    v_err = float(torch.linalg.vector_norm(values.float() - vr) / torch.linalg.vector_norm(values.float()))
+    del kr, vr
+    syncs = count_syncs(compress, dev)
+    record(
+        f"compress_blocks [{args.heads}x{blocks} blocks of {cfg.block_size}x{args.head_dim}] r{rk}/{rv}",
+        compress,
+        host_syncs=syncs,
+        key_rel_err=k_err,
+        value_rel_err=v_err,
+        peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+    )
+    cdt = cfg.compute_torch_dtype()
+    kf = keys.reshape(-1, cfg.block_size, args.head_dim).to(cdt)
+    vf = values.reshape(-1, cfg.block_size, args.head_dim).to(cdt)
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=dev).manual_seed(cfg.seed)
+
+    for side, m, r in (("keys", kf, rk), ("values", vf, rv)):
+        for hs in (False, True):
+
+            def fn(m: torch.Tensor = m, r: int = r, hs: bool = hs) -> Any:
+                return randomized_svd(
+                    m, r, n_iter=cfg.svd_n_iter, oversample=cfg.svd_oversample, orth=cfg.svd_orth,
+                    generator=gen(), host_sync=hs,
+                )  # fmt: skip
+
+            U, S, Vh = fn()
+            err = rel_error(m, U, S, Vh)
+            record(
+                f"randomized_svd {side} rank {r} host_sync={hs}",
+                fn,
+                host_syncs=count_syncs(fn, dev),
+                rel_err=err,
+            )
+    # the core solve alone: batched float64 / float32 eigendecompositions of the l x l Rayleigh-Ritz Grams
+    for r in (rk, rv):
+        width = min(r + cfg.svd_oversample, args.head_dim)
+        for edt in (torch.float64, torch.float32):
+            x = torch.randn(kf.shape[0], 2 * width, width, device=dev, dtype=edt)
+            A = x.mT @ x
+
+            def eigh(A: torch.Tensor = A) -> Any:
+                return torch.linalg.eigh(A)
+
+            record(
+                f"torch.linalg.eigh [{A.shape[0]}, {width}, {width}] {edt}",
+                eigh,
+                host_syncs=count_syncs(eigh, dev),
+            )
+    if not args.no_exact:
+
+        def exact() -> Any:
+            return torch.linalg.svd(kf, full_matrices=False)
+
+        U, S, Vh = exact()
+        opt = rel_error(kf, U[..., :rk], S[..., :rk], Vh[..., :rk, :])
+        record(f"torch.linalg.svd keys (exact, rank {rk} error {opt:.4g})", exact, repeats=3, opt_rel_err=opt)
+    meta = {
+        "benchmark": "benchmarks/compress_layer.py",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "tokens": args.tokens,
+        "blocks": blocks,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "preset": cfg.name,
+        "dtype": str(dtype),
+        "ranks": [rk, rv],
+        "timing": "cuda events, median after warm-up" if dev.type == "cuda" else "wall clock, median",
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or dev.type
+    path = out_dir / f"compress_layer_{tag}.json"
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
