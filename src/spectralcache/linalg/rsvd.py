@@ -639,17 +639,17 @@ def _pipeline_rr(
     U0 = Yd @ (Wk * inv.unsqueeze(-2))
     U0 = torch.where(good.unsqueeze(-2), U0, _fill_matrix(m, rank, M.device))
     R, _ = torch.linalg.cholesky_ex(U0.mT @ U0, upper=True)
-    U = _right_solve(U0, R)
-    Vh = (Z @ Wk).mT
-    S = s * scale.to(f64).unsqueeze(-1)
+    U = _right_solve(U0, R).to(acc)
+    Vh = (Z @ Wk).mT.to(acc)
+    S = (s * scale.to(f64).unsqueeze(-1)).to(acc)
     ok = finite & torch.isfinite(S).all(-1)
-    nan = torch.tensor(float("nan"), dtype=f64, device=M.device)
+    nan = U.new_full((), float("nan"))  # a fill kernel, not a host-to-device copy
     U = torch.where(ok.view(B, 1, 1), U, nan)
     S = torch.where(ok.view(B, 1), S, nan)
     Vh = torch.where(ok.view(B, 1, 1), Vh, nan)
     if timer:
         timer.mark("lift")
-    return U.to(acc), S.to(acc), Vh.to(acc), ok
+    return U, S, Vh, ok
 
 
 def _core_svd(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
