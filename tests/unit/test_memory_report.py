@@ -198,3 +198,50 @@ def test_sixteen_bit_ratio_matches_storage_arithmetic():
     per_block = 512 * 96 + 2 * 512 * 2 + 96 * 256 * 2 + 2 * 32 * 256 * 2 + 32 * 8 + 8
     assert cold_ratio == pytest.approx(per_block / (2 * 512 * 256 * 2))
     assert 0.25 < cold_ratio < 0.26
+
+
+def test_allocated_capacity_is_reported_next_to_the_used_bytes():
+    """Preallocated capacity is held memory: ``held_bytes`` counts it; ``used_bytes`` is the
+    live data. Right after a prefill they agree (exact-fit buffers); decode adds slack."""
+    cfg = SpectralConfig(
+        block_size=32, rank_keys=6, rank_values=9, hot_size=5, landmarks=3, outliers_per_block=4
+    )
+    n = 3 + 4 * 32 + 7
+    cache = filled_cache(cfg, n, torch.float32)
+    layer0 = cache.memory_report()["layers"][0]
+    assert layer0["used_bytes"] == layer0["held_bytes"] and layer0["tiers_used"] == layer0["tiers"]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):  # decode: one more block, hot buffer reallocated with slack
+        for i in range(len(cache.layers)):
+            k = torch.randn(2, 2, 1, 64, generator=g)
+            cache.update(k, k.clone(), i)
+            cache.layers[i].release_chunk()
+    layer = cache.layers[0]
+    rep = cache.memory_report()["layers"][0]
+    assert rep["num_blocks"] == 5 == layer.num_blocks and layer.cold_capacity == 5
+    hot_cap = layer.tier_tensors()["hot"][0].shape[-2]
+    assert hot_cap > layer.hot_len
+    assert rep["tiers"]["hot"] == 2 * 2 * 2 * hot_cap * 64 * 4
+    assert rep["tiers_used"]["hot"] == 2 * 2 * 2 * layer.hot_len * 64 * 4
+    assert rep["used_bytes"] < rep["held_bytes"] == sum(rep["tiers"].values())
+    # cold capacity beyond the live blocks is charged too (after growth)
+    for _ in range(32):
+        for i in range(len(cache.layers)):
+            k = torch.randn(2, 2, 1, 64, generator=g)
+            cache.update(k, k.clone(), i)
+            cache.layers[i].release_chunk()
+    rep = cache.memory_report()["layers"][0]
+    assert layer.num_blocks == 6 and layer.cold_capacity == 7
+    assert rep["tiers"]["coefficients"] == 7 * rep["tiers_used"]["coefficients"] // 6
+
+
+def test_memory_report_is_a_sync_point_for_decode_nan():
+    cfg = SpectralConfig(
+        block_size=32, rank_keys=6, rank_values=9, hot_size=5, landmarks=3, outliers_per_block=4
+    )
+    cache = filled_cache(cfg, 50, torch.float32)
+    k = torch.full((2, 2, 1, 64), float("nan"))
+    cache.update(k, k, 1)
+    cache.layers[1].release_chunk()
+    with pytest.raises(ValueError, match=r"layer 1: a decode step stored .* cache index 50"):
+        cache.memory_report()

@@ -72,7 +72,7 @@ from spectralcache.cache.rope import RopeRotator, rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 from spectralcache.config import SpectralConfig
 
-__all__ = ["COLD_GROWTH", "LayerCheckpoint", "SpectralLayer"]
+__all__ = ["COLD_GROWTH", "COLD_TIERS", "LayerCheckpoint", "SpectralLayer"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Growth factor of the cold tier's capacity. Geometric growth keeps appends amortized O(1)
@@ -107,6 +107,26 @@ _STATE_ATTRS = (
     "_nonfinite",
 )
 _MISSING = object()
+# memory_report's tier of every ColdBlocks tensor field (checked against the dataclass below)
+_TIER_OF_FIELD = {
+    "key_coeffs": "coefficients",
+    "value_coeffs": "coefficients",
+    "key_scales": "scales",
+    "value_scales": "scales",
+    "key_basis": "bases",
+    "value_basis": "bases",
+    "outlier_keys": "outliers",
+    "outlier_values": "outliers",
+    "outlier_index": "outlier_index",
+    "block_starts": "block_starts",
+}
+if set(_TIER_OF_FIELD) != set(ColdBlocks.tensor_fields()):  # a new ColdBlocks field needs a tier
+    raise ImportError(
+        f"layer.py: tiers for ColdBlocks fields {set(ColdBlocks.tensor_fields()) ^ set(_TIER_OF_FIELD)}"
+    )
+#: memory_report tiers that make up the compressed (cold) tier
+COLD_TIERS = tuple(dict.fromkeys(_TIER_OF_FIELD.values()))
+_EXACT_TIERS = ("landmarks", "hot", "chunk")
 
 
 @dataclass(frozen=True)
@@ -787,32 +807,31 @@ class SpectralLayer(CacheLayerMixin):
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     # ------------------------------------------------------------------ memory
-    def tier_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """Tensors held per tier (for ``memory_report``): the whole buffers, capacity included."""
+    def _tiers(
+        self, cold: ColdBlocks | None, exact: dict[str, list[torch.Tensor]]
+    ) -> dict[str, list[torch.Tensor]]:
         tiers: dict[str, list[torch.Tensor]] = {
-            "landmarks": [],
-            "coefficients": [],
-            "scales": [],
-            "bases": [],
-            "outliers": [],
-            "outlier_index": [],
-            "block_starts": [],
-            "hot": [],
-            "chunk": [],
+            name: [] for name in (*_EXACT_TIERS[:1], *COLD_TIERS, *_EXACT_TIERS[1:])
         }
         if not self.is_initialized:
             return tiers
-        tiers["landmarks"] = [self._lm_k, self._lm_v]
-        tiers["hot"] = [self._hot_k, self._hot_v]
-        if self._chunk_k is not None:
-            tiers["chunk"] = [self._chunk_k, self._chunk_v]
-        if self._cold is not None:
-            c = self._cold
-            tiers["coefficients"] = [c.key_coeffs, c.value_coeffs]
-            tiers["scales"] = [x for x in (c.key_scales, c.value_scales) if x is not None]
-            # an identity codec stores no basis (None)
-            tiers["bases"] = [x for x in (c.key_basis, c.value_basis) if x is not None]
-            tiers["outliers"] = [c.outlier_keys, c.outlier_values]
-            tiers["outlier_index"] = [c.outlier_index]
-            tiers["block_starts"] = [c.block_starts]
+        tiers.update(exact)
+        if cold is not None:
+            for name, x in cold.tensors().items():
+                if x is not None:  # an identity codec stores no basis, 16 bits no scales
+                    tiers[_TIER_OF_FIELD[name]].append(x)
         return tiers
+
+    def tier_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Tensors held per tier, the whole buffers (capacity included): what is allocated."""
+        chunk = [] if self._chunk_k is None else [self._chunk_k, self._chunk_v]
+        exact = {"landmarks": [self._lm_k, self._lm_v], "hot": [self._hot_k, self._hot_v], "chunk": chunk}
+        return self._tiers(self._cold, exact) if self.is_initialized else self._tiers(None, {})
+
+    def tier_used_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The live views per tier (what ``state()`` hands out): the data in use."""
+        if not self.is_initialized:
+            return self._tiers(None, {})
+        chunk = [] if self._chunk_k is None else [self._chunk_k, self._chunk_v]
+        exact = {"landmarks": list(self._landmarks()), "hot": list(self._hot()), "chunk": chunk}
+        return self._tiers(self._cold_view(), exact)
