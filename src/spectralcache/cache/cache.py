@@ -435,6 +435,8 @@ class SpectralCache(Cache):
             if device is not None:
                 raise TypeError("SpectralCache.to: device given twice")
             device = device_or_dtype
+        if dtype is not None and not dtype.is_floating_point:  # refused before any layer moves
+            raise TypeError(f"SpectralCache.to: unsupported dtype {dtype} (keys/values are floating point)")
         target = None if device is None else torch.device(device)
         self._settle_between_forwards()
         for layer in self.layers:
