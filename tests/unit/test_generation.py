@@ -308,3 +308,42 @@ def test_attention_function_errors_leave_cache_usable() -> None:
             assert cache.layer_lengths() == [seen, seen]  # rolled back
         model(ids[:, :1], past_key_values=cache, use_cache=True)  # still usable
     assert cache.get_seq_length() == seen + 1
+
+
+def exact(key_space: str = "post_rope", **overrides) -> SpectralConfig:
+    """Every tier exact: identity codecs with 16-bit rows (the model dtype), outliers too."""
+    return lossless(key_space, key_codec="identity", value_codec="identity", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("llama", torch.bfloat16), ("llama", torch.float16), ("gemma3", torch.bfloat16)]
+)
+def test_exact_tiers_bit_identical_to_dynamic_cache_in_half_precision(name: str, dtype: torch.dtype) -> None:
+    """With every tier exact, attention runs DynamicCache's own SDPA call on the same K/V, so
+    logits are bit-identical in any dtype (before: 2 of 40 greedy tokens differed in bf16)."""
+    model = tiny_model(name, dtype=dtype)
+    ids = tiny_prompt(1, 600, seed=21)
+    follow = tiny_prompt(1, 4, seed=22)
+    cache = SpectralCache(model, exact())
+    want = _teacher_forced_logits(model, DynamicCache(config=model.config), ids, follow)
+    got = _teacher_forced_logits(model, cache, ids, follow)
+    assert compressed_blocks(cache) > 0
+    assert torch.equal(got, want), float((got - want).abs().max())
+    want_tokens = greedy(model, ids, DynamicCache(config=model.config), new=40)
+    got_tokens = greedy(model, ids, SpectralCache(model, exact()), new=40)
+    assert torch.equal(got_tokens, want_tokens), int((got_tokens != want_tokens).sum())
+
+
+def test_encoder_and_encoder_decoder_models_are_refused() -> None:
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    bert = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=64)
+    t5 = T5Config(num_layers=2, d_model=64, num_heads=4, d_kv=16, d_ff=64, vocab_size=64)
+    for target in (t5, T5ForConditionalGeneration(t5)):
+        with pytest.raises(ValueError, match="encoder-decoder model"):
+            SpectralCache(target, "lossless")
+    for target in (bert, BertModel(bert)):
+        with pytest.raises(ValueError, match=r"encoder model .*BERT"):
+            SpectralCache(target, "lossless")
+    # BERT configured as a causal decoder is a decoder-only model like any other
+    assert SpectralCache(BertConfig(**{**bert.to_dict(), "is_decoder": True}), "lossless").compressed_layers
