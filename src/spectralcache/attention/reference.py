@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from spectralcache.cache.state import ColdBlocks, SpectralLayerState
+from spectralcache.cache.state import SpectralLayerState
 
 __all__ = [
     "dense_attention",
@@ -226,58 +227,109 @@ def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return torch.tanh(scores / softcap) * softcap
 
 
+def _coeffs_scaled(coeffs: torch.Tensor, scales: torch.Tensor | None, bits: int, rank: int) -> torch.Tensor:
+    """Coefficient rows times their per-row scale, float32 (one pass: int8 * float32 promotes)."""
+    if bits == 4:
+        coeffs = _unpack_int4(coeffs, rank)
+    if scales is None:
+        return coeffs.float()
+    return coeffs * scales.float()
+
+
+@dataclass
+class _ColdPrep:
+    """The cold blocks a call reads, decoded once per call (not once per query tile).
+
+    Scales are folded into the (small) coefficient matrices instead of multiplying every
+    score / probability: the same products in float32, one pass over ``[nb, T, r]``
+    instead of one over ``[nb, rows, T]`` per tile.
+    """
+
+    n_blocks: int
+    key_coeffs: torch.Tensor  # [B, H, nb, T, rk] float32, scaled
+    key_basis_t: torch.Tensor | None  # post-RoPE low-rank: [B, H, D, nb*rk] float32
+    keys: torch.Tensor | None  # pre-RoPE, rebuilt and rotated once: [B, H, nb, T, D] float32
+    value_coeffs: torch.Tensor  # [B, H, nb, T, rv] float32, scaled
+    value_basis: torch.Tensor | None  # [B, H, nb*rv, D] float32 (None = identity codec)
+    is_outlier: torch.Tensor  # [B, H, nb, T] bool: rows attended through their exact copy
+    starts: torch.Tensor  # [nb] cache index of each block's first token
+
+
+# a pre-RoPE layer read by several query tiles is rebuilt once when it fits this many floats
+_PREBUILD_KEYS_MAX_ELEMENTS = 1 << 28
+
+
+def _prepare_cold(state: SpectralLayerState, n_blocks: int, query_tiles: int) -> _ColdPrep:
+    cold = state.cold
+    device = state.hot_keys.device
+    bsz, n_kv, _, head_dim = state.hot_keys.shape
+    sel = slice(0, n_blocks)
+    key_coeffs = _coeffs_scaled(
+        cold.key_coeffs[:, :, sel], _opt(cold.key_scales, sel), cold.coeff_bits, cold.rank_keys
+    )
+    key_basis = None if cold.key_basis is None else cold.key_basis[:, :, sel].float()  # [B,H,nb,rk,D]
+    t = cold.block_size
+    starts = cold.block_starts[sel].to(device)
+    key_basis_t = keys = None
+    if state.key_space == "post_rope" and key_basis is not None:
+        key_basis_t = key_basis.reshape(bsz, n_kv, n_blocks * cold.rank_keys, head_dim).transpose(-1, -2)
+    elif state.key_space == "pre_rope" and (
+        query_tiles > 1 and bsz * n_kv * n_blocks * t * head_dim <= _PREBUILD_KEYS_MAX_ELEMENTS
+    ):
+        keys = key_coeffs if key_basis is None else key_coeffs @ key_basis
+        keys = _rotate_block_keys(state, keys, starts).float()
+    value_coeffs = _coeffs_scaled(
+        cold.value_coeffs[:, :, sel], _opt(cold.value_scales, sel), cold.value_bits, cold.rank_values
+    )
+    value_basis = None
+    if cold.value_basis is not None:
+        value_basis = cold.value_basis[:, :, sel].float().reshape(bsz, n_kv, n_blocks * cold.rank_values, -1)
+    is_outlier = torch.zeros(bsz, n_kv, n_blocks, t, dtype=torch.bool, device=device)
+    is_outlier.scatter_(-1, cold.outlier_index[:, :, sel], True)
+    return _ColdPrep(n_blocks, key_coeffs, key_basis_t, keys, value_coeffs, value_basis, is_outlier, starts)
+
+
+def _opt(x: torch.Tensor | None, sel: slice) -> torch.Tensor | None:
+    return None if x is None else x[:, :, sel]
+
+
 def _cold_scores(
-    qs: torch.Tensor, cold: ColdBlocks, state: SpectralLayerState, n_blocks: int, tile_tokens: int
+    qs: torch.Tensor, prep: _ColdPrep, state: SpectralLayerState, tile_tokens: int
 ) -> torch.Tensor:
-    """Scaled query [B, H, R, D] against the first ``n_blocks`` cold blocks -> [B, H, nb, R, T]."""
-    rk = cold.rank_keys
-    coeffs = _coeffs_float(cold.key_coeffs[:, :, :n_blocks], cold.coeff_bits, rk)  # [B,H,nb,T,rk]
-    scales = None if cold.key_scales is None else cold.key_scales[:, :, :n_blocks].float()  # [B,H,nb,T,1]
-    basis = None if cold.key_basis is None else cold.key_basis[:, :, :n_blocks].float()  # [B,H,nb,rk,D]
-    bsz, n_kv, nb, t, _ = coeffs.shape
-    rows = qs.shape[2]
-    if state.key_space == "post_rope" and basis is None:
+    """Scaled query [B, H, R, D] against the prepared cold blocks -> [B, H, nb, R, T] (a fresh tensor)."""
+    cold = state.cold
+    nb, rk = prep.n_blocks, cold.rank_keys
+    bsz, n_kv, rows, _ = qs.shape
+    if prep.keys is not None:  # pre-RoPE, rebuilt once for every query tile
+        return qs[:, :, None] @ prep.keys.transpose(-1, -2)
+    if state.key_space == "post_rope" and prep.key_basis_t is None:
         # identity basis: the coefficient rows are the keys, q·Cᵀ per block
-        scores = qs[:, :, None] @ coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
-        if scales is not None:
-            scores = scores * scales.transpose(-1, -2)
-        return scores
+        return qs[:, :, None] @ prep.key_coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
     if state.key_space == "post_rope":
         # (q·B_Kᵀ) for every block in one matmul: [B,H,R,D] @ [B,H,D,nb*rk]
-        proj = qs @ basis.reshape(bsz, n_kv, nb * rk, -1).transpose(-1, -2)
-        proj = proj.reshape(bsz, n_kv, rows, nb, rk).transpose(2, 3)  # [B,H,nb,R,rk]
-        scores = proj @ coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
-        if scales is not None:
-            scores = scores * scales.transpose(-1, -2)
-        return scores
-    # pre-RoPE: rebuild a tile of blocks, rotate it to its positions, then score.
-    starts = cold.block_starts[:n_blocks]
-    per_tile = max(1, tile_tokens // t)
+        proj = (qs @ prep.key_basis_t).reshape(bsz, n_kv, rows, nb, rk).transpose(2, 3)  # [B,H,nb,R,rk]
+        return proj @ prep.key_coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
+    # pre-RoPE, one tile of queries (decode): rebuild a tile of blocks, rotate it, score it.
+    basis = cold.key_basis
+    per_tile = max(1, tile_tokens // cold.block_size)
     tiles = []
     for lo in range(0, nb, per_tile):
         hi = min(nb, lo + per_tile)
-        c = coeffs[:, :, lo:hi]
-        if scales is not None:
-            c = c * scales[:, :, lo:hi]
-        keys = c if basis is None else c @ basis[:, :, lo:hi]  # [B,H,nt,T,D] pre-RoPE
-        keys = _rotate_block_keys(state, keys, starts[lo:hi]).float()
+        c = prep.key_coeffs[:, :, lo:hi]
+        keys = c if basis is None else c @ basis[:, :, lo:hi].float()  # [B,H,nt,T,D] pre-RoPE
+        keys = _rotate_block_keys(state, keys, prep.starts[lo:hi]).float()
         tiles.append(qs[:, :, None] @ keys.transpose(-1, -2))  # [B,H,nt,R,T]
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
 
 
-def _cold_values(p: torch.Tensor, cold: ColdBlocks, n_blocks: int) -> torch.Tensor:
+def _cold_values(p: torch.Tensor, prep: _ColdPrep, rank_values: int) -> torch.Tensor:
     """Latent value read: probabilities [B, H, nb, R, T] -> sum over blocks of (p·C_V)·B_V, [B, H, R, D]."""
-    rv = cold.rank_values
-    coeffs = _coeffs_float(cold.value_coeffs[:, :, :n_blocks], cold.value_bits, rv)  # [B,H,nb,T,rv]
-    if cold.value_scales is not None:
-        p = p * cold.value_scales[:, :, :n_blocks].float().transpose(-1, -2)
-    latent = p @ coeffs  # [B,H,nb,R,rv]
-    if cold.value_basis is None:  # identity basis: the latent read is the output
+    latent = p @ prep.value_coeffs  # [B,H,nb,R,rv]
+    if prep.value_basis is None:  # identity basis: the latent read is the output
         return latent.sum(dim=2)
     bsz, n_kv, nb, rows, _ = latent.shape
-    latent = latent.transpose(2, 3).reshape(bsz, n_kv, rows, nb * rv)
-    basis = cold.value_basis[:, :, :n_blocks].float().reshape(bsz, n_kv, nb * rv, -1)
-    return latent @ basis  # one matmul also sums the blocks
+    latent = latent.transpose(2, 3).reshape(bsz, n_kv, rows, nb * rank_values)
+    return latent @ prep.value_basis  # one matmul also sums the blocks
 
 
 # --------------------------------------------------------------------------- merging partial results
@@ -548,12 +600,14 @@ def spectral_attention(
     tier_end = seq_len if include_chunk else int(state.chunk_start)
     per_query_row = bsz * n_q_heads * max(tier_end, 1)
     q_tile = max(1, max_score_elements // per_query_row)
+    n_blocks = _cold_blocks_before(state, int(state.chunk_start) if has_chunk else seq_len)
+    prep = _prepare_cold(state, n_blocks, -(-q_len // q_tile)) if n_blocks else None
     outs, lses = [], []
     for lo in range(0, q_len, q_tile):
         hi = min(q_len, lo + q_tile)
         mask = None if attention_mask is None else attention_mask[:, :, lo:hi]
         q = query[:, :, lo:hi]
-        o, s = _attend_tiers(q, state, mask, q_first + lo, scale, softcap, tile_tokens, include_chunk)
+        o, s = _attend_tiers(q, state, mask, q_first + lo, scale, softcap, tile_tokens, include_chunk, prep)
         outs.append(o)
         lses.append(s)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -591,6 +645,7 @@ def _attend_tiers(
     softcap: float | None,
     tile_tokens: int,
     include_chunk: bool,
+    prep: _ColdPrep | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query tile (queries at cache indices ``q_first ..``) against the tiers before the
     chunk, plus the chunk itself when ``include_chunk``; one float32 softmax over all of them.
@@ -611,51 +666,51 @@ def _attend_tiers(
     qs_scaled = query.float().reshape(bsz, n_kv, rows, head_dim) * scale
 
     def exact_scores(keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        s = _softcap(qs_scaled @ keys.float().transpose(-1, -2), softcap)  # [B,H,R,n]
-        if bias is None:
-            return s
-        s = s.view(bsz, n_kv, groups, q_len, -1) + bias.unsqueeze(2)
-        return s.view(bsz, n_kv, rows, -1)
+        s = _softcap(qs_scaled @ keys.float().transpose(-1, -2), softcap)  # [B,H,R,n], a fresh tensor
+        if bias is not None:
+            s.view(bsz, n_kv, groups, q_len, -1).add_(bias.unsqueeze(2))
+        return s
 
     exact: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores [B,H,R,n], values [B,H,n,D])
 
-    n_land = state.landmark_keys.shape[2]
-    if n_land and tier_end > 0:
+    # exact tiers are cut at tier_end (host integers): their tokens from the chunk on are the chunk's
+    n_land = min(state.landmark_keys.shape[2], tier_end)
+    if n_land > 0:
         idx = torch.arange(n_land, device=device)
-        exact.append((exact_scores(state.landmark_keys, masks.shared(idx, n_land)), state.landmark_values))
+        lm_k, lm_v = state.landmark_keys[:, :, :n_land], state.landmark_values[:, :, :n_land]
+        exact.append((exact_scores(lm_k, masks.shared(idx, n_land)), lm_v))
 
     cold = state.cold
     # blocks that start at or after the chunk are served by the chunk entirely
     n_blocks = _cold_blocks_before(state, tier_end)
     cold_scores = None
     if n_blocks:
+        if prep is None or prep.n_blocks != n_blocks:
+            prep = _prepare_cold(state, n_blocks, 1)
         t = cold.block_size
-        starts = cold.block_starts[:n_blocks].to(device)
-        s = _softcap(_cold_scores(qs_scaled, cold, state, n_blocks, tile_tokens), softcap)
+        starts = prep.starts
+        s = _softcap(_cold_scores(qs_scaled, prep, state, tile_tokens), softcap)  # fresh: edited in place
         cold_end = state.hot_start - (cold.num_blocks - n_blocks) * t
         idx = (starts[:, None] + torch.arange(t, device=device)).reshape(-1)
         bias = masks.shared(idx, cold_end)  # [B|1, 1, q, nb*T] or None
-        # rows kept exact as outliers are attended through their exact copy, not here
-        oidx = cold.outlier_index[:, :, :n_blocks]
-        is_outlier = torch.zeros(bsz, n_kv, n_blocks, t, dtype=torch.bool, device=device)
-        is_outlier.scatter_(-1, oidx, True)
-        s = s.view(bsz, n_kv, n_blocks, groups, q_len, t)
+        s6 = s.view(bsz, n_kv, n_blocks, groups, q_len, t)
         if bias is not None:
-            s = s + bias.reshape(bias.shape[0], 1, q_len, n_blocks, t).permute(0, 1, 3, 2, 4).unsqueeze(3)
-        s = s.masked_fill(is_outlier[:, :, :, None, None, :], _NEG_INF)
-        cold_scores = s.view(bsz, n_kv, n_blocks, rows, t)
+            s6.add_(bias.reshape(bias.shape[0], 1, q_len, n_blocks, t).permute(0, 1, 3, 2, 4).unsqueeze(3))
+        # rows kept exact as outliers are attended through their exact copy, not here
+        s.masked_fill_(prep.is_outlier[:, :, :, None, :], _NEG_INF)
+        cold_scores = s  # [B,H,nb,R,T]
+        oidx = cold.outlier_index[:, :, :n_blocks]
         if oidx.shape[-1]:
             o_idx = (starts[None, None, :, None] + oidx).reshape(bsz, n_kv, -1)
             o_keys = cold.outlier_keys[:, :, :n_blocks].reshape(bsz, n_kv, -1, head_dim)
             o_vals = cold.outlier_values[:, :, :n_blocks].reshape(bsz, n_kv, -1, head_dim)
             exact.append((exact_scores(o_keys, masks.per_head(o_idx, cold_end)), o_vals))
 
-    n_hot = state.hot_keys.shape[2]
-    if n_hot and state.hot_start < tier_end:
+    n_hot = min(state.hot_keys.shape[2], tier_end - state.hot_start)
+    if n_hot > 0:
         idx = torch.arange(state.hot_start, state.hot_start + n_hot, device=device)
-        exact.append(
-            (exact_scores(state.hot_keys, masks.shared(idx, state.hot_start + n_hot)), state.hot_values)
-        )
+        hot_k, hot_v = state.hot_keys[:, :, :n_hot], state.hot_values[:, :, :n_hot]
+        exact.append((exact_scores(hot_k, masks.shared(idx, state.hot_start + n_hot)), hot_v))
 
     if has_chunk:
         chunk_masks = _MaskColumns(attention_mask, bsz, q_len, seq_len, seq_len, device, q_first)
@@ -670,16 +725,17 @@ def _attend_tiers(
         row_max = torch.maximum(row_max, cold_scores.amax(dim=(2, 4)).unsqueeze(-1))
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # fully masked rows: exp(-inf)=0
 
+    # scores become probabilities in place: they are this function's own tensors
     denom = torch.zeros(bsz, n_kv, rows, 1, device=device)
     out = torch.zeros(bsz, n_kv, rows, head_dim, device=device)
     for s, v in exact:
-        p = torch.exp(s - row_max)
-        denom = denom + p.sum(dim=-1, keepdim=True)
-        out = out + p @ v.float()
+        p = s.sub_(row_max).exp_()
+        denom += p.sum(dim=-1, keepdim=True)
+        out += p @ v.float()
     if cold_scores is not None:
-        p = torch.exp(cold_scores - row_max.unsqueeze(2))
-        denom = denom + p.sum(dim=-1).sum(dim=2).unsqueeze(-1)
-        out = out + _cold_values(p, cold, n_blocks)
+        p = cold_scores.sub_(row_max.unsqueeze(2)).exp_()
+        denom += p.sum(dim=-1).sum(dim=2).unsqueeze(-1)
+        out += _cold_values(p, prep, cold.rank_values)
     seen = denom > 0
     out = torch.where(seen, out / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     lse = torch.where(seen, row_max + torch.log(denom), _NEG_INF)
