@@ -34,13 +34,12 @@ def test_bench_attention_json_schema_and_finite_results(tmp_path):
     assert len(rows) == 2 * (1 + 4 * 2)
     for r in rows:
         assert r["context"] == 1100 and r["batch"] in (1, 2)
-        if r["method"] == "kernel":
-            # no CUDA here: the kernel column must say why it is empty, not fail the run
-            assert r["status"] == "n/a" and r["reason"]
+        if r["method"] in ("kernel", "dispatch") and r["status"] == "n/a":
+            # no CUDA here (or no Triton / no attend()): the column says why, the run goes on
+            assert r["reason"]
             continue
-        if r["method"] == "dispatch" and r["status"] == "n/a":  # no attend() in this checkout
-            assert "attend" in r["reason"]
-            continue
+        if r["method"] in ("kernel", "dispatch"):  # ran (Triton interpreter / torch fallback)
+            assert r["rel_err_vs_torch"] < 2e-2
         assert r["status"] == "ok", r
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]

@@ -210,7 +210,9 @@ def build_case(
     sync(device)
     fill_s = time.perf_counter() - t0
     layer.release_chunk()  # the prefill's attention would have read it
-    cache.update(keys[:, :, tokens - 1 :], values[:, :, tokens - 1 :], 0)
+    # The decode token's K/V as a model makes them: fresh tensors. (A view into the dense K/V would
+    # pin their whole storage in the state's chunk, and the held bytes would count it.)
+    cache.update(keys[:, :, tokens - 1 :].clone(), values[:, :, tokens - 1 :].clone(), 0)
     state = layer.state()
     g = torch.Generator(device="cpu").manual_seed(seed + 7)
     query = torch.randn(batch, q_heads, 1, head_dim, generator=g).to(device=device, dtype=dtype)

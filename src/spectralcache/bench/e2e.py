@@ -194,8 +194,10 @@ def measure_method(
     follow: torch.Tensor,
     dev: torch.device,
     warmup_steps: int,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Prefill ``prompt`` then decode ``follow`` token by token with a fresh cache."""
+    """Prefill ``prompt`` then decode ``follow`` token by token with a fresh cache (and, with
+    ``profile``, one more step under the profiler: where a decode step's GPU time goes)."""
     kw = cache_argument(model)
     row: dict[str, Any] = {"method": method, "length": int(prompt.shape[-1]), "batch": int(prompt.shape[0])}
     _free(dev)
@@ -223,6 +225,8 @@ def measure_method(
                 steps.append((time.perf_counter() - t0) * 1e3)
             finite = finite and bool(torch.isfinite(out.logits).all())
             del out
+        if profile and dev.type == "cuda":
+            row["profile_step"] = _profile_step(model, cache, follow[:, -1:], kw)
     if dev.type == "cuda":
         row["peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         row["peak_above_weights_bytes"] = row["peak_bytes"] - int(before)
@@ -244,6 +248,26 @@ def measure_method(
         row["compressed_layers_ratio"] = rep.get("compressed_layers", {}).get("ratio")
     row["status"] = "ok"
     return row
+
+
+def _profile_step(model: Any, cache: Any, tok: torch.Tensor, kw: str, top: int = 12) -> dict[str, Any]:
+    """One extra decode step under ``torch.profiler``: GPU time, kernel launches, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(tok, use_cache=True, **{kw: cache})
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in events)
+    return {
+        "device_ms": total_us / 1e3,
+        "kernels": sum(e.count for e in events),
+        "top": [
+            {"name": e.key[:120], "device_ms": e.self_device_time_total / 1e3, "count": e.count}
+            for e in events[:top]
+        ],
+    }
 
 
 def _estimate_s(done: list[dict[str, Any]], method: str, length: int, decode_steps: int) -> float | None:
@@ -397,6 +421,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--tag", default=None, help="file tag (default: <device>_<model>_<layers>l)")
+    parser.add_argument(
+        "--profile", action="store_true", help="CUDA: profile one extra decode step per case (top kernels)"
+    )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
@@ -506,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
                              "reason": f"estimated {est:.0f} s > {left:.0f} s left of --time-budget-s"})  # fmt: skip
             else:
                 try:
-                    rows.append(measure_method(model, method, prompt, follow, dev, warm))
+                    rows.append(measure_method(model, method, prompt, follow, dev, warm, args.profile))
                 except torch.cuda.OutOfMemoryError as err:
                     rows.append({"method": method, "length": length, "batch": args.batch, "status": "oom",
                                  "reason": str(err).splitlines()[0][:300]})  # fmt: skip
