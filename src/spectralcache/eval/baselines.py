@@ -50,6 +50,8 @@ from transformers.cache_utils import (
     QuantoQuantizedLayer,
 )
 
+from spectralcache.cache.memory import held_bytes
+
 __all__ = [
     "QUANTIZED_CACHE_REFUSAL_PREFIX",
     "PackedGroups",
@@ -240,7 +242,13 @@ def _tensor_nbytes(obj: Any, seen: set[int]) -> int:
 
 
 def layer_nbytes(layer: Any) -> int:
-    """Measured bytes held by one cache layer (quantized storage, residuals, windows)."""
+    """Bytes of one cache layer's data (quantized storage, residuals, windows).
+
+    Layers of this module measure themselves with ``nbytes_held`` (held storages, via
+    :func:`spectralcache.cache.memory.held_bytes`). For transformers' own layers this counts
+    the tensors' elements, not the storage a view pins (a ``DynamicSlidingWindowLayer`` keeps
+    a view of its last full concatenation, so what it holds depends on the call history); the
+    eval runner's measured bytes use ``methods.kv_bytes_by_layer`` (held storages) instead."""
     if hasattr(layer, "nbytes_held"):
         return int(layer.nbytes_held())
     seen: set[int] = set()
@@ -383,14 +391,7 @@ class PackedQuantizedLayer(QuantizedLayer):
         self.cumulative_length -= n
 
     def nbytes_held(self) -> int:
-        total = 0
-        for q in (self._quantized_keys, self._quantized_values):
-            if q is not None:
-                total += q.nbytes()
-        for t in (self.keys, self.values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
+        return held_bytes(self._quantized_keys, self._quantized_values, self.keys, self.values)
 
 
 def transformers_quantized_cache_refusal(config: Any, backend: str = "hqq", nbits: int = 4) -> str | None:
@@ -526,7 +527,7 @@ class SinkWindowLayer(DynamicLayer):
     def nbytes_held(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return held_bytes(self.keys, self.values)
 
 
 class SinkWindowCache(DynamicCache):

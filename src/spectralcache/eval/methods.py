@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from spectralcache.cache.memory import held_bytes
 
 KINDS = ("baseline", "spectral", "quantized", "streaming")
 _KIND_RE = re.compile(r"^([A-Za-z_]+)(?::(.*))?$")
@@ -253,43 +253,6 @@ def with_baseline_first(methods: list[Method]) -> list[Method]:
 
 
 # ------------------------------------------------------------------ measured memory
-def _collect(obj: Any, out: dict[int, int], depth: int = 0, seen: set[int] | None = None) -> None:
-    seen = set() if seen is None else seen
-    if depth > 6 or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        inner = getattr(obj, "__tensor_flatten__", None)
-        if inner is not None and type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter:
-            names, _ = inner()  # subclass (e.g. quanto QTensor): count its inner tensors
-            for n in names:
-                _collect(getattr(obj, n), out, depth + 1, seen)
-            return
-        st = obj.untyped_storage()
-        out[st.data_ptr()] = max(out.get(st.data_ptr(), 0), st.nbytes())
-        return
-    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)):
-        return
-    if isinstance(obj, torch.nn.Module) or (callable(obj) and not hasattr(obj, "__dict__")):
-        return
-    if isinstance(obj, dict):
-        for v in obj.values():
-            _collect(v, out, depth + 1, seen)
-        return
-    if isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            _collect(v, out, depth + 1, seen)
-        return
-    d = getattr(obj, "__dict__", None)
-    if d is not None and not isinstance(obj, type):
-        for v in d.values():
-            _collect(v, out, depth + 1, seen)
-    slots = getattr(type(obj), "__slots__", ())
-    for s in slots if isinstance(slots, (list, tuple)) else (slots,):
-        if hasattr(obj, s):
-            _collect(getattr(obj, s), out, depth + 1, seen)
-
-
 def _layers(cache: Any) -> list[Any]:
     layers = getattr(cache, "layers", None)
     if layers is None:
@@ -312,15 +275,9 @@ def _report_layers(cache: Any) -> list[int] | None:
 def kv_bytes_by_layer(cache: Any) -> list[int]:
     """Bytes held by each layer's tensors: every distinct untyped storage counted once
     (a storage shared by two layers is charged to the first). A view counts its whole
-    storage, because that is what stays allocated."""
-    seen: dict[int, int] = {}
-    per_layer = []
-    for layer in _layers(cache):
-        found: dict[int, int] = {}
-        _collect(layer, found)
-        per_layer.append(sum(n for p, n in found.items() if p not in seen))
-        seen.update(found)
-    return per_layer
+    storage, because that is what stays allocated (:func:`spectralcache.cache.memory.held_bytes`)."""
+    seen: set[tuple[str, int]] = set()
+    return [held_bytes(layer, seen=seen) for layer in _layers(cache)]
 
 
 def measure_kv_bytes_per_layer(cache: Any) -> list[int]:
