@@ -219,3 +219,39 @@ def test_layer_checkpoint_restores_transformers_layers(models) -> None:
     assert torch.equal(keys, snapshot_keys)  # not written into
     _rollback(sliding, token)
     assert sliding.keys is keys and sliding.values is values and sliding.get_seq_length() == n
+
+
+def test_hooks_installed_once_and_removed_by_disable() -> None:
+    from spectralcache.integrations.transformers import _FORWARD_HOOKS, disable
+
+    model = tiny_model("llama")
+    enable(model)
+    enable(model)
+    assert SpectralCache(model, LOSSY) is not None  # enables again: still one pair of hooks
+    mine = [h for h in model._forward_pre_hooks.values() if getattr(h, "__name__", "") == "_begin_forward"]
+    assert len(mine) == 1 and getattr(model, _FORWARD_HOOKS, None) is not None
+    disable(model)
+    assert getattr(model, _FORWARD_HOOKS, None) is None
+    assert not [
+        h for h in model._forward_pre_hooks.values() if getattr(h, "__name__", "") == "_begin_forward"
+    ]
+
+
+def test_layer_updated_twice_in_one_forward_is_refused_and_rolled_back(models) -> None:
+    cache = SpectralCache(models["llama"].config, LOSSY)
+    k = torch.randn(1, 2, 20, 32)
+    cache._begin_forward()  # what the hooks of an enabled model do around its forward
+    cache.update(k, k, 0)
+    with pytest.raises(RuntimeError, match="updated twice in one forward"):
+        cache.update(k, k, 0)
+    cache._end_forward(failed=True)
+    assert cache.layer_lengths() == [0, 0]
+
+
+def test_out_of_range_layer_rolls_back_the_forward(models) -> None:
+    cache = SpectralCache(models["llama"].config, LOSSY)
+    k = torch.randn(1, 2, 20, 32)
+    cache.update(k, k, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        cache.update(k, k, 2)
+    assert cache.layer_lengths() == [0, 0]
