@@ -26,9 +26,20 @@ transposing when needed, so the sketch lives on the smaller side):
 
 The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
 LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
-cores up to 32x32, the float64 eigendecomposition on the host for many larger ones and
-on the device for a few large ones (measured on an H100). The Householder level always
-uses the SVD.
+cores up to 32x32 and the batched float64 eigendecomposition for larger ones, both on
+the device (nothing is copied to the host). The Householder level always uses the SVD.
+
+Two pipelines, chosen by ``host_sync``:
+
+* checked (``host_sync=True``, the default on CPU and for ``algorithm="direct"``): the
+  ``orth`` variants above with the fallback chain below; it reads the input's
+  finiteness and the failure flags on the host.
+* sync-free (``host_sync=False``, the default on CUDA for the Gram algorithm;
+  :func:`_pipeline_rr`): Rayleigh-Ritz on ``Y = M Z`` with float64 bases that cannot
+  break down on finite input, so nothing needs to be read back: no ``.item()``, no
+  ``bool(tensor)``, no host copy; the failure flags stay on the device in
+  :class:`RSVDInfo` and are read only when asked for. The one synchronization left is
+  inside ``torch.linalg.eigh`` on CUDA (its error check), see ``benchmarks/compress_layer.py``.
 
 Orthogonalization (``orth``): ``"householder"`` (``torch.linalg.qr``), ``"cholqr"``
 (one CholeskyQR pass: orthogonality ~ eps·κ²), ``"cholqr2"`` (two passes: orthogonal to
