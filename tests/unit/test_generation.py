@@ -347,3 +347,24 @@ def test_encoder_and_encoder_decoder_models_are_refused() -> None:
             SpectralCache(target, "lossless")
     # BERT configured as a causal decoder is a decoder-only model like any other
     assert SpectralCache(BertConfig(**{**bert.to_dict(), "is_decoder": True}), "lossless").compressed_layers
+
+
+def test_lossless_preset_refused_in_half_precision() -> None:
+    """The preset's full-rank bases are exact in float32 only (before: accepted in bf16, and 35 of
+    40 greedy tokens differed from DynamicCache on this model): refused, naming the exact config."""
+    half = tiny_model("llama", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"float32 only.*key_codec='identity'"):
+        SpectralCache(half, "lossless")
+    cache = SpectralCache(half.config, "lossless")  # built from the config: refused at the first update
+    enable(half)
+    with torch.no_grad(), pytest.raises(ValueError, match="float32 only"):
+        half(tiny_prompt(1, 40), past_key_values=cache, use_cache=True)
+    assert cache.layer_lengths() == [0, 0]
+    suggested = SpectralConfig.from_preset("lossless", key_codec="identity", value_codec="identity")
+    ids = tiny_prompt(1, 700, seed=23)
+    want = greedy(half, ids, DynamicCache(config=half.config), new=8)
+    exact_cache = SpectralCache(half, suggested)
+    got = greedy(half, ids, exact_cache, new=8)
+    assert compressed_blocks(exact_cache) > 0
+    assert torch.equal(got, want)
+    assert SpectralCache(tiny_model("llama"), "lossless").config.name == "lossless"  # float32: fine

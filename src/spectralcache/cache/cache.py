@@ -149,6 +149,32 @@ def _layer_types_and_kwargs(cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
     return layer_types, list(kwargs)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _refuse_inexact_lossless(config: SpectralConfig, dtype: torch.dtype) -> None:
+    """The ``lossless`` preset (full-rank low-rank bases, 16-bit coefficients) reproduces K/V up to
+    float32 rounding only: in float16 / bfloat16 the basis round trip changes values (35 of 40
+    greedy tokens differed from DynamicCache on the tiny bf16 Llama). Refused there, naming the
+    configuration that is exact in every dtype."""
+    if config.name != "lossless" or dtype not in _HALF:
+        return
+    exact = (
+        config.key_codec == "identity"
+        and config.value_codec == "identity"
+        and config.coeff_bits == 16
+        and config.value_coeff_bits in (None, 16)
+        and config.key_space == "post_rope"
+    )
+    if not exact:
+        raise ValueError(
+            f"the 'lossless' preset stores full-rank low-rank bases, which are exact in float32 only; "
+            f"in {dtype} use SpectralConfig.from_preset('lossless', key_codec='identity', "
+            "value_codec='identity'): every tier is then stored exactly and attention runs "
+            "DynamicCache's own SDPA call, bit-identical in any dtype"
+        )
+
+
 def _checkpoint(layer: Any) -> Any:
     """A rollback token for ``layer``: its own ``checkpoint()`` (SpectralLayer), else a snapshot of
     its attributes (transformers' DynamicLayer / DynamicSlidingWindowLayer replace ``keys`` /
@@ -260,6 +286,8 @@ class SpectralCache(Cache):
         # True between the begin and end hooks of a forward through an enabled model
         self._hooked_forward = False
         if model is not None:
+            _refuse_inexact_lossless(config, getattr(model, "dtype", torch.float32))
+        if model is not None:
             # The one side effect on the model, on purpose (README "Use it"): only spectral
             # attention can read this cache, so a cache built for a model switches that model
             # (idempotent, undone by spectralcache.disable). A cache built from a config touches
@@ -295,6 +323,8 @@ class SpectralCache(Cache):
                     "must be 'spectral'). Call spectralcache.enable(model), or build the cache with "
                     "SpectralCache(model, config), which does it for you. Nothing was cached by this call."
                 )
+            if isinstance(layer, SpectralLayer):
+                _refuse_inexact_lossless(self.config, key_states.dtype)
             self._forward_checkpoints[layer_idx] = _checkpoint(layer)
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             if isinstance(layer, SpectralLayer):
