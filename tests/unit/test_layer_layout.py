@@ -196,12 +196,23 @@ def test_rollback_is_refused_after_a_structural_change():
     other = make_layer()
     with pytest.raises(ValueError, match="this layer"):
         other.rollback(layer.checkpoint())
-    # single use: a rollback invalidates the token it used
-    token = layer.checkpoint()
+    # nested checkpoints: rolling back the inner one keeps the outer one valid (the cache
+    # checkpoints every layer per forward, the layer itself per update)
+    outer = layer.checkpoint()
+    twin_state = layer.reconstruct()
     layer.update(k[:, :, 51:52], v[:, :, 51:52])
-    layer.rollback(token)
+    inner = layer.checkpoint()
+    n_inner = layer.get_seq_length()
+    layer.update(k[:, :, 52:54], v[:, :, 52:54])
+    layer.rollback(inner)
+    layer.rollback(inner)  # again: still the same state
+    assert layer.get_seq_length() == n_inner
+    layer.rollback(outer)
+    assert all(torch.equal(a, b) for a, b in zip(layer.reconstruct(), twin_state))
+    # ...but a checkpoint taken after the one rolled back to is stale: its windows get reused
     with pytest.raises(RuntimeError, match="no longer valid"):
-        layer.rollback(token)
+        layer.rollback(inner)
+    layer.rollback(outer)
 
 
 def test_failed_update_restores_the_layer():
@@ -213,10 +224,13 @@ def test_failed_update_restores_the_layer():
         lay.release_chunk()
     bad_k, bad_v = kv(1, 2 * T, seed=6)
     bad_k[:, :, 3:6] = 3e37  # three rows per block too large for float16 scales, 2 outliers allowed
+    outer = layer.checkpoint()  # what the cache takes before every layer's update in a forward
     with pytest.raises(ValueError, match="layer 0: cannot compress cache indices"):
         layer.update(bad_k, bad_v)
     assert_same(layer, twin)
     assert layer.pending_chunk_keys is None
+    layer.rollback(outer)  # the update's own rollback left the outer checkpoint valid
+    assert_same(layer, twin)
 
 
 def test_pure_rotate_block_keys_matches_the_rotator_and_the_state_carries_tensors_only():

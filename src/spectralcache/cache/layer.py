@@ -134,7 +134,8 @@ class LayerCheckpoint:
     """What :meth:`SpectralLayer.checkpoint` returns: counters and buffer references (no copies)."""
 
     layer: SpectralLayer
-    generation: int
+    generation: int  # structural changes (crop, batch ops, reset, to, offload) bump it
+    seq: int  # order of checkpoints within a generation
     attrs: tuple[tuple[str, Any], ...]
     n_compression_calls: int
 
@@ -181,6 +182,9 @@ class SpectralLayer(CacheLayerMixin):
         # stats: (blocks compressed, seconds) per compression call
         self.compression_calls: list[tuple[int, float]] = []
         self._generation = 0
+        self._checkpoint_seq = 0
+        # checkpoints taken after the one a rollback returned to: (first, last) seq, per generation
+        self._invalid_seqs: list[tuple[int, int]] = []
         self._clear()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -208,6 +212,7 @@ class SpectralLayer(CacheLayerMixin):
 
     def _invalidate_checkpoints(self) -> None:
         self._generation += 1
+        self._invalid_seqs = []
 
     def __repr__(self) -> str:
         return (
@@ -278,19 +283,27 @@ class SpectralLayer(CacheLayerMixin):
 
         :meth:`rollback` with it restores the layer exactly, as long as only ``update`` and
         ``release_chunk`` ran since (they write only past every live window). Any other
-        mutation (crop, batch ops, reset, offload, ``to``) or a rollback invalidates it.
+        mutation (crop, batch ops, reset, offload, ``to``) invalidates it, and so does a
+        rollback to an *earlier* checkpoint (rolling back to this one, or to a later one, keeps
+        it valid: nested checkpoints, e.g. one per forward around one per update, compose).
         """
+        self._checkpoint_seq += 1
         attrs = tuple((name, getattr(self, name, _MISSING)) for name in _STATE_ATTRS)
-        return LayerCheckpoint(self, self._generation, attrs, len(self.compression_calls))
+        return LayerCheckpoint(
+            self, self._generation, self._checkpoint_seq, attrs, len(self.compression_calls)
+        )
 
     def rollback(self, token: LayerCheckpoint) -> None:
-        """Restore the state captured by :meth:`checkpoint` (single use)."""
+        """Restore the state captured by :meth:`checkpoint`."""
         if not isinstance(token, LayerCheckpoint) or token.layer is not self:
             raise ValueError(f"layer {self.layer_idx}: rollback needs a checkpoint taken on this layer")
-        if token.generation != self._generation:
+        stale = token.generation != self._generation or any(
+            lo <= token.seq <= hi for lo, hi in self._invalid_seqs
+        )
+        if stale:
             raise RuntimeError(
                 f"layer {self.layer_idx}: this checkpoint is no longer valid (the layer was cropped, "
-                "reordered, reset, moved or rolled back since it was taken)"
+                "reordered, reset or moved, or rolled back to an earlier checkpoint, since it was taken)"
             )
         for name, value in token.attrs:
             if value is _MISSING:
@@ -299,7 +312,9 @@ class SpectralLayer(CacheLayerMixin):
             else:
                 setattr(self, name, value)
         del self.compression_calls[token.n_compression_calls :]
-        self._invalidate_checkpoints()
+        # later checkpoints may reference windows the next updates will overwrite
+        if token.seq < self._checkpoint_seq:
+            self._invalid_seqs.append((token.seq + 1, self._checkpoint_seq))
 
     # ------------------------------------------------------------------ validation
     def _validate(self, key_states: Any, value_states: Any) -> None:
