@@ -5,8 +5,11 @@ Math: split ``s`` of one (batch row, KV head) left, per query row ``r``, a runni
 ``acc_s = Σ exp(score - m_s)·v``. With ``M = max_s m_s`` the exact softmax attention over the
 union of the splits is ``Σ_s exp(m_s - M)·acc_s / Σ_s exp(m_s - M)·l_s``. A row whose every
 key was masked has ``l = 0`` everywhere and is written as zeros (as the torch reference does),
-never NaN. One program handles every row of one (batch row, KV head) and writes them into the
-output ``[B, Hq, q, D]`` through its strides, in the output's dtype.
+never NaN.
+
+One program per (batch row, KV head, query row) reads its splits ``BLOCK_S`` at a time (a
+``[BLOCK_S, D]`` tile per step, so hundreds of splits cost a few wide loads, not hundreds of
+dependent ones) and writes one output row ``[D]`` through the output's strides, in its dtype.
 """
 
 from __future__ import annotations
@@ -22,36 +25,40 @@ def combine_splits_kernel(
     pacc_ptr, pm_ptr, pl_ptr,
     out_ptr, s_ob, s_oh, s_oq, s_od,
     n_kv, n_splits, q_len,
-    G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    b = pid_bh // n_kv
-    h = pid_bh % n_kv
-    rows = tl.arange(0, R_P)
-    rows_ok = rows < R
+    pid = tl.program_id(0)
+    bh = pid // R
+    r = pid % R
+    b = bh // n_kv
+    h = bh % n_kv
     dcols = tl.arange(0, D_P)
     d_ok = dcols < D
-    tile_ok = rows_ok[:, None] & d_ok[None, :]
 
-    m_run = tl.full((R_P,), float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros((R_P,), dtype=tl.float32)
-    acc = tl.zeros((R_P, D_P), dtype=tl.float32)
-    for s in range(0, n_splits):
-        part = pid_bh * n_splits + s
-        m_s = tl.load(pm_ptr + part * R + rows, mask=rows_ok, other=float("-inf"))
-        l_s = tl.load(pl_ptr + part * R + rows, mask=rows_ok, other=0.0)
-        a_s = tl.load(pacc_ptr + (part * R + rows)[:, None] * D + dcols[None, :], mask=tile_ok, other=0.0)
-        m_new = tl.maximum(m_run, m_s)
+    m_run = tl.full((), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((), dtype=tl.float32)
+    acc = tl.zeros((D_P,), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        s_ok = ss < n_splits
+        row = (bh * n_splits + ss) * R + r  # [BLOCK_S] partial rows
+        m_s = tl.load(pm_ptr + row, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(pl_ptr + row, mask=s_ok, other=0.0)
+        a_s = tl.load(
+            pacc_ptr + row[:, None] * D + dcols[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w_old = tl.exp(m_run - m_safe)
         w_s = tl.exp(m_s - m_safe)
-        l_run = l_run * w_old + l_s * w_s
-        acc = acc * w_old[:, None] + a_s * w_s[:, None]
+        l_run = l_run * w_old + tl.sum(l_s * w_s, axis=0)
+        acc = acc * w_old + tl.sum(a_s * w_s[:, None], axis=0)
         m_run = m_new
-    out = tl.where(l_run[:, None] > 0, acc / tl.where(l_run > 0, l_run, 1.0)[:, None], 0.0)
-    rows_g = rows // q_len
-    rows_q = rows % q_len
-    ptrs = (
-        out_ptr + b * s_ob + (h * G + rows_g)[:, None] * s_oh + rows_q[:, None] * s_oq + dcols[None, :] * s_od
+    out = tl.where(l_run > 0, acc / tl.where(l_run > 0, l_run, 1.0), 0.0)
+    g = r // q_len
+    qi = r % q_len
+    tl.store(
+        out_ptr + b * s_ob + (h * G + g) * s_oh + qi * s_oq + dcols * s_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_ok,
     )
-    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)

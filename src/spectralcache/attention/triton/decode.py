@@ -133,6 +133,8 @@ def decode_attention(
     block_t: int | None = None,
     block_e: int | None = None,
     num_warps: int = 4,
+    num_stages: int | None = None,
+    programs_per_sm: int = 8,
 ) -> torch.Tensor:
     """Attention of a small ``query`` [B, Hq, q, D] over a compressed layer -> [B, Hq, q, D].
 
@@ -140,7 +142,9 @@ def decode_attention(
     for fully masked rows). ``out`` (optional, [B, Hq, q, D] in the query's dtype, any strides)
     receives the result; by default it is a view of a ``[B, q, Hq, D]`` buffer, so transformers'
     ``transpose(1, 2).contiguous()`` costs nothing. ``blocks_per_split`` / ``block_t`` /
-    ``block_e`` / ``num_warps`` override the launch plan (tests and tuning).
+    ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` override the launch plan
+    (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
+    multiprocessor, enough independent loads in flight to cover memory latency).
     """
     bsz, n_q, q_len, head_dim, n_kv = _check(query, state)
     device = query.device
@@ -272,7 +276,8 @@ def decode_attention(
     n_bh = bsz * n_kv
     if blocks_per_split is None:
         target = (
-            2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            programs_per_sm
+            * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
             if query.is_cuda
             else 2
         )
@@ -288,9 +293,12 @@ def decode_attention(
 
     r_p = _next_pow2(rows)
     d_p = _next_pow2(head_dim)
-    part_acc = torch.empty(n_bh, n_splits, rows, head_dim, dtype=torch.float32, device=device)
-    part_m = torch.empty(n_bh, n_splits, rows, dtype=torch.float32, device=device)
-    part_l = torch.empty(n_bh, n_splits, rows, dtype=torch.float32, device=device)
+    # one allocation for every partial: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
+    n_part = n_bh * n_splits * rows
+    partials = torch.empty(n_part * (head_dim + 2), dtype=torch.float32, device=device)
+    part_acc = partials[: n_part * head_dim]
+    part_m = partials[n_part * head_dim : n_part * (head_dim + 1)]
+    part_l = partials[n_part * (head_dim + 1) :]
 
     spectral_decode_split_kernel[(n_bh, n_splits)](
         query, *query.stride(),
@@ -307,6 +315,7 @@ def decode_attention(
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=softcap is not None, HAS_CHUNK=has_chunk,
         F32=query.dtype == torch.float32,
         num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
 
     if out is None:
@@ -315,11 +324,11 @@ def decode_attention(
         raise ValueError(
             f"out must be {tuple(query.shape)} {query.dtype} on {device}, got {tuple(out.shape)} {out.dtype}"
         )
-    combine_splits_kernel[(n_bh,)](
+    combine_splits_kernel[(n_bh * rows,)](
         part_acc, part_m, part_l,
         out, *out.stride(),
         n_kv, n_splits, q_len,
-        G=groups, R=rows, R_P=r_p, D=head_dim, D_P=d_p,
-        num_warps=num_warps,
+        G=groups, R=rows, D=head_dim, D_P=d_p, BLOCK_S=min(64, _next_pow2(n_splits, 2)),
+        num_warps=4,
     )  # fmt: skip
     return out
