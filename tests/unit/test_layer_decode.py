@@ -164,3 +164,29 @@ def test_huge_but_finite_decode_token_does_not_block_compression(dtype):
     rk, _ = layer.reconstruct(dtype=torch.float32)
     assert torch.equal(rk[0, 1, huge_at], k[0, 1, huge_at].float())
     assert torch.isfinite(rk).all()
+
+
+def test_cache_level_decode_update_runs_on_the_meta_device():
+    """The same through SpectralCache.update (every layer, handshake included)."""
+    from tests.tiny_models import tiny_config
+
+    from spectralcache.cache.cache import SpectralCache
+
+    cfg = SpectralConfig(
+        block_size=32, rank_keys=6, rank_values=9, hot_size=5, landmarks=3, outliers_per_block=4
+    )
+    cache = SpectralCache(
+        tiny_config("llama", head_dim=64, num_key_value_heads=2, num_attention_heads=4), cfg
+    )
+    for i in range(len(cache.layers)):
+        k = torch.randn(1, 2, 50, 64)
+        cache.update(k, k.clone(), i)
+        cache.layers[i].release_chunk()
+    cache.to("meta")
+    for _ in range(5):
+        for i in range(len(cache.layers)):
+            x = torch.randn(1, 2, 1, 64, device="meta")
+            cache.update(x, x, i)
+            assert cache.layers[i].state().hot_keys.device.type == "meta"
+            cache.layers[i].release_chunk()
+    assert cache.get_seq_length() == 55
