@@ -162,17 +162,31 @@ def test_unpatch_restores_unsloth(unsloth, name: str) -> None:
     assert model.config._attn_implementation == "sdpa" and not guard.is_attached(model)
 
 
+def _swap_attention_class(model, class_name: str) -> None:
+    """Every attention module becomes an instance of a copy that does not derive from the
+    transformers class (as compiled copies of a modeling file do), forward = Unsloth's."""
+    from unsloth_zoo.temporary_patches.gemma import forward_past_key_values
+
+    copy = type(class_name, (torch.nn.Module,), {"forward": forward_past_key_values})
+    copy.__module__ = "unsloth_compiled_module_gemma3"
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = copy
+
+
+def test_compiled_attention_copy_gets_transformers_forward(unsloth, reference) -> None:
+    model = _load(unsloth, "gemma3")
+    _swap_attention_class(model, "Gemma3Attention")
+    patch_unsloth_attention(model, "lossless", **SMALL)
+    assert _greedy(model, tiny_prompt(1, PROMPT)) == reference["gemma3"]
+
+
 def test_unrecognised_layout_names_the_version(unsloth) -> None:
     model = _load(unsloth, "gemma3")
-    attn_cls = type(model.model.layers[0].self_attn)
-    stored = attn_cls.__dict__["_original_modeling_gemma3_Gemma3Attention_forward"]
-    delattr(attn_cls, "_original_modeling_gemma3_Gemma3Attention_forward")
-    try:
-        with pytest.raises(UnslothLayoutError, match=r"unsloth 2026\.10\.9\+standin"):
-            patch_unsloth_attention(model, "lossless")
-    finally:
-        attn_cls._original_modeling_gemma3_Gemma3Attention_forward = stored
-    assert "forward" not in vars(model.model.layers[0].self_attn)  # nothing left half-patched
+    _swap_attention_class(model, "FusedAttention")  # no transformers class of that name
+    with pytest.raises(UnslothLayoutError, match=r"unsloth 2026\.10\.9\+standin"):
+        patch_unsloth_attention(model, "lossless")
+    assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)  # nothing half-patched
+    assert model.config._attn_implementation != "spectral"
 
 
 def test_prototype_keyword_aliases() -> None:

@@ -267,7 +267,7 @@ def _wrapper_chain(model: Any, base: nn.Module) -> list[Any]:
     return chain
 
 
-def _stock_forward(cls: type, model_type: str | None) -> Any:
+def _stock_forward(cls: type, modeling_names: tuple[str, ...] = ()) -> Any:
     """The non-Unsloth ``forward`` of attention class ``cls``: what Unsloth stored when replacing it."""
     candidates: list[Any] = []
     for klass in cls.__mro__:
@@ -278,20 +278,76 @@ def _stock_forward(cls: type, model_type: str | None) -> Any:
         if "forward" in vars(klass):
             parts = _gated_parts(vars(klass)["forward"])
             candidates.append(parts[1] if parts else vars(klass)["forward"])
-    if model_type:
+    for modeling_name in modeling_names:
         # FastModel may rebind the modeling module's class to a compiled copy: ask the module.
         try:
-            modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+            modeling = importlib.import_module(modeling_name)
         except ImportError:
-            modeling = None
-        same = vars(modeling).get(cls.__name__) if modeling is not None else None
+            continue
+        same = vars(modeling).get(cls.__name__)
         if isinstance(same, type) and same is not cls:
-            candidates.append(_stock_forward(same, None))
+            candidates.append(_stock_forward(same))
     for fn in candidates:
         fn = getattr(fn, "__func__", fn)
         if callable(fn) and not _is_unsloth_code(fn) and fn is not nn.Module.forward:
             return fn
+    for modeling_name in modeling_names:
+        # Last resort (FastModel's compiled copies, which do not subclass the transformers class):
+        # the class of the same name from a fresh load of transformers' own modeling file.
+        fresh = _pristine_modeling(modeling_name)
+        same = getattr(fresh, cls.__name__, None) if fresh is not None else None
+        if isinstance(same, type) and "forward" in vars(same):
+            return vars(same)["forward"]
     return None
+
+
+def _modeling_modules(base: nn.Module) -> tuple[str, ...]:
+    """transformers modeling modules this model's classes come from (by class and by model type)."""
+    names: list[str] = []
+    for klass in type(base).__mro__:
+        if klass.__module__.startswith("transformers.models.") and ".modeling_" in klass.__module__:
+            names.append(klass.__module__)
+    try:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+    except ImportError:  # pragma: no cover - every transformers 5.x has it
+        model_type_to_module_name = None
+    for cfg in (base.config, base.config.get_text_config(decoder=True)):
+        model_type = getattr(cfg, "model_type", None)
+        if model_type and model_type_to_module_name is not None:
+            module = model_type_to_module_name(model_type)
+            names.append(f"transformers.models.{module}.modeling_{module}")
+    return tuple(dict.fromkeys(names))
+
+
+_PRISTINE: dict[str, Any] = {}
+
+
+def _pristine_modeling(modeling_name: str) -> Any:
+    """transformers' modeling file ``modeling_name`` loaded afresh under a private name (cached).
+
+    Unsloth may have rebound names in the imported module; this copy holds the functions as
+    transformers ships them. Attention functions still come from the shared registry, so the
+    ``"spectral"`` implementation registered there is what this copy's attention calls.
+    """
+    if modeling_name in _PRISTINE:
+        return _PRISTINE[modeling_name]
+    module = None
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(modeling_name)
+        if spec is not None and spec.origin:
+            package, _, leaf = modeling_name.rpartition(".")
+            private = importlib.util.spec_from_file_location(
+                f"{package}._spectralcache_pristine_{leaf}", spec.origin
+            )
+            module = importlib.util.module_from_spec(private)
+            sys.modules[private.name] = module  # dataclasses / inspect look the module up by name
+            private.loader.exec_module(module)
+    except Exception:
+        module = None
+    _PRISTINE[modeling_name] = module
+    return module
 
 
 def patch_unsloth_attention(
@@ -346,18 +402,17 @@ def patch_unsloth_attention(
                     new_flags.append((m, vars(m).get(FAST_PATH_FLAG, _MISSING)))
                 object.__setattr__(m, FAST_PATH_FLAG, False)
         # 2. Attention forwards that Unsloth replaced class-wide: bind the stock one per instance.
-        model_type = getattr(getattr(base, "config", None), "model_type", None)
-        text_type = getattr(base.config.get_text_config(decoder=True), "model_type", None)
+        modeling_names = _modeling_modules(base)
         for name, m in _attention_modules(base):
             fn = _effective_forward(m)
             if not _is_unsloth_code(fn):
                 continue
-            stock = _stock_forward(type(m), text_type) or _stock_forward(type(m), model_type)
+            stock = _stock_forward(type(m), modeling_names)
             if stock is None:
                 raise UnslothLayoutError(
                     f"{name}: forward is {fn.__module__}.{getattr(fn, '__qualname__', fn)} and no "
-                    f"transformers original was found beside it (looked for Unsloth's stored "
-                    f"_original_*_forward and the transformers class of the same name); this Unsloth "
+                    f"transformers original was found (looked for Unsloth's stored _original_*_forward and "
+                    f"for a class of that name in {list(modeling_names)}); this Unsloth "
                     f"layout is not supported ({unsloth_version()})"
                 )
             if id(m) not in patched_before:
