@@ -20,7 +20,6 @@ import math
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 from spectralcache.attention.triton.combine_splits import combine_splits_kernel
@@ -51,7 +50,8 @@ def _sm_count(device_index: int) -> int:
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+    # plain Python: triton.next_power_of_2 goes through Triton's constexpr machinery (~8 us a call)
+    return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=8)
@@ -287,7 +287,7 @@ def decode_attention(
     n_exact = n_land + n_hot + n_chunk
     # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
     # about as many bytes as a cold program
-    exact_per_split = max(block_e, triton.cdiv(blocks_per_split * t // 2, block_e) * block_e)
+    exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
     n_exact_splits = math.ceil(n_exact / exact_per_split) if n_exact else (0 if n_cold_splits else 1)
     n_splits = n_cold_splits + n_exact_splits
 
