@@ -172,7 +172,15 @@ def test_spectral_only_tensor_allows_metadata_only(llama) -> None:
     _, k, v = qkv(5)
     ka, va = cache.update(k, v, 0)
     assert ka.shape == k.shape and ka.dtype == k.dtype and ka.device == k.device and ka.dim() == 4
-    assert ka.size(-1) == 32 and ka.numel() == k.numel()
-    for read in (lambda: ka + 1, lambda: ka[:, :, :1], lambda: torch.matmul(ka, va.transpose(-1, -2))):
+    assert ka.size(-1) == 32 and ka.numel() == k.numel() and len(ka) == 1 and ka.is_contiguous()
+    assert hash(ka) == id(ka) and ka.stride() == k.stride() and {ka: 1}[ka] == 1
+    reads = (
+        lambda: ka + 1,
+        lambda: ka[:, :, :1],
+        lambda: torch.matmul(ka, va.transpose(-1, -2)),
+        lambda: ka.data_ptr(),  # what a kernel launch would read
+        lambda: torch.nn.functional.scaled_dot_product_attention(ka, ka, va),
+    )
+    for read in reads:
         with pytest.raises(RuntimeError, match="layer 0: its keys/values were read"):
             read()

@@ -171,6 +171,11 @@ _METADATA_READS = frozenset(
         torch.Tensor.element_size,
         torch.Tensor.__repr__,
         torch.Tensor.__format__,
+        torch.Tensor.__hash__,  # id-based, as for any tensor
+        torch.Tensor.__len__,
+        torch.Tensor.is_contiguous,
+        torch.Tensor.stride,
+        # never data_ptr: a kernel handed these tensors would read the new tokens only
     ]
 )
 
