@@ -36,7 +36,7 @@ final)
   run 120 attention --device cuda --contexts 4k,16k,64k,128k \
       --batches 1,8 --rep-ms 50 --no-plot --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
   run 60 e2e --device cuda --layers 8 --lengths 32k \
-      --methods dynamic,default --decode-steps 16 --time-budget-s 55 --profile --no-plot --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+      --methods 'dynamic;default;dynamic#again' --decode-steps 16 --time-budget-s 55 --profile --no-plot --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
   run 150 e2e --device cuda --lengths 8k,32k,128k \
       --methods dynamic,default,aggressive --decode-steps 16 --time-budget-s 140 --profile --no-plot --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
   ;;

@@ -55,6 +55,8 @@ def test_bench_attention_json_schema_and_finite_results(tmp_path):
         assert by[(b, None, "sdpa")]["bytes_read"] == 2 * b * 2 * 1100 * 64 * 4  # K+V, float32
     assert by[(1, "default", "step")]["out_finite"]
     assert (tmp_path / "bench_attention_t.png").stat().st_size > 1000
+    table = bench.markdown(data).splitlines()
+    assert len(table) == 2 + 2 and table[2].startswith("| 1100, 1 | ") and "GB/s" in table[2]
 
 
 def test_state_bytes_and_clone_state_match_the_layer_state():

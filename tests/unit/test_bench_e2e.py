@@ -55,6 +55,8 @@ def test_bench_e2e_json_schema_and_finite_results(tmp_path):
         assert r["kv_ratio_vs_dynamic"] > 1.2  # measured bytes, not a formula
     assert rows["aggressive"]["kv_bytes"] < rows["default"]["kv_bytes"]
     assert (tmp_path / "bench_e2e_t.png").stat().st_size > 1000
+    table = e2e.markdown(data).splitlines()
+    assert len(table) == 2 + 3 and table[2].startswith("| 1100 | dynamic | ") and "(1.00×)" in table[2]
 
 
 def test_time_budget_skips_with_a_reason(tmp_path):

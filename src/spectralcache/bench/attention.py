@@ -62,6 +62,7 @@ __all__ = [
     "configure",
     "load_kernel",
     "main",
+    "markdown",
     "random_kv",
     "replot",
     "run",
@@ -272,9 +273,11 @@ def _cycle(items: list[Any]) -> Callable[[], Any]:
     return nxt
 
 
-def _short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip().replace("\n", " ")
-    return text[:300]
+def _short(err: BaseException, limit: int = 600) -> str:
+    """One line; a long message (a Triton CompilationError quotes source first) keeps its start and
+    its end, where the actual error is."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3 :]
 
 
 def measure_case(
@@ -618,6 +621,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default=None, help="file tag (default: cuda_<gpu> or cpu)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
+    parser.add_argument("--markdown", default=None, help="only print the README table of this results JSON")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
 
 
@@ -629,6 +633,44 @@ def _tag(dev: torch.device) -> str:
         if short in name:
             return f"cuda_{short}"
     return "cuda"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The README table of a results JSON (``--markdown FILE``): one row per (context, batch)."""
+    rows, meta = data["results"], data["meta"]
+    by = {(r["context"], r["batch"], r.get("preset"), r["method"]): r for r in rows}
+
+    def cell(r: dict[str, Any] | None, gbps: bool = False) -> str:
+        if r is None:
+            return "—"
+        if r.get("status") != "ok" or "median_ms" not in r:
+            return f"{r.get('status', 'n/a')}"
+        text = f"{r['median_ms']:.3f}"
+        extra = []
+        if gbps and r.get("gbps"):
+            extra.append(f"{r['gbps']:.0f} GB/s")
+        if r.get("speedup_vs_sdpa"):
+            extra.append(f"{r['speedup_vs_sdpa']:.2f}× SDPA")
+        return text + (f" ({', '.join(extra)})" if extra else "")
+
+    presets = meta.get("presets", [])
+    head = ["context, batch", "SDPA dense ms (GB/s)"]
+    for p in presets:
+        head += [f"kernel {p} ms", f"torch ref {p} ms"]
+    head.append("bytes read, dense / " + " / ".join(presets))
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in meta["contexts"]:
+        for b in meta["batches"]:
+            sd = by.get((t, b, None, "sdpa"))
+            cells = [f"{t // 1024}K, {b}" if t % 1024 == 0 else f"{t}, {b}", cell(sd, gbps=True)]
+            ratios = []
+            for p in presets:
+                cells += [cell(by.get((t, b, p, "kernel")), gbps=True), cell(by.get((t, b, p, "torch")))]
+                tr = by.get((t, b, p, "torch")) or by.get((t, b, p, "kernel"))
+                ratios.append(f"{tr['byte_ratio']:.2f}×" if tr and tr.get("byte_ratio") else "—")
+            cells.append(" / ".join(ratios))
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def replot(path: str | Path) -> Path:
@@ -643,6 +685,9 @@ def replot(path: str | Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.replot:
         print(f"wrote {replot(args.replot)}")
+        return 0
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
     dev = device_from_name(args.device)
     dtype = dtype_from_name(args.dtype, dev)

@@ -56,6 +56,7 @@ __all__ = [
     "cache_argument",
     "configure",
     "main",
+    "markdown",
     "measure_method",
     "replot",
     "run",
@@ -147,6 +148,7 @@ def _make_cache(model: Any, method: str) -> Any:
     """``dynamic`` or a SpectralConfig preset name (optionally ``preset,key=value,...``)."""
     import spectralcache
 
+    method = method.split("#")[0]  # "dynamic#again": a second measurement of the same cache
     if method == "dynamic":
         from transformers import DynamicCache
 
@@ -401,7 +403,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default="dynamic,default,aggressive",
         help="'dynamic' and SpectralConfig presets, ';'-separated when a preset carries overrides "
-        "(e.g. 'dynamic;default;default,value_codec=identity'); ',' also separates plain names",
+        "(e.g. 'dynamic;default;default,value_codec=identity'); ',' also separates plain names; "
+        "a '#label' suffix measures the same cache again under another name (e.g. 'dynamic#again')",
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (cuda 32, cpu 8)")
@@ -426,6 +429,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
+    parser.add_argument("--markdown", default=None, help="only print the README table of this results JSON")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
 
 
@@ -433,6 +437,31 @@ def _split_methods(text: str) -> list[str]:
     if ";" in text:
         return [m.strip() for m in text.split(";") if m.strip()]
     return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The README table of a results JSON (``--markdown FILE``): one row per (length, cache)."""
+    head = [
+        "prompt",
+        "cache",
+        "prefill s (× dynamic)",
+        "decode ms/token (× dynamic)",
+        "peak GiB",
+        "KV MiB (ratio)",
+    ]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["results"]:
+        first = f"{r['length'] // 1024}K" if r["length"] % 1024 == 0 else str(r["length"])
+        if r.get("status") != "ok":
+            out.append(f"| {first} | {r['method']} | {r.get('status')}: {r.get('reason', '')} | | | |")
+            continue
+        px, dx, kr = r.get("prefill_x_dynamic"), r.get("decode_x_dynamic"), r.get("kv_ratio_vs_dynamic")
+        out.append(
+            f"| {first} | {r['method']} | {r['prefill_s']:.3f}" + (f" ({px:.2f}×)" if px else "")
+            + f" | {r['decode_ms_per_token']:.2f}" + (f" ({dx:.2f}×)" if dx else "")
+            + f" | {_gib(r.get('peak_bytes'))} | {_mib(r['kv_bytes'])}" + (f" ({kr:.2f}×)" if kr else "") + " |"
+        )  # fmt: skip
+    return "\n".join(out)
 
 
 def replot(path: str | Path) -> Path:
@@ -448,6 +477,9 @@ def run(args: argparse.Namespace) -> int:
     if args.replot:
         print(f"wrote {replot(args.replot)}")
         return 0
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     dev = device_from_name(args.device)
     dtype = dtype_from_name(args.dtype, dev)
     if args.threads:
@@ -460,6 +492,7 @@ def run(args: argparse.Namespace) -> int:
     from spectralcache.config import SpectralConfig
 
     for m in methods:  # fail before building an 8B model on a typo
+        m = m.split("#")[0]
         if m != "dynamic":
             preset, *overrides = m.split(",")
             SpectralConfig.from_preset(
