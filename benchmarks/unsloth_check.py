@@ -35,6 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW = 300, 24
 SMALL = dict(block_size=32, hot_size=16, landmarks=4)
+# The lossless preset is exact in float32 only (refused in fp16/bf16); there the identity
+# codecs (per-token 16-bit rows) are the exact configuration.
+EXACT_HALF = dict(key_codec="identity", value_codec="identity")
+
+
+def _lossless(dtype_name: str) -> dict:
+    return SMALL if dtype_name == "float32" else {**SMALL, **EXACT_HALF}
 
 
 def _err(e: BaseException) -> dict:
@@ -114,7 +121,7 @@ def run_case(name: str, dtype_name: str, path: Path, standin: bool, device: str)
     except Exception as e:
         rec["unpatched_spectralcache_model"] = _err(e)
     try:
-        cfg_cache = SpectralCache(model.config, resolve_config("lossless", **SMALL))
+        cfg_cache = SpectralCache(model.config, resolve_config("lossless", **_lossless(dtype_name)))
         toks, _ = _generate(model, ids, past_key_values=cfg_cache)
         rec["unpatched_config_cache_generate"] = {
             "tokens_equal_plain": toks == rec["plain_unsloth_tokens"],
@@ -122,7 +129,8 @@ def run_case(name: str, dtype_name: str, path: Path, standin: bool, device: str)
         }
     except Exception as e:
         rec["unpatched_config_cache_generate"] = _err(e)
-    patch_unsloth_attention(model, "lossless", **SMALL)
+    rec["lossless_overrides"] = _lossless(dtype_name)
+    patch_unsloth_attention(model, "lossless", **_lossless(dtype_name))
     rec["inference_paths_after_patch"] = unsloth_inference_paths(model)
     rec["attn_implementation_after_patch"] = model.config._attn_implementation
     rec["patched_lossless_tokens"], rec["patched_lossless_s"] = _generate(model, ids)
@@ -163,7 +171,7 @@ def run_case(name: str, dtype_name: str, path: Path, standin: bool, device: str)
                 rec["after_get_peft_model_without_repatch"] = "no error"
             except Exception as e:
                 rec["after_get_peft_model_without_repatch"] = _err(e)
-            patch_unsloth_attention(peft_model, "lossless", **SMALL)
+            patch_unsloth_attention(peft_model, "lossless", **_lossless(dtype_name))
             toks, _ = _generate(peft_model, ids)
             rec["peft_repatched_equal_plain_unsloth"] = toks == rec["plain_unsloth_tokens"]
             rec["peft_model_class"] = type(peft_model).__name__
@@ -212,7 +220,7 @@ def main() -> None:
         },
         "prompt_tokens": PROMPT,
         "new_tokens": NEW,
-        "lossless_overrides": SMALL,
+        "lossless_overrides": {"float32": SMALL, "half": {**SMALL, **EXACT_HALF}},
         "cases": [],
     }
     root = Path("/tmp/spectralcache_unsloth_tiny")
