@@ -263,3 +263,31 @@ def test_pure_rotate_block_keys_matches_the_rotator_and_the_state_carries_tensor
     assert rk.shape == (1, H, 3 + 2 * T + 4, D)
     with pytest.raises(ValueError, match="rope_inv_freq"):
         SpectralLayer(small_cfg(key_space="pre_rope"), 0)
+
+
+def test_offload_prefetch_and_batch_ops_keep_the_tiers():
+    layer, twin = make_layer(), make_layer()
+    k, v = kv(3, 3 + 4 * T + 5, seed=12)
+    for lay in (layer, twin):
+        lay.update(k, v)
+        lay.release_chunk()
+        for i in range(3):  # decode slack in the hot buffer, more cold capacity than blocks
+            lay.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+            lay.release_chunk()
+    layer.offload()
+    layer.prefetch()
+    assert_same(layer, twin)
+    idx = torch.tensor([2, 0])
+    layer.batch_select_indices(idx)
+    want = [x[idx] for x in twin.reconstruct()]
+    got = layer.reconstruct()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # compacted: capacities now equal what is used
+    assert layer.cold_capacity == layer.num_blocks
+    assert layer.tier_tensors()["hot"][0].shape[-2] == layer.hot_len
+    layer.reorder_cache(torch.tensor([1, 1]))
+    layer.batch_repeat_interleave(2)
+    assert layer.state().hot_keys.shape[0] == 4 and layer.batch_size == 4
+    torch.testing.assert_close(layer.reconstruct()[0][3], want[0][1], rtol=0, atol=0)  # original row 0
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.num_blocks == 0
