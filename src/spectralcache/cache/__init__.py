@@ -15,6 +15,7 @@ _LAZY = {
     "SpectralLayer": "spectralcache.cache.layer",
     "LayerCheckpoint": "spectralcache.cache.layer",
     "compress_blocks": "spectralcache.cache.block",
+    "held_bytes": "spectralcache.cache.memory",
     "RopeRotator": "spectralcache.cache.rope",
     "rotate_block_keys": "spectralcache.cache.rope",
     "ColdBlocks": "spectralcache.cache.state",
