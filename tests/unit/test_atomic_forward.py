@@ -242,8 +242,10 @@ def test_layer_updated_twice_in_one_forward_is_refused_and_rolled_back(models) -
     k = torch.randn(1, 2, 20, 32)
     cache._begin_forward()  # what the hooks of an enabled model do around its forward
     cache.update(k, k, 0)
+    cache.update(k, k, 1)  # every layer updated once: lengths agree, yet the forward is not over
     with pytest.raises(RuntimeError, match="updated twice in one forward"):
         cache.update(k, k, 0)
+    assert cache.layer_lengths() == [0, 0]
     cache._end_forward(failed=True)
     assert cache.layer_lengths() == [0, 0]
 

@@ -367,21 +367,21 @@ class SpectralCache(Cache):
 
     def _start_unhooked_forward(self, layer_idx: int) -> None:
         """``update`` of a layer already updated in the open forward: a new forward has begun
-        without the enabled model's hooks (or a model updates a layer twice)."""
+        without the enabled model's hooks (or a model updates a layer twice in one forward)."""
         updated = sorted(self._forward_checkpoints)
-        twice_in_one = self._hooked_forward
-        if self._settle() or twice_in_one:
-            if twice_in_one:
-                self._abort_forward()
+        if self._hooked_forward:
+            self._abort_forward()
+            raise RuntimeError(
+                f"SpectralCache: layer {layer_idx} was updated twice in one forward (layers updated: "
+                f"{updated}); models that update a layer's cache more than once per forward are not "
+                "supported. The cache was rolled back to its state before this forward."
+            )
+        if self._settle():
             raise RuntimeError(
                 f"SpectralCache: layer {layer_idx} updated again while the previous forward had updated "
                 f"only layers {updated} of {len(self.layers)}: that forward was interrupted. It was rolled "
                 "back (every layer holds what it held before it); this call was refused because its "
                 "positions were computed from the inconsistent cache -- run it again."
-                if not twice_in_one
-                else f"SpectralCache: layer {layer_idx} was updated twice in one forward (layers updated: "
-                f"{updated}); models that update a layer's cache more than once per forward are not "
-                "supported. The cache was rolled back to its state before this forward."
             )
 
     def _begin_forward(self) -> None:
