@@ -38,6 +38,7 @@ from spectralcache.eval.methods import (
     measure_kv_bytes_per_layer,
     with_baseline_first,
 )
+from spectralcache.integrations.compat import cache_kwargs
 
 MODES = ("step", "chunk")
 
@@ -97,7 +98,9 @@ def score_segment(
     x = torch.tensor([list(ids)], device=device)
     targets = x[0, prefill:]
     t0 = time.perf_counter()
-    logits = model(input_ids=x[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(
+        input_ids=x[:, :prefill], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
+    ).logits
     t1 = time.perf_counter()
     nll = torch.nn.functional.cross_entropy(logits[0, -1:].float(), targets[:1], reduction="sum").item()
     kv = None
@@ -106,7 +109,7 @@ def score_segment(
     end = len(ids) - 1  # the last token is only a target
     while pos < end:
         hi = min(pos + step, end)
-        logits = model(input_ids=x[:, pos:hi], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=x[:, pos:hi], **cache_kwargs(model, cache), use_cache=True).logits
         nll += torch.nn.functional.cross_entropy(
             logits[0].float(), targets[pos - prefill + 1 : hi - prefill + 1], reduction="sum"
         ).item()

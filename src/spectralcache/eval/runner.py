@@ -91,6 +91,7 @@ from spectralcache.eval.methods import (
     measure_kv_bytes_per_layer,
     with_baseline_first,
 )
+from spectralcache.integrations.compat import cache_kwargs
 
 SCHEMA_VERSION = 1
 
@@ -194,7 +195,9 @@ def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int | None = None)
     step = ids.shape[1] if not chunk else int(chunk)
     logits = None
     for s in range(0, ids.shape[1], step):
-        out = model(input_ids=ids[:, s : s + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, s : s + step], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
+        )
         logits = out.logits[:, -1]
     assert logits is not None
     return logits
@@ -227,7 +230,7 @@ def answer(
     prefill(model, cache, ctx, prefill_chunk)
     _sync(device)
     t1 = time.perf_counter()
-    logits = model(input_ids=q, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=q, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     _sync(device)
     t2 = time.perf_counter()
     per_layer = measure_kv_bytes_per_layer(cache)
@@ -250,7 +253,7 @@ def answer(
         if len(generated) == max_new_tokens:
             break
         logits = model(
-            input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True
+            input_ids=torch.tensor([[nxt]], device=device), **cache_kwargs(model, cache), use_cache=True
         ).logits[:, -1]
     _sync(device)
     t4 = time.perf_counter()
