@@ -56,7 +56,17 @@ def run(args: argparse.Namespace) -> dict:
         dt = time.perf_counter() - t0
         layer.release_chunk()
         (with_block if layer.num_blocks > nb else plain).append(dt)
+    memory = {}
+    if hasattr(layer, "tier_used_tensors"):  # this layout: allocated capacity vs live data
+        from spectralcache.cache.memory import held_bytes, logical_bytes
+
+        memory = {
+            "held_bytes": held_bytes(*[t for ts in layer.tier_tensors().values() for t in ts]),
+            "used_bytes": sum(logical_bytes(*ts) for ts in layer.tier_used_tensors().values()),
+            "dynamic_bytes": 2 * b * h * d * layer.get_seq_length() * k.element_size(),
+        }
     return {
+        **memory,
         "device": str(dev),
         "torch_threads": torch.get_num_threads(),
         "context": args.context,
