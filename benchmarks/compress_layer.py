@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
 
     def record(name: str, fn: Callable[[], Any], repeats: int | None = None, **extra: Any) -> None:
-        times = _time(fn, dev, repeats or args.repeats, args.warmup)
+        """Time ``fn``; slow references (``repeats`` given) get one warm-up call."""
+        times = _time(fn, dev, repeats or args.repeats, 1 if repeats else args.warmup)
         row = {
             "what": name,
             "median_ms": statistics.median(times),
@@ -180,37 +181,54 @@ def main(argv: list[str] | None = None) -> int:
     def gen() -> torch.Generator:
         return torch.Generator(device=dev).manual_seed(cfg.seed)
 
+    # the randomized SVD alone: sync-free pipeline with the Triton Jacobi core (the CUDA default)
+    # and with torch.linalg.eigh as its core, and the checked pipeline (host_sync=True)
+    variants = [("host_sync=False core=auto", False, "auto", None)]
+    if dev.type == "cuda":
+        variants.append(("host_sync=False core=eigh", False, "eigh", 2))
+    variants.append(("host_sync=True", True, "auto", 2 if dev.type == "cuda" else None))
     for side, m, r in (("keys", kf, rk), ("values", vf, rv)):
-        for hs in (False, True):
+        for label, hs, core, reps in variants:
 
-            def fn(m: torch.Tensor = m, r: int = r, hs: bool = hs) -> Any:
+            def fn(m: torch.Tensor = m, r: int = r, hs: bool = hs, core: str = core) -> Any:
                 return randomized_svd(
                     m, r, n_iter=cfg.svd_n_iter, oversample=cfg.svd_oversample, orth=cfg.svd_orth,
-                    generator=gen(), host_sync=hs,
+                    generator=gen(), host_sync=hs, core=core,
                 )  # fmt: skip
 
             U, S, Vh = fn()
             err = rel_error(m, U, S, Vh)
             record(
-                f"randomized_svd {side} rank {r} host_sync={hs}",
+                f"randomized_svd {side} rank {r} {label}",
                 fn,
+                reps,
                 host_syncs=count_syncs(fn, dev),
                 rel_err=err,
             )
-    # the core solve alone: batched float64 / float32 eigendecompositions of the l x l Rayleigh-Ritz Grams
+    # the core solve alone: the l x l Rayleigh-Ritz eigenproblems of one layer, float64
+    from spectralcache.linalg.jacobi import jacobi_eigh
+
     for r in (rk, rv):
         width = min(r + cfg.svd_oversample, args.head_dim)
-        for edt in (torch.float64, torch.float32):
-            x = torch.randn(kf.shape[0], 2 * width, width, device=dev, dtype=edt)
-            A = x.mT @ x
-
-            def eigh(A: torch.Tensor = A) -> Any:
-                return torch.linalg.eigh(A)
-
+        x = torch.randn(kf.shape[0], 2 * width, width, device=dev, dtype=torch.float64)
+        A = x.mT @ x
+        cores: list[tuple[str, Callable[[], Any], int | None]] = [
+            ("torch.linalg.eigh", lambda A=A: torch.linalg.eigh(A), 2 if dev.type == "cuda" else None)
+        ]
+        if dev.type == "cuda":
+            cores.insert(0, ("spectralcache jacobi_eigh (Triton)", lambda A=A: jacobi_eigh(A), None))
+        for name, fn, reps in cores:
+            w, V = fn()
+            resid = float(
+                torch.linalg.matrix_norm(V @ torch.diag_embed(w) @ V.mT - A).max()
+                / torch.linalg.matrix_norm(A).max()
+            )
             record(
-                f"torch.linalg.eigh [{A.shape[0]}, {width}, {width}] {edt}",
-                eigh,
-                host_syncs=count_syncs(eigh, dev),
+                f"{name} [{A.shape[0]}, {width}, {width}] float64",
+                fn,
+                reps,
+                host_syncs=count_syncs(fn, dev),
+                rel_resid=resid,
             )
     if not args.no_exact:
 
