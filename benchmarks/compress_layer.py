@@ -43,6 +43,7 @@ import torch
 from spectralcache.bench.svd import decaying_matrix, rel_error
 from spectralcache.cache.block import compress_blocks, reconstruct
 from spectralcache.config import get_preset
+from spectralcache.linalg import rsvd as rsvd_module
 from spectralcache.linalg.rsvd import randomized_svd
 
 
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype),
         "ranks": [rk, rv],
         "timing": "cuda events, median after warm-up" if dev.type == "cuda" else "wall clock, median",
+        "jacobi_kernel_unavailable": list(rsvd_module._JACOBI_BROKEN),  # non-empty: cuSOLVER eigh was used
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
