@@ -417,3 +417,48 @@ def test_decode_does_not_synchronize_cuda(key_space: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _close32(out, dense_reference(query, state, None))
+
+
+# --------------------------------------------------------------------------- cold blocks read in tiles
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("phase", ["decode", "prefill_chunk"])
+@pytest.mark.parametrize("tile_tokens", [16, 32, 1 << 20])
+@pytest.mark.parametrize("identity", [False, True])
+def test_block_tiles_merge_exactly(key_space: str, phase: str, tile_tokens: int, identity: bool) -> None:
+    """Cold blocks decoded tile by tile (1, 2 or all 5 blocks at a time), merged by log-sum-exp,
+    with per-row scales applied on the scores (decode: few rows) or folded (prefill: many)."""
+    chunk = 1 if phase == "decode" else 24
+    state = make_state(
+        key_space=key_space,
+        blocks=5,
+        bits=8,
+        chunk=chunk,
+        hot=20,
+        seed=12,
+        identity_keys=identity,
+        identity_values=identity,
+    )
+    mask = padded_causal_mask(2, chunk, state.seq_len, pads=[0, 21])  # row 1 pads into block 1
+    query = _query(state, 4, chunk)
+    for m in (None, mask):
+        got, lse = spectral_attention(query, state, m, tile_tokens=tile_tokens, return_lse=True)
+        _close32(got, dense_reference(query, state, m))
+        _, want_lse = _state_lse(query, state, m, query.shape[-1] ** -0.5)
+        torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_query_tiles_share_one_decode_or_tile_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several query tiles share one decoded copy of the cold tier; past the size limit they decode
+    it tile by tile instead. Same numbers either way."""
+    state = make_state(key_space="pre_rope", blocks=4, bits=4, chunk=30, hot=25, seed=13)
+    query = _query(state, 4, 30)
+    small = 2 * 4 * state.seq_len * 7  # 7 query rows per tile
+    shared = spectral_attention(query, state, None, max_score_elements=small, chunk_backend="sdpa")
+    monkeypatch.setattr(ref, "_SHARED_PREP_MAX_ELEMENTS", 0)
+    tiled = spectral_attention(
+        query, state, None, max_score_elements=small, chunk_backend="sdpa", tile_tokens=16
+    )
+    torch.testing.assert_close(shared, tiled, rtol=1e-5, atol=1e-6)
+    _close32(tiled, dense_reference(query, state, None))

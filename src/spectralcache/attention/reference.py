@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spectralcache.cache.state import SpectralLayerState
+from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
 __all__ = [
     "dense_attention",
@@ -228,102 +228,149 @@ def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def _coeffs_scaled(coeffs: torch.Tensor, scales: torch.Tensor | None, bits: int, rank: int) -> torch.Tensor:
-    """Coefficient rows times their per-row scale, float32 (one pass: int8 * float32 promotes)."""
+    """Coefficient rows times their per-row scale, float32.
+
+    Convert, then scale in place: measured 2x faster on CPU than ``int8 * float32`` with type
+    promotion and broadcasting."""
     if bits == 4:
         coeffs = _unpack_int4(coeffs, rank)
-    if scales is None:
-        return coeffs.float()
-    return coeffs * scales.float()
+    out = coeffs.float()
+    return out if scales is None else out.mul_(scales)
 
 
 @dataclass
 class _ColdPrep:
-    """The cold blocks a call reads, decoded once per call (not once per query tile).
+    """A tile of cold blocks decoded to float32 (once per call when query tiles share it).
 
-    Scales are folded into the (small) coefficient matrices instead of multiplying every
-    score / probability: the same products in float32, one pass over ``[nb, T, r]``
-    instead of one over ``[nb, rows, T]`` per tile.
+    Per-row scales are applied where it is cheaper, the same products in float32 either way:
+    folded into the coefficient matrices (one pass over ``[nb, T, r]``) when a query tile has
+    more rows than the rank (prefill), else on the scores / probabilities (one pass over
+    ``[nb, rows, T]``: decode has a handful of rows).
     """
 
-    n_blocks: int
-    key_coeffs: torch.Tensor  # [B, H, nb, T, rk] float32, scaled
+    lo: int  # blocks lo:hi of the cold tier
+    hi: int
+    key_coeffs: torch.Tensor  # [B, H, nb, T, rk] float32 (scaled unless key_scales is set)
+    key_scales: torch.Tensor | None  # [B, H, nb, 1, T] float32: multiply the scores
     key_basis_t: torch.Tensor | None  # post-RoPE low-rank: [B, H, D, nb*rk] float32
-    keys: torch.Tensor | None  # pre-RoPE, rebuilt and rotated once: [B, H, nb, T, D] float32
-    value_coeffs: torch.Tensor  # [B, H, nb, T, rv] float32, scaled
+    keys: torch.Tensor | None  # pre-RoPE, rebuilt and rotated: [B, H, nb, T, D] float32
+    value_coeffs: torch.Tensor  # [B, H, nb, T, rv] float32 (scaled unless value_scales is set)
+    value_scales: torch.Tensor | None  # [B, H, nb, 1, T] float32: multiply the probabilities
     value_basis: torch.Tensor | None  # [B, H, nb*rv, D] float32 (None = identity codec)
     is_outlier: torch.Tensor  # [B, H, nb, T] bool: rows attended through their exact copy
     starts: torch.Tensor  # [nb] cache index of each block's first token
 
 
-# a pre-RoPE layer read by several query tiles is rebuilt once when it fits this many floats
-_PREBUILD_KEYS_MAX_ELEMENTS = 1 << 28
+# Decoded cold tiles stay under this many float32 elements when several query tiles share them
+# (prefill); otherwise blocks are decoded tile by tile (see ``_block_tiles``).
+_SHARED_PREP_MAX_ELEMENTS = 1 << 28
 
 
-def _prepare_cold(state: SpectralLayerState, n_blocks: int, query_tiles: int) -> _ColdPrep:
+def _prepare_cold(state: SpectralLayerState, lo: int, hi: int, rows: int) -> _ColdPrep:
+    """Decode cold blocks ``lo:hi`` for query tiles of ``rows`` rows per KV head (see ``_ColdPrep``)."""
     cold = state.cold
     device = state.hot_keys.device
     bsz, n_kv, _, head_dim = state.hot_keys.shape
-    sel = slice(0, n_blocks)
-    key_coeffs = _coeffs_scaled(
-        cold.key_coeffs[:, :, sel], _opt(cold.key_scales, sel), cold.coeff_bits, cold.rank_keys
-    )
-    key_basis = None if cold.key_basis is None else cold.key_basis[:, :, sel].float()  # [B,H,nb,rk,D]
+    sel = slice(lo, hi)
+    n_blocks = hi - lo
     t = cold.block_size
     starts = cold.block_starts[sel].to(device)
+    pre_rope = state.key_space == "pre_rope"
+    # pre-RoPE keys are rebuilt row by row anyway: the scale goes in there
+    fold_keys = pre_rope or rows > cold.rank_keys
+    key_scales = _opt(cold.key_scales, sel)
+    key_coeffs = _coeffs_scaled(
+        cold.key_coeffs[:, :, sel], key_scales if fold_keys else None, cold.coeff_bits, cold.rank_keys
+    )
+    if fold_keys or key_scales is None:
+        key_scales = None
+    else:
+        key_scales = key_scales.float().transpose(-1, -2)
+    key_basis = None if cold.key_basis is None else cold.key_basis[:, :, sel].float()  # [B,H,nb,rk,D]
     key_basis_t = keys = None
-    if state.key_space == "post_rope" and key_basis is not None:
-        key_basis_t = key_basis.reshape(bsz, n_kv, n_blocks * cold.rank_keys, head_dim).transpose(-1, -2)
-    elif state.key_space == "pre_rope" and (
-        query_tiles > 1 and bsz * n_kv * n_blocks * t * head_dim <= _PREBUILD_KEYS_MAX_ELEMENTS
-    ):
+    if pre_rope:
         keys = key_coeffs if key_basis is None else key_coeffs @ key_basis
         keys = _rotate_block_keys(state, keys, starts).float()
+    elif key_basis is not None:
+        key_basis_t = key_basis.reshape(bsz, n_kv, n_blocks * cold.rank_keys, head_dim).transpose(-1, -2)
+    fold_values = rows > cold.rank_values
+    value_scales = _opt(cold.value_scales, sel)
     value_coeffs = _coeffs_scaled(
-        cold.value_coeffs[:, :, sel], _opt(cold.value_scales, sel), cold.value_bits, cold.rank_values
+        cold.value_coeffs[:, :, sel], value_scales if fold_values else None, cold.value_bits, cold.rank_values
     )
+    if fold_values or value_scales is None:
+        value_scales = None
+    else:
+        value_scales = value_scales.float().transpose(-1, -2)
     value_basis = None
     if cold.value_basis is not None:
         value_basis = cold.value_basis[:, :, sel].float().reshape(bsz, n_kv, n_blocks * cold.rank_values, -1)
     is_outlier = torch.zeros(bsz, n_kv, n_blocks, t, dtype=torch.bool, device=device)
     is_outlier.scatter_(-1, cold.outlier_index[:, :, sel], True)
-    return _ColdPrep(n_blocks, key_coeffs, key_basis_t, keys, value_coeffs, value_basis, is_outlier, starts)
+    return _ColdPrep(
+        lo,
+        hi,
+        key_coeffs,
+        key_scales,
+        key_basis_t,
+        keys,
+        value_coeffs,
+        value_scales,
+        value_basis,
+        is_outlier,
+        starts,
+    )
+
+
+def _block_tiles(
+    state: SpectralLayerState, n_blocks: int, query_tiles: int, rows: int, tile_tokens: int | None
+) -> list:
+    """How the first ``n_blocks`` cold blocks are read: ``[_ColdPrep]`` decoded once for every query
+    tile (prefill, when it fits), else ``[(lo, hi), ...]`` ranges of blocks decoded per query tile
+    (``tile_tokens`` tokens each; default: ~2**20 decoded floats per tile on CPU, 2**26 on CUDA).
+
+    Why tiles: on CPU a large fresh float32 tensor costs page faults. Measured on the 2-core box
+    (1 thread, decode at 32K tokens, 8 KV heads, head_dim 128): 51 ms per call decoding every
+    block at once, 22 ms in 1K-token tiles; at 8K tokens with 2 KV heads, head_dim 64 one tile
+    is best (0.8 ms) — hence a budget in floats, not tokens. On CUDA the caching allocator
+    makes one big tile cheap and each tile costs kernel launches. Tiles also bound the memory
+    of rebuilt pre-RoPE keys."""
+    if not n_blocks:
+        return []
+    cold = state.cold
+    bsz, n_kv, _, head_dim = state.hot_keys.shape
+    per_token = (head_dim if state.key_space == "pre_rope" else cold.rank_keys) + cold.rank_values
+    if query_tiles > 1 and bsz * n_kv * n_blocks * cold.block_size * per_token <= _SHARED_PREP_MAX_ELEMENTS:
+        return [_prepare_cold(state, 0, n_blocks, rows)]
+    if tile_tokens is None:
+        budget = 1 << 26 if state.hot_keys.device.type == "cuda" else 1 << 20
+        tile_tokens = budget // (bsz * n_kv * per_token)
+    per_tile = max(1, tile_tokens // cold.block_size)
+    return [(lo, min(n_blocks, lo + per_tile)) for lo in range(0, n_blocks, per_tile)]
 
 
 def _opt(x: torch.Tensor | None, sel: slice) -> torch.Tensor | None:
     return None if x is None else x[:, :, sel]
 
 
-def _cold_scores(
-    qs: torch.Tensor, prep: _ColdPrep, state: SpectralLayerState, tile_tokens: int
-) -> torch.Tensor:
+def _cold_scores(qs: torch.Tensor, prep: _ColdPrep, state: SpectralLayerState) -> torch.Tensor:
     """Scaled query [B, H, R, D] against the prepared cold blocks -> [B, H, nb, R, T] (a fresh tensor)."""
-    cold = state.cold
-    nb, rk = prep.n_blocks, cold.rank_keys
+    nb, rk = prep.hi - prep.lo, state.cold.rank_keys
     bsz, n_kv, rows, _ = qs.shape
-    if prep.keys is not None:  # pre-RoPE, rebuilt once for every query tile
+    if prep.keys is not None:  # pre-RoPE: rebuilt, rotated keys (scales folded in)
         return qs[:, :, None] @ prep.keys.transpose(-1, -2)
-    if state.key_space == "post_rope" and prep.key_basis_t is None:
-        # identity basis: the coefficient rows are the keys, q·Cᵀ per block
-        return qs[:, :, None] @ prep.key_coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
-    if state.key_space == "post_rope":
-        # (q·B_Kᵀ) for every block in one matmul: [B,H,R,D] @ [B,H,D,nb*rk]
+    if prep.key_basis_t is None:  # identity basis: the coefficient rows are the keys, q·Cᵀ per block
+        scores = qs[:, :, None] @ prep.key_coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
+    else:  # (q·B_Kᵀ) for every block in one matmul: [B,H,R,D] @ [B,H,D,nb*rk], then ·C_Kᵀ per block
         proj = (qs @ prep.key_basis_t).reshape(bsz, n_kv, rows, nb, rk).transpose(2, 3)  # [B,H,nb,R,rk]
-        return proj @ prep.key_coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
-    # pre-RoPE, one tile of queries (decode): rebuild a tile of blocks, rotate it, score it.
-    basis = cold.key_basis
-    per_tile = max(1, tile_tokens // cold.block_size)
-    tiles = []
-    for lo in range(0, nb, per_tile):
-        hi = min(nb, lo + per_tile)
-        c = prep.key_coeffs[:, :, lo:hi]
-        keys = c if basis is None else c @ basis[:, :, lo:hi].float()  # [B,H,nt,T,D] pre-RoPE
-        keys = _rotate_block_keys(state, keys, prep.starts[lo:hi]).float()
-        tiles.append(qs[:, :, None] @ keys.transpose(-1, -2))  # [B,H,nt,R,T]
-    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
+        scores = proj @ prep.key_coeffs.transpose(-1, -2)  # [B,H,nb,R,T]
+    return scores if prep.key_scales is None else scores.mul_(prep.key_scales)
 
 
 def _cold_values(p: torch.Tensor, prep: _ColdPrep, rank_values: int) -> torch.Tensor:
     """Latent value read: probabilities [B, H, nb, R, T] -> sum over blocks of (p·C_V)·B_V, [B, H, R, D]."""
+    if prep.value_scales is not None:
+        p = p.mul_(prep.value_scales)  # p is the caller's own tensor, no longer needed unscaled
     latent = p @ prep.value_coeffs  # [B,H,nb,R,rv]
     if prep.value_basis is None:  # identity basis: the latent read is the output
         return latent.sum(dim=2)
@@ -535,7 +582,7 @@ def spectral_attention(
     *,
     scaling: float | None = None,
     softcap: float | None = None,
-    tile_tokens: int = 16384,
+    tile_tokens: int | None = None,
     max_score_elements: int | None = None,
     return_lse: bool = False,
     chunk_backend: str = "auto",
@@ -551,7 +598,8 @@ def spectral_attention(
     * the tiers before the chunk (cache indices < ``chunk_start``: landmarks, cold blocks and
       outliers, hot buffer) in float32 torch, split into query tiles so the score matrix stays
       under ``max_score_elements`` (default 2**23 on CPU, 2**26 on CUDA; decode is one tile);
-      ``tile_tokens`` bounds a pre-RoPE reconstruction tile;
+      ``tile_tokens`` (default: sized by device, see ``_block_tiles``) is how many cold tokens
+      are decoded to float32 at a time when query tiles do not share one decode;
     * the exact current chunk through a fused SDPA kernel (:func:`sdpa_with_lse`). When nothing
       precedes the chunk (a first prefill) this is plain SDPA.
 
@@ -601,13 +649,14 @@ def spectral_attention(
     per_query_row = bsz * n_q_heads * max(tier_end, 1)
     q_tile = max(1, max_score_elements // per_query_row)
     n_blocks = _cold_blocks_before(state, int(state.chunk_start) if has_chunk else seq_len)
-    prep = _prepare_cold(state, n_blocks, -(-q_len // q_tile)) if n_blocks else None
+    rows = (n_q_heads // state.hot_keys.shape[1]) * min(q_tile, q_len)
+    block_tiles = _block_tiles(state, n_blocks, -(-q_len // q_tile), rows, tile_tokens)
     outs, lses = [], []
     for lo in range(0, q_len, q_tile):
         hi = min(q_len, lo + q_tile)
         mask = None if attention_mask is None else attention_mask[:, :, lo:hi]
         q = query[:, :, lo:hi]
-        o, s = _attend_tiers(q, state, mask, q_first + lo, scale, softcap, tile_tokens, include_chunk, prep)
+        o, s = _attend_tiers(q, state, mask, q_first + lo, scale, softcap, include_chunk, block_tiles)
         outs.append(o)
         lses.append(s)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -643,13 +692,14 @@ def _attend_tiers(
     q_first: int,
     scale: float,
     softcap: float | None,
-    tile_tokens: int,
     include_chunk: bool,
-    prep: _ColdPrep | None,
+    block_tiles: list,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query tile (queries at cache indices ``q_first ..``) against the tiers before the
-    chunk, plus the chunk itself when ``include_chunk``; one float32 softmax over all of them.
+    chunk, plus the chunk itself when ``include_chunk``.
 
+    One float32 softmax spans the exact tiers and the first tile of cold blocks; further cold
+    tiles (``block_tiles``, see :func:`_block_tiles`) are merged in by log-sum-exp.
     Returns (out [B, Hq, q, D] float32, lse [B, Hq, q] float32, ``-inf`` where no key is seen).
     No host synchronization: every size used here is a host integer of the state.
     """
@@ -683,22 +733,10 @@ def _attend_tiers(
     cold = state.cold
     # blocks that start at or after the chunk are served by the chunk entirely
     n_blocks = _cold_blocks_before(state, tier_end)
-    cold_scores = None
     if n_blocks:
-        if prep is None or prep.n_blocks != n_blocks:
-            prep = _prepare_cold(state, n_blocks, 1)
-        t = cold.block_size
-        starts = prep.starts
-        s = _softcap(_cold_scores(qs_scaled, prep, state, tile_tokens), softcap)  # fresh: edited in place
-        cold_end = state.hot_start - (cold.num_blocks - n_blocks) * t
-        idx = (starts[:, None] + torch.arange(t, device=device)).reshape(-1)
-        bias = masks.shared(idx, cold_end)  # [B|1, 1, q, nb*T] or None
-        s6 = s.view(bsz, n_kv, n_blocks, groups, q_len, t)
-        if bias is not None:
-            s6.add_(bias.reshape(bias.shape[0], 1, q_len, n_blocks, t).permute(0, 1, 3, 2, 4).unsqueeze(3))
-        # rows kept exact as outliers are attended through their exact copy, not here
-        s.masked_fill_(prep.is_outlier[:, :, :, None, :], _NEG_INF)
-        cold_scores = s  # [B,H,nb,R,T]
+        first = state.hot_start - cold.num_blocks * cold.block_size  # host: blocks are contiguous
+        cold_end = first + n_blocks * cold.block_size
+        starts = cold.block_starts[:n_blocks].to(device)
         oidx = cold.outlier_index[:, :, :n_blocks]
         if oidx.shape[-1]:
             o_idx = (starts[None, None, :, None] + oidx).reshape(bsz, n_kv, -1)
@@ -717,29 +755,65 @@ def _attend_tiers(
         idx = torch.arange(state.chunk_start, seq_len, device=device)
         exact.append((exact_scores(state.chunk_keys, chunk_masks.shared(idx, seq_len)), state.chunk_values))
 
-    # ---- one softmax over every tier
+    def cold_tile_scores(prep: _ColdPrep) -> torch.Tensor:
+        """Masked scores of one tile of cold blocks, [B, H, nb, R, T]."""
+        t = cold.block_size
+        nb = prep.hi - prep.lo
+        s = _softcap(_cold_scores(qs_scaled, prep, state), softcap)  # fresh: edited in place
+        idx = (prep.starts[:, None] + torch.arange(t, device=device)).reshape(-1)
+        bias = masks.shared(idx, first + prep.hi * t)  # [B|1, 1, q, nb*T] or None
+        if bias is not None:
+            s.view(bsz, n_kv, nb, groups, q_len, t).add_(
+                bias.reshape(bias.shape[0], 1, q_len, nb, t).permute(0, 1, 3, 2, 4).unsqueeze(3)
+            )
+        # rows kept exact as outliers are attended through their exact copy, not here
+        return s.masked_fill_(prep.is_outlier[:, :, :, None, :], _NEG_INF)
+
+    if not exact and not block_tiles:  # nothing before the chunk (and the chunk attended elsewhere)
+        out = torch.zeros(bsz, n_q_heads, q_len, head_dim, device=device)
+        return out, torch.full((bsz, n_q_heads, q_len), _NEG_INF, device=device)
+    tiles = [t if isinstance(t, _ColdPrep) else _prepare_cold(state, *t, rows) for t in block_tiles[:1]]
+    out, lse = _softmax_part(exact, [(cold_tile_scores(p), p) for p in tiles], rows, head_dim, cold)
+    for rng in block_tiles[1:]:
+        prep = rng if isinstance(rng, _ColdPrep) else _prepare_cold(state, *rng, rows)
+        o, s = _softmax_part([], [(cold_tile_scores(prep), prep)], rows, head_dim, cold)
+        out, lse = merge_partials(out, lse, o, s)
+    return out.reshape(bsz, n_q_heads, q_len, head_dim), lse.reshape(bsz, n_q_heads, q_len)
+
+
+def _softmax_part(
+    exact: list[tuple[torch.Tensor, torch.Tensor]],
+    cold_parts: list[tuple[torch.Tensor, _ColdPrep]],
+    rows: int,
+    head_dim: int,
+    cold: ColdBlocks | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 softmax over exact tiers (scores [B,H,R,n], values) and cold tiles (scores
+    [B,H,nb,R,T]); the scores become probabilities in place (they are the caller's own tensors).
+    Returns (out [B, H, R, D], lse [B, H, R]); rows that see nothing: (0, -inf)."""
+    some = exact[0][0] if exact else cold_parts[0][0]
+    bsz, n_kv, device = some.shape[0], some.shape[1], some.device
     row_max = torch.full((bsz, n_kv, rows, 1), _NEG_INF, device=device)
     for s, _ in exact:
         row_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
-    if cold_scores is not None:
-        row_max = torch.maximum(row_max, cold_scores.amax(dim=(2, 4)).unsqueeze(-1))
+    for s, _ in cold_parts:
+        row_max = torch.maximum(row_max, s.amax(dim=(2, 4)).unsqueeze(-1))
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # fully masked rows: exp(-inf)=0
 
-    # scores become probabilities in place: they are this function's own tensors
     denom = torch.zeros(bsz, n_kv, rows, 1, device=device)
     out = torch.zeros(bsz, n_kv, rows, head_dim, device=device)
     for s, v in exact:
         p = s.sub_(row_max).exp_()
         denom += p.sum(dim=-1, keepdim=True)
         out += p @ v.float()
-    if cold_scores is not None:
-        p = cold_scores.sub_(row_max.unsqueeze(2)).exp_()
+    for s, prep in cold_parts:
+        p = s.sub_(row_max.unsqueeze(2)).exp_()
         denom += p.sum(dim=-1).sum(dim=2).unsqueeze(-1)
         out += _cold_values(p, prep, cold.rank_values)
     seen = denom > 0
     out = torch.where(seen, out / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     lse = torch.where(seen, row_max + torch.log(denom), _NEG_INF)
-    return out.reshape(bsz, n_q_heads, q_len, head_dim), lse.reshape(bsz, n_q_heads, q_len)
+    return out, lse.squeeze(-1)
 
 
 # --------------------------------------------------------------------------- dense references
