@@ -142,6 +142,7 @@ configs = st.builds(
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("update"), st.integers(1, 30)),
+        st.tuples(st.just("undone"), st.integers(1, 30)),  # an update rolled back (failed forward)
         st.tuples(st.just("release"), st.just(0)),
         st.tuples(st.just("crop"), st.integers(1, 25)),
         st.tuples(st.just("reorder"), st.integers(0, 10_000)),
@@ -168,6 +169,12 @@ def test_layer_matches_reference(cfg, batch, heads, program, seed):
             out = layer.update(k, v)
             assert out[0] is k and out[1] is v
             ref.update(k, v)
+        elif op == "undone":
+            token = layer.checkpoint()
+            layer.update(
+                torch.randn(b, heads, arg, D, generator=g), torch.randn(b, heads, arg, D, generator=g)
+            )
+            layer.rollback(token)
         elif op == "release":
             layer.release_chunk()
         elif op == "crop":
