@@ -752,8 +752,9 @@ def run(args: argparse.Namespace) -> int:
     def save() -> None:  # after every case, so a run stopped from outside keeps what it measured
         json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str))
 
-    for tokens in contexts:
-        for batch in batches:
+    # batch outer: a run stopped by a time limit keeps every context at the first batch size
+    for batch in batches:
+        for tokens in contexts:
             try:
                 rows.extend(
                     measure_case(args, dev, dtype, tokens, batch, presets, methods, kernel, kernel_reason, l2,

@@ -25,7 +25,7 @@ Models (random weights, built in code, nothing downloaded):
   attention, so only those are compressed).
 
 A time budget (``--time-budget-s``) skips a (length, cache) whose prefill + decode, estimated
-from the same cache at the previous length (quadratic in length, to be safe), would not fit;
+from the same cache at the previous length (prefill as length^1.5, decode linear), would not fit;
 skipped and out-of-memory cases are recorded with the reason. The JSON is rewritten after every
 case, so a run stopped from outside keeps what it measured. Output: ``bench_e2e_<tag>.json`` / ``.png``.
 """
@@ -303,7 +303,10 @@ def _estimate_s(done: list[dict[str, Any]], method: str, length: int, decode_ste
         return None
     p = max(prev, key=lambda r: r["length"])
     f = length / p["length"]
-    return p["prefill_s"] * f * f + decode_steps * p["decode_ms_per_token"] * 1e-3 * f
+    # prefill: between linear (projections, MLP, block compression) and quadratic (attention);
+    # decode: linear in the context; two passes
+    passes = p.get("decode_passes", 1)
+    return p["prefill_s"] * f**1.5 + passes * decode_steps * p["decode_ms_per_token"] * 1e-3 * f
 
 
 # ----------------------------------------------------------------------------- reporting
