@@ -138,7 +138,8 @@ def _overflowing_rows(x: torch.Tensor, bits: int, codec: str, model_dtype: torch
     A low-rank coefficient row is the row projected on an orthonormal basis, so each entry is
     at most the row's norm, itself at most ``sqrt(D) * max|x|`` (computed without squaring, so
     it cannot overflow); an identity-codec row's coefficients are its own entries."""
-    amax = x.abs().amax(-1)
+    lo, hi = torch.aminmax(x, dim=-1)  # max |x| per row without a full-size abs() temporary
+    amax = torch.maximum(hi, -lo)
     bound = amax if codec == "identity" else amax * math.sqrt(x.shape[-1])
     return bound > _coeff_limit(bits, model_dtype)
 
@@ -238,16 +239,19 @@ def compress_blocks(
         vf, vbits, config.value_codec, model_dtype
     )  # [N, T]
     n_huge = huge.sum(-1)
-    if bool((n_huge > o).any()):  # one host sync per compression call
+    excess, any_huge = torch.stack([(n_huge > o).any(), n_huge.any()]).tolist()  # one host sync
+    if excess:
         worst = int(n_huge.max())
         raise ValueError(
             f"a block has {worst} rows too large for {config.coeff_bits}/{vbits}-bit coefficients "
             f"(max |value| {float(torch.maximum(kf.abs().amax(), vf.abs().amax())):.3g}; per-row "
             f"float16 scales overflow); at most outliers_per_block={o} such rows per block can be kept exact"
         )
-    # huge rows are served exactly (forced outliers below): keep them out of the fit and the scales
-    kf = kf.masked_fill(huge.unsqueeze(-1), 0.0)
-    vf = vf.masked_fill(huge.unsqueeze(-1), 0.0)
+    if any_huge:
+        # huge rows are served exactly (forced outliers below): keep them out of the fit and the
+        # scales (out of place: kf / vf may be the caller's tensors; only paid when it happens)
+        kf = kf.masked_fill(huge.unsqueeze(-1), 0.0)
+        vf = vf.masked_fill(huge.unsqueeze(-1), 0.0)
 
     def gen() -> torch.Generator:
         return torch.Generator(device=kf.device).manual_seed(config.seed)
