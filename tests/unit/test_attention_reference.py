@@ -8,8 +8,6 @@ the three mask forms transformers passes (None, bool, additive float) with left 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -119,15 +117,6 @@ def make_state(
     if chunk is not None:
         chunk_start = seq_len - chunk
         chunk_keys, chunk_values = rn(b, h, chunk, d), rn(b, h, chunk, d)
-    # the pre-RoPE rotation: RoPE inverse frequencies in the state (cache/state.py contract), or the
-    # older bound-callable field while a checkout still has it
-    rope: dict = {}
-    if key_space == "pre_rope":
-        names = {f.name for f in dataclasses.fields(SpectralLayerState)}
-        if "rope_inv_freq" in names:
-            rope["rope_inv_freq"] = _inv_freq(head_dim)
-        else:
-            rope["rotate_block_keys"] = _rope
     return SpectralLayerState(
         layer_idx=0,
         seq_len=seq_len,
@@ -141,7 +130,7 @@ def make_state(
         chunk_values=chunk_values,
         chunk_start=chunk_start,
         key_space=key_space,
-        **rope,
+        rope_inv_freq=_inv_freq(head_dim) if key_space == "pre_rope" else None,
     )
 
 
@@ -396,3 +385,14 @@ def test_query_tiles_give_same_result(masked: bool) -> None:
     tiled = spectral_attention(query, state, mask, max_score_elements=2 * 4 * state.seq_len * 7)  # 7 rows
     torch.testing.assert_close(one, tiled, rtol=1e-5, atol=1e-6)
     _close(tiled, dense_reference(query, state, mask))
+
+
+def test_rope_rotation_matches_an_independent_rope() -> None:
+    """The rotation attention applies to pre-RoPE blocks (cache.rope.rotate_block_keys with the
+    state's inv_freq) is plain rotate-half RoPE at the cache index, as written out here."""
+    from spectralcache.cache.rope import rotate_block_keys
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 4, 16, 32, generator=g)
+    starts = torch.tensor([4, 20, 36, 900])
+    torch.testing.assert_close(rotate_block_keys(keys, starts, _inv_freq(32)), _rope(keys, starts))

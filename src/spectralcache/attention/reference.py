@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from spectralcache.cache.rope import rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
 __all__ = [
@@ -99,12 +100,7 @@ def _check_state(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, i
         raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv} KV heads")
     if state.key_space not in ("pre_rope", "post_rope"):
         raise ValueError(f"unknown key_space {state.key_space!r}")
-    if (
-        state.cold is not None
-        and state.key_space == "pre_rope"
-        and getattr(state, "rope_inv_freq", None) is None
-        and getattr(state, "rotate_block_keys", None) is None
-    ):
+    if state.cold is not None and state.key_space == "pre_rope" and state.rope_inv_freq is None:
         raise ValueError(
             "pre_rope cold blocks need state.rope_inv_freq (the model's RoPE inverse frequencies)"
         )
@@ -115,12 +111,7 @@ def _rotate_block_keys(
     state: SpectralLayerState, keys: torch.Tensor, block_starts: torch.Tensor
 ) -> torch.Tensor:
     """Re-rotate pre-RoPE block keys [B, H, nb, T, D] to their cache indices (post-RoPE)."""
-    inv_freq = getattr(state, "rope_inv_freq", None)
-    if inv_freq is not None:
-        from spectralcache.cache.rope import rotate_block_keys
-
-        return rotate_block_keys(keys, block_starts, inv_freq)
-    return state.rotate_block_keys(keys, block_starts)
+    return rotate_block_keys(keys, block_starts, state.rope_inv_freq)
 
 
 # --------------------------------------------------------------------------- masks
