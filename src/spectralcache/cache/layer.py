@@ -129,6 +129,15 @@ COLD_TIERS = tuple(dict.fromkeys(_TIER_OF_FIELD.values()))
 _EXACT_TIERS = ("landmarks", "hot", "chunk")
 
 
+def _any_nonfinite(*xs: torch.Tensor) -> torch.Tensor:
+    """Device bool: some element is NaN or inf. Reduces with min / max, which propagate NaN,
+    so no full-size boolean temporary is made (a prefill chunk can be gigabytes)."""
+    ends = [e.float() for x in xs if x.numel() for e in torch.aminmax(x)]
+    if not ends:
+        return torch.zeros((), dtype=torch.bool, device=xs[0].device)
+    return ~torch.isfinite(torch.stack(ends)).all()
+
+
 @dataclass(frozen=True)
 class LayerCheckpoint:
     """What :meth:`SpectralLayer.checkpoint` returns: counters and buffer references (no copies)."""
@@ -374,7 +383,7 @@ class SpectralLayer(CacheLayerMixin):
             raise ValueError(f"layer {self.layer_idx}: ranks ({rk}, {rv}) exceed head_dim {d}")
         if key_states.shape[-2] > 1:
             # a prefill chunk: checked on the host (one sync, cheap next to the prefill itself)
-            if not bool(torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
+            if bool(_any_nonfinite(key_states, value_states)):
                 raise ValueError(
                     f"layer {self.layer_idx}: key/value states contain NaN or inf; the cache was not changed"
                 )
@@ -383,7 +392,7 @@ class SpectralLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ finiteness
     def _note_decode_finiteness(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Fold the tokens' finiteness into the device-side flag (no host synchronization)."""
-        bad = ~(torch.isfinite(key_states).all() & torch.isfinite(value_states).all())
+        bad = _any_nonfinite(key_states, value_states)
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
 
     def _first_nonfinite_index(self) -> int | None:
