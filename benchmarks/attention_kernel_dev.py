@@ -21,6 +21,7 @@ Prints a short table last and writes ``kernel_dev.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -156,11 +157,28 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
                         device=device, seed=seed)  # fmt: skip
 
 
+def best_configs(res: dict) -> dict:
+    """Per preset, the launch config with the lowest summed time over the variant contexts."""
+    by: dict = {}
+    for r in res.get("variants", []):
+        cfg = (r["block_t"], r["num_warps"], r["maxnreg"], r["programs_per_sm"])
+        by.setdefault(r["preset"], {}).setdefault(cfg, []).append(r["ms_graph"])
+    best = {}
+    for preset, cfgs in by.items():
+        n = max(len(v) for v in cfgs.values())
+        cfg = min((c for c, v in cfgs.items() if len(v) == n), key=lambda c: sum(cfgs[c]))
+        best[preset] = dict(block_t=cfg[0], num_warps=cfg[1], maxnreg=cfg[2], programs_per_sm=cfg[3])
+    return best
+
+
 def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
     import torch.nn.functional as F
 
     rows = []
     copy_bw = res.get("copy", {}).get("GBps")
+    configs = best_configs(res)
+    res["time_configs"] = configs
+    print("time section launch configs:", configs or "defaults", flush=True)
     for ctx in contexts:
         for batch in batches:
             q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -175,17 +193,26 @@ def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
                 build_s = time.time() - t0
                 nbytes = state_bytes(st)
                 out = torch.empty_like(q)
-                ms = bench(lambda st=st, out=out, q=q: decode_attention(q, st, out=out))
+                cfg = configs.get(preset, {})
+                ms = bench(lambda st=st, out=out, q=q, cfg=cfg: decode_attention(q, st, out=out, **cfg))
                 try:
-                    ms_graph = bench(lambda st=st, out=out, q=q: decode_attention(q, st, out=out), graph=True)
+                    ms_graph = bench(
+                        lambda st=st, out=out, q=q, cfg=cfg: decode_attention(q, st, out=out, **cfg),
+                        graph=True,
+                    )
                 except Exception as exc:
                     ms_graph = float("nan")
                     print("graph capture failed:", repr(exc)[:300])
                 torch.cuda.synchronize()
                 t_host = time.perf_counter()
                 for _ in range(200):
-                    decode_attention(q, st, out=out)
+                    decode_attention(q, st, out=out, **cfg)
                 host_us = (time.perf_counter() - t_host) / 200 * 1e6
+                # one caching-allocator round trip, for scale
+                t_host = time.perf_counter()
+                for _ in range(200):
+                    torch.empty(1, device="cuda")
+                alloc_us = (time.perf_counter() - t_host) / 200 * 1e6
                 torch.cuda.synchronize()
                 ref_ms = float("nan")
                 err = float("nan")
@@ -200,7 +227,7 @@ def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
                     "dense_bytes": dense_bytes, "byte_ratio": dense_bytes / nbytes,
                     "GBps": nbytes / best / 1e6, "GBps_eager": nbytes / ms / 1e6,
                     "frac_copy": (nbytes / best / 1e6) / copy_bw if copy_bw else None,
-                    "speedup_vs_sdpa": sdpa_ms / best, "host_us_per_call": host_us, "rel_err_vs_ref": err, "build_s": build_s,
+                    "speedup_vs_sdpa": sdpa_ms / best, "host_us_per_call": host_us, "alloc_us": alloc_us, "config": cfg, "rel_err_vs_ref": err, "build_s": build_s,
                 }  # fmt: skip
                 rows.append(row)
                 print(
@@ -225,28 +252,25 @@ def section_variants(res: dict, contexts) -> None:
             ref = decode_attention(q, st).float()
             for block_t in (64, 128):
                 for warps in (4, 8):
-                    for stages in (None, 2):
-                        for pps in (4, 8, 16, 32):
+                    for maxnreg in (None, 128, 168):
+                        for pps in (4, 8):
+                            cfg = dict(block_t=block_t, num_warps=warps, maxnreg=maxnreg, programs_per_sm=pps)
                             try:
-                                fn = lambda st=st, out=out, bt=block_t, w=warps, ns=stages, pps=pps, q=q: (  # noqa: E731
-                                    decode_attention(q, st, out=out, block_t=bt, num_warps=w, num_stages=ns,
-                                                     programs_per_sm=pps)
-                                )  # fmt: skip
+                                fn = functools.partial(decode_attention, q, st, out=out, **cfg)
                                 fn()
                                 err = rel(out, ref)
                                 ms = bench(fn, graph=True)
                             except Exception as exc:
-                                print("variant failed", block_t, warps, stages, pps, repr(exc)[:300])
+                                print("variant failed", cfg, repr(exc)[:300])
                                 continue
-                            rows.append({"ctx": ctx, "preset": preset, "block_t": block_t, "num_warps": warps,
-                                         "num_stages": stages, "programs_per_sm": pps, "ms_graph": ms,
+                            rows.append({"ctx": ctx, "preset": preset, **cfg, "ms_graph": ms,
                                          "GBps": nbytes / ms / 1e6, "rel_vs_default": err})  # fmt: skip
             best = sorted(
                 [r for r in rows if r["ctx"] == ctx and r["preset"] == preset], key=lambda r: r["ms_graph"]
             )
             for r in best[:4]:
                 print(f"variant ctx={ctx} {preset}: block_t={r['block_t']} warps={r['num_warps']} "
-                      f"stages={r['num_stages']} pps={r['programs_per_sm']} {r['ms_graph']:.4f} ms "
+                      f"maxnreg={r['maxnreg']} pps={r['programs_per_sm']} {r['ms_graph']:.4f} ms "
                       f"{r['GBps']:.0f} GB/s err {r['rel_vs_default']:.1e}", flush=True)  # fmt: skip
             del st
     res["variants"] = rows

@@ -135,6 +135,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     programs_per_sm: int = 8,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention of a small ``query`` [B, Hq, q, D] over a compressed layer -> [B, Hq, q, D].
 
@@ -142,7 +143,7 @@ def decode_attention(
     for fully masked rows). ``out`` (optional, [B, Hq, q, D] in the query's dtype, any strides)
     receives the result; by default it is a view of a ``[B, q, Hq, D]`` buffer, so transformers'
     ``transpose(1, 2).contiguous()`` costs nothing. ``blocks_per_split`` / ``block_t`` /
-    ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` override the launch plan
+    ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` / ``maxnreg`` override the launch plan
     (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
     multiprocessor, enough independent loads in flight to cover memory latency).
     """
@@ -316,6 +317,7 @@ def decode_attention(
         F32=query.dtype == torch.float32,
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
+        **({} if maxnreg is None or not query.is_cuda else {"maxnreg": maxnreg}),
     )  # fmt: skip
 
     if out is None:
