@@ -56,7 +56,8 @@ def test_bench_attention_json_schema_and_finite_results(tmp_path):
     assert by[(1, "default", "step")]["out_finite"]
     assert (tmp_path / "bench_attention_t.png").stat().st_size > 1000
     table = bench.markdown(data).splitlines()
-    assert len(table) == 2 + 2 and table[2].startswith("| 1100, 1 | ") and "GB/s" in table[2]
+    assert table[2].startswith("| 1100, 1 | ") and table[3].startswith("| 1100, 2 | ") and "GB/s" in table[2]
+    assert table[-1].startswith("Compressing one layer") and "default" in table[-1]
 
 
 def test_state_bytes_and_clone_state_match_the_layer_state():

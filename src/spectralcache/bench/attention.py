@@ -670,6 +670,17 @@ def markdown(data: dict[str, Any]) -> str:
                 ratios.append(f"{tr['byte_ratio']:.2f}×" if tr and tr.get("byte_ratio") else "—")
             cells.append(" / ".join(ratios))
             out.append("| " + " | ".join(cells) + " |")
+    # block compression while filling the layer (one cache.update of the whole prefill)
+    fills = []
+    for t in meta["contexts"]:
+        for p in presets:
+            r = next((x for x in rows if x["context"] == t and x["batch"] == 1 and x.get("preset") == p
+                      and x.get("compress_s") is not None), None)  # fmt: skip
+            if r is not None:
+                fills.append(f"{t // 1024}K {p} {1e3 * r['compress_s']:.0f} ms ({r['num_blocks']} blocks)")
+    if fills:
+        out.append("")
+        out.append("Compressing one layer (batch 1, 8 KV heads, in one `update`): " + "; ".join(fills) + ".")
     return "\n".join(out)
 
 
