@@ -20,7 +20,7 @@ import triton.language as tl
 __all__ = ["combine_splits_kernel"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])  # changes with the context length: no recompiles
 def combine_splits_kernel(
     pacc_ptr, pm_ptr, pl_ptr,
     out_ptr, s_ob, s_oh, s_oq, s_od,

@@ -192,7 +192,15 @@ def _exact_segment(
     return m, den, acc
 
 
-@triton.jit
+# Sizes and positions change at every decode step: specialising on them (value 1, multiple of
+# 16) would compile a new kernel variant whenever their combination changes.
+_PER_STEP_ARGS = [
+    "s_mb", "s_mq", "n_land", "hot_start", "n_hot", "chunk_start", "n_chunk", "q_first", "seq_len",
+    "tier_end", "n_blocks", "blocks_per_split", "n_cold_splits", "exact_per_split",
+]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_PER_STEP_ARGS)
 def spectral_decode_split_kernel(
     # query [B, Hq, q, D]
     q_ptr, s_qb, s_qh, s_qq, s_qd,
