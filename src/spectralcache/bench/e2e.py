@@ -377,7 +377,7 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     panels = [
         ("prefill_s", "prefill s (compression included)", 1.0),
-        ("decode_ms_per_token", "decode ms / token (median)", 1.0),
+        ("decode_ms_per_token", "decode ms / token (median; ▼ first pass)", 1.0),
         ("peak_bytes", "peak GPU memory GiB", 2**-30),
         ("kv_bytes", "KV cache GiB (measured)", 2**-30),
     ]
@@ -390,8 +390,14 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
                 r = next((x for x in ok if x["method"] == m and x["length"] == length), None)
                 ys.append(r[key] * scale if r is not None and r.get(key) is not None else float("nan"))
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(lengths))]
-            ax.bar(xs, ys, width, label=m)
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+            bars = ax.bar(xs, ys, width, label=m)
+            if key == "decode_ms_per_token":  # first pass (new lengths) as a marker over the bar
+                first = []
+                for length in lengths:
+                    r = next((x for x in ok if x["method"] == m and x["length"] == length), None)
+                    first.append(r.get("decode_first_pass_ms_per_token", float("nan")) if r else float("nan"))
+                ax.plot(xs, first, "v", color=bars.patches[0].get_facecolor(), markeredgecolor="k", ms=6)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_xlabel("prompt tokens")
         ax.set_title(label, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
