@@ -332,9 +332,7 @@ def test_cache_builds_layers_from_layer_types():
     # pre-RoPE: the compressed (full-attention) layers invert the full-attention RoPE (theta 1e6)
     pre = SpectralCache(model, small_cfg(key_space="pre_rope"))
     full = find_rotary_inv_freq(model, "full_attention")
-    assert torch.equal(pre.layers[1].rope_inv_freq, full) and torch.equal(
-        pre.layers[3].rope_inv_freq, full
-    )
+    assert torch.equal(pre.layers[1].rope_inv_freq, full) and torch.equal(pre.layers[3].rope_inv_freq, full)
     # string preset / default
     assert SpectralCache(model.config, "aggressive").config.coeff_bits == 4
     assert isinstance(SpectralCache(model.config).config, SpectralConfig)
