@@ -250,9 +250,9 @@ def section_variants(res: dict, contexts) -> None:
             q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
             out = torch.empty_like(q)
             ref = decode_attention(q, st).float()
-            for block_t in (64, 128):
+            for block_t in (64, 128, 256):
                 for warps in (4, 8):
-                    for maxnreg in (None, 128, 168):
+                    for maxnreg in (None, 128):
                         for pps in (4, 8):
                             cfg = dict(block_t=block_t, num_warps=warps, maxnreg=maxnreg, programs_per_sm=pps)
                             try:
