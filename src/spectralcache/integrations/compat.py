@@ -43,19 +43,24 @@ def _library_default() -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _for_class(cls: type) -> str:
-    params = _parameters(getattr(cls, "forward", None))
-    for name in CACHE_ARGUMENT_NAMES:
-        if name in params:
-            return name
-    return _library_default()
+def _for_forward(forward: Any) -> str:
+    # Keyed by the forward function itself, not the class: Unsloth and others rebind forwards.
+    params = _parameters(forward)
+    named = [name for name in CACHE_ARGUMENT_NAMES if name in params]
+    # Exactly one named: that one. Both (a wrapper accepting either) or neither (**kwargs):
+    # what the installed transformers' generation code uses.
+    return named[0] if len(named) == 1 else _library_default()
 
 
 def cache_argument(model: Any = None) -> str:
     """``"cache"`` or ``"past_key_values"``: the name ``model`` (or the installed transformers) prefers."""
     if model is None:
         return _library_default()
-    return _for_class(type(model))
+    forward = getattr(type(model), "forward", None)
+    try:
+        return _for_forward(forward)
+    except TypeError:  # unhashable callable
+        return _library_default()
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
