@@ -290,10 +290,13 @@ def spectral_decode_split_kernel(
             sign = tl.where(lo_half, -1.0, 1.0)
             freq = tl.load(inv_freq_ptr + dcols % ROT_HALF, mask=is_rot, other=0.0)
         for n in range(n_lo, n_hi):
-            start = tl.load(starts_ptr + n)
+            start = tl.load(starts_ptr + n).to(tl.int32)
+            # decode without a mask: a block wholly before the chunk and before the first query is
+            # seen by every row, so only its outlier rows need masking (no per-element bias)
+            open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
             # -- exact outliers of this block, in the same online softmax
             if N_OUT > 0:
-                oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1)
+                oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
                 okeys = tl.load(
                     ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
                     mask=o_ok[:, None] & d_ok[None, :],
@@ -373,10 +376,18 @@ def spectral_decode_split_kernel(
                     t_live = t_ok & (~is_out)
                 else:
                     t_live = t_ok
-                s += _mask_bias(
-                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
-                    q_first, tier_end, HAS_MASK, MASK_BOOL,
-                )  # fmt: skip
+                if HAS_MASK:
+                    s += _mask_bias(
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
+                        q_first, tier_end, HAS_MASK, MASK_BOOL,
+                    )  # fmt: skip
+                elif open_block:
+                    s = tl.where(t_live[None, :], s, float("-inf"))
+                else:
+                    s += _mask_bias(
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
+                        q_first, tier_end, HAS_MASK, MASK_BOOL,
+                    )  # fmt: skip
                 m, alpha, p = _online_step(m, den, s)
                 den = den * alpha + tl.sum(p, axis=1)
                 cv = _load_coeffs(vc_bh + n * s_vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS)
