@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--no-exact", action="store_true", help="skip the torch.linalg.svd reference timing")
+    p.add_argument(
+        "--no-slow",
+        action="store_true",
+        help="skip the slow references (torch.linalg.eigh cores, the checked pipeline): ~1-2 s a call on CUDA",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default=None)
@@ -140,6 +145,37 @@ def main(argv: list[str] | None = None) -> int:
     rk, rv = cfg.ranks_for(args.head_dim)
     keys, values = layer_kv(args.heads, blocks, cfg.block_size, args.head_dim, dtype, dev, args.seed)
     rows: list[dict[str, Any]] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"compress_layer_{args.tag or dev.type}.json"
+
+    def save() -> None:
+        """(Re)write the JSON after every row, so a run stopped by a time limit keeps its numbers."""
+        meta = {
+            "benchmark": "benchmarks/compress_layer.py",
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "tokens": args.tokens,
+            "blocks": blocks,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "preset": cfg.name,
+            "dtype": str(dtype),
+            "ranks": [rk, rv],
+            "timing": "cuda events, median after warm-up" if dev.type == "cuda" else "wall clock, median",
+            "jacobi_kernel_unavailable": list(
+                rsvd_module._JACOBI_BROKEN
+            ),  # non-empty: cuSOLVER eigh was used
+        }
+        path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
     def record(name: str, fn: Callable[[], Any], repeats: int | None = None, **extra: Any) -> None:
         """Time ``fn``; slow references (``repeats`` given) get one warm-up call."""
@@ -152,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         row.update(extra)
         rows.append(row)
+        save()
         print(
             f"{name:55s} {row['median_ms']:10.2f} ms  (min {row['min_ms']:.2f}, n={len(times)}) {extra or ''}"
         )
@@ -185,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     # the randomized SVD alone: sync-free pipeline with the Triton Jacobi core (the CUDA default)
     # and with torch.linalg.eigh as its core, and the checked pipeline (host_sync=True)
     variants = [("host_sync=False core=auto", False, "auto", None)]
-    if dev.type == "cuda":
-        variants.append(("host_sync=False core=eigh", False, "eigh", 2))
-    variants.append(("host_sync=True", True, "auto", 2 if dev.type == "cuda" else None))
+    if not args.no_slow:
+        if dev.type == "cuda":
+            variants.append(("host_sync=False core=eigh", False, "eigh", 2))
+        variants.append(("host_sync=True", True, "auto", 2 if dev.type == "cuda" else None))
     for side, m, r in (("keys", kf, rk), ("values", vf, rv)):
         for label, hs, core, reps in variants:
 
@@ -216,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         cores: list[tuple[str, Callable[[], Any], int | None]] = [
             ("torch.linalg.eigh", lambda A=A: torch.linalg.eigh(A), 2 if dev.type == "cuda" else None)
         ]
+        if args.no_slow:
+            cores = []
         if dev.type == "cuda":
             cores.insert(0, ("spectralcache jacobi_eigh (Triton)", lambda A=A: jacobi_eigh(A), None))
         for name, fn, reps in cores:
@@ -239,33 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         U, S, Vh = exact()
         opt = rel_error(kf, U[..., :rk], S[..., :rk], Vh[..., :rk, :])
         record(f"torch.linalg.svd keys (exact, rank {rk} error {opt:.4g})", exact, repeats=3, opt_rel_err=opt)
-    meta = {
-        "benchmark": "benchmarks/compress_layer.py",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "tokens": args.tokens,
-        "blocks": blocks,
-        "heads": args.heads,
-        "head_dim": args.head_dim,
-        "preset": cfg.name,
-        "dtype": str(dtype),
-        "ranks": [rk, rv],
-        "timing": "cuda events, median after warm-up" if dev.type == "cuda" else "wall clock, median",
-        "jacobi_kernel_unavailable": list(rsvd_module._JACOBI_BROKEN),  # non-empty: cuSOLVER eigh was used
-    }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or dev.type
-    path = out_dir / f"compress_layer_{tag}.json"
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    save()
     print(f"wrote {path}")
     return 0
 
