@@ -134,6 +134,21 @@ class SpectralConfig:
             kernel for every decode step (prefill still uses the reference); ``"torch"`` always
             uses the reference. The environment variable ``SPECTRALCACHE_ATTENTION_BACKEND`` (same
             values), when set, overrides this field. It changes no stored byte, only who reads them.
+        compress_tail: False. "No wasted exact tail". When off, a prompt leaves between
+            ``hot_size`` and ``hot_size + block_size - 1`` recent tokens exact (whatever does not fill
+            a whole block). When on, the layer's *first* compression in a prefill chunk (more than
+            one token) picks the layer's block length ``T'`` in ``[T_min, block_size]`` (``T_min =
+            max(ceil(block_size / 2), ranks, outliers_per_block + 1)``) so that whole blocks end
+            within a few tokens of ``seq_len - hot_size``: ``k = ceil(n / block_size)`` blocks of
+            ``T' = n // k`` tokens for the ``n`` tokens past the landmarks and ``hot_size``, which
+            leaves ``hot_size + (n mod k)`` tokens exact (fewer than ``hot_size + k``), unless whole
+            ``block_size`` blocks leave no more (then ``T`` is kept). Every later
+            block of that layer (decode, later chunks) has ``T'`` tokens, until the cold tier is
+            emptied (crop, reset). The attention state keeps its contract unchanged
+            (``ColdBlocks.block_size`` is ``T'``, blocks stay contiguous, ``[nb, T']`` shapes), so
+            every reader handles it. Limitation: only the first prefill chunk of a layer is
+            re-blocked; a later chunk still leaves its partial block exact. Off by default until
+            measured (``docs/fidelity.md``).
     """
 
     block_size: int = 512
@@ -157,6 +172,7 @@ class SpectralConfig:
     basis_dtype: str = "auto"
     compute_dtype: str = "float32"
     attention_backend: str = "auto"
+    compress_tail: bool = False
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -235,6 +251,8 @@ class SpectralConfig:
                     "SpectralConfig.compress_layers is empty; use None for 'every full-attention layer'"
                 )
             object.__setattr__(self, "compress_layers", tuple(sorted(layers)))
+        if not isinstance(self.compress_tail, bool):
+            raise TypeError(f"SpectralConfig.compress_tail must be a bool, got {self.compress_tail!r}")
         if not isinstance(self.name, str):
             raise TypeError(f"SpectralConfig.name must be a str, got {self.name!r}")
 

@@ -193,6 +193,7 @@ def compress_blocks(
     basis_dtype: torch.dtype | None = None,
     exact_keys: torch.Tensor | None = None,
     block_starts: torch.Tensor | None = None,
+    block_size: int | None = None,
 ) -> ColdBlocks:
     """Compress blocks ``keys, values [..., T, D]`` in one batched call (no loop over blocks or heads).
 
@@ -200,6 +201,8 @@ def compress_blocks(
     (default ``keys``) is what outliers store, i.e. the post-RoPE keys as the model cached
     them. Stored dtypes follow ``values.dtype`` (the model dtype). ``block_starts`` (the cache
     index of each block along the last leading dim; default ``0, T, 2T, ...``) is stored as is.
+    ``block_size`` (default ``config.block_size``) is the block length the caller means: a layer
+    re-blocked by ``SpectralConfig.compress_tail`` passes its own ``T'``.
 
     Rows too large for the stored coefficients (a per-row float16 scale would overflow, or a
     16-bit coefficient the model dtype; see :func:`_overflowing_rows`) are kept exact as
@@ -214,8 +217,11 @@ def compress_blocks(
     if exact_keys.shape != keys.shape:
         raise ValueError("exact_keys must have the shape of keys")
     *lead, t, d = keys.shape
-    if t != config.block_size:
-        raise ValueError(f"a block has {t} tokens but block_size is {config.block_size}")
+    expected_t = config.block_size if block_size is None else block_size
+    if t != expected_t:
+        raise ValueError(f"a block has {t} tokens but block_size is {expected_t}")
+    if config.outliers_per_block >= t:
+        raise ValueError(f"outliers_per_block={config.outliers_per_block} must be < the block's {t} tokens")
     for rank, codec, side in (
         (rank_keys, config.key_codec, "keys"),
         (rank_values, config.value_codec, "values"),

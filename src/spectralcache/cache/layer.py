@@ -96,6 +96,7 @@ _STATE_ATTRS = (
     "_n_lm",
     "_cold",
     "_nb",
+    "_block_t",
     "_hot_k",
     "_hot_v",
     "_hot_lo",
@@ -207,6 +208,9 @@ class SpectralLayer(CacheLayerMixin):
         self._n_lm = 0
         self._cold: ColdBlocks | None = None  # buffers [B, H, capacity, ...]
         self._nb = 0
+        # tokens per block of this layer: fixed by its first compression (config.block_size, or
+        # the re-blocked length of SpectralConfig.compress_tail); None while the cold tier is empty
+        self._block_t: int | None = None
         self._hot_k: torch.Tensor | None = None  # [B, H, capacity, D] buffer, live [lo, hi)
         self._hot_v: torch.Tensor | None = None
         self._hot_lo = 0
@@ -232,6 +236,35 @@ class SpectralLayer(CacheLayerMixin):
     @property
     def num_blocks(self) -> int:
         return self._nb
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per cold block of this layer: ``config.block_size``, unless
+        ``config.compress_tail`` re-blocked the first prefill chunk (then the chosen ``T'``)."""
+        return self.config.block_size if self._block_t is None else self._block_t
+
+    def _tail_block_size(self, n: int) -> int:
+        """``compress_tail``: the block length ``T'`` that lays whole blocks over ``n`` tokens
+        with the fewest left over (``k = ceil(n / T)`` blocks of ``n // k``; fewer than ``k``
+        tokens remain), within ``[T_min, block_size]``; ``block_size`` itself when whole blocks of
+        it leave no more over (ties keep the longer block: fewer bases), or when ``n < T_min``
+        (then nothing is due and the choice waits for a later chunk).
+
+        Why re-blocking rather than a padded short last block: readers locate blocks from host
+        integers (block ``n`` ends ``(nb - n - 1) * T`` before ``hot_start``) and attend the exact
+        copy of every row listed in ``outlier_index``, so padding rows could be neither placed nor
+        masked within the state contract; a uniform ``T'`` keeps ``[nb, T']`` shapes and
+        contiguous blocks, which every reader already handles."""
+        cfg, t = self.config, self.config.block_size
+        rk, rv = cfg.ranks_for(self.head_dim)
+        ranks = [r for r, codec in ((rk, cfg.key_codec), (rv, cfg.value_codec)) if codec != "identity"]
+        t_min = min(t, max(-(-t // 2), cfg.outliers_per_block + 1, *ranks))
+        if n < t_min:
+            return t
+        k = -(-n // t)
+        t_prime = min(t, max(t_min, n // k))
+        # the plain layout may already waste less (n just past a multiple of T): keep T then
+        return t if n >= t and n % t <= n - (n // t_prime) * t_prime else t_prime
 
     @property
     def rope_inv_freq(self) -> torch.Tensor | None:
@@ -469,7 +502,7 @@ class SpectralLayer(CacheLayerMixin):
         if not self.is_initialized or self._seq_len == 0:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        cfg, t = self.config, self.config.block_size
+        cfg, t = self.config, self.block_size
         start = self._seq_len
         if q == 1:
             self._note_decode_finiteness(key_states, value_states)
@@ -488,8 +521,11 @@ class SpectralLayer(CacheLayerMixin):
         # whole blocks due: read them from the live hot window and/or the incoming tokens
         live = self.hot_len
         total = live + xk.shape[-2]
+        if self._block_t is None and cfg.compress_tail and q > 1:
+            t = self._tail_block_size(total - cfg.hot_size)
         n_new = (total - cfg.hot_size) // t if total >= cfg.hot_size + t else 0
         if n_new:
+            self._block_t = t  # the layer's block length from its first compression on
             m = n_new * t
             from_hot = min(m, live)
             from_new = m - from_hot
@@ -502,7 +538,7 @@ class SpectralLayer(CacheLayerMixin):
                 src_k = torch.cat([hk, xk[:, :, :from_new]], dim=-2)
                 src_v = torch.cat([hv, xv[:, :, :from_new]], dim=-2)
             self.check_finite()  # natural sync point: a NaN/inf decode token never enters a block
-            blocks = self._compress(src_k, src_v, self._hot_start)
+            blocks = self._compress(src_k, src_v, self._hot_start, t)
             self._append_blocks(blocks)
             self._hot_lo += from_hot
             self._hot_start += m
@@ -688,7 +724,7 @@ class SpectralLayer(CacheLayerMixin):
             return
         self.release_chunk()
         new_len = max(self._seq_len + tokens_to_remove, 0)
-        t = self.config.block_size
+        t = self.block_size
         first_block = self._hot_start - self._nb * t  # == number of landmarks whenever nb > 0
         if new_len >= self._hot_start:
             self._hot_hi = self._hot_lo + (new_len - self._hot_start)
@@ -709,11 +745,13 @@ class SpectralLayer(CacheLayerMixin):
             self._nb = n_keep
             if n_keep == 0:
                 self._cold = None  # release the cold buffers
+                self._block_t = None  # the next first compression chooses again
         else:
             self._n_lm = new_len
             self._hot_lo = self._hot_hi = 0
             self._hot_start = new_len
             self._cold, self._nb = None, 0
+            self._block_t = None
         self._seq_len = new_len
         if self._nonfinite is not None:
             # re-derive the flag from what is left (device ops only, no sync)
@@ -731,11 +769,10 @@ class SpectralLayer(CacheLayerMixin):
         inv_freq = self.rope_inv_freq
         return lambda keys: rotate_block_keys(keys, block_starts, inv_freq)
 
-    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first_index: int) -> ColdBlocks:
-        """Compress ``[B, H, n*T, D]`` tokens starting at cache index ``first_index``: one
-        ``compress_blocks`` call for every block of every head."""
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first_index: int, t: int) -> ColdBlocks:
+        """Compress ``[B, H, n*t, D]`` tokens starting at cache index ``first_index`` into blocks
+        of ``t`` tokens: one ``compress_blocks`` call for every block of every head."""
         b, h, n_tok, d = keys.shape
-        t = self.config.block_size
         nb = n_tok // t
         kb = keys.reshape(b, h, nb, t, d)
         vb = values.reshape(b, h, nb, t, d)
@@ -750,7 +787,9 @@ class SpectralLayer(CacheLayerMixin):
             torch.cuda.synchronize(keys.device)
         t0 = time.perf_counter()
         try:
-            blocks = compress_blocks(fit_keys, vb, self.config, rk, rv, exact_keys=kb, block_starts=starts)
+            blocks = compress_blocks(
+                fit_keys, vb, self.config, rk, rv, exact_keys=kb, block_starts=starts, block_size=t
+            )
         except ValueError as e:
             raise ValueError(
                 f"layer {self.layer_idx}: cannot compress cache indices {first_index}..{first_index + n_tok - 1}: "
