@@ -1,0 +1,228 @@
+"""Fidelity levers (issue 9) on the real Gemma 3 270M: accuracy vs measured KV reduction.
+
+Two steps, both rerunnable:
+
+``run``: the evaluation harness (``spectralcache eval tasks``) on the chosen tasks / lengths with
+the lever methods, into ``OUT/eval`` (resumable: finished samples are skipped; samples run
+outermost, so a stopped run has every method on the same samples)::
+
+    OMP_NUM_THREADS=1 python benchmarks/fidelity_study.py run --samples 10
+
+``report``: summarizes whatever ``OUT/eval`` holds (a partial run too) into ``OUT/fidelity.json``
+(per task x length x method: n, accuracy, the measured reduction on the compressed layers =
+``compression_ratio_full``, i.e. the baseline's bytes on the full-attention layers over the
+method's, both from ``SpectralCache.memory_report``-style held bytes after the answer was
+generated) and a Pareto plot ``OUT/pareto_<length>.png``::
+
+    python benchmarks/fidelity_study.py report
+
+Every number in the report carries its ``n``; with few samples per cell the accuracy moves in
+steps of 100/n points, so read differences smaller than that as noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"
+DEFAULT_TASKS = "niah_single_1,niah_multikey_1"
+# baseline first (every ratio is against it, on the same sample); then the levers
+DEFAULT_METHODS = ",".join(
+    [
+        "baseline",
+        "spectral:default",
+        "spectral:default,compress_tail=true",
+        "spectral:default,value_codec=identity",
+        "spectral:default,value_codec=identity,compress_tail=true",
+    ]
+)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spectralcache.cli import main as cli_main
+
+    out = Path(args.out) / "eval"
+    argv = [
+        "eval", "tasks",
+        "--tasks", args.tasks,
+        "--lengths", args.lengths,
+        "--samples", str(args.samples),
+        "--methods", args.methods,
+        "--out", str(out),
+        "--threads", str(args.threads),
+        "--device", args.device,
+        "--dtype", args.dtype,
+        "--no-plots",
+    ]  # fmt: skip
+    if args.no_progress:
+        argv.append("--no-progress")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "runs.log", "a") as log:
+        log.write(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} commit {_git_commit()} "
+            f"host {platform.node()} ({platform.processor() or platform.machine()}): spectralcache {' '.join(argv)}\n"
+        )
+    return cli_main(argv)
+
+
+def summaries(eval_dir: Path) -> list[dict]:
+    """One summary per (method, task file) found under ``eval_dir/predictions``."""
+    from spectralcache.eval.runner import summarize_file
+
+    rows = []
+    pred = eval_dir / "predictions"
+    if not pred.is_dir():
+        return rows
+    for method_dir in sorted(p for p in pred.iterdir() if p.is_dir()):
+        for f in sorted(method_dir.glob("*.jsonl")):
+            if not (eval_dir / "tasks" / f.name).exists():
+                continue
+            s = summarize_file(eval_dir, method_dir.name, f.stem)
+            if s["n"]:
+                rows.append(s)
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (higher reduction and higher accuracy are better)."""
+    keep = []
+    for i, (r, a) in enumerate(points):
+        if not any(
+            (r2 >= r and a2 >= a) and (r2 > r or a2 > a) for j, (r2, a2) in enumerate(points) if j != i
+        ):
+            keep.append(i)
+    return keep
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    rows = summaries(out / "eval")
+    if not rows:
+        print(f"no predictions under {out / 'eval'}", file=sys.stderr)
+        return 1
+    table = [
+        {
+            "task": s["task"],
+            "length": s["target_length"],
+            "method": s["method"],
+            "n": s["n"],
+            "n_errors": s["n_errors"],
+            "accuracy": s["score"],
+            "agree_with_baseline": s["agree_with_baseline"],
+            "reduction_compressed_layers": 1.0 if s["method"] == "baseline" else s["compression_ratio_full"],
+            "reduction_all_layers": 1.0 if s["method"] == "baseline" else s["compression_ratio"],
+            "kv_bytes_full_attention_layers": s["kv_bytes_full"],
+            "prefill_s": s["prefill_s"],
+        }
+        for s in rows
+    ]
+    table.sort(key=lambda r: (r["length"], r["task"], r["method"] != "baseline", r["method"]))
+    result = {
+        "what": "accuracy vs measured KV reduction on the compressed (full-attention) layers, Gemma 3 270M",
+        "commit": _git_commit(),
+        "eval_dir": str((out / "eval").relative_to(ROOT))
+        if (out / "eval").is_relative_to(ROOT)
+        else str(out),
+        "rows": table,
+    }
+    (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "| task | length | method | n | accuracy % | same answer as baseline % | reduction (compressed layers) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.0f}"
+        agree = "—" if r["agree_with_baseline"] is None else f"{r['agree_with_baseline']:.0f}"
+        red = "—" if r["reduction_compressed_layers"] is None else f"{r['reduction_compressed_layers']:.2f}×"
+        lines.append(f"| {r['task']} | {r['length']} | {r['method']} | {r['n']} | {acc} | {agree} | {red} |")
+    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not args.no_plots:
+        for path in _plot(table, out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _plot(table: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for length in sorted({r["length"] for r in table}):
+        tasks = sorted({r["task"] for r in table if r["length"] == length})
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            pts = [
+                r
+                for r in table
+                if r["length"] == length and r["task"] == task and r["accuracy"] is not None
+                and r["reduction_compressed_layers"] is not None
+            ]  # fmt: skip
+            xy = [(r["reduction_compressed_layers"], r["accuracy"]) for r in pts]
+            front = set(pareto_front(xy))
+            for i, r in enumerate(pts):
+                x, y = xy[i]
+                ax.scatter([x], [y], s=60 if i in front else 30, marker="o" if i in front else "x")
+                ax.annotate(
+                    f"{r['method'].replace('spectral:', '')} (n={r['n']})", (x, y), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points",
+                )  # fmt: skip
+            fx = sorted((xy[i] for i in front), key=lambda p: p[0])
+            if fx:
+                ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", lw=0.8, color="gray")
+            ax.set_title(f"{task} @ {length}")
+            ax.set_xlabel("measured reduction on compressed layers (×)")
+            ax.set_ylabel("accuracy %")
+            ax.set_ylim(-5, 105)
+            ax.grid(alpha=0.3)
+        fig.suptitle("Gemma 3 270M, float32, CPU: accuracy vs measured KV reduction (Pareto front dashed)")
+        fig.tight_layout()
+        path = out / f"pareto_{length}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results directory (default {DEFAULT_OUT})")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the evaluation harness (resumable)")
+    r.add_argument("--tasks", default=DEFAULT_TASKS)
+    r.add_argument("--lengths", default="4096")
+    r.add_argument("--samples", type=int, default=10)
+    r.add_argument("--methods", default=DEFAULT_METHODS)
+    r.add_argument("--threads", default="1")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="float32")
+    r.add_argument("--no-progress", action="store_true")
+    rep = sub.add_parser("report", help="summarize OUT/eval into fidelity.json / .md and Pareto plots")
+    rep.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
