@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,22 @@ def _prefill(model: Any, ids: torch.Tensor, make_cache, chunk: int | None) -> No
             model(input_ids=ids[:, lo : lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def run(tokens: int, repeats: int, chunk: int, preset: str) -> dict[str, Any]:
     from transformers import DynamicCache
 
+    import spectralcache
     import spectralcache.attention.reference as ref
     from spectralcache import SpectralCache, SpectralConfig
-
-    import spectralcache
 
     model = tiny_llama()
     # the "spectral" attention reads compressed layers; for any other cache it is transformers' SDPA
@@ -126,6 +136,7 @@ def run(tokens: int, repeats: int, chunk: int, preset: str) -> dict[str, Any]:
         "load_avg_1min": load,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "model": "random Llama: 4 layers, hidden 512, 8/2 heads, head_dim 64, fp32",
+        "commit": _commit(),
     }
 
 
