@@ -6,7 +6,7 @@ environment variable ``SPECTRALCACHE_ATTENTION_BACKEND`` (same values), when set
 
 * ``"auto"`` (default): the kernel when the query is on CUDA, Triton imports, and the call is a
   decode (``groups * q_len <= MAX_ROWS`` query rows per KV head); the torch reference otherwise
-  (CPU, prefill, Triton missing);
+  (CPU, prefill, Triton missing, or a state the kernel refuses — warned once per reason);
 * ``"triton"``: the kernel for every call it handles (decode and short speculative queries);
   raises when it cannot run at all (Triton missing, or CPU tensors without ``TRITON_INTERPRET=1``).
   A prefill (more query rows than ``MAX_ROWS``) still takes the torch reference: the kernel is
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -84,5 +85,21 @@ def attend(
     elif chosen == "auto" and query.is_cuda and _is_decode(query, state) and triton_available():
         from spectralcache.attention.triton.decode import decode_attention
 
-        return decode_attention(query, state, attention_mask, scaling, softcap)
+        try:
+            return decode_attention(query, state, attention_mask, scaling, softcap)
+        except (ValueError, TypeError) as exc:
+            # a state the kernel refuses (e.g. pre-RoPE blocks without inv_freq): the reference reads
+            # it, or raises its own clear error for a truly bad input
+            _warn_once(
+                f"spectral attention: Triton kernel refused this call ({exc}); using the torch reference"
+            )
     return spectral_attention(query, state, attention_mask, scaling=scaling, softcap=softcap)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
