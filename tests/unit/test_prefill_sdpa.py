@@ -462,3 +462,27 @@ def test_prefill_query_tiles_share_one_decode_or_tile_it(monkeypatch: pytest.Mon
     )
     torch.testing.assert_close(shared, tiled, rtol=1e-5, atol=1e-6)
     _close32(tiled, dense_reference(query, state, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_first_prefill_is_bit_exact_with_transformers_sdpa(
+    device: str, dtype: torch.dtype, masked: bool
+) -> None:
+    """A one-call prefill gives exactly what a DynamicCache layer gets from transformers' SDPA path
+    (same kernel, same inputs), so ``lossless`` prefill logits cannot differ there."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    probe = make_state(seed=1, head_dim=64)
+    state = _to(make_state(seed=1, head_dim=64, chunk=probe.seq_len, dtype=dtype), device)
+    q_len = state.seq_len
+    query = _query(state, 8, q_len).to(device, dtype)
+    mask = padded_causal_mask(2, q_len, q_len, pads=[0, 5]).to(device) if masked else None
+    module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    want, _ = sdpa_attention_forward(module, query, state.chunk_keys, state.chunk_values, mask, scaling=0.125)
+    got = spectral_attention(query, state, mask, scaling=0.125).transpose(1, 2)
+    # padding queries (batch row 1, positions < 5) see nothing: spectral gives zeros, SDPA kernels differ
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1, 5:], want[1, 5:])

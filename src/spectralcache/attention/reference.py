@@ -594,9 +594,10 @@ def spectral_attention(
     * the exact current chunk through a fused SDPA kernel (:func:`sdpa_with_lse`). When nothing
       precedes the chunk (a first prefill) this is plain SDPA.
 
-    ``chunk_backend``: ``"auto"`` uses SDPA for chunks of at least ``_SDPA_MIN_PAIRS``
-    (query, key) pairs without softcap (SDPA has none); ``"sdpa"`` always when a kernel exists;
-    ``"torch"`` never (the chunk is then one more exact tier of the one float32 softmax).
+    ``chunk_backend``: ``"auto"`` uses SDPA (without softcap: SDPA has none) for a first
+    prefill of any size and for chunks of at least ``_SDPA_MIN_PAIRS`` (query, key) pairs;
+    ``"sdpa"`` always when a kernel exists; ``"torch"`` never (the chunk is then one more exact
+    tier of the one float32 softmax).
     """
     bsz, n_q_heads, q_len, head_dim, _ = _check_state(query, state)
     if chunk_backend not in ("auto", "sdpa", "torch"):
@@ -624,7 +625,11 @@ def spectral_attention(
         has_chunk
         and softcap is None
         and chunk_backend != "torch"
-        and (chunk_backend == "sdpa" or q_len * state.chunk_keys.shape[2] >= _SDPA_MIN_PAIRS)
+        and (
+            chunk_backend == "sdpa"
+            or state.chunk_start == 0  # a first prefill is SDPA alone: exactly what DynamicCache computes
+            or q_len * state.chunk_keys.shape[2] >= _SDPA_MIN_PAIRS
+        )
     )
     chunk_part = None
     if use_sdpa:
