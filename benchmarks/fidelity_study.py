@@ -16,6 +16,12 @@ generated) and a Pareto plot ``OUT/pareto_<length>.png``::
 
     python benchmarks/fidelity_study.py report
 
+``bytes``: one layer's measured reduction (held bytes after a prefill, random K/V) against prompt
+length, with and without a lever, at a given shape (default the Llama-3.1-8B layer: head_dim 128,
+8 KV heads, bfloat16)::
+
+    OMP_NUM_THREADS=1 python benchmarks/fidelity_study.py bytes
+
 Every number in the report carries its ``n``; with few samples per cell the accuracy moves in
 steps of 100/n points, so read differences smaller than that as noise.
 """
@@ -205,6 +211,74 @@ def _plot(table: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def layer_bytes(cfg, length: int, head_dim: int, kv_heads: int, dtype) -> dict:
+    """Held bytes of one ``SpectralLayer`` after a one-call prefill of ``length`` tokens (random
+    K/V: the bytes do not depend on the content) against a dense layer's ``2 * length * H * D``."""
+    import torch
+
+    from spectralcache.cache.layer import SpectralLayer
+    from spectralcache.cache.memory import held_bytes
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
+    v = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
+    layer = SpectralLayer(cfg, 0, head_dim=head_dim, num_kv_heads=kv_heads)
+    layer.update(k, v)
+    layer.release_chunk()
+    tiers = {name: held_bytes(*ts) for name, ts in layer.tier_tensors().items()}
+    held = sum(tiers.values())
+    dense = 2 * length * kv_heads * head_dim * k.element_size()
+    return {
+        "length": length,
+        "held_bytes": held,
+        "dense_bytes": dense,
+        "reduction": dense / held,
+        "blocks": layer.num_blocks,
+        "block_size": layer.block_size,
+        "exact_recent_tokens": layer.hot_len,
+        "tiers": tiers,
+    }
+
+
+def cmd_bytes(args: argparse.Namespace) -> int:
+    """Measured reduction of one layer vs prompt length, with and without ``compress_tail``."""
+    import torch
+
+    from spectralcache.config import SpectralConfig
+
+    torch.set_num_threads(1)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = []
+    for method in args.methods.split(";"):
+        preset, *opts = method.split(",")
+        overrides = {}
+        for o in opts:
+            key, value = o.split("=")
+            overrides[key] = value.lower() == "true" if value.lower() in ("true", "false") else value
+        cfg = SpectralConfig.from_preset(preset, **overrides)
+        for n in lengths:
+            r = layer_bytes(cfg, n, args.head_dim, args.kv_heads, dtype)
+            r["method"] = method
+            rows.append(r)
+            print(
+                f"{method:40s} {n:6d} tokens: {r['reduction']:.2f}x  ({r['blocks']} blocks of {r['block_size']}, "
+                f"{r['exact_recent_tokens']} recent tokens exact)",
+                flush=True,
+            )
+    result = {
+        "what": "held bytes of one compressed layer after a one-call prefill vs the dense K/V bytes",
+        "shape": {"head_dim": args.head_dim, "kv_heads": args.kv_heads, "dtype": args.dtype},
+        "commit": _git_commit(),
+        "rows": rows,
+    }
+    path = Path(args.out) / f"bytes_hd{args.head_dim}_h{args.kv_heads}_{args.dtype}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results directory (default {DEFAULT_OUT})")
@@ -220,8 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true")
     rep = sub.add_parser("report", help="summarize OUT/eval into fidelity.json / .md and Pareto plots")
     rep.add_argument("--no-plots", action="store_true")
+    by = sub.add_parser("bytes", help="one layer's measured reduction vs prompt length (random K/V)")
+    by.add_argument("--head-dim", type=int, default=128)
+    by.add_argument("--kv-heads", type=int, default=8)
+    by.add_argument("--dtype", default="bfloat16")
+    by.add_argument("--lengths", default="3584,3840,4096,4352,4608,8192,16384")
+    by.add_argument(
+        "--methods",
+        default="default;default,compress_tail=true;aggressive;aggressive,compress_tail=true",
+        help="';'-separated PRESET[,field=value...]",
+    )
     args = p.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    return {"run": cmd_run, "report": cmd_report, "bytes": cmd_bytes}[args.cmd](args)
 
 
 if __name__ == "__main__":
