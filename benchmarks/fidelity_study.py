@@ -16,6 +16,11 @@ generated) and a Pareto plot ``OUT/pareto_<length>.png``::
 
     python benchmarks/fidelity_study.py report
 
+``ppl``: perplexity by the protocol "prefill, compress, continue" (``P = 2048``, ``N = 512``,
+2 segments) for the same methods, into ``OUT/perplexity``::
+
+    OMP_NUM_THREADS=1 python benchmarks/fidelity_study.py ppl
+
 ``bytes``: one layer's measured reduction (held bytes after a prefill, random K/V) against prompt
 length, with and without a lever, at a given shape (default the Llama-3.1-8B layer: head_dim 128,
 8 KV heads, bfloat16)::
@@ -86,6 +91,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.write(
             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} commit {_git_commit()} "
             f"host {platform.node()} ({platform.processor() or platform.machine()}): spectralcache {' '.join(argv)}\n"
+        )
+    return cli_main(argv)
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    """The perplexity protocol "prefill, compress, continue" with the same methods."""
+    from spectralcache.cli import main as cli_main
+
+    out = Path(args.out) / "perplexity"
+    argv = [
+        "eval", "perplexity",
+        "--prefill", str(args.prefill),
+        "--continue", str(args.cont),
+        "--segments", str(args.segments),
+        "--methods", args.methods,
+        "--out", str(out),
+        "--threads", str(args.threads),
+        "--no-plots",
+        "--no-progress",
+    ]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / "runs.log", "a") as log:
+        log.write(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} commit {_git_commit()} "
+            f"host {platform.node()}: spectralcache {' '.join(argv)}\n"
         )
     return cli_main(argv)
 
@@ -294,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true")
     rep = sub.add_parser("report", help="summarize OUT/eval into fidelity.json / .md and Pareto plots")
     rep.add_argument("--no-plots", action="store_true")
+    pp = sub.add_parser("ppl", help='perplexity, "prefill, compress, continue" (P=2048, N=512)')
+    pp.add_argument("--prefill", type=int, default=2048)
+    pp.add_argument("--continue", dest="cont", type=int, default=512)
+    pp.add_argument("--segments", type=int, default=2)
+    pp.add_argument("--methods", default=DEFAULT_METHODS)
+    pp.add_argument("--threads", default="1")
     by = sub.add_parser("bytes", help="one layer's measured reduction vs prompt length (random K/V)")
     by.add_argument("--head-dim", type=int, default=128)
     by.add_argument("--kv-heads", type=int, default=8)
@@ -305,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         help="';'-separated PRESET[,field=value...]",
     )
     args = p.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "bytes": cmd_bytes}[args.cmd](args)
+    return {"run": cmd_run, "report": cmd_report, "bytes": cmd_bytes, "ppl": cmd_ppl}[args.cmd](args)
 
 
 if __name__ == "__main__":
