@@ -472,3 +472,33 @@ def test_sync_free_pipeline_with_the_jacobi_core_equals_lapack_core():
     )
     with pytest.raises(ValueError, match="core must be one of"):
         randomized_svd(M, 4, host_sync=False, core="qr")
+
+
+def test_compress_layer_benchmark_runs_on_cpu_and_writes_json(tmp_path):
+    """benchmarks/compress_layer.py end to end at a tiny context: rows for compress_blocks and
+    the randomized SVD with errors at the optimum's level, JSON rewritten per row."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "compress_layer.py"), "--device", "cpu", "--tokens", "1088",
+         "--heads", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--tag", "t", "--no-slow"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    data = json.loads((tmp_path / "compress_layer_t.json").read_text())
+    assert data["meta"]["blocks"] == 2 and data["meta"]["ranks"] == [32, 64]
+    rows = {r["what"].split(" [")[0].split(" rank")[0].split(",")[0]: r for r in data["results"]}
+    assert {
+        "compress_blocks",
+        "randomized_svd keys",
+        "randomized_svd values",
+        "torch.linalg.svd keys (exact",
+    } <= set(rows)
+    opt = rows["torch.linalg.svd keys (exact"]["opt_rel_err"]
+    assert rows["randomized_svd keys"]["rel_err"] <= 1.05 * opt
+    assert 0 < rows["compress_blocks"]["key_rel_err"] < 0.2 and all(
+        r["median_ms"] > 0 for r in data["results"]
+    )

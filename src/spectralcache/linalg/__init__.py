@@ -1,5 +1,6 @@
-"""spectralcache.linalg: batched randomized SVD and per-row coefficient quantization."""
+"""spectralcache.linalg: batched randomized SVD, its batched Jacobi eigensolver, per-row quantization."""
 
+from spectralcache.linalg.jacobi import jacobi_eigh
 from spectralcache.linalg.quant import QuantizedRows, dequantize_rows, pack_int4, quantize_rows, unpack_int4
 from spectralcache.linalg.rsvd import (
     ORTH_METHODS,
@@ -17,6 +18,7 @@ __all__ = [
     "RSVDInfo",
     "RandomizedSVD",
     "dequantize_rows",
+    "jacobi_eigh",
     "pack_int4",
     "quantize_rows",
     "randomized_svd",
