@@ -300,3 +300,47 @@ def test_lossless_generation_token_identical() -> None:
     assert torch.equal(got, want)
     spectral = [layer for layer in cache.layers if isinstance(layer, SpectralLayer)]
     assert spectral and all(layer.block_size < 64 for layer in spectral)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_programs_stay_exact(seed: int) -> None:
+    """Random prefill chunks, decode steps, crops and rolled-back updates on a lossless
+    re-blocked layer: the layer always reconstructs exactly the tokens it should hold, and its
+    state keeps the contract."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    cfg = lossless(compress_tail=True)
+    layer = fresh_layer(cfg)
+    k, v = kv(600, seed=100 + seed)
+    pos = 0  # tokens held (the layer holds k[:, :, :pos])
+    for _ in range(25):
+        op = rand(0, 3)
+        if op == 0 and pos + 90 <= 600:  # prefill chunk
+            n = rand(2, 90)
+            layer.update(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+            pos += n
+        elif op == 1 and pos + 12 <= 600:  # decode steps
+            for _ in range(rand(1, 12)):
+                layer.update(k[:, :, pos : pos + 1], v[:, :, pos : pos + 1])
+                pos += 1
+        elif op == 2 and pos:  # crop
+            keep = rand(0, pos)
+            if keep < pos:
+                layer.crop(keep - pos)
+            pos = keep
+        elif op == 3 and pos + 70 <= 600:  # an update rolled back
+            token = layer.checkpoint()
+            before = layer.block_size
+            layer.update(k[:, :, pos : pos + 70], v[:, :, pos : pos + 70])
+            layer.rollback(token)
+            assert layer.block_size == before
+        layer.release_chunk()
+        assert layer.get_seq_length() == pos
+        if pos:
+            check_contract(layer)
+            assert cfg.block_size // 2 <= layer.block_size <= cfg.block_size
+            torch.testing.assert_close(layer.reconstruct()[0], k[:, :, :pos], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.reconstruct()[1], v[:, :, :pos], atol=1e-5, rtol=1e-5)
