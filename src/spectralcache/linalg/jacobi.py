@@ -17,6 +17,14 @@ eigenvector accumulator live in global scratch that stays in the SM's L1/L2; swe
 when the off-diagonal mass is below ``tol`` of the total (checked on the device), at most
 ``max_sweeps``. Jacobi converges quadratically; float64 needs 5-8 sweeps for ``l <= 80``.
 
+Measured on an H100 (``benchmarks/compress_layer.py``, float64, 2040 matrices, the 128K-token
+layer of Llama-3.1-8B shape): 38 ms for 40 x 40 and 280 ms for 72 x 72, against 1059 ms and
+1986 ms for ``torch.linalg.eigh``; relative residual ~3e-14; no host synchronization. That is
+still the bulk of a layer's compression (271 ms): the kernel streams each matrix through
+L2/HBM once per round (about 1.5 TB/s effective for 72 x 72), because a program's 80 KB of
+scratch does not stay in L1 when all 2040 programs are resident. Keeping A and V on chip
+(shared memory, or registers with the re-pairing done by gathers) is the next step.
+
 On CPU the same kernel runs through Triton's interpreter (tests); production CPU code uses
 LAPACK (``torch.linalg.eigh``).
 """
