@@ -13,7 +13,8 @@ Shape: 32 query heads, 8 KV heads, head_dim 128, bf16, batch 1, random q/k/v. Ro
 * chunked prefill in ``--chunk``-token calls, each with the bool mask transformers passes once
   there is a past: ``sdpa_chunked`` (K/V repeated per query head, masked SDPA, as transformers'
   SDPA path does) vs ``spectral_chunked_attention`` (compressed tiers + SDPA chunk, merged by
-  LSE) and ``spectral_chunked_update``;
+  LSE), ``spectral_chunked_attention_dense_tiers`` (``tier_backend="dense_sdpa"``: the tiers
+  rebuilt densely for the call and attended by SDPA too) and ``spectral_chunked_update``;
 * decode, one token over the full context: ``sdpa_decode`` vs ``spectral_decode_torch`` (the
   torch reference path; the fused Triton decode kernel is measured elsewhere).
 
@@ -127,6 +128,12 @@ def run(tokens: int, chunk: int, preset: str, repeats: int, device: str = "cuda"
 
     record("spectral_chunked_attention", spectral_chunked_attention)
 
+    def spectral_chunked_dense_tiers() -> None:
+        for e, m, st in zip(ends, masks, states, strict=True):
+            spectral_attention(q[:, :, e - chunk : e], st, m, tier_backend="dense_sdpa")
+
+    record("spectral_chunked_attention_dense_tiers", spectral_chunked_dense_tiers)
+
     def spectral_chunked_update() -> None:
         lay = new_layer()
         for e in ends:
@@ -156,6 +163,8 @@ def run(tokens: int, chunk: int, preset: str, repeats: int, device: str = "cuda"
         / times["sdpa_prefill"],
         "spectral_chunked_attention/sdpa_chunked": times["spectral_chunked_attention"]
         / times["sdpa_chunked"],
+        "spectral_chunked_attention_dense_tiers/sdpa_chunked": times["spectral_chunked_attention_dense_tiers"]
+        / times["sdpa_chunked"],
         "(spectral_chunked update+attention)/sdpa_chunked": (
             times["spectral_chunked_update"] + times["spectral_chunked_attention"]
         )
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{res['device']}, torch {res['torch']}, {args.tokens} tokens, chunk {args.chunk}, preset {args.preset}"
     )
     for name, sec in res["seconds"].items():
-        print(f"{name:<32}{sec * 1e3:>12.2f} ms")
+        print(f"{name:<40}{sec * 1e3:>12.2f} ms")
     for name, r in res["ratios"].items():
         print(f"{name:<52}{r:>8.2f}x")
     print(f"one-call prefill: max |spectral - sdpa| = {res['prefill_max_abs_diff']:.3g}")

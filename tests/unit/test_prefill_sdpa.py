@@ -235,13 +235,15 @@ def test_chunked_prefill_over_compressed_cache_equals_dense(
     query = _query(state, 2 * groups, 40).to(device)
     got, lse = spectral_attention(query, state, None, chunk_backend="sdpa", return_lse=True)
     torch_path, torch_lse = spectral_attention(query, state, None, chunk_backend="torch", return_lse=True)
+    dense_tiers, dense_lse = spectral_attention(
+        query, state, None, chunk_backend="sdpa", tier_backend="dense_sdpa", return_lse=True
+    )
     want = dense_reference(query, state, None)
-    _close32(got, want)
-    _close32(torch_path, want)
     want64, want_lse = _state_lse(query, state, None, query.shape[-1] ** -0.5)
-    torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch_lse.cpu().double(), want_lse, rtol=1e-5, atol=1e-5)
-    _close32(got, want64)
+    for out, out_lse in ((got, lse), (torch_path, torch_lse), (dense_tiers, dense_lse)):
+        _close32(out, want)
+        _close32(out, want64)
+        torch.testing.assert_close(out_lse.cpu().double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,13 +273,16 @@ def test_left_padding_through_sdpa(device: str, key_space: str, mask_kind: str) 
         mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
     mask = mask.to(device)
     query = _query(state, 8, 24).to(device)
-    got, lse = spectral_attention(query, state, mask, chunk_backend="sdpa", return_lse=True)
-    assert torch.isfinite(got).all()
-    assert torch.all(got[2, :, 0] == 0) and torch.all(lse[2, :, 0] == -math.inf)
-    _close32(got, dense_reference(query, state, mask))
     keep = mask if mask_kind == "bool" else mask > torch.finfo(torch.float32).min / 2
     _, want_lse = _state_lse(query, state, keep.cpu(), query.shape[-1] ** -0.5)
-    torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=1e-5, atol=1e-5)
+    for tiers in ("compressed", "dense_sdpa"):
+        got, lse = spectral_attention(
+            query, state, mask, chunk_backend="sdpa", tier_backend=tiers, return_lse=True
+        )
+        assert torch.isfinite(got).all()
+        assert torch.all(got[2, :, 0] == 0) and torch.all(lse[2, :, 0] == -math.inf)
+        _close32(got, dense_reference(query, state, mask))
+        torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -370,6 +375,8 @@ def test_mask_longer_than_cache_and_bad_backend() -> None:
     )
     with pytest.raises(ValueError, match="chunk_backend"):
         spectral_attention(query, state, None, chunk_backend="flash")
+    with pytest.raises(ValueError, match="tier_backend"):
+        spectral_attention(query, state, None, tier_backend="dense")
     with pytest.raises(ValueError, match="covers"):
         spectral_attention(query, state, mask[..., :5], chunk_backend="sdpa")
 
@@ -486,3 +493,31 @@ def test_first_prefill_is_bit_exact_with_transformers_sdpa(
     got = spectral_attention(query, state, mask, scaling=0.125).transpose(1, 2)
     # padding queries (batch row 1, positions < 5) see nothing: spectral gives zeros, SDPA kernels differ
     assert torch.equal(got[0], want[0]) and torch.equal(got[1, 5:], want[1, 5:])
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_attention_never_writes_the_cache(bits: int, key_space: str) -> None:
+    """Every route works on copies: the state's tensors are bit-identical afterwards (16-bit float32
+    coefficients with the identity codec are the case where a decode is the tensor itself)."""
+    state = make_state(
+        key_space=key_space, bits=bits, chunk=24, hot=20, seed=14, identity_keys=True, identity_values=True
+    )
+    tensors = {k: v for k, v in vars(state).items() if isinstance(v, torch.Tensor)}
+    tensors.update({f"cold.{k}": v for k, v in vars(state.cold).items() if isinstance(v, torch.Tensor)})
+    before = {k: v.clone() for k, v in tensors.items()}
+    query = _query(state, 4, 24)
+    for chunk_backend in ("sdpa", "torch"):
+        for tiers in ("compressed", "dense_sdpa"):
+            for tile_tokens in (16, None):
+                spectral_attention(
+                    query,
+                    state,
+                    None,
+                    chunk_backend=chunk_backend,
+                    tier_backend=tiers,
+                    tile_tokens=tile_tokens,
+                )
+    spectral_attention(query[:, :, -1:], make_state(key_space=key_space, bits=bits, chunk=1, seed=14), None)
+    for name, t in tensors.items():
+        assert torch.equal(t, before[name]), name

@@ -209,7 +209,7 @@ class _MaskColumns:
         return self._from_values(cols).masked_fill(~valid, _NEG_INF)
 
 
-# --------------------------------------------------------------------------- attention
+# --------------------------------------------------------------------------- compressed tiers
 
 
 def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -413,6 +413,36 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _range_bias(
+    attention_mask: torch.Tensor | None,
+    q_first: int,
+    q_len: int,
+    key_start: int,
+    key_end: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mask of queries at cache indices ``q_first ..`` against keys ``key_start .. key_end - 1``.
+
+    Returns ``(bias, visible)``: an additive ``[B|1, 1, q, n]`` bias in ``dtype`` (``-inf`` =
+    masked) or None when nothing is masked, and a ``[B|1, 1, q]`` bool of rows that see at
+    least one of these keys (None = every row does).
+    """
+    if attention_mask is None:  # causal by cache index
+        if q_first >= key_end - 1:
+            return None, None
+        q_pos = torch.arange(q_first, q_first + q_len, device=device)
+        keep = (torch.arange(key_start, key_end, device=device)[None, :] <= q_pos[:, None])[None, None]
+    else:
+        cols = attention_mask[..., key_start:key_end].to(device)
+        if cols.dtype != torch.bool:
+            keep = cols > torch.finfo(cols.dtype).min / 2
+            return torch.where(keep, cols.to(dtype), _NEG_INF), keep.any(dim=-1)
+        keep = cols
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(keep, zero, _NEG_INF), keep.any(dim=-1)
+
+
 def _chunk_bias(
     attention_mask: torch.Tensor | None,
     q_first: int,
@@ -422,30 +452,14 @@ def _chunk_bias(
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
-    """What SDPA needs to attend queries at cache indices ``q_first ..`` to the chunk.
-
-    Returns ``(bias, is_causal, visible)``: an additive ``[B|1, 1, q, n]`` bias in ``dtype``
-    (``-inf`` = masked) or None, whether SDPA's own causal flag applies (only when the
-    queries *are* the chunk, so top-left and bottom-right alignment agree), and a
-    ``[B|1, 1, q]`` bool of rows that see at least one chunk key (None = every row does).
-    """
-    n_chunk = seq_len - chunk_start
-    if attention_mask is None:
-        if q_first == chunk_start and q_len == n_chunk:
-            return None, True, None
-        q_pos = torch.arange(q_first, q_first + q_len, device=device)
-        keep = torch.arange(chunk_start, seq_len, device=device)[None, :] <= q_pos[:, None]
-        keep = keep[None, None]
-    else:
-        cols = attention_mask[..., chunk_start:seq_len].to(device)
-        if cols.dtype == torch.bool:
-            keep = cols
-        else:
-            keep = cols > torch.finfo(cols.dtype).min / 2
-            bias = torch.where(keep, cols.to(dtype), _NEG_INF)
-            return bias, False, keep.any(dim=-1)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(keep, zero, _NEG_INF), False, keep.any(dim=-1)
+    """What SDPA needs to attend queries at cache indices ``q_first ..`` to the chunk:
+    ``(bias, is_causal, visible)`` as in :func:`_range_bias`, with SDPA's own causal flag
+    instead of a bias when the queries *are* the chunk (top-left and bottom-right alignment
+    then agree)."""
+    if attention_mask is None and q_first == chunk_start and q_len == seq_len - chunk_start:
+        return None, True, None
+    bias, visible = _range_bias(attention_mask, q_first, q_len, chunk_start, seq_len, dtype, device)
+    return bias, False, visible
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -563,6 +577,99 @@ def _attend_chunk_sdpa(
     return out, lse
 
 
+# --------------------------------------------------------------------------- the tiers as dense K/V (option)
+
+# Dense K/V of the tiers are rebuilt for SDPA only below this many elements (K and V together).
+_DENSE_TIERS_MAX_ELEMENTS = 1 << 30
+
+
+def _tiers_dense_kv(
+    state: SpectralLayerState, tier_end: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """K/V of cache indices ``[0, tier_end)`` rebuilt from the tiers as dense ``[B, H, n, D]``
+    tensors in ``dtype`` (cold rows ``C·B`` with scales, pre-RoPE keys rotated, outlier rows
+    replaced by their exact copies). None when the tiers do not tile ``[0, tier_end)``
+    contiguously (landmarks | blocks | hot, as ``cache/state.py`` lays them out) or when the
+    result would exceed ``_DENSE_TIERS_MAX_ELEMENTS``."""
+    bsz, n_kv, _, head_dim = state.hot_keys.shape
+    if 2 * bsz * n_kv * tier_end * head_dim > _DENSE_TIERS_MAX_ELEMENTS:
+        return None
+    device = state.hot_keys.device
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    pos = min(state.landmark_keys.shape[2], tier_end)
+    if pos > 0:
+        keys.append(state.landmark_keys[:, :, :pos])
+        values.append(state.landmark_values[:, :, :pos])
+    n_blocks = _cold_blocks_before(state, tier_end)
+    if n_blocks:
+        cold = state.cold
+        t = cold.block_size
+        first = state.hot_start - cold.num_blocks * t
+        if first != pos:
+            return None
+        sel = slice(0, n_blocks)
+        k = _coeffs_scaled(
+            cold.key_coeffs[:, :, sel], _opt(cold.key_scales, sel), cold.coeff_bits, cold.rank_keys
+        )
+        if cold.key_basis is not None:
+            k = k @ cold.key_basis[:, :, sel].float()
+        if state.key_space == "pre_rope":
+            k = _rotate_block_keys(state, k, cold.block_starts[sel].to(device)).float()
+        v = _coeffs_scaled(
+            cold.value_coeffs[:, :, sel], _opt(cold.value_scales, sel), cold.value_bits, cold.rank_values
+        )
+        if cold.value_basis is not None:
+            v = v @ cold.value_basis[:, :, sel].float()
+        oidx = cold.outlier_index[:, :, sel]
+        if oidx.shape[-1]:
+            idx = oidx[..., None].expand(*oidx.shape, head_dim)
+            # out of place: with 16-bit float32 coefficients and no basis, k / v are the cache's own tensors
+            k = k.scatter(3, idx, cold.outlier_keys[:, :, sel].float())
+            v = v.scatter(3, idx, cold.outlier_values[:, :, sel].float())
+        take = min(n_blocks * t, tier_end - first)
+        keys.append(k.reshape(bsz, n_kv, n_blocks * t, head_dim)[:, :, :take])
+        values.append(v.reshape(bsz, n_kv, n_blocks * t, head_dim)[:, :, :take])
+        pos = first + take
+    n_hot = min(state.hot_keys.shape[2], tier_end - state.hot_start)
+    if n_hot > 0:
+        if state.hot_start != pos:
+            return None
+        keys.append(state.hot_keys[:, :, :n_hot])
+        values.append(state.hot_values[:, :, :n_hot])
+        pos += n_hot
+    if pos != tier_end or not keys:
+        return None
+    return torch.cat([x.to(dtype) for x in keys], dim=2), torch.cat([x.to(dtype) for x in values], dim=2)
+
+
+def _attend_tiers_dense_sdpa(
+    query: torch.Tensor,
+    state: SpectralLayerState,
+    attention_mask: torch.Tensor | None,
+    q_first: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tiers before the chunk, rebuilt to dense K/V for this call only and attended by SDPA:
+    (out [B, Hq, q, D] float32, lse [B, Hq, q]), or None when that does not apply."""
+    tier_end = int(state.chunk_start)
+    kv = _tiers_dense_kv(state, tier_end, query.dtype)
+    if kv is None:
+        return None
+    bias, visible = _range_bias(
+        attention_mask, q_first, query.shape[2], 0, tier_end, query.dtype, query.device
+    )
+    res = sdpa_with_lse(query, kv[0], kv[1], bias=bias, is_causal=False, scale=scale)
+    if res is None:
+        return None
+    out, lse, _ = res
+    out = out.float()
+    if visible is not None:
+        out = torch.where(visible[..., None], out, 0.0)
+        lse = torch.where(visible, lse, _NEG_INF)
+    return out, lse
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -577,6 +684,7 @@ def spectral_attention(
     max_score_elements: int | None = None,
     return_lse: bool = False,
     chunk_backend: str = "auto",
+    tier_backend: str = "compressed",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` [B, Hq, q, D] over a compressed layer, without decompressing it.
 
@@ -598,10 +706,18 @@ def spectral_attention(
     prefill of any size and for chunks of at least ``_SDPA_MIN_PAIRS`` (query, key) pairs;
     ``"sdpa"`` always when a kernel exists; ``"torch"`` never (the chunk is then one more exact
     tier of the one float32 softmax).
+
+    ``tier_backend``: ``"compressed"`` (default) reads the tiers in the compressed space as
+    above. ``"dense_sdpa"`` (only together with an SDPA chunk) instead rebuilds the tiers'
+    K/V densely for this call (one layer's past, transient) and attends them with SDPA too:
+    an option for long chunked prefills where fused kernels beat the float32 tile loop; it
+    falls back to ``"compressed"`` where it does not apply (softcap, size limit).
     """
     bsz, n_q_heads, q_len, head_dim, _ = _check_state(query, state)
     if chunk_backend not in ("auto", "sdpa", "torch"):
         raise ValueError(f"chunk_backend must be 'auto', 'sdpa' or 'torch', got {chunk_backend!r}")
+    if tier_backend not in ("compressed", "dense_sdpa"):
+        raise ValueError(f"tier_backend must be 'compressed' or 'dense_sdpa', got {tier_backend!r}")
     seq_len = int(state.seq_len)
     q_first = seq_len - q_len
     if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[2] != q_len):
@@ -641,6 +757,12 @@ def spectral_attention(
             out, lse = chunk_part
             return (out, lse) if return_lse else out
     include_chunk = chunk_part is None
+    if tier_backend == "dense_sdpa" and chunk_part is not None:
+        tiers = _attend_tiers_dense_sdpa(query, state, attention_mask, q_first, scale)
+        if tiers is not None:
+            out, lse = merge_partials(tiers[0], tiers[1], chunk_part[0], chunk_part[1])
+            out = out.to(query.dtype)
+            return (out, lse) if return_lse else out
     tier_end = seq_len if include_chunk else int(state.chunk_start)
     per_query_row = bsz * n_q_heads * max(tier_end, 1)
     q_tile = max(1, max_score_elements // per_query_row)
