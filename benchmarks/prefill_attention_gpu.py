@@ -14,7 +14,8 @@ Shape: 32 query heads, 8 KV heads, head_dim 128, bf16, batch 1, random q/k/v. Ro
   there is a past: ``sdpa_chunked`` (K/V repeated per query head, masked SDPA, as transformers'
   SDPA path does) vs ``spectral_chunked_attention`` (compressed tiers + SDPA chunk, merged by
   LSE), ``spectral_chunked_attention_dense_tiers`` (``tier_backend="dense_sdpa"``: the tiers
-  rebuilt densely for the call and attended by SDPA too) and ``spectral_chunked_update``;
+  rebuilt densely for the call and attended by SDPA too), ``spectral_chunked_attention_2e28``
+  (compressed tiers in 4x larger query tiles) and ``spectral_chunked_update``;
 * decode, one token over the full context: ``sdpa_decode`` vs ``spectral_decode_torch`` (the
   torch reference path; the fused Triton decode kernel is measured elsewhere).
 
@@ -134,6 +135,12 @@ def run(tokens: int, chunk: int, preset: str, repeats: int, device: str = "cuda"
 
     record("spectral_chunked_attention_dense_tiers", spectral_chunked_dense_tiers)
 
+    def spectral_chunked_big_tiles() -> None:  # query tiles 4x the CUDA default (2**28 score floats)
+        for e, m, st in zip(ends, masks, states, strict=True):
+            spectral_attention(q[:, :, e - chunk : e], st, m, max_score_elements=1 << 28)
+
+    record("spectral_chunked_attention_2e28", spectral_chunked_big_tiles)
+
     def spectral_chunked_update() -> None:
         lay = new_layer()
         for e in ends:
@@ -164,6 +171,8 @@ def run(tokens: int, chunk: int, preset: str, repeats: int, device: str = "cuda"
         "spectral_chunked_attention/sdpa_chunked": times["spectral_chunked_attention"]
         / times["sdpa_chunked"],
         "spectral_chunked_attention_dense_tiers/sdpa_chunked": times["spectral_chunked_attention_dense_tiers"]
+        / times["sdpa_chunked"],
+        "spectral_chunked_attention_2e28/sdpa_chunked": times["spectral_chunked_attention_2e28"]
         / times["sdpa_chunked"],
         "(spectral_chunked update+attention)/sdpa_chunked": (
             times["spectral_chunked_update"] + times["spectral_chunked_attention"]
