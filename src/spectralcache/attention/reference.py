@@ -13,9 +13,11 @@ Two parts, merged exactly by their log-sum-exps (:func:`merge_partials`):
   first prefill (nothing cached before the chunk) is plain SDPA. Decode and short chunks,
   and softcapped models (SDPA has no softcap), attend the chunk as one more exact tier of
   the torch softmax below instead.
-* **the tiers before the chunk**: one softmax spans them. Scores are computed per tier in
-  float32, the global row maximum is taken over every tier, and the exponentials of every
-  tier share one denominator, so the result is exactly softmax attention over their union:
+* **the tiers before the chunk**: one softmax spans the exact tiers and a tile of cold
+  blocks. Scores are computed per tier in float32, the row maximum is taken over all of
+  them, and their exponentials share one denominator, so the result is exactly softmax
+  attention over their union; further tiles of cold blocks (decoded to float32 a few
+  thousand tokens at a time on CPU, see ``_block_tiles``) are merged in by log-sum-exp:
 
   * exact tiers (landmarks, outliers, hot buffer): ``q·kᵀ`` and ``p·v``;
   * cold blocks, keys post-RoPE: ``(q·B_Kᵀ)·C_Kᵀ`` with the per-row scale applied after
@@ -25,6 +27,9 @@ Two parts, merged exactly by their log-sum-exps (:func:`merge_partials`):
     folded into ``p``, one matmul that also sums over blocks.
   * identity codec (``key_basis`` / ``value_basis`` None): the scaled coefficient rows are the
     keys / values themselves, so the basis product is skipped (``q·C_Kᵀ``, ``Σ_blocks p·C_V``).
+
+Optionally (``tier_backend="dense_sdpa"``) a prefill chunk reads the tiers through SDPA as
+well, from K/V rebuilt densely for that one call.
 
 Masking is by *cache index* (the order tokens entered the cache, padding included),
 which is what the attention mask's last dimension indexes, so left padding works for
