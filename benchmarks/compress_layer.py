@@ -122,12 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the slow references (torch.linalg.eigh cores, the checked pipeline): ~1-2 s a call on CUDA",
     )
+    p.add_argument(
+        "--jacobi-programs-per-sm",
+        type=int,
+        default=None,
+        help="run the Jacobi core as a persistent grid of N programs per SM everywhere (default: one per matrix)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from spectralcache.linalg import jacobi as jacobi_module
+
+    jacobi_module.DEFAULT_PROGRAMS_PER_SM = args.jacobi_programs_per_sm
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype),
             "ranks": [rk, rv],
             "timing": "cuda events, median after warm-up" if dev.type == "cuda" else "wall clock, median",
+            "jacobi_programs_per_sm": args.jacobi_programs_per_sm,
             "jacobi_kernel_unavailable": list(
                 rsvd_module._JACOBI_BROKEN
             ),  # non-empty: cuSOLVER eigh was used
@@ -257,7 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_slow:
             cores = []
         if dev.type == "cuda":
-            cores.insert(0, ("spectralcache jacobi_eigh (Triton)", lambda A=A: jacobi_eigh(A), None))
+            for pps in (4, 2, 1):  # persistent grids: fewer resident programs, scratch in L1
+                cores.insert(
+                    0,
+                    (
+                        f"jacobi_eigh, {pps} programs/SM",
+                        lambda A=A, k=pps: jacobi_eigh(A, programs_per_sm=k),
+                        None,
+                    ),
+                )
+            cores.insert(
+                0, ("spectralcache jacobi_eigh (Triton)", lambda A=A: jacobi_eigh(A, programs_per_sm=0), None)
+            )
         for name, fn, reps in cores:
             w, V = fn()
             resid = float(

@@ -17,6 +17,7 @@ from spectralcache.linalg import (
 )
 
 ALGORITHMS = ("gram", "direct")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel tests run
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -438,7 +439,8 @@ def test_jacobi_eigh_matches_lapack(n, dtype):
     A[1] = torch.eye(n, dtype=torch.float64) * 2.0  # all eigenvalues equal
     A[2] = 0
     A = A.to(dtype)
-    w, V = jacobi_eigh(A)
+    w, V = jacobi_eigh(A.to(DEV))  # compiled on a GPU, interpreted on CPU
+    w, V = w.cpu(), V.cpu()
     we = torch.linalg.eigvalsh(A.double()).flip(-1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.all(w[..., :-1] >= w[..., 1:])
@@ -452,6 +454,19 @@ def test_jacobi_eigh_matches_lapack(n, dtype):
     )
 
 
+def test_jacobi_persistent_grid_equals_one_program_per_matrix():
+    """The persistent launch (programs loop over matrices) does the same arithmetic per matrix."""
+    pytest.importorskip("triton")
+    from spectralcache.linalg.jacobi import jacobi_eigh
+
+    x = torch.randn(5, 24, 12, generator=gen(3), dtype=torch.float64)
+    A = (x.mT @ x).to(DEV)
+    w0, V0 = jacobi_eigh(A, programs_per_sm=0)
+    w1, V1 = jacobi_eigh(A, programs_per_sm=1)
+    assert torch.equal(w0, w1) and torch.equal(V0, V1)
+    torch.testing.assert_close(w0.cpu(), torch.linalg.eigvalsh(A.cpu()).flip(-1), rtol=1e-12, atol=1e-12)
+
+
 def test_jacobi_eigh_rejects_bad_shapes():
     from spectralcache.linalg.jacobi import jacobi_eigh
 
@@ -463,9 +478,11 @@ def test_jacobi_eigh_rejects_bad_shapes():
 
 def test_sync_free_pipeline_with_the_jacobi_core_equals_lapack_core():
     pytest.importorskip("triton")
-    M = make_matrix((3, 60, 10), 8)
-    a = randomized_svd(M, 4, oversample=4, generator=gen(2), host_sync=False, core="jacobi")
-    b = randomized_svd(M, 4, oversample=4, generator=gen(2), host_sync=False, core="eigh")
+    M = make_matrix((3, 60, 10), 8).to(DEV)
+    a = [
+        t.cpu() for t in randomized_svd(M, 4, oversample=4, generator=gen(2), host_sync=False, core="jacobi")
+    ]
+    b = [t.cpu() for t in randomized_svd(M, 4, oversample=4, generator=gen(2), host_sync=False, core="eigh")]
     torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(
         (a[0] * a[1].unsqueeze(-2)) @ a[2], (b[0] * b[1].unsqueeze(-2)) @ b[2], rtol=1e-5, atol=1e-6

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["jacobi_eigh", "round_robin_pairs"]
+__all__ = ["DEFAULT_PROGRAMS_PER_SM", "jacobi_eigh", "round_robin_pairs"]
 
 _TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 _MIN_COMPILED_N = 40
@@ -74,121 +74,30 @@ def _tables(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[key]
 
 
-_KERNEL = None
-
-
 def _kernel():
-    """Build the Triton kernel on first use (``import triton`` is slow and optional on CPU)."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import os
+    """The two kernels, imported on first use (``import triton`` is slow and optional on CPU)."""
+    from spectralcache.linalg import _jacobi_kernels as k
 
-    import triton
-    import triton.language as tl
+    return k.jacobi_kernel, k.jacobi_persistent_kernel
 
-    if os.environ.get("TRITON_INTERPRET") == "1":  # CPU tests: numpy >= 2.4 needs the project's shim
-        from spectralcache.attention.triton import _interpreter_compat
 
-        _interpreter_compat.apply()
-
-    @triton.jit
-    def _jacobi_kernel(
-        A_ptr,
-        V_ptr,
-        P_ptr,
-        Q_ptr,
-        n,
-        rounds,
-        half,
-        tol2,
-        MAX_SWEEPS: tl.constexpr,
-        HP: tl.constexpr,
-        KC: tl.constexpr,
-        RB: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)
-        A = A_ptr + b * n * n
-        V = V_ptr + b * n * n
-        i = tl.arange(0, HP)
-        kk = tl.arange(0, KC)
-        rr = tl.arange(0, RB)
-        # relative off-diagonal mass (squared), computed on the device; > tol2: not converged
-        off = tol2 * 0.0 + 1.0  # a float32 scalar > tol2 (tol2 < 1 always)
-        for _sweep in range(MAX_SWEEPS):
-            if off > tol2:
-                for r in range(rounds):
-                    pm = i < half
-                    p = tl.load(P_ptr + r * half + i, mask=pm, other=-1)
-                    q = tl.load(Q_ptr + r * half + i, mask=pm, other=-1)
-                    pm = p >= 0
-                    app = tl.load(A + p * n + p, mask=pm, other=0.0)
-                    aqq = tl.load(A + q * n + q, mask=pm, other=0.0)
-                    apq = tl.load(A + p * n + q, mask=pm, other=0.0)
-                    nz = apq != 0.0
-                    tau = (aqq - app) / (2.0 * tl.where(nz, apq, 1.0))
-                    sgn = tl.where(tau >= 0.0, 1.0, -1.0)
-                    t = tl.where(nz, sgn / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau)), 0.0)
-                    c = 1.0 / tl.sqrt(1.0 + t * t)
-                    s = t * c
-                    c2 = c[:, None]
-                    s2 = s[:, None]
-                    tl.debug_barrier()  # every pair read its 2x2 before any row moves
-                    for k0 in range(0, n, KC):
-                        k = k0 + kk
-                        m2 = pm[:, None] & (k < n)[None, :]
-                        offp = p[:, None] * n + k[None, :]
-                        offq = q[:, None] * n + k[None, :]
-                        ap = tl.load(A + offp, mask=m2, other=0.0)
-                        aq = tl.load(A + offq, mask=m2, other=0.0)
-                        tl.store(A + offp, c2 * ap - s2 * aq, mask=m2)
-                        tl.store(A + offq, s2 * ap + c2 * aq, mask=m2)
-                    tl.debug_barrier()
-                    cr = c[None, :]
-                    sr = s[None, :]
-                    for k0 in range(0, n, KC):
-                        k = k0 + kk
-                        m3 = (k < n)[:, None] & pm[None, :]
-                        offp = k[:, None] * n + p[None, :]
-                        offq = k[:, None] * n + q[None, :]
-                        ap = tl.load(A + offp, mask=m3, other=0.0)
-                        aq = tl.load(A + offq, mask=m3, other=0.0)
-                        tl.store(A + offp, ap * cr - aq * sr, mask=m3)
-                        tl.store(A + offq, ap * sr + aq * cr, mask=m3)
-                        vp = tl.load(V + offp, mask=m3, other=0.0)
-                        vq = tl.load(V + offq, mask=m3, other=0.0)
-                        tl.store(V + offp, vp * cr - vq * sr, mask=m3)
-                        tl.store(V + offq, vp * sr + vq * cr, mask=m3)
-                    tl.debug_barrier()
-                # off-diagonal and total mass summed separately (total - diagonal would cancel)
-                tot = tl.zeros((RB, KC), dtype=tl.float64)
-                odg = tl.zeros((RB, KC), dtype=tl.float64)
-                for r0 in range(0, n, RB):
-                    row = r0 + rr
-                    for k0 in range(0, n, KC):
-                        k = k0 + kk
-                        m = (row < n)[:, None] & (k < n)[None, :]
-                        a = tl.load(A + row[:, None] * n + k[None, :], mask=m, other=0.0).to(tl.float64)
-                        a2 = a * a
-                        tot += a2
-                        odg += tl.where(row[:, None] != k[None, :], a2, 0.0)
-                total = tl.sum(tl.sum(tot, axis=1), axis=0)
-                offd = tl.sum(tl.sum(odg, axis=1), axis=0)
-                off = (offd / tl.maximum(total, 1e-300)).to(tl.float32)
-
-    _KERNEL = _jacobi_kernel
-    return _KERNEL
+# Launch configuration used when ``programs_per_sm`` is not given (None: one program per matrix,
+# measured; an int: the persistent grid, e.g. set by ``benchmarks/compress_layer.py``).
+DEFAULT_PROGRAMS_PER_SM: int | None = None
 
 
 def jacobi_eigh(
-    A: torch.Tensor, *, max_sweeps: int = 12, tol: float | None = None
+    A: torch.Tensor, *, max_sweeps: int = 12, tol: float | None = None, programs_per_sm: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of symmetric ``A [B, n, n]`` (float32/float64), eigenvalues in descending order.
 
     Returns ``(w [B, n], V [B, n, n])`` with ``A ≈ V diag(w) Vᵀ``. Only the upper and lower
     triangles' average is used implicitly (A is assumed symmetric). ``tol`` bounds the
     relative off-diagonal Frobenius mass at which a matrix stops (default: 100 eps of the
-    dtype). No host synchronization; the input is not modified.
+    dtype). No host synchronization; the input is not modified. ``programs_per_sm`` (CUDA):
+    launch that many programs per SM, each looping over matrices, instead of one program per
+    matrix (0; the configuration measured on the H100, see the module docstring); None takes
+    :data:`DEFAULT_PROGRAMS_PER_SM`.
     """
     if A.ndim != 3 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"jacobi_eigh needs [B, n, n], got shape {tuple(A.shape)}")
@@ -198,10 +107,10 @@ def jacobi_eigh(
     work = A.contiguous().clone()
     n = n0
     if A.is_cuda and 1 < n0 < _MIN_COMPILED_N:
-        # Tiles smaller than a warp group's layout would hold each element in several
-        # threads, whose load/store of the same entry could interleave; padding keeps every
-        # compiled launch at the tile shapes validated on an H100 (n = 40 and 72). The pad is
-        # a decoupled diagonal below every eigenvalue of A, so it sorts last and is dropped.
+        # Tiles smaller than the warps' layout hold each element in several threads, whose
+        # load and store of the same entry are not ordered within a phase; padding keeps every
+        # compiled launch at tile shapes as large as those validated on an H100 (n = 40, 72).
+        # The pad is a decoupled diagonal below every eigenvalue of A: it sorts last, dropped.
         n = _MIN_COMPILED_N
         low = -(torch.linalg.matrix_norm(work) + 1.0)  # < every eigenvalue of A
         pad = torch.zeros(B, n, n, dtype=A.dtype, device=A.device)
@@ -215,10 +124,17 @@ def jacobi_eigh(
         hp = max(2, 1 << (half - 1).bit_length())
         eps = torch.finfo(A.dtype).eps
         tol = 100 * eps if tol is None else tol
-        _kernel()[(B,)](
-            work, V, P, Q, n, P.shape[0], half, float(tol) ** 2,
-            MAX_SWEEPS=max_sweeps, HP=hp, KC=32, RB=16, num_warps=4,
-        )  # fmt: skip
+        one, persistent = _kernel()
+        programs_per_sm = DEFAULT_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+        consts = {"MAX_SWEEPS": max_sweeps, "HP": hp, "KC": 32, "RB": 16, "num_warps": 4}
+        if programs_per_sm and A.is_cuda:
+            sms = torch.cuda.get_device_properties(A.device).multi_processor_count
+            grid = (min(B, programs_per_sm * sms),)
+            persistent[grid](work, V, P, Q, n, P.shape[0], half, float(tol) ** 2, B, **consts)
+        elif programs_per_sm:  # interpreter (CPU): a small grid exercises the loop
+            persistent[(min(B, 2),)](work, V, P, Q, n, P.shape[0], half, float(tol) ** 2, B, **consts)
+        else:
+            one[(B,)](work, V, P, Q, n, P.shape[0], half, float(tol) ** 2, **consts)
     w = work.diagonal(dim1=-2, dim2=-1)
     w, order = torch.sort(w, dim=-1, descending=True)
     V = torch.gather(V, 2, order.unsqueeze(-2).expand(B, n, n))
