@@ -10,9 +10,11 @@ load from other processes hits them alike):
 * ``spectral``: SpectralCache (preset ``--preset``), one forward: the chunk goes through SDPA,
   block compression included;
 * ``spectral_torch_chunk``: the same, but the chunk attended by the float32 torch tier path
-  (what every prefill did before the SDPA route);
+  (``chunk_backend="torch"``: what every prefill did before the SDPA route);
 * ``dynamic_chunked`` / ``spectral_chunked``: the prompt fed in ``--chunk``-token forward
-  calls, so later chunks attend an already compressed cache (tiers + SDPA chunk, merged by LSE).
+  calls, so later chunks attend an already compressed cache (tiers + SDPA chunk, merged by LSE);
+  ``spectral_chunked_dense_tiers`` with ``tier_backend="dense_sdpa"`` (tiers rebuilt densely per
+  call and attended by SDPA too).
 
 Each time is the median over repeats of the process CPU time (``time.process_time``, one
 thread: insensitive to other processes stealing the core) and of wall time; the load average
@@ -88,21 +90,31 @@ def run(tokens: int, repeats: int, chunk: int, preset: str) -> dict[str, Any]:
     spectral = functools.partial(SpectralCache, model, SpectralConfig.from_preset(preset))
     dynamic = functools.partial(DynamicCache, config=model.config)
 
-    def torch_chunk() -> None:
-        # "auto" sends no chunk to SDPA below _SDPA_MIN_PAIRS (query, key) pairs: raise it past any chunk
-        saved = ref._SDPA_MIN_PAIRS
-        ref._SDPA_MIN_PAIRS = 1 << 62
-        try:
-            _prefill(model, ids, spectral, None)
-        finally:
-            ref._SDPA_MIN_PAIRS = saved
+    def with_defaults(fn, **defaults):
+        """Run ``fn`` with ``spectral_attention``'s keyword defaults changed (whoever calls it)."""
+
+        def run_it() -> None:
+            saved = dict(ref.spectral_attention.__kwdefaults__)
+            ref.spectral_attention.__kwdefaults__.update(defaults)
+            try:
+                fn()
+            finally:
+                ref.spectral_attention.__kwdefaults__.update(saved)
+
+        return run_it
 
     variants = {
         "dynamic": lambda: _prefill(model, ids, dynamic, None),
         "spectral": lambda: _prefill(model, ids, spectral, None),
-        "spectral_torch_chunk": torch_chunk,
+        # every query through the float32 torch tier path: what every prefill did before the SDPA route
+        "spectral_torch_chunk": with_defaults(
+            lambda: _prefill(model, ids, spectral, None), chunk_backend="torch"
+        ),
         "dynamic_chunked": lambda: _prefill(model, ids, dynamic, chunk),
         "spectral_chunked": lambda: _prefill(model, ids, spectral, chunk),
+        "spectral_chunked_dense_tiers": with_defaults(
+            lambda: _prefill(model, ids, spectral, chunk), tier_backend="dense_sdpa"
+        ),
     }
     _prefill(model, ids[:, :1024], spectral, None)  # warm-up (lazy imports, allocator)
     _prefill(model, ids[:, :1024], dynamic, None)
@@ -132,6 +144,8 @@ def run(tokens: int, repeats: int, chunk: int, preset: str) -> dict[str, Any]:
             "spectral/dynamic": med_cpu["spectral"] / med_cpu["dynamic"],
             "spectral_torch_chunk/dynamic": med_cpu["spectral_torch_chunk"] / med_cpu["dynamic"],
             "spectral_chunked/dynamic_chunked": med_cpu["spectral_chunked"] / med_cpu["dynamic_chunked"],
+            "spectral_chunked_dense_tiers/dynamic_chunked": med_cpu["spectral_chunked_dense_tiers"]
+            / med_cpu["dynamic_chunked"],
         },
         "load_avg_1min": load,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -153,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args.tokens, args.repeats, args.chunk, args.preset)
     print(f"prefill of {res['tokens']} tokens, {res['model']}, {res['threads']} thread(s), {res['machine']}")
     print(f"load average (1 min) during the run: {', '.join(f'{x:.1f}' for x in res['load_avg_1min'])}")
-    print(f"{'variant':<24}{'cpu s (median)':>16}{'wall s (median)':>17}")
+    print(f"{'variant':<30}{'cpu s (median)':>16}{'wall s (median)':>17}")
     for name in res["median_cpu_s"]:
-        print(f"{name:<24}{res['median_cpu_s'][name]:>16.2f}{res['median_wall_s'][name]:>17.2f}")
+        print(f"{name:<30}{res['median_cpu_s'][name]:>16.2f}{res['median_wall_s'][name]:>17.2f}")
     for name, r in res["ratio_cpu"].items():
-        print(f"{name:<40} {r:.2f}x (cpu time)")
+        print(f"{name:<46} {r:.2f}x (cpu time)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")
