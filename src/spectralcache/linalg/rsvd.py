@@ -26,8 +26,9 @@ transposing when needed, so the sketch lives on the smaller side):
 
 The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
 LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
-cores up to 32x32 and the batched float64 eigendecomposition for larger ones, both on
-the device (nothing is copied to the host). The Householder level always uses the SVD.
+cores up to 32x32 and the float64 eigendecomposition by the batched Triton Jacobi kernel
+(:mod:`spectralcache.linalg.jacobi`) for larger ones, both on the device (nothing is
+copied to the host). The Householder level always uses the SVD.
 
 Two pipelines, chosen by ``host_sync``:
 
@@ -241,7 +242,7 @@ class _Ctx:
 
         The Householder level is the robust one: LAPACK/cuSOLVER SVD. On CUDA, batched
         cores up to 32x32 go to cuSOLVER's batched Jacobi SVD; larger ones to the float64
-        eigendecomposition, on the device (batched cuSOLVER; never copied to the host).
+        eigendecomposition by the Triton Jacobi kernel, on the device (never copied to the host).
         """
         if self.orth == "householder":
             core = _core_svd
@@ -703,12 +704,16 @@ def _core_eigh(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     a third of that. Squaring the condition number in float64 still leaves the
     singular vectors accurate far beyond float32 for singular values above ~1e-6 of the
     largest; the pipeline sends elements whose rank-th singular value is smaller down
-    the fallback chain (Householder level, which uses LAPACK SVD).
+    the fallback chain (Householder level, which uses LAPACK SVD). On CUDA the
+    eigenproblems go to the batched Jacobi kernel (:func:`_eigh_desc`), not copied to the host.
     """
     Rd = R.double()
-    # eigh of -RᵀR lists RᵀR's eigenpairs in descending order (no flips needed)
-    neg, W = torch.linalg.eigh(Rd.mT @ -Rd)
-    s = neg.neg_().clamp_min_(0).sqrt_()
+    if Rd.is_cuda:
+        lam, W = _eigh_desc(Rd.mT @ Rd)
+        s = lam.clamp_min(0).sqrt()
+    else:  # eigh of -RᵀR lists RᵀR's eigenpairs in descending order (no flips needed)
+        neg, W = torch.linalg.eigh(Rd.mT @ -Rd)
+        s = neg.neg_().clamp_min_(0).sqrt_()
     # zero singular values give garbage columns here; the caller's S check catches
     # them inside the kept rank, and columns beyond it are dropped
     Ur = (Rd @ W) / s.clamp_min(1e-300).unsqueeze(-2)
