@@ -134,8 +134,8 @@ def decode_attention(
     block_e: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    programs_per_sm: int = 8,
-    maxnreg: int | None = None,
+    programs_per_sm: int = 4,
+    maxnreg: int | None = -1,
 ) -> torch.Tensor:
     """Attention of a small ``query`` [B, Hq, q, D] over a compressed layer -> [B, Hq, q, D].
 
@@ -143,7 +143,8 @@ def decode_attention(
     for fully masked rows). ``out`` (optional, [B, Hq, q, D] in the query's dtype, any strides)
     receives the result; by default it is a view of a ``[B, q, Hq, D]`` buffer, so transformers'
     ``transpose(1, 2).contiguous()`` costs nothing. ``blocks_per_split`` / ``block_t`` /
-    ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` / ``maxnreg`` override the launch plan
+    ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` / ``maxnreg`` (-1: by
+    coefficient width, None: no cap) override the launch plan
     (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
     multiprocessor, enough independent loads in flight to cover memory latency).
     """
@@ -272,7 +273,12 @@ def decode_attention(
     )
 
     # ---- launch plan
-    block_t = min(_next_pow2(t), 64) if block_t is None else block_t
+    # defaults from the variant scan on an H100 at 128K (docs/kernel_notes.md, v3): 256-token tiles,
+    # 4 warps, 4 programs per SM; a 128-register cap helps the int4 kernel (0.102 -> 0.086 ms) and
+    # hurts the int8 one (0.113 -> 0.193 ms)
+    block_t = min(_next_pow2(t), 256) if block_t is None else block_t
+    if maxnreg == -1:
+        maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
     n_bh = bsz * n_kv
     if blocks_per_split is None:
