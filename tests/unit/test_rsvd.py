@@ -519,3 +519,25 @@ def test_compress_layer_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     assert 0 < rows["compress_blocks"]["key_rel_err"] < 0.2 and all(
         r["median_ms"] > 0 for r in data["results"]
     )
+
+
+@pytest.mark.parametrize("orth", ORTH_METHODS)
+def test_implicit_and_formed_gram_agree(orth, monkeypatch):
+    """At n_iter=0 the Gram algorithm applies G = MᵀM as Mᵀ(M Z) (fewer FLOPs); forcing it to
+    form G must give the same factorization up to rounding, both at the optimum's error."""
+    from spectralcache.linalg import rsvd
+
+    M = make_matrix((4, 256, 96), 12)
+    opt = rel_error(M, *truncated_svd(M, 10))
+    out = {}
+    for implicit in (True, False):
+        monkeypatch.setattr(rsvd, "_FORCE_IMPLICIT_GRAM", implicit)
+        *f, info = randomized_svd(
+            M, 10, n_iter=0, orth=orth, algorithm="gram", generator=gen(4), return_info=True
+        )
+        assert info.paths == {orth: 4}
+        assert rel_error(M, *f) <= 1.05 * opt and orth_err(f[0]) < 1e-4
+        out[implicit] = f
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(rsvd, "_FORCE_IMPLICIT_GRAM", None)
+    assert rsvd._implicit_gram(M, 24, 0) and not rsvd._implicit_gram(M, 24, 2)
