@@ -283,3 +283,18 @@ def test_standin_config_is_spectralconfig() -> None:
     assert isinstance(resolve_config(SpectralConfig(block_size=64)), SpectralConfig)
     with pytest.raises(TypeError, match="preset name"):
         resolve_config(3)
+
+
+def test_eval_calls_emit_no_future_warning() -> None:
+    """The library's own model calls use the preferred cache keyword (no FutureWarning on 5.24)."""
+    from spectralcache.eval.perplexity import score_segment
+    from spectralcache.eval.runner import prefill
+
+    model = tiny_model("llama")
+    ids = tiny_prompt(1, 80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with torch.no_grad():
+            prefill(model, SpectralCache(model, "lossless"), ids, chunk=32)
+            result = score_segment(model, SpectralCache(model, "lossless"), ids[0].tolist(), 40)
+    assert result.tokens == 80 - 40  # every continuation token scored
