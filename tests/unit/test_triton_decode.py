@@ -228,3 +228,10 @@ def test_attend_routes_decode_and_prefill(monkeypatch: pytest.MonkeyPatch) -> No
     q_long = torch.randn(1, 4, 40, 32).to(DEVICE)
     dispatch.attend(q_long, long, None, None, None, "triton")
     assert len(calls) == (2 if query.is_cuda else 1)
+
+
+def test_state_on_another_device_is_refused_clearly() -> None:
+    state = random_state(device=DEVICE, seed=next(_seed))
+    state.hot_values = state.hot_values.to("meta")
+    with pytest.raises(ValueError, match="is on meta"):
+        decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), state)

@@ -38,7 +38,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-if interpreter_enabled():
+# fixed when the kernels are decorated (this import): triton.jit reads TRITON_INTERPRET then
+_INTERPRET = interpreter_enabled()
+if _INTERPRET:
     from spectralcache.attention.triton import _interpreter_compat
 
     _interpreter_compat.apply()
@@ -66,6 +68,10 @@ def _t(x: torch.Tensor | None, ndim: int, dummy: torch.Tensor) -> tuple:
         return (dummy, *([0] * ndim))
     if x.dim() != ndim:
         raise ValueError(f"expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+    if x.device != dummy.device:
+        raise ValueError(
+            f"a state tensor of shape {tuple(x.shape)} is on {x.device}, the query on {dummy.device}"
+        )
     return (x, *x.stride())
 
 
@@ -110,7 +116,7 @@ def _check(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, int, in
             f"decode_attention handles groups*q_len <= {MAX_ROWS} query rows per KV head, got "
             f"{n_q // n_kv}*{q_len}; use the torch reference (spectral_attention) for prefill"
         )
-    if not query.is_cuda and not interpreter_enabled():
+    if not query.is_cuda and not _INTERPRET:
         raise ValueError("decode_attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return bsz, n_q, q_len, head_dim, n_kv
 
