@@ -541,3 +541,21 @@ def test_implicit_and_formed_gram_agree(orth, monkeypatch):
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(rsvd, "_FORCE_IMPLICIT_GRAM", None)
     assert rsvd._implicit_gram(M, 24, 0) and not rsvd._implicit_gram(M, 24, 2)
+
+
+def test_bench_svd_interleaved_timing(tmp_path):
+    """``--interleave`` times the methods taking turns; every method gets exactly --repeats calls."""
+    import json
+
+    from spectralcache.bench.svd import main as bench_main
+
+    rc = bench_main(
+        ["--device", "cpu", "--shapes", "2x48x24:4", "--repeats", "3", "--warmup", "1", "--interleave",
+         "--out", str(tmp_path), "--tag", "il", "--no-plot"]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "rsvd_il.json").read_text())
+    assert data["meta"]["interleaved"] is True
+    assert {r["repeats"] for r in data["results"]} == {3}
+    assert any(r["method"] == "rsvd[rayleigh_ritz]" for r in data["results"])
+    assert all(r["err_ratio"] <= 1.05 for r in data["results"] if r["method"].startswith("rsvd["))

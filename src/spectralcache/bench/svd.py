@@ -302,6 +302,7 @@ def metadata(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         "seed": args.seed,
         "noise": args.noise,
         "clock": "cuda events" if dev.type == "cuda" else args.clock,
+        "interleaved": bool(getattr(args, "interleave", False)),
     }
     if dev.type == "cuda":
         meta["device_name"] = torch.cuda.get_device_name(dev)
@@ -485,6 +486,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from-json", default=None, help="only redraw the PNG(s) from a JSON this benchmark wrote"
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the methods taking turns (each round calls every method once): same load for all",
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -516,6 +522,38 @@ def _progress(total: int, desc: str):
         return _P()
 
 
+def interleaved_times(
+    methods: dict[str, Method], M: torch.Tensor, dev: torch.device, args: argparse.Namespace
+) -> dict[str, tuple[list[float], Any]]:
+    """Per-call ms of every method, taking turns: repeat r times each method once.
+
+    Why: on a shared machine the load changes within a run; timing the methods one after
+    the other gives each its own load, taking turns gives them the same. Every method gets
+    ``--warmup`` untimed calls first, then ``--repeats`` rounds (no per-method budget).
+    """
+    outs: dict[str, Any] = {}
+    for name, fn in methods.items():
+        for _ in range(max(1, args.warmup)):
+            outs[name] = fn(M)
+    _sync(dev)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    now = _CLOCK[args.clock]
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            if dev.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                outs[name] = fn(M)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t = now()
+                outs[name] = fn(M)
+                times[name].append((now() - t) * 1e3)
+    return {name: (times[name], outs[name]) for name in methods}
+
+
 def run_compare(
     args: argparse.Namespace, dev: torch.device, shapes, dtype: torch.dtype
 ) -> list[dict[str, Any]]:
@@ -530,11 +568,15 @@ def run_compare(
         )
         bar = _progress(len(methods), "x".join(map(str, shape)) + f" r{rank}")
         shape_rows = []
+        timed = interleaved_times(methods, M, dev, args) if args.interleave else {}
         for name, fn in methods.items():
             bar.set_postfix_str(name)
-            times, (U, S, Vh) = time_method(
-                lambda f=fn, x=M: f(x), dev, args.repeats, args.warmup, args.budget, args.clock
-            )
+            if args.interleave:
+                times, (U, S, Vh) = timed[name]
+            else:
+                times, (U, S, Vh) = time_method(
+                    lambda f=fn, x=M: f(x), dev, args.repeats, args.warmup, args.budget, args.clock
+                )
             err = rel_error(M, U, S, Vh)
             row: dict[str, Any] = {
                 "shape": list(shape),
