@@ -14,7 +14,14 @@ fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-/tmp/prefill_out}"
 mkdir -p "$out"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/env.log"
+python3 - <<'PY' 2>&1 | tee "$out/env.log"
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
+for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+    op = getattr(torch.ops.aten, name, None)
+    print(name, "missing" if op is None else op.default._schema)
+PY
 timeout 110 python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_prefill_sdpa.py tests/unit/test_attention_reference.py 2>&1 | tail -40 | tee "$out/pytest.log"
 timeout 100 python3 benchmarks/prefill_attention_gpu.py --tokens 32768 --chunk 8192 --repeats 3 \
   --out "$out/prefill_attention_gpu.json" 2>&1 | tee "$out/bench.log"
