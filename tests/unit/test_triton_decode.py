@@ -182,8 +182,6 @@ def test_refuses_what_it_does_not_handle() -> None:
         decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), state, None, None, -1.0)
     pre = random_state(device=DEVICE, key_space="pre_rope")
     pre.rope_inv_freq = None
-    if hasattr(pre, "rotate_block_keys"):
-        pre.rotate_block_keys = None
     with pytest.raises(ValueError, match="rope_inv_freq"):
         decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), pre)
 

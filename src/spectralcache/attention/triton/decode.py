@@ -76,22 +76,16 @@ def _t(x: torch.Tensor | None, ndim: int, dummy: torch.Tensor) -> tuple:
 
 
 def _resolve_inv_freq(state: SpectralLayerState, device: torch.device) -> torch.Tensor:
-    """The RoPE inverse frequencies pre-RoPE blocks are re-rotated with."""
+    """The RoPE inverse frequencies pre-RoPE blocks are re-rotated with (``state.rope_inv_freq``)."""
     inv_freq = getattr(state, "rope_inv_freq", None)
-    if inv_freq is None:
-        # until every producer fills ``rope_inv_freq``: a RopeRotator's bound method carries them
-        owner = (
-            getattr(state.rotate_block_keys, "__self__", None)
-            if hasattr(state, "rotate_block_keys")
-            else None
-        )
-        inv_freq = getattr(owner, "inv_freq", None)
     if inv_freq is None:
         raise ValueError(
             "pre_rope cold blocks need state.rope_inv_freq (the model's RoPE inverse frequencies) "
             "for the Triton kernel"
         )
-    return inv_freq.to(device=device, dtype=torch.float32).contiguous()
+    if inv_freq.device != device or inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous():
+        inv_freq = inv_freq.to(device=device, dtype=torch.float32).contiguous()
+    return inv_freq
 
 
 def _check(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, int, int, int, int]:

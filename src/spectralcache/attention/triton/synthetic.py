@@ -10,8 +10,6 @@ kernel must compute the same function as the torch reference on any valid state.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
@@ -128,17 +126,9 @@ def random_state(
     if chunk is not None:
         chunk_start = seq_len - chunk
         chunk_keys, chunk_values = rn(b, h, chunk, d), rn(b, h, chunk, d)
-    extra: dict[str, object] = {}
     inv_freq = None
     if key_space == "pre_rope":
-        from spectralcache.cache.rope import RopeRotator
-
-        inv_freq = rope_inv_freq(d if rot_dim is None else rot_dim)
-        names = {f.name for f in dataclasses.fields(SpectralLayerState)}
-        if "rope_inv_freq" in names:
-            extra["rope_inv_freq"] = inv_freq.to(device)
-        if "rotate_block_keys" in names:
-            extra["rotate_block_keys"] = RopeRotator(inv_freq, d).rotate_block_keys
+        inv_freq = rope_inv_freq(d if rot_dim is None else rot_dim).to(device)
     state = SpectralLayerState(
         layer_idx=0,
         seq_len=seq_len,
@@ -152,8 +142,6 @@ def random_state(
         chunk_values=chunk_values,
         chunk_start=chunk_start,
         key_space=key_space,
-        **extra,
+        rope_inv_freq=inv_freq,
     )
-    if inv_freq is not None and "rope_inv_freq" not in extra:
-        state.rope_inv_freq = inv_freq.to(device)  # before the layout change adds the field
     return state
