@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from spectralcache.integrations.compat import cache_kwargs
+
 KINDS = ("keys_pre_rope", "keys_post_rope", "values")
 
 
@@ -79,7 +81,7 @@ def capture(model: Any, tokenizer: Any, length: int) -> dict[int, dict[str, torc
         )
     try:
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
