@@ -17,8 +17,10 @@ Storage (append-only, preallocated):
 * the landmarks live in a ``[B, H, landmarks, D]`` buffer filled in place;
 * the hot buffer is ``[B, H, capacity, D]`` with a live window ``[lo, hi)``: new tokens are
   written at ``hi``; compressing the oldest hot tokens only advances ``lo``. When a decode
-  token does not fit, the live window is copied into a fresh buffer with ``max(block_size // 4,
-  16)`` tokens of slack (a prefill chunk's remainder is stored in an exact-fit buffer).
+  token does not fit, the live window is copied into a fresh buffer with ``max(block_size // 32,
+  16)`` tokens of slack (a prefill chunk's remainder is stored in an exact-fit buffer). Slack is
+  held memory and ``memory_report`` counts it, so it stays small: copying a window of at most
+  ``hot_size + block_size`` rows every 16 decode steps costs far less than a decode step.
 
 Nothing already visible through a view is ever overwritten, and every reallocation makes a fresh
 buffer, so :meth:`SpectralLayer.checkpoint` (counters + references) and
@@ -567,7 +569,7 @@ class SpectralLayer(CacheLayerMixin):
     @property
     def hot_slack(self) -> int:
         """Tokens of room a decode-time reallocation of the hot buffer leaves after the live window."""
-        return max(self.config.block_size // 4, 16)
+        return max(self.config.block_size // 32, 16)
 
     @staticmethod
     def _compact(window: torch.Tensor, new: torch.Tensor, slack: int) -> torch.Tensor:
