@@ -10,13 +10,7 @@ from spectralcache.config import SpectralConfig, get_preset, list_presets
 T, D = 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny batched LAPACK calls are 50x slower with 2 threads on the shared, oversubscribed CI box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank(lead, rank, noise=1e-3, seed=0, t=T, d=D):

@@ -7,13 +7,7 @@ from tests.tiny_models import tiny_model
 from spectralcache.cache.cache import SpectralCache
 from spectralcache.config import SpectralConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):

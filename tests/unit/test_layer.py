@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.layer_helpers import D, H, T, kv, small_cfg
 from tests.tiny_models import tiny_config, tiny_model
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -9,26 +10,7 @@ from spectralcache.cache.layer import SpectralLayer
 from spectralcache.cache.rope import RopeRotator, find_rotary_inv_freq
 from spectralcache.config import SpectralConfig
 
-H, D, T = 2, 16, 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def small_cfg(**kw):
-    base = dict(block_size=T, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
-    base.update(kw)
-    return SpectralConfig(**base)
-
-
-def kv(b, n, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, H, n, D, generator=g).to(dtype), torch.randn(b, H, n, D, generator=g).to(dtype)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama_rotator(head_dim=D, theta=10000.0):

@@ -3,30 +3,16 @@ natural sync point and never enters a compressed block."""
 
 import pytest
 import torch
+from tests.layer_helpers import D, H, T, kv, small_cfg
 
 from spectralcache.cache.layer import SpectralLayer
 from spectralcache.config import SpectralConfig
 
-H, D, T = 2, 16, 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(**kw):
-    base = dict(block_size=T, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
-    base.update(kw)
-    return SpectralLayer(SpectralConfig(**base), 0, head_dim=D, num_kv_heads=H)
-
-
-def kv(b, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, H, n, D, generator=g), torch.randn(b, H, n, D, generator=g)
+    return SpectralLayer(small_cfg(**kw), 0, head_dim=D, num_kv_heads=H)
 
 
 _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")

@@ -8,36 +8,13 @@ import itertools
 
 import pytest
 import torch
+from tests.layer_helpers import D, H, T, kv, rotator, small_cfg
 
 from spectralcache.cache.layer import COLD_GROWTH, SpectralLayer
 from spectralcache.cache.rope import RopeRotator
 from spectralcache.cache.state import ColdBlocks
-from spectralcache.config import SpectralConfig
 
-H, D, T = 2, 16, 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def small_cfg(**kw):
-    base = dict(block_size=T, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
-    base.update(kw)
-    return SpectralConfig(**base)
-
-
-def kv(b, n, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, H, n, D, generator=g).to(dtype), torch.randn(b, H, n, D, generator=g).to(dtype)
-
-
-def rotator():
-    return RopeRotator(1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float) / D)), D)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(key_space="post_rope", **kw):
