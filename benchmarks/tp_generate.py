@@ -234,11 +234,14 @@ def _estimate_seconds(rows: list[dict[str, Any]], kind: str, context: int, args:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout, or $SPECTRALCACHE_GIT_COMMIT for a run from a `git archive` snapshot."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("SPECTRALCACHE_GIT_COMMIT")
 
 
 def _table(rows: list[dict[str, Any]], world: int) -> str:
