@@ -138,6 +138,34 @@ def summaries(eval_dir: Path) -> list[dict]:
     return rows
 
 
+def paired_baseline_accuracy(eval_dir: Path, method_slug: str, stem: str) -> tuple[float | None, int]:
+    """The baseline's accuracy on exactly the samples this method answered (paired), and n."""
+    from spectralcache.eval.runner import latest_rows, predictions_path, read_rows
+
+    mine = latest_rows(read_rows(predictions_path(eval_dir, method_slug, stem)))
+    base = latest_rows(read_rows(predictions_path(eval_dir, "baseline", stem)))
+    scores = [
+        base[sid]["score"]
+        for sid, r in mine.items()
+        if r.get("error") is None and sid in base and base[sid].get("error") is None
+    ]
+    return (100.0 * sum(scores) / len(scores) if scores else None), len(scores)
+
+
+_SHORT = (
+    ("spectral:", ""),
+    ("key_codec=identity,value_codec=identity,value_coeff_bits=4,outliers_per_block=8", "idK8+idV4,o8"),
+    ("value_codec=identity", "idV8"),
+    ("compress_tail=True", "tail"),
+)
+
+
+def short_name(method: str) -> str:
+    for a, b in _SHORT:
+        method = method.replace(a, b)
+    return method
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated (higher reduction and higher accuracy are better)."""
     keep = []
@@ -155,6 +183,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no predictions under {out / 'eval'}", file=sys.stderr)
         return 1
+    paired = {
+        (s["method_slug"], s["stem"]): paired_baseline_accuracy(out / "eval", s["method_slug"], s["stem"])
+        for s in rows
+    }
     table = [
         {
             "task": s["task"],
@@ -163,6 +195,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             "n": s["n"],
             "n_errors": s["n_errors"],
             "accuracy": s["score"],
+            # the baseline on exactly these samples (runs of different lengths share the baseline)
+            "baseline_accuracy_same_samples": paired[(s["method_slug"], s["stem"])][0],
             "agree_with_baseline": s["agree_with_baseline"],
             "reduction_compressed_layers": 1.0 if s["method"] == "baseline" else s["compression_ratio_full"],
             "reduction_all_layers": 1.0 if s["method"] == "baseline" else s["compression_ratio"],
@@ -182,14 +216,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     }
     (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "| task | length | method | n | accuracy % | same answer as baseline % | reduction (compressed layers) |",
-        "|---|---|---|---|---|---|---|",
+        "| task | length | method | n | accuracy % | baseline on the same samples % | same answer as baseline % "
+        "| reduction (compressed layers) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.0f}"
+        base = r["baseline_accuracy_same_samples"]
+        base = "—" if base is None else f"{base:.0f}"
         agree = "—" if r["agree_with_baseline"] is None else f"{r['agree_with_baseline']:.0f}"
         red = "—" if r["reduction_compressed_layers"] is None else f"{r['reduction_compressed_layers']:.2f}×"
-        lines.append(f"| {r['task']} | {r['length']} | {r['method']} | {r['n']} | {acc} | {agree} | {red} |")
+        lines.append(
+            f"| {r['task']} | {r['length']} | {r['method']} | {r['n']} | {acc} | {base} | {agree} | {red} |"
+        )
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if not args.no_plots:
@@ -207,7 +246,7 @@ def _plot(table: list[dict], out: Path) -> list[Path]:
     written = []
     for length in sorted({r["length"] for r in table}):
         tasks = sorted({r["task"] for r in table if r["length"] == length})
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 6.5), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
             pts = [
                 r
@@ -217,12 +256,12 @@ def _plot(table: list[dict], out: Path) -> list[Path]:
             ]  # fmt: skip
             xy = [(r["reduction_compressed_layers"], r["accuracy"]) for r in pts]
             front = set(pareto_front(xy))
+            markers = "osD^v<>Pp*hX"
             for i, r in enumerate(pts):
                 x, y = xy[i]
-                ax.scatter([x], [y], s=60 if i in front else 30, marker="o" if i in front else "x")
-                ax.annotate(
-                    f"{r['method'].replace('spectral:', '')} (n={r['n']})", (x, y), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points",
+                ax.scatter(
+                    [x], [y], s=70 if i in front else 35, marker=markers[i % len(markers)],
+                    label=f"{short_name(r['method'])} (n={r['n']}){' *' if i in front else ''}",
                 )  # fmt: skip
             fx = sorted((xy[i] for i in front), key=lambda p: p[0])
             if fx:
@@ -232,7 +271,10 @@ def _plot(table: list[dict], out: Path) -> list[Path]:
             ax.set_ylabel("accuracy %")
             ax.set_ylim(-5, 105)
             ax.grid(alpha=0.3)
-        fig.suptitle("Gemma 3 270M, float32, CPU: accuracy vs measured KV reduction (Pareto front dashed)")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+        fig.suptitle(
+            "Gemma 3 270M, float32, CPU: accuracy vs measured KV reduction (* = Pareto front, dashed)"
+        )
         fig.tight_layout()
         path = out / f"pareto_{length}.png"
         fig.savefig(path, dpi=110)
