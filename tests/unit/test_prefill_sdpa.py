@@ -148,6 +148,15 @@ def test_sdpa_lse_matches_float64(device: str, groups: int, case: str, dtype: to
     torch.testing.assert_close(got, want_out[seen], rtol=tol, atol=tol * (1 if dtype == torch.float32 else 2))
 
 
+def test_efficient_kernel_bias_layout() -> None:
+    """The bias handed to the CUDA memory-efficient kernel: full [B, H, q, n] shape even for a mask
+    shared by the batch (a size-1 batch was refused on the H100), rows 16-aligned, same values."""
+    bias = torch.where(padded_causal_mask(1, 5, 37, pads=[3]), 0.0, -math.inf)  # [1, 1, 5, 37]
+    out = ref._aligned_bias(bias, 2, 8)
+    assert out.shape == (2, 8, 5, 37) and out.stride(-2) % 16 == 0 and out.stride(-1) == 1
+    assert torch.equal(out, bias.expand(2, 8, 5, 37))
+
+
 # --------------------------------------------------------------------------- merge_partials
 
 

@@ -475,12 +475,14 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def _aligned_bias(bias: torch.Tensor, heads: int) -> torch.Tensor:
-    """The memory-efficient CUDA kernel wants the bias rows 16-element aligned and 4D per head."""
-    b, _, q, n = bias.shape
-    padded = bias.new_empty(b, 1, q, (n + 15) // 16 * 16)[..., :n]
+def _aligned_bias(bias: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """The memory-efficient CUDA kernel wants the bias as ``[batch, heads, q, n]`` (broadcast by
+    stride 0 is fine, a size-1 batch is not: "attn_bias: wrong shape (batch dimension)", seen on
+    the H100) with rows 16-element aligned."""
+    _, _, q, n = bias.shape
+    padded = bias.new_empty(bias.shape[0], 1, q, (n + 15) // 16 * 16)[..., :n]
     padded.copy_(bias)
-    return padded.expand(b, heads, q, n)
+    return padded.expand(batch, heads, q, n)
 
 
 def sdpa_with_lse(
@@ -536,7 +538,7 @@ def sdpa_with_lse(
             )
             return res[0], res[1][..., : query.shape[2]], "flash"
         if head_dim % (8 if half else 4) == 0:
-            attn_bias = None if bias is None else _aligned_bias(bias, query.shape[1])
+            attn_bias = None if bias is None else _aligned_bias(bias, query.shape[0], query.shape[1])
             res = aten._scaled_dot_product_efficient_attention(
                 query, keys, values, attn_bias, True, 0.0, is_causal, scale=scale
             )
