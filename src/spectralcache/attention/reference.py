@@ -88,30 +88,6 @@ def _coeffs_float(coeffs: torch.Tensor, bits: int, rank: int) -> torch.Tensor:
     return coeffs.float()
 
 
-def _check_state(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, int, int, int, int]:
-    if query.dim() != 4:
-        raise ValueError(f"query must be [batch, heads, q_len, head_dim], got shape {tuple(query.shape)}")
-    if not query.is_floating_point():
-        raise TypeError(f"query must be a floating tensor, got {query.dtype}")
-    bsz, n_q_heads, q_len, head_dim = query.shape
-    if state.hot_keys.dim() != 4:
-        raise ValueError(f"state.hot_keys must be [B, H, h, D], got shape {tuple(state.hot_keys.shape)}")
-    kb, n_kv, _, kd = state.hot_keys.shape
-    if kb != bsz:
-        raise ValueError(f"query batch {bsz} does not match the cached batch {kb}")
-    if kd != head_dim:
-        raise ValueError(f"query head_dim {head_dim} does not match the cached head_dim {kd}")
-    if n_q_heads % n_kv:
-        raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv} KV heads")
-    if state.key_space not in ("pre_rope", "post_rope"):
-        raise ValueError(f"unknown key_space {state.key_space!r}")
-    if state.cold is not None and state.key_space == "pre_rope" and state.rope_inv_freq is None:
-        raise ValueError(
-            "pre_rope cold blocks need state.rope_inv_freq (the model's RoPE inverse frequencies)"
-        )
-    return bsz, n_q_heads, q_len, head_dim, n_kv
-
-
 def _rotate_block_keys(
     state: SpectralLayerState, keys: torch.Tensor, block_starts: torch.Tensor
 ) -> torch.Tensor:
@@ -720,7 +696,7 @@ def spectral_attention(
     an option for long chunked prefills where fused kernels beat the float32 tile loop; it
     falls back to ``"compressed"`` where it does not apply (softcap, size limit).
     """
-    bsz, n_q_heads, q_len, head_dim, _ = _check_state(query, state)
+    bsz, n_q_heads, q_len, head_dim, _ = state.check_query(query)
     if chunk_backend not in ("auto", "sdpa", "torch"):
         raise ValueError(f"chunk_backend must be 'auto', 'sdpa' or 'torch', got {chunk_backend!r}")
     if tier_backend not in ("compressed", "dense_sdpa"):
@@ -828,7 +804,7 @@ def _attend_tiers(
     Returns (out [B, Hq, q, D] float32, lse [B, Hq, q] float32, ``-inf`` where no key is seen).
     No host synchronization: every size used here is a host integer of the state.
     """
-    bsz, n_q_heads, q_len, head_dim, n_kv = _check_state(query, state)
+    bsz, n_q_heads, q_len, head_dim, n_kv = state.check_query(query)
     groups = n_q_heads // n_kv
     rows = groups * q_len
     device = query.device
@@ -1056,6 +1032,6 @@ def dense_reference(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Decompress the whole layer and run plain attention: what ``spectral_attention`` must equal."""
-    _check_state(query, state)
+    state.check_query(query)
     keys, values = reconstruct_dense_kv(state)
     return dense_attention(query, keys, values, attention_mask, scaling=scaling, softcap=softcap)

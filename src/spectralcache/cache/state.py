@@ -136,3 +136,28 @@ class SpectralLayerState:
     # pre_rope only: the model's RoPE inverse frequencies, [rot_dim / 2] float32 on the cache's
     # device (rotation: see the module docstring and ``cache.rope.rotate_block_keys``).
     rope_inv_freq: torch.Tensor | None = None
+
+    def check_query(self, query: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """Check ``query [B, Hq, q, D]`` against this state (what every reader needs to hold);
+        returns ``(B, Hq, q, D, H_kv)``. Readers add their own limits (dtypes, row counts)."""
+        if query.dim() != 4:
+            raise ValueError(f"query must be [batch, heads, q_len, head_dim], got shape {tuple(query.shape)}")
+        if not query.is_floating_point():
+            raise TypeError(f"query must be a floating tensor, got {query.dtype}")
+        bsz, n_q_heads, q_len, head_dim = query.shape
+        if self.hot_keys.dim() != 4:
+            raise ValueError(f"state.hot_keys must be [B, H, h, D], got shape {tuple(self.hot_keys.shape)}")
+        kb, n_kv, _, kd = self.hot_keys.shape
+        if kb != bsz:
+            raise ValueError(f"query batch {bsz} does not match the cached batch {kb}")
+        if kd != head_dim:
+            raise ValueError(f"query head_dim {head_dim} does not match the cached head_dim {kd}")
+        if n_q_heads % n_kv:
+            raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv} KV heads")
+        if self.key_space not in ("pre_rope", "post_rope"):
+            raise ValueError(f"unknown key_space {self.key_space!r}")
+        if self.cold is not None and self.key_space == "pre_rope" and self.rope_inv_freq is None:
+            raise ValueError(
+                "pre_rope cold blocks need state.rope_inv_freq (the model's RoPE inverse frequencies)"
+            )
+        return bsz, n_q_heads, q_len, head_dim, n_kv

@@ -89,22 +89,9 @@ def _resolve_inv_freq(state: SpectralLayerState, device: torch.device) -> torch.
 
 
 def _check(query: torch.Tensor, state: SpectralLayerState) -> tuple[int, int, int, int, int]:
-    if query.dim() != 4:
-        raise ValueError(f"query must be [batch, heads, q_len, head_dim], got shape {tuple(query.shape)}")
+    bsz, n_q, q_len, head_dim, n_kv = state.check_query(query)
     if query.dtype not in _TL_DTYPES:
         raise TypeError(f"query must be float32, float16 or bfloat16, got {query.dtype}")
-    bsz, n_q, q_len, head_dim = query.shape
-    if state.hot_keys.dim() != 4:
-        raise ValueError(f"state.hot_keys must be [B, H, h, D], got shape {tuple(state.hot_keys.shape)}")
-    kb, n_kv, _, kd = state.hot_keys.shape
-    if kb != bsz:
-        raise ValueError(f"query batch {bsz} does not match the cached batch {kb}")
-    if kd != head_dim:
-        raise ValueError(f"query head_dim {head_dim} does not match the cached head_dim {kd}")
-    if n_q % n_kv:
-        raise ValueError(f"{n_q} query heads are not a multiple of {n_kv} KV heads")
-    if state.key_space not in ("pre_rope", "post_rope"):
-        raise ValueError(f"unknown key_space {state.key_space!r}")
     if (n_q // n_kv) * q_len > MAX_ROWS:
         raise ValueError(
             f"decode_attention handles groups*q_len <= {MAX_ROWS} query rows per KV head, got "
