@@ -234,14 +234,17 @@ def _estimate_seconds(rows: list[dict[str, Any]], kind: str, context: int, args:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout, or $SPECTRALCACHE_GIT_COMMIT for a run from a `git archive` snapshot."""
+    """$SPECTRALCACHE_GIT_COMMIT when set (a run from a `git archive` snapshot, which may sit inside
+    another checkout), else HEAD of the checkout."""
+    if os.environ.get("SPECTRALCACHE_GIT_COMMIT"):
+        return os.environ["SPECTRALCACHE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("SPECTRALCACHE_GIT_COMMIT")
+    return None
 
 
 def _table(rows: list[dict[str, Any]], world: int) -> str:
