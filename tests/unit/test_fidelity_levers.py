@@ -344,3 +344,25 @@ def test_random_programs_stay_exact(seed: int) -> None:
             assert cfg.block_size // 2 <= layer.block_size <= cfg.block_size
             torch.testing.assert_close(layer.reconstruct()[0], k[:, :, :pos], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(layer.reconstruct()[1], v[:, :, :pos], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_report_cold_ratio_uses_the_layers_own_block_length():
+    """A re-blocked layer's cold tier is charged against nb * T' exact tokens, not nb * T."""
+    model = tiny_model("llama")
+    cfg = SpectralConfig(
+        block_size=64,
+        rank_keys=8,
+        rank_values=8,
+        hot_size=8,
+        landmarks=4,
+        outliers_per_block=2,
+        compress_tail=True,
+    )
+    cache = SpectralCache(model, cfg)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 300)), **cache_kwargs(model, cache))
+    layer = cache.layers[0]
+    assert layer.block_size != cfg.block_size  # the prompt was re-blocked
+    entry = cache.memory_report()["layers"][0]
+    per_token = 2 * layer.num_kv_heads * layer.head_dim * 4  # K and V, float32
+    assert entry["cold_dynamic_bytes"] == per_token * layer.num_blocks * layer.block_size

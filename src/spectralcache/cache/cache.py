@@ -554,7 +554,8 @@ class SpectralCache(Cache):
                 dyn = per_token * layer.get_seq_length()
                 # the cold tier alone, against the same tokens held exact
                 cold_bytes = sum(tiers[name] for name in COLD_TIERS)
-                cold_dyn = per_token * layer.num_blocks * self.config.block_size
+                # a re-blocked layer (compress_tail) has its own block length
+                cold_dyn = per_token * layer.num_blocks * layer.block_size
                 entry["cold_bytes"] = cold_bytes
                 entry["cold_dynamic_bytes"] = cold_dyn
                 entry["cold_ratio"] = cold_bytes / cold_dyn if cold_dyn else None
