@@ -46,12 +46,7 @@ class Interrupt(BaseException):
     """Like KeyboardInterrupt: not an Exception, so torch's always-call hooks do not see it."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

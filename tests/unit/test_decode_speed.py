@@ -9,7 +9,6 @@ Block compression is not a per-step cost; it is reported separately by the bench
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spectralcache.bench.decode import measure_attention, measure_model_step, tiny_decode_model
 from spectralcache.config import SpectralConfig
@@ -17,12 +16,7 @@ from spectralcache.config import SpectralConfig
 MAX_RATIO = 1.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_model_decode_step_at_4k_tokens() -> None:

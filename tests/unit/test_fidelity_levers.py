@@ -27,12 +27,7 @@ from spectralcache.integrations.compat import cache_kwargs
 H, D = 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lossy(**kw) -> SpectralConfig:

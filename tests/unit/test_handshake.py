@@ -28,12 +28,7 @@ from spectralcache.attention.interface import (
 CFG = SpectralConfig(block_size=16, hot_size=4, landmarks=2, outliers_per_block=2, rank_keys=8, rank_values=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
