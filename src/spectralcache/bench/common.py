@@ -10,6 +10,7 @@ median; without Triton it falls back to CUDA events in a loop. On CPU it is the 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import socket
@@ -31,6 +32,7 @@ __all__ = [
     "measure_copy_bandwidth",
     "parse_int_list",
     "progress",
+    "render_saved_results",
     "run_metadata",
     "sync",
     "time_fn",
@@ -240,3 +242,24 @@ def parse_int_list(text: str, what: str) -> list[int]:
     if not out:
         raise SystemExit(f"no {what} given")
     return out
+
+
+def render_saved_results(
+    replot: str | Path | None,
+    markdown: str | Path | None,
+    plot: Callable[[list[dict[str, Any]], dict[str, Any], Path], Any],
+    to_markdown: Callable[[dict[str, Any]], str],
+) -> bool:
+    """``--replot JSON`` / ``--markdown JSON``: redraw the PNG beside a results JSON (e.g. one fetched
+    from the GPU) or print its README table, instead of measuring. True when one of them was done."""
+    if replot:
+        path = Path(replot)
+        data = json.loads(path.read_text())
+        png = path.with_suffix(".png")
+        plot(data["results"], data["meta"], png)
+        print(f"wrote {png}")
+        return True
+    if markdown:
+        print(to_markdown(json.loads(Path(markdown).read_text())))
+        return True
+    return False

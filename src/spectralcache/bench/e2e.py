@@ -50,6 +50,7 @@ from spectralcache.bench.common import (
     dtype_from_name,
     parse_int_list,
     progress,
+    render_saved_results,
     run_metadata,
     sync,
 )
@@ -61,7 +62,6 @@ __all__ = [
     "main",
     "markdown",
     "measure_method",
-    "replot",
     "run",
 ]
 
@@ -507,21 +507,8 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def replot(path: str | Path) -> Path:
-    """Redraw ``bench_e2e_<tag>.png`` beside a results JSON (e.g. one fetched from the GPU)."""
-    path = Path(path)
-    data = json.loads(path.read_text())
-    png = path.with_suffix(".png")
-    plot(data["results"], data["meta"], png)
-    return png
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.replot:
-        print(f"wrote {replot(args.replot)}")
-        return 0
-    if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+    if render_saved_results(args.replot, args.markdown, plot, markdown):
         return 0
     dev = device_from_name(args.device)
     dtype = dtype_from_name(args.dtype, dev)
