@@ -88,13 +88,6 @@ def _coeffs_float(coeffs: torch.Tensor, bits: int, rank: int) -> torch.Tensor:
     return coeffs.float()
 
 
-def _rotate_block_keys(
-    state: SpectralLayerState, keys: torch.Tensor, block_starts: torch.Tensor
-) -> torch.Tensor:
-    """Re-rotate pre-RoPE block keys [B, H, nb, T, D] to their cache indices (post-RoPE)."""
-    return rotate_block_keys(keys, block_starts, state.rope_inv_freq)
-
-
 # --------------------------------------------------------------------------- masks
 
 
@@ -262,7 +255,7 @@ def _prepare_cold(state: SpectralLayerState, lo: int, hi: int, rows: int) -> _Co
     key_basis_t = keys = None
     if pre_rope:
         keys = key_coeffs if key_basis is None else key_coeffs @ key_basis
-        keys = _rotate_block_keys(state, keys, starts).float()
+        keys = rotate_block_keys(keys, starts, state.rope_inv_freq).float()
     elif key_basis is not None:
         key_basis_t = key_basis.reshape(bsz, n_kv, n_blocks * cold.rank_keys, head_dim).transpose(-1, -2)
     fold_values = rows > cold.rank_values
@@ -598,7 +591,7 @@ def _tiers_dense_kv(
         if cold.key_basis is not None:
             k = k @ cold.key_basis[:, :, sel].float()
         if state.key_space == "pre_rope":
-            k = _rotate_block_keys(state, k, cold.block_starts[sel].to(device)).float()
+            k = rotate_block_keys(k, cold.block_starts[sel].to(device), state.rope_inv_freq).float()
         v = _coeffs_scaled(
             cold.value_coeffs[:, :, sel], _opt(cold.value_scales, sel), cold.value_bits, cold.rank_values
         )
@@ -953,7 +946,7 @@ def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch
     if cold is not None and cold.num_blocks:
         k = _block_rows(cold.key_coeffs, cold.key_scales, cold.key_basis, cold.coeff_bits, cold.rank_keys)
         if state.key_space == "pre_rope":
-            k = _rotate_block_keys(state, k, cold.block_starts).float()
+            k = rotate_block_keys(k, cold.block_starts, state.rope_inv_freq).float()
         v = _block_rows(
             cold.value_coeffs, cold.value_scales, cold.value_basis, cold.value_bits, cold.rank_values
         )
