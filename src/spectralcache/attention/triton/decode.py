@@ -24,12 +24,11 @@ import triton.language as tl
 
 from spectralcache.attention.triton.combine_splits import combine_splits_kernel
 from spectralcache.attention.triton.decode_splits import spectral_decode_split_kernel
+from spectralcache.attention.triton.dispatch import MAX_ROWS
 from spectralcache.cache.state import SpectralLayerState
 
 __all__ = ["MAX_ROWS", "decode_attention", "interpreter_enabled"]
 
-# query rows of one KV head handled by one program: groups * q_len (the tile is padded to >= 16)
-MAX_ROWS = 64
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 

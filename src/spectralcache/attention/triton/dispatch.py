@@ -28,11 +28,12 @@ from spectralcache.attention.reference import spectral_attention
 from spectralcache.cache.state import SpectralLayerState
 from spectralcache.config import ATTENTION_BACKENDS
 
-__all__ = ["ATTENTION_BACKENDS", "BACKEND_ENV", "attend", "resolve_backend", "triton_available"]
+__all__ = ["ATTENTION_BACKENDS", "BACKEND_ENV", "MAX_ROWS", "attend", "resolve_backend", "triton_available"]
 
 BACKEND_ENV = "SPECTRALCACHE_ATTENTION_BACKEND"
-# same bound as decode.MAX_ROWS, repeated so that choosing needs no Triton import
-_MAX_ROWS = 64
+# Query rows of one KV head the kernel handles in one program: groups * q_len (its tile is padded
+# to >= 16). Defined here, where choosing a backend needs no Triton import; decode.py reads it.
+MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +60,7 @@ def _is_decode(query: torch.Tensor, state: SpectralLayerState) -> bool:
     n_kv = state.hot_keys.shape[1]
     if query.dim() != 4 or n_kv == 0 or query.shape[1] % n_kv:
         return False  # let the reference raise its clear error
-    return (query.shape[1] // n_kv) * query.shape[2] <= _MAX_ROWS
+    return (query.shape[1] // n_kv) * query.shape[2] <= MAX_ROWS
 
 
 def attend(
