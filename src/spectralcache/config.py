@@ -25,6 +25,7 @@ __all__ = [
     "PRESETS",
     "SVD_METHODS",
     "SVD_ORTH",
+    "SVD_SOLVERS",
     "SpectralConfig",
     "get_preset",
     "list_presets",
@@ -32,6 +33,8 @@ __all__ = [
 
 KEY_SPACES = ("post_rope", "pre_rope")
 SVD_METHODS = ("randomized", "exact")
+# Which randomized solver fits a block (``svd_method="randomized"``): see ``svd_solver`` below.
+SVD_SOLVERS = ("auto", "subspace", "rsvd")
 # Orthonormalisation inside the randomized SVD (``spectralcache.linalg.rsvd.randomized_svd``).
 SVD_ORTH = ORTH_METHODS
 BASIS_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
@@ -102,6 +105,20 @@ class SpectralConfig:
         svd_method: ``"randomized"``. ``"randomized"`` uses the project's randomized SVD (fast,
             a few passes over the block); ``"exact"`` uses a full truncated SVD (reference /
             lossless).
+        svd_solver: ``"auto"``. Which randomized solver fits the blocks: ``"subspace"``
+            (``spectralcache.linalg.subspace``: ``svd_subspace_iter`` subspace iterations on
+            each block's ``D x D`` Gram with exactly ``rank`` columns, no small eigenproblem,
+            no host synchronization; its basis is orthonormal but unordered, which nothing
+            downstream needs), ``"rsvd"`` (``spectralcache.linalg.rsvd.randomized_svd`` with
+            ``svd_orth`` / ``svd_n_iter`` / ``svd_oversample``: an oversampled sketch ordered
+            by an ``l x l`` eigenproblem per block), or ``"auto"``: subspace on CUDA, where
+            the rsvd's batched eigenproblems were the bulk of a layer's compression
+            (``benchmarks/compress_layer.py``), rsvd elsewhere (CPU behaviour unchanged).
+        svd_subspace_iter: 4. Subspace iterations of the ``"subspace"`` solver after its
+            first product with the Gram (each costs a ``D x D x rank`` product per block, no
+            pass over the block). On real Gemma 3 270M K/V blocks (4K prose, ranks 32/64) the
+            error over the optimal rank-r error was 1.02 at 2, 1.008 at 4, 1.004 at 6
+            (``benchmarks/subspace_error.py``).
         svd_orth: ``"cholqr2"``. Orthonormalisation inside the randomized SVD (CholeskyQR2:
             a few GEMMs, orthogonal to working precision, with the rsvd module's fallback
             chain if a Cholesky breaks down).
@@ -166,6 +183,8 @@ class SpectralConfig:
     svd_orth: str = "cholqr2"
     svd_n_iter: int = 2
     svd_oversample: int = 8
+    svd_solver: str = "auto"
+    svd_subspace_iter: int = 4
     seed: int = 0
     refit_after_outliers: bool = False
     compress_layers: tuple[int, ...] | None = None
@@ -190,6 +209,7 @@ class SpectralConfig:
         outliers = need_int("outliers_per_block", 0)
         need_int("svd_n_iter", 0)
         need_int("svd_oversample", 0)
+        need_int("svd_subspace_iter", 0)
         need_int("seed", 0)
         for name, codec in (("rank_keys", self.key_codec), ("rank_values", self.value_codec)):
             value = getattr(self, name)
@@ -221,6 +241,7 @@ class SpectralConfig:
             ("key_space", KEY_SPACES),
             ("svd_method", SVD_METHODS),
             ("svd_orth", SVD_ORTH),
+            ("svd_solver", SVD_SOLVERS),
             ("basis_dtype", BASIS_DTYPES),
             ("compute_dtype", COMPUTE_DTYPES),
             ("attention_backend", ATTENTION_BACKENDS),
