@@ -141,12 +141,47 @@ def test_get_peft_model_re_marks_and_patch_again(unsloth, reference) -> None:
     model = unsloth.FastLanguageModel.get_peft_model(model)  # re-marks every module
     with pytest.raises(UnslothInferenceError, match="_unsloth_fast_path"):
         _greedy(model, ids)
-    # a direct forward with a SpectralCache is caught by the bypass guard (cache dropped)
+    # a direct forward with a config-built SpectralCache is refused (Unsloth's fast path asks for it)
     cache = SpectralCache(model.config, resolve_config("lossless", **SMALL))
-    with pytest.raises(guard.SpectralCacheBypassedError, match="received no keys/values"):
+    with pytest.raises(guard.SpectralCacheBypassedError, match="_unsloth_fast_path=True"):
         model(ids, **cache_kwargs(model, cache))
     patch_unsloth_attention(model, "lossless", **SMALL)
     assert _greedy(model, ids) == reference["llama"]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_config_built_cache_given_to_unpatched_unsloth_raises(unsloth, reference, name: str) -> None:
+    """A cache built from a config installs no hooks; Unsloth's fast path drops it before any
+    forward sees it (before the fix: generate returned plain Unsloth's tokens, the cache stayed
+    empty). It must raise instead, from generate and from a direct forward, and lose nothing."""
+    ids = tiny_prompt(1, PROMPT)
+    model = _load(unsloth, name)
+    cache = SpectralCache(model.config, resolve_config("lossless", **SMALL))
+    assert not guard.is_attached(model)
+    with pytest.raises(guard.SpectralCacheBypassedError, match=r"Unsloth.*patch_unsloth_attention"):
+        _greedy(model, ids, **cache_kwargs(model, cache))
+    with torch.no_grad(), pytest.raises(guard.SpectralCacheBypassedError, match="_unsloth_fast_path=True"):
+        model(ids, **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 0  # nothing was written
+    # the fix the message names: patched, the same cache is used and gives transformers' tokens
+    patch_unsloth_attention(model, "lossless", **SMALL)
+    assert _greedy(model, ids, **cache_kwargs(model, cache)) == reference[name]
+    assert last_spectral_cache(model) is cache and cache.get_seq_length() == PROMPT + NEW - 1
+
+
+def test_config_built_cache_on_plain_model_with_unsloth_imported(unsloth, reference) -> None:
+    """Unsloth imported (its gates on the transformers classes) but a plain transformers model:
+    a config-built cache works as before -- the gates run the originals, nothing is refused."""
+    import spectralcache
+
+    ids = tiny_prompt(1, PROMPT)
+    unsloth.FastLanguageModel.pre_patch("llama")  # class-wide gates, as loading any Llama does
+    model = tiny_model("llama")  # not marked: Unsloth's fast path is off for this instance
+    assert unsloth_inference_paths(model) == []
+    spectralcache.enable(model)
+    cache = SpectralCache(model.config, resolve_config("lossless", **SMALL))
+    assert _greedy(model, ids, **cache_kwargs(model, cache)) == reference["llama"]
+    assert cache.get_seq_length() == PROMPT + NEW - 1 and cache.compression_stats()["blocks"] > 0
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])

@@ -419,6 +419,18 @@ class SpectralCache(Cache):
         state["_hooked_forward"] = False
         return state
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        import sys
+
+        if "unsloth" in sys.modules:
+            # Unsloth's fast path asks a cache its length and then drops it; this is the one
+            # point where a cache built from a config (no model hooks) can refuse that
+            # (integrations/guard.py). Host-only check, no device sync.
+            from spectralcache.integrations.guard import refuse_unsloth_fast_path_caller
+
+            refuse_unsloth_fast_path_caller(self, frames_up=2)
+        return super().get_seq_length(layer_idx)
+
     def reset(self) -> None:
         self._forward_checkpoints.clear()
         super().reset()

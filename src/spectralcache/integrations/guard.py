@@ -19,18 +19,37 @@ reads each compressed layer's ``get_seq_length()`` and ``has_pending_chunk``: no
 
 ``attach`` also refuses, up front, a model whose inference Unsloth has taken over (see
 :func:`spectralcache.integrations.unsloth.unsloth_inference_paths`).
+
+A cache built from a config (``SpectralCache(model.config, cfg)``) installs no hooks, and
+Unsloth's fast path drops it before any forward could be checked: its
+``_fast_prepare_inputs_for_generation`` asks the cache its length, finds 0 and passes ``None``
+on; its ``CausalLM_fast_forward`` turns the cache into tuples the same way. Asking the length
+is the one thing the cache sees, so ``SpectralCache.get_seq_length`` calls
+:func:`refuse_unsloth_fast_path_caller` (only while ``unsloth`` is imported): when the code
+asking is Unsloth's, running on a module whose ``_unsloth_fast_path`` flag is set, it raises
+:class:`SpectralCacheBypassedError` before anything is dropped. Unsloth code running a patched
+model's modules (flag ``False``, the gates then call transformers' originals) and transformers'
+own calls pass untouched. Host-only frame inspection: no device sync.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
 from torch import nn
 
 from spectralcache.integrations.compat import CACHE_ARGUMENT_NAMES
+from spectralcache.integrations.unsloth import FAST_PATH_FLAG, unsloth_version
 
-__all__ = ["SpectralCacheBypassedError", "attach", "detach", "is_attached"]
+__all__ = [
+    "SpectralCacheBypassedError",
+    "attach",
+    "detach",
+    "is_attached",
+    "refuse_unsloth_fast_path_caller",
+]
 
 _HANDLES = "_spectralcache_bypass_guard"
 _ARMED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[int]]] = weakref.WeakKeyDictionary()
@@ -38,6 +57,43 @@ _ARMED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[int]]] = weakref.We
 
 class SpectralCacheBypassedError(RuntimeError):
     """A forward was given a SpectralCache that its attention did not update and read."""
+
+
+# Unsloth frames walked up from the caller of get_seq_length looking for the model they run on:
+# _fast_prepare_inputs_for_generation(self, ...) asks directly; _cache_as_legacy_tuple(cache) is
+# one call below CausalLM_fast_forward(self, ...); the gate wrapper adds one more.
+_MAX_UNSLOTH_FRAMES = 4
+
+
+def _is_unsloth_frame(frame: Any) -> bool:
+    return (frame.f_globals.get("__name__") or "").split(".")[0].startswith("unsloth")
+
+
+def refuse_unsloth_fast_path_caller(cache: Any, frames_up: int = 2) -> None:
+    """Raise if the code asking ``cache`` something is Unsloth's fast path running on a model.
+
+    ``frames_up``: how far up the stack the asking code is (2: the caller of the cache method
+    that calls this). Walks at most a few frames, and only while they are Unsloth's; reads no
+    tensor. See the module docstring for why this is where a config-built cache is caught.
+    """
+    frame = sys._getframe(frames_up)
+    asking = frame
+    for _ in range(_MAX_UNSLOTH_FRAMES):
+        if frame is None or not _is_unsloth_frame(frame):
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and getattr(owner, FAST_PATH_FLAG, False) is True:
+            code = asking.f_code
+            raise SpectralCacheBypassedError(
+                f"a SpectralCache was passed to {type(owner).__name__}, whose inference Unsloth runs "
+                f"({asking.f_globals.get('__name__')}.{code.co_name} asked for it; {FAST_PATH_FLAG}=True; "
+                f"{unsloth_version()}). Unsloth's fast path drops the cache (or turns it into tuples) and "
+                "would compute the output without it. Call "
+                "spectralcache.integrations.unsloth.patch_unsloth_attention(model, config) first (again "
+                "after get_peft_model); then model.generate uses a SpectralCache, and this one works too. "
+                "Nothing was cached."
+            )
+        frame = frame.f_back
 
 
 def _spectral_cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
