@@ -75,13 +75,31 @@ def _quant_module():
     return quant
 
 
+def fit_solver(config: SpectralConfig, device: torch.device) -> str:
+    """Which randomized solver ``config.svd_solver`` means on ``device``: ``"auto"`` is the
+    eigensolver-free subspace iteration on CUDA (no host sync; the rsvd's batched ``l x l``
+    eigenproblems were most of a layer's compression there) and the rsvd elsewhere."""
+    if config.svd_solver == "auto":
+        return "subspace" if device.type == "cuda" else "rsvd"
+    return config.svd_solver
+
+
 def low_rank_fit(
     m: torch.Tensor, rank: int, config: SpectralConfig, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``m [N, T, D]`` (compute dtype) -> coefficients ``U S [N, T, r]`` and basis ``Vh [N, r, D]``."""
+    """``m [N, T, D]`` (compute dtype) -> coefficients ``[N, T, r]`` and orthonormal basis ``[N, r, D]``.
+
+    Exact and rsvd fits return ``U S`` and ``Vh`` (ordered by singular value); the subspace
+    solver returns ``M Z`` and ``Zᵀ`` for an orthonormal ``Z`` in no particular order. Callers
+    use only the product and the basis' orthonormality (nothing reads singular values)."""
     rsvd = _rsvd_module()
     if config.svd_method == "exact" or rank >= min(m.shape[-2], m.shape[-1]):
         u, s, vh = rsvd.truncated_svd(m, rank)
+    elif fit_solver(config, m.device) == "subspace":
+        from spectralcache.linalg.subspace import subspace_fit
+
+        fit = subspace_fit(m, rank, n_iter=config.svd_subspace_iter, generator=generator)
+        return fit.coeffs, fit.basis
     else:
         u, s, vh = rsvd.randomized_svd(
             m,
@@ -95,13 +113,33 @@ def low_rank_fit(
 
 
 def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype):
-    """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer."""
+    """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer.
+
+    On CUDA the rows are quantized by :func:`_quantize_rows_unchecked` (the same arithmetic
+    without ``quantize_rows``' two host-side checks): ``compress_blocks`` has already refused
+    non-finite blocks and taken rows whose scale could overflow out of the fit, so those checks
+    cannot fire there and would only cost two synchronizations per side."""
     if bits == 16:
         # copy=True: with the identity codec the "coefficients" are the input rows themselves,
         # and the cold tier must own its storage (no aliasing of, or pinning, the hot buffer)
         return coeffs.to(model_dtype, copy=True), None
+    if coeffs.is_cuda:
+        return _quantize_rows_unchecked(coeffs, bits)
     q = _quant_module().quantize_rows(coeffs, bits=bits, scale_dtype=torch.float16)
     return q.data, q.scales
+
+
+def _quantize_rows_unchecked(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(x, bits, float16)`` without its host-side finiteness checks (bit-identical
+    for rows whose float16 scale is finite; tested against it). Only for rows known finite and
+    within :func:`_coeff_limit`."""
+    quant = _quant_module()
+    qmax = 127 if bits == 8 else 7
+    xf = x.float()
+    scales = quant._round_up_scale(xf.abs().amax(-1, keepdim=True) / qmax, torch.float16)
+    s = scales.float()
+    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
+    return (q if bits == 8 else quant._pack(q)), scales
 
 
 def dequantize_coeffs(
@@ -132,16 +170,19 @@ def _coeff_limit(bits: int, model_dtype: torch.dtype) -> float:
     return torch.finfo(torch.float16).max * qmax * _SCALE_MARGIN
 
 
-def _overflowing_rows(x: torch.Tensor, bits: int, codec: str, model_dtype: torch.dtype) -> torch.Tensor:
-    """Rows of ``x [N, T, D]`` whose coefficients could exceed :func:`_coeff_limit`, ``[N, T]`` bool.
+def _overflowing_rows(
+    x: torch.Tensor, bits: int, codec: str, model_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x [N, T, D]`` whose coefficients could exceed :func:`_coeff_limit`, and rows
+    holding NaN or inf: two ``[N, T]`` bools (an inf row is in both).
 
     A low-rank coefficient row is the row projected on an orthonormal basis, so each entry is
     at most the row's norm, itself at most ``sqrt(D) * max|x|`` (computed without squaring, so
     it cannot overflow); an identity-codec row's coefficients are its own entries."""
     lo, hi = torch.aminmax(x, dim=-1)  # max |x| per row without a full-size abs() temporary
-    amax = torch.maximum(hi, -lo)
+    amax = torch.maximum(hi, -lo)  # NaN if the row holds one (aminmax propagates NaN)
     bound = amax if codec == "identity" else amax * math.sqrt(x.shape[-1])
-    return bound > _coeff_limit(bits, model_dtype)
+    return bound > _coeff_limit(bits, model_dtype), ~torch.isfinite(amax)
 
 
 def _row_sq_norm(x: torch.Tensor) -> torch.Tensor:
@@ -241,11 +282,20 @@ def compress_blocks(
     vf = values.reshape(n, t, d).to(cdt)
     o = config.outliers_per_block
     vbits = config.value_bits
-    huge = _overflowing_rows(kf, config.coeff_bits, config.key_codec, model_dtype) | _overflowing_rows(
-        vf, vbits, config.value_codec, model_dtype
-    )  # [N, T]
+    k_huge, k_bad = _overflowing_rows(kf, config.coeff_bits, config.key_codec, model_dtype)
+    v_huge, v_bad = _overflowing_rows(vf, vbits, config.value_codec, model_dtype)
+    huge = k_huge | v_huge  # [N, T]
     n_huge = huge.sum(-1)
-    excess, any_huge = torch.stack([(n_huge > o).any(), n_huge.any()]).tolist()  # one host sync
+    # The one host synchronization of a call (everything after it, fit and quantization
+    # included, is queued without reading anything back on CUDA): it refuses what cannot be
+    # stored before anything is computed, so a caller's cache stays unchanged.
+    nonfinite, excess, any_huge = torch.stack(
+        [(k_bad | v_bad).any(), (n_huge > o).any(), n_huge.any()]
+    ).tolist()
+    if nonfinite:
+        raise ValueError(
+            "keys/values contain NaN or inf; compress_blocks needs finite blocks (nothing was compressed)"
+        )
     if excess:
         worst = int(n_huge.max())
         raise ValueError(
