@@ -221,3 +221,28 @@ def test_compress_blocks_refuses_nonfinite_blocks(bad, solver):
     v[1, 9, 2] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
         compress_blocks(k, v, cfg, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("solver", "codec"), [("subspace", "lowrank"), ("rsvd", "lowrank"), ("rsvd", "identity")]
+)
+def test_outliers_are_the_reference_scores_top_rows(solver, codec):
+    """compress_blocks ranks outliers from residuals formed in place (``m - C B`` as one GEMM);
+    the rows it keeps are the top rows of the reference ``outlier_score`` on the stored
+    representation (dequantized coefficients times the stored basis)."""
+    from spectralcache.cache.block import dequantize_coeffs, outlier_score
+
+    g = gen()
+    k = 3 * kv_like(4, 64, 16, decay=3.0, g=g)
+    v = kv_like(4, 64, 16, decay=6.0, g=g)
+    rk = 16 if codec == "identity" else 4
+    cfg = SpectralConfig(
+        block_size=64, rank_keys=rk, rank_values=5, outliers_per_block=6, svd_solver=solver, key_codec=codec
+    )
+    b = compress_blocks(k, v, cfg, rk, 5)
+    k_lr = dequantize_coeffs(b.key_coeffs, b.key_scales, b.coeff_bits, rk)
+    if b.key_basis is not None:
+        k_lr = k_lr @ b.key_basis.float()
+    v_lr = dequantize_coeffs(b.value_coeffs, b.value_scales, b.value_bits, 5) @ b.value_basis.float()
+    ref = outlier_score(k, k_lr, v, v_lr).topk(6, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(b.outlier_index, ref)

@@ -189,6 +189,11 @@ def _row_sq_norm(x: torch.Tensor) -> torch.Tensor:
     return x.square().sum(-1)
 
 
+def _row_sq_norm_fused(x: torch.Tensor) -> torch.Tensor:
+    """``_row_sq_norm`` as one reduction kernel (no full-size ``square()`` temporary)."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
 def outlier_score(
     keys: torch.Tensor, keys_rec: torch.Tensor, values: torch.Tensor, values_rec: torch.Tensor
 ) -> torch.Tensor:
@@ -209,19 +214,30 @@ def _fit_and_store(
     basis_dtype: torch.dtype,
     codec: str = "lowrank",
     bits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    residuals: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fit + quantize (``bits`` default ``config.coeff_bits``); returns (stored coeffs, scales,
-    stored basis or None for the identity codec, reconstruction in compute dtype)."""
+    stored basis or None for the identity codec, per-row squared residual ``||m_t - m̂_t||²``
+    of the stored representation ``[N, T]`` in compute dtype, or None without ``residuals``).
+
+    The residual is formed by one GEMM with ``m`` as its addend (``m - C B``), not by
+    materializing the reconstruction and subtracting it: on a 128K-token layer each full-size
+    ``[N, T, D]`` float32 pass is ~0.5 GB of memory traffic."""
     bits = config.coeff_bits if bits is None else bits
     if codec == "identity":
         q, scales = _quantize(m, bits, model_dtype)
-        recon = dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype)
-        return q.contiguous(), None if scales is None else scales.contiguous(), None, recon
+        res = None
+        if residuals:
+            res = _row_sq_norm_fused(m - dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype))
+        return q.contiguous(), None if scales is None else scales.contiguous(), None, res
     coeffs, basis = low_rank_fit(m, rank, config, generator)
     q, scales = _quantize(coeffs, bits, model_dtype)
     basis_stored = basis.to(basis_dtype).contiguous()
-    recon = dequantize_coeffs(q, scales, bits, rank, m.dtype) @ basis_stored.to(m.dtype)
-    return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, recon
+    res = None
+    if residuals:
+        c = dequantize_coeffs(q, scales, bits, rank, m.dtype)
+        res = _row_sq_norm_fused(torch.baddbmm(m, c, basis_stored.to(m.dtype), alpha=-1.0))
+    return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, res
 
 
 def compress_blocks(
@@ -313,21 +329,30 @@ def compress_blocks(
         return torch.Generator(device=kf.device).manual_seed(config.seed)
 
     kc, vc = config.key_codec, config.value_codec
-    kq, ks, kb, krec = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc)
-    vq, vs, vb, vrec = _fit_and_store(vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits)
+    want = o > 0  # residuals only rank outliers
+    kq, ks, kb, kres = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want)
+    vq, vs, vb, vres = _fit_and_store(
+        vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want
+    )
 
     if o > 0:
-        score = outlier_score(kf, krec, vf, vrec).masked_fill(huge, float("inf"))  # [N, T]
+        # outlier_score(kf, k̂, vf, v̂) from the residuals _fit_and_store formed in place
+        eps = torch.finfo(cdt).tiny
+        k_energy = _row_sq_norm_fused(kf).mean(-1, keepdim=True).clamp_min(eps)
+        v_energy = _row_sq_norm_fused(vf).mean(-1, keepdim=True).clamp_min(eps)
+        score = (kres / k_energy + vres / v_energy).masked_fill(huge, float("inf"))  # [N, T]
         idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
         if config.refit_after_outliers:
             # only a fitted basis can be re-spent; identity rows stay as they are
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)
             keep.scatter_(1, idx.unsqueeze(-1), 0.0)
             if kc == "lowrank":
-                kq, ks, kb, _ = _fit_and_store(kf * keep, rank_keys, config, gen(), model_dtype, basis_dtype)
+                kq, ks, kb, _ = _fit_and_store(
+                    kf * keep, rank_keys, config, gen(), model_dtype, basis_dtype, residuals=False
+                )
             if vc == "lowrank":
                 vq, vs, vb, _ = _fit_and_store(
-                    vf * keep, rank_values, config, gen(), model_dtype, basis_dtype, "lowrank", vbits
+                    vf * keep, rank_values, config, gen(), model_dtype, basis_dtype, "lowrank", vbits, False
                 )
         gather = idx.unsqueeze(-1).expand(n, o, d)
         out_k = torch.gather(exact_keys.reshape(n, t, d), 1, gather)
