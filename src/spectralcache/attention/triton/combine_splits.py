@@ -22,7 +22,7 @@ __all__ = ["combine_splits_kernel"]
 
 @triton.jit(do_not_specialize=["n_splits"])  # changes with the context length: no recompiles
 def combine_splits_kernel(
-    pacc_ptr, pm_ptr, pl_ptr,
+    part_ptr,
     out_ptr, s_ob, s_oh, s_oq, s_od,
     n_kv, n_splits, q_len,
     G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -34,6 +34,10 @@ def combine_splits_kernel(
     h = bh % n_kv
     dcols = tl.arange(0, D_P)
     d_ok = dcols < D
+    # partials of the split kernel, one buffer: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
+    n_part = tl.num_programs(0) * n_splits
+    pm_ptr = part_ptr + n_part * D
+    pl_ptr = part_ptr + n_part * (D + 1)
 
     m_run = tl.full((), float("-inf"), dtype=tl.float32)
     l_run = tl.zeros((), dtype=tl.float32)
@@ -45,7 +49,7 @@ def combine_splits_kernel(
         m_s = tl.load(pm_ptr + row, mask=s_ok, other=float("-inf"))
         l_s = tl.load(pl_ptr + row, mask=s_ok, other=0.0)
         a_s = tl.load(
-            pacc_ptr + row[:, None] * D + dcols[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+            part_ptr + row[:, None] * D + dcols[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
         )
         m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

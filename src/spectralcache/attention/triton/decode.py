@@ -16,18 +16,18 @@ naming the problem; the torch reference is the fallback for those cases
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import triton.language as tl
 
 from spectralcache.attention.triton.combine_splits import combine_splits_kernel
-from spectralcache.attention.triton.decode_splits import spectral_decode_split_kernel
+from spectralcache.attention.triton.decode_splits import SIZE_FIELDS, spectral_decode_split_kernel
 from spectralcache.attention.triton.dispatch import MAX_ROWS
-from spectralcache.cache.state import SpectralLayerState
+from spectralcache.attention.triton.launch import FastLauncher
+from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
-__all__ = ["MAX_ROWS", "decode_attention", "interpreter_enabled"]
+__all__ = ["MAX_ROWS", "SIZE_FIELDS", "decode_attention", "decode_sizes", "interpreter_enabled"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -61,16 +61,14 @@ def _dummies(device: torch.device) -> dict[torch.dtype, torch.Tensor]:
     return {dt: torch.zeros(1, dtype=dt, device=device) for dt in (torch.int64, torch.int8, torch.float16)}
 
 
-def _t(x: torch.Tensor | None, ndim: int, dummy: torch.Tensor) -> tuple:
+def _t(x: torch.Tensor | None, ndim: int, dummy: torch.Tensor, device: torch.device) -> tuple:
     """(tensor, strides...) for a kernel argument; an absent or empty tensor becomes ``dummy``."""
     if x is None or x.numel() == 0:
         return (dummy, *([0] * ndim))
     if x.dim() != ndim:
         raise ValueError(f"expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
-    if x.device != dummy.device:
-        raise ValueError(
-            f"a state tensor of shape {tuple(x.shape)} is on {x.device}, the query on {dummy.device}"
-        )
+    if x.device != device:
+        raise ValueError(f"a state tensor of shape {tuple(x.shape)} is on {x.device}, the query on {device}")
     return (x, *x.stride())
 
 
@@ -107,6 +105,98 @@ def _coeff_width(bits: int, rank: int) -> int:
     return (rank + 1) // 2 if bits == 4 else rank
 
 
+_SPLIT = FastLauncher(spectral_decode_split_kernel)
+_COMBINE = FastLauncher(combine_splits_kernel)
+_COLD_FIELDS = ColdBlocks.tensor_fields()
+
+
+def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: dict) -> tuple:
+    """Kernel arguments and launch facts of a cold tier, cached on the ``ColdBlocks`` object.
+
+    The cache (an attribute of ``cold``) is keyed by the identity of its tensor fields and its
+    integer fields: a layer hands out the same view object while its cold buffers and block
+    count stay (``SpectralLayer._cold_view``), so a decode step reads ~50 cached arguments
+    instead of re-deriving them. The cached tuple holds the tensors themselves, so their ids
+    cannot be reused while it lives; a field reassigned on the object misses the cache."""
+    guard = (
+        *(id(getattr(cold, name)) for name in _COLD_FIELDS),
+        cold.block_size, cold.coeff_bits, cold.value_coeff_bits, cold.rank_keys, cold.rank_values,
+        head_dim, device,
+    )  # fmt: skip
+    cached = cold.__dict__.get("_triton_decode_args")
+    if cached is not None and cached[0] == guard:
+        return cached[1]
+    t = int(cold.block_size)
+    rk, rv = int(cold.rank_keys), int(cold.rank_values)
+    kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
+    key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
+    for name, coeffs, bits, rank, ident in (
+        ("key", cold.key_coeffs, kbits, rk, key_identity),
+        ("value", cold.value_coeffs, vbits, rv, value_identity),
+    ):
+        if coeffs.shape[-1] != _coeff_width(bits, rank) or coeffs.shape[-2] != t:
+            raise ValueError(
+                f"cold {name}_coeffs shape {tuple(coeffs.shape)} does not fit block_size={t}, "
+                f"rank={rank}, {bits}-bit coefficients"
+            )
+        if ident and rank != head_dim:
+            raise ValueError(f"identity {name} codec needs rank == head_dim, got {rank} vs {head_dim}")
+    starts = cold.block_starts
+    if starts.device != device or starts.dtype != torch.int64:
+        starts = starts.to(device=device, dtype=torch.int64)
+    i8, f16, i64 = dummy[torch.int8], dummy[torch.float16], dummy[torch.int64]
+    args = (
+        starts,
+        *_t(cold.key_coeffs, 5, i8, device),
+        *(_t(cold.key_scales, 5, f16, device)[:5]),
+        *_t(cold.key_basis, 5, f16, device),
+        *_t(cold.value_coeffs, 5, i8, device),
+        *(_t(cold.value_scales, 5, f16, device)[:5]),
+        *_t(cold.value_basis, 5, f16, device),
+        *_t(cold.outlier_keys, 5, f16, device),
+        *_t(cold.outlier_values, 5, f16, device),
+        *_t(cold.outlier_index, 4, i64, device),
+    )
+    facts = (
+        cold.num_blocks,
+        t,
+        rk,
+        rv,
+        kbits,
+        vbits,
+        key_identity,
+        value_identity,
+        int(cold.outlier_index.shape[-1]),
+    )
+    segment = (args, facts)
+    cold.__dict__["_triton_decode_args"] = (guard, segment)
+    return segment
+
+
+def decode_sizes(state: SpectralLayerState, q_len: int, hot_lo: int = 0) -> list[int]:
+    """The per-step sizes of ``state`` for a ``q_len``-token query, in ``SIZE_FIELDS`` order
+    (what ``device_sizes`` holds).
+
+    ``hot_lo``: rows between the hot-buffer pointer the launch was recorded with and the first
+    live hot row of ``state`` (0 when they coincide)."""
+    seq_len = int(state.seq_len)
+    n_chunk = int(state.chunk_keys.shape[2]) if state.chunk_keys is not None else 0
+    tier_end = int(state.chunk_start) if state.chunk_keys is not None else seq_len
+    values = {
+        "n_land": int(state.landmark_keys.shape[2]),
+        "hot_start": int(state.hot_start),
+        "n_hot": int(state.hot_keys.shape[2]),
+        "chunk_start": int(state.chunk_start),
+        "n_chunk": n_chunk,
+        "q_first": seq_len - q_len,
+        "seq_len": seq_len,
+        "tier_end": tier_end,
+        "n_blocks": state.cold.num_blocks if state.cold is not None else 0,
+        "hot_lo": int(hot_lo),
+    }
+    return [values[name] for name in SIZE_FIELDS]
+
+
 def decode_attention(
     query: torch.Tensor,
     state: SpectralLayerState,
@@ -122,6 +212,9 @@ def decode_attention(
     num_stages: int | None = None,
     programs_per_sm: int = 4,
     maxnreg: int | None = -1,
+    device_sizes: torch.Tensor | None = None,
+    capacity_blocks: int | None = None,
+    capacity_exact: int | None = None,
 ) -> torch.Tensor:
     """Attention of a small ``query`` [B, Hq, q, D] over a compressed layer -> [B, Hq, q, D].
 
@@ -133,25 +226,35 @@ def decode_attention(
     coefficient width, None: no cap) override the launch plan
     (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
     multiprocessor, enough independent loads in flight to cover memory latency).
+
+    CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
+    device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
+    the kernel reads the per-step sizes from that tensor instead of ``state``'s, and the grid
+    covers ``capacity_blocks`` cold blocks and ``capacity_exact`` exact tokens (defaults: this
+    state's), so one launch -- or a captured graph of it -- serves every later state whose
+    tensors sit at the same addresses (the hot window may start ``hot_lo`` rows later) and fit.
     """
     bsz, n_q, q_len, head_dim, n_kv = _check(query, state)
     device = query.device
     groups = n_q // n_kv
     rows = groups * q_len
     seq_len = int(state.seq_len)
-    has_chunk = state.chunk_keys is not None
-    n_chunk = int(state.chunk_keys.shape[2]) if has_chunk else 0
-    if has_chunk and int(state.chunk_start) + n_chunk != seq_len:
+    chunk_k = state.chunk_keys
+    has_chunk = chunk_k is not None
+    n_chunk = int(chunk_k.shape[2]) if has_chunk else 0
+    chunk_start = int(state.chunk_start)
+    if has_chunk and chunk_start + n_chunk != seq_len:
         raise ValueError(
-            f"chunk covers cache indices {state.chunk_start}..{int(state.chunk_start) + n_chunk - 1}"
+            f"chunk covers cache indices {chunk_start}..{chunk_start + n_chunk - 1}"
             f" but the layer holds {seq_len} tokens"
         )
-    tier_end = int(state.chunk_start) if has_chunk else seq_len
+    tier_end = chunk_start if has_chunk else seq_len
     q_first = seq_len - q_len
     scale = head_dim**-0.5 if scaling is None else float(scaling)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
     dummy = _dummies(device)
+    f16 = dummy[torch.float16]
 
     # ---- mask
     if attention_mask is None:
@@ -181,30 +284,16 @@ def decode_attention(
         else:
             raise TypeError(f"attention_mask must be bool or floating, got {attention_mask.dtype}")
         has_mask = True
-        mask_args = (mask, 0 if mb == 1 else mask.stride(0), mask.stride(2), mask.stride(3), floor)
+        ms = mask.stride()
+        mask_args = (mask, 0 if mb == 1 else ms[0], ms[2], ms[3], floor)
 
     # ---- cold tier
     cold = state.cold
-    n_blocks = cold.num_blocks if cold is not None else 0
     pre_rope = False
     rot_half = 1
-    if n_blocks:
-        t = int(cold.block_size)
-        rk, rv = int(cold.rank_keys), int(cold.rank_values)
-        kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
-        key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
-        for name, coeffs, bits, rank, ident in (
-            ("key", cold.key_coeffs, kbits, rk, key_identity),
-            ("value", cold.value_coeffs, vbits, rv, value_identity),
-        ):
-            if coeffs.shape[-1] != _coeff_width(bits, rank) or coeffs.shape[-2] != t:
-                raise ValueError(
-                    f"cold {name}_coeffs shape {tuple(coeffs.shape)} does not fit block_size={t}, "
-                    f"rank={rank}, {bits}-bit coefficients"
-                )
-            if ident and rank != head_dim:
-                raise ValueError(f"identity {name} codec needs rank == head_dim, got {rank} vs {head_dim}")
-        n_out = int(cold.outlier_index.shape[-1])
+    if cold is not None and cold.num_blocks:
+        cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
+        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out = facts
         if state.key_space == "pre_rope":
             pre_rope = True
             inv_freq = _resolve_inv_freq(state, device)
@@ -214,49 +303,19 @@ def decode_attention(
                     f"rope_inv_freq with {rot_half} frequencies does not fit head_dim={head_dim}"
                 )
         else:
-            inv_freq = dummy[torch.float16]
-        starts = cold.block_starts
-        if starts.device != device or starts.dtype != torch.int64:
-            starts = starts.to(device=device, dtype=torch.int64)
-        f16 = dummy[torch.float16]
-        cold_args = (
-            starts,
-            *_t(cold.key_coeffs, 5, dummy[torch.int8]),
-            *(_t(cold.key_scales, 5, f16)[:5]),
-            *_t(cold.key_basis, 5, f16),
-            *_t(cold.value_coeffs, 5, dummy[torch.int8]),
-            *(_t(cold.value_scales, 5, f16)[:5]),
-            *_t(cold.value_basis, 5, f16),
-            *_t(cold.outlier_keys, 5, f16),
-            *_t(cold.outlier_values, 5, f16),
-            *_t(cold.outlier_index, 4, dummy[torch.int64]),
-            inv_freq,
-        )
+            inv_freq = f16
     else:
-        t, rk, rv, kbits, vbits, n_out = 16, head_dim, head_dim, 8, 8, 0
+        n_blocks, t, rk, rv, kbits, vbits, n_out = 0, 16, head_dim, head_dim, 8, 8, 0
         key_identity = value_identity = True
-        i8, f16, i64 = dummy[torch.int8], dummy[torch.float16], dummy[torch.int64]
+        i8, i64 = dummy[torch.int8], dummy[torch.int64]
         cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
                      i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
-                     f16, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0, i64, 0, 0, 0, 0, f16)  # fmt: skip
+                     f16, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0, i64, 0, 0, 0, 0)  # fmt: skip
+        inv_freq = f16
 
     # ---- exact tiers
-    f16 = dummy[torch.float16]
     n_land = int(state.landmark_keys.shape[2])
     n_hot = int(state.hot_keys.shape[2])
-    exact_args = (
-        *_t(state.landmark_keys, 4, f16),
-        *_t(state.landmark_values, 4, f16),
-        *_t(state.hot_keys, 4, f16),
-        *_t(state.hot_values, 4, f16),
-        *_t(state.chunk_keys, 4, f16),
-        *_t(state.chunk_values, 4, f16),
-        n_land,
-        int(state.hot_start),
-        n_hot,
-        int(state.chunk_start),
-        n_chunk,
-    )
 
     # ---- launch plan
     # defaults from the variant scan on an H100 at 128K (docs/kernel_notes.md, v3): 256-token tiles,
@@ -267,6 +326,24 @@ def decode_attention(
         maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
     n_bh = bsz * n_kv
+    n_exact = n_land + n_hot + n_chunk
+    plan_blocks, plan_exact = n_blocks, n_exact
+    if device_sizes is not None:
+        if device_sizes.dtype != torch.int32 or device_sizes.numel() != len(SIZE_FIELDS):
+            raise ValueError(f"device_sizes must be int32 [{len(SIZE_FIELDS)}] ({', '.join(SIZE_FIELDS)})")
+        if device_sizes.device != device:
+            raise ValueError(f"device_sizes is on {device_sizes.device}, the query on {device}")
+        plan_blocks = n_blocks if capacity_blocks is None else int(capacity_blocks)
+        plan_exact = n_exact if capacity_exact is None else int(capacity_exact)
+        if plan_blocks < n_blocks or plan_exact < n_exact:
+            raise ValueError(
+                f"capacity ({plan_blocks} blocks, {plan_exact} exact tokens) below this state's "
+                f"({n_blocks}, {n_exact})"
+            )
+        if plan_blocks and cold_args[0] is dummy[torch.int64]:
+            raise ValueError(
+                "capacity_blocks > 0 needs a state with cold blocks (their buffers are recorded)"
+            )
     if blocks_per_split is None:
         target = (
             programs_per_sm
@@ -274,55 +351,65 @@ def decode_attention(
             if query.is_cuda
             else 2
         )
-        want_splits = max(1, math.ceil(target / n_bh))
-        blocks_per_split = max(1, math.ceil(n_blocks / want_splits)) if n_blocks else 1
-    n_cold_splits = math.ceil(n_blocks / blocks_per_split) if n_blocks else 0
-    n_exact = n_land + n_hot + n_chunk
+        want_splits = -(-target // n_bh)
+        blocks_per_split = max(1, -(-plan_blocks // want_splits)) if plan_blocks else 1
+    n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
     # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
     # about as many bytes as a cold program
     exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
-    n_exact_splits = math.ceil(n_exact / exact_per_split) if n_exact else (0 if n_cold_splits else 1)
+    n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
     n_splits = n_cold_splits + n_exact_splits
 
-    r_p = _next_pow2(rows)
-    d_p = _next_pow2(head_dim)
     # one allocation for every partial: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
     n_part = n_bh * n_splits * rows
     partials = torch.empty(n_part * (head_dim + 2), dtype=torch.float32, device=device)
-    part_acc = partials[: n_part * head_dim]
-    part_m = partials[n_part * head_dim : n_part * (head_dim + 1)]
-    part_l = partials[n_part * (head_dim + 1) :]
-
-    spectral_decode_split_kernel[(n_bh, n_splits)](
-        query, *query.stride(),
-        *mask_args,
-        *cold_args,
-        *exact_args,
-        part_acc, part_m, part_l,
-        n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
-        scale, 1.0 if softcap is None else float(softcap),
-        G=groups, R=rows, R_P=r_p, D=head_dim, D_P=d_p, T=t, BLOCK_T=block_t,
-        RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
-        BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
-        KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
-        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=softcap is not None, HAS_CHUNK=has_chunk,
-        F32=query.dtype == torch.float32,
-        num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
-        **({} if maxnreg is None or not query.is_cuda else {"maxnreg": maxnreg}),
-    )  # fmt: skip
-
     if out is None:
-        out = torch.empty(bsz, q_len, n_q, head_dim, dtype=query.dtype, device=device).transpose(1, 2)
+        # a [B, q, Hq, D] buffer seen as [B, Hq, q, D]: transformers' transpose(1, 2) is then free
+        out = torch.empty_strided(
+            (bsz, n_q, q_len, head_dim), (q_len * n_q * head_dim, head_dim, n_q * head_dim, 1),
+            dtype=query.dtype, device=device,
+        )  # fmt: skip
     elif out.shape != query.shape or out.dtype != query.dtype or out.device != device:
         raise ValueError(
             f"out must be {tuple(query.shape)} {query.dtype} on {device}, got {tuple(out.shape)} {out.dtype}"
         )
-    combine_splits_kernel[(n_bh * rows,)](
-        part_acc, part_m, part_l,
-        out, *out.stride(),
-        n_kv, n_splits, q_len,
-        G=groups, R=rows, D=head_dim, D_P=d_p, BLOCK_S=min(64, _next_pow2(n_splits, 2)),
-        num_warps=4,
+
+    args = [
+        query, *query.stride(),
+        *mask_args,
+        *cold_args,
+        inv_freq,
+        *_t(state.landmark_keys, 4, f16, device),
+        *_t(state.landmark_values, 4, f16, device),
+        *_t(state.hot_keys, 4, f16, device),
+        *_t(state.hot_values, 4, f16, device),
+        *_t(chunk_k, 4, f16, device),
+        *_t(state.chunk_values, 4, f16, device),
+        n_land, int(state.hot_start), n_hot, chunk_start, n_chunk, 0,
+        partials,
+        n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
+        scale, 1.0 if softcap is None else float(softcap),
+        dummy[torch.int64] if device_sizes is None else device_sizes,
+    ]  # fmt: skip
+    constexprs = dict(
+        G=groups, R=rows, R_P=_next_pow2(rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
+        RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
+        BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
+        KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=softcap is not None, HAS_CHUNK=has_chunk,
+        F32=query.dtype == torch.float32, SIZES_ON_DEVICE=device_sizes is not None,
+    )  # fmt: skip
+    options: dict = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    if maxnreg is not None and query.is_cuda:
+        options["maxnreg"] = maxnreg
+    _SPLIT((n_bh, n_splits), args, constexprs, options)
+
+    _COMBINE(
+        (n_bh * rows,),
+        [partials, out, *out.stride(), n_kv, n_splits, q_len],
+        dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=min(64, _next_pow2(n_splits, 2))),
+        {"num_warps": 4},
     )  # fmt: skip
     return out

@@ -42,7 +42,7 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["spectral_decode_split_kernel"]
+__all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 
 # Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies bfloat16 dot
 # operands as raw bits (Triton 3.6: off by 1e10); there, bfloat16 dots run in float32 instead.
@@ -196,8 +196,14 @@ def _exact_segment(
 # 16) would compile a new kernel variant whenever their combination changes.
 _PER_STEP_ARGS = [
     "s_mb", "s_mq", "n_land", "hot_start", "n_hot", "chunk_start", "n_chunk", "q_first", "seq_len",
-    "tier_end", "n_blocks", "blocks_per_split", "n_cold_splits", "exact_per_split",
+    "tier_end", "n_blocks", "blocks_per_split", "n_cold_splits", "exact_per_split", "hot_lo",
 ]  # fmt: skip
+# Order of the per-step sizes in the ``sizes_ptr`` int32 tensor (SIZES_ON_DEVICE): what a captured
+# CUDA graph reads at replay, so one graph serves every step until a buffer moves.
+SIZE_FIELDS = (
+    "n_land", "hot_start", "n_hot", "chunk_start", "n_chunk", "q_first", "seq_len", "tier_end",
+    "n_blocks", "hot_lo",
+)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_PER_STEP_ARGS)
@@ -225,12 +231,14 @@ def spectral_decode_split_kernel(
     hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
     ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d,
     cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
-    n_land, hot_start, n_hot, chunk_start, n_chunk,
-    # partials: acc [BH, S, R, D], m / l [BH, S, R] float32, contiguous
-    pacc_ptr, pm_ptr, pl_ptr,
+    n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo,
+    # partials, one float32 buffer: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R], contiguous
+    part_ptr,
     # sizes
     n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
     scale, softcap,
+    # per-step sizes on the device (int32 [len(SIZE_FIELDS)]), read instead of the scalars above
+    sizes_ptr,
     G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     T: tl.constexpr, BLOCK_T: tl.constexpr,
     RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
@@ -239,8 +247,21 @@ def spectral_decode_split_kernel(
     KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, F32: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
+    if SIZES_ON_DEVICE:
+        # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
+        # (programs past the live blocks / exact tokens find empty ranges and write empty partials)
+        n_land = tl.load(sizes_ptr + 0)
+        hot_start = tl.load(sizes_ptr + 1)
+        n_hot = tl.load(sizes_ptr + 2)
+        chunk_start = tl.load(sizes_ptr + 3)
+        n_chunk = tl.load(sizes_ptr + 4)
+        q_first = tl.load(sizes_ptr + 5)
+        seq_len = tl.load(sizes_ptr + 6)
+        tier_end = tl.load(sizes_ptr + 7)
+        n_blocks = tl.load(sizes_ptr + 8)
+        hot_lo = tl.load(sizes_ptr + 9)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -424,7 +445,7 @@ def spectral_decode_split_kernel(
         # hot buffer: virtual [n_land, n_land + n_hot)
         m, den, acc = _exact_segment(
             m, den, acc, q,
-            hk_ptr + b * s_hk_b + h * s_hk_h, hv_ptr + b * s_hv_b + h * s_hv_h,
+            hk_ptr + b * s_hk_b + h * s_hk_h + hot_lo * s_hk_t, hv_ptr + b * s_hv_b + h * s_hv_h + hot_lo * s_hv_t,
             s_hk_t, s_hk_d, s_hv_t, s_hv_d,
             tl.maximum(e_lo - n_land, 0), tl.minimum(e_hi - n_land, n_hot), hot_start, tier_end,
             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
@@ -443,10 +464,11 @@ def spectral_decode_split_kernel(
 
     # ---- this program's partial
     part = pid_bh * n_splits + pid_s
-    tl.store(pm_ptr + part * R + rows, m, mask=rows_ok)
-    tl.store(pl_ptr + part * R + rows, den, mask=rows_ok)
+    n_part = tl.num_programs(0) * n_splits * R
+    tl.store(part_ptr + n_part * D + part * R + rows, m, mask=rows_ok)
+    tl.store(part_ptr + n_part * (D + 1) + part * R + rows, den, mask=rows_ok)
     tl.store(
-        pacc_ptr + (part * R + rows)[:, None] * D + dcols[None, :],
+        part_ptr + (part * R + rows)[:, None] * D + dcols[None, :],
         acc,
         mask=rows_ok[:, None] & d_ok[None, :],
     )
