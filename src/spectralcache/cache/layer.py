@@ -319,6 +319,20 @@ class SpectralLayer(CacheLayerMixin):
     def _cold_view(self, lo: int = 0, hi: int | None = None) -> ColdBlocks | None:
         if self._cold is None or self._nb == 0:
             return None
+        if lo == 0 and hi is None:
+            # The whole-tier view that state() hands out at every decode step: reused while the
+            # buffers (self._cold, replaced on every reallocation) and the block count stay, which
+            # saves ten slicing ops a step and lets readers cache their per-view launch arguments
+            # (attention/triton/decode.py). It lives on the buffers' object, so it dies with them.
+            memo = self._cold.__dict__.get("_full_view")
+            if memo is not None and memo[0] == self._nb:
+                view = memo[1]
+                # a caller may have reassigned a field of a view it was handed: then slice afresh
+                if all(getattr(view, name) is t for name, t in memo[2]):
+                    return view
+            view = self._cold.blocks(0, self._nb)
+            self._cold.__dict__["_full_view"] = (self._nb, view, tuple(view.tensors().items()))
+            return view
         return self._cold.blocks(lo, self._nb if hi is None else hi)
 
     # ------------------------------------------------------------------ checkpoints
