@@ -7,6 +7,15 @@ ranks and outliers. The number of blocks is what the cache compresses for that c
 the hot buffer keeps ``hot_size`` tokens exact, so ``(tokens - hot_size) // block_size``
 full blocks (255 for 128K with the default preset).
 
+``compress_blocks`` is timed once per ``SpectralConfig.svd_solver`` in ``--solvers`` (default:
+``auto``, which is the eigensolver-free subspace solver on CUDA, and ``rsvd``, the randomized
+SVD with its Rayleigh-Ritz eigenproblems: the path before it), at ``--tokens`` and at each of
+``--also-tokens`` (the first blocks of the same layer; 32K by default). Every fit row reports
+its error over the optimal rank-r error of the same blocks (``err_over_optimal``; the optimum
+from the eigenvalues of each block's Gram in float64 on the host). The subspace fit alone is
+timed per ``--subspace-iters`` value; ``--profile`` prints the CUDA kernels of one
+compression; ``--solve-variants`` times the subspace fit with other ``X R⁻¹`` implementations.
+
 Also timed, side by side in the same process on the same data: the randomized SVD alone
 for the key and the value shapes, with the sync-free Rayleigh-Ritz pipeline
 (``host_sync=False``, the CUDA default) and the checked pipeline (``host_sync=True``), and
@@ -41,10 +50,11 @@ from typing import Any
 import torch
 
 from spectralcache.bench.svd import decaying_matrix, rel_error
-from spectralcache.cache.block import compress_blocks, reconstruct
+from spectralcache.cache.block import compress_blocks, fit_solver, reconstruct
 from spectralcache.config import get_preset
 from spectralcache.linalg import rsvd as rsvd_module
 from spectralcache.linalg.rsvd import randomized_svd
+from spectralcache.linalg.subspace import subspace_fit
 
 
 def layer_kv(
@@ -105,6 +115,41 @@ def count_syncs(fn: Callable[[], Any], dev: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def optimal_error(m: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of the best rank-``rank`` fit of every block of ``m [N, T, D]``
+    (Eckart-Young), from the eigenvalues of each block's ``D x D`` Gram in float64 on the host
+    (LAPACK; much cheaper than SVDs of the blocks, and float64 resolves the tail)."""
+    tail = total = 0.0
+    for i in range(0, m.shape[0], 256):
+        g = m[i : i + 256].double()
+        lam = torch.linalg.eigvalsh((g.mT @ g).cpu()).clamp_min(0)  # ascending
+        total += float(lam.sum())
+        tail += float(lam[:, : lam.shape[-1] - rank].sum())
+    return (tail / total) ** 0.5
+
+
+def profile_compress(fn: Callable[[], Any], top: int = 20) -> None:
+    """Print the CUDA kernels of one call, by total device time (where a layer's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +172,27 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="run the Jacobi core as a persistent grid of N programs per SM everywhere (default: one per matrix)",
+    )
+    p.add_argument(
+        "--solvers",
+        default="auto,rsvd",
+        help="compress_blocks rows, one per SpectralConfig.svd_solver (auto = subspace on CUDA, rsvd on CPU)",
+    )
+    p.add_argument(
+        "--also-tokens",
+        type=int,
+        nargs="*",
+        default=[32768],
+        help="also time compress_blocks on the first blocks of this many tokens",
+    )
+    p.add_argument("--subspace-iters", default="2,4,6", help="n_iter values of the subspace_fit rows")
+    p.add_argument(
+        "--profile", action="store_true", help="print the CUDA kernels of one compress_blocks call"
+    )
+    p.add_argument(
+        "--solve-variants",
+        action="store_true",
+        help="time the subspace fit with other X R^-1 implementations",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
@@ -181,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             "ranks": [rk, rv],
             "timing": "cuda events, median after warm-up" if dev.type == "cuda" else "wall clock, median",
             "jacobi_programs_per_sm": args.jacobi_programs_per_sm,
+            "git_commit": os.environ.get("SPECTRALCACHE_GIT_COMMIT") or _git_commit(),
+            "optimal_rel_err": opt,
             "jacobi_kernel_unavailable": list(
                 rsvd_module._JACOBI_BROKEN
             ),  # non-empty: cuSOLVER eigh was used
@@ -203,32 +271,101 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:55s} {row['median_ms']:10.2f} ms  (min {row['min_ms']:.2f}, n={len(times)}) {extra or ''}"
         )
 
-    def compress() -> Any:
-        return compress_blocks(keys, values, cfg, rk, rv)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    out = compress()
-    kr, vr = reconstruct(out)
-    k_err = float(torch.linalg.vector_norm(keys.float() - kr) / torch.linalg.vector_norm(keys.float()))
-    v_err = float(torch.linalg.vector_norm(values.float() - vr) / torch.linalg.vector_norm(values.float()))
-    del kr, vr
-    syncs = count_syncs(compress, dev)
-    record(
-        f"compress_blocks [{args.heads}x{blocks} blocks of {cfg.block_size}x{args.head_dim}] r{rk}/{rv}",
-        compress,
-        host_syncs=syncs,
-        key_rel_err=k_err,
-        value_rel_err=v_err,
-        peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
-    )
     cdt = cfg.compute_torch_dtype()
     kf = keys.reshape(-1, cfg.block_size, args.head_dim).to(cdt)
     vf = values.reshape(-1, cfg.block_size, args.head_dim).to(cdt)
+    # the optimal rank-r error of every block (Eckart-Young), from the eigenvalues of its Gram in
+    # float64 on the host: the floor every fit row below is compared with
+    opt = {"keys": optimal_error(kf, rk), "values": optimal_error(vf, rv)}
+    print(f"optimal rank-r errors (fit only, before quantization): {opt}")
+    solvers = [x for x in args.solvers.split(",") if x]
+    for n_tok in [args.tokens, *args.also_tokens]:
+        nb = (n_tok - cfg.hot_size) // cfg.block_size
+        if nb < 1 or nb > blocks:
+            continue
+        k_l, v_l = keys[:, :nb], values[:, :nb]
+        for solver in solvers:
+            c = cfg.replace(svd_solver=solver)
+
+            def compress(k_l: torch.Tensor = k_l, v_l: torch.Tensor = v_l, c: Any = c) -> Any:
+                return compress_blocks(k_l, v_l, c, rk, rv)
+
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            out = compress()
+            kr, vr = reconstruct(out)
+            k_err = float(torch.linalg.vector_norm(k_l.float() - kr) / torch.linalg.vector_norm(k_l.float()))
+            v_err = float(torch.linalg.vector_norm(v_l.float() - vr) / torch.linalg.vector_norm(v_l.float()))
+            del kr, vr, out
+            peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+            record(
+                f"compress_blocks [{args.heads}x{nb} blocks of {cfg.block_size}x{args.head_dim}] r{rk}/{rv} "
+                f"solver={fit_solver(c, dev)}",
+                compress,
+                host_syncs=count_syncs(compress, dev),
+                key_rel_err=k_err,
+                value_rel_err=v_err,
+                tokens=n_tok,
+                solver=fit_solver(c, dev),
+                peak_mem_gb=peak,
+            )
+    if args.profile and dev.type == "cuda":
+        profile_compress(lambda: compress_blocks(keys, values, cfg.replace(svd_solver="subspace"), rk, rv))
 
     def gen() -> torch.Generator:
         return torch.Generator(device=dev).manual_seed(cfg.seed)
 
+    # the eigensolver-free subspace fit alone, per side and iteration count; 0 host syncs expected
+    iters = [int(x) for x in args.subspace_iters.split(",") if x]
+    for side, m, r in (("keys", kf, rk), ("values", vf, rv)):
+        for q in iters:
+
+            def sfn(m: torch.Tensor = m, r: int = r, q: int = q) -> Any:
+                return subspace_fit(m, r, n_iter=q, generator=gen())
+
+            f = sfn()
+            err = float(torch.linalg.vector_norm(m - f.coeffs @ f.basis) / torch.linalg.vector_norm(m))
+            del f
+            record(
+                f"subspace_fit {side} rank {r} n_iter={q}",
+                sfn,
+                host_syncs=count_syncs(sfn, dev),
+                rel_err=err,
+                err_over_optimal=err / opt[side],
+            )
+    if dev.type == "cuda" and args.solve_variants:
+        # how the subspace fit's small X R^-1 is applied: triangular solve (default) or the
+        # explicit inverse (triangular solve against I, or LU inv_ex) times a GEMM
+        from spectralcache.linalg import subspace as subspace_module
+
+        default_solve = subspace_module._right_solve
+
+        def via_inverse(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+            return x @ torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
+
+        def via_inv_ex(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return x @ torch.linalg.inv_ex(r)[0]
+
+        for label, solve in (("solve_triangular", default_solve), ("trsm inverse + bmm", via_inverse),
+                             ("inv_ex + bmm", via_inv_ex)):  # fmt: skip
+            subspace_module._right_solve = solve
+            try:
+                for side, m, r in (("keys", kf, rk), ("values", vf, rv)):
+
+                    def vfn(m: torch.Tensor = m, r: int = r) -> Any:
+                        return subspace_fit(m, r, n_iter=cfg.svd_subspace_iter, generator=gen())
+
+                    f = vfn()
+                    err = float(
+                        torch.linalg.vector_norm(m - f.coeffs @ f.basis) / torch.linalg.vector_norm(m)
+                    )
+                    del f
+                    record(f"subspace_fit {side} rank {r} right-solve={label}", vfn,
+                           host_syncs=count_syncs(vfn, dev), rel_err=err)  # fmt: skip
+            finally:
+                subspace_module._right_solve = default_solve
     # the randomized SVD alone: sync-free pipeline with the Triton Jacobi core (the CUDA default)
     # and with torch.linalg.eigh as its core, and the checked pipeline (host_sync=True)
     variants = [("host_sync=False core=auto", False, "auto", None)]
@@ -247,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
 
             U, S, Vh = fn()
             err = rel_error(m, U, S, Vh)
+            del U, S, Vh
             record(
                 f"randomized_svd {side} rank {r} {label}",
                 fn,
                 reps,
                 host_syncs=count_syncs(fn, dev),
                 rel_err=err,
+                err_over_optimal=err / opt[side],
             )
     # the core solve alone: the l x l Rayleigh-Ritz eigenproblems of one layer, float64
     from spectralcache.linalg.jacobi import jacobi_eigh
@@ -298,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             return torch.linalg.svd(kf, full_matrices=False)
 
         U, S, Vh = exact()
-        opt = rel_error(kf, U[..., :rk], S[..., :rk], Vh[..., :rk, :])
-        record(f"torch.linalg.svd keys (exact, rank {rk} error {opt:.4g})", exact, repeats=3, opt_rel_err=opt)
+        opt_k = rel_error(kf, U[..., :rk], S[..., :rk], Vh[..., :rk, :])
+        record(
+            f"torch.linalg.svd keys (exact, rank {rk} error {opt_k:.4g})", exact, repeats=3, opt_rel_err=opt_k
+        )
     save()
     print(f"wrote {path}")
     return 0
