@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time the subspace fit with other X R^-1 implementations",
     )
+    p.add_argument(
+        "--no-core",
+        action="store_true",
+        help="skip the rsvd's l x l eigensolver rows (Jacobi kernel vs eigh)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default=None)
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     # the core solve alone: the l x l Rayleigh-Ritz eigenproblems of one layer, float64
     from spectralcache.linalg.jacobi import jacobi_eigh
 
-    for r in (rk, rv):
+    for r in () if args.no_core else (rk, rv):
         width = min(r + cfg.svd_oversample, args.head_dim)
         x = torch.randn(kf.shape[0], 2 * width, width, device=dev, dtype=torch.float64)
         A = x.mT @ x
