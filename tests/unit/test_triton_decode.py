@@ -258,3 +258,94 @@ def test_query_and_output_with_transposed_strides() -> None:
     out = torch.full((2, 4, 3, 32), float("nan")).to(DEVICE)
     decode_attention(query, state, out=out, blocks_per_split=2, block_t=16)
     _assert_rel(out, spectral_attention(query, state))
+
+
+# ----------------------------------------------------------------------------- device-side sizes
+
+
+def test_device_sizes_match_host_sizes() -> None:
+    """Sizes read on the device (grid sized for the buffers' capacity) = sizes passed by the host."""
+    from spectralcache.attention.triton.graph import DecodeGraphSizes
+
+    for kw in (dict(key_bits=8), dict(key_bits=4, key_space="pre_rope"), dict(blocks=0), dict(chunk=None)):
+        state = random_state(device=DEVICE, seed=next(_seed), batch=2, **kw)
+        query = torch.randn(2, 4, 1, 32).to(DEVICE)
+        host = decode_attention(query, state, blocks_per_split=1, block_t=16)
+        sizes = DecodeGraphSizes(state, q_len=1)
+        sizes.update(state)
+        assert sizes.capacity_exact >= state.hot_keys.shape[2] + state.landmark_keys.shape[2]
+        out = torch.full_like(query, float("nan"))
+        decode_attention(query, state, out=out, blocks_per_split=1, block_t=16, **sizes.launch_kwargs())
+        _assert_rel(out, spectral_attention(query, state))
+        _assert_rel(out, host, 1e-6)
+
+
+def test_recorded_launch_follows_a_decoding_layer() -> None:
+    """One recorded launch (addresses of the state at record time, sizes on the device) reads every
+    later decode step of a real SpectralLayer correctly -- new hot tokens, blocks appended into
+    spare capacity, the hot window moving after a compression -- until a buffer moves, which
+    ``update`` reports as StaleDecodeGraph (then we record again)."""
+    from tests.layer_helpers import D, H, kv, small_cfg
+
+    from spectralcache.attention.triton.graph import DecodeGraphSizes, StaleDecodeGraph
+    from spectralcache.cache.layer import SpectralLayer
+
+    layer = SpectralLayer(small_cfg(), 0, head_dim=D, num_kv_heads=H)
+    k0, v0 = kv(1, 150, seed=next(_seed))  # 9 blocks: the cold buffers grow with spare capacity
+    layer.update(k0.to(DEVICE), v0.to(DEVICE))
+    layer.release_chunk()
+    k_static = torch.zeros(1, H, 1, D, device=DEVICE)  # the graph's static chunk / query / output
+    v_static = torch.zeros_like(k_static)
+    q_static = torch.zeros(1, 2 * H, 1, D, device=DEVICE)
+    out = torch.zeros_like(q_static)
+    g = torch.Generator().manual_seed(next(_seed))
+    recorded, sizes = None, None
+    reused = reused_new_blocks = records = 0
+    for _ in range(48):
+        k_static.copy_(torch.randn(1, H, 1, D, generator=g))
+        v_static.copy_(torch.randn(1, H, 1, D, generator=g))
+        q_static.copy_(torch.randn(1, 2 * H, 1, D, generator=g))
+        layer.update(k_static, v_static)
+        state = layer.state()
+        try:
+            if sizes is None:
+                raise StaleDecodeGraph("first step")
+            sizes.update(state)
+            reused += 1
+            reused_new_blocks += state.cold.num_blocks > recorded.cold.num_blocks
+        except StaleDecodeGraph:
+            recorded, sizes = state, DecodeGraphSizes(state, q_len=1)
+            sizes.update(state)
+            records += 1
+        out.fill_(float("nan"))
+        # the recorded launch: the *recorded* state's addresses, this step's sizes from the device
+        decode_attention(q_static, recorded, out=out, block_t=16, **sizes.launch_kwargs())
+        _assert_rel(out, spectral_attention(q_static, state))
+        layer.release_chunk()
+    assert reused >= 20 and reused_new_blocks >= 1 and records >= 2, (reused, reused_new_blocks, records)
+
+
+def test_device_sizes_refused_clearly() -> None:
+    from spectralcache.attention.triton.graph import DecodeGraphSizes, StaleDecodeGraph
+
+    state = random_state(device=DEVICE, seed=next(_seed))
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    with pytest.raises(ValueError, match="device_sizes must be int32"):
+        decode_attention(query, state, device_sizes=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    sizes = DecodeGraphSizes(state, q_len=1)
+    with pytest.raises(ValueError, match="capacity"):
+        decode_attention(query, state, **{**sizes.launch_kwargs(), "capacity_blocks": 0})
+    other = random_state(device=DEVICE, seed=next(_seed))  # same shapes, other buffers
+    with pytest.raises(StaleDecodeGraph, match="moved"):
+        sizes.update(other)
+
+
+def test_cold_launch_args_follow_reassigned_fields() -> None:
+    """The per-view launch-argument cache must not serve a view whose fields were replaced."""
+    state = random_state(device=DEVICE, seed=next(_seed), key_bits=16, value_bits=16)
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    decode_attention(query, state, blocks_per_split=1, block_t=16)
+    cold = state.cold
+    cold.value_coeffs = cold.value_coeffs * 3.0
+    out = decode_attention(query, state, blocks_per_split=1, block_t=16)
+    _assert_rel(out, spectral_attention(query, state))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import triton.language as tl
@@ -110,22 +111,34 @@ _COMBINE = FastLauncher(combine_splits_kernel)
 _COLD_FIELDS = ColdBlocks.tensor_fields()
 
 
-def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: dict) -> tuple:
-    """Kernel arguments and launch facts of a cold tier, cached on the ``ColdBlocks`` object.
+# id(ColdBlocks view) -> (weakref to it, guard, its fields, (args, facts)); an entry dies with its view
+_COLD_ARGS: dict[int, tuple] = {}
 
-    The cache (an attribute of ``cold``) is keyed by the identity of its tensor fields and its
-    integer fields: a layer hands out the same view object while its cold buffers and block
-    count stay (``SpectralLayer._cold_view``), so a decode step reads ~50 cached arguments
-    instead of re-deriving them. The cached tuple holds the tensors themselves, so their ids
-    cannot be reused while it lives; a field reassigned on the object misses the cache."""
+
+def _forget_cold(ref: weakref.ref, key: int) -> None:
+    entry = _COLD_ARGS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _COLD_ARGS[key]
+
+
+def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: dict) -> tuple:
+    """Kernel arguments and launch facts of a cold tier, cached per ``ColdBlocks`` object.
+
+    Keyed by the object (held weakly) and checked against the identity of its tensor fields
+    and its integer fields: a layer hands out the same view object while its cold buffers and
+    block count stay (``SpectralLayer._cold_view``), so a decode step reuses ~50 arguments
+    instead of re-deriving them. The entry holds the field tensors, so their ids cannot be
+    reused while it lives; a field reassigned on the object misses the cache."""
+    fields = tuple(getattr(cold, name) for name in _COLD_FIELDS)
     guard = (
-        *(id(getattr(cold, name)) for name in _COLD_FIELDS),
+        *map(id, fields),
         cold.block_size, cold.coeff_bits, cold.value_coeff_bits, cold.rank_keys, cold.rank_values,
         head_dim, device,
     )  # fmt: skip
-    cached = cold.__dict__.get("_triton_decode_args")
-    if cached is not None and cached[0] == guard:
-        return cached[1]
+    key = id(cold)
+    cached = _COLD_ARGS.get(key)
+    if cached is not None and cached[0]() is cold and cached[1] == guard:
+        return cached[3]
     t = int(cold.block_size)
     rk, rv = int(cold.rank_keys), int(cold.rank_values)
     kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
@@ -169,7 +182,7 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         int(cold.outlier_index.shape[-1]),
     )
     segment = (args, facts)
-    cold.__dict__["_triton_decode_args"] = (guard, segment)
+    _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
     return segment
 
 
