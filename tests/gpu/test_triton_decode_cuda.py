@@ -112,3 +112,87 @@ def test_cuda_graph_capture() -> None:
     ref = spectral_attention(query, state)
     assert torch.isfinite(out).all()
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+def test_fast_launch_path_serves_repeat_calls_and_new_specialisations() -> None:
+    """After the first call of a specialisation, launches skip Triton's binder (FastLauncher); a
+    call whose strides / alignment / dtypes differ still gets a kernel compiled for it."""
+    from spectralcache.attention.triton import decode as dec
+
+    state = random_state(batch=2, kv_heads=4, head_dim=128, block_size=512, blocks=3, device="cuda",
+                         dtype=torch.bfloat16, seed=next(_seed), **PRESETS["default"])  # fmt: skip
+    ref_q = torch.randn(2, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    fast0 = dec._SPLIT.fast_calls
+    for _ in range(3):
+        out = decode_attention(ref_q, state)
+    assert dec._SPLIT.fast_calls >= fast0 + 2 and dec._COMBINE.fast_calls >= 2
+    ref = spectral_attention(ref_q, state)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    # same values, other layouts: transposed query buffer, and a query 2 bytes off 16-byte alignment
+    q_t = ref_q.transpose(1, 2).contiguous().transpose(1, 2)
+    flat = torch.empty(ref_q.numel() + 1, device="cuda", dtype=torch.bfloat16)
+    q_odd = flat[1:].view_as(ref_q)
+    q_odd.copy_(ref_q)
+    for q in (q_t, q_odd, ref_q):
+        for _ in range(2):
+            got = decode_attention(q, state)
+            torch.testing.assert_close(got.float(), out.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_cuda_graph_replays_across_decode_steps() -> None:
+    """One captured graph of the attention launch (sizes on the device) replays later decode steps
+    of a real SpectralLayer -- new tokens, blocks appended in place, the hot window moving --
+    matching the eager kernel at every step; when a buffer moves, DecodeGraphSizes says so and we
+    capture again."""
+    from spectralcache.attention.triton.graph import DecodeGraphSizes, StaleDecodeGraph
+    from spectralcache.cache.layer import SpectralLayer
+    from spectralcache.config import SpectralConfig
+
+    torch.manual_seed(next(_seed))
+    cfg = SpectralConfig.from_preset("default", block_size=64, hot_size=32, landmarks=8, outliers_per_block=4)
+    h, d = 8, 128
+    layer = SpectralLayer(cfg, 0, head_dim=d, num_kv_heads=h)
+    k0 = torch.randn(1, h, 8 + 20 * 64 + 40, d, device="cuda", dtype=torch.bfloat16)
+    layer.update(k0, torch.randn_like(k0))
+    layer.release_chunk()
+    k_s = torch.zeros(1, h, 1, d, device="cuda", dtype=torch.bfloat16)
+    v_s, q_s = torch.zeros_like(k_s), torch.zeros(1, 4 * h, 1, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros_like(q_s)
+    graph = sizes = recorded = None
+    replays = replays_new_blocks = captures = 0
+    for _ in range(150):
+        k_s.copy_(torch.randn_like(k_s))
+        v_s.copy_(torch.randn_like(v_s))
+        q_s.copy_(torch.randn_like(q_s))
+        layer.update(k_s, v_s)
+        state = layer.state()
+        try:
+            if sizes is None:
+                raise StaleDecodeGraph("first step")
+            sizes.update(state)
+            out.fill_(float("nan"))
+            graph.replay()
+            replays += 1
+            replays_new_blocks += state.cold.num_blocks > recorded.cold.num_blocks
+        except StaleDecodeGraph:
+            recorded, sizes = state, DecodeGraphSizes(state, q_len=1)
+            sizes.update(state)
+            decode_attention(q_s, state, out=out, **sizes.launch_kwargs())  # compile outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                decode_attention(q_s, state, out=out, **sizes.launch_kwargs())
+            graph.replay()
+            captures += 1
+        eager = decode_attention(q_s, state)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+        assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 1e-2
+        layer.release_chunk()
+    ref = spectral_attention(q_s, state)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    assert replays >= 100 and replays_new_blocks >= 1 and captures >= 2, (
+        replays,
+        replays_new_blocks,
+        captures,
+    )
