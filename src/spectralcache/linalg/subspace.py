@@ -163,10 +163,10 @@ def subspace_fit(
     for _ in range(n_iter):
         z = g @ _orth(z, 1)
     z = _orth(z, 3)  # [B, D, r], orthonormal columns
-    zc = z.to(acc)
+    # a non-finite block gets a NaN basis, hence NaN coefficients (NaN spreads through the GEMM),
+    # without a pass over the [B, T, r] coefficients
+    nan = torch.full((), float("nan"), dtype=_F64, device=z.device)
+    zc = torch.where(ok.view(b, 1, 1), z, nan).to(acc)
     coeffs = mc @ zc
-    basis = zc.mT
-    nan = torch.full((), float("nan"), dtype=acc, device=mc.device)
-    coeffs = torch.where(ok.view(b, 1, 1), coeffs, nan)
-    basis = torch.where(ok.view(b, 1, 1), basis, nan)
-    return SubspaceFit(coeffs=coeffs, basis=basis.contiguous(), ok=ok)
+    basis = zc.mT.contiguous()
+    return SubspaceFit(coeffs=coeffs, basis=basis, ok=ok)
