@@ -34,6 +34,18 @@ FAST_LAUNCH_ENV = "SPECTRALCACHE_TRITON_FAST_LAUNCH"
 _FLOAT_PARAMS = frozenset({"mask_floor", "scale", "softcap"})
 
 
+_RUNTIME = None
+
+
+def _knobs_runtime() -> Any:
+    global _RUNTIME
+    if _RUNTIME is None:
+        from triton import knobs
+
+        _RUNTIME = knobs.runtime
+    return _RUNTIME
+
+
 def _fast_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get(FAST_LAUNCH_ENV, "1") != "0"
 
@@ -79,9 +91,12 @@ class FastLauncher:
         if not self.enabled:
             self._slow(grid, args, constexprs, options)
             return
-        from triton import knobs
-
-        if knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+        runtime = _knobs_runtime()
+        # Triton 3.6 keeps (empty) hook chains here; a profiler adds to them or sets a function
+        if any(
+            h is not None and getattr(h, "calls", True)
+            for h in (runtime.launch_enter_hook, runtime.launch_exit_hook)
+        ):
             self._slow(grid, args, constexprs, options)  # a profiler wants its hooks called
             return
         ptr_pos, spec_get, const_names, n_runtime = self._layout or self._init_layout()
@@ -102,7 +117,10 @@ class FastLauncher:
                     f"{self.kernel.__name__}: expected {n_runtime} runtime arguments and constexprs "
                     f"{const_names}, got {len(args)} and {tuple(constexprs)}"
                 )
-            self._compiled[key] = self._slow(grid, args, constexprs, options)
+            compiled = self._slow(grid, args, constexprs, options)
+            if hasattr(compiled, "result"):  # Triton's asynchronous compile mode hands a future
+                compiled = compiled.result()
+            self._compiled[key] = compiled
             return
         for i, p in zip(ptr_pos, ptrs):
             args[i] = p
