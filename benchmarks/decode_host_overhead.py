@@ -178,6 +178,16 @@ def section_layer(res: dict, n: int = 200) -> None:
     state = layer.state()
     r["attend_us"] = _median_host_us(lambda: attend(q, state, None, None, None, "auto"), n)
     layer.release_chunk()
+    # pieces of update: checks, checkpoint, the decode NaN/inf fold (as the layer does it, and a
+    # 4-kernel variant with the same result: concatenate, isfinite, all, negate)
+    k1, v1 = kv()
+    r["validate_us"] = _median_host_us(lambda: layer._validate(k1, v1), n)
+    r["checkpoint_us"] = _median_host_us(layer.checkpoint, n)
+    r["finiteness_fold_us"] = _median_host_us(lambda: layer._note_decode_finiteness(k1, v1), n)
+    flag = torch.zeros((), dtype=torch.bool, device="cuda")
+    r["finiteness_fold_alt_us"] = _median_host_us(
+        lambda: flag | ~torch.isfinite(torch.cat((k1.reshape(-1), v1.reshape(-1)))).all(), n
+    )
     r["layer_call_us"] = _median_host_us(full_step, n)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -199,7 +209,9 @@ def section_layer(res: dict, n: int = 200) -> None:
     res["layer"] = r
     print(
         f"layer call (update+state+attend) {r['layer_call_us']:.1f} us host (median), wall {r['layer_call_wall_us']:.1f} us | "
-        f"update {r['update_us']:.1f} | state {r['state_us']:.1f} | attend {r['attend_us']:.1f} | "
+        f"update {r['update_us']:.1f} (validate {r['validate_us']:.1f}, checkpoint {r['checkpoint_us']:.1f}, "
+        f"NaN fold {r['finiteness_fold_us']:.1f} vs alt {r['finiteness_fold_alt_us']:.1f}) | state {r['state_us']:.1f} | "
+        f"attend {r['attend_us']:.1f} | "
         f"DynamicLayer update+SDPA {r['dynamic_layer_call_us']:.1f}",
         flush=True,
     )
