@@ -67,8 +67,8 @@ def unsloth():
         if "unsloth" in sys.modules:
             sys.modules["unsloth"]._standin_restore()
         sys.path.remove(str(STANDIN))
-        for name in [m for m in sys.modules if m.split(".")[0] in ("unsloth", "unsloth_zoo")]:
-            del sys.modules[name]
+        for name in [m for m in sys.modules if m.split(".")[0].startswith("unsloth")]:
+            del sys.modules[name]  # unsloth, unsloth_zoo and the compiler-output stand-in
 
 
 def _load(unsloth, name: str) -> torch.nn.Module:
@@ -213,6 +213,25 @@ def test_compiled_attention_copy_gets_transformers_forward(unsloth, reference) -
     _swap_attention_class(model, "Gemma3Attention")
     patch_unsloth_attention(model, "lossless", **SMALL)
     assert _greedy(model, tiny_prompt(1, PROMPT)) == reference["gemma3"]
+
+
+def test_fastmodel_compiled_model_class(unsloth, reference) -> None:
+    """FastModel's real Gemma 3 270M is an instance of the compiler's copy of Gemma3ForCausalLM,
+    for which transformers' source heuristic says attention cannot be switched (the H100 run:
+    patch_unsloth_attention raised "does not route attention through transformers'
+    AttentionInterface"). Patched, the instance answers for itself; unpatched, it stops."""
+    model = unsloth.FastModel.from_model(tiny_model("gemma3"), compiled_classes=True)
+    assert type(model).__module__ == "unsloth_compiled_module_gemma3"
+    assert not type(model)._can_set_attn_implementation()
+    assert unsloth_inference_paths(model)
+    patch_unsloth_attention(model, "lossless", **SMALL)
+    assert model.config._attn_implementation == "spectral" and unsloth_inference_paths(model) == []
+    assert _greedy(model, tiny_prompt(1, PROMPT)) == reference["gemma3"]
+    assert last_spectral_cache(model).compression_stats()["blocks"] > 0
+    unpatch_unsloth_attention(model)
+    assert model.config._attn_implementation == "sdpa" and unsloth_inference_paths(model)
+    assert "_can_set_attn_implementation" not in vars(model)
+    assert not type(model)._can_set_attn_implementation()  # the class was never touched
 
 
 def test_unrecognised_layout_names_the_version(unsloth) -> None:

@@ -234,6 +234,8 @@ class _PatchState:
     forwards: list[tuple[nn.Module, Any]] = dataclasses.field(default_factory=list)
     generates: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
     last_cache: Any = None
+    # True while this instance answers transformers' "can set attention implementation" itself
+    can_set_attn_override: bool = False
 
 
 def _base_model(model: Any) -> nn.Module:
@@ -350,6 +352,49 @@ def _pristine_modeling(modeling_name: str) -> Any:
     return module
 
 
+_CAN_SET_ATTN = "_can_set_attn_implementation"
+
+
+def _routes_through_attention_interface(fn: Any) -> bool:
+    """Whether ``fn`` looks its attention function up in transformers' registry (by the global
+    names its code uses: transformers' attention forwards call ``ALL_ATTENTION_FUNCTIONS``)."""
+    fn = getattr(fn, "__func__", fn)
+    try:
+        fn = inspect.unwrap(fn)  # through functools.wraps decorators (deprecate_kwarg on 5.24)
+    except ValueError:  # a __wrapped__ cycle
+        return False
+    code = getattr(fn, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def _attention_interface_in_use() -> bool:
+    """Instance-level answer to ``PreTrainedModel._can_set_attn_implementation`` for a patched
+    model whose class's module hides that its attention now routes through the interface."""
+    return True
+
+
+def _answer_can_set_attn_for_instance(base: nn.Module, state: _PatchState) -> None:
+    """Let ``set_attn_implementation`` work on a patched model of a compiled class.
+
+    transformers decides whether a model may switch its attention implementation from the
+    *source of its class's module* (``PreTrainedModel._can_set_attn_implementation``: an
+    ``*Attention(nn.Module)`` class there must call the attention interface). ``FastModel``
+    returns an instance of the compiler's copy (``unsloth_compiled_module_gemma3.Gemma3ForCausalLM``,
+    fused LM-head loss), whose module's attention copy hard-codes SDPA, so the answer is False
+    and ``set_attn_implementation("spectral")`` would only warn. After patching, every attention
+    module of this instance runs transformers' forward, which does route through the interface:
+    when that holds, this instance answers True itself (an instance attribute shadowing the
+    classmethod; the class is left alone). Undone by :func:`unpatch_unsloth_attention`.
+    """
+    can_set = getattr(type(base), _CAN_SET_ATTN, None)
+    if can_set is None or can_set():
+        return
+    attention = _attention_modules(base)
+    if attention and all(_routes_through_attention_interface(_effective_forward(m)) for _, m in attention):
+        object.__setattr__(base, _CAN_SET_ATTN, _attention_interface_in_use)
+        state.can_set_attn_override = True
+
+
 def patch_unsloth_attention(
     model: Any, config_or_preset: SpectralConfig | str | None = "default", **overrides: Any
 ) -> Any:
@@ -430,6 +475,7 @@ def patch_unsloth_attention(
     state.flags += new_flags
     state.forwards += new_forwards
     object.__setattr__(base, _STATE, state)
+    _answer_can_set_attn_for_instance(base, state)
     enable(base)
     # 3. generate: transformers' own (per-instance Unsloth wrappers removed), fresh SpectralCache.
     recorded = {id(obj) for obj, _ in state.generates}
@@ -480,7 +526,9 @@ def unpatch_unsloth_attention(model: Any) -> Any:
         return model
     _restore(state.flags, state.forwards, state.generates)
     object.__delattr__(base, _STATE)
-    disable(base)
+    disable(base)  # needs the instance's answer, if any, to switch attention back
+    if state.can_set_attn_override:
+        vars(base).pop(_CAN_SET_ATTN, None)
     return model
 
 
