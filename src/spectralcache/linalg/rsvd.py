@@ -24,6 +24,13 @@ transposing when needed, so the sketch lives on the smaller side):
   values below ~3e-4 of the largest are not resolved on this path; "direct" resolves
   them. ``algorithm="auto"`` picks "gram" for ``n <= 256`` or when it needs fewer FLOPs.
 
+On CPU, level 0 of the checked Gram pipeline for ``orth="cholqr2"`` (the default) and
+``"shifted_cholqr"`` is :func:`_pipeline_cpu_rr`: the same sketch ``Z``, then Rayleigh-Ritz
+on the small side (one float64 ``l x l`` eigendecomposition of ``Zᵀ G Z``, ``U = M V S⁻¹``)
+instead of CholeskyQR2 of ``Y = M Z`` plus a core SVD: half the small LAPACK calls and one
+skinny product with M instead of two, with the same checks and fallback chain. The
+generic pipeline stays the reference (``_CPU_RAYLEIGH_RITZ = False``; tests compare them).
+
 The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
 LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
 cores up to 32x32 and the float64 eigendecomposition by the batched Triton Jacobi kernel
@@ -67,6 +74,7 @@ CUDA graphs.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -377,19 +385,25 @@ def _gram(Mc: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``Mcᵀ Mc`` for a batch ``[B, m, n]``, in ``acc``.
 
     On CPU the Gram is the largest single cost of the Gram path and BLAS has no batched
-    SYRK in torch, so it is assembled from two GEMMs that skip one off-diagonal quarter
-    (``Mᵀ M[:, h:]`` and ``M[:, :h]ᵀ M[:, :h]``): 3/4 of the FLOPs, measured 1.35 -> 1.09 ms
-    for [8, 512, 128] on one core. GPUs run the one GEMM (it is not the bottleneck there).
+    SYRK in torch, so it is assembled from row strips of its lower block triangle: strip
+    ``j`` is ``M[:, s_j]ᵀ M[:, :e_j]`` (one GEMM) and the strict upper blocks are the
+    transposes of computed ones. With 4 strips (n >= 128) that is 10/16 of the FLOPs,
+    with 2 strips 3/4; measured for [8, 512, 128] on the 2-core box: one GEMM 1.34 ms
+    (1 thread) / 0.67 ms (2 threads), 2 strips 1.09 / 0.57, 4 strips 1.04 / 0.56 (GEMM
+    efficiency drops for narrower strips, so more strips do not pay). GPUs run the one
+    GEMM (it is not the bottleneck there).
     """
     n = Mc.shape[-1]
     if Mc.is_cuda or Mc.dtype != acc or n < 64 or Mc.ndim != 3:
         return _mm(Mc.mT, Mc, acc)
-    h = n // 2
+    strips = 4 if n >= 128 else 2
+    edges = [n * j // strips for j in range(strips + 1)]
     G = torch.empty(Mc.shape[0], n, n, dtype=acc, device=Mc.device)
-    right = Mc.mT @ Mc[..., h:]  # [B, n, n - h]: the right column strip
-    G[..., h:] = right
-    G[..., :h, :h] = Mc[..., :h].mT @ Mc[..., :h]
-    G[..., h:, :h] = right[..., :h, :].mT  # the skipped quarter is the transpose of a computed one
+    for lo, hi in itertools.pairwise(edges):
+        rows = Mc[..., lo:hi].mT @ Mc[..., :hi]  # [B, hi - lo, hi]: G[lo:hi, :hi]
+        G[:, lo:hi, :hi] = rows
+        if lo:
+            G[:, :lo, lo:hi] = rows[..., :lo].mT  # above the diagonal block: by symmetry
     return G
 
 
@@ -561,6 +575,156 @@ def _run_pipeline(
     gen = _pipeline(M, omega, rank, n_iter, algorithm, ctx, gdtype, timer)
     R = next(gen)
     return _finish_gen(gen, ctx.pick_core(R)(R))
+
+
+# ----------------------------------------------- CPU level 0: Gram + Rayleigh-Ritz
+
+# Tests set this to False to run the generic pipeline (the reference) at level 0 on CPU.
+_CPU_RAYLEIGH_RITZ = True
+_CPU_RR_ORTHS = ("cholqr2", "shifted_cholqr")
+# Largest S₁/S_k for which U = M V S⁻¹ with V from the float32 Gram stays orthonormal to
+# ~1e-5 (measured: ||UᵀU - I|| ≈ 0.1·eps32·(S₁/S_k)² for [512, 128] blocks); elements above
+# it take U from the real product Y = M Z in float64 instead (orthogonality ~eps64·(S₁/S_k)²).
+_GRAM_RR_MAX_KAPPA = 32.0
+
+
+def _use_cpu_rr(M: torch.Tensor, algorithm: str, orth: str) -> bool:
+    """Whether level 0 of the checked pipeline runs :func:`_pipeline_cpu_rr` for this call."""
+    return _CPU_RAYLEIGH_RITZ and M.device.type == "cpu" and algorithm == "gram" and orth in _CPU_RR_ORTHS
+
+
+def _top_eigh(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of the ``rank`` largest eigenvalues of symmetric ``A`` (descending) and
+    their eigenvectors. Non-finite entries (a failed element, already flagged) become 0,
+    since LAPACK would raise on them."""
+    A = torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0).neg_()
+    neg, W = torch.linalg.eigh(A)  # eigh(-A): A's eigenpairs in descending order, no flips
+    return neg[..., :rank].neg().clamp_min_(0).sqrt_(), W[..., :rank]
+
+
+def _rr_from_product(
+    Mc: torch.Tensor, Z: torch.Tensor, rank: int, gdtype: torch.dtype, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz on the real product ``Y = M Z`` in float64: U [acc], s, V (float64), finite."""
+    Y = _mm(Mc, Z.to(gdtype), acc).to(torch.float64)  # [B, m, l]
+    A = Y.mT @ Y
+    finite = torch.isfinite(A.sum((-2, -1)))
+    s, Wk = _top_eigh(A, rank)
+    U = (Y @ Wk).div_(s.clamp_min(1e-300).unsqueeze(-2))
+    return U.to(acc), s, Z @ Wk, finite
+
+
+def _pipeline_cpu_rr(
+    M: torch.Tensor,
+    omega: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    orth: str,
+    gdtype: torch.dtype,
+    acc: torch.dtype,
+    timer: _Timer | None,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Level 0 of the checked Gram pipeline on CPU: tall M [B, m, n] -> U, S, Vh, ok [B].
+
+    Why: on CPU a [8, 512, 128] call is ~1 ms of Gram GEMM and, in the generic pipeline
+    (:func:`_pipeline`), as much again in small batched ops: CholeskyQR2 of ``Y = M Z``
+    costs two products with M, two Cholesky passes, triangular solves on m x l matrices
+    and a separate core eigenproblem. Here the same sketch ``Z = orth(G^(n_iter+1) Ω)``
+    (float64 CholeskyQR on the n x l side: one pass per power iteration, one checked final
+    pass; shifted first passes for ``orth="shifted_cholqr"``) is followed by Rayleigh-Ritz
+    on the small side: the float64 eigendecomposition of ``Zᵀ G Z`` (l x l) gives
+    ``V = Z W``, ``S = sqrt(λ)`` and ``U = M V S⁻¹``, one product with M of k columns. The
+    result ``U S Vh = M V Vᵀ`` is the projection of M onto the best rank-k subspace of
+    span(Z) that G resolves, as the generic pipeline's is (tests compare them).
+
+    Orthogonality: ``VᵀV = I + O(eps64 · κ(X)²)`` (the final pass's check). ``UᵀU``
+    carries G's float32 rounding amplified by ``(S₁/S_k)²``, so elements with
+    ``S₁/S_k > _GRAM_RR_MAX_KAPPA`` take U, S from the real product ``Y = M Z`` in float64
+    instead (:func:`_rr_from_product`, ``UᵀU = I + O(eps64 · (S₁/S_k)²)``; that is also the
+    whole path when G is applied implicitly). Checks as in the generic pipeline, per
+    element: every Cholesky's ``info``, the final pass's condition estimate
+    (:func:`_single_check`), finiteness, and ``S_k >= 1e-6 S₁`` (U orthonormal to ~1e-4 at
+    worst); an element failing any of them is recomputed by the caller one level down.
+
+    ``check_finite``: validate the input here instead of before the call: G's trace (a
+    sum of squares) is finite exactly when M is, unless it overflows, and only then is M
+    itself scanned (:func:`_validate`); that saves a pass over M.
+    """
+    f64 = torch.float64
+    shifted = orth == "shifted_cholqr"
+    ctx = _Ctx(orth, 1.0, acc, False)
+    Mc = M if M.dtype == gdtype else M.to(gdtype)
+    width = omega.shape[-1]
+    implicit = _implicit_gram(Mc, width, n_iter)
+    if check_finite and implicit:
+        _validate(M, rank)
+    G = None if implicit else _gram(Mc, acc)
+    if check_finite and G is not None and not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1).sum())):
+        # raises on NaN/inf; a finite M whose Gram overflowed goes on (and fails its checks)
+        _validate(M, rank)
+    eye = torch.eye(width, dtype=f64)
+
+    def gmul(Zs: torch.Tensor) -> torch.Tensor:  # G @ Zs, with G formed or as Mᵀ (M Zs)
+        if G is not None:
+            return G @ Zs
+        return _mm(Mc.mT, _mm(Mc, Zs.to(gdtype), acc).to(gdtype), acc)
+
+    def chol_inv(X: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """R and R⁻¹ of a CholeskyQR pass on X (float64 Gram, Cholesky and inverse).
+
+        ``X R⁻¹`` is then a GEMM with the l x l inverse: LAPACK's batched triangular
+        solve on [8, 128, 24] costs 3x the inverse plus that GEMM here."""
+        Xd = X.to(f64)
+        A = Xd.mT @ Xd
+        if shift:
+            A = _shift(A, ctx)
+        R, info = torch.linalg.cholesky_ex(A, upper=True)
+        ctx.infos.append(info)
+        return R, torch.linalg.solve_triangular(R, eye, upper=True)
+
+    X = gmul(omega)
+    if timer:
+        timer.mark("sketch")
+    for _ in range(n_iter):
+        # Span-only pass: X R⁻¹ in the accumulation dtype is well-scaled enough to
+        # multiply by G (X itself carries that rounding already).
+        _, Rinv = chol_inv(X, shifted)
+        X = gmul(X @ Rinv.to(X.dtype))
+    if timer:
+        timer.mark("power")
+    Z = X.to(f64)
+    if shifted:
+        Z = Z @ chol_inv(Z, True)[1]
+    R, Rinv = chol_inv(Z, False)
+    Z = Z @ Rinv  # orthonormal to ~eps64·κ(X)², which the check bounds
+    _single_check(R, ctx, f64)
+    if timer:
+        timer.mark("orth")
+    if G is None:
+        U, s, V, finite = _rr_from_product(Mc, Z, rank, gdtype, acc)
+        V = V.to(acc)
+        if timer:
+            timer.mark("core")
+    else:
+        Zc = Z.to(acc)
+        A = Z.mT @ (G @ Zc).to(f64)  # Zᵀ G Z, l x l
+        finite = torch.isfinite(A.sum((-2, -1)))
+        s, Wk = _top_eigh(A, rank)
+        if timer:
+            timer.mark("core")
+        V = Zc @ Wk.to(acc)  # both orthonormal: V is, to the working precision
+        U = _mm(Mc, V.div(s.to(acc).clamp_min(torch.finfo(acc).tiny).unsqueeze(-2)).to(gdtype), acc)
+        weak = s[..., -1] * _GRAM_RR_MAX_KAPPA < s[..., 0]
+        if bool(weak.any()):
+            idx = weak.nonzero().flatten()
+            Uw, sw, Vw, fw = _rr_from_product(Mc[idx], Z[idx], rank, gdtype, acc)
+            U[idx], s[idx], V[idx], finite[idx] = Uw, sw, Vw.to(acc), fw
+    ctx.checks.append(finite)
+    ctx.checks.append((s[..., -1] >= 1e-6 * s[..., 0]) & (s[..., 0] > 0))  # NaN fails too
+    if timer:
+        timer.mark("lift")
+    return U.to(acc), s.to(acc), V.mT, ctx.ok()
 
 
 # ------------------------------------------------- sync-free Rayleigh-Ritz pipeline
@@ -926,7 +1090,9 @@ def randomized_svd(
             "host_sync=False runs the Gram-based Rayleigh-Ritz pipeline eagerly: it needs "
             "algorithm='gram' or 'auto' (n <= 256) and use_cuda_graph=False"
         )
-    if sync:
+    # The CPU fast path validates from the Gram it forms anyway (saves a pass over M).
+    cpu_rr = sync and not use_cuda_graph and _use_cpu_rr(M, alg, orth)
+    if sync and not cpu_rr:
         _validate(M, rank)
     if use_cuda_graph:
         if not M.is_cuda:
@@ -960,7 +1126,13 @@ def randomized_svd(
         S = M.new_zeros(0, rank, dtype=acc)
         Vh = M.new_zeros(0, rank, Mt.shape[-1], dtype=acc)
     else:
-        U, S, Vh = _solve(Mt, rank, width, n_iter, orth, alg, gdtype, omega, timer, paths)
+        first = None
+        if cpu_rr:
+
+            def first(sub: torch.Tensor):
+                return _pipeline_cpu_rr(sub, omega, rank, n_iter, orth, gdtype, acc, timer, True)
+
+        U, S, Vh = _solve(Mt, rank, width, n_iter, orth, alg, gdtype, omega, timer, paths, first)
     out = _finish(U, S, Vh, transposed, lead, M.dtype)
     _STATS["calls"] += 1
     for k, v in paths.items():
@@ -1032,6 +1204,10 @@ class RandomizedSVD:
         return _Ctx(self.orth, 1.0, self.acc, Mt.is_cuda)
 
     def _eager_first(self, Mt: torch.Tensor):
+        if _use_cpu_rr(Mt, self.algorithm, self.orth):
+            return _pipeline_cpu_rr(
+                Mt, self.omega, self.rank, self.n_iter, self.orth, self.gdtype, self.acc, None
+            )
         ctx = self._new_ctx(Mt)
         U, S, Vh = _run_pipeline(
             Mt, self.omega, self.rank, self.n_iter, self.algorithm, ctx, self.gdtype, None

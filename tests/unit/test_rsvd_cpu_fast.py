@@ -1,0 +1,203 @@
+"""The CPU fast path of randomized_svd (Gram + Rayleigh-Ritz at level 0, ``_pipeline_cpu_rr``)
+against its reference, the generic checked pipeline (``_pipeline``), on fresh random inputs:
+same singular values, same product, error at the optimum, orthonormal factors, the same
+robustness (NaN input, rank deficiency, overflow, steep spectra), and the Gram from row strips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectralcache.bench.svd import decaying_matrix, rel_error
+from spectralcache.linalg import RandomizedSVD, randomized_svd, rsvd, truncated_svd
+
+FAST_ORTHS = ("cholqr2", "shifted_cholqr")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def orth_err(X: torch.Tensor) -> float:
+    X = X.double()
+    eye = torch.eye(X.shape[-1], dtype=X.dtype)
+    return float(torch.linalg.matrix_norm(X.mT @ X - eye).max())
+
+
+def steep_matrix(batch: int, m: int, n: int, ratio: float, seed: int, rank: int) -> torch.Tensor:
+    """Singular values falling geometrically to S₁/S_k = ``ratio`` over the first ``rank``,
+    then a floor at half of S_k: the regime where G's float32 rounding shows in U. (Much
+    steeper tails fail the Gram path's final-pass check in the reference too and go down
+    the fallback chain: G resolves only ~3e-4 of S₁.)"""
+    g = gen(seed)
+    U, _ = torch.linalg.qr(torch.randn(batch, m, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    i = torch.arange(n, dtype=torch.float64)
+    sig = (ratio ** (-i / (rank - 1))).clamp_min(0.5 / ratio)
+    return ((U * sig) @ V.mT).float()
+
+
+def run(M, rank, *, fast: bool, monkeypatch, **kw):
+    monkeypatch.setattr(rsvd, "_CPU_RAYLEIGH_RITZ", fast)
+    return randomized_svd(M, rank, generator=gen(kw.pop("seed", 0)), return_info=True, **kw)
+
+
+@pytest.mark.parametrize("orth", FAST_ORTHS)
+@pytest.mark.parametrize(
+    "shape,rank,n_iter,oversample",
+    [
+        ((8, 512, 128), 16, 2, 8),  # the seed shape
+        ((5, 192, 96), 12, 1, 4),
+        ((3, 70, 160), 10, 3, 8),  # wide: transposed to the tall side
+        ((2, 3, 120, 64), 6, 3, 2),  # leading dims, little oversampling
+        ((4, 256, 96), 10, 0, 8),  # n_iter=0: G applied implicitly, U from Y = M Z
+    ],
+)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_path_equals_reference(orth, shape, rank, n_iter, oversample, seed, monkeypatch):
+    M = decaying_matrix(shape, generator=gen(100 + seed), noise=1e-2)
+    Uf, Sf, Vhf, info_f = run(M, rank, fast=True, monkeypatch=monkeypatch, orth=orth, n_iter=n_iter,
+                              oversample=oversample, seed=seed)  # fmt: skip
+    Ur, Sr, Vhr, info_r = run(M, rank, fast=False, monkeypatch=monkeypatch, orth=orth, n_iter=n_iter,
+                              oversample=oversample, seed=seed)  # fmt: skip
+    batch = M[..., 0, 0].numel()
+    assert info_f.paths == info_r.paths == {orth: batch}
+    assert Uf.shape == Ur.shape and Sf.shape == Sr.shape and Vhf.shape == Vhr.shape
+    assert Uf.dtype == Sf.dtype == Vhf.dtype == torch.float32
+    # same sketch, same subspace: the same singular values and the same rank-k product
+    torch.testing.assert_close(Sf, Sr, rtol=2e-5, atol=1e-6 * float(Sr.max()))
+    torch.testing.assert_close(
+        (Uf * Sf.unsqueeze(-2)) @ Vhf, (Ur * Sr.unsqueeze(-2)) @ Vhr, rtol=1e-4, atol=2e-5
+    )
+    opt = rel_error(M, *truncated_svd(M, rank))
+    assert rel_error(M, Uf, Sf, Vhf) <= 1.05 * opt
+    assert abs(rel_error(M, Uf, Sf, Vhf) - rel_error(M, Ur, Sr, Vhr)) <= 1e-5 * opt
+    assert orth_err(Uf) < 1e-5 and orth_err(Vhf.mT) < 1e-5
+    assert torch.all(Sf[..., :-1] >= Sf[..., 1:])
+
+
+@pytest.mark.parametrize("ratio", [10.0, 40.0, 100.0])
+def test_steep_spectra_take_u_from_the_real_product(ratio, monkeypatch):
+    """Above S₁/S_k = _GRAM_RR_MAX_KAPPA, U from the float32 Gram would lose orthogonality
+    (~0.1·eps32·κ²: 6e-5 at κ=100); those elements take U from Y = M Z in float64, so U
+    stays orthonormal to float32 precision, with no fallback."""
+    rank = 16
+    M = steep_matrix(4, 512, 128, ratio, seed=int(ratio), rank=rank)
+    M[1] = decaying_matrix((512, 128), generator=gen(3))  # a mild element in the same batch
+    calls = []
+    real = rsvd._rr_from_product
+
+    def spy(Mc, Z, *a):
+        calls.append(Mc.shape[0])
+        return real(Mc, Z, *a)
+
+    monkeypatch.setattr(rsvd, "_rr_from_product", spy)
+    U, S, Vh, info = run(M, rank, fast=True, monkeypatch=monkeypatch)
+    assert info.paths == {"cholqr2": 4}
+    assert calls == ([3] if ratio > rsvd._GRAM_RR_MAX_KAPPA else [])
+    assert orth_err(U) < 2e-6 and orth_err(Vh.mT) < 1e-5
+    opt = rel_error(M, *truncated_svd(M, rank))
+    assert rel_error(M, U, S, Vh) <= 1.05 * opt
+    monkeypatch.setattr(rsvd, "_rr_from_product", real)
+    _, Sr, _, _ = run(M, rank, fast=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(S, Sr, rtol=1e-4, atol=1e-6 * float(Sr.max()))
+
+
+def test_nonfinite_input_raises_from_the_gram_check(monkeypatch):
+    """The fast path validates from G's trace instead of a separate pass over M: any NaN or
+    inf still raises the same clear error, whichever entry it is in."""
+    monkeypatch.setattr(rsvd, "_CPU_RAYLEIGH_RITZ", True)
+    for where, value in (
+        ((0, 0, 0), float("nan")),
+        ((3, 511, 127), float("inf")),
+        ((5, 7, 9), -float("inf")),
+    ):
+        M = decaying_matrix((8, 512, 128), generator=gen(0))
+        M[where] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            randomized_svd(M, 16)
+    with pytest.raises(ValueError, match="NaN or inf"):  # implicit Gram (n_iter=0): M is scanned first
+        randomized_svd(torch.full((2, 256, 96), float("nan")), 10, n_iter=0)
+
+
+def test_finite_input_whose_gram_overflows_falls_back_like_the_reference(monkeypatch):
+    """1e22-scaled float32 blocks: G = MᵀM overflows, so the trace check scans M (finite: no
+    error), the element's Cholesky fails and the chain finishes it exactly, as it does
+    for the reference; the unscaled element in the same batch stays on the fast path."""
+    M = decaying_matrix((3, 200, 96), generator=gen(0)) * 1e22
+    M[1] /= 1e22
+    outs = {fast: run(M, 8, fast=fast, monkeypatch=monkeypatch) for fast in (True, False)}
+    for U, S, Vh, info in outs.values():
+        assert info.paths == {"cholqr2": 1, "exact_svd": 2}
+        assert all(torch.isfinite(t).all() for t in (U, S, Vh))
+        Md = M.double()
+        assert rel_error(Md, U.double(), S.double(), Vh.double()) <= 1.05 * rel_error(
+            Md, *truncated_svd(Md, 8)
+        )
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("orth", FAST_ORTHS)
+def test_degenerate_elements_fall_back_per_element(orth, monkeypatch):
+    """Zero and exactly rank-deficient elements fail the fast path's checks (Cholesky info,
+    S_k >= 1e-6 S₁) and only they go down the chain; the good ones match the reference."""
+    g = gen(4)
+    M = decaying_matrix((4, 160, 64), generator=gen(2))
+    M[1] = 0
+    M[2] = torch.randn(160, 3, generator=g) @ torch.randn(3, 64, generator=g)  # rank 3, ask for 6
+    U, S, Vh, info = run(M, 6, fast=True, monkeypatch=monkeypatch, orth=orth)
+    assert info.paths[orth] == 2 and info.n_fallback == 2
+    assert all(torch.isfinite(t).all() for t in (U, S, Vh))
+    assert torch.equal(S[1], torch.zeros(6))
+    assert rel_error(M[2:3], U[2:3], S[2:3], Vh[2:3]) < 1e-4
+    _, Sr, _, info_r = run(M, 6, fast=False, monkeypatch=monkeypatch, orth=orth)
+    assert info_r.paths == info.paths
+    torch.testing.assert_close(S[[0, 3]], Sr[[0, 3]], rtol=2e-5, atol=1e-6)
+
+
+def test_default_cpu_call_and_plan_use_the_fast_path(monkeypatch):
+    """The cache's call (defaults: cholqr2, host_sync on CPU) and an eager CPU plan both run
+    level 0 through _pipeline_cpu_rr; "cholqr", "householder" and "direct" do not."""
+    calls = []
+    real = rsvd._pipeline_cpu_rr
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", spy)
+    M = decaying_matrix((3, 96, 40), generator=gen(5))
+    a = randomized_svd(M, 5, generator=gen(3))
+    assert len(calls) == 1
+    plan = RandomizedSVD(M.shape, 5, generator=gen(3))
+    b = plan(M)
+    assert len(calls) == 2
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for kw in ({"orth": "cholqr"}, {"orth": "householder"}, {"algorithm": "direct"}, {"host_sync": False}):
+        randomized_svd(M, 5, generator=gen(3), **kw)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_input_dtypes(dtype, monkeypatch):
+    """float64 runs the fast path in float64 throughout; bfloat16 input in float32 (CPU), and
+    both match the reference."""
+    M = decaying_matrix((4, 160, 48), generator=gen(7)).to(dtype)
+    Uf, Sf, Vhf, _ = run(M, 8, fast=True, monkeypatch=monkeypatch)
+    Ur, Sr, Vhr, _ = run(M, 8, fast=False, monkeypatch=monkeypatch)
+    assert Uf.dtype == Sf.dtype == Vhf.dtype == dtype
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(Sf, Sr, **tol)
+    torch.testing.assert_close((Uf * Sf.unsqueeze(-2)) @ Vhf, (Ur * Sr.unsqueeze(-2)) @ Vhr, **tol)
+    Mf = M.double() if dtype == torch.float64 else M.float()
+    opt = rel_error(Mf, *truncated_svd(M, 8))
+    assert rel_error(Mf, Uf, Sf, Vhf) <= 1.05 * opt
+
+
+@pytest.mark.parametrize("n", [64, 96, 128, 130, 200])
+def test_gram_from_row_strips_equals_one_gemm(n):
+    M = decaying_matrix((3, 150, n), generator=gen(n))
+    G = rsvd._gram(M, torch.float32)
+    torch.testing.assert_close(G, M.mT @ M, rtol=1e-5, atol=1e-4)
+    assert torch.equal(G, G.mT)
