@@ -150,7 +150,7 @@ def _versions(device: str) -> dict:
 
 
 # ---------------------------------------------------------------------- phase 1: transformers
-def phase_transformers(args: argparse.Namespace) -> dict:
+def phase_transformers(args: argparse.Namespace, rec: dict) -> None:
     from transformers import DynamicCache
 
     from spectralcache import SpectralCache
@@ -159,7 +159,7 @@ def phase_transformers(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     model, tok, info = load_model(device=args.device, dtype=args.dtype, return_info=True)
-    rec: dict = {"versions": _versions(args.device), "load": {"source": info.source, "seconds": info.seconds}}
+    rec.update(versions=_versions(args.device), load={"source": info.source, "seconds": info.seconds})
     rec["weights_dir"] = str(weights_dir())
     s = _sample(tok, args.length)
     rec["prompt"] = {"context_tokens": s["context_tokens"], "depth": s["depth"], "expected": s["answers"]}
@@ -171,7 +171,6 @@ def phase_transformers(args: argparse.Namespace) -> dict:
     )
     rec["demo_spectral_default"] = _demo_answer(model, tok, SpectralCache(model, "default"), s, args.device)
     rec["seconds"] = time.perf_counter() - t0
-    return rec
 
 
 # ---------------------------------------------------------------------- phase 2: unsloth
@@ -182,7 +181,8 @@ def _load_fast_model(unsloth: Any, args: argparse.Namespace, path: str):
 
     if args.standin:  # the stand-in has no loader: what FastModel does to a loaded Gemma 3
         model, _ = load_model(device=args.device, dtype=args.dtype)
-        return unsloth.FastModel.from_model(model)
+        # as from_pretrained returned the real Gemma 3 270M: the compiler's class copies
+        return unsloth.FastModel.from_model(model, compiled_classes=True)
     model, _ = unsloth.FastModel.from_pretrained(
         path, max_seq_length=args.length + 512, dtype=getattr(torch, args.dtype), load_in_4bit=False
     )
@@ -258,7 +258,7 @@ def _guard_config_cache(unsloth: Any, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def phase_unsloth(args: argparse.Namespace) -> dict:
+def phase_unsloth(args: argparse.Namespace, rec: dict) -> None:
     if args.standin:
         sys.path.insert(0, str(ROOT / "tests" / "unsloth_standin"))
     unsloth = importlib.import_module("unsloth")  # first, as Unsloth requires
@@ -277,13 +277,14 @@ def phase_unsloth(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     path = str(weights_dir())  # saved by phase 1 (same $SPECTRALCACHE_CACHE)
-    rec: dict = {"versions": _versions(args.device), "weights_dir": path}
+    rec.update(versions=_versions(args.device), weights_dir=path)
     t = time.perf_counter()
     model = _load_fast_model(unsloth, args, path)
     rec["load_seconds"] = time.perf_counter() - t
     tok = AutoTokenizer.from_pretrained(path)  # the tokenizer phase 1 used: identical prompt ids
     attn = next(m for n, m in model.named_modules() if n.endswith("self_attn"))
     rec["model_class"] = f"{type(model).__module__}.{type(model).__name__}"
+    rec["model_class_can_set_attn_implementation"] = type(model)._can_set_attn_implementation()
     rec["attention_class"] = f"{type(attn).__module__}.{type(attn).__name__}"
     rec["attention_forward"] = f"{type(attn).forward.__module__}.{type(attn).forward.__qualname__}"
     rec["generate_before"] = getattr(model.generate, "__name__", str(model.generate))
@@ -373,7 +374,6 @@ def phase_unsloth(args: argparse.Namespace) -> dict:
     rec["inference_paths_after_unpatch"] = len(unsloth_inference_paths(model))
     rec["guard_config_cache"] = _guard_config_cache(unsloth, args)
     rec["seconds"] = time.perf_counter() - t0
-    return rec
 
 
 # ---------------------------------------------------------------------- phase 3: summary
@@ -471,11 +471,14 @@ def main() -> None:
         result = phase_summary(args)
         (args.out / "unsloth_gemma_needle_cuda.json").write_text(json.dumps(result, indent=1, default=str))
         return
-    rec = {
-        "command": " ".join(sys.argv),
-        **(phase_transformers(args) if args.phase == "transformers" else phase_unsloth(args)),
-    }
-    (args.out / f"{args.phase}.json").write_text(json.dumps(rec, indent=1, default=str))
+    rec: dict = {"command": " ".join(sys.argv)}
+    try:
+        (phase_transformers if args.phase == "transformers" else phase_unsloth)(args, rec)
+    except BaseException as e:  # keep what was measured before the failure
+        rec["fatal"] = _err(e) | {"traceback": traceback.format_exc()[-3000:]}
+        raise
+    finally:
+        (args.out / f"{args.phase}.json").write_text(json.dumps(rec, indent=1, default=str))
 
 
 if __name__ == "__main__":
