@@ -277,56 +277,13 @@ def section_variants(res: dict, contexts) -> None:
 
 
 def section_host(res: dict) -> None:
-    """Host cost of one eager call, split: Python prep, split-kernel launch, combine launch."""
-    from spectralcache.attention.triton import decode as dec
+    """Host cost of one eager call, split (prep / split launch / combine launch, fast launcher vs
+    Triton's path): benchmarks/decode_host_overhead.py's ``launch`` section, stored under ``host``."""
+    from decode_host_overhead import section_launch
 
-    st = llama_state(4096, 1, "default")
-    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(q)
-    n = 300
-
-    def per_call(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        us = (time.perf_counter() - t0) / n * 1e6
-        torch.cuda.synchronize()
-        return us
-
-    total = per_call(lambda: decode_attention(q, st, out=out))
-    real_split, real_combine = dec.spectral_decode_split_kernel, dec.combine_splits_kernel
-    launches = {}
-
-    class Recorder:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            def call(*args, **kwargs):
-                launches[self.name] = (grid, args, kwargs)
-
-            return call
-
-    dec.spectral_decode_split_kernel = Recorder("split", real_split)
-    dec.combine_splits_kernel = Recorder("combine", real_combine)
-    try:
-        prep = per_call(lambda: decode_attention(q, st, out=out))
-    finally:
-        dec.spectral_decode_split_kernel, dec.combine_splits_kernel = real_split, real_combine
-    g, a, k = launches["split"]
-    split = per_call(lambda: real_split[g](*a, **k))
-    g, a, k = launches["combine"]
-    combine = per_call(lambda: real_combine[g](*a, **k))
-    res["host"] = {
-        "total_us": total,
-        "python_prep_us": prep,
-        "split_launch_us": split,
-        "combine_launch_us": combine,
-    }
-    print(f"host per eager call: total {total:.0f} us = prep {prep:.0f} + split launch {split:.0f} "
-          f"+ combine launch {combine:.0f} us", flush=True)  # fmt: skip
+    out: dict = {}
+    section_launch(out)
+    res["host"] = out["launch"]
 
 
 def main(argv: list[str] | None = None) -> int:
