@@ -15,6 +15,7 @@ number of power iterations (0, 1, 2, 4, 8) and against the oversampling.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -29,11 +30,17 @@ from typing import Any
 
 import torch
 
+from spectralcache.linalg import rsvd as _rsvd
 from spectralcache.linalg.rsvd import ORTH_METHODS, RR_PATH, RandomizedSVD, randomized_svd
 
 __all__ = ["configure", "decaying_matrix", "main", "optimal_errors", "parse_shapes", "run"]
 
 CPU_SHAPES = "8x512x128:16,32x512x128:32,16384x1024:160"
+# What the library runs by default (randomized_svd's defaults, the cache's svd_orth): the
+# headline row, summarized per shape against torch.linalg.svd and torch.svd_lowrank.
+DEFAULT_METHOD = "rsvd[cholqr2]"
+# The same call with the CPU fast path off: its reference (the generic checked pipeline).
+GENERIC_METHOD = "rsvd[cholqr2,generic]"
 CUDA_SHAPES = CPU_SHAPES + ",65536x4096:256"
 SWEEP_N_ITER = (0, 1, 2, 4, 8)
 SWEEP_OVERSAMPLE = (0, 4, 8, 16, 32)
@@ -162,6 +169,21 @@ def build_methods(
         methods[f"rsvd[{orth}]"] = lambda x, o=orth: randomized_svd(
             x, rank, n_iter=n_iter, oversample=oversample, orth=o, generator=gen(), host_sync=True
         )
+    if dev.type == "cpu":  # the CPU fast path's reference: level 0 by the generic pipeline
+
+        def generic(x: torch.Tensor):
+            with generic_cpu_level0():
+                return randomized_svd(
+                    x,
+                    rank,
+                    n_iter=n_iter,
+                    oversample=oversample,
+                    orth="cholqr2",
+                    generator=gen(),
+                    host_sync=True,
+                )
+
+        methods[GENERIC_METHOD] = generic
     if min(M.shape[-2:]) <= 256:  # the sync-free Rayleigh-Ritz pipeline (Gram algorithm only)
         methods[f"rsvd[{RR_PATH}]"] = lambda x: randomized_svd(
             x, rank, n_iter=n_iter, oversample=oversample, generator=gen(), host_sync=False
@@ -214,6 +236,17 @@ def build_methods(
             raise ValueError(f"unknown method(s) {unknown}; available: {list(methods)}")
         methods = {k: v for k, v in methods.items() if any(n == k or n in k for n in include)}
     return methods
+
+
+@contextlib.contextmanager
+def generic_cpu_level0():
+    """Run randomized_svd's CPU level 0 by the generic pipeline (the fast path's reference)."""
+    prev = _rsvd._CPU_RAYLEIGH_RITZ
+    _rsvd._CPU_RAYLEIGH_RITZ = False
+    try:
+        yield
+    finally:
+        _rsvd._CPU_RAYLEIGH_RITZ = prev
 
 
 # ------------------------------------------------------------------------- timing
@@ -349,13 +382,14 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         return "" if v is None else str(v)
 
     if con is not None:
+        from rich.markup import escape
         from rich.table import Table
 
-        t = Table(title=title)
+        t = Table(title=escape(title))
         for c in cols:
             t.add_column(c, justify="left" if c in ("method", "path", "shape") else "right")
-        for r in rows:
-            t.add_row(*(fmt(r, c) for c in cols))
+        for r in rows:  # escaped: "rsvd[cholqr2]" is not rich markup
+            t.add_row(*(escape(fmt(r, c)) for c in cols))
         con.print(t)
     else:
         print(title)
@@ -594,7 +628,8 @@ def run_compare(
                 kw: dict[str, Any] = {"compute_dtype": torch.bfloat16} if "bf16" in name else {}
                 kw["host_sync"] = orth != RR_PATH
                 orth = "cholqr2" if orth == RR_PATH else orth
-                stages, paths, alg = stage_times(M, rank, args.n_iter, args.oversample, orth, 3, **kw)
+                with generic_cpu_level0() if "generic" in name else contextlib.nullcontext():
+                    stages, paths, alg = stage_times(M, rank, args.n_iter, args.oversample, orth, 3, **kw)
                 row.update(stages_ms=stages, path=paths, algorithm=alg)
             elif "cuda-graph" in name:
                 row.update(path=dict(fn.last_info.paths) if fn.last_info else {}, graph_mode=fn.graph_mode)
@@ -705,8 +740,16 @@ def run(args: argparse.Namespace) -> int:
         rows = run_compare(args, dev, shapes, dtype)
     except ValueError as err:
         raise SystemExit(f"spectralcache bench svd: {err}") from None
-    (out_dir / f"rsvd_{tag}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    if hasattr(os, "getloadavg"):
+        meta["load_avg_end"] = os.getloadavg()
+    summary = summarize(rows)
+    (out_dir / f"rsvd_{tag}.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "results": rows}, indent=1)
+    )
     print_table(rows, title)
+    for line in summary_lines(summary):
+        print(line)
+    print(f"load average (1, 5, 15 min) at start {meta.get('load_avg')}, at end {meta.get('load_avg_end')}")
     if not args.no_plot:
         plot_results(rows, out_dir / f"rsvd_{tag}.png", title)
     print(f"wrote {out_dir / f'rsvd_{tag}.json'}")
@@ -715,7 +758,53 @@ def run(args: argparse.Namespace) -> int:
 
 def _title(meta: dict[str, Any]) -> str:
     dev = str(meta.get("device", ""))
-    return f"randomized SVD on {meta.get('device_name')} ({dev}, torch {meta.get('torch')})"
+    threads = f", {meta['torch_threads']} thread(s)" if dev == "cpu" and "torch_threads" in meta else ""
+    return f"randomized SVD on {meta.get('device_name')} ({dev}{threads}, torch {meta.get('torch')})"
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape: the library's default call (:data:`DEFAULT_METHOD`) against torch.linalg.svd,
+    torch.svd_lowrank and, on CPU, its own reference (:data:`GENERIC_METHOD`), from this run."""
+    out = []
+    for key in dict.fromkeys((tuple(r["shape"]), r["rank"]) for r in rows):
+        by = {r["method"]: r for r in rows if (tuple(r["shape"]), r["rank"]) == key}
+        ours = by.get(DEFAULT_METHOD)
+        if ours is None:
+            continue
+        low = next((r for n, r in by.items() if n.startswith("torch.svd_lowrank")), None)
+        svd = by.get("torch.linalg.svd")
+        gen = by.get(GENERIC_METHOD)
+        out.append(
+            {
+                "shape": list(key[0]),
+                "rank": key[1],
+                "method": DEFAULT_METHOD,
+                "median_ms": ours["median_ms"],
+                "err_ratio": ours["err_ratio"],
+                "x_vs_linalg_svd": svd["median_ms"] / ours["median_ms"] if svd else None,
+                "x_vs_svd_lowrank": low["median_ms"] / ours["median_ms"] if low else None,
+                "svd_lowrank_err_ratio": low["err_ratio"] if low else None,
+                "x_vs_generic_pipeline": gen["median_ms"] / ours["median_ms"] if gen else None,
+            }
+        )
+    return out
+
+
+def summary_lines(summary: list[dict[str, Any]]) -> list[str]:
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    return [
+        f"{'x'.join(map(str, s['shape']))} r{s['rank']}: {s['method']} (default) {s['median_ms']:.3f} ms = "
+        f"{x(s['x_vs_linalg_svd'])} torch.linalg.svd, {x(s['x_vs_svd_lowrank'])} torch.svd_lowrank, "
+        f"{x(s['x_vs_generic_pipeline'])} its generic pipeline; error/optimal {s['err_ratio']:.4f}"
+        + (
+            f" (svd_lowrank {s['svd_lowrank_err_ratio']:.4f})"
+            if s["svd_lowrank_err_ratio"] is not None
+            else ""
+        )
+        for s in summary
+    ]
 
 
 def replot(path: Path) -> int:
