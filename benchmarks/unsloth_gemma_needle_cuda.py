@@ -408,8 +408,9 @@ def phase_summary(args: argparse.Namespace) -> dict:
         "patched_default_generate_first_difference_vs_plain_unsloth": _first_difference(
             get(un, "patched_generate_default", "tokens") or [], plain_gen or []
         ),
-        "unpatched_spectralcache_model_refused": get(un, "unpatched_spectralcache_model", "type")
-        == "UnslothInferenceError",
+        # UnslothInferenceError, or ValueError from enable()'s attention-interface check, which
+        # runs first and fails on FastModel's compiled model class
+        "unpatched_spectralcache_model_error": get(un, "unpatched_spectralcache_model", "type"),
         "guard_config_cache_raises_llama_qwen3": [
             r.get("raised_both") for r in un.get("guard_config_cache", [])
         ],
