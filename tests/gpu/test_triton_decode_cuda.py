@@ -56,62 +56,8 @@ def _run(*, groups=4, q_len=1, dtype=torch.bfloat16, mask=None, softcap=None, **
     return err
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("preset", ["default", "aggressive"])
-@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
-def test_presets(dtype, preset, key_space) -> None:
-    _run(dtype=dtype, key_space=key_space, **PRESETS[preset])
-
-
-@pytest.mark.parametrize("codecs", ["identity_keys", "identity_values", "both"])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_identity_codecs(codecs, bits) -> None:
-    _run(key_bits=bits, identity_keys=codecs in ("identity_keys", "both"),
-         identity_values=codecs in ("identity_values", "both"))  # fmt: skip
-
-
-@pytest.mark.parametrize("groups,batch", [(1, 1), (4, 4), (8, 2)])
-def test_gqa_batch_padding(groups, batch) -> None:
-    _run(groups=groups, batch=batch, mask="bool", **PRESETS["default"])
-
-
-@pytest.mark.parametrize("mask", [None, "bool", "float"])
-def test_speculative_q(mask) -> None:
-    _run(q_len=4, mask=mask, batch=2, **PRESETS["default"])
-
-
-def test_softcap_and_16bit() -> None:
-    _run(softcap=30.0, **PRESETS["default"])
-    _run(key_bits=16, value_bits=16, rank_keys=128, rank_values=128, outliers=0)
-
-
-def test_dispatch_uses_kernel_on_cuda() -> None:
-    state = random_state(batch=1, kv_heads=4, head_dim=128, block_size=512, blocks=2, device="cuda",
-                         dtype=torch.bfloat16, seed=next(_seed))  # fmt: skip
-    query = torch.randn(1, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
-    out = attend(query, state, None, None, None, "auto")
-    assert out.stride() != spectral_attention(query, state).stride()  # the kernel's [B, q, Hq, D] buffer
-    torch.testing.assert_close(out.float(), spectral_attention(query, state).float(), rtol=2e-2, atol=2e-2)
-
-
-def test_cuda_graph_capture() -> None:
-    """A decode step's attention replays from a CUDA graph (fixed shapes) with the same result."""
-    state = random_state(batch=1, kv_heads=8, head_dim=128, block_size=512, blocks=4, device="cuda",
-                         dtype=torch.bfloat16, seed=next(_seed), **{k: v for k, v in PRESETS["default"].items()})  # fmt: skip
-    query = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(query)
-    decode_attention(query, state, out=out)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode_attention(query, state, out=out)
-    query.copy_(torch.randn_like(query))
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    ref = spectral_attention(query, state)
-    assert torch.isfinite(out).all()
-    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+# the v4 paths first: the rest of this file is compile-bound (on the H100 machine, 5 of its tests
+# finished within the first 240 s)
 
 
 def test_fast_launch_path_serves_repeat_calls_and_new_specialisations() -> None:
@@ -196,3 +142,61 @@ def test_cuda_graph_replays_across_decode_steps() -> None:
         replays_new_blocks,
         captures,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["default", "aggressive"])
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_presets(dtype, preset, key_space) -> None:
+    _run(dtype=dtype, key_space=key_space, **PRESETS[preset])
+
+
+@pytest.mark.parametrize("codecs", ["identity_keys", "identity_values", "both"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_identity_codecs(codecs, bits) -> None:
+    _run(key_bits=bits, identity_keys=codecs in ("identity_keys", "both"),
+         identity_values=codecs in ("identity_values", "both"))  # fmt: skip
+
+
+@pytest.mark.parametrize("groups,batch", [(1, 1), (4, 4), (8, 2)])
+def test_gqa_batch_padding(groups, batch) -> None:
+    _run(groups=groups, batch=batch, mask="bool", **PRESETS["default"])
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_speculative_q(mask) -> None:
+    _run(q_len=4, mask=mask, batch=2, **PRESETS["default"])
+
+
+def test_softcap_and_16bit() -> None:
+    _run(softcap=30.0, **PRESETS["default"])
+    _run(key_bits=16, value_bits=16, rank_keys=128, rank_values=128, outliers=0)
+
+
+def test_dispatch_uses_kernel_on_cuda() -> None:
+    state = random_state(batch=1, kv_heads=4, head_dim=128, block_size=512, blocks=2, device="cuda",
+                         dtype=torch.bfloat16, seed=next(_seed))  # fmt: skip
+    query = torch.randn(1, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    out = attend(query, state, None, None, None, "auto")
+    assert out.stride() != spectral_attention(query, state).stride()  # the kernel's [B, q, Hq, D] buffer
+    torch.testing.assert_close(out.float(), spectral_attention(query, state).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_graph_capture() -> None:
+    """A decode step's attention replays from a CUDA graph (fixed shapes) with the same result."""
+    state = random_state(batch=1, kv_heads=8, head_dim=128, block_size=512, blocks=4, device="cuda",
+                         dtype=torch.bfloat16, seed=next(_seed), **{k: v for k, v in PRESETS["default"].items()})  # fmt: skip
+    query = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(query)
+    decode_attention(query, state, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(query, state, out=out)
+    query.copy_(torch.randn_like(query))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = spectral_attention(query, state)
+    assert torch.isfinite(out).all()
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
