@@ -44,3 +44,32 @@ def test_patched_lossless_equals_plain_unsloth_float32(saved, name: str) -> None
     if name != "gemma3":
         assert rec["after_get_peft_model_without_repatch"]["type"] == "UnslothInferenceError"
         assert rec["peft_repatched_equal_plain_unsloth"]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_config_built_cache_on_unpatched_model_raises(saved, name: str) -> None:
+    """A SpectralCache built from the config (no model hooks) given to an unpatched
+    FastLanguageModel: generate and a direct forward raise instead of dropping it."""
+    import unsloth
+
+    from spectralcache import SpectralCache
+    from spectralcache.integrations.compat import cache_kwargs
+    from spectralcache.integrations.guard import SpectralCacheBypassedError
+    from spectralcache.integrations.unsloth import patch_unsloth_attention, resolve_config
+    from tiny_models import tiny_prompt
+
+    model, _ = unsloth.FastLanguageModel.from_pretrained(
+        str(saved[name]), max_seq_length=2048, dtype=torch.float32, load_in_4bit=False,
+        fix_tokenizer=False, use_gradient_checkpointing=False,
+    )  # fmt: skip
+    ids = tiny_prompt(1, unsloth_check.PROMPT).to("cuda")
+    plain, _ = unsloth_check._generate(model, ids)
+    cfg = resolve_config("lossless", **unsloth_check.SMALL)
+    cache = SpectralCache(model.config, cfg)
+    with pytest.raises(SpectralCacheBypassedError, match="patch_unsloth_attention"):
+        unsloth_check._generate(model, ids, **cache_kwargs(model, cache))
+    with torch.no_grad(), pytest.raises(SpectralCacheBypassedError, match="_unsloth_fast_path=True"):
+        model(ids, **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 0
+    patch_unsloth_attention(model, cfg)
+    assert unsloth_check._generate(model, ids, **cache_kwargs(model, cache))[0] == plain
