@@ -232,6 +232,9 @@ def test_fastmodel_compiled_model_class(unsloth, reference) -> None:
     assert model.config._attn_implementation == "sdpa" and unsloth_inference_paths(model)
     assert "_can_set_attn_implementation" not in vars(model)
     assert not type(model)._can_set_attn_implementation()  # the class was never touched
+    # a cache on the unpatched compiled model names Unsloth and the fix, not the attention layout
+    with pytest.raises(UnslothInferenceError, match="patch_unsloth_attention"):
+        SpectralCache(model, "lossless")
 
 
 def test_unrecognised_layout_names_the_version(unsloth) -> None:

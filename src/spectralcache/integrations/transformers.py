@@ -77,11 +77,17 @@ def _text_config(model_or_config: Any) -> Any:
     return get_text(decoder=True) if callable(get_text) else cfg
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any, *, refuse_unsloth: bool = False) -> None:
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"enable/disable expect a transformers PreTrainedModel, got {type(model).__name__}")
+    if refuse_unsloth:
+        # before the AttentionInterface check: Unsloth's compiled Gemma 3 classes fail that one
+        # too, and only this error names the fix (patch_unsloth_attention)
+        from spectralcache.integrations.unsloth import refuse_unsloth_inference
+
+        refuse_unsloth_inference(model)
     if not model._can_set_attn_implementation():
         raise ValueError(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
@@ -95,8 +101,8 @@ def enable(model: Any) -> Any:
     Layers the cache does not compress keep transformers' SDPA path, so this is safe to
     call on any model the cache supports, and calling it again is a no-op.
     """
-    _check_model(model)
-    # Refuses a model whose inference Unsloth runs; installs the "cache never bypassed" check.
+    _check_model(model, refuse_unsloth=True)
+    # Installs the "cache never bypassed" check (and refuses an Unsloth-hijacked model again).
     from spectralcache.integrations import guard
 
     guard.attach(model)
