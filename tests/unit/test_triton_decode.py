@@ -349,3 +349,83 @@ def test_cold_launch_args_follow_reassigned_fields() -> None:
     cold.value_coeffs = cold.value_coeffs * 3.0
     out = decode_attention(query, state, blocks_per_split=1, block_t=16)
     _assert_rel(out, spectral_attention(query, state))
+
+
+# ----------------------------------------------------------------------------- FastLauncher logic
+
+
+class _Param:
+    def __init__(self, name: str, constexpr: bool = False, dns: bool = False) -> None:
+        self.name, self.is_constexpr, self.do_not_specialize = name, constexpr, dns
+
+
+class _RecordingKernel:
+    """Stands in for a ``@triton.jit`` kernel where no GPU is present: records Triton-path calls and
+    hands back a 'compiled kernel' whose launcher records what FastLauncher passes it."""
+
+    __name__ = "recording_kernel"
+
+    def __init__(self) -> None:
+        self.params = [_Param("a_ptr"), _Param("s_a"), _Param("n", dns=True), _Param("scale"),
+                       _Param("b_ptr"), _Param("K", constexpr=True)]  # fmt: skip
+        self.triton_calls: list = []
+        self.launches: list = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.triton_calls.append((grid, args, kwargs))
+            kernel = self
+
+            class Compiled:
+                function, packed_metadata = "fn", "meta"
+
+                @staticmethod
+                def run(*launch_args):
+                    kernel.launches.append(launch_args)
+
+            return Compiled
+
+        return run
+
+
+def test_fast_launcher_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled launcher serves a call only when everything Triton specialises on matches a
+    call Triton compiled: pointer dtypes, 16-byte alignment, non-do_not_specialize ints,
+    constexprs, options; pointers reach it as data_ptr() integers."""
+    from spectralcache.attention.triton.launch import FastLauncher
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    kernel = _RecordingKernel()
+    launcher = FastLauncher(kernel)
+    launcher.enabled = True  # on CUDA it is; the interpreter turns it off
+    a, b = torch.zeros(64), torch.zeros(64, dtype=torch.float16)
+
+    def call(a=a, s_a=16, n=5, b=b, k=8, options=None):
+        launcher((3, 2), [a, s_a, n, 0.5, b], {"K": k}, options or {"num_warps": 4})
+        return len(kernel.triton_calls), len(kernel.launches)
+
+    assert call() == (1, 0)  # first: Triton compiles and launches
+    assert call(n=77) == (1, 1)  # a do_not_specialize int changes nothing
+    grid_x, grid_y, grid_z, stream, fn, meta, lm, enter, exit_, *args = kernel.launches[-1]
+    assert (grid_x, grid_y, grid_z, stream, fn, meta) == (3, 2, 1, 1234, "fn", "meta")
+    assert (lm, enter, exit_) == (None, None, None)
+    assert args == [a.data_ptr(), 16, 77, 0.5, b.data_ptr(), 8]  # pointers as ints, constexprs last
+    assert call(s_a=32) == (2, 1)  # a specialised int: compile
+    assert call(s_a=32) == (2, 2)
+    assert call(b=b.float()) == (3, 2)  # another pointer dtype
+    assert call(k=16) == (4, 2)  # another constexpr
+    assert call(options={"num_warps": 8}) == (5, 2)
+    odd = torch.zeros(65)[1:]  # 4 bytes off 16-byte alignment: Triton's path every time
+    assert call(a=odd) == (6, 2) and call(a=odd) == (7, 2)
+    from triton import knobs
+
+    hook = lambda *args: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert call() == (8, 2)  # a profiler's hook: Triton's path, so the hook runs
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert call() == (8, 3)
+    with pytest.raises(TypeError, match="constexprs"):
+        launcher((1,), [a, 16, 5, 0.5, b], {"Q": 1}, {"num_warps": 2})
