@@ -429,3 +429,45 @@ def test_fast_launcher_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert call() == (8, 3)
     with pytest.raises(TypeError, match="constexprs"):
         launcher((1,), [a, 16, 5, 0.5, b], {"Q": 1}, {"num_warps": 2})
+    with pytest.raises(TypeError, match="_ptr parameters"):
+        launcher((1,), [a, torch.ones(()), 5, 0.5, b], {"K": 3}, {"num_warps": 2})
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(blocks=0), dict(key_space="pre_rope", key_bits=4), dict(chunk=None)]
+)
+def test_launch_arguments_fit_the_kernel_signatures(kw: dict) -> None:
+    """What decode_attention hands its launchers matches the kernels' signatures: tensors exactly
+    at the *_ptr parameters (FastLauncher's key covers those), scalars elsewhere, every constexpr
+    named in order -- checked on the real argument lists, in every tier layout."""
+    import inspect
+
+    from spectralcache.attention.triton import decode as dec
+
+    calls = {}
+
+    def recorder(name):
+        def call(grid, args, constexprs, options):
+            calls[name] = (args, constexprs)
+
+        return call
+
+    state = random_state(device=DEVICE, seed=next(_seed), **kw)
+    saved = dec._SPLIT, dec._COMBINE
+    dec._SPLIT, dec._COMBINE = recorder("split"), recorder("combine")
+    try:
+        dec.decode_attention(
+            torch.randn(1, 4, 1, 32).to(DEVICE), state, torch.ones(1, 1, 1, state.seq_len, dtype=torch.bool)
+        )
+    finally:
+        dec._SPLIT, dec._COMBINE = saved
+    for name, kernel in (("split", saved[0].kernel), ("combine", saved[1].kernel)):
+        args, constexprs = calls[name]
+        names = list(inspect.signature(kernel.fn).parameters)
+        runtime = names[: len(names) - len(constexprs)]
+        assert names[len(runtime) :] == list(constexprs)
+        assert len(args) == len(runtime)
+        for pname, value in zip(runtime, args):
+            assert isinstance(value, torch.Tensor) == pname.endswith("_ptr"), (name, pname, type(value))
+            if not pname.endswith("_ptr"):
+                assert type(value) in (int, float), (name, pname, type(value))

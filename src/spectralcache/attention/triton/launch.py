@@ -117,6 +117,13 @@ class FastLauncher:
                     f"{self.kernel.__name__}: expected {n_runtime} runtime arguments and constexprs "
                     f"{const_names}, got {len(args)} and {tuple(constexprs)}"
                 )
+            # the key covers tensors only at *_ptr parameters: anything else must be a plain scalar
+            stray = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor) != (i in ptr_pos)]
+            if stray:
+                raise TypeError(
+                    f"{self.kernel.__name__}: tensors must be passed exactly at the *_ptr parameters; "
+                    f"positions {stray} disagree"
+                )
             compiled = self._slow(grid, args, constexprs, options)
             if hasattr(compiled, "result"):  # Triton's asynchronous compile mode hands a future
                 compiled = compiled.result()
