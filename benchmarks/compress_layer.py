@@ -185,7 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         default=[32768],
         help="also time compress_blocks on the first blocks of this many tokens",
     )
-    p.add_argument("--subspace-iters", default="2,4,6", help="n_iter values of the subspace_fit rows")
+    p.add_argument("--subspace-iters", default="2,3,4,6", help="n_iter values of the subspace_fit rows")
+    p.add_argument(
+        "--compress-iters",
+        default="2,3",
+        help="extra compress_blocks rows with the subspace solver at these svd_subspace_iter values",
+    )
+    p.add_argument(
+        "--small-dtypes",
+        default="float64",
+        help="extra compress_blocks rows with the subspace fit's block-side small work in these dtypes",
+    )
     p.add_argument(
         "--profile", action="store_true", help="print the CUDA kernels of one compress_blocks call"
     )
@@ -283,14 +293,28 @@ def main(argv: list[str] | None = None) -> int:
     # float64 on the host: the floor every fit row below is compared with
     opt = {"keys": optimal_error(kf, rk), "values": optimal_error(vf, rv)}
     print(f"optimal rank-r errors (fit only, before quantization): {opt}")
-    solvers = [x for x in args.solvers.split(",") if x]
+    from spectralcache.linalg import subspace as subspace_module
+
+    # (label, config, small dtype of the subspace fit): every --solvers entry at the preset's
+    # knobs, then the subspace solver at each --compress-iters value and each --small-dtypes
+    variants: list[tuple[str, Any, str | None]] = [
+        (f"solver={fit_solver(cfg.replace(svd_solver=x), dev)}", cfg.replace(svd_solver=x), None)
+        for x in args.solvers.split(",")
+        if x
+    ]
+    if fit_solver(cfg, dev) == "subspace":
+        for q in (int(x) for x in args.compress_iters.split(",") if x):
+            if q != cfg.svd_subspace_iter:
+                variants.append((f"solver=subspace n_iter={q}", cfg.replace(svd_subspace_iter=q), None))
+        for sd in (x for x in args.small_dtypes.split(",") if x):
+            variants.append((f"solver=subspace small={sd}", cfg, sd))
     for n_tok in [args.tokens, *args.also_tokens]:
         nb = (n_tok - cfg.hot_size) // cfg.block_size
         if nb < 1 or nb > blocks:
             continue
         k_l, v_l = keys[:, :nb], values[:, :nb]
-        for solver in solvers:
-            c = cfg.replace(svd_solver=solver)
+        for label, c, small in variants:
+            subspace_module._SMALL_DTYPE = getattr(torch, small) if small else None
 
             def compress(k_l: torch.Tensor = k_l, v_l: torch.Tensor = v_l, c: Any = c) -> Any:
                 return compress_blocks(k_l, v_l, c, rk, rv)
@@ -304,17 +328,20 @@ def main(argv: list[str] | None = None) -> int:
             v_err = float(torch.linalg.vector_norm(v_l.float() - vr) / torch.linalg.vector_norm(v_l.float()))
             del kr, vr, out
             peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+            compress()  # a second warm call: the counted one below allocates nothing new
             record(
-                f"compress_blocks [{args.heads}x{nb} blocks of {cfg.block_size}x{args.head_dim}] r{rk}/{rv} "
-                f"solver={fit_solver(c, dev)}",
+                f"compress_blocks [{args.heads}x{nb} blocks of {cfg.block_size}x{args.head_dim}] r{rk}/{rv} {label}",
                 compress,
                 host_syncs=count_syncs(compress, dev),
                 key_rel_err=k_err,
                 value_rel_err=v_err,
                 tokens=n_tok,
                 solver=fit_solver(c, dev),
+                subspace_iter=c.svd_subspace_iter,
+                small_dtype=small,
                 peak_mem_gb=peak,
             )
+            subspace_module._SMALL_DTYPE = None
     if args.profile and dev.type == "cuda":
         profile_compress(lambda: compress_blocks(keys, values, cfg.replace(svd_solver="subspace"), rk, rv))
 
@@ -322,18 +349,23 @@ def main(argv: list[str] | None = None) -> int:
         return torch.Generator(device=dev).manual_seed(cfg.seed)
 
     # the eigensolver-free subspace fit alone, per side and iteration count; 0 host syncs expected
+    # (as compress_blocks calls it on CUDA: no pre-scaling, the bf16 K/V as tensor-core input;
+    # and the generic call: pre-scaled float32 blocks)
     iters = [int(x) for x in args.subspace_iters.split(",") if x]
-    for side, m, r in (("keys", kf, rk), ("values", vf, rv)):
-        for q in iters:
+    half_in = dtype in (torch.float16, torch.bfloat16) and dev.type == "cuda"
+    for side, m, r, low in (("keys", kf, rk, keys), ("values", vf, rv, values)):
+        low = low.reshape(m.shape) if half_in else None
+        for q, how in [(q, "lowp") for q in iters] + [(cfg.svd_subspace_iter, "prescale")]:
+            kw = dict(prescale=False, lowp=low) if how == "lowp" else {}
 
-            def sfn(m: torch.Tensor = m, r: int = r, q: int = q) -> Any:
-                return subspace_fit(m, r, n_iter=q, generator=gen())
+            def sfn(m: torch.Tensor = m, r: int = r, q: int = q, kw: dict = kw) -> Any:
+                return subspace_fit(m, r, n_iter=q, generator=gen(), **kw)
 
             f = sfn()
             err = float(torch.linalg.vector_norm(m - f.coeffs @ f.basis) / torch.linalg.vector_norm(m))
             del f
             record(
-                f"subspace_fit {side} rank {r} n_iter={q}",
+                f"subspace_fit {side} rank {r} n_iter={q} {how if how == 'prescale' or low is not None else ''}",
                 sfn,
                 host_syncs=count_syncs(sfn, dev),
                 rel_err=err,

@@ -246,3 +246,39 @@ def test_outliers_are_the_reference_scores_top_rows(solver, codec):
     v_lr = dequantize_coeffs(b.value_coeffs, b.value_scales, b.value_bits, 5) @ b.value_basis.float()
     ref = outlier_score(k, k_lr, v, v_lr).topk(6, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(b.outlier_index, ref)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_copy_gives_the_same_fit(half):
+    """``lowp`` (the half-precision K/V the float32 blocks came from): the Gram from the same
+    exact products and the coefficients from a two-part split of Z; the fit equals the float32
+    one to ~1e-4 and keeps its error; misuse is refused."""
+    low = kv_like(4, 128, 32, decay=6.0, g=gen()).to(half)
+    m = low.float()
+    ref = subspace_fit(m, 8, n_iter=3, generator=gen(2), prescale=False)
+    fit = subspace_fit(m, 8, n_iter=3, generator=gen(2), prescale=False, lowp=low)
+    torch.testing.assert_close(
+        fit.coeffs @ fit.basis, ref.coeffs @ ref.basis, rtol=0, atol=2e-4 * float(m.abs().max())
+    )
+    torch.testing.assert_close(
+        fit.coeffs, m @ fit.basis.mT, rtol=0, atol=1e-4 * float(fit.coeffs.abs().max())
+    )
+    assert fit_error(m, fit.coeffs, fit.basis) <= 1.0001 * fit_error(m, ref.coeffs, ref.basis) + 1e-6
+    with pytest.raises(ValueError, match="prescale=False"):
+        subspace_fit(m, 8, lowp=low)
+    with pytest.raises(ValueError, match="lowp must be"):
+        subspace_fit(m, 8, lowp=m, prescale=False)
+
+
+def test_float64_small_side_agrees(monkeypatch):
+    """The block-side small work in float64 (a benchmark switch) gives the float32 fit's subspace."""
+    from spectralcache.linalg import subspace
+
+    m = kv_like(3, 128, 48, decay=8.0, g=gen())
+    ref = subspace_fit(m, 12, n_iter=4, generator=gen(4))
+    monkeypatch.setattr(subspace, "_SMALL_DTYPE", torch.float64)
+    f64 = subspace_fit(m, 12, n_iter=4, generator=gen(4))
+    torch.testing.assert_close(
+        f64.coeffs @ f64.basis, ref.coeffs @ ref.basis, rtol=0, atol=1e-4 * float(m.abs().max())
+    )
+    assert orth_error(f64.basis) < 1e-6

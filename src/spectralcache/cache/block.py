@@ -85,20 +85,37 @@ def fit_solver(config: SpectralConfig, device: torch.device) -> str:
 
 
 def low_rank_fit(
-    m: torch.Tensor, rank: int, config: SpectralConfig, generator: torch.Generator | None
+    m: torch.Tensor,
+    rank: int,
+    config: SpectralConfig,
+    generator: torch.Generator | None,
+    *,
+    bounded: bool = False,
+    lowp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``m [N, T, D]`` (compute dtype) -> coefficients ``[N, T, r]`` and orthonormal basis ``[N, r, D]``.
 
     Exact and rsvd fits return ``U S`` and ``Vh`` (ordered by singular value); the subspace
     solver returns ``M Z`` and ``Zᵀ`` for an orthonormal ``Z`` in no particular order. Callers
-    use only the product and the basis' orthonormality (nothing reads singular values)."""
+    use only the product and the basis' orthonormality (nothing reads singular values).
+
+    For the subspace solver: ``bounded`` says the caller bounded ``m``'s magnitude (its float32
+    Gram cannot overflow), which saves its pre-scaling pass; ``lowp`` is a half-precision copy
+    holding exactly ``m``'s values, for tensor-core GEMMs (see ``subspace_fit``)."""
     rsvd = _rsvd_module()
     if config.svd_method == "exact" or rank >= min(m.shape[-2], m.shape[-1]):
         u, s, vh = rsvd.truncated_svd(m, rank)
     elif fit_solver(config, m.device) == "subspace":
         from spectralcache.linalg.subspace import subspace_fit
 
-        fit = subspace_fit(m, rank, n_iter=config.svd_subspace_iter, generator=generator)
+        fit = subspace_fit(
+            m,
+            rank,
+            n_iter=config.svd_subspace_iter,
+            generator=generator,
+            prescale=not bounded,
+            lowp=lowp if bounded else None,
+        )
         return fit.coeffs, fit.basis
     else:
         u, s, vh = rsvd.randomized_svd(
@@ -158,6 +175,7 @@ def dequantize_coeffs(
     )
 
 
+_HALF = (torch.float16, torch.bfloat16)
 _SCALE_MARGIN = 0.99  # headroom for the rounding of the fit and of the scale (rounded up)
 
 
@@ -215,6 +233,7 @@ def _fit_and_store(
     codec: str = "lowrank",
     bits: int | None = None,
     residuals: bool = True,
+    lowp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fit + quantize (``bits`` default ``config.coeff_bits``); returns (stored coeffs, scales,
     stored basis or None for the identity codec, per-row squared residual ``||m_t - m̂_t||²``
@@ -230,7 +249,9 @@ def _fit_and_store(
         if residuals:
             res = _row_sq_norm_fused(m - dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype))
         return q.contiguous(), None if scales is None else scales.contiguous(), None, res
-    coeffs, basis = low_rank_fit(m, rank, config, generator)
+    # int8 / int4 coefficients: compress_blocks took every row whose coefficients could pass
+    # _coeff_limit (~8e6) out of the fit, so |m| and hence its float32 Gram are bounded
+    coeffs, basis = low_rank_fit(m, rank, config, generator, bounded=bits in (4, 8), lowp=lowp)
     q, scales = _quantize(coeffs, bits, model_dtype)
     basis_stored = basis.to(basis_dtype).contiguous()
     res = None
@@ -319,20 +340,29 @@ def compress_blocks(
             f"(max |value| {float(torch.maximum(kf.abs().amax(), vf.abs().amax())):.3g}; per-row "
             f"float16 scales overflow); at most outliers_per_block={o} such rows per block can be kept exact"
         )
+    # the fit's half-precision copies (tensor-core GEMMs on CUDA): the model-dtype K/V that
+    # kf / vf were converted from, so they hold exactly the same values
+    low_ok = kf.is_cuda and cdt == torch.float32
+    k_low = keys.reshape(n, t, d) if low_ok and keys.dtype in _HALF else None
+    v_low = values.reshape(n, t, d) if low_ok and values.dtype in _HALF else None
     if any_huge:
         # huge rows are served exactly (forced outliers below): keep them out of the fit and the
         # scales (out of place: kf / vf may be the caller's tensors; only paid when it happens)
         kf = kf.masked_fill(huge.unsqueeze(-1), 0.0)
         vf = vf.masked_fill(huge.unsqueeze(-1), 0.0)
+        k_low = None if k_low is None else k_low.masked_fill(huge.unsqueeze(-1), 0.0)
+        v_low = None if v_low is None else v_low.masked_fill(huge.unsqueeze(-1), 0.0)
 
     def gen() -> torch.Generator:
         return torch.Generator(device=kf.device).manual_seed(config.seed)
 
     kc, vc = config.key_codec, config.value_codec
     want = o > 0  # residuals only rank outliers
-    kq, ks, kb, kres = _fit_and_store(kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want)
+    kq, ks, kb, kres = _fit_and_store(
+        kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want, k_low
+    )
     vq, vs, vb, vres = _fit_and_store(
-        vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want
+        vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want, v_low
     )
 
     if o > 0:

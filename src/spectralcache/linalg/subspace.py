@@ -14,34 +14,36 @@ was the bulk of a layer's compression (the batched Triton Jacobi kernel: 38 ms f
 
 Method (no oversampling, so no small eigenproblem):
 
-1. ``G = Mᵀ M`` ``[D, D]`` per block (float32 accumulation over the block scaled by its
-   largest magnitude, so no finite block overflows), held in float64 (tiny: ``D x D``);
+1. ``G = Mᵀ M`` ``[D, D]`` per block, float32 accumulation (the one pass over the block before
+   the coefficients), plus ``δ I`` with ``δ = 1e-7 max diag(G)`` (a floor for zero blocks):
+   the same eigenvectors, but ``G Z`` has full column rank for any full-rank ``Z``, so a
+   zero block, a block of rank < r or one of fewer than ``r`` tokens needs no special case;
 2. ``Z₀ = orth(G Ω)`` with a Gaussian ``Ω [D, r]`` shared by the batch, then ``n_iter``
-   subspace iterations ``Z ← orth(G Z)`` (each costs a ``[D, D] x [D, r]`` product, nothing
-   against the block itself);
+   subspace iterations ``Z ← orth(G Z)`` (each costs a ``[D, D] x [D, r]`` product and an
+   ``r x r`` factorization, nothing against the block itself);
 3. ``C = M Z`` (one more pass over the block) and basis ``Zᵀ``.
 
 Each iteration multiplies the tail's share of the subspace by ``(σ_{r+1} / σ_r)²``, and for a
 near-flat spectrum around ``r`` the directions it cannot separate carry nearly equal energy,
 so the Frobenius error approaches the optimal rank-``r`` error quickly (measured by
-``benchmarks/subspace_error.py``; tested against ``torch.linalg.svd`` in
-``tests/unit/test_subspace.py``).
+``benchmarks/subspace_error.py`` and ``benchmarks/compress_layer.py``; tested against
+``torch.linalg.svd`` in ``tests/unit/test_subspace.py``).
 
-``orth`` is a float64 shifted CholeskyQR (Fukaya et al. 2020): ``XᵀX + sI`` with ``s``
-proportional to ``trace(XᵀX)`` is positive definite for any finite ``X``, so the Cholesky
-cannot break down; for the final basis two plain CholeskyQR passes follow (shifted
-CholeskyQR3), orthonormal to float64 working precision. Before every pass ``X`` gets a
-perturbation of ``1e-12 ||X||_F`` along fixed random unit directions (its own seed, not the
-caller's generator), which makes a rank-deficient ``X`` (zero block, block of rank < r, T < r
-tokens) full rank without a data-dependent branch: directions float32 data cannot resolve are
-then filled by arbitrary orthonormal ones, which carry no energy.
+``orth`` is CholeskyQR with the ``r x r`` Gram ``XᵀX`` formed and factored in float64 (the
+block-side products stay in float32): the first pass shifted (Fukaya et al. 2020: ``XᵀX + sI``
+with ``s`` proportional to ``trace(XᵀX)`` is positive definite for any finite ``X``, so the
+Cholesky cannot break down), for the final basis two plain passes after it (shifted
+CholeskyQR3), orthonormal to float32 working precision. ``X R⁻¹`` is applied as a GEMM with the
+small triangular inverse on CUDA (cuBLAS' batched triangular solve against the tall ``X`` was
+the largest kernel of a compression on the H100).
 
 No host synchronization anywhere (batched GEMMs, ``cholesky_ex`` whose ``info`` is never
 read, triangular solves), so the whole fit queues on the GPU like any other kernel sequence.
 Non-finite input is not detected on the host: the result's ``ok`` flag (device bool per
-block) is False exactly where the block or its Gram was not finite, and those blocks come
-back as NaN, never as plausible numbers. Callers that must never store NaN validate before
-(``compress_blocks`` does, in its one synchronization).
+block) is False exactly where the block's Gram was not finite (NaN/inf in the block, or a
+Gram overflow when ``prescale=False``), and those blocks come back as NaN, never as plausible
+numbers. Callers that must never store NaN validate before (``compress_blocks`` does, in its
+one synchronization).
 """
 
 from __future__ import annotations
@@ -50,46 +52,44 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SubspaceFit", "subspace_fit"]
+__all__ = ["SubspaceFit", "draw_omega", "subspace_fit"]
 
 _F64 = torch.float64
-_FILLS: dict[tuple[int, int, str], torch.Tensor] = {}
-_FILL_SEED = 0x5B5B  # the perturbation directions' own seed: the caller's generator stream is untouched
-
-
-def _fill(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """Fixed Gaussian ``[rows, cols]`` float64 directions with unit columns (cached per device)."""
-    key = (rows, cols, str(device))
-    fill = _FILLS.get(key)
-    if fill is None:
-        g = torch.Generator().manual_seed(_FILL_SEED)
-        fill = torch.randn(rows, cols, generator=g, dtype=_F64)
-        fill = (fill / torch.linalg.vector_norm(fill, dim=0)).to(device)
-        if len(_FILLS) > 32:
-            _FILLS.clear()
-        _FILLS[key] = fill
-    return fill
+_HALF = (torch.float16, torch.bfloat16)
+# Dtype of the block-side small work (G, X = G Z, X R⁻¹); the r x r Gram and its Cholesky are
+# float64 either way. float32 (default) or float64; benchmarks/compress_layer.py compares them.
+_SMALL_DTYPE: torch.dtype | None = None  # None: float32, float64 for float64 input
+_REG = 1e-7  # δ / max diag(G)
+_OUT_DTYPE_OK: list[bool] = [True]  # bmm(out_dtype=) available (CUDA, recent torch)
 
 
 def _right_solve(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x R⁻¹`` for upper-triangular ``R`` (batched; no host synchronization)."""
-    return torch.linalg.solve_triangular(r, x, upper=True, left=False)
+    """``x R⁻¹`` for upper-triangular float64 ``R``, in x's dtype (batched, no host sync).
+
+    CUDA: the small inverse (a triangular solve against I) times a GEMM; CPU: a triangular
+    solve. The inverse may be rounded to float32: intermediate passes need only the span, and
+    the final passes see ``R`` close to the identity."""
+    if x.is_cuda:
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        rinv = torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
+        return x @ rinv.to(x.dtype)
+    return torch.linalg.solve_triangular(r.to(x.dtype), x, upper=True, left=False)
 
 
 def _orth(x: torch.Tensor, passes: int) -> torch.Tensor:
-    """Orthonormal (``passes >= 2``) or well-conditioned (1) basis of span(x), x ``[B, n, l]`` float64.
+    """Orthonormal (``passes >= 2``) or well-conditioned (1) basis of span(x), x ``[B, n, l]``.
 
     Pass 1 factors ``xᵀx + s I`` (shifted CholeskyQR, cannot break down on finite input),
-    later passes ``xᵀx`` itself (their input is already nearly orthonormal)."""
+    later passes ``xᵀx`` itself (their input is already nearly orthonormal); every ``xᵀx`` in
+    float64, so a float32 ``x`` with condition number up to ~1e7 keeps its span."""
     n, width = x.shape[-2], x.shape[-1]
-    scale = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = x + (1e-12 * scale + 1e-30) * _fill(n, width, x.device)
     eps = torch.finfo(_F64).eps
     for i in range(passes):
-        a = x.mT @ x
+        xd = x if x.dtype == _F64 else x.to(_F64)
+        a = xd.mT @ xd
         if i == 0:
             shift = 11.0 * (n * width + width * (width + 1)) * eps * a.diagonal(dim1=-2, dim2=-1).sum(-1)
-            a = a + torch.diag_embed(shift.unsqueeze(-1).expand(*shift.shape, width))
+            a.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
         r, _ = torch.linalg.cholesky_ex(a, upper=True)  # info unread: success is guaranteed on finite x
         x = _right_solve(x, r)
     return x
@@ -99,10 +99,10 @@ def _orth(x: torch.Tensor, passes: int) -> torch.Tensor:
 class SubspaceFit:
     """A batch of rank-``r`` fits ``M ≈ coeffs @ basis``.
 
-    ``coeffs [B, T, r]`` and ``basis [B, r, D]`` (orthonormal rows) in the input's dtype
-    (float32 for half inputs); ``ok [B]`` device bool, False where the block was not finite
-    (then that block's factors are NaN). The rows of ``basis`` span the fitted subspace in no
-    particular order and ``coeffs`` are not ``U S`` of an SVD.
+    ``coeffs [B, T, r]`` and ``basis [B, r, D]`` (orthonormal rows) in float32 (float64 for
+    float64 input); ``ok [B]`` device bool, False where the block was not finite (then that
+    block's factors are NaN). The rows of ``basis`` span the fitted subspace in no particular
+    order and ``coeffs`` are not ``U S`` of an SVD.
     """
 
     coeffs: torch.Tensor
@@ -110,7 +110,7 @@ class SubspaceFit:
     ok: torch.Tensor
 
 
-def _check(m: torch.Tensor, rank: int, n_iter: int) -> None:
+def _check(m: torch.Tensor, rank: int, n_iter: int, lowp: torch.Tensor | None, prescale: bool) -> None:
     if not isinstance(m, torch.Tensor) or not m.is_floating_point():
         raise ValueError(f"subspace_fit needs a floating tensor, got {getattr(m, 'dtype', type(m).__name__)}")
     if m.ndim != 3:
@@ -121,6 +121,14 @@ def _check(m: torch.Tensor, rank: int, n_iter: int) -> None:
         )
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    if lowp is not None:
+        if lowp.dtype not in _HALF or lowp.shape != m.shape or lowp.device != m.device:
+            raise ValueError(
+                f"lowp must be a float16/bfloat16 copy of m ({tuple(m.shape)} on {m.device}), "
+                f"got {lowp.dtype} {tuple(lowp.shape)} on {lowp.device}"
+            )
+        if prescale:
+            raise ValueError("lowp needs prescale=False (scaling would change its half-precision values)")
 
 
 def draw_omega(d: int, rank: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -130,12 +138,25 @@ def draw_omega(d: int, rank: int, device: torch.device, generator: torch.Generat
     return torch.randn(d, rank, generator=generator, dtype=_F64, device=gen_dev).to(device)
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for half ``a, b`` with float32 output straight from the float32 accumulator
+    (CUDA tensor cores); elsewhere, or on a torch without ``out_dtype``, in float32."""
+    if a.is_cuda and _OUT_DTYPE_OK[0]:
+        try:
+            return torch.bmm(a, b.expand(a.shape[0], *b.shape[-2:]), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK[0] = False
+    return a.float() @ b.float()
+
+
 def subspace_fit(
     m: torch.Tensor,
     rank: int,
     *,
     n_iter: int = 2,
     generator: torch.Generator | None = None,
+    prescale: bool = True,
+    lowp: torch.Tensor | None = None,
 ) -> SubspaceFit:
     """Rank-``rank`` fit of every block of ``m [B, T, D]``: ``m ≈ coeffs @ basis``, without host sync.
 
@@ -143,30 +164,54 @@ def subspace_fit(
     ``G^(n_iter+1) Ω``, as :func:`spectralcache.linalg.rsvd.randomized_svd`'s Gram algorithm
     with the same ``n_iter``). ``generator`` draws the shared start ``Ω`` (so a batched call
     equals per-block calls with the same seed). Half inputs are fitted in float32.
+
+    ``prescale`` (default) divides each block by its largest magnitude before the float32
+    Gram, so no finite block can overflow it (one extra pass over the blocks). A caller that
+    bounds its entries (``T max|m|² < 1e36``; ``compress_blocks`` does for int8/int4
+    coefficients) passes False and saves that pass.
+
+    ``lowp``: a float16/bfloat16 tensor holding exactly ``m``'s values (``m`` was converted
+    from it; needs ``prescale=False``). The Gram then runs on (CUDA) tensor cores from it —
+    the same exact products, accumulated in float32 — and the coefficients as ``lowp Z_hi +
+    lowp Z_lo`` with ``Z`` split into two half-precision parts (``|Z - Z_hi - Z_lo| ≲ 2^-16
+    |Z|``), instead of float32 GEMMs.
     """
-    _check(m, rank, n_iter)
+    _check(m, rank, n_iter, lowp, prescale)
     acc = _F64 if m.dtype == _F64 else torch.float32
+    small = _SMALL_DTYPE or acc
     mc = m if m.dtype == acc else m.to(acc)
     b, _, d = mc.shape
-    # each block scaled by its largest magnitude before the Gram, so the float32 Gram can
-    # neither overflow nor underflow for any finite block (zero blocks keep scale 1); NaN/inf
-    # propagate into the scale and mark the block in ``ok``
-    peak = torch.linalg.vector_norm(mc, ord=float("inf"), dim=(-2, -1))
-    ok = torch.isfinite(peak)
-    peak = torch.where(ok & (peak > 0), peak, torch.ones_like(peak))
-    ms = mc / peak.view(b, 1, 1)
-    g = (ms.mT @ ms).to(_F64)  # [B, D, D]: the one pass over the blocks before the coefficients
-    del ms
-    # non-finite blocks are zeroed here so that nothing downstream sees inf (their output is NaN)
-    g = torch.where(ok.view(b, 1, 1), g, torch.zeros((), dtype=_F64, device=g.device))
-    z = g @ draw_omega(d, rank, mc.device, generator)
+    use_lowp = lowp is not None
+    if prescale:
+        # each block scaled by its largest magnitude, so the float32 Gram can neither overflow
+        # nor underflow for any finite block (zero blocks keep scale 1)
+        peak = torch.linalg.vector_norm(mc, ord=float("inf"), dim=(-2, -1))
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        ms = mc / peak.view(b, 1, 1)
+        g = ms.mT @ ms
+        del ms
+    elif use_lowp:
+        g = _mm_f32(lowp.mT, lowp)
+    else:
+        g = mc.mT @ mc  # [B, D, D]
+    g = g.to(small)
+    diag = g.diagonal(dim1=-2, dim2=-1)
+    # NaN/inf anywhere in a block (or a Gram overflow) reaches its Gram's diagonal
+    ok = torch.isfinite(diag).all(-1)
+    diag.add_((_REG * diag.amax(-1, keepdim=True)).nan_to_num(0.0) + 1e-30)
+    z = g @ draw_omega(d, rank, mc.device, generator).to(small)
     for _ in range(n_iter):
         z = g @ _orth(z, 1)
     z = _orth(z, 3)  # [B, D, r], orthonormal columns
     # a non-finite block gets a NaN basis, hence NaN coefficients (NaN spreads through the GEMM),
     # without a pass over the [B, T, r] coefficients
-    nan = torch.full((), float("nan"), dtype=_F64, device=z.device)
+    nan = torch.full((), float("nan"), dtype=small, device=z.device)
     zc = torch.where(ok.view(b, 1, 1), z, nan).to(acc)
-    coeffs = mc @ zc
+    if use_lowp:
+        z_hi = zc.to(lowp.dtype)
+        z_lo = (zc - z_hi.to(acc)).to(lowp.dtype)
+        coeffs = _mm_f32(lowp, z_hi) + _mm_f32(lowp, z_lo)
+    else:
+        coeffs = mc @ zc
     basis = zc.mT.contiguous()
     return SubspaceFit(coeffs=coeffs, basis=basis, ok=ok)
