@@ -76,29 +76,33 @@ def test_fast_path_equals_reference(orth, shape, rank, n_iter, oversample, seed,
     assert torch.all(Sf[..., :-1] >= Sf[..., 1:])
 
 
+@pytest.mark.parametrize("estimate", [True, False])
 @pytest.mark.parametrize("ratio", [10.0, 40.0, 100.0])
-def test_steep_spectra_take_u_from_the_real_product(ratio, monkeypatch):
+def test_steep_spectra_take_u_from_the_real_product(ratio, estimate, monkeypatch):
     """Above S₁/S_k = _GRAM_RR_MAX_KAPPA, U from the float32 Gram would lose orthogonality
     (~0.1·eps32·κ²: 6e-5 at κ=100); those elements take U from Y = M Z in float64, so U
-    stays orthonormal to float32 precision, with no fallback."""
+    stays orthonormal to float32 precision, with no fallback. ``estimate=False``: the
+    Cholesky-diagonal estimate is switched off, so the check on the computed S routes them."""
+    if not estimate:
+        monkeypatch.setattr(rsvd, "_STEEP_ESTIMATE_MARGIN", float("inf"))
     rank = 16
     M = steep_matrix(4, 512, 128, ratio, seed=int(ratio), rank=rank)
     M[1] = decaying_matrix((512, 128), generator=gen(3))  # a mild element in the same batch
     calls = []
-    real = rsvd._rr_from_product
+    real = rsvd._rr_cholqr2
 
     def spy(Mc, Z, *a):
         calls.append(Mc.shape[0])
         return real(Mc, Z, *a)
 
-    monkeypatch.setattr(rsvd, "_rr_from_product", spy)
+    monkeypatch.setattr(rsvd, "_rr_cholqr2", spy)
     U, S, Vh, info = run(M, rank, fast=True, monkeypatch=monkeypatch)
     assert info.paths == {"cholqr2": 4}
     assert calls == ([3] if ratio > rsvd._GRAM_RR_MAX_KAPPA else [])
     assert orth_err(U) < 5e-6 and orth_err(Vh.mT) < 1e-5
     opt = rel_error(M, *truncated_svd(M, rank))
     assert rel_error(M, U, S, Vh) <= 1.05 * opt
-    monkeypatch.setattr(rsvd, "_rr_from_product", real)
+    monkeypatch.setattr(rsvd, "_rr_cholqr2", real)
     _, Sr, _, _ = run(M, rank, fast=False, monkeypatch=monkeypatch)
     torch.testing.assert_close(S, Sr, rtol=1e-4, atol=1e-6 * float(Sr.max()))
 

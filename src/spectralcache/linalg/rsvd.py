@@ -586,6 +586,9 @@ _CPU_RR_ORTHS = ("cholqr2", "shifted_cholqr")
 # ~1e-5 (measured: ||UᵀU - I|| ≈ 0.1·eps32·(S₁/S_k)² for [512, 128] blocks); elements above
 # it take U from the real product Y = M Z in float64 instead (orthogonality ~eps64·(S₁/S_k)²).
 _GRAM_RR_MAX_KAPPA = 32.0
+# The estimate of S₁/S_k from a Cholesky diagonal is trusted to a factor 2 (tests set it
+# to inf so that every steep element is caught by the check on the computed S instead).
+_STEEP_ESTIMATE_MARGIN = 0.5
 
 
 def _use_cpu_rr(M: torch.Tensor, algorithm: str, orth: str) -> bool:
@@ -602,16 +605,99 @@ def _top_eigh(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return neg[..., :rank].neg().clamp_min_(0).sqrt_(), W[..., :rank]
 
 
-def _rr_from_product(
-    Mc: torch.Tensor, Z: torch.Tensor, rank: int, gdtype: torch.dtype, acc: torch.dtype
+def _rr_cholqr2(
+    Mc: torch.Tensor,
+    Z: torch.Tensor,
+    A: torch.Tensor | None,
+    rank: int,
+    gdtype: torch.dtype,
+    acc: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rayleigh-Ritz on the real product ``Y = M Z`` in float64: U [acc], s, V (float64), finite."""
-    Y = _mm(Mc, Z.to(gdtype), acc).to(torch.float64)  # [B, m, l]
-    A = Y.mT @ Y
+    """Rayleigh-Ritz on the real product ``Y = M Z`` through CholeskyQR2 of Y: U [acc], s, V (float64), ok.
+
+    The generic pipeline's tail (:func:`_pipeline`): the first pass takes its Gram from
+    ``A = Zᵀ G Z`` (float64, given) so ``Q1 = M (Z R1⁻¹)`` is one product with M, or, with
+    ``A=None`` (G not formed), from Y itself; the second pass runs on the real, nearly
+    orthonormal Q1, and the core is the float64 eigendecomposition of ``RᵀR``, R = R2 R1.
+    U = Q1 R2⁻¹ Ur is orthonormal to ~eps32 + eps64 · (S₁/S_k)² whatever G's rounding, and
+    every m-side product stays in float32 (float64 GEMMs on [B, 512, l] are 3-10x slower).
+    ``ok``: both Choleskys succeeded, the second pass saw a nearly orthonormal Q1, finite.
+    """
+    f64 = torch.float64
+    eye = torch.eye(Z.shape[-1], dtype=f64)
+    Y = None
+    if A is None:
+        Y = _mm(Mc, Z.to(gdtype), acc)
+        A = (Y.mT @ Y).to(f64)
     finite = torch.isfinite(A.sum((-2, -1)))
-    s, Wk = _top_eigh(A, rank)
-    U = (Y @ Wk).div_(s.clamp_min(1e-300).unsqueeze(-2))
-    return U.to(acc), s, Z @ Wk, finite
+    R1, info1 = torch.linalg.cholesky_ex(A, upper=True)
+    R1inv = torch.linalg.solve_triangular(R1, eye, upper=True)
+    Q1 = Y @ R1inv.to(acc) if Y is not None else _mm(Mc, (Z @ R1inv).to(gdtype), acc)
+    R2, info2 = torch.linalg.cholesky_ex((Q1.mT @ Q1).to(f64), upper=True)
+    ok = info1.eq(0) & info2.eq(0) & finite & ((R2.diagonal(dim1=-2, dim2=-1) - 1).abs().amax(-1) < 0.5)
+    R = R2 @ R1
+    s, Wr = _top_eigh(R.mT @ R, rank)
+    Ck = torch.linalg.solve_triangular(R2, (R @ Wr).div_(s.clamp_min(1e-300).unsqueeze(-2)), upper=True)
+    return Q1 @ Ck.to(acc), s, Z @ Wr, ok
+
+
+def _rr_gram(
+    Mc: torch.Tensor,
+    G: torch.Tensor,
+    Z: torch.Tensor,
+    rank: int,
+    gdtype: torch.dtype,
+    acc: torch.dtype,
+    timer: _Timer | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U [acc], s, V [acc], ok for tall Mc [B, m, n] with G = MᵀM and orthonormal Z [B, n, l] (float64).
+
+    Elements with S₁/S_k <= :data:`_GRAM_RR_MAX_KAPPA`: the float64 eigendecomposition of
+    ``A = Zᵀ G Z`` gives ``V = Z W``, S and ``U = M V S⁻¹`` (one product with M of k
+    columns). The others: :func:`_rr_cholqr2` from the same A. Which is which is first
+    estimated from the diagonal of A's Cholesky factor (within ~40% of S₁/S_k for the
+    power-iterated bases measured; a factor-2 margin), so steep elements are not
+    eigendecomposed twice, then checked on the computed S: an element the estimate let
+    through is recomputed by :func:`_rr_cholqr2`.
+    """
+    f64 = torch.float64
+    Zc = Z.to(acc)
+    A = Z.mT @ (G @ Zc).to(f64)  # Zᵀ G Z, l x l
+    d = torch.linalg.cholesky_ex(A, upper=True)[0].diagonal(dim1=-2, dim2=-1)[..., :rank]
+    steep = d.amax(-1) > (_STEEP_ESTIMATE_MARGIN * _GRAM_RR_MAX_KAPPA) * d[..., -1]
+    n_steep = int(steep.sum())
+    B, m, n = Mc.shape
+    if n_steep == B:
+        U, s, V, ok = _rr_cholqr2(Mc, Z, A, rank, gdtype, acc)
+        if timer:
+            timer.mark("core")
+        return U, s, V.to(acc), ok
+    flat = None if n_steep == 0 else (~steep).nonzero().flatten()
+
+    def pick(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return t if idx is None else t.index_select(0, idx)
+
+    s, Wk = _top_eigh(pick(A, flat), rank)
+    finite = torch.isfinite(pick(A, flat).sum((-2, -1)))
+    if timer:
+        timer.mark("core")
+    Vf = pick(Zc, flat) @ Wk.to(acc)  # both orthonormal: V is, to the working precision
+    Uf = _mm(pick(Mc, flat), Vf.div(s.to(acc).clamp_min(torch.finfo(acc).tiny).unsqueeze(-2)).to(gdtype), acc)
+    late = s[..., -1] * _GRAM_RR_MAX_KAPPA < s[..., 0]  # the estimate let it through
+    if flat is None and not bool(late.any()):
+        return Uf, s, Vf, finite
+    U = Mc.new_empty(B, m, rank, dtype=acc)
+    S = s.new_empty(B, rank)
+    V = Zc.new_empty(B, n, rank)
+    ok = finite.new_empty(B)
+    flat = torch.arange(B) if flat is None else flat
+    U[flat], S[flat], V[flat], ok[flat] = Uf, s, Vf, finite
+    steep[flat[late]] = True
+    idx = steep.nonzero().flatten()
+    Ut, st, Vt, okt = _rr_cholqr2(Mc.index_select(0, idx), Z.index_select(0, idx), A.index_select(0, idx),
+                                  rank, gdtype, acc)  # fmt: skip
+    U[idx], S[idx], V[idx], ok[idx] = Ut, st, Vt.to(acc), okt
+    return U, S, V, ok
 
 
 def _pipeline_cpu_rr(
@@ -640,9 +726,9 @@ def _pipeline_cpu_rr(
 
     Orthogonality: ``VᵀV = I + O(eps64 · κ(X)²)`` (the final pass's check). ``UᵀU``
     carries G's float32 rounding amplified by ``(S₁/S_k)²``, so elements with
-    ``S₁/S_k > _GRAM_RR_MAX_KAPPA`` take U, S from the real product ``Y = M Z`` in float64
-    instead (:func:`_rr_from_product`, ``UᵀU = I + O(eps64 · (S₁/S_k)²)``; that is also the
-    whole path when G is applied implicitly). Checks as in the generic pipeline, per
+    ``S₁/S_k > _GRAM_RR_MAX_KAPPA`` finish as the generic pipeline does, by CholeskyQR2 of
+    the real product ``Y = M Z`` (:func:`_rr_cholqr2`; :func:`_rr_gram` routes; that is also
+    the whole path when G is applied implicitly). Checks as in the generic pipeline, per
     element: every Cholesky's ``info``, the final pass's condition estimate
     (:func:`_single_check`), finiteness, and ``S_k >= 1e-6 S₁`` (U orthonormal to ~1e-4 at
     worst); an element failing any of them is recomputed by the caller one level down.
@@ -702,25 +788,13 @@ def _pipeline_cpu_rr(
     if timer:
         timer.mark("orth")
     if G is None:
-        U, s, V, finite = _rr_from_product(Mc, Z, rank, gdtype, acc)
+        U, s, V, ok = _rr_cholqr2(Mc, Z, None, rank, gdtype, acc)
         V = V.to(acc)
         if timer:
             timer.mark("core")
     else:
-        Zc = Z.to(acc)
-        A = Z.mT @ (G @ Zc).to(f64)  # Zᵀ G Z, l x l
-        finite = torch.isfinite(A.sum((-2, -1)))
-        s, Wk = _top_eigh(A, rank)
-        if timer:
-            timer.mark("core")
-        V = Zc @ Wk.to(acc)  # both orthonormal: V is, to the working precision
-        U = _mm(Mc, V.div(s.to(acc).clamp_min(torch.finfo(acc).tiny).unsqueeze(-2)).to(gdtype), acc)
-        weak = s[..., -1] * _GRAM_RR_MAX_KAPPA < s[..., 0]
-        if bool(weak.any()):
-            idx = weak.nonzero().flatten()
-            Uw, sw, Vw, fw = _rr_from_product(Mc[idx], Z[idx], rank, gdtype, acc)
-            U[idx], s[idx], V[idx], finite[idx] = Uw, sw, Vw.to(acc), fw
-    ctx.checks.append(finite)
+        U, s, V, ok = _rr_gram(Mc, G, Z, rank, gdtype, acc, timer)
+    ctx.checks.append(ok)
     ctx.checks.append((s[..., -1] >= 1e-6 * s[..., 0]) & (s[..., 0] > 0))  # NaN fails too
     if timer:
         timer.mark("lift")
