@@ -106,6 +106,40 @@ def _coeff_width(bits: int, rank: int) -> int:
     return (rank + 1) // 2 if bits == 4 else rank
 
 
+# Constexprs and options are built once per distinct launch shape (lru_cache; callers never
+# mutate the returned dicts): ~8 power-of-two roundings and two dicts less per decode call.
+@functools.lru_cache(maxsize=512)
+def _split_constexprs(
+    groups: int, rows: int, head_dim: int, t: int, block_t: int, rk: int, rv: int, n_out: int, block_e: int,
+    kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
+    has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
+) -> dict:  # fmt: skip
+    return dict(
+        G=groups, R=rows, R_P=_next_pow2(rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
+        RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
+        BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
+        KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
+        F32=f32, SIZES_ON_DEVICE=sizes_on_device,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=512)
+def _combine_constexprs(groups: int, rows: int, head_dim: int, block_s: int) -> dict:
+    return dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=block_s)
+
+
+@functools.lru_cache(maxsize=64)
+def _options(num_warps: int, num_stages: int | None, maxnreg: int | None) -> dict:
+    options: dict = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return options
+
+
+_COMBINE_OPTIONS = {"num_warps": 4}
 _SPLIT = FastLauncher(spectral_decode_split_kernel)
 _COMBINE = FastLauncher(combine_splits_kernel)
 _COLD_FIELDS = ColdBlocks.tensor_fields()
@@ -404,25 +438,18 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    constexprs = dict(
-        G=groups, R=rows, R_P=_next_pow2(rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
-        RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
-        BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
-        KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
-        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=softcap is not None, HAS_CHUNK=has_chunk,
-        F32=query.dtype == torch.float32, SIZES_ON_DEVICE=device_sizes is not None,
+    constexprs = _split_constexprs(
+        groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
+        pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
+        device_sizes is not None,
     )  # fmt: skip
-    options: dict = {"num_warps": num_warps}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
-    if maxnreg is not None and query.is_cuda:
-        options["maxnreg"] = maxnreg
+    options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
     _SPLIT((n_bh, n_splits), args, constexprs, options)
 
     _COMBINE(
         (n_bh * rows,),
         [partials, out, *out.stride(), n_kv, n_splits, q_len],
-        dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=min(64, _next_pow2(n_splits, 2))),
-        {"num_warps": 4},
+        _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2))),
+        _COMBINE_OPTIONS,
     )  # fmt: skip
     return out
