@@ -14,6 +14,7 @@ Usage (CUDA)::
   token: median host microseconds per step of ``layer.update``, ``layer.state()``, ``attend`` and
   the whole layer call (update + state + attend + transformers' ``transpose(1, 2).contiguous()``
   + ``release_chunk``), next to a ``DynamicLayer`` update + SDPA on the same shapes;
+* ``prep_cpu`` (no GPU; ``TRITON_INTERPRET=1``): Python preparation per call on CPU tensors;
 * ``graph``: the same at 32K: the attention launch captured once in a CUDA graph
   (``DecodeGraphSizes``) and replayed step after step (re-captured when a buffer moves), checked
   against the eager kernel at every step; per-step host and wall time eager vs replay.
@@ -304,6 +305,36 @@ def section_graph(res: dict, prefill: int = 32768, steps: int = 160) -> None:
     res["graph"] = rows
 
 
+def section_prep_cpu(res: dict, n: int = 5000) -> None:
+    """CPU-only (no GPU needed; run with TRITON_INTERPRET=1): Python preparation of one
+    decode_attention call on a real SpectralLayer's state (Llama-8B attention shape, default
+    preset with 64-token blocks, 40 blocks), the two launches replaced by no-ops."""
+    from spectralcache.cache.layer import SpectralLayer
+    from spectralcache.config import SpectralConfig
+
+    cfg = SpectralConfig.from_preset("default", block_size=64, hot_size=32)
+    layer = SpectralLayer(cfg, 0, head_dim=128, num_kv_heads=8)
+    k = torch.randn(1, 8, 64 * 40 + 50, 128, dtype=torch.bfloat16)
+    layer.update(k, torch.randn_like(k))
+    layer.release_chunk()
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+    layer.update(k[:, :, :1], k[:, :, :1])
+    st = layer.state()
+    saved = dec._SPLIT, dec._COMBINE
+    dec._SPLIT = dec._COMBINE = lambda *args: None
+    try:
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                dec.decode_attention(q, st)
+            runs.append((time.perf_counter() - t0) / n * 1e6)
+    finally:
+        dec._SPLIT, dec._COMBINE = saved
+    res["prep_cpu"] = {"prep_us_runs": runs, "prep_us_min": min(runs), "calls_per_run": n}
+    print(f"prep (CPU tensors, launches stubbed): {min(runs):.1f} us per call (min of 3 x {n})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -322,13 +353,16 @@ def main(argv: list[str] | None = None) -> int:
             commit = ""
     res: dict = {
         "command": " ".join(["python", *sys.argv]), "commit": commit or "unknown (no .git here)",
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__,
         "host": platform.node(), "cpu": platform.processor(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     print(res, flush=True)
     for name in args.sections.split(","):
         try:
-            {"launch": section_launch, "layer": section_layer, "graph": section_graph}[name](res)
+            sections = {"launch": section_launch, "layer": section_layer, "graph": section_graph}
+            sections["prep_cpu"] = section_prep_cpu
+            sections[name](res)
         except Exception:
             traceback.print_exc()
             res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-1500:]}")
