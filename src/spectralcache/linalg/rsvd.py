@@ -584,7 +584,8 @@ _CPU_RAYLEIGH_RITZ = True
 _CPU_RR_ORTHS = ("cholqr2", "shifted_cholqr")
 # Largest S₁/S_k for which U = M V S⁻¹ with V from the float32 Gram stays orthonormal to
 # ~1e-5 (measured: ||UᵀU - I|| ≈ 0.1·eps32·(S₁/S_k)² for [512, 128] blocks); elements above
-# it take U from the real product Y = M Z in float64 instead (orthogonality ~eps64·(S₁/S_k)²).
+# it finish by CholeskyQR2 of the real product Y = M Z (:func:`_rr_cholqr2`), as the generic
+# pipeline does.
 _GRAM_RR_MAX_KAPPA = 32.0
 # The estimate of S₁/S_k from a Cholesky diagonal is trusted to a factor 2 (tests set it
 # to inf so that every steep element is caught by the check on the computed S instead).
