@@ -90,7 +90,7 @@ def test_unchecked_quantizer_bit_identical_on_cuda(bits):
 
 def test_compress_blocks_one_sync_and_error_close_to_rsvd():
     """The default preset on bf16 K/V: one host synchronization per call (the refusal check;
-    the subspace fit and the quantizer queue without any), stored error within 2 % of the
+    the subspace fit and the quantizer queue without any), stored error within 3 % of the
     rsvd solver's, and NaN input refused."""
     cfg = get_preset("default")
     k = (3.0 * blocks(2 * 6, 8.0)).view(2, 6, 512, 128).to(torch.bfloat16)
@@ -104,7 +104,7 @@ def test_compress_blocks_one_sync_and_error_close_to_rsvd():
             float(torch.linalg.vector_norm(x.float() - r) / torch.linalg.vector_norm(x.float()))
             for x, r in ((k, rk), (v, rv))
         ]
-    assert all(s <= 1.02 * r for s, r in zip(errs["subspace"], errs["rsvd"])), errs
+    assert all(s <= 1.03 * r for s, r in zip(errs["subspace"], errs["rsvd"])), errs
     v[1, 3, 100, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         compress_blocks(k, v, cfg, 32, 64)

@@ -92,15 +92,19 @@ def _cb(fit):
     return fit.coeffs, fit.basis
 
 
-def test_rank_deficient_and_zero_blocks_are_exact():
+@pytest.mark.parametrize("n_iter", [2, 10])
+def test_rank_deficient_and_zero_blocks_are_exact(n_iter):
+    """Rank 3 < r, a repeated row (rank 1: e.g. 512 copies of one pre-RoPE key) and zeros; many
+    iterations must not let the spare directions' shrinking break the final basis."""
     g = gen()
     low = torch.randn(3, 100, 3, generator=g) @ torch.randn(3, 3, 40, generator=g)  # rank 3 < r = 8
-    m = torch.cat([low, torch.zeros(1, 100, 40)])
-    fit = subspace_fit(m, 8, n_iter=2, generator=gen())
+    rep = torch.randn(1, 1, 40, generator=g).expand(1, 100, 40)
+    m = torch.cat([low, rep, torch.zeros(1, 100, 40)])
+    fit = subspace_fit(m, 8, n_iter=n_iter, generator=gen())
     assert bool(fit.ok.all()) and torch.isfinite(fit.basis).all() and torch.isfinite(fit.coeffs).all()
     assert orth_error(fit.basis) < 1e-5
     torch.testing.assert_close(fit.coeffs @ fit.basis, m, rtol=0, atol=1e-4 * float(m.abs().max()))
-    assert float(fit.coeffs[3].abs().max()) == 0.0
+    assert float(fit.coeffs[4].abs().max()) == 0.0
 
 
 def test_full_rank_is_exact():
@@ -179,22 +183,23 @@ def test_solver_dispatch():
 
 def test_compress_blocks_with_the_subspace_solver_matches_rsvd_error():
     """Whole pipeline (int8 coefficients, outliers) on CPU with each solver: the subspace
-    solver's stored representation is within 2 % of the rsvd's error, both near the exact fit."""
+    solver's stored representation (4 iterations) is within 5 % of the rsvd's error (over 20
+    seeds of this setup: 1.00-1.04 for keys, 1.01-1.02 for values), both near the exact fit."""
     g = gen()
     k = 3 * kv_like(6, 128, 32, decay=5.0, g=g)
     v = kv_like(6, 128, 32, decay=12.0, g=g)
     base = SpectralConfig(block_size=128, rank_keys=6, rank_values=12, outliers_per_block=8, hot_size=4)
     errs = {}
     for name, cfg in (
-        ("subspace", base.replace(svd_solver="subspace")),
+        ("subspace", base.replace(svd_solver="subspace", svd_subspace_iter=4)),
         ("rsvd", base.replace(svd_solver="rsvd")),
         ("exact", base.replace(svd_method="exact")),
     ):
         rk, rv = reconstruct(compress_blocks(k, v, cfg, 6, 12))
         errs[name] = (float((rk - k).norm() / k.norm()), float((rv - v).norm() / v.norm()))
     for side in (0, 1):
-        assert errs["subspace"][side] <= 1.02 * errs["rsvd"][side], errs
-        assert errs["subspace"][side] <= 1.05 * errs["exact"][side], errs
+        assert errs["subspace"][side] <= 1.05 * errs["rsvd"][side], errs
+        assert errs["subspace"][side] <= 1.06 * errs["exact"][side], errs
     # the subspace solver's coefficients really come from it (orthonormal basis, unordered)
     _, b = low_rank_fit(k, 6, base.replace(svd_solver="subspace"), gen(0))
     assert orth_error(b) < 1e-5

@@ -189,16 +189,18 @@ def _coeff_limit(bits: int, model_dtype: torch.dtype) -> float:
 
 
 def _overflowing_rows(
-    x: torch.Tensor, bits: int, codec: str, model_dtype: torch.dtype
+    x: torch.Tensor, bits: int, codec: str, model_dtype: torch.dtype, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x [N, T, D]`` whose coefficients could exceed :func:`_coeff_limit`, and rows
     holding NaN or inf: two ``[N, T]`` bools (an inf row is in both).
 
     A low-rank coefficient row is the row projected on an orthonormal basis, so each entry is
     at most the row's norm, itself at most ``sqrt(D) * max|x|`` (computed without squaring, so
-    it cannot overflow); an identity-codec row's coefficients are its own entries."""
+    it cannot overflow); an identity-codec row's coefficients are its own entries. ``x`` may
+    be the model-dtype rows the compute-dtype ones came from (half the bytes to read); the
+    bound is evaluated in ``dtype`` (default x's)."""
     lo, hi = torch.aminmax(x, dim=-1)  # max |x| per row without a full-size abs() temporary
-    amax = torch.maximum(hi, -lo)  # NaN if the row holds one (aminmax propagates NaN)
+    amax = torch.maximum(hi, -lo).to(dtype or x.dtype)  # NaN if the row holds one (aminmax propagates NaN)
     bound = amax if codec == "identity" else amax * math.sqrt(x.shape[-1])
     return bound > _coeff_limit(bits, model_dtype), ~torch.isfinite(amax)
 
@@ -319,8 +321,11 @@ def compress_blocks(
     vf = values.reshape(n, t, d).to(cdt)
     o = config.outliers_per_block
     vbits = config.value_bits
-    k_huge, k_bad = _overflowing_rows(kf, config.coeff_bits, config.key_codec, model_dtype)
-    v_huge, v_bad = _overflowing_rows(vf, vbits, config.value_codec, model_dtype)
+    # read from the caller's tensors (kf / vf hold exactly their values, converted)
+    k_huge, k_bad = _overflowing_rows(
+        keys.reshape(n, t, d), config.coeff_bits, config.key_codec, model_dtype, cdt
+    )
+    v_huge, v_bad = _overflowing_rows(values.reshape(n, t, d), vbits, config.value_codec, model_dtype, cdt)
     huge = k_huge | v_huge  # [N, T]
     n_huge = huge.sum(-1)
     # The one host synchronization of a call (everything after it, fit and quantization

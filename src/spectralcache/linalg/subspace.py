@@ -15,7 +15,7 @@ was the bulk of a layer's compression (the batched Triton Jacobi kernel: 38 ms f
 Method (no oversampling, so no small eigenproblem):
 
 1. ``G = Mᵀ M`` ``[D, D]`` per block, float32 accumulation (the one pass over the block before
-   the coefficients), plus ``δ I`` with ``δ = 1e-7 max diag(G)`` (a floor for zero blocks):
+   the coefficients), plus ``δ I`` with ``δ = 1e-7 trace(G)`` (a floor for zero blocks):
    the same eigenvectors, but ``G Z`` has full column rank for any full-rank ``Z``, so a
    zero block, a block of rank < r or one of fewer than ``r`` tokens needs no special case;
 2. ``Z₀ = orth(G Ω)`` with a Gaussian ``Ω [D, r]`` shared by the batch, then ``n_iter``
@@ -29,13 +29,15 @@ so the Frobenius error approaches the optimal rank-``r`` error quickly (measured
 ``benchmarks/subspace_error.py`` and ``benchmarks/compress_layer.py``; tested against
 ``torch.linalg.svd`` in ``tests/unit/test_subspace.py``).
 
-``orth`` is CholeskyQR with the ``r x r`` Gram ``XᵀX`` formed and factored in float64 (the
-block-side products stay in float32): the first pass shifted (Fukaya et al. 2020: ``XᵀX + sI``
-with ``s`` proportional to ``trace(XᵀX)`` is positive definite for any finite ``X``, so the
-Cholesky cannot break down), for the final basis two plain passes after it (shifted
-CholeskyQR3), orthonormal to float32 working precision. ``X R⁻¹`` is applied as a GEMM with the
-small triangular inverse on CUDA (cuBLAS' batched triangular solve against the tall ``X`` was
-the largest kernel of a compression on the H100).
+Orthonormalization is CholeskyQR on the ``r x r`` Gram ``XᵀX``. Between iterations only the
+span matters: one shifted pass with the Gram and its Cholesky in float64 (Fukaya et al. 2020:
+``XᵀX + sI`` with ``s`` proportional to ``trace(XᵀX)`` and the precision's epsilon is positive
+definite in that precision for any finite ``X``, so the Cholesky cannot break down). The final
+basis: a shifted then a plain pass, likewise in float64 (shifted CholeskyQR2; the
+regularization above bounds what the shift can squash, see :func:`_orth`), orthonormal to
+float32 working precision. ``X R⁻¹`` is applied as a GEMM with the small triangular inverse on
+CUDA (cuBLAS' batched triangular solve against the tall ``X`` was the largest kernel of a
+compression on the H100).
 
 No host synchronization anywhere (batched GEMMs, ``cholesky_ex`` whose ``info`` is never
 read, triangular solves), so the whole fit queues on the GPU like any other kernel sequence.
@@ -59,40 +61,74 @@ _HALF = (torch.float16, torch.bfloat16)
 # Dtype of the block-side small work (G, X = G Z, X R⁻¹); the r x r Gram and its Cholesky are
 # float64 either way. float32 (default) or float64; benchmarks/compress_layer.py compares them.
 _SMALL_DTYPE: torch.dtype | None = None  # None: float32, float64 for float64 input
-_REG = 1e-7  # δ / max diag(G)
+# δ / trace(G): 1e-7 keeps G Z full rank for rank-deficient blocks (measured: 10 iterations on
+# zero / rank-1 / rank-2 blocks stay orthonormal to 3e-6); 1e-5 already slowed the convergence
+# of keys with a sink row (1.0021 -> 1.0035 x optimal at 4 iterations)
+_REG = 1e-7
 _OUT_DTYPE_OK: list[bool] = [True]  # bmm(out_dtype=) available (CUDA, recent torch)
 
 
-def _right_solve(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x R⁻¹`` for upper-triangular float64 ``R``, in x's dtype (batched, no host sync).
+_EYES: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
 
-    CUDA: the small inverse (a triangular solve against I) times a GEMM; CPU: a triangular
-    solve. The inverse may be rounded to float32: intermediate passes need only the span, and
-    the final passes see ``R`` close to the identity."""
+
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, str(device))
+    eye = _EYES.get(key)
+    if eye is None:
+        if len(_EYES) > 32:
+            _EYES.clear()
+        eye = _EYES[key] = torch.eye(n, dtype=dtype, device=device)
+    return eye
+
+
+def _right_solve(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x R⁻¹`` for upper-triangular ``R``, in x's dtype (batched, no host sync).
+
+    CUDA: the small inverse (a triangular solve against I, in R's dtype) times a GEMM; CPU: a
+    triangular solve. The inverse may be rounded to float32: the span passes need only the span,
+    and the final pass sees ``R`` close to the identity."""
     if x.is_cuda:
-        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-        rinv = torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
+        rinv = torch.linalg.solve_triangular(r, _eye(r.shape[-1], r.dtype, r.device).expand_as(r), upper=True)
         return x @ rinv.to(x.dtype)
     return torch.linalg.solve_triangular(r.to(x.dtype), x, upper=True, left=False)
 
 
-def _orth(x: torch.Tensor, passes: int) -> torch.Tensor:
-    """Orthonormal (``passes >= 2``) or well-conditioned (1) basis of span(x), x ``[B, n, l]``.
+def _chol_pass(x: torch.Tensor, shifted: bool, dtype: torch.dtype) -> torch.Tensor:
+    """One CholeskyQR pass ``x R⁻¹`` with ``RᵀR = xᵀx (+ s I)`` formed and factored in ``dtype``.
 
-    Pass 1 factors ``xᵀx + s I`` (shifted CholeskyQR, cannot break down on finite input),
-    later passes ``xᵀx`` itself (their input is already nearly orthonormal); every ``xᵀx`` in
-    float64, so a float32 ``x`` with condition number up to ~1e7 keeps its span."""
+    The shift ``s = 11 (n l + l (l + 1)) eps trace(xᵀx)`` (``eps`` of ``dtype``; the trace
+    bounds ``||x||₂²``) is Fukaya et al.'s (2020) sufficient condition for the Cholesky of
+    ``xᵀx + s I`` to succeed in that precision for any finite ``x``, rank-deficient included."""
     n, width = x.shape[-2], x.shape[-1]
-    eps = torch.finfo(_F64).eps
-    for i in range(passes):
-        xd = x if x.dtype == _F64 else x.to(_F64)
-        a = xd.mT @ xd
-        if i == 0:
-            shift = 11.0 * (n * width + width * (width + 1)) * eps * a.diagonal(dim1=-2, dim2=-1).sum(-1)
-            a.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
-        r, _ = torch.linalg.cholesky_ex(a, upper=True)  # info unread: success is guaranteed on finite x
-        x = _right_solve(x, r)
-    return x
+    xd = x if x.dtype == dtype else x.to(dtype)
+    a = xd.mT @ xd
+    if shifted:
+        eps = torch.finfo(dtype).eps
+        shift = 11.0 * (n * width + width * (width + 1)) * eps * a.diagonal(dim1=-2, dim2=-1).sum(-1)
+        a.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
+    r, _ = torch.linalg.cholesky_ex(a, upper=True)  # info unread: see the callers for why it cannot fail
+    return _right_solve(x, r)
+
+
+def _orth_span(x: torch.Tensor) -> torch.Tensor:
+    """A well-conditioned basis of span(x) for the next product with G: one shifted pass with
+    the Gram in float64. (In float32 the shift that guarantees the Cholesky leaves the basis
+    conditioned ~10-40, which compounds over iterations until the weak directions drown in
+    float32 rounding: measured 1.02 -> 2.2x the optimal error at 4 iterations.)"""
+    return _chol_pass(x, True, _F64)
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span(x), x ``[B, n, l]``: a shifted pass then a plain one, both
+    with the ``l x l`` Gram in float64 (shifted CholeskyQR2).
+
+    Why two passes suffice: the shifted pass squashes only directions of ``x`` below
+    ``sqrt(s) ~ 1e-5 ||x||`` (float64 shift), and ``x = (G + δI) Z`` has its top-r directions far
+    above that; what lies below are spare directions of a rank-deficient block (fewer than r
+    eigenvalues above δ), which shrink by ~δ/sqrt(s) per iteration. Measured on CPU: zero,
+    rank-1 and rank-2 blocks after 10 iterations come out orthonormal to 3e-6 and exact
+    (``tests/unit/test_subspace.py``); a third pass would only matter far beyond that."""
+    return _chol_pass(_chol_pass(x, True, _F64), False, _F64)
 
 
 @dataclass
@@ -198,11 +234,13 @@ def subspace_fit(
     diag = g.diagonal(dim1=-2, dim2=-1)
     # NaN/inf anywhere in a block (or a Gram overflow) reaches its Gram's diagonal
     ok = torch.isfinite(diag).all(-1)
-    diag.add_((_REG * diag.amax(-1, keepdim=True)).nan_to_num(0.0) + 1e-30)
+    diag.add_((_REG * diag.sum(-1, keepdim=True)).nan_to_num(0.0) + 1e-30)
     z = g @ draw_omega(d, rank, mc.device, generator).to(small)
+    # one orthonormalization per product: with two (G² Z), strongly decaying spectra (keys with
+    # a sink row) lost the final basis at 6 iterations even in float64 (measured on CPU)
     for _ in range(n_iter):
-        z = g @ _orth(z, 1)
-    z = _orth(z, 3)  # [B, D, r], orthonormal columns
+        z = g @ _orth_span(z)
+    z = _orth(z)  # [B, D, r], orthonormal columns
     # a non-finite block gets a NaN basis, hence NaN coefficients (NaN spreads through the GEMM),
     # without a pass over the [B, T, r] coefficients
     nan = torch.full((), float("nan"), dtype=small, device=z.device)
