@@ -153,7 +153,8 @@ def _quantize_rows_unchecked(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, 
     quant = _quant_module()
     qmax = 127 if bits == 8 else 7
     xf = x.float()
-    scales = quant._round_up_scale(xf.abs().amax(-1, keepdim=True) / qmax, torch.float16)
+    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)  # max |x| without a full-size abs() temporary
+    scales = quant._round_up_scale(torch.maximum(hi, -lo) / qmax, torch.float16)
     s = scales.float()
     q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
     return (q if bits == 8 else quant._pack(q)), scales
@@ -207,6 +208,15 @@ def _overflowing_rows(
 
 def _row_sq_norm(x: torch.Tensor) -> torch.Tensor:
     return x.square().sum(-1)
+
+
+def _block_energy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean squared row norm of each block of ``x [N, T, D]``, ``[N, 1]`` in ``dtype`` (one
+    reduction, accumulated in ``dtype`` whatever x's storage dtype)."""
+    return (
+        torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=dtype).square().squeeze(-1)
+        / x.shape[-2]
+    )
 
 
 def _row_sq_norm_fused(x: torch.Tensor) -> torch.Tensor:
@@ -373,8 +383,10 @@ def compress_blocks(
     if o > 0:
         # outlier_score(kf, k̂, vf, v̂) from the residuals _fit_and_store formed in place
         eps = torch.finfo(cdt).tiny
-        k_energy = _row_sq_norm_fused(kf).mean(-1, keepdim=True).clamp_min(eps)
-        v_energy = _row_sq_norm_fused(vf).mean(-1, keepdim=True).clamp_min(eps)
+        # mean squared row norm per block; read from the half-precision copies where the fit had
+        # them (same values, masked alike; half the bytes)
+        k_energy = _block_energy(kf if k_low is None else k_low, cdt).clamp_min(eps)
+        v_energy = _block_energy(vf if v_low is None else v_low, cdt).clamp_min(eps)
         score = (kres / k_energy + vres / v_energy).masked_fill(huge, float("inf"))  # [N, T]
         idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
         if config.refit_after_outliers:
