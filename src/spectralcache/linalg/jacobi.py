@@ -23,7 +23,10 @@ layer of Llama-3.1-8B shape): 38 ms for 40 x 40 and 280 ms for 72 x 72, against 
 still the bulk of a layer's compression (271 ms): the kernel streams each matrix through
 L2/HBM once per round (about 1.5 TB/s effective for 72 x 72), because a program's 80 KB of
 scratch does not stay in L1 when all 2040 programs are resident. Keeping A and V on chip
-(shared memory, or registers with the re-pairing done by gathers) is the next step.
+(shared memory, or registers with the re-pairing done by gathers) is the next step. Since
+then the cache's compression on CUDA no longer needs an eigensolver at all
+(``SpectralConfig.svd_solver="auto"`` -> :mod:`spectralcache.linalg.subspace`); this kernel
+serves ``randomized_svd(..., host_sync=False)`` and ``svd_solver="rsvd"``.
 
 On CPU the same kernel runs through Triton's interpreter (tests); production CPU code uses
 LAPACK (``torch.linalg.eigh``).
