@@ -144,6 +144,20 @@ def test_cuda_graph_replays_across_decode_steps() -> None:
     )
 
 
+def test_lossless_gemma_layout_falls_back_to_the_reference() -> None:
+    """The lossless preset on Gemma 3 in float32 (rank = head_dim = 256, 16-bit coefficients) needs
+    more shared memory than the card has; ``attend`` (auto) answers through the torch reference,
+    twice (the second time without compiling), instead of raising OutOfResources."""
+    state = random_state(batch=1, kv_heads=1, head_dim=256, block_size=512, blocks=2, outliers=0, hot=40,
+                         key_bits=16, rank_keys=256, rank_values=256, dtype=torch.float32,
+                         device="cuda", seed=11)  # fmt: skip
+    query = torch.randn(1, 4, 1, 256, device="cuda")
+    ref = spectral_attention(query, state, None)
+    for _ in range(2):
+        out = attend(query, state, None, None, None, backend="auto")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("preset", ["default", "aggressive"])
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])

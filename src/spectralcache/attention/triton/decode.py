@@ -28,7 +28,14 @@ from spectralcache.attention.triton.dispatch import MAX_ROWS
 from spectralcache.attention.triton.launch import FastLauncher
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
-__all__ = ["MAX_ROWS", "SIZE_FIELDS", "decode_attention", "decode_sizes", "interpreter_enabled"]
+__all__ = [
+    "MAX_ROWS",
+    "SIZE_FIELDS",
+    "KernelDoesNotFit",
+    "decode_attention",
+    "decode_sizes",
+    "interpreter_enabled",
+]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -140,6 +147,49 @@ def _options(num_warps: int, num_stages: int | None, maxnreg: int | None) -> dic
 
 
 _COMBINE_OPTIONS = {"num_warps": 4}
+
+
+class KernelDoesNotFit(ValueError):
+    """The split kernel's tiles for this layout exceed the card's on-chip memory.
+
+    Seen on an H100 with the ``lossless`` preset on Gemma 3 in float32 (rank = head_dim = 256,
+    16-bit coefficients): a 256 x 256 float32 basis tile alone is 256 KiB, above the 227 KiB of
+    shared memory a block may use. A ValueError, so ``dispatch.attend`` in ``auto`` mode falls
+    back to the torch reference (warning once); a forced ``triton`` backend raises it.
+    """
+
+
+# Launch shapes whose compile ran out of on-chip resources: refused at once afterwards, instead
+# of paying a failing compile on every decode step.
+_DOES_NOT_FIT: set[tuple] = set()
+
+
+def _launch_split(grid: tuple, args: list, constexprs: dict, options: dict, device: torch.device) -> None:
+    if _DOES_NOT_FIT and _fit_key(constexprs, options, device) in _DOES_NOT_FIT:
+        raise KernelDoesNotFit(_no_fit_message(constexprs))
+    try:
+        _SPLIT(grid, args, constexprs, options)
+    except Exception as exc:
+        # triton.runtime.errors.OutOfResources (matched by name: its module moved between releases)
+        if type(exc).__name__ != "OutOfResources":
+            raise
+        _DOES_NOT_FIT.add(_fit_key(constexprs, options, device))
+        raise KernelDoesNotFit(f"{_no_fit_message(constexprs)} ({exc})") from exc
+
+
+def _fit_key(constexprs: dict, options: dict, device: torch.device) -> tuple:
+    return (str(device), tuple(constexprs.values()), tuple(options.items()))
+
+
+def _no_fit_message(constexprs: dict) -> str:
+    return (
+        "the Triton decode kernel does not fit this layout in on-chip memory (head_dim "
+        f"{constexprs['D']}, ranks {constexprs['RK']}/{constexprs['RV']}, coefficient bits "
+        f"{constexprs['KEY_BITS']}/{constexprs['VALUE_BITS']}, float32 {constexprs['F32']}); "
+        "use attention_backend='torch' (or 'auto', which falls back to the torch reference)"
+    )
+
+
 _SPLIT = FastLauncher(spectral_decode_split_kernel)
 _COMBINE = FastLauncher(combine_splits_kernel)
 _COLD_FIELDS = ColdBlocks.tensor_fields()
@@ -444,7 +494,7 @@ def decode_attention(
         device_sizes is not None,
     )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
-    _SPLIT((n_bh, n_splits), args, constexprs, options)
+    _launch_split((n_bh, n_splits), args, constexprs, options, device)
 
     _COMBINE(
         (n_bh * rows,),
