@@ -45,6 +45,7 @@ COEFF_BITS = (4, 8, 16)
 CODECS = ("lowrank", "identity")
 # Who reads a compressed layer in attention (see ``attention/triton/dispatch.py``).
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+OUTLIER_SELECTIONS = ("residual", "attention", "mixed")
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -169,6 +170,22 @@ class SpectralConfig:
             every reader handles it. Limitation: only the first prefill chunk of a layer is
             re-blocked; a later chunk still leaves its partial block exact. Off by default until
             measured (``docs/fidelity.md``).
+        outlier_selection: ``"residual"``. How each block's ``outliers_per_block`` exact tokens
+            are chosen. ``"residual"``: the tokens the stored representation reconstructs worst
+            (``cache/block.py``). ``"attention"`` (SnapKV-style): the tokens that receive the most
+            attention from the last ``observation_window`` queries of the prefill forward that
+            compressed the block (softmax of ``q · kᵀ · scaling`` over the exact keys the layer
+            holds, post-RoPE, causal; summed over the window and the GQA group; max-pooled over
+            ``outlier_pooling`` neighbouring tokens). ``"mixed"``: the sum of both scores'
+            within-block ranks (each normalised to [0, 1]). With either of the last two, a
+            multi-token update defers compressing its due blocks until its attention has run (the
+            blocks stay exact in the hot tier meanwhile), so the queries are known; blocks due at a
+            decode step (one token) still use the residual. Off by default until measured
+            (``docs/fidelity.md``).
+        observation_window: 32. Queries (the last ones of the forward's chunk) whose attention
+            ranks the tokens for ``outlier_selection`` ``"attention"`` / ``"mixed"``.
+        outlier_pooling: 7. Width (odd) of the max-pooling of the attention score over
+            neighbouring tokens (SnapKV keeps the neighbourhood of an attended token); 1 = none.
     """
 
     block_size: int = 512
@@ -195,6 +212,9 @@ class SpectralConfig:
     compute_dtype: str = "float32"
     attention_backend: str = "auto"
     compress_tail: bool = False
+    outlier_selection: str = "residual"
+    observation_window: int = 32
+    outlier_pooling: int = 7
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -277,6 +297,17 @@ class SpectralConfig:
             object.__setattr__(self, "compress_layers", tuple(sorted(layers)))
         if not isinstance(self.compress_tail, bool):
             raise TypeError(f"SpectralConfig.compress_tail must be a bool, got {self.compress_tail!r}")
+        if self.outlier_selection not in OUTLIER_SELECTIONS:
+            raise ValueError(
+                f"SpectralConfig.outlier_selection must be one of {OUTLIER_SELECTIONS}, "
+                f"got {self.outlier_selection!r}"
+            )
+        need_int("observation_window", 1)
+        if need_int("outlier_pooling", 1) % 2 == 0:
+            raise ValueError(
+                f"SpectralConfig.outlier_pooling must be odd (a window centred on each token), "
+                f"got {self.outlier_pooling}"
+            )
         if not isinstance(self.name, str):
             raise TypeError(f"SpectralConfig.name must be a str, got {self.name!r}")
 

@@ -273,6 +273,30 @@ def _fit_and_store(
     return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, res
 
 
+def _within_block_rank(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each row of ``x [N, T]`` within its block, scaled to [0, 1] (1 = largest)."""
+    t = x.shape[-1]
+    ranks = x.argsort(dim=-1).argsort(dim=-1).to(x.dtype)
+    return ranks / max(t - 1, 1)
+
+
+def _selection_score(residual: torch.Tensor, importance: torch.Tensor, selection: str) -> torch.Tensor:
+    """Outlier score ``[N, T]`` for ``SpectralConfig.outlier_selection`` (largest = kept exact).
+
+    ``"attention"``: the importance itself. ``"mixed"``: within-block rank of the residual plus
+    that of the importance (ranks, because the two scales are incommensurable: importance is a
+    sum of softmax weights, the residual a normalised squared error)."""
+    if importance.shape != residual.shape:
+        raise ValueError(
+            f"importance has {tuple(importance.shape)} rows for blocks of {tuple(residual.shape)} tokens"
+        )
+    if selection == "attention":
+        return importance
+    if selection == "mixed":
+        return _within_block_rank(residual) + _within_block_rank(importance)
+    raise ValueError(f"unknown outlier_selection {selection!r}")
+
+
 def compress_blocks(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -284,6 +308,7 @@ def compress_blocks(
     exact_keys: torch.Tensor | None = None,
     block_starts: torch.Tensor | None = None,
     block_size: int | None = None,
+    importance: torch.Tensor | None = None,
 ) -> ColdBlocks:
     """Compress blocks ``keys, values [..., T, D]`` in one batched call (no loop over blocks or heads).
 
@@ -293,6 +318,11 @@ def compress_blocks(
     index of each block along the last leading dim; default ``0, T, 2T, ...``) is stored as is.
     ``block_size`` (default ``config.block_size``) is the block length the caller means: a layer
     re-blocked by ``SpectralConfig.compress_tail`` passes its own ``T'``.
+    ``importance`` (``[..., T]``, any non-negative float; optional): per-token attention received
+    (``SpectralConfig.outlier_selection``). With ``"attention"`` the outliers are the ``o`` most
+    important tokens, with ``"mixed"`` those with the largest sum of within-block ranks of
+    importance and residual (each scaled to [0, 1]); without it, or with ``"residual"``, the
+    residual alone ranks them. Overflowing rows are forced outliers whatever the selection.
 
     Rows too large for the stored coefficients (a per-row float16 scale would overflow, or a
     16-bit coefficient the model dtype; see :func:`_overflowing_rows`) are kept exact as
@@ -310,6 +340,10 @@ def compress_blocks(
     expected_t = config.block_size if block_size is None else block_size
     if t != expected_t:
         raise ValueError(f"a block has {t} tokens but block_size is {expected_t}")
+    if importance is not None and tuple(importance.shape) != (*lead, t):
+        raise ValueError(
+            f"importance must be {(*lead, t)} (one score per token), got {tuple(importance.shape)}"
+        )
     if config.outliers_per_block >= t:
         raise ValueError(f"outliers_per_block={config.outliers_per_block} must be < the block's {t} tokens")
     for rank, codec, side in (
@@ -387,7 +421,10 @@ def compress_blocks(
         # them (same values, masked alike; half the bytes)
         k_energy = _block_energy(kf if k_low is None else k_low, cdt).clamp_min(eps)
         v_energy = _block_energy(vf if v_low is None else v_low, cdt).clamp_min(eps)
-        score = (kres / k_energy + vres / v_energy).masked_fill(huge, float("inf"))  # [N, T]
+        score = kres / k_energy + vres / v_energy  # [N, T]
+        if importance is not None and config.outlier_selection != "residual":
+            score = _selection_score(score, importance.reshape(n, t).to(cdt), config.outlier_selection)
+        score = score.masked_fill(huge, float("inf"))
         idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
         if config.refit_after_outliers:
             # only a fitted basis can be re-spent; identity rows stay as they are
