@@ -340,12 +340,18 @@ def spectral_attention_forward(
         exact = _exact_kv(state)
         if exact is not None:
             # the whole state is exact: the very call DynamicCache would make (bit-identical)
-            return _stock_attention(
+            result = _stock_attention(
                 module, query, exact[0], exact[1], attention_mask, scaling, dropout, softcap, kwargs
             )
-        # fused Triton kernel for decode on CUDA, torch reference otherwise (attention/triton/dispatch.py)
-        backend = getattr(getattr(layer, "config", None), "attention_backend", "auto")
-        out = attend(query, state, attention_mask, scaling, softcap, backend)
+        else:
+            # fused Triton kernel for decode on CUDA, torch reference otherwise (attention/triton/dispatch.py)
+            backend = getattr(getattr(layer, "config", None), "attention_backend", "auto")
+            out = attend(query, state, attention_mask, scaling, softcap, backend)
+            result = (out.transpose(1, 2).contiguous(), None)
+        if query.shape[-2] > 1:
+            # SpectralConfig.outlier_selection: a prefill chunk deferred its due blocks until its
+            # queries were known; compress them now (a no-op otherwise; never reached at decode)
+            layer.observe_queries(query, scaling, softcap)
     except BaseException:
         # refused or failed: every layer this forward changed goes back to its state before it
         _abort(key)
@@ -353,7 +359,7 @@ def spectral_attention_forward(
     finally:
         # The exact chunk lives only until this layer's attention has run.
         layer.release_chunk()
-    return out.transpose(1, 2).contiguous(), None
+    return result
 
 
 def spectral_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

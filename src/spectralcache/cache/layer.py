@@ -108,6 +108,7 @@ _STATE_ATTRS = (
     "_chunk_v",
     "_chunk_start",
     "_nonfinite",
+    "_observe_due",
 )
 _MISSING = object()
 # memory_report's tier of every ColdBlocks tensor field (checked against the dataclass below)
@@ -223,6 +224,9 @@ class SpectralLayer(CacheLayerMixin):
         self._chunk_start = 0
         # device bool: a decode token stored since the last check was NaN/inf (None: none stored)
         self._nonfinite: torch.Tensor | None = None
+        # outlier_selection != "residual": the last update (a multi-token chunk) deferred its due
+        # blocks to observe_queries (they wait exact in the hot tier)
+        self._observe_due = False
         self._invalidate_checkpoints()
 
     def _invalidate_checkpoints(self) -> None:
@@ -548,7 +552,10 @@ class SpectralLayer(CacheLayerMixin):
         if self._block_t is None and cfg.compress_tail and q > 1:
             t = self._tail_block_size(total - cfg.hot_size)
         n_new = (total - cfg.hot_size) // t if total >= cfg.hot_size + t else 0
-        if n_new:
+        # importance-aware outliers: a prefill chunk's due blocks wait for its queries
+        defer = q > 1 and cfg.outlier_selection != "residual"
+        self._observe_due = defer and n_new > 0
+        if n_new and not defer:
             self._block_t = t  # the layer's block length from its first compression on
             m = n_new * t
             from_hot = min(m, live)
@@ -793,7 +800,14 @@ class SpectralLayer(CacheLayerMixin):
         inv_freq = self.rope_inv_freq
         return lambda keys: rotate_block_keys(keys, block_starts, inv_freq)
 
-    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first_index: int, t: int) -> ColdBlocks:
+    def _compress(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        first_index: int,
+        t: int,
+        importance: torch.Tensor | None = None,
+    ) -> ColdBlocks:
         """Compress ``[B, H, n*t, D]`` tokens starting at cache index ``first_index`` into blocks
         of ``t`` tokens: one ``compress_blocks`` call for every block of every head."""
         b, h, n_tok, d = keys.shape
@@ -812,7 +826,15 @@ class SpectralLayer(CacheLayerMixin):
         t0 = time.perf_counter()
         try:
             blocks = compress_blocks(
-                fit_keys, vb, self.config, rk, rv, exact_keys=kb, block_starts=starts, block_size=t
+                fit_keys,
+                vb,
+                self.config,
+                rk,
+                rv,
+                exact_keys=kb,
+                block_starts=starts,
+                block_size=t,
+                importance=importance,
             )
         except ValueError as e:
             raise ValueError(
@@ -852,6 +874,111 @@ class SpectralLayer(CacheLayerMixin):
 
         new.map_tensors(put)
         self._nb = need
+
+    # ------------------------------------------------------------------ importance-aware outliers
+    def observe_queries(
+        self, query: torch.Tensor, scaling: float | None = None, softcap: float | None = None
+    ) -> None:
+        """Compress the blocks the current multi-token update deferred, ranking each block's
+        outliers by the attention its tokens receive from the chunk's last queries.
+
+        Called by spectral attention (``attention/interface.py``) once it has attended the chunk,
+        before ``release_chunk``; ``query`` is its ``[B, Hq, q, D]`` query (post-RoPE, ``Hq`` a
+        multiple of the KV heads). Does nothing unless ``config.outlier_selection`` is not
+        ``"residual"`` and the last ``update`` deferred blocks (and its chunk is still pending), so
+        a decode step never gets here with work to do. The blocks compressed are exactly those the
+        update would have compressed (same count, same ``compress_tail`` block length); only the
+        outlier choice differs. Writes only past live views or into fresh buffers, so a checkpoint
+        taken before the update (the cache's per-forward one) still rolls it back; a failure
+        restores the layer as it was before this call.
+        """
+        if not self._observe_due or self._chunk_k is None:
+            return
+        cfg = self.config
+        live = self.hot_len
+        t = self.block_size
+        if self._block_t is None and cfg.compress_tail:
+            t = self._tail_block_size(live - cfg.hot_size)
+        n_new = (live - cfg.hot_size) // t if live >= cfg.hot_size + t else 0
+        token = self.checkpoint()
+        try:
+            self._observe_due = False
+            if not n_new:
+                return
+            m = n_new * t
+            b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+            importance = self._attention_importance(query, scaling, softcap, m)
+            hk, hv = self._hot()
+            self.check_finite()  # a NaN/inf decode token never enters a block
+            blocks = self._compress(
+                hk[:, :, :m], hv[:, :, :m], self._hot_start, t, importance.reshape(b, h, n_new, t)
+            )
+            self._append_blocks(blocks)
+            self._block_t = t
+            # what stays hot moves to a fresh buffer: the chunk's buffer (whole prompt) would
+            # otherwise stay held (memory_report counts capacity); fresh, so checkpoints stay valid
+            lo, hi = self._hot_lo + m, self._hot_hi
+            slack = self.hot_slack if self._chunk_k.shape[-2] <= self.hot_slack else 0
+            none = hk.new_empty(b, h, 0, d)
+            self._hot_k = self._compact(self._hot_k[:, :, lo:hi], none, slack)
+            self._hot_v = self._compact(self._hot_v[:, :, lo:hi], none, slack)
+            self._hot_lo, self._hot_hi = 0, hi - lo
+            self._hot_start += m
+        except BaseException:
+            self.rollback(token)
+            raise
+
+    def _attention_importance(
+        self, query: torch.Tensor, scaling: float | None, softcap: float | None, m: int
+    ) -> torch.Tensor:
+        """SnapKV score of the oldest ``m`` hot tokens, ``[B, H, m]`` float32: their softmax
+        weight under each of the last ``observation_window`` queries, summed over the window and
+        the GQA group, then max-pooled over ``outlier_pooling`` neighbours.
+
+        The softmax runs over the exact keys the layer holds (landmarks and the hot window, which
+        holds the chunk), causally by cache index; cold blocks of earlier chunks are left out of
+        the normaliser (reading them would mean decompressing), which rescales each query's row by
+        one factor and keeps the within-row order. Padding masks are not applied. Keys are
+        processed in slices so the largest temporary is ``B * Hq * w * 8192`` floats."""
+        cfg = self.config
+        b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+        if query.ndim != 4 or query.shape[0] != b or query.shape[-1] != d or query.shape[1] % h:
+            raise ValueError(
+                f"layer {self.layer_idx}: observe_queries needs [batch={b}, heads (a multiple of {h}), "
+                f"q, head_dim={d}] queries, got {tuple(query.shape)}"
+            )
+        g = query.shape[1] // h
+        w = min(cfg.observation_window, query.shape[-2])
+        scale = d**-0.5 if scaling is None else float(scaling)
+        qw = query[:, :, -w:].float().reshape(b, h, g, w, d)
+        q_pos = self._seq_len - w + torch.arange(w, device=query.device)  # cache index of each query
+        (lk, _), (hk, _) = self._landmarks(), self._hot()
+        tiers = [(0, lk), (self._hot_start, hk)]
+        step = max(1, (1 << 24) // max(1, b * h * g * w))
+
+        def logits(keys: torch.Tensor, first: int) -> torch.Tensor:  # [B, H, g, w, n]
+            s = torch.einsum("bhgwd,bhnd->bhgwn", qw, keys.float()) * scale
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            k_pos = first + torch.arange(keys.shape[-2], device=query.device)
+            return s.masked_fill(k_pos.view(1, -1) > q_pos.view(-1, 1), float("-inf"))
+
+        lse = torch.full((b, h, g, w, 1), float("-inf"), device=query.device)
+        for first, keys in tiers:
+            for s0 in range(0, keys.shape[-2], step):
+                part = logits(keys[:, :, s0 : s0 + step], first + s0).logsumexp(-1, keepdim=True)
+                lse = torch.logaddexp(lse, part)
+        score = torch.empty(b, h, m, device=query.device)
+        for s0 in range(0, m, step):
+            s1 = min(m, s0 + step)
+            p = (logits(hk[:, :, s0:s1], self._hot_start + s0) - lse).exp()
+            score[:, :, s0:s1] = p.sum(dim=(2, 3))
+        k = cfg.outlier_pooling
+        if k > 1:
+            score = torch.nn.functional.max_pool1d(
+                score.reshape(b * h, 1, m), k, stride=1, padding=k // 2
+            ).reshape(b, h, m)
+        return score
 
     # ------------------------------------------------------------------ state
     def state(self) -> SpectralLayerState:
