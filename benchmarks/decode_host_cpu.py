@@ -173,9 +173,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "plain_step_ops_by_name_all_layers": dict(names_plain.most_common()),
         "host_us_per_layer_step_median": statistics.median(times),
         "update_us_per_layer_step_median": statistics.median(times_update),
-        "host_us_per_layer_step_p25_p75": [
-            statistics.quantiles(times, n=4)[0], statistics.quantiles(times, n=4)[2]
-        ],  # fmt: skip
+        "host_us_per_layer_step_p25_p75": [statistics.quantiles(times, n=4)[i] for i in (0, 2)],
         "layers": n_layers,
         "context_tokens": cache.get_seq_length(),
         "spectralcache_file": spectralcache.__file__,
@@ -207,12 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
-    variants = {"after": (ROOT / "src", head.stdout.strip() + (" (+ uncommitted src)" if dirty.stdout else ""))}
+    variants = {
+        "after": (ROOT / "src", head.stdout.strip() + (" (+ uncommitted src)" if dirty.stdout else ""))
+    }
     tmp = tempfile.TemporaryDirectory()
     if args.before:
         dst = Path(tmp.name) / "before"
         dst.mkdir()
-        archive = subprocess.run(["git", "archive", args.before, "src"], cwd=ROOT, capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "archive", args.before, "src"], cwd=ROOT, capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(dst)], input=archive.stdout, check=True)
         variants = {"before": (dst / "src", args.before), **variants}
     rounds: dict[str, list] = {name: [] for name in variants}
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "variants": {},
     }
-    for name, (src, commit) in variants.items():
+    for name, (_src, commit) in variants.items():
         rs = rounds[name]
         result["variants"][name] = {
             "commit": commit,
