@@ -33,15 +33,21 @@ NaN / inf guarantee (no host synchronization on the decode path):
 
 * a chunk of more than one token (prefill) is checked before anything changes; NaN/inf there
   raises ValueError naming the layer, and the cache is unchanged;
-* a single-token update (decode) is not checked on the host: its finiteness is folded into a
-  device-side flag. The flag is read at the next natural synchronization point -- before any
-  block is compressed, at the next multi-token update, in :meth:`check_finite` (which
-  ``SpectralCache.memory_report`` calls) -- and raises ValueError naming the layer and the first
-  non-finite cache index (the raising update is refused; crop to that index to go on).
-  Therefore a NaN/inf token never enters a compressed block, and it is reported at the latest
-  when the block holding it would be compressed. Until then it sits in the exact tiers, where
-  the attention output of the step that stored it is already NaN (a model producing NaN K/V
-  produces NaN hidden states as well).
+* a single-token update (decode) is not checked when it is stored (no host read, and no
+  device work either: a decode token stays exact in the landmark / hot tier until a block is
+  compressed, so it can still be checked there). The layer only notes, as a host int, the
+  first cache index stored since the last check. At the next natural synchronization point --
+  before any block is compressed (the token arriving with that update included), at the next
+  multi-token update, in :meth:`check_finite` (which ``SpectralCache.memory_report`` calls) --
+  the exact rows from that index on are reduced on the device and read once; NaN/inf there
+  raises ValueError naming the layer and the first non-finite cache index (the raising update
+  is refused; crop to that index to go on). Therefore a NaN/inf token never enters a
+  compressed block, and it is reported at the latest when the block holding it would be
+  compressed. Until then it sits in the exact tiers, where the attention output of the step
+  that stored it is already NaN (a model producing NaN K/V produces NaN hidden states as
+  well). (Before, each decode step folded its token into a device-side bool: 5 more kernel
+  launches per layer and step, ~40 us of host time on the H100 machine; the rows it folded are
+  the very rows scanned now, so the same tokens are reported at the same points.)
 
 Rows too large for the stored coefficients (finite, but ``max|row| / 127`` overflows a float16
 scale) are kept exact as outliers by ``compress_blocks``; a block with more of them than
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -107,10 +114,12 @@ _STATE_ATTRS = (
     "_chunk_k",
     "_chunk_v",
     "_chunk_start",
-    "_nonfinite",
+    "_unchecked_from",
     "_observe_due",
 )
 _MISSING = object()
+# one C-level read of every attribute above (checkpoint of an initialized layer, where all exist)
+_GET_STATE = operator.attrgetter(*_STATE_ATTRS)
 # memory_report's tier of every ColdBlocks tensor field (checked against the dataclass below)
 _TIER_OF_FIELD = {
     "key_coeffs": "coefficients",
@@ -222,8 +231,9 @@ class SpectralLayer(CacheLayerMixin):
         self._chunk_k: torch.Tensor | None = None
         self._chunk_v: torch.Tensor | None = None
         self._chunk_start = 0
-        # device bool: a decode token stored since the last check was NaN/inf (None: none stored)
-        self._nonfinite: torch.Tensor | None = None
+        # cache index of the first decode token stored since the last NaN/inf check (None: none);
+        # those tokens are all still exact (landmarks / hot), see the module docstring
+        self._unchecked_from: int | None = None
         # outlier_selection != "residual": the last update (a multi-token chunk) deferred its due
         # blocks to observe_queries (they wait exact in the hot tier)
         self._observe_due = False
@@ -232,6 +242,8 @@ class SpectralLayer(CacheLayerMixin):
     def _invalidate_checkpoints(self) -> None:
         self._generation += 1
         self._invalid_seqs = []
+        # the layout may have changed (batch, dtype, device): validate the next decode token in full
+        self._decode_facts = None
 
     def __repr__(self) -> str:
         return (
@@ -314,6 +326,10 @@ class SpectralLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ views
     def _landmarks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._n_lm == self._lm_k.shape[2]:
+            # full (every decode step once the first tokens are in): the buffers are the views;
+            # no slicing op per step
+            return self._lm_k, self._lm_v
         return self._lm_k[:, :, : self._n_lm], self._lm_v[:, :, : self._n_lm]
 
     def _hot(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +366,10 @@ class SpectralLayer(CacheLayerMixin):
         it valid: nested checkpoints, e.g. one per forward around one per update, compose).
         """
         self._checkpoint_seq += 1
-        attrs = tuple((name, getattr(self, name, _MISSING)) for name in _STATE_ATTRS)
+        if self.is_initialized:  # every attribute exists: one C-level read (decode: every step)
+            attrs = _GET_STATE(self)
+        else:
+            attrs = tuple(getattr(self, name, _MISSING) for name in _STATE_ATTRS)
         return LayerCheckpoint(
             self, self._generation, self._checkpoint_seq, attrs, len(self.compression_calls)
         )
@@ -367,19 +386,56 @@ class SpectralLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: this checkpoint is no longer valid (the layer was cropped, "
                 "reordered, reset or moved, or rolled back to an earlier checkpoint, since it was taken)"
             )
-        for name, value in token.attrs:
+        for name, value in zip(_STATE_ATTRS, token.attrs):
             if value is _MISSING:
                 if hasattr(self, name):
                     delattr(self, name)
             else:
                 setattr(self, name, value)
         del self.compression_calls[token.n_compression_calls :]
+        self._decode_facts = None  # validated against the state before; validate the next call in full
         # later checkpoints may reference windows the next updates will overwrite
         if token.seq < self._checkpoint_seq:
             self._invalid_seqs.append((token.seq + 1, self._checkpoint_seq))
 
     # ------------------------------------------------------------------ validation
     def _validate(self, key_states: Any, value_states: Any) -> None:
+        """Refuse bad K/V with an error naming the problem, before anything changes.
+
+        Decode fast path: once a single token has passed every check below on this layer, a
+        later one with the very same shapes, dtypes and devices passes them too (each check
+        depends only on those and on the layer's batch / heads / head_dim / dtype / device,
+        which only ``lazy_initialization``, ``to``, batch ops, crop, reset and rollback change,
+        and they all drop the cached facts). So that case is one tuple compare; anything else
+        takes the full checks (same errors as ever)."""
+        facts = self._decode_facts
+        if (
+            facts is not None
+            and isinstance(key_states, torch.Tensor)
+            and isinstance(value_states, torch.Tensor)
+            and facts
+            == (
+                key_states.shape,
+                value_states.shape,
+                key_states.dtype,
+                value_states.dtype,
+                key_states.device,
+                value_states.device,
+            )
+        ):
+            return
+        self._validate_full(key_states, value_states)
+        if key_states.shape[-2] == 1 and self.is_initialized and self._seq_len > 0:
+            self._decode_facts = (
+                key_states.shape,
+                value_states.shape,
+                key_states.dtype,
+                value_states.dtype,
+                key_states.device,
+                value_states.device,
+            )
+
+    def _validate_full(self, key_states: Any, value_states: Any) -> None:
         for name, x in (("key_states", key_states), ("value_states", value_states)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(
@@ -443,46 +499,48 @@ class SpectralLayer(CacheLayerMixin):
             self.check_finite()
 
     # ------------------------------------------------------------------ finiteness
-    def _note_decode_finiteness(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Fold the tokens' finiteness into the device-side flag (no host synchronization).
+    def _unchecked_rows(self, since: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(first cache index, keys, values)`` views of the stored exact rows at cache index
+        ``>= since`` (landmarks, hot): where every decode token since the last check still is."""
+        rows = []
+        lk, lv = self._landmarks()
+        if since < lk.shape[2]:
+            rows.append((since, lk[:, :, since:], lv[:, :, since:]))
+        hk, hv = self._hot()
+        skip = max(since - self._hot_start, 0)
+        if skip < hk.shape[2]:
+            rows.append((self._hot_start + skip, hk[:, :, skip:], hv[:, :, skip:]))
+        return rows
 
-        One decode token is tiny, so it is checked whole, in 5 kernel launches: ``x - x`` is
-        exactly 0 for every finite ``x`` (no overflow, unlike summing ``x``) and NaN for NaN / inf,
-        and a sum propagates NaN. Host cost per layer and step on the H100 machine
-        (benchmarks/decode_host_overhead.py, layer section): ``_any_nonfinite``'s min/max form (14
-        launches) 108.4 us, ``~isfinite(cat).all()`` (8 launches: isfinite is 4) 58.7 us; this
-        form was not timed there (predicted ~40 us from ~7.5 us a launch)."""
-        x = torch.cat((key_states.reshape(-1), value_states.reshape(-1)))
-        bad = torch.isnan((x - x).sum())
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-
-    def _first_nonfinite_index(self) -> int | None:
-        """Cache index of the first stored exact token with a NaN/inf (host sync; errors only)."""
-        if not self.is_initialized:
-            return None
-        tiers = [(0, *self._landmarks()), (self._hot_start, *self._hot())]
-        for first, k, v in tiers:
-            if k.shape[-2] == 0:
-                continue
+    @staticmethod
+    def _first_nonfinite(rows: list[tuple[int, torch.Tensor, torch.Tensor]]) -> int | None:
+        """Cache index of the first row holding a NaN/inf (host sync; errors only)."""
+        for first, k, v in rows:
             bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, H, n]
-            rows = bad.flatten(0, 1).any(0).nonzero()
-            if rows.numel():
-                return first + int(rows[0])
+            idx = bad.flatten(0, 1).any(0).nonzero()
+            if idx.numel():
+                return first + int(idx[0])
         return None
 
-    def check_finite(self) -> None:
-        """Read the decode NaN/inf flag (one host sync); raise ValueError naming the layer if set.
+    def check_finite(self, incoming: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
+        """NaN/inf check of the decode tokens stored since the last check (one host sync when
+        there are any; none otherwise); raise ValueError naming the layer and the first bad cache
+        index. ``incoming``: ``(keys, values, first cache index)`` of a decode token not stored
+        yet that is checked with them (the token of an update that compresses a block).
 
         Called before every block compression and every multi-token update, and by
         ``SpectralCache.memory_report``; nothing is changed when it raises.
         """
-        flag = self._nonfinite
-        if flag is None:
+        since = self._unchecked_from
+        if since is None and incoming is None:
             return
-        if not bool(flag):
-            self._nonfinite = None
+        rows = [] if since is None or not self.is_initialized else self._unchecked_rows(since)
+        if incoming is not None:
+            rows.append((incoming[2], incoming[0], incoming[1]))
+        if not rows or not bool(_any_nonfinite(*(x for _, k, v in rows for x in (k, v)))):
+            self._unchecked_from = None
             return
-        index = self._first_nonfinite_index()
+        index = self._first_nonfinite(rows)
         where = "" if index is None else f" (first at cache index {index})"
         hint = "" if index is None else f"; crop the cache to {index} tokens or reset it to go on"
         raise ValueError(
@@ -503,7 +561,8 @@ class SpectralLayer(CacheLayerMixin):
         self._hot_v = key_states.new_empty(b, h, 0, d)
         self._hot_lo = self._hot_hi = self._hot_start = 0
         self._cold, self._nb = None, 0
-        self._nonfinite = None
+        self._unchecked_from = None
+        self._decode_facts = None
         self._place_rotator(self.device)
         self.is_initialized = True
 
@@ -513,7 +572,7 @@ class SpectralLayer(CacheLayerMixin):
         """Append ``[B, H, q, D]`` post-RoPE keys / values; compress whole blocks when due.
 
         Validates first (shapes, heads, batch, dtype, device; NaN/inf on the host for q > 1,
-        through the device flag for q == 1: see the module docstring). A failure anywhere
+        at the next sync point for q == 1: see the module docstring). A failure anywhere
         restores the layer from a checkpoint, so it leaves the cache unchanged.
         Returns the exact chunk (the given tensors); attention reads :meth:`state`.
         """
@@ -526,14 +585,54 @@ class SpectralLayer(CacheLayerMixin):
             raise
         return key_states, value_states
 
+    def update_checkpointed(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """:meth:`update` for a caller holding a :meth:`checkpoint` of this layer taken right
+        before this call, which it rolls back to if this raises (``SpectralCache.update``: its
+        per-forward checkpoint): the same checks and writes without a second checkpoint. On an
+        exception the layer may be half-updated until that rollback."""
+        self._validate(key_states, value_states)
+        self._append(key_states, value_states)
+
+    #: the q == 1 fast path of ``_append`` (tests switch it off on an instance to compare)
+    decode_fast_path = True
+
+    def _append_decode(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """One token into the hot buffer's spare room -- what :meth:`_append` does for a decode
+        token when the landmarks are full, no block is due and the buffer has room (every step
+        but one in ``hot_slack``) -- with only the writes and counters that step changes (the
+        hot window start is already ``landmarks + blocks * T`` then). False: nothing done, the
+        general path must run."""
+        hi = self._hot_hi
+        if (
+            not self.decode_fast_path
+            or not self._seq_len
+            or self._n_lm != self.config.landmarks
+            or hi >= self._hot_k.shape[2]
+            or hi - self._hot_lo + 1 >= self.config.hot_size + self.block_size
+        ):
+            return False
+        start = self._seq_len
+        self._hot_k[:, :, hi : hi + 1].copy_(key_states)
+        self._hot_v[:, :, hi : hi + 1].copy_(value_states)
+        self._hot_hi = hi + 1
+        if self._unchecked_from is None:
+            self._unchecked_from = start
+        self._observe_due = False
+        self._chunk_k, self._chunk_v = key_states, value_states
+        self._chunk_start = start
+        self._seq_len = start + 1
+        return True
+
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[2] == 1 and self.is_initialized and self._append_decode(key_states, value_states):
+            return
         if not self.is_initialized or self._seq_len == 0:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         cfg, t = self.config, self.block_size
         start = self._seq_len
-        if q == 1:
-            self._note_decode_finiteness(key_states, value_states)
+        if q == 1 and self._unchecked_from is None:
+            self._unchecked_from = start  # checked at the next sync point (module docstring)
 
         # landmarks: written in place after the last one
         n_lm = min(max(cfg.landmarks - self._n_lm, 0), q)
@@ -541,7 +640,7 @@ class SpectralLayer(CacheLayerMixin):
             self._lm_k[:, :, self._n_lm : self._n_lm + n_lm].copy_(key_states[:, :, :n_lm])
             self._lm_v[:, :, self._n_lm : self._n_lm + n_lm].copy_(value_states[:, :, :n_lm])
             self._n_lm += n_lm
-        xk, xv = key_states[:, :, n_lm:], value_states[:, :, n_lm:]
+        xk, xv = (key_states[:, :, n_lm:], value_states[:, :, n_lm:]) if n_lm else (key_states, value_states)
         # Invariant: landmarks [0, L') | blocks [L', L' + nb*T) | hot; hot only holds tokens once
         # the landmarks are full, so the hot window starts right after the last block.
         self._hot_start = self._n_lm + self._nb * t
@@ -568,7 +667,8 @@ class SpectralLayer(CacheLayerMixin):
             else:
                 src_k = torch.cat([hk, xk[:, :, :from_new]], dim=-2)
                 src_v = torch.cat([hv, xv[:, :, :from_new]], dim=-2)
-            self.check_finite()  # natural sync point: a NaN/inf decode token never enters a block
+            # natural sync point: a NaN/inf decode token (this one included) never enters a block
+            self.check_finite((key_states, value_states, start) if q == 1 else None)
             blocks = self._compress(src_k, src_v, self._hot_start, t)
             self._append_blocks(blocks)
             self._hot_lo += from_hot
@@ -654,14 +754,10 @@ class SpectralLayer(CacheLayerMixin):
             new_cold = cold.map_tensors(lambda name, x: x if batch and name == "block_starts" else fn(x))
         chunk = [None if x is None else fn(x) for x in (self._chunk_k, self._chunk_v)]
         new = (fn(lm_k), fn(lm_v), fn(hot_k), fn(hot_v))
-        flag = self._nonfinite
-        if flag is not None and not batch:
-            flag = fn(flag)
         # assign (nothing above mutated self)
         self._lm_k, self._lm_v, self._hot_k, self._hot_v = new
         self._chunk_k, self._chunk_v = chunk
         self._cold = new_cold
-        self._nonfinite = flag
         if compact:
             self._hot_hi -= self._hot_lo
             self._hot_lo = 0
@@ -727,11 +823,9 @@ class SpectralLayer(CacheLayerMixin):
             cold = self._cold.map_tensors(lambda name, x: move(x, kinds.get(name, "keep")))
         moved = [move(x) for x in (self._lm_k, self._lm_v, self._hot_k, self._hot_v)]
         chunk = [None if x is None else move(x) for x in (self._chunk_k, self._chunk_v)]
-        flag = None if self._nonfinite is None else self._nonfinite.to(target_device)
         self._lm_k, self._lm_v, self._hot_k, self._hot_v = moved
         self._chunk_k, self._chunk_v = chunk
         self._cold = cold
-        self._nonfinite = flag
         self.dtype, self.device = new_dtype, target_device
         self._place_rotator(target_device)
         self._invalidate_checkpoints()
@@ -784,13 +878,8 @@ class SpectralLayer(CacheLayerMixin):
             self._cold, self._nb = None, 0
             self._block_t = None
         self._seq_len = new_len
-        if self._nonfinite is not None:
-            # re-derive the flag from what is left (device ops only, no sync)
-            (lk, lv), (hk, hv) = self._landmarks(), self._hot()
-            bad = torch.zeros((), dtype=torch.bool, device=self._hot_k.device)
-            for x in (lk, lv, hk, hv):
-                bad = bad | ~torch.isfinite(x).all()
-            self._nonfinite = bad
+        if self._unchecked_from is not None and self._unchecked_from >= new_len:
+            self._unchecked_from = None  # every unchecked token was cropped away
         self._invalidate_checkpoints()
 
     # ------------------------------------------------------------------ compression
