@@ -175,6 +175,18 @@ def _refuse_inexact_lossless(config: SpectralConfig, dtype: torch.dtype) -> None
         )
 
 
+# (register_chunk, spectral_only) from attention.interface, imported on first use (that module
+# imports the cache package)
+_HANDSHAKE: tuple[Any, Any] | None = None
+
+
+def _load_handshake() -> None:
+    global _HANDSHAKE
+    from spectralcache.attention.interface import register_chunk, spectral_only
+
+    _HANDSHAKE = (register_chunk, spectral_only)
+
+
 def _checkpoint(layer: Any) -> Any:
     """A rollback token for ``layer``: its own ``checkpoint()`` (SpectralLayer), else a snapshot of
     its attributes (transformers' DynamicLayer / DynamicSlidingWindowLayer replace ``keys`` /
@@ -305,8 +317,9 @@ class SpectralCache(Cache):
         given ones, readable by spectral attention only. Any error raised here rolls back every
         layer this forward has updated before it propagates.
         """
-        from spectralcache.attention.interface import register_chunk, spectral_only
-
+        if _HANDSHAKE is None:
+            _load_handshake()
+        register_chunk, spectral_only = _HANDSHAKE
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
             self._abort_forward()
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
@@ -325,12 +338,20 @@ class SpectralCache(Cache):
                 )
             if isinstance(layer, SpectralLayer):
                 _refuse_inexact_lossless(self.config, key_states.dtype)
-            self._forward_checkpoints[layer_idx] = _checkpoint(layer)
-            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            if type(layer) is SpectralLayer and not self.offloading:
+                # what Cache.update + SpectralLayer.update do, less the layer's own checkpoint:
+                # the one taken here restores it (via _abort_forward) if anything below raises
+                self._forward_checkpoints[layer_idx] = ("own", layer.checkpoint())
+                layer.update_checkpointed(key_states, value_states)
+                keys, values = key_states, value_states
+            else:
+                self._forward_checkpoints[layer_idx] = _checkpoint(layer)
+                keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             if isinstance(layer, SpectralLayer):
-                keys = spectral_only(keys, layer_idx, self._abort_forward)
-                values = spectral_only(values, layer_idx, self._abort_forward)
-                register_chunk(keys, layer, abort=self._abort_forward)
+                abort = self._abort_callable()
+                keys = spectral_only(keys, layer_idx, abort)
+                values = spectral_only(values, layer_idx, abort)
+                register_chunk(keys, layer, abort=abort)
         except BaseException:
             self._abort_forward()
             raise
@@ -417,7 +438,18 @@ class SpectralCache(Cache):
         state = self.__dict__.copy()
         state["_forward_checkpoints"] = {}  # only valid within this process' forward
         state["_hooked_forward"] = False
+        state.pop("_weak_abort", None)  # a closure (not picklable); rebuilt on first use
         return state
+
+    def _abort_callable(self) -> Any:
+        """``_abort_forward`` held weakly (what the handshake stores with each chunk), built once
+        per cache instead of three times per layer and step."""
+        fn = self.__dict__.get("_weak_abort")
+        if fn is None:
+            from spectralcache.attention.interface import _weak_callable
+
+            fn = self.__dict__["_weak_abort"] = _weak_callable(self._abort_forward)
+        return fn
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         import sys
