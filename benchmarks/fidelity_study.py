@@ -179,6 +179,87 @@ def answer_one_call(
     )
 
 
+def _needle_token_span(tokenizer: Any, context: str, answer: str) -> list[int]:
+    """Token indices (with BOS) of the context tokens that spell ``answer`` (the needle's value)."""
+    at = context.find(answer)
+    if at < 0:
+        raise ValueError(f"answer {answer!r} not found in the context")
+    enc = tokenizer(context, add_special_tokens=True, return_offsets_mapping=True)
+    end = at + len(answer)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > at]
+
+
+def _exact_fraction(layer: Any, tokens: list[int]) -> float:
+    """Share of ``tokens`` (cache indices) the layer serves exactly: landmarks, hot, or an
+    outlier of its block (summed over KV heads)."""
+    st = layer.state()
+    n_lm, hot = st.landmark_keys.shape[-2], st.hot_start
+    exact = total = 0
+    heads = st.hot_keys.shape[1]
+    for p in tokens:
+        for h in range(heads):
+            total += 1
+            if p < n_lm or p >= hot:
+                exact += 1
+                continue
+            t = st.cold.block_size
+            block, row = (p - n_lm) // t, (p - n_lm) % t
+            exact += int(row in st.cold.outlier_index[0, h, block].tolist())
+    return exact / total
+
+
+def cmd_needles(args: argparse.Namespace) -> int:
+    """Which protocol lets ``outlier_selection`` see the question: for each sample, method and
+    protocol (two calls: context then question, as the runner; one call), the share of the needle
+    value's tokens each compressed layer serves exactly, right after the question was prefilled."""
+    from spectralcache import SpectralCache, SpectralConfig
+    from spectralcache.cache.layer import SpectralLayer
+    from spectralcache.eval.model import load_model
+    from spectralcache.eval.runner import prefill, read_rows, task_path
+
+    torch.set_num_threads(int(args.threads))
+    model, tok = load_model(dtype=torch.float32)
+    rows = []
+    for task in args.tasks.split(","):
+        samples = read_rows(task_path(Path(args.out) / "eval", task, int(args.length)))[: args.samples]
+        for s in samples:
+            ctx = tok(s["context"], return_tensors="pt", add_special_tokens=True).input_ids
+            q = tok(
+                s["question"] + s["answer_prefix"], return_tensors="pt", add_special_tokens=False
+            ).input_ids
+            needle = _needle_token_span(tok, s["context"], s["answers"][0])
+            for spec in args.methods.split(";"):
+                preset, *kv = spec.split(",")
+                overrides = {}
+                for item in kv:
+                    key, val = item.split("=")
+                    overrides[key] = {"true": True, "false": False}.get(val, val)
+                for protocol in ("two_call", "one_call"):
+                    cache = SpectralCache(model, SpectralConfig.from_preset(preset, **overrides))
+                    with torch.inference_mode():
+                        if protocol == "two_call":
+                            prefill(model, cache, ctx)
+                            prefill(model, cache, q)
+                        else:
+                            prefill(model, cache, torch.cat([ctx, q], dim=1))
+                    layers = {i: la for i, la in enumerate(cache.layers) if isinstance(la, SpectralLayer)}
+                    row = {
+                        "id": s["id"],
+                        "task": task,
+                        "method": spec,
+                        "protocol": protocol,
+                        "needle_tokens": needle,
+                        "exact_share_per_layer": {i: _exact_fraction(la, needle) for i, la in layers.items()},
+                    }
+                    row["exact_share_mean"] = sum(row["exact_share_per_layer"].values()) / len(layers)
+                    print(json.dumps({k: row[k] for k in ("id", "method", "protocol", "exact_share_mean")}))
+                    rows.append(row)
+    out = Path(args.out) / "needles.json"
+    out.write_text(json.dumps({"commit": _git_commit(), "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_ppl(args: argparse.Namespace) -> int:
     """The perplexity protocol "prefill, compress, continue" with the same methods."""
     from spectralcache.cli import main as cli_main
@@ -241,6 +322,8 @@ _SHORT = (
     ("key_codec=identity,value_codec=identity,value_coeff_bits=4,outliers_per_block=8", "idK8+idV4,o8"),
     ("value_codec=identity", "idV8"),
     ("compress_tail=True", "tail"),
+    ("outlier_selection=attention", "sel=attn"),
+    ("outlier_selection=mixed", "sel=mixed"),
 )
 
 
@@ -471,8 +554,20 @@ def main(argv: list[str] | None = None) -> int:
         default="default;default,compress_tail=true;aggressive;aggressive,compress_tail=true",
         help="';'-separated PRESET[,field=value...]",
     )
+    nd = sub.add_parser("needles", help="share of the needle's tokens kept exact, per protocol")
+    nd.add_argument("--tasks", default=DEFAULT_TASKS)
+    nd.add_argument("--length", default="4096")
+    nd.add_argument("--samples", type=int, default=4)
+    nd.add_argument("--threads", default="1")
+    nd.add_argument(
+        "--methods",
+        default="default;default,outlier_selection=attention;default,outlier_selection=mixed",
+        help="';'-separated PRESET[,field=value...]",
+    )
     args = p.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "bytes": cmd_bytes, "ppl": cmd_ppl}[args.cmd](args)
+    return {"needles": cmd_needles, "run": cmd_run, "report": cmd_report, "bytes": cmd_bytes, "ppl": cmd_ppl}[
+        args.cmd
+    ](args)
 
 
 if __name__ == "__main__":
