@@ -174,19 +174,33 @@ def section_layer(res: dict, n: int = 200) -> None:
     for _ in range(10):
         full_step()
     r["update_us"] = _median_host_us(update_only, n)
+
+    def cache_style_update():  # what SpectralCache.update runs on the layer: one checkpoint + update
+        layer.checkpoint()
+        layer.update_checkpointed(*kv())
+        layer.release_chunk()
+
+    r["checkpoint_plus_update_checkpointed_us"] = _median_host_us(cache_style_update, n)
     layer.update(*kv())
     r["state_us"] = _median_host_us(layer.state, n)
     state = layer.state()
     r["attend_us"] = _median_host_us(lambda: attend(q, state, None, None, None, "auto"), n)
     layer.release_chunk()
-    # pieces of update: checks, checkpoint, the decode NaN/inf fold (as the layer does it, and a
-    # 4-kernel variant with the same result: concatenate, isfinite, all, negate)
+    # pieces of update: checks (a decode token: one compare against cached facts), checkpoint, and
+    # for reference the per-step NaN/inf folds the layer no longer runs (since fea7563 decode
+    # tokens are checked at the next sync point): the 5-launch isnan(sum(x - x)) form it ran last
+    # and the 8-launch ~isfinite(cat).all() form before that
     k1, v1 = kv()
     r["validate_us"] = _median_host_us(lambda: layer._validate(k1, v1), n)
     r["checkpoint_us"] = _median_host_us(layer.checkpoint, n)
-    r["finiteness_fold_us"] = _median_host_us(lambda: layer._note_decode_finiteness(k1, v1), n)
     flag = torch.zeros((), dtype=torch.bool, device="cuda")
-    r["finiteness_fold_alt_us"] = _median_host_us(
+
+    def fold5():
+        x = torch.cat((k1.reshape(-1), v1.reshape(-1)))
+        return flag | torch.isnan((x - x).sum())
+
+    r["removed_fold_5_launch_us"] = _median_host_us(fold5, n)
+    r["removed_fold_8_launch_us"] = _median_host_us(
         lambda: flag | ~torch.isfinite(torch.cat((k1.reshape(-1), v1.reshape(-1)))).all(), n
     )
     r["layer_call_us"] = _median_host_us(full_step, n)
@@ -210,8 +224,9 @@ def section_layer(res: dict, n: int = 200) -> None:
     res["layer"] = r
     print(
         f"layer call (update+state+attend) {r['layer_call_us']:.1f} us host (median), wall {r['layer_call_wall_us']:.1f} us | "
-        f"update {r['update_us']:.1f} (validate {r['validate_us']:.1f}, checkpoint {r['checkpoint_us']:.1f}, "
-        f"NaN fold {r['finiteness_fold_us']:.1f} vs alt {r['finiteness_fold_alt_us']:.1f}) | state {r['state_us']:.1f} | "
+        f"update {r['update_us']:.1f} (validate {r['validate_us']:.1f}, checkpoint {r['checkpoint_us']:.1f}; "
+        f"removed NaN folds: 5-launch {r['removed_fold_5_launch_us']:.1f}, 8-launch {r['removed_fold_8_launch_us']:.1f}) | "
+        f"state {r['state_us']:.1f} | "
         f"attend {r['attend_us']:.1f} | "
         f"DynamicLayer update+SDPA {r['dynamic_layer_call_us']:.1f}",
         flush=True,
