@@ -67,6 +67,8 @@ _NO_KERNEL = {
     "aten::empty",
     "aten::empty_like",
     "aten::empty_strided",
+    "aten::new_empty",
+    "aten::new_empty_strided",
     "aten::lift_fresh",
     "aten::result_type",
     "aten::is_nonzero",
