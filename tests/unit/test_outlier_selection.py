@@ -308,12 +308,14 @@ def test_bad_query_is_refused_and_the_layer_unchanged() -> None:
     assert layer.num_blocks == 0 and layer._observe_due and layer.hot_len == 77
 
 
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 @pytest.mark.parametrize("selection", ["attention", "mixed"])
-def test_lossless_chunked_prefill_and_decode_match_dense(selection: str) -> None:
+def test_lossless_chunked_prefill_and_decode_match_dense(selection: str, key_space: str) -> None:
     """At full rank / 16 bits: each chunk attends like dense causal attention over the exact K/V
     (read the way the interface does: attend, observe, release), and so does every decode step."""
-    cfg = lossless(outlier_selection=selection, compress_tail=True)
-    layer = layer_for(cfg)
+    cfg = lossless(outlier_selection=selection, compress_tail=True, key_space=key_space)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    layer = SpectralLayer(cfg, 0, head_dim=D, num_kv_heads=H, rope_inv_freq=inv)
     n, chunk = 170, 50
     k, v = kv(n + 20, seed=15)
     for lo in range(0, n, chunk):
