@@ -338,7 +338,7 @@ class SpectralCache(Cache):
                 )
             if isinstance(layer, SpectralLayer):
                 _refuse_inexact_lossless(self.config, key_states.dtype)
-            if type(layer) is SpectralLayer and not self.offloading:
+            if type(layer) is SpectralLayer and not getattr(self, "offloading", False):
                 # what Cache.update + SpectralLayer.update do, less the layer's own checkpoint:
                 # the one taken here restores it (via _abort_forward) if anything below raises
                 self._forward_checkpoints[layer_idx] = ("own", layer.checkpoint())
