@@ -276,7 +276,10 @@ def test_nonfinite_decode_token_reported_at_next_sync_point(bad, where):
                 return
             cache.update(k, v, j)
             lay.release_chunk()
-    assert layer._unchecked_from is not None
+        if i == bad_at - 1:
+            cache.memory_report()  # a sync point: every stored row is checked, nothing pending
+            assert layer._unchecked_from is None
+    assert layer._unchecked_from == bad_at
     with pytest.raises(ValueError, match=rf"layer 1: .*NaN or inf \(first at cache index {bad_at}\)"):
         cache.memory_report()
     with pytest.raises(ValueError, match=rf"cache index {bad_at}"):
