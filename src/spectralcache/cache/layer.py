@@ -164,6 +164,18 @@ class LayerCheckpoint:
     n_compression_calls: int
 
 
+def _decode_facts(key_states: torch.Tensor, value_states: torch.Tensor) -> tuple:
+    """What ``SpectralLayer._validate``'s checks of a decode token depend on (its fast path)."""
+    return (
+        key_states.shape,
+        value_states.shape,
+        key_states.dtype,
+        value_states.dtype,
+        key_states.device,
+        value_states.device,
+    )
+
+
 class SpectralLayer(CacheLayerMixin):
     """Compressed cache of one full-attention layer (KV heads only; GQA heads never repeated)."""
 
@@ -416,27 +428,12 @@ class SpectralLayer(CacheLayerMixin):
             facts is not None
             and isinstance(key_states, torch.Tensor)
             and isinstance(value_states, torch.Tensor)
-            and facts
-            == (
-                key_states.shape,
-                value_states.shape,
-                key_states.dtype,
-                value_states.dtype,
-                key_states.device,
-                value_states.device,
-            )
+            and facts == _decode_facts(key_states, value_states)
         ):
             return
         self._validate_full(key_states, value_states)
         if key_states.shape[-2] == 1 and self.is_initialized and self._seq_len > 0:
-            self._decode_facts = (
-                key_states.shape,
-                value_states.shape,
-                key_states.dtype,
-                value_states.dtype,
-                key_states.device,
-                value_states.device,
-            )
+            self._decode_facts = _decode_facts(key_states, value_states)
 
     def _validate_full(self, key_states: Any, value_states: Any) -> None:
         for name, x in (("key_states", key_states), ("value_states", value_states)):
