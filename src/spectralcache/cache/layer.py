@@ -981,7 +981,8 @@ class SpectralLayer(CacheLayerMixin):
         taken before the update (the cache's per-forward one) still rolls it back; a failure
         restores the layer as it was before this call.
         """
-        if not self._observe_due or self._chunk_k is None:
+        # getattr: a layer pickled before this field existed has none (and nothing deferred)
+        if not getattr(self, "_observe_due", False) or self._chunk_k is None:
             return
         cfg = self.config
         live = self.hot_len
