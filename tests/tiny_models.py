@@ -7,6 +7,9 @@ several layers, RoPE, and for Gemma 3 interleaved sliding / full layers with
 per-layer-type RoPE theta, q/k norms and a non-default attention scaling. ``gemma2``
 (not in ``MODEL_NAMES``) adds attention-logit softcapping.
 
+``small_lossy_config`` / ``small_lossless_config``: the small SpectralConfigs (32-token blocks,
+head_dim-16 ranks) that several layer-level tests build their caches with.
+
 Weights use a larger init range than the libraries' default so logits are far from
 ties: greedy decoding then compares attention implementations, not rounding noise.
 """
@@ -24,6 +27,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from spectralcache.config import SpectralConfig
 
 VOCAB = 256
 MODEL_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -107,3 +112,27 @@ def tiny_prompt(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """Random token ids avoiding the special ids 0-2."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def small_lossy_config(**overrides) -> SpectralConfig:
+    """A lossy SpectralConfig for head_dim-16 tests: 32-token blocks, ranks 4 / 6, 2 outliers."""
+    base = dict(block_size=32, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
+    base.update(overrides)
+    return SpectralConfig(**base)
+
+
+def small_lossless_config(**overrides) -> SpectralConfig:
+    """Its exact twin: full rank (= head_dim 16 <= T_min), 16-bit coefficients, exact SVD."""
+    base = dict(
+        block_size=32,
+        rank_keys=None,
+        rank_values=None,
+        hot_size=4,
+        landmarks=3,
+        outliers_per_block=2,
+        coeff_bits=16,
+        svd_method="exact",
+        basis_dtype="model",
+    )
+    base.update(overrides)
+    return SpectralConfig(**base)

@@ -15,6 +15,8 @@ import os
 
 import pytest
 import torch
+from tests.tiny_models import small_lossless_config as lossless
+from tests.tiny_models import small_lossy_config as lossy
 from tests.tiny_models import tiny_model, tiny_prompt
 from transformers import DynamicCache
 
@@ -28,29 +30,6 @@ H, D = 2, 16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def lossy(**kw) -> SpectralConfig:
-    base = dict(block_size=32, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
-    base.update(kw)
-    return SpectralConfig(**base)
-
-
-def lossless(**kw) -> SpectralConfig:
-    """Full rank (= D = 16 <= T_min), 16-bit coefficients, exact SVD: compression is exact."""
-    base = dict(
-        block_size=32,
-        rank_keys=None,
-        rank_values=None,
-        hot_size=4,
-        landmarks=3,
-        outliers_per_block=2,
-        coeff_bits=16,
-        svd_method="exact",
-        basis_dtype="model",
-    )
-    base.update(kw)
-    return SpectralConfig(**base)
 
 
 def kv(n: int, seed: int = 0, batch: int = 1, dtype: torch.dtype = torch.float32):

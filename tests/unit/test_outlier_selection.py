@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.tiny_models import small_lossless_config as lossless
+from tests.tiny_models import small_lossy_config as lossy
 from tests.tiny_models import tiny_model, tiny_prompt
 from transformers import DynamicCache
 
@@ -27,28 +29,6 @@ from spectralcache.integrations.compat import cache_kwargs
 
 H, D = 2, 16
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def lossy(**kw) -> SpectralConfig:
-    base = dict(block_size=32, rank_keys=4, rank_values=6, hot_size=4, landmarks=3, outliers_per_block=2)
-    base.update(kw)
-    return SpectralConfig(**base)
-
-
-def lossless(**kw) -> SpectralConfig:
-    base = dict(
-        block_size=32,
-        rank_keys=None,
-        rank_values=None,
-        hot_size=4,
-        landmarks=3,
-        outliers_per_block=2,
-        coeff_bits=16,
-        svd_method="exact",
-        basis_dtype="model",
-    )
-    base.update(kw)
-    return SpectralConfig(**base)
 
 
 def kv(n: int, seed: int = 0, heads: int = H):
