@@ -34,6 +34,7 @@ steps of 100/n points, so read differences smaller than that as noise.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -75,10 +76,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from spectralcache.cli import main as cli_main
 
     if args.one_call:
-        # the runner looks ``answer`` up at call time: swap in the one-call protocol
+        # the runner looks ``answer`` up at call time: swap in its one-call protocol
         from spectralcache.eval import runner
 
-        runner.answer = answer_one_call
+        runner.answer = functools.partial(runner.answer, one_call=True)
     out = Path(args.out) / "eval"
     argv = [
         "eval", "tasks",
@@ -103,80 +104,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"spectralcache {' '.join(argv)}\n"
         )
     return cli_main(argv)
-
-
-@torch.inference_mode()
-def answer_one_call(
-    model: Any,
-    tokenizer: Any,
-    cache: Any,
-    context: str,
-    question: str,
-    *,
-    max_new_tokens: int,
-    stop_newline: bool = True,
-    prefill_chunk: int | None = None,
-) -> Any:
-    """``spectralcache.eval.runner.answer`` with the context and the question prefilled in *one*
-    forward (the same token ids: context with special tokens, then the question without), so the
-    last prefill queries -- the observation window of ``outlier_selection`` -- are the question's.
-    Everything else (greedy decode, newline stop, KV bytes measured before decoding) as the runner.
-    ``prefill_s`` is the one call, ``question_s`` 0."""
-    from transformers import DynamicCache
-
-    from spectralcache.eval import runner
-
-    if prefill_chunk:
-        raise ValueError("--one-call prefills in one forward; it does not take a prefill chunk")
-    device = next(model.parameters()).device
-    ctx = tokenizer(context, return_tensors="pt", add_special_tokens=True).input_ids.to(device)
-    q = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    if q.shape[1] == 0:
-        raise ValueError("empty question: the answer prefix must give the model something to continue")
-    if cache is None:
-        cache = DynamicCache(config=model.config)
-    runner._sync(device)
-    t0 = time.perf_counter()
-    logits = runner.prefill(model, cache, torch.cat([ctx, q], dim=1))
-    runner._sync(device)
-    t1 = time.perf_counter()
-    per_layer = runner.measure_kv_bytes_per_layer(cache)
-    full = runner.full_attention_layers(model.config)
-    kv_full = sum(per_layer[i] for i in full if i < len(per_layer))
-    stops = runner.eos_ids(model, tokenizer)
-    generated: list[int] = []
-    text = ""
-    for _ in range(int(max_new_tokens)):
-        nxt = int(logits.argmax(-1)[0])
-        if nxt in stops:
-            break
-        generated.append(nxt)
-        piece = tokenizer.decode([nxt])
-        if stop_newline and "\n" in piece and text.strip():
-            break
-        text += piece
-        if len(generated) == max_new_tokens:
-            break
-        logits = model(
-            input_ids=torch.tensor([[nxt]], device=device),
-            **runner.cache_kwargs(model, cache),
-            use_cache=True,
-        ).logits[:, -1]
-    runner._sync(device)
-    t2 = time.perf_counter()
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    if stop_newline:
-        text = text.strip("\n").split("\n")[0] if text.strip() else text
-    return runner.Answer(
-        text=text.strip(),
-        new_tokens=len(generated),
-        prefill_s=t1 - t0,
-        question_s=0.0,
-        decode_s=t2 - t1,
-        kv_bytes=int(sum(per_layer)),
-        kv_bytes_full=int(kv_full),
-        context_tokens=int(ctx.shape[1]),
-    )
 
 
 def _needle_token_span(tokenizer: Any, context: str, answer: str) -> list[int]:
@@ -534,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--one-call",
         action="store_true",
-        help="prefill context and question in one forward (answer_one_call); use its own --out",
+        help="prefill context and question in one forward (runner.answer(one_call=True)); use its own --out",
     )
     rep = sub.add_parser("report", help="summarize OUT/eval into fidelity.json / .md and Pareto plots")
     rep.add_argument("--no-plots", action="store_true")

@@ -278,6 +278,15 @@ def test_answer_protocol_matches_generate(tiny_gemma, gemma_tokenizer):
         tiny_gemma, tok, None, context, question, max_new_tokens=6, stop_newline=False, prefill_chunk=37
     )
     assert b.text == a.text
+    # so is the one-call protocol (context and question in one forward)
+    c = runner.answer(
+        tiny_gemma, tok, None, context, question, max_new_tokens=6, stop_newline=False, one_call=True
+    )
+    assert c.text == a.text and c.question_s == 0.0 and c.context_tokens == a.context_tokens
+    with pytest.raises(ValueError, match=r"one_call.*prefill_chunk"):
+        runner.answer(
+            tiny_gemma, tok, None, context, question, max_new_tokens=6, one_call=True, prefill_chunk=37
+        )
 
 
 def test_peer_rows_are_rescored_and_keep_their_own_baseline(gemma_tokenizer, tmp_path):

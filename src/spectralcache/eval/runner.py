@@ -214,8 +214,16 @@ def answer(
     max_new_tokens: int,
     stop_newline: bool = True,
     prefill_chunk: int | None = None,
+    one_call: bool = False,
 ) -> Answer:
-    """The question protocol on one sample (see the module docstring)."""
+    """The question protocol on one sample (see the module docstring).
+
+    ``one_call``: prefill the context and the question in *one* forward (the same token ids), so
+    the last prefill queries are the question's (``benchmarks/fidelity_study.py run --one-call``,
+    for ``outlier_selection``'s observation window); ``prefill_s`` is then that call and
+    ``question_s`` 0."""
+    if one_call and prefill_chunk:
+        raise ValueError("one_call prefills context and question in one forward; it takes no prefill_chunk")
     device = next(model.parameters()).device
     ctx = tokenizer(context, return_tensors="pt", add_special_tokens=True).input_ids.to(device)
     q = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
@@ -227,12 +235,18 @@ def answer(
         cache = DynamicCache(config=model.config)
     _sync(device)
     t0 = time.perf_counter()
-    prefill(model, cache, ctx, prefill_chunk)
-    _sync(device)
-    t1 = time.perf_counter()
-    logits = model(input_ids=q, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-    _sync(device)
-    t2 = time.perf_counter()
+    if one_call:
+        logits = prefill(model, cache, torch.cat([ctx, q], dim=1))
+        _sync(device)
+        t1 = t2 = time.perf_counter()
+    else:
+        prefill(model, cache, ctx, prefill_chunk)
+        _sync(device)
+        t1 = time.perf_counter()
+        out = model(input_ids=q, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        _sync(device)
+        t2 = time.perf_counter()
     per_layer = measure_kv_bytes_per_layer(cache)
     full = full_attention_layers(model.config)
     kv_full = sum(per_layer[i] for i in full if i < len(per_layer))
