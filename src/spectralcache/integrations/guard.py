@@ -17,7 +17,7 @@ Either way :class:`SpectralCacheBypassedError` is raised instead of returning th
 This is independent of Unsloth: it guards plain transformers models too. The check only
 reads each compressed layer's ``get_seq_length()`` and ``has_pending_chunk``: no device sync.
 
-``attach`` also refuses, up front, a model whose inference Unsloth has taken over (see
+``enable`` also refuses, up front, a model whose inference Unsloth has taken over (see
 :func:`spectralcache.integrations.unsloth.unsloth_inference_paths`).
 
 A cache built from a config (``SpectralCache(model.config, cfg)``) installs no hooks, and
@@ -148,10 +148,8 @@ def _after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out
 
 
 def attach(model: nn.Module) -> nn.Module:
-    """Install the bypass check on ``model`` (idempotent); refuses an Unsloth-hijacked model."""
-    from spectralcache.integrations.unsloth import refuse_unsloth_inference
-
-    refuse_unsloth_inference(model)
+    """Install the bypass check on ``model`` (idempotent). ``enable`` refuses an Unsloth-hijacked
+    model before calling this."""
     if getattr(model, _HANDLES, None) is None:
         handles = (
             model.register_forward_pre_hook(_before, with_kwargs=True, prepend=True),

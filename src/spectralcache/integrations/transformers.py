@@ -102,7 +102,7 @@ def enable(model: Any) -> Any:
     call on any model the cache supports, and calling it again is a no-op.
     """
     _check_model(model, refuse_unsloth=True)
-    # Installs the "cache never bypassed" check (and refuses an Unsloth-hijacked model again).
+    # Installs the "cache never bypassed" check.
     from spectralcache.integrations import guard
 
     guard.attach(model)
