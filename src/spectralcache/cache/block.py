@@ -132,32 +132,18 @@ def low_rank_fit(
 def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype):
     """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer.
 
-    On CUDA the rows are quantized by :func:`_quantize_rows_unchecked` (the same arithmetic
-    without ``quantize_rows``' two host-side checks): ``compress_blocks`` has already refused
-    non-finite blocks and taken rows whose scale could overflow out of the fit, so those checks
-    cannot fire there and would only cost two synchronizations per side."""
+    On CUDA without ``quantize_rows``' two host-side checks (``check_finite=False``):
+    ``compress_blocks`` has already refused non-finite blocks and taken rows whose scale could
+    overflow out of the fit, so those checks cannot fire there and would only cost two
+    synchronizations per side."""
     if bits == 16:
         # copy=True: with the identity codec the "coefficients" are the input rows themselves,
         # and the cold tier must own its storage (no aliasing of, or pinning, the hot buffer)
         return coeffs.to(model_dtype, copy=True), None
-    if coeffs.is_cuda:
-        return _quantize_rows_unchecked(coeffs, bits)
-    q = _quant_module().quantize_rows(coeffs, bits=bits, scale_dtype=torch.float16)
+    q = _quant_module().quantize_rows(
+        coeffs, bits=bits, scale_dtype=torch.float16, check_finite=not coeffs.is_cuda
+    )
     return q.data, q.scales
-
-
-def _quantize_rows_unchecked(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_rows(x, bits, float16)`` without its host-side finiteness checks (bit-identical
-    for rows whose float16 scale is finite; tested against it). Only for rows known finite and
-    within :func:`_coeff_limit`."""
-    quant = _quant_module()
-    qmax = 127 if bits == 8 else 7
-    xf = x.float()
-    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)  # max |x| without a full-size abs() temporary
-    scales = quant._round_up_scale(torch.maximum(hi, -lo) / qmax, torch.float16)
-    s = scales.float()
-    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
-    return (q if bits == 8 else quant._pack(q)), scales
 
 
 def dequantize_coeffs(

@@ -95,8 +95,14 @@ def _round_up_scale(s32: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor
     return torch.where(s.float() < s32, up, s)
 
 
-def quantize_rows(x: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = torch.float16) -> QuantizedRows:
-    """Quantize each row (last dim) of ``x [..., rows, cols]`` symmetrically to ``bits`` bits."""
+def quantize_rows(
+    x: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = torch.float16, *, check_finite: bool = True
+) -> QuantizedRows:
+    """Quantize each row (last dim) of ``x [..., rows, cols]`` symmetrically to ``bits`` bits.
+
+    ``check_finite=False`` skips the two host-side checks (NaN/inf input, scale overflow), which
+    synchronize on CUDA, for a caller that has already refused such rows (``compress_blocks``);
+    the result is the same for every input those checks pass."""
     qmax = _check_bits(bits)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"quantize_rows needs a floating tensor, got {getattr(x, 'dtype', type(x))}")
@@ -105,11 +111,12 @@ def quantize_rows(x: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = tor
     if scale_dtype not in _SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
     xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    if not bool(torch.isfinite(amax).all()):
+    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)  # max |x| without a full-size abs() temporary
+    amax = torch.maximum(hi, -lo)
+    if check_finite and not bool(torch.isfinite(amax).all()):
         raise ValueError("quantize_rows input contains NaN or inf")
     scales = _round_up_scale(amax / qmax, scale_dtype)
-    if not bool(torch.isfinite(scales).all()):
+    if check_finite and not bool(torch.isfinite(scales).all()):
         raise ValueError(f"row magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32")
     s = scales.float()
     q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
