@@ -437,7 +437,7 @@ def decode_attention(
                 f"capacity ({plan_blocks} blocks, {plan_exact} exact tokens) below this state's "
                 f"({n_blocks}, {n_exact})"
             )
-        if plan_blocks and cold_args[0] is dummy[torch.int64]:
+        if plan_blocks and not n_blocks:
             raise ValueError(
                 "capacity_blocks > 0 needs a state with cold blocks (their buffers are recorded)"
             )

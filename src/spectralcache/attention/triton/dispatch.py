@@ -46,25 +46,13 @@ def triton_available() -> bool:
     return True
 
 
-# (raw $SPECTRALCACHE_ATTENTION_BACKEND, backend argument) -> backend in force; the environment is
-# still read on every call (it may change), only the parsing and checks are remembered
-_RESOLVED: dict[tuple[str | None, str | None], str] = {}
-
-
 def resolve_backend(backend: str | None = "auto") -> str:
     """The backend in force: ``$SPECTRALCACHE_ATTENTION_BACKEND`` if set, else ``backend``."""
-    raw = os.environ.get(BACKEND_ENV)
-    key = (raw, backend) if backend is None or type(backend) is str else None
-    chosen = _RESOLVED.get(key)
-    if chosen is not None:
-        return chosen
-    env = (raw or "").strip()
+    env = os.environ.get(BACKEND_ENV, "").strip()
     chosen = env or (backend or "auto")
     if chosen not in ATTENTION_BACKENDS:
         source = f"${BACKEND_ENV}" if env else "attention_backend"
         raise ValueError(f"{source} must be one of {ATTENTION_BACKENDS}, got {chosen!r}")
-    if key is not None and len(_RESOLVED) < 64:  # a handful of keys in practice; bounded anyway
-        _RESOLVED[key] = chosen
     return chosen
 
 

@@ -142,7 +142,7 @@ class DecodeGraphSizes:
             size["n_blocks"] > self.capacity_blocks
             or n_exact > self.capacity_exact
             or hot_lo + size["n_hot"] > self._hot_rows
-            or (size["n_land"] > max(self._land_rows, 0) and state.landmark_keys.numel())
+            or size["n_land"] > self._land_rows
         ):
             raise StaleDecodeGraph(
                 f"state ({size['n_blocks']} blocks, {n_exact} exact tokens, hot rows "
