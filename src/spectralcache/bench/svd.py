@@ -170,18 +170,11 @@ def build_methods(
             x, rank, n_iter=n_iter, oversample=oversample, orth=o, generator=gen(), host_sync=True
         )
     if dev.type == "cpu":  # the CPU fast path's reference: level 0 by the generic pipeline
+        default = methods[DEFAULT_METHOD]
 
         def generic(x: torch.Tensor):
             with generic_cpu_level0():
-                return randomized_svd(
-                    x,
-                    rank,
-                    n_iter=n_iter,
-                    oversample=oversample,
-                    orth="cholqr2",
-                    generator=gen(),
-                    host_sync=True,
-                )
+                return default(x)
 
         methods[GENERIC_METHOD] = generic
     if min(M.shape[-2:]) <= 256:  # the sync-free Rayleigh-Ritz pipeline (Gram algorithm only)

@@ -601,9 +601,8 @@ def _top_eigh(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Square roots of the ``rank`` largest eigenvalues of symmetric ``A`` (descending) and
     their eigenvectors. Non-finite entries (a failed element, already flagged) become 0,
     since LAPACK would raise on them."""
-    A = torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0).neg_()
-    neg, W = torch.linalg.eigh(A)  # eigh(-A): A's eigenpairs in descending order, no flips
-    return neg[..., :rank].neg().clamp_min_(0).sqrt_(), W[..., :rank]
+    lam, W = _eigh_desc(torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0), "eigh")
+    return lam[..., :rank].clamp_min_(0).sqrt_(), W[..., :rank]
 
 
 def _rr_cholqr2(
@@ -678,8 +677,9 @@ def _rr_gram(
     def pick(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         return t if idx is None else t.index_select(0, idx)
 
-    s, Wk = _top_eigh(pick(A, flat), rank)
-    finite = torch.isfinite(pick(A, flat).sum((-2, -1)))
+    Af = pick(A, flat)
+    s, Wk = _top_eigh(Af, rank)
+    finite = torch.isfinite(Af.sum((-2, -1)))
     if timer:
         timer.mark("core")
     Vf = pick(Zc, flat) @ Wk.to(acc)  # both orthonormal: V is, to the working precision

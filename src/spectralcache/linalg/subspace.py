@@ -59,7 +59,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SubspaceFit", "draw_omega", "subspace_fit"]
+from spectralcache.linalg.rsvd import _draw_omega
+
+__all__ = ["SubspaceFit", "subspace_fit"]
 
 _F64 = torch.float64
 _HALF = (torch.float16, torch.bfloat16)
@@ -172,13 +174,6 @@ def _check(m: torch.Tensor, rank: int, n_iter: int, lowp: torch.Tensor | None, p
             raise ValueError("lowp needs prescale=False (scaling would change its half-precision values)")
 
 
-def draw_omega(d: int, rank: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """The Gaussian start ``Ω [d, rank]`` (float64), drawn on the generator's device and moved,
-    so a CPU generator reproduces on any device."""
-    gen_dev = generator.device if generator is not None else device
-    return torch.randn(d, rank, generator=generator, dtype=_F64, device=gen_dev).to(device)
-
-
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for half ``a, b`` with float32 output straight from the float32 accumulator
     (CUDA tensor cores); elsewhere, or on a torch without ``out_dtype``, in float32."""
@@ -240,7 +235,7 @@ def subspace_fit(
     # NaN/inf anywhere in a block (or a Gram overflow) reaches its Gram's diagonal
     ok = torch.isfinite(diag).all(-1)
     diag.add_((_REG * diag.sum(-1, keepdim=True)).nan_to_num(0.0) + 1e-30)
-    z = g @ draw_omega(d, rank, mc.device, generator).to(small)
+    z = g @ _draw_omega(d, rank, _F64, mc.device, generator).to(small)
     # one orthonormalization per product: with two (G² Z), strongly decaying spectra (keys with
     # a sink row) lost the final basis at 6 iterations even in float64 (measured on CPU)
     for _ in range(n_iter):
