@@ -17,6 +17,8 @@ _LAZY = {
     "enable": "spectralcache.integrations.transformers",
     "disable": "spectralcache.integrations.transformers",
     "is_enabled": "spectralcache.integrations.transformers",
+    "GraphedDecoder": "spectralcache.integrations.graphed",
+    "graphed_generate": "spectralcache.integrations.graphed",
     "randomized_svd": "spectralcache.linalg.rsvd",
     "truncated_svd": "spectralcache.linalg.rsvd",
 }

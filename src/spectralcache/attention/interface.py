@@ -336,6 +336,15 @@ def spectral_attention_forward(
             raise ValueError("spectral attention does not support attention dropout; call model.eval()")
         if kwargs.get("output_attentions"):
             raise ValueError("spectral attention cannot return attention weights (output_attentions=True)")
+        slot = getattr(layer, "_graph_slot", None)
+        if slot is not None:
+            # a graphed decode step (integrations/graphed.py): the kernel with device-side sizes
+            # over the layer's capacity. No padding mask exists there (the decoder refuses padded
+            # batches), so a mask transformers built is the causal one, which the kernel applies
+            # by cache index itself; it is not read (its address would be baked into the graph).
+            out = slot.attend(query, layer, scaling, softcap)
+            result = (out.transpose(1, 2).contiguous(), None)
+            return result
         state = layer.state()
         exact = _exact_kv(state)
         if exact is not None:

@@ -70,7 +70,6 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +77,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from spectralcache.cache.block import compress_blocks, reconstruct
+from spectralcache.cache.deferred import DeferredCheck, DeviceSeconds, should_defer
 from spectralcache.cache.rope import RopeRotator, rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 from spectralcache.config import SpectralConfig
@@ -182,6 +182,9 @@ class SpectralLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = True
+    #: set by ``integrations/graphed.py`` only while it runs a graphed decode step (see
+    #: "Graphed decode steps" below); None otherwise. Not part of the checkpointed state.
+    _graph_slot: Any = None
 
     def __init__(
         self,
@@ -216,7 +219,11 @@ class SpectralLayer(CacheLayerMixin):
         if config.key_space == "pre_rope":
             self.rotator = RopeRotator(rope_inv_freq, head_dim or 2 * rope_inv_freq.numel())
         # stats: (blocks compressed, seconds) per compression call
-        self.compression_calls: list[tuple[int, float]] = []
+        # (blocks, seconds) per compression call; on CUDA the seconds are read when first used
+        self.compression_calls: list[tuple[int, float | DeviceSeconds]] = []
+        # set by SpectralCache for the length of a forward opened by spectralcache.enable's hooks:
+        # refusals found on the device go here and are read once at the forward's end
+        self.deferred_checks: list[DeferredCheck] | None = None
         self._generation = 0
         self._checkpoint_seq = 0
         # checkpoints taken after the one a rollback returned to: (first, last) seq, per generation
@@ -491,8 +498,16 @@ class SpectralLayer(CacheLayerMixin):
         if max(rk, rv) > d:
             raise ValueError(f"layer {self.layer_idx}: ranks ({rk}, {rv}) exceed head_dim {d}")
         if key_states.shape[-2] > 1:
-            # a prefill chunk: checked on the host (one sync, cheap next to the prefill itself)
-            if bool(_any_nonfinite(key_states, value_states)):
+            # a prefill chunk: read back at the forward's end when it collects checks, else now
+            if self.deferred_checks is not None and should_defer(key_states):
+                idx = self.layer_idx
+                self.deferred_checks.append(
+                    DeferredCheck(
+                        _any_nonfinite(key_states, value_states),
+                        lambda: f"layer {idx}: key/value states contain NaN or inf",
+                    )
+                )
+            elif bool(_any_nonfinite(key_states, value_states)):
                 raise ValueError(
                     f"layer {self.layer_idx}: key/value states contain NaN or inf; the cache was not changed"
                 )
@@ -624,6 +639,9 @@ class SpectralLayer(CacheLayerMixin):
         return True
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self._graph_slot is not None:
+            self._append_graph(key_states, value_states)
+            return
         if key_states.shape[2] == 1 and self.is_initialized and self._append_decode(key_states, value_states):
             return
         if not self.is_initialized or self._seq_len == 0:
@@ -707,6 +725,144 @@ class SpectralLayer(CacheLayerMixin):
         buf[:, :, :n].copy_(window)
         buf[:, :, n : n + new.shape[-2]].copy_(new)
         return buf
+
+    # ------------------------------------------------------------------ graphed decode steps
+    # What ``integrations/graphed.py`` (a whole decode step replayed from a CUDA graph) needs from
+    # a layer. A replay runs no Python, so everything host-side moves out of the step:
+    #
+    # * ``graph_prepare`` (eager, before the step): compresses the block the incoming token makes
+    #   due -- the very block ``_append`` would compress with that token, since with
+    #   ``hot_size >= 1`` it lies wholly in the hot window -- and keeps the hot window at row 0 of
+    #   a fixed-capacity buffer (``graph_hot_capacity`` rows), compacting it in place after a
+    #   compression. So the hot buffer's address survives every step; only cold-buffer growth
+    #   (made rare by ``reserve_blocks``) or the first compression moves a buffer.
+    # * ``graph_advance`` (host, before the step): the host counters of one more token, and the
+    #   hot row it goes to (the caller hands that row to the step as a device scalar).
+    # * ``_append_graph`` (inside the step, while ``_graph_slot`` is set): writes the token at
+    #   that device row with ``index_copy_`` -- no host int is baked into the write.
+    # * ``graph_state``: the state the step's attention reads (the token is in the hot window).
+    #
+    # In-place compaction overwrites rows that a view handed out earlier may show, so it
+    # invalidates outstanding checkpoints (``rollback`` to one then raises); nothing else here
+    # breaks the checkpoint contract (``graph_advance`` only moves counters).
+
+    @property
+    def graph_hot_capacity(self) -> int:
+        """Rows of the fixed hot buffer in graphed decoding: the most a hot window holds after a
+        decode write (``hot_size + block_size - 1``) plus one."""
+        return self.config.hot_size + self.config.block_size
+
+    def graph_unready_reason(self) -> str | None:
+        """Why the next decode token cannot go through a graphed step (None: it can)."""
+        if not self.is_initialized or self._seq_len == 0:
+            return "the layer is empty (prefill first)"
+        if self.config.hot_size < 1:
+            return "hot_size is 0 (a due block would include the incoming token)"
+        if self._n_lm != self.config.landmarks:
+            return f"the landmarks are not full yet ({self._n_lm} of {self.config.landmarks})"
+        if self._chunk_k is not None:
+            return "a chunk is pending (the previous forward's attention did not run)"
+        if getattr(self, "_observe_due", False):
+            return "blocks deferred by a prefill chunk are still due"
+        return None
+
+    def graph_prepare(self, reserve_blocks: int = 0) -> None:
+        """Make the layer ready for one graphed decode token (eager; may synchronize).
+
+        Compresses the due block (if the incoming token makes one due), gives the hot window a
+        buffer of ``graph_hot_capacity`` rows starting at row 0, and grows the cold buffers to at
+        least ``nb + reserve_blocks`` blocks when they are reallocated anyway (or now, if they
+        exist and are smaller), so that later compressions append in place. Atomic: a failed
+        compression leaves the layer as it was."""
+        reason = self.graph_unready_reason()
+        if reason is not None:
+            raise RuntimeError(f"layer {self.layer_idx}: not ready for a graphed decode step: {reason}")
+        cfg, t = self.config, self.block_size
+        want_cold = self._nb + max(int(reserve_blocks), 0)
+        live = self.hot_len
+        if live + 1 >= cfg.hot_size + t:
+            m = (live + 1 - cfg.hot_size) // t * t  # <= live, since hot_size >= 1
+            token = self.checkpoint()
+            try:
+                self.check_finite()  # a NaN/inf decode token never enters a block
+                hk, hv = self._hot()
+                blocks = self._compress(hk[:, :, :m], hv[:, :, :m], self._hot_start, t)
+                self._append_blocks(blocks, min_capacity=want_cold + blocks.num_blocks)
+                self._block_t = t
+                self._hot_lo += m
+                self._hot_start += m
+            except BaseException:
+                self.rollback(token)
+                raise
+        if self._cold is not None and self._nb and self.cold_capacity < want_cold:
+            self._regrow_cold(want_cold)
+        cap = self.graph_hot_capacity
+        lo, hi = self._hot_lo, self._hot_hi
+        if self._hot_k.shape[2] < cap:
+            # a fresh fixed-capacity buffer (outstanding checkpoints keep the old one)
+            none = self._hot_k.new_empty(self.batch_size, self.num_kv_heads, 0, self.head_dim)
+            self._hot_k = self._compact(self._hot_k[:, :, lo:hi], none, cap - (hi - lo))
+            self._hot_v = self._compact(self._hot_v[:, :, lo:hi], none, cap - (hi - lo))
+            self._hot_lo, self._hot_hi = 0, hi - lo
+        elif lo:
+            # in place: the buffer (and a captured graph's address of it) stays
+            n = hi - lo
+            for buf in (self._hot_k, self._hot_v):
+                buf[:, :, :n].copy_(buf[:, :, lo:hi].clone())
+            self._hot_lo, self._hot_hi = 0, n
+            self._invalidate_checkpoints()  # rows a checkpoint's window shows were overwritten
+
+    def _regrow_cold(self, capacity: int) -> None:
+        """Fresh cold buffers of ``capacity`` blocks holding the current ones (checkpoint-safe)."""
+        old, nb = self._cold, self._nb
+
+        def grow(name: str, x: torch.Tensor) -> torch.Tensor:
+            axis = 0 if name == "block_starts" else 2
+            shape = list(x.shape)
+            shape[axis] = capacity
+            buf = x.new_empty(shape)
+            buf.narrow(axis, 0, nb).copy_(x.narrow(axis, 0, nb))
+            return buf
+
+        self._cold = old.map_tensors(grow)
+
+    def graph_advance(self) -> int:
+        """Host counters of one graphed decode token (call after :meth:`graph_prepare`); returns
+        the hot-buffer row the step must write it to. Only counters change: a checkpoint taken
+        before this call restores the layer."""
+        hi = self._hot_hi
+        if hi >= self._hot_k.shape[2] or self._chunk_k is not None:
+            raise RuntimeError(f"layer {self.layer_idx}: graph_advance without graph_prepare")
+        start = self._seq_len
+        self._hot_hi = hi + 1
+        if self._unchecked_from is None:
+            self._unchecked_from = start  # checked at the next sync point (module docstring)
+        self._observe_due = False
+        self._seq_len = start + 1
+        return hi
+
+    def _append_graph(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The write of a graphed decode step: the token goes to the hot row ``graph_advance``
+        chose, read from the device scalar ``_graph_slot.write_row``; counters were advanced
+        already. The chunk is kept as in ``_append_decode`` (the attention handshake finds the
+        layer by it)."""
+        if key_states.shape[2] != 1:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: a graphed decode step takes one token, got {key_states.shape[2]}"
+            )
+        row = self._graph_slot.write_row
+        self._hot_k.index_copy_(2, row, key_states)
+        self._hot_v.index_copy_(2, row, value_states)
+        self._chunk_k, self._chunk_v = key_states, value_states
+        self._chunk_start = self._seq_len - 1
+
+    def graph_state(self) -> SpectralLayerState:
+        """:meth:`state` without the chunk: the step's token is read from the hot window, where
+        ``_append_graph`` wrote it (same values), so no per-step tensor's address is baked."""
+        state = self.state()
+        state.chunk_keys = state.chunk_values = None
+        state.chunk_start = state.seq_len
+        return state
 
     def release_chunk(self) -> None:
         """Drop the current call's exact K/V (called by attention once it has run)."""
@@ -909,10 +1065,9 @@ class SpectralLayer(CacheLayerMixin):
             fit_keys = self.rotator.unrotate(keys.float(), positions).reshape(b, h, nb, t, d)
         starts = first_index + t * torch.arange(nb, device=keys.device, dtype=torch.int64)
         rk, rv = self.config.ranks_for(d)
-        sync = keys.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(keys.device)
-        t0 = time.perf_counter()
+        deferred = self.deferred_checks
+        n_deferred = 0 if deferred is None else len(deferred)
+        seconds = DeviceSeconds(keys.device)
         try:
             blocks = compress_blocks(
                 fit_keys,
@@ -924,23 +1079,28 @@ class SpectralLayer(CacheLayerMixin):
                 block_starts=starts,
                 block_size=t,
                 importance=importance,
+                deferred_checks=deferred,
             )
         except ValueError as e:
             raise ValueError(
                 f"layer {self.layer_idx}: cannot compress cache indices {first_index}..{first_index + n_tok - 1}: "
                 f"{e}. The update was refused and the cache is unchanged"
             ) from e
-        if sync:
-            torch.cuda.synchronize(keys.device)
-        self.compression_calls.append((nb, time.perf_counter() - t0))
+        if deferred is not None and len(deferred) > n_deferred:
+            check = deferred[-1]
+            where = f"layer {self.layer_idx}: cannot compress cache indices {first_index}..{first_index + n_tok - 1}"
+            deferred[-1] = DeferredCheck(check.failed, lambda: f"{where}: {check.message()}")
+        self.compression_calls.append((nb, seconds.stop()))
         return blocks
 
-    def _append_blocks(self, new: ColdBlocks) -> None:
-        """Write ``new`` after the last block, growing the buffers (fresh ones) when full."""
+    def _append_blocks(self, new: ColdBlocks, min_capacity: int = 0) -> None:
+        """Write ``new`` after the last block, growing the buffers (fresh ones) when full
+        (to at least ``min_capacity`` blocks: graphed decoding reserves room ahead)."""
         n = new.num_blocks
         need = self._nb + n
         if self._cold is None or need > self.cold_capacity:
             cap = need if self._nb == 0 else max(need, math.ceil(self._nb * COLD_GROWTH))
+            cap = max(cap, min_capacity)
             old, nb = self._cold, self._nb
 
             def grow(name: str, x: torch.Tensor) -> torch.Tensor:
