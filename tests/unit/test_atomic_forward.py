@@ -11,6 +11,7 @@ the refused call -- and, with an exact (identity, 16-bit) configuration, exactly
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,7 @@ from tests.tiny_models import tiny_model, tiny_prompt
 from transformers import DynamicCache
 
 from spectralcache import SpectralCache, SpectralConfig
+from spectralcache.cache.deferred import deferring
 from spectralcache.integrations.transformers import enable
 
 MODELS = ("llama", "gemma3")
@@ -135,14 +137,18 @@ def logits_after(model, cache, prompt, chunk) -> torch.Tensor:
     return model(chunk, past_key_values=cache, use_cache=True).logits
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["checks_at_once", "checks_deferred"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("cfg", [EXACT, LOSSY], ids=["exact", "lossy"])
-def test_refused_forward_leaves_cache_unchanged(models, name: str, case: str, cfg: SpectralConfig) -> None:
+def test_refused_forward_leaves_cache_unchanged(
+    models, name: str, case: str, cfg: SpectralConfig, deferred: bool
+) -> None:
+    """``deferred``: checks read at the forward's end, as on CUDA (cache/deferred.py)."""
     model = models[name]
     prompt, chunk = tiny_prompt(1, PROMPT, seed=1), tiny_prompt(1, CHUNK, seed=2)
     cache = SpectralCache(model, cfg)
-    with torch.no_grad():
+    with torch.no_grad(), deferring() if deferred else contextlib.nullcontext():
         model(prompt, past_key_values=cache, use_cache=True)
         assert any(getattr(layer, "num_blocks", 0) for layer in cache.layers)
         before = cache.layer_lengths()

@@ -217,7 +217,7 @@ def build_case(
     state = layer.state()
     g = torch.Generator(device="cpu").manual_seed(seed + 7)
     query = torch.randn(batch, q_heads, 1, head_dim, generator=g).to(device=device, dtype=dtype)
-    compress_s = sum(s for _, s in layer.compression_calls)
+    compress_s = sum(float(s) for _, s in layer.compression_calls)
     return Case(cache, state, keys, values, query, fill_s, compress_s)
 
 

@@ -47,6 +47,7 @@ from collections.abc import Callable
 
 import torch
 
+from spectralcache.cache.deferred import DeferredCheck, should_defer
 from spectralcache.cache.state import ColdBlocks
 from spectralcache.config import SpectralConfig
 
@@ -295,6 +296,7 @@ def compress_blocks(
     block_starts: torch.Tensor | None = None,
     block_size: int | None = None,
     importance: torch.Tensor | None = None,
+    deferred_checks: list[DeferredCheck] | None = None,
 ) -> ColdBlocks:
     """Compress blocks ``keys, values [..., T, D]`` in one batched call (no loop over blocks or heads).
 
@@ -314,6 +316,12 @@ def compress_blocks(
     16-bit coefficient the model dtype; see :func:`_overflowing_rows`) are kept exact as
     outliers and left out of the fit. A block with more such rows than ``outliers_per_block``
     cannot be stored: ValueError (nothing is returned, so a caller's cache stays unchanged).
+
+    ``deferred_checks`` (a list, from a forward that reads its checks at its end; see
+    :mod:`spectralcache.cache.deferred`): on a device where checks are deferred, that refusal is
+    appended to it as a device flag instead of being read here (no host synchronization), and
+    the blocks are returned in any case: rows holding NaN / inf are then kept out of the fit like
+    huge ones, and the caller must discard the result if the flag comes back set.
     """
     if keys.shape != values.shape:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape")
@@ -358,23 +366,36 @@ def compress_blocks(
     v_huge, v_bad = _overflowing_rows(values.reshape(n, t, d), vbits, config.value_codec, model_dtype, cdt)
     huge = k_huge | v_huge  # [N, T]
     n_huge = huge.sum(-1)
-    # The one host synchronization of a call (everything after it, fit and quantization
-    # included, is queued without reading anything back on CUDA): it refuses what cannot be
-    # stored before anything is computed, so a caller's cache stays unchanged.
-    nonfinite, excess, any_huge = torch.stack(
-        [(k_bad | v_bad).any(), (n_huge > o).any(), n_huge.any()]
-    ).tolist()
-    if nonfinite:
-        raise ValueError(
-            "keys/values contain NaN or inf; compress_blocks needs finite blocks (nothing was compressed)"
+    bad_rows = k_bad | v_bad
+
+    def refusal(nonfinite: bool) -> str:
+        if nonfinite:
+            return (
+                "keys/values contain NaN or inf; compress_blocks needs finite blocks (nothing was compressed)"
+            )
+        return (
+            f"a block has {int(n_huge.max())} rows too large for {config.coeff_bits}/{vbits}-bit "
+            f"coefficients (max |value| {float(torch.maximum(kf.abs().amax(), vf.abs().amax())):.3g}; "
+            f"per-row float16 scales overflow); at most outliers_per_block={o} such rows per block can "
+            "be kept exact"
         )
-    if excess:
-        worst = int(n_huge.max())
-        raise ValueError(
-            f"a block has {worst} rows too large for {config.coeff_bits}/{vbits}-bit coefficients "
-            f"(max |value| {float(torch.maximum(kf.abs().amax(), vf.abs().amax())):.3g}; per-row "
-            f"float16 scales overflow); at most outliers_per_block={o} such rows per block can be kept exact"
+
+    if deferred_checks is not None and should_defer(keys):
+        # read at the forward's end: bad rows join the huge ones (kept out of the fit, served
+        # exactly) so nothing below sees a NaN; the caller discards the blocks if this is set
+        nonfinite_t = bad_rows.any()
+        deferred_checks.append(
+            DeferredCheck(nonfinite_t | (n_huge > o).any(), lambda: refusal(bool(nonfinite_t)))
         )
+        huge = huge | bad_rows
+        any_huge = True
+    else:
+        # The one host synchronization of a call (everything after it, fit and quantization
+        # included, is queued without reading anything back on CUDA): it refuses what cannot be
+        # stored before anything is computed, so a caller's cache stays unchanged.
+        nonfinite, excess, any_huge = torch.stack([bad_rows.any(), (n_huge > o).any(), n_huge.any()]).tolist()
+        if nonfinite or excess:
+            raise ValueError(refusal(nonfinite))
     # the fit's half-precision copies (tensor-core GEMMs on CUDA): the model-dtype K/V that
     # kf / vf were converted from, so they hold exactly the same values
     low_ok = kf.is_cuda and cdt == torch.float32

@@ -38,6 +38,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from spectralcache.cache.deferred import DeferredCheck, first_failure
 from spectralcache.cache.layer import COLD_TIERS, SpectralLayer
 from spectralcache.cache.memory import held_bytes, logical_bytes
 from spectralcache.cache.rope import find_rotary_inv_freq
@@ -365,6 +366,7 @@ class SpectralCache(Cache):
     def _abort_forward(self) -> None:
         """Roll every layer updated since the current forward began back to its state before it."""
         checkpoints = self._forward_checkpoints
+        self._stop_deferring()  # their flags describe what is being rolled back
         errors = []
         for idx in sorted(checkpoints, reverse=True):
             try:
@@ -425,14 +427,37 @@ class SpectralCache(Cache):
                 "crop / reset the cache)"
             )
         self._hooked_forward = True
+        # refusals found on the device during this forward are read once, at its end
+        checks: list[DeferredCheck] = []
+        for layer in self.layers:
+            if isinstance(layer, SpectralLayer):
+                layer.deferred_checks = checks
+
+    def _stop_deferring(self) -> list[DeferredCheck]:
+        """Detach the open forward's deferred checks from the layers; return them."""
+        checks: list[DeferredCheck] = []
+        for layer in self.layers:
+            if isinstance(layer, SpectralLayer) and layer.deferred_checks is not None:
+                checks = layer.deferred_checks
+                layer.deferred_checks = None
+        return checks
 
     def _end_forward(self, failed: bool) -> None:
-        """Called after that forward: keep its updates, or roll them all back if it raised."""
+        """Called after that forward: keep its updates, or roll them all back if it raised or
+        one of its deferred checks failed (one host synchronization reads them all)."""
         self._hooked_forward = False
         if failed:
             self._abort_forward()
-        else:
-            self._forward_checkpoints.clear()
+            return
+        try:
+            failure = first_failure(self._stop_deferring())
+        except BaseException:
+            self._abort_forward()
+            raise
+        if failure is not None:
+            self._abort_forward()
+            raise ValueError(f"SpectralCache: {failure}; the forward was refused and the cache is unchanged")
+        self._forward_checkpoints.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -541,7 +566,7 @@ class SpectralCache(Cache):
             c for layer in self.layers if isinstance(layer, SpectralLayer) for c in layer.compression_calls
         ]
         blocks = sum(n for n, _ in calls)
-        seconds = sum(s for _, s in calls)
+        seconds = sum(float(s) for _, s in calls)
         return {
             "calls": len(calls),
             "blocks": blocks,
