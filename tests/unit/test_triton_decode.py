@@ -44,6 +44,7 @@ def _check(
     mask: str | None = None,
     softcap: float | None = None,
     blocks_per_split: int | None = 1,
+    block_stages: int | None = None,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -63,8 +64,9 @@ def _check(
             attn_mask = torch.where(attn_mask, 0.0, torch.finfo(dtype).min).to(dtype)
     out = torch.full_like(query, float("nan"))
     got = decode_attention(
-        query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16
-    )
+        query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
+        block_stages=block_stages,
+    )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) output elements"
@@ -149,6 +151,22 @@ def test_softcap() -> None:
 @pytest.mark.parametrize("blocks_per_split", [None, 1, 2, 5])
 def test_split_plans_agree(blocks_per_split: int | None) -> None:
     _check(blocks=4, blocks_per_split=blocks_per_split)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(key_bits=4, blocks=5, outliers=3),
+        dict(key_bits=8, key_space="pre_rope", mask="bool", batch=2),
+        dict(key_bits=4, identity_keys=True, identity_values=True, blocks=4),
+        dict(block_size=100, rank_keys=5, rank_values=7, q_len=3, groups=2, mask="float"),
+        dict(dtype=torch.bfloat16, groups=4, key_bits=4, blocks=6, softcap=5.0),
+    ],
+)
+@pytest.mark.parametrize("blocks_per_split", [1, 3])
+def test_block_pipelined_loop_agrees(kw: dict, blocks_per_split: int) -> None:
+    # block_stages > 0: the tiles of a block unrolled, the block loop software-pipelined
+    _check(block_stages=2, blocks_per_split=blocks_per_split, **kw)
 
 
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])

@@ -208,6 +208,87 @@ def _exact_segment(
     return m, den, acc
 
 
+@triton.jit
+def _cold_tile(
+    m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
+    kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
+    freq, is_rot, partner, sign,
+    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+    T: tl.constexpr, BLOCK_T: tl.constexpr, RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr,
+    RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr,
+    KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
+    PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    F32: tl.constexpr,
+):  # fmt: skip
+    """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``)."""
+    tt = t0 + tl.arange(0, BLOCK_T)
+    t_ok = tt < T
+    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS)
+    if KEY_BITS != 16:
+        kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
+    if PRE_ROPE:
+        # rebuild the pre-RoPE key tile, rotate it by its cache indices, then score
+        if KEY_BITS != 16:
+            cks = ck.to(tl.float32) * kscale[:, None]
+        else:
+            cks = ck.to(tl.float32)
+        if KEY_IDENTITY:
+            # identity: the partner columns come straight from the coefficient rows
+            keys = cks
+            keys_partner = _partner_rows(kc_n, tt, t_ok, s_kc_t, s_kc_c, partner, sign, D, D_P, KEY_BITS)
+            if KEY_BITS != 16:
+                keys_partner = keys_partner * kscale[:, None]
+        else:
+            keys = _dot(cks, bk, F32, tl.float16)
+            keys_partner = _dot(cks, bk_partner, F32, tl.float16)
+        ang = (start + tt).to(tl.float32)[:, None] * freq[None, :]
+        cos = tl.where(is_rot[None, :], tl.cos(ang), 1.0)
+        sin = tl.where(is_rot[None, :], tl.sin(ang), 0.0)
+        keys = keys * cos + keys_partner * sin
+        s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
+    elif KEY_IDENTITY:
+        s = _dot(q, tl.trans(ck), F32, ck.dtype) * scale
+        if KEY_BITS != 16:
+            s = s * kscale[None, :]
+    else:
+        s = _dot(qb, tl.trans(ck), F32, ck.dtype)
+        if KEY_BITS != 16:
+            s = s * kscale[None, :]
+    s = _softcap(s, softcap, HAS_SOFTCAP)
+    if N_OUT > 0:
+        # low-rank rows of tokens kept exact are attended through the exact copy only
+        is_out = tl.max((oidx[:, None] == tt[None, :]).to(tl.int32), axis=0) > 0
+        t_live = t_ok & (~is_out)
+    else:
+        t_live = t_ok
+    if HAS_MASK:
+        s += _mask_bias(
+            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
+            q_first, tier_end, HAS_MASK, MASK_BOOL,
+        )  # fmt: skip
+    elif open_block:
+        s = tl.where(t_live[None, :], s, float("-inf"))
+    else:
+        s += _mask_bias(
+            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
+            q_first, tier_end, HAS_MASK, MASK_BOOL,
+        )  # fmt: skip
+    m, alpha, p = _online_step(m, den, s)
+    den = den * alpha + tl.sum(p, axis=1)
+    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS)
+    if VALUE_BITS != 16:
+        vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+        pv = p * vscale[None, :]
+    else:
+        pv = p
+    acc = acc * alpha[:, None]
+    if VALUE_IDENTITY:
+        acc += _dot(pv, cv, F32, cv.dtype)
+    else:
+        lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
+    return m, den, acc, lat
+
+
 # Sizes and positions change at every decode step: specialising on them (value 1, multiple of
 # 16) would compile a new kernel variant whenever their combination changes.
 _PER_STEP_ARGS = [
@@ -263,7 +344,7 @@ def spectral_decode_split_kernel(
     KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -326,7 +407,16 @@ def spectral_decode_split_kernel(
             partner = tl.where(lo_half, dcols + ROT_HALF, tl.where(is_rot, dcols - ROT_HALF, dcols))
             sign = tl.where(lo_half, -1.0, 1.0)
             freq = tl.load(inv_freq_ptr + dcols % ROT_HALF, mask=is_rot, other=0.0)
-        for n in range(n_lo, n_hi):
+        else:
+            is_rot = 0
+            partner = 0
+            sign = 0.0
+            freq = 0.0
+        # BLOCK_STAGES > 0: the tiles of a block are unrolled (static_range), so the block loop is the
+        # innermost loop and Triton's software pipeliner loads block n+1's coefficients, bases and
+        # outliers (cp.async into shared memory) while block n is computed, BLOCK_STAGES buffers deep.
+        # 0: a run-time tile loop (pipelined within the block)
+        for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
             start = tl.load(starts_ptr + n).to(tl.int32)
             # decode without a mask: a block wholly before the chunk and before the first query is
             # seen by every row, so only its outlier rows need masking (no per-element bias)
@@ -352,6 +442,8 @@ def spectral_decode_split_kernel(
                 )
                 den = den * alpha_out + tl.sum(p_out, axis=1)
                 acc = acc * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
+            else:
+                oidx = 0
             # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
             if not KEY_IDENTITY:
                 bk = tl.load(
@@ -366,78 +458,42 @@ def spectral_decode_split_kernel(
                         other=0.0,
                     )
                     bk_partner = bk_partner * sign[None, :].to(bk_partner.dtype)
+                    qb = 0.0
                 else:
                     qb = _dot(q, tl.trans(bk), F32, bk.dtype) * scale  # [R_P, RK_P] float32
+                    bk_partner = 0.0
+            else:
+                bk = 0.0
+                bk_partner = 0.0
+                qb = 0.0
             if not VALUE_IDENTITY:
                 lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
-            for t0 in range(0, T, BLOCK_T):
-                tt = t0 + tl.arange(0, BLOCK_T)
-                t_ok = tt < T
-                ck = _load_coeffs(kc_bh + n * s_kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS)
-                if KEY_BITS != 16:
-                    kscale = tl.load(ks_bh + n * s_ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
-                if PRE_ROPE:
-                    # rebuild the pre-RoPE key tile, rotate it by its cache indices, then score
-                    if KEY_BITS != 16:
-                        cks = ck.to(tl.float32) * kscale[:, None]
-                    else:
-                        cks = ck.to(tl.float32)
-                    if KEY_IDENTITY:
-                        # identity: the partner columns come straight from the coefficient rows
-                        keys = cks
-                        keys_partner = _partner_rows(
-                            kc_bh + n * s_kc_n, tt, t_ok, s_kc_t, s_kc_c, partner, sign, D, D_P, KEY_BITS
-                        )
-                        if KEY_BITS != 16:
-                            keys_partner = keys_partner * kscale[:, None]
-                    else:
-                        keys = _dot(cks, bk, F32, tl.float16)
-                        keys_partner = _dot(cks, bk_partner, F32, tl.float16)
-                    ang = (start + tt).to(tl.float32)[:, None] * freq[None, :]
-                    cos = tl.where(is_rot[None, :], tl.cos(ang), 1.0)
-                    sin = tl.where(is_rot[None, :], tl.sin(ang), 0.0)
-                    keys = keys * cos + keys_partner * sin
-                    s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
-                elif KEY_IDENTITY:
-                    s = _dot(q, tl.trans(ck), F32, ck.dtype) * scale
-                    if KEY_BITS != 16:
-                        s = s * kscale[None, :]
-                else:
-                    s = _dot(qb, tl.trans(ck), F32, ck.dtype)
-                    if KEY_BITS != 16:
-                        s = s * kscale[None, :]
-                s = _softcap(s, softcap, HAS_SOFTCAP)
-                if N_OUT > 0:
-                    # low-rank rows of tokens kept exact are attended through the exact copy only
-                    is_out = tl.max((oidx[:, None] == tt[None, :]).to(tl.int32), axis=0) > 0
-                    t_live = t_ok & (~is_out)
-                else:
-                    t_live = t_ok
-                if HAS_MASK:
-                    s += _mask_bias(
-                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
-                        q_first, tier_end, HAS_MASK, MASK_BOOL,
+            else:
+                lat = 0.0
+            if BLOCK_STAGES == 0:
+                # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
+                for t0 in range(0, T, BLOCK_T):
+                    m, den, acc, lat = _cold_tile(
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
+                        kc_bh + n * s_kc_n, s_kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, s_vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        freq, is_rot, partner, sign,
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
                     )  # fmt: skip
-                elif open_block:
-                    s = tl.where(t_live[None, :], s, float("-inf"))
-                else:
-                    s += _mask_bias(
-                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
-                        q_first, tier_end, HAS_MASK, MASK_BOOL,
+            else:
+                # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
+                for t0 in tl.static_range(0, T, BLOCK_T):
+                    m, den, acc, lat = _cold_tile(
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
+                        kc_bh + n * s_kc_n, s_kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, s_vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        freq, is_rot, partner, sign,
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
                     )  # fmt: skip
-                m, alpha, p = _online_step(m, den, s)
-                den = den * alpha + tl.sum(p, axis=1)
-                cv = _load_coeffs(vc_bh + n * s_vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS)
-                if VALUE_BITS != 16:
-                    vscale = tl.load(vs_bh + n * s_vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
-                    pv = p * vscale[None, :]
-                else:
-                    pv = p
-                acc = acc * alpha[:, None]
-                if VALUE_IDENTITY:
-                    acc += _dot(pv, cv, F32, cv.dtype)
-                else:
-                    lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
             if not VALUE_IDENTITY:
                 bv = tl.load(
                     vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
