@@ -234,3 +234,49 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
     assert len(data["meta"]["load_avg_end"]) == 3
     out = capsys.readouterr().out
     assert "rsvd[cholqr2,generic]" in out and "(default)" in out  # names survive rich's markup
+
+
+def spectrum_matrix(kind: str, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Fresh random [B, m, n] with a named singular-value profile (float64 factors, float32 out)."""
+    g = gen(1000 + seed)
+    b, m, n = shape
+    U, _ = torch.linalg.qr(torch.randn(b, m, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(b, n, n, generator=g, dtype=torch.float64))
+    i = torch.arange(n, dtype=torch.float64)
+    sig = {
+        "decaying": torch.exp(-i / 8),
+        "power_law": 1.0 / (1.0 + i),  # slow decay around k: where power iterations matter
+        "flat": torch.ones(n, dtype=torch.float64) + 0.01 * torch.rand(n, generator=g, dtype=torch.float64),
+        "gap_then_flat": torch.where(i < 16, 1.0, 0.3),
+        "rank_deficient_plus_noise": torch.where(i < 10, torch.exp(-i / 3), 1e-3),
+    }[kind]
+    return ((U * sig) @ V.mT).float()
+
+
+@pytest.mark.parametrize(
+    "kind", ["decaying", "power_law", "flat", "gap_then_flat", "rank_deficient_plus_noise"]
+)
+@pytest.mark.parametrize("scale", [1.0, 1e-12, 1e12])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seed_shape_default_call_against_linalg_svd(kind, scale, seed):
+    """The default CPU call on the seed shape ([8, 512, 128], rank 16, n_iter 2, oversample 8)
+    against torch.linalg.svd on fresh inputs of several spectra and scales: error at most
+    1.05x the optimal rank-16 error (this assertion fails if the path's subspace is not good
+    enough), the leading singular values of torch.linalg.svd, orthonormal factors, and the
+    call finishes at level 0 (the fast path) without any fallback."""
+    rank = 16
+    M = spectrum_matrix(kind, (8, 512, 128), seed) * scale
+    U, S, Vh, info = randomized_svd(M, rank, generator=gen(seed), return_info=True)
+    assert info.paths == {"cholqr2": 8}
+    Ue, Se, Vhe = torch.linalg.svd(M.double(), full_matrices=False)
+    Md = M.double()
+    opt = rel_error(Md, Ue[..., :rank], Se[..., :rank], Vhe[..., :rank, :])
+    err = rel_error(Md, U.double(), S.double(), Vh.double())
+    assert err <= 1.05 * opt, f"{kind} x{scale:g}: error {err:.6g} = {err / opt:.4f}x optimal"
+    # Ritz values never exceed the singular values; where the spectrum decays, the top ones
+    # match to float32 accuracy (on a flat spectrum any k of the near-equal directions will do)
+    assert torch.all(S.double() <= Se[..., :rank] * (1 + 1e-4))
+    if kind != "flat":
+        torch.testing.assert_close(S[..., :4].double(), Se[..., :4], rtol=1e-4, atol=0)
+    assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5
+    assert torch.all(S[..., :-1] >= S[..., 1:])

@@ -267,7 +267,7 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 def _chol_pass(
-    X: torch.Tensor, ctx: _Ctx, *, shifted: bool, check: str | None
+    X: torch.Tensor, ctx: _Ctx, *, shifted: bool, check: str | None, gram_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One (shifted) CholeskyQR pass: returns (X R^-1, R) and records success in ctx.
 
@@ -276,8 +276,10 @@ def _chol_pass(
     pass worked) or "single" (a lone final pass: orthogonality loss ~ eps·κ², with κ
     estimated from R's diagonal, must stay below 1e-6 in float64 / 1e-4 in float32).
     Span-only passes need no more: any invertible R keeps the span.
+    ``gram_dtype``: form ``XᵀX`` and its Cholesky in this dtype but return ``X R⁻¹`` in
+    X's own dtype (the CPU fast path's span passes: float64 Gram, float32 product).
     """
-    acc = torch.float64 if X.dtype == torch.float64 else ctx.acc
+    acc = gram_dtype or (torch.float64 if X.dtype == torch.float64 else ctx.acc)
     Xa = X if X.dtype == acc else X.to(acc)
     A = Xa.mT @ Xa
     ncol = A.shape[-1]
@@ -289,11 +291,12 @@ def _chol_pass(
         ctx.checks.append((R.diagonal(dim1=-2, dim2=-1) - 1).abs().amax(-1) < 0.5)
     elif check == "single":
         _single_check(R, ctx, acc)
+    Xp = X if gram_dtype is not None else Xa
     if ctx.use_inverse:
         eye = torch.eye(ncol, dtype=R.dtype, device=R.device)
         Rinv = torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
-        return Xa @ Rinv, R
-    return torch.linalg.solve_triangular(R, Xa, upper=True, left=False), R
+        return Xp @ Rinv.to(Xp.dtype), R
+    return torch.linalg.solve_triangular(R.to(Xp.dtype), Xp, upper=True, left=False), R
 
 
 def _shift(A: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
@@ -426,6 +429,25 @@ def _implicit_gram(Mc: torch.Tensor, width: int, n_iter: int) -> bool:
     return 2 * (n_iter + 1) * width < gram_cost
 
 
+def _gram_operator(
+    Mc: torch.Tensor, width: int, n_iter: int, gdtype: torch.dtype, acc: torch.dtype
+) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+    """``G = Mcᵀ Mc`` in ``acc`` (None where :func:`_implicit_gram` applies it as ``Mᵀ (M Z)``)
+    and ``gmul(Z) = G Z`` either way. On CPU a 2-D ``Z`` (the shared test matrix) is
+    expanded to a batched GEMM: MKL runs it faster than the [B·n, n] x [n, l] GEMM that
+    ``G @ Z`` folds into (measured 43 vs 52-72 us for [8, 128, 128] x [128, 24], 2 threads)."""
+    G = None if _implicit_gram(Mc, width, n_iter) else _gram(Mc, acc)
+
+    def gmul(Z: torch.Tensor) -> torch.Tensor:
+        if G is None:
+            return _mm(Mc.mT, _mm(Mc, Z.to(gdtype), acc).to(gdtype), acc)
+        if Z.ndim == 2 and not G.is_cuda:
+            return torch.bmm(G, Z.expand(G.shape[0], *Z.shape))
+        return G @ Z
+
+    return G, gmul
+
+
 def _pipeline(
     M: torch.Tensor,
     omega: torch.Tensor,
@@ -449,14 +471,7 @@ def _pipeline(
         # float64 (tiny), since products with G carry squared singular values that a
         # float32 Cholesky could not handle.
         f64 = torch.float64
-        implicit = _implicit_gram(Mc, omega.shape[-1], n_iter)
-        G = None if implicit else _gram(Mc, ctx.acc)
-
-        def gmul(Zs: torch.Tensor) -> torch.Tensor:  # G @ Zs, with G formed or as Mᵀ (M Zs)
-            if G is not None:
-                return G @ Zs
-            return _mm(Mc.mT, _mm(Mc, Zs.to(gdtype), ctx.acc).to(gdtype), ctx.acc)
-
+        G, gmul = _gram_operator(Mc, omega.shape[-1], n_iter, gdtype, ctx.acc)
         X = gmul(omega)
         if timer:
             timer.mark("sketch")
@@ -645,6 +660,7 @@ def _rr_gram(
     Mc: torch.Tensor,
     G: torch.Tensor,
     Z: torch.Tensor,
+    steep: torch.Tensor,
     rank: int,
     gdtype: torch.dtype,
     acc: torch.dtype,
@@ -654,17 +670,14 @@ def _rr_gram(
 
     Elements with S₁/S_k <= :data:`_GRAM_RR_MAX_KAPPA`: the float64 eigendecomposition of
     ``A = Zᵀ G Z`` gives ``V = Z W``, S and ``U = M V S⁻¹`` (one product with M of k
-    columns). The others: :func:`_rr_cholqr2` from the same A. Which is which is first
-    estimated from the diagonal of A's Cholesky factor (within ~40% of S₁/S_k for the
-    power-iterated bases measured; a factor-2 margin), so steep elements are not
-    eigendecomposed twice, then checked on the computed S: an element the estimate let
-    through is recomputed by :func:`_rr_cholqr2`.
+    columns). The others: :func:`_rr_cholqr2` from the same A. ``steep`` [B] bool is the
+    caller's estimate of which is which (from the final basis pass's Cholesky diagonal), so
+    steep elements are not eigendecomposed twice; the computed S is checked too, and an
+    element the estimate let through is recomputed by :func:`_rr_cholqr2`.
     """
     f64 = torch.float64
     Zc = Z.to(acc)
     A = Z.mT @ (G @ Zc).to(f64)  # Zᵀ G Z, l x l
-    d = torch.linalg.cholesky_ex(A, upper=True)[0].diagonal(dim1=-2, dim2=-1)[..., :rank]
-    steep = d.amax(-1) > (_STEEP_ESTIMATE_MARGIN * _GRAM_RR_MAX_KAPPA) * d[..., -1]
     n_steep = int(steep.sum())
     B, m, n = Mc.shape
     if n_steep == B:
@@ -693,6 +706,7 @@ def _rr_gram(
     ok = finite.new_empty(B)
     flat = torch.arange(B) if flat is None else flat
     U[flat], S[flat], V[flat], ok[flat] = Uf, s, Vf, finite
+    steep = steep.clone()
     steep[flat[late]] = True
     idx = steep.nonzero().flatten()
     Ut, st, Vt, okt = _rr_cholqr2(Mc.index_select(0, idx), Z.index_select(0, idx), A.index_select(0, idx),
@@ -725,6 +739,14 @@ def _pipeline_cpu_rr(
     result ``U S Vh = M V Vᵀ`` is the projection of M onto the best rank-k subspace of
     span(Z) that G resolves, as the generic pipeline's is (tests compare them).
 
+    Per-op cost matters at this size (2-core box, [8, 512, 128], rank 16: ~45 ops, a few
+    microseconds each besides the GEMMs), so: ``X R⁻¹`` is a GEMM with the l x l inverse
+    (LAPACK's batched triangular solve on [8, 128, 24] costs 3x the inverse plus that GEMM);
+    the span passes form their Gram and Cholesky in float64 but multiply in the
+    accumulation dtype (X itself carries that rounding already); which elements are steep
+    (below) is estimated from the final pass's Cholesky diagonal, which costs nothing
+    (``d_i ~ S_i²``: the basis is power-iterated).
+
     Orthogonality: ``VᵀV = I + O(eps64 · κ(X)²)`` (the final pass's check). ``UᵀU``
     carries G's float32 rounding amplified by ``(S₁/S_k)²``, so elements with
     ``S₁/S_k > _GRAM_RR_MAX_KAPPA`` finish as the generic pipeline does, by CholeskyQR2 of
@@ -740,52 +762,30 @@ def _pipeline_cpu_rr(
     """
     f64 = torch.float64
     shifted = orth == "shifted_cholqr"
-    ctx = _Ctx(orth, 1.0, acc, False)
+    ctx = _Ctx(orth, 1.0, acc, True)
     Mc = M if M.dtype == gdtype else M.to(gdtype)
-    width = omega.shape[-1]
-    implicit = _implicit_gram(Mc, width, n_iter)
-    if check_finite and implicit:
+    G, gmul = _gram_operator(Mc, omega.shape[-1], n_iter, gdtype, acc)
+    if check_finite and G is None:
         _validate(M, rank)
-    G = None if implicit else _gram(Mc, acc)
     if check_finite and G is not None and not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1).sum())):
         # raises on NaN/inf; a finite M whose Gram overflowed goes on (and fails its checks)
         _validate(M, rank)
-    eye = torch.eye(width, dtype=f64)
-
-    def gmul(Zs: torch.Tensor) -> torch.Tensor:  # G @ Zs, with G formed or as Mᵀ (M Zs)
-        if G is not None:
-            return G @ Zs
-        return _mm(Mc.mT, _mm(Mc, Zs.to(gdtype), acc).to(gdtype), acc)
-
-    def chol_inv(X: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """R and R⁻¹ of a CholeskyQR pass on X (float64 Gram, Cholesky and inverse).
-
-        ``X R⁻¹`` is then a GEMM with the l x l inverse: LAPACK's batched triangular
-        solve on [8, 128, 24] costs 3x the inverse plus that GEMM here."""
-        Xd = X.to(f64)
-        A = Xd.mT @ Xd
-        if shift:
-            A = _shift(A, ctx)
-        R, info = torch.linalg.cholesky_ex(A, upper=True)
-        ctx.infos.append(info)
-        return R, torch.linalg.solve_triangular(R, eye, upper=True)
-
     X = gmul(omega)
     if timer:
         timer.mark("sketch")
     for _ in range(n_iter):
-        # Span-only pass: X R⁻¹ in the accumulation dtype is well-scaled enough to
-        # multiply by G (X itself carries that rounding already).
-        _, Rinv = chol_inv(X, shifted)
-        X = gmul(X @ Rinv.to(X.dtype))
+        X = gmul(_chol_pass(X, ctx, shifted=shifted, check=None, gram_dtype=f64)[0])
     if timer:
         timer.mark("power")
-    Z = X.to(f64)
-    if shifted:
-        Z = Z @ chol_inv(Z, True)[1]
-    R, Rinv = chol_inv(Z, False)
-    Z = Z @ Rinv  # orthonormal to ~eps64·κ(X)², which the check bounds
-    _single_check(R, ctx, f64)
+    Z, R = _orth(X.to(f64), ctx, final=True)  # f64 input: one checked pass (after a shifted one)
+    assert R is not None
+    if not bool(ctx.checks[-1].all()):
+        # κ(X) too large for one float64 pass (S_k/S₁ near G's resolution, e.g. a noise floor
+        # ~1e-3 of S₁ inside the rank): a second pass on the nearly orthonormal Z, checked
+        # against the identity (CholeskyQR2), instead of sending the element down the chain
+        ctx.checks.pop()
+        Z, R2 = _chol_pass(Z, ctx, shifted=False, check="identity")
+        R = R2 @ R
     if timer:
         timer.mark("orth")
     if G is None:
@@ -794,7 +794,11 @@ def _pipeline_cpu_rr(
         if timer:
             timer.mark("core")
     else:
-        U, s, V, ok = _rr_gram(Mc, G, Z, rank, gdtype, acc, timer)
+        # X = Q R with X power-iterated, so R's diagonal grades like S²: S₁/S_k ≈ sqrt(d_max/d_k),
+        # within ~35% on the steep spectra of the tests (the l x l Cholesky of Zᵀ G Z did no better)
+        d = R.diagonal(dim1=-2, dim2=-1)
+        steep = d.amax(-1) > (_STEEP_ESTIMATE_MARGIN * _GRAM_RR_MAX_KAPPA) ** 2 * d[..., rank - 1]
+        U, s, V, ok = _rr_gram(Mc, G, Z, steep, rank, gdtype, acc, timer)
     ctx.checks.append(ok)
     ctx.checks.append((s[..., -1] >= 1e-6 * s[..., 0]) & (s[..., 0] > 0))  # NaN fails too
     if timer:
