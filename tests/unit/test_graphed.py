@@ -125,7 +125,7 @@ def test_layer_graph_protocol_equals_eager_updates() -> None:
         k, v = ks[:, :, i : i + 1], vs[:, :, i : i + 1]
         eager.update(k, v)
         eager.release_chunk()
-        graph.graph_prepare(reserve_blocks=4)
+        graph.graph_prepare(tokens_ahead=100 - i)
         row.fill_(graph.graph_advance())
         graph._graph_slot = SimpleNamespace(write_row=row)
         try:

@@ -10,6 +10,14 @@ every cache. Per prompt length and cache:
   measured on a second pass over the same lengths (the cache cropped back in between), so that
   one-off costs per new length (cuDNN SDPA plan builds) are not counted;
   ``decode_first_pass_ms_per_token`` is the first pass, where they are;
+* graphed methods (``graphed:<preset>``, ``graphed:static``): the same prefill, then every
+  decode step replayed from a CUDA graph of the one-token forward -- a SpectralCache through
+  :class:`spectralcache.GraphedDecoder` (block compression and hot-window compaction run eagerly
+  between replays; a step whose recorded buffers moved runs uncaptured and the next captures),
+  or, as DynamicCache's graphable counterpart, transformers' ``StaticCache`` (capacity = prompt
+  + decode steps, in-place ``index_copy_`` writes, attention over the whole capacity, masked)
+  with the same capture / replay. Timed the same way (synchronized around each step); the rows
+  also carry ``captures`` / ``replays`` / ``uncaptured_steps``;
 * ``peak_bytes``: ``torch.cuda.max_memory_allocated`` over prefill + decode, reset between
   caches (``peak_above_weights_bytes`` subtracts what was allocated before the cache existed);
 * ``kv_bytes``: bytes the cache's tensors hold, measured from storage
@@ -147,11 +155,22 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _make_cache(model: Any, method: str) -> Any:
-    """``dynamic`` or a SpectralConfig preset name (optionally ``preset,key=value,...``)."""
+GRAPHED = "graphed:"
+
+
+def _make_cache(model: Any, method: str, max_cache_len: int = 0) -> Any:
+    """``dynamic``, ``static`` (``max_cache_len`` tokens) or a SpectralConfig preset name
+    (optionally ``preset,key=value,...``); a ``graphed:`` prefix is ignored here."""
     import spectralcache
 
     method = method.split("#")[0]  # "dynamic#again": a second measurement of the same cache
+    method = method.removeprefix(GRAPHED)
+    if method == "static":
+        from transformers import StaticCache
+
+        if spectralcache.is_enabled(model):
+            spectralcache.disable(model)
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
     if method == "dynamic":
         from transformers import DynamicCache
 
@@ -192,6 +211,74 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class StaticCacheGraph:
+    """transformers' ``StaticCache`` decoded one token per step from a captured CUDA graph (what
+    transformers' own static-cache + CUDA-graph generation does, written out): static
+    ``input_ids`` / ``position_ids`` (/ ``cache_position`` where the model takes it), the first
+    step eager (warm-up), the second captured, every later one replayed. ``rewind(n)`` moves the
+    write position back ``n`` tokens (the next steps overwrite them in place)."""
+
+    def __init__(self, model: Any, cache: Any, batch: int, start: int, device: torch.device) -> None:
+        self.model, self.cache, self.next = model, cache, int(start)
+        self.capture = device.type == "cuda"  # CPU (tests): the same static step, never captured
+        self.kw = cache_argument(model)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.pass_cache_position = "cache_position" in inspect.signature(type(model).forward).parameters
+        self.graph: Any = None
+        self.out: torch.Tensor | None = None
+        self.warm = False
+        self.captures = self.replays = self.uncaptured_steps = 0
+
+    def _forward(self) -> torch.Tensor:
+        kw = {"input_ids": self.ids, "position_ids": self.pos.view(1, 1).expand(self.ids.shape[0], 1),
+              "use_cache": True, self.kw: self.cache}  # fmt: skip
+        if self.pass_cache_position:
+            kw["cache_position"] = self.pos
+        return self.model.forward(**kw).logits[:, -1]
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(tok)
+        self.pos.fill_(self.next)
+        self.next += 1
+        if self.graph is None and (not self.warm or not self.capture):
+            self.warm = True
+            self.uncaptured_steps += 1
+            return self._forward()
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._forward()
+            self.captures += 1
+        self.graph.replay()
+        self.replays += 1
+        return self.out
+
+    def rewind(self, n: int) -> None:
+        self.next -= n
+        for layer in getattr(self.cache, "layers", []):
+            length = getattr(layer, "cumulative_length", None)  # transformers >= 5.2x keeps it on the device
+            if isinstance(length, torch.Tensor):
+                length.sub_(n)
+
+
+def _graphed_decoder(model: Any, cache: Any, prompt: torch.Tensor, steps: int, dev: torch.device) -> Any:
+    """The per-step decoder of a ``graphed:`` method (``step(tok) -> logits``, ``rewind(n)``).
+    Without CUDA (CPU tests of this bench) the same static steps run uncaptured: the SpectralCache
+    through ``GraphedDecoder(mode="static")`` (Triton's interpreter), which needs
+    ``TRITON_INTERPRET=1``."""
+    from spectralcache.cache.cache import SpectralCache
+
+    if not isinstance(cache, SpectralCache):
+        return StaticCacheGraph(model, cache, int(prompt.shape[0]), int(prompt.shape[-1]), dev)
+    from spectralcache.integrations.graphed import GraphedDecoder
+
+    mode = "graph" if dev.type == "cuda" else "static"
+    decoder = GraphedDecoder(model, cache, max_new_tokens=steps, mode=mode)
+    decoder.rewind = lambda n: cache.crop(-n)  # negative: remove the decoded tokens
+    return decoder
+
+
 def measure_method(
     model: Any,
     method: str,
@@ -210,7 +297,8 @@ def measure_method(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-    cache = _make_cache(model, method)
+    graphed = method.split("#")[0].startswith(GRAPHED)
+    cache = _make_cache(model, method, int(prompt.shape[-1]) + decode_passes * int(follow.shape[-1]) + 1)
     with torch.no_grad():
         sync(dev)
         t0 = time.perf_counter()
@@ -220,6 +308,9 @@ def measure_method(
         row["prefill_tokens_per_s"] = prompt.numel() / row["prefill_s"]
         finite = bool(torch.isfinite(out.logits).all())
         del out
+        decoder = (
+            _graphed_decoder(model, cache, prompt, decode_passes * follow.shape[-1], dev) if graphed else None
+        )
 
         def decode_pass() -> list[float]:
             nonlocal finite
@@ -228,12 +319,12 @@ def measure_method(
                 tok = follow[:, i : i + 1]
                 sync(dev)
                 t0 = time.perf_counter()
-                out = model(tok, use_cache=True, **{kw: cache})
+                logits = decoder.step(tok) if graphed else model(tok, use_cache=True, **{kw: cache}).logits
                 sync(dev)
                 if i >= warmup_steps:
                     times.append((time.perf_counter() - t0) * 1e3)
-                finite = finite and bool(torch.isfinite(out.logits).all())
-                del out
+                finite = finite and bool(torch.isfinite(logits).all())
+                del logits
             return times
 
         # Pass 1 meets every cache length for the first time; pass 2 crops the cache back and decodes
@@ -243,14 +334,26 @@ def measure_method(
         passes = [decode_pass()]
         for _ in range(decode_passes - 1):
             try:
-                cache.crop(-follow.shape[-1])  # negative: remove the decoded tokens (every layer type)
+                if graphed:
+                    decoder.rewind(follow.shape[-1])
+                else:
+                    cache.crop(-follow.shape[-1])  # negative: remove the decoded tokens (every layer type)
             except Exception as err:
                 row["decode_repeat_error"] = f"{type(err).__name__}: {err}"[:300]
                 break
             passes.append(decode_pass())
         steps = passes[-1]
-        if profile and dev.type == "cuda":
+        if profile and dev.type == "cuda" and not graphed:
             row["profile_step"] = _profile_step(model, cache, follow[:, -1:], kw)
+        if graphed:
+            row["graph_captured"] = dev.type == "cuda"
+            row["captures"] = decoder.captures
+            row["replays"] = decoder.replays
+            row["uncaptured_steps"] = (
+                getattr(decoder, "static_steps", 0)
+                + getattr(decoder, "uncaptured_steps", 0)
+                + getattr(decoder, "eager_steps", 0)
+            )
     if dev.type == "cuda":
         row["peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         row["peak_above_weights_bytes"] = row["peak_bytes"] - int(before)
@@ -359,6 +462,12 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         r["kv_ratio_vs_dynamic"] = d["kv_bytes"] / r["kv_bytes"] if r["kv_bytes"] else None
         if r.get("peak_bytes") and d.get("peak_bytes"):
             r["peak_x_dynamic"] = r["peak_bytes"] / d["peak_bytes"]
+    # graphed methods also against the graphed DynamicCache-family baseline (StaticCache + graph)
+    static = {r["length"]: r for r in rows if r["method"] == GRAPHED + "static" and r.get("status") == "ok"}
+    for r in rows:
+        st = static.get(r["length"])
+        if st is not None and r.get("status") == "ok" and r["method"].startswith(GRAPHED):
+            r["decode_speedup_vs_graphed_static"] = st["decode_ms_per_token"] / r["decode_ms_per_token"]
 
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
@@ -438,7 +547,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="dynamic,default,aggressive",
         help="'dynamic' and SpectralConfig presets, ';'-separated when a preset carries overrides "
         "(e.g. 'dynamic;default;default,value_codec=identity'); ',' also separates plain names; "
-        "a '#label' suffix measures the same cache again under another name (e.g. 'dynamic#again')",
+        "a '#label' suffix measures the same cache again under another name (e.g. 'dynamic#again'); "
+        "CUDA: a 'graphed:' prefix decodes from a captured CUDA graph ('graphed:default' through "
+        "spectralcache.GraphedDecoder, 'graphed:static' with transformers' StaticCache)",
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=None, help="timed decode steps (cuda 32, cpu 8)")
@@ -522,8 +633,8 @@ def run(args: argparse.Namespace) -> int:
     from spectralcache.config import SpectralConfig
 
     for m in methods:  # fail before building an 8B model on a typo
-        m = m.split("#")[0]
-        if m != "dynamic":
+        m = m.split("#")[0].removeprefix(GRAPHED)
+        if m not in ("dynamic", "static"):
             preset, *overrides = m.split(",")
             SpectralConfig.from_preset(
                 preset, **{k: _parse_value(v) for k, _, v in (o.partition("=") for o in overrides)}

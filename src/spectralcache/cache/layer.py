@@ -766,20 +766,20 @@ class SpectralLayer(CacheLayerMixin):
             return "blocks deferred by a prefill chunk are still due"
         return None
 
-    def graph_prepare(self, reserve_blocks: int = 0) -> None:
+    def graph_prepare(self, tokens_ahead: int = 0) -> None:
         """Make the layer ready for one graphed decode token (eager; may synchronize).
 
         Compresses the due block (if the incoming token makes one due), gives the hot window a
-        buffer of ``graph_hot_capacity`` rows starting at row 0, and grows the cold buffers to at
-        least ``nb + reserve_blocks`` blocks when they are reallocated anyway (or now, if they
-        exist and are smaller), so that later compressions append in place. Atomic: a failed
-        compression leaves the layer as it was."""
+        buffer of ``graph_hot_capacity`` rows starting at row 0, and grows the cold buffers (when
+        they are reallocated anyway, or now if they exist and are smaller) to hold every block
+        the next ``tokens_ahead`` decode tokens (this one included) will make due, so that those
+        compressions append in place. Atomic: a failed compression leaves the layer as it was."""
         reason = self.graph_unready_reason()
         if reason is not None:
             raise RuntimeError(f"layer {self.layer_idx}: not ready for a graphed decode step: {reason}")
         cfg, t = self.config, self.block_size
-        want_cold = self._nb + max(int(reserve_blocks), 0)
         live = self.hot_len
+        want_cold = self._nb + max(live + int(tokens_ahead) - cfg.hot_size, 0) // t
         if live + 1 >= cfg.hot_size + t:
             m = (live + 1 - cfg.hot_size) // t * t  # <= live, since hot_size >= 1
             token = self.checkpoint()
@@ -787,7 +787,7 @@ class SpectralLayer(CacheLayerMixin):
                 self.check_finite()  # a NaN/inf decode token never enters a block
                 hk, hv = self._hot()
                 blocks = self._compress(hk[:, :, :m], hv[:, :, :m], self._hot_start, t)
-                self._append_blocks(blocks, min_capacity=want_cold + blocks.num_blocks)
+                self._append_blocks(blocks, min_capacity=want_cold)
                 self._block_t = t
                 self._hot_lo += m
                 self._hot_start += m

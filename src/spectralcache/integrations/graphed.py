@@ -56,7 +56,6 @@ CUDA (the torch reference on CPU); the graphed step always uses the kernel.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,11 +293,9 @@ class GraphedDecoder:
             )
         if self._batch is None:
             self._allocate(batch)
-        t = max(layer.block_size for layer in self.layers)
-        left = max(self.max_new_tokens - self._decoded, 0)
-        reserve = math.ceil(left / t) + 1 if left else 0
+        ahead = max(self.max_new_tokens - self._decoded, 1)
         for layer in self.layers:
-            layer.graph_prepare(reserve)  # eager: compression, hot compaction (atomic per layer)
+            layer.graph_prepare(ahead)  # eager: compression, hot compaction (atomic per layer)
         layout = [_layout_key(layer) for layer in self.layers]
         tokens = [layer.checkpoint() for layer in self.layers]
         try:

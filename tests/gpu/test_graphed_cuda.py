@@ -1,0 +1,91 @@
+"""Graphed decoding on CUDA: the captured one-token forward, replayed across steps (skipped without CUDA).
+
+``tests/unit/test_graphed.py`` runs the same step without capture on CPU; here the step is
+captured with ``torch.cuda.graph`` and replayed, through compressions (eager, between replays),
+and compared with (a) the eager path (``model(...)`` with a SpectralCache: greedy tokens equal,
+logits close) and (b) the same step run without capture (``mode="static"``: same kernels, so
+the replay must reproduce it to float rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from tests.tiny_models import small_lossy_config, tiny_model, tiny_prompt  # noqa: E402
+
+from spectralcache import GraphedDecoder, graphed_generate  # noqa: E402
+from spectralcache.cache.cache import SpectralCache  # noqa: E402
+
+CFG = dict(block_size=16, rank_keys=8, rank_values=8, hot_size=4, landmarks=3, outliers_per_block=2)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize(("batch", "prompt", "steps"), [(1, 40, 60), (3, 10, 50)])
+def test_replayed_step_equals_eager_and_uncaptured(batch: int, prompt: int, steps: int) -> None:
+    model = tiny_model("llama").cuda()
+    ids = tiny_prompt(batch, prompt, seed=prompt).cuda()
+    runs = {}
+    for mode in ("eager", "static", "graph"):
+        cache = SpectralCache(model, small_lossy_config(**CFG))
+        decoder = GraphedDecoder(model, cache, max_new_tokens=steps, mode=mode)
+        tokens, logits = decoder.generate(ids, steps, return_logits=True)
+        runs[mode] = (tokens, logits, decoder, cache)
+    g_tokens, g_logits, dec, cache = runs["graph"]
+    assert torch.equal(g_tokens, runs["eager"][0])
+    assert torch.equal(g_tokens, runs["static"][0])
+    assert max(_rel(a, b) for a, b in zip(g_logits, runs["eager"][1])) < 1e-3
+    assert max(_rel(a, b) for a, b in zip(g_logits, runs["static"][1])) < 1e-5
+    # compressions happened while decoding (every 16 steps), yet the graph was captured at most
+    # twice (the first compression of a short prompt moves the cold buffers once)
+    assert len(cache.layers[0].compression_calls) >= 3
+    assert 1 <= dec.captures <= 2, (dec.captures, dec.static_steps, dec.replays)
+    assert dec.replays >= steps - 1 - 2 * dec.captures
+
+
+def test_graphed_generate_bf16_matches_uncaptured() -> None:
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    ids = tiny_prompt(2, 33, seed=5).cuda()
+    a, la = graphed_generate(
+        model, ids, SpectralCache(model, small_lossy_config(**CFG)), 40, return_logits=True
+    )
+    b, lb = graphed_generate(
+        model, ids, SpectralCache(model, small_lossy_config(**CFG)), 40, mode="static", return_logits=True
+    )
+    assert torch.equal(a, b)
+    assert max(_rel(x, y) for x, y in zip(la, lb)) < 1e-2
+
+
+def test_recapture_after_a_buffer_moves() -> None:
+    """``crop`` into the cold tier reallocates: the next step runs uncaptured, the one after
+    captures again, and decoding stays equal to the eager path."""
+    model = tiny_model("llama").cuda()
+    ids = tiny_prompt(1, 60, seed=7).cuda()
+    cache = SpectralCache(model, small_lossy_config(**CFG))
+    decoder = GraphedDecoder(model, cache, max_new_tokens=40, mode="graph")
+    ref = SpectralCache(model, small_lossy_config(**CFG))
+    nxt = decoder.next_ids(decoder.prefill(ids)).clone()
+    with torch.no_grad():
+        model(ids, cache=ref)
+        for _ in range(6):
+            model(nxt, cache=ref)  # the eager twin, fed the same tokens
+            nxt = decoder.next_ids(decoder.step(nxt)).clone()
+    captures = decoder.captures
+    for c in (cache, ref):
+        c.crop(40)  # into the cold tier: the hot buffer is rebuilt from a reconstruction
+    for _ in range(8):
+        a = decoder.step(nxt).clone()
+        with torch.no_grad():
+            b = model(nxt, cache=ref).logits[:, -1]
+        assert _rel(a, b) < 1e-3
+        nxt = a.argmax(-1, keepdim=True)
+    assert decoder.captures == captures + 1
