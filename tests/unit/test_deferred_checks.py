@@ -162,3 +162,31 @@ def test_device_seconds_on_cpu() -> None:
     with pytest.raises(RuntimeError, match="before stop"):
         float(seconds)
     assert float(seconds.stop()) >= 0.0
+
+
+def _closure_tensors(fn) -> list[torch.Tensor]:
+    found, todo, seen = [], [fn], set()
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        for cell in f.__closure__ or ():
+            x = cell.cell_contents
+            if isinstance(x, torch.Tensor):
+                found.append(x)
+            elif callable(x) and getattr(x, "__closure__", None) is not None:
+                todo.append(x)
+    return found
+
+
+def test_a_pending_check_holds_no_block_sized_tensor() -> None:
+    """A forward keeps its checks until it ends: each must pin scalars only, not the blocks'
+    float copies (measured on the H100 before: +8 GB peak at 32K, every layer's copies held)."""
+    k, v = _blocks(10, n=4)
+    checks: list[DeferredCheck] = []
+    with deferring():
+        compress_blocks(k, v, CFG, 4, 6, deferred_checks=checks)
+    (check,) = checks
+    pinned = [check.failed, *_closure_tensors(check.message)]
+    assert pinned and all(x.numel() <= 1 for x in pinned), [tuple(x.shape) for x in pinned]

@@ -368,24 +368,26 @@ def compress_blocks(
     n_huge = huge.sum(-1)
     bad_rows = k_bad | v_bad
 
-    def refusal(nonfinite: bool) -> str:
+    def refusal(nonfinite: bool, worst: int, max_abs: float | None) -> str:
+        # small arguments only: a deferred message must not keep the blocks' float copies alive
         if nonfinite:
             return (
                 "keys/values contain NaN or inf; compress_blocks needs finite blocks (nothing was compressed)"
             )
+        largest = "" if max_abs is None else f"max |value| {max_abs:.3g}; "
         return (
-            f"a block has {int(n_huge.max())} rows too large for {config.coeff_bits}/{vbits}-bit "
-            f"coefficients (max |value| {float(torch.maximum(kf.abs().amax(), vf.abs().amax())):.3g}; "
-            f"per-row float16 scales overflow); at most outliers_per_block={o} such rows per block can "
-            "be kept exact"
+            f"a block has {worst} rows too large for {config.coeff_bits}/{vbits}-bit coefficients "
+            f"({largest}per-row float16 scales overflow); at most outliers_per_block={o} such rows "
+            "per block can be kept exact"
         )
 
     if deferred_checks is not None and should_defer(keys):
         # read at the forward's end: bad rows join the huge ones (kept out of the fit, served
         # exactly) so nothing below sees a NaN; the caller discards the blocks if this is set
         nonfinite_t = bad_rows.any()
+        worst_t = n_huge.max() if n_huge.numel() else n_huge.new_zeros(())
         deferred_checks.append(
-            DeferredCheck(nonfinite_t | (n_huge > o).any(), lambda: refusal(bool(nonfinite_t)))
+            DeferredCheck(nonfinite_t | (worst_t > o), lambda: refusal(bool(nonfinite_t), int(worst_t), None))
         )
         huge = huge | bad_rows
         any_huge = True
@@ -395,7 +397,8 @@ def compress_blocks(
         # stored before anything is computed, so a caller's cache stays unchanged.
         nonfinite, excess, any_huge = torch.stack([bad_rows.any(), (n_huge > o).any(), n_huge.any()]).tolist()
         if nonfinite or excess:
-            raise ValueError(refusal(nonfinite))
+            max_abs = None if nonfinite else float(torch.maximum(kf.abs().amax(), vf.abs().amax()))
+            raise ValueError(refusal(nonfinite, int(n_huge.max()), max_abs))
     # the fit's half-precision copies (tensor-core GEMMs on CUDA): the model-dtype K/V that
     # kf / vf were converted from, so they hold exactly the same values
     low_ok = kf.is_cuda and cdt == torch.float32
