@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from spectralcache.linalg import rsvd as _rsvd
-from spectralcache.linalg.rsvd import ORTH_METHODS, RR_PATH, RandomizedSVD, randomized_svd
+from spectralcache.linalg.rsvd import ORTH_METHODS, RR_PATH, RandomizedSVD, generic_cpu_level0, randomized_svd
 
 __all__ = ["configure", "decaying_matrix", "main", "optimal_errors", "parse_shapes", "run"]
 
@@ -229,17 +228,6 @@ def build_methods(
             raise ValueError(f"unknown method(s) {unknown}; available: {list(methods)}")
         methods = {k: v for k, v in methods.items() if any(n == k or n in k for n in include)}
     return methods
-
-
-@contextlib.contextmanager
-def generic_cpu_level0():
-    """Run randomized_svd's CPU level 0 by the generic pipeline (the fast path's reference)."""
-    prev = _rsvd._CPU_RAYLEIGH_RITZ
-    _rsvd._CPU_RAYLEIGH_RITZ = False
-    try:
-        yield
-    finally:
-        _rsvd._CPU_RAYLEIGH_RITZ = prev
 
 
 # ------------------------------------------------------------------------- timing

@@ -74,10 +74,11 @@ CUDA graphs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -607,6 +608,20 @@ _GRAM_RR_MAX_KAPPA = 32.0
 _STEEP_ESTIMATE_MARGIN = 0.5
 
 
+@contextlib.contextmanager
+def generic_cpu_level0() -> Iterator[None]:
+    """Within this block, level 0 of the checked pipeline on CPU runs the generic pipeline
+    instead of :func:`_pipeline_cpu_rr`: the fast path's reference, for benchmarks that time
+    both side by side (``spectralcache bench svd``'s ``rsvd[cholqr2,generic]``)."""
+    global _CPU_RAYLEIGH_RITZ
+    prev = _CPU_RAYLEIGH_RITZ
+    _CPU_RAYLEIGH_RITZ = False
+    try:
+        yield
+    finally:
+        _CPU_RAYLEIGH_RITZ = prev
+
+
 def _use_cpu_rr(M: torch.Tensor, algorithm: str, orth: str) -> bool:
     """Whether level 0 of the checked pipeline runs :func:`_pipeline_cpu_rr` for this call."""
     return _CPU_RAYLEIGH_RITZ and M.device.type == "cpu" and algorithm == "gram" and orth in _CPU_RR_ORTHS
@@ -843,24 +858,60 @@ def _robust_orth(X: torch.Tensor, passes: int) -> torch.Tensor:
     n, width = Xd.shape[-2], Xd.shape[-1]
     scale = torch.linalg.matrix_norm(Xd).unsqueeze(-1).unsqueeze(-1)
     Xd = Xd + (1e-12 * scale + 1e-30) * _fill_matrix(n, width, Xd.device)
-    eps = _eps(f64)
     for i in range(passes):
-        A = Xd.mT @ Xd
-        if i == 0:
-            s = 11.0 * (n * width + width * (width + 1)) * eps * A.diagonal(dim1=-2, dim2=-1).sum(-1)
-            A = A + torch.diag_embed(s.unsqueeze(-1).expand(*s.shape, width))
-        R, _ = torch.linalg.cholesky_ex(A, upper=True)
-        Xd = _right_solve(Xd, R)
+        Xd = _cholqr_pass(Xd, i == 0, f64)
     return Xd
 
 
+def _cholqr_pass(
+    X: torch.Tensor,
+    shifted: bool,
+    dtype: torch.dtype,
+    solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One CholeskyQR pass ``X R⁻¹`` with ``RᵀR = XᵀX (+ s I)`` formed and factored in ``dtype``
+    (no host sync; ``info`` is not read: the callers say why it cannot fail).
+
+    The shift ``s = 11 (n l + l (l + 1)) eps trace(XᵀX)`` (``eps`` of ``dtype``; the trace
+    bounds ``||X||₂²``) is Fukaya et al.'s (2020) sufficient condition for the Cholesky of
+    ``XᵀX + s I`` to succeed in that precision for any finite X, rank-deficient included.
+    ``solve`` applies ``X R⁻¹`` (default :func:`_right_solve`; benchmarks pass variants)."""
+    n, width = X.shape[-2], X.shape[-1]
+    Xd = X if X.dtype == dtype else X.to(dtype)
+    A = Xd.mT @ Xd
+    if shifted:
+        eps = torch.finfo(dtype).eps
+        shift = 11.0 * (n * width + width * (width + 1)) * eps * A.diagonal(dim1=-2, dim2=-1).sum(-1)
+        A.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
+    R, _ = torch.linalg.cholesky_ex(A, upper=True)
+    return (solve or _right_solve)(X, R)
+
+
+_EYES: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
+
+
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached identity (on CUDA, ``torch.eye`` is a kernel launch per call)."""
+    key = (n, dtype, str(device))
+    eye = _EYES.get(key)
+    if eye is None:
+        if len(_EYES) > 32:
+            _EYES.clear()
+        eye = _EYES[key] = torch.eye(n, dtype=dtype, device=device)
+    return eye
+
+
 def _right_solve(X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``X R⁻¹`` for upper-triangular R: a GEMM with the small inverse on GPUs (batched
-    triangular solves are slow there), a triangular solve on CPU."""
+    """``X R⁻¹`` for upper-triangular ``R``, in X's dtype (batched, no host sync).
+
+    CUDA: the small inverse (a triangular solve against I, in R's dtype) times a GEMM
+    (cuBLAS' batched triangular solve against a tall X is slow); CPU: a triangular solve.
+    The inverse may be rounded to X's dtype: span passes need only the span, and a final
+    pass sees ``R`` close to the identity."""
     if X.is_cuda:
-        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-        return X @ torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
-    return torch.linalg.solve_triangular(R, X, upper=True, left=False)
+        rinv = torch.linalg.solve_triangular(R, _eye(R.shape[-1], R.dtype, R.device).expand_as(R), upper=True)
+        return X @ rinv.to(X.dtype)
+    return torch.linalg.solve_triangular(R.to(X.dtype), X, upper=True, left=False)
 
 
 CORES: tuple[str, ...] = ("auto", "jacobi", "eigh")

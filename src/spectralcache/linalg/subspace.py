@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spectralcache.linalg.rsvd import _draw_omega
+from spectralcache.linalg.rsvd import _cholqr_pass, _draw_omega, _right_solve
 
 __all__ = ["SubspaceFit", "subspace_fit"]
 
@@ -75,54 +75,12 @@ _REG = 1e-7
 _OUT_DTYPE_OK: list[bool] = [True]  # bmm(out_dtype=) available (CUDA, recent torch)
 
 
-_EYES: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
-
-
-def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (n, dtype, str(device))
-    eye = _EYES.get(key)
-    if eye is None:
-        if len(_EYES) > 32:
-            _EYES.clear()
-        eye = _EYES[key] = torch.eye(n, dtype=dtype, device=device)
-    return eye
-
-
-def _right_solve(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x R⁻¹`` for upper-triangular ``R``, in x's dtype (batched, no host sync).
-
-    CUDA: the small inverse (a triangular solve against I, in R's dtype) times a GEMM; CPU: a
-    triangular solve. The inverse may be rounded to float32: the span passes need only the span,
-    and the final pass sees ``R`` close to the identity."""
-    if x.is_cuda:
-        rinv = torch.linalg.solve_triangular(r, _eye(r.shape[-1], r.dtype, r.device).expand_as(r), upper=True)
-        return x @ rinv.to(x.dtype)
-    return torch.linalg.solve_triangular(r.to(x.dtype), x, upper=True, left=False)
-
-
-def _chol_pass(x: torch.Tensor, shifted: bool, dtype: torch.dtype) -> torch.Tensor:
-    """One CholeskyQR pass ``x R⁻¹`` with ``RᵀR = xᵀx (+ s I)`` formed and factored in ``dtype``.
-
-    The shift ``s = 11 (n l + l (l + 1)) eps trace(xᵀx)`` (``eps`` of ``dtype``; the trace
-    bounds ``||x||₂²``) is Fukaya et al.'s (2020) sufficient condition for the Cholesky of
-    ``xᵀx + s I`` to succeed in that precision for any finite ``x``, rank-deficient included."""
-    n, width = x.shape[-2], x.shape[-1]
-    xd = x if x.dtype == dtype else x.to(dtype)
-    a = xd.mT @ xd
-    if shifted:
-        eps = torch.finfo(dtype).eps
-        shift = 11.0 * (n * width + width * (width + 1)) * eps * a.diagonal(dim1=-2, dim2=-1).sum(-1)
-        a.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
-    r, _ = torch.linalg.cholesky_ex(a, upper=True)  # info unread: see the callers for why it cannot fail
-    return _right_solve(x, r)
-
-
 def _orth_span(x: torch.Tensor) -> torch.Tensor:
     """A well-conditioned basis of span(x) for the next product with G: one shifted pass with
     the Gram in float64. (In float32 the shift that guarantees the Cholesky leaves the basis
     conditioned ~10-40, which compounds over iterations until the weak directions drown in
     float32 rounding: measured 1.02 -> 2.2x the optimal error at 4 iterations.)"""
-    return _chol_pass(x, True, _F64)
+    return _cholqr_pass(x, True, _F64, _right_solve)
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +93,7 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
     eigenvalues above δ), which shrink by ~δ/sqrt(s) per iteration. Measured on CPU: zero,
     rank-1 and rank-2 blocks after 10 iterations come out orthonormal to 3e-6 and exact
     (``tests/unit/test_subspace.py``); a third pass would only matter far beyond that."""
-    return _chol_pass(_chol_pass(x, True, _F64), False, _F64)
+    return _cholqr_pass(_cholqr_pass(x, True, _F64, _right_solve), False, _F64, _right_solve)
 
 
 @dataclass
