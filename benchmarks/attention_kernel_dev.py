@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import sys
@@ -105,14 +106,15 @@ def check_modes():
     return base, modes
 
 
-def section_check(res: dict, quick: bool = False) -> None:
+def section_check(res: dict, quick: bool = False, configs=({},)) -> None:
     base, modes = check_modes()
     if quick:  # one mode per kernel specialisation that timing uses, plus pre-RoPE and masks
         keep = {"post_rope k8", "post_rope k4", "pre_rope k8", "q4 pad", "G8 b4"}
         modes = [m for m in modes if m[0] in keep]
     rows = []
     seed = 100
-    for name, over, groups, q_len, mask_kind, softcap in modes:
+    # cfg: launch options on top of decode_attention's defaults
+    for (name, over, groups, q_len, mask_kind, softcap), cfg in itertools.product(modes, configs):
         for dtype, bar in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
             seed += 1
             kw = {**base, **over, "dtype": dtype, "device": "cuda", "seed": seed}
@@ -131,17 +133,18 @@ def section_check(res: dict, quick: bool = False) -> None:
                     if mask_kind == "float":
                         mask = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
                 out = torch.full_like(q, float("nan"))
-                decode_attention(q, st, mask, None, softcap, out=out)
+                decode_attention(q, st, mask, None, softcap, out=out, **cfg)
                 torch.cuda.synchronize()
                 ref = spectral_attention(q, st, mask, softcap=softcap)
                 err = rel(out, ref)
                 ok = bool(torch.isfinite(out).all()) and err < bar
-                rows.append({"mode": name, "dtype": str(dtype), "rel_err": err, "ok": ok})
+                rows.append({"mode": name, "config": cfg, "dtype": str(dtype), "rel_err": err, "ok": ok})
             except Exception as exc:  # report and go on: one failing mode must not hide the others
-                rows.append({"mode": name, "dtype": str(dtype), "error": repr(exc)[:500], "ok": False})
+                rows.append({"mode": name, "config": cfg, "dtype": str(dtype), "error": repr(exc)[:500],
+                             "ok": False})  # fmt: skip
                 traceback.print_exc()
             r = rows[-1]
-            print(f"check {name:22s} {dtype!s:15s} {r.get('rel_err', float('nan')):.2e} "
+            print(f"check {name:22s} {cfg} {dtype!s:15s} {r.get('rel_err', float('nan')):.2e} "
                   f"{'ok' if r['ok'] else 'FAIL ' + r.get('error', '')[:200]}", flush=True)  # fmt: skip
     res["check"] = rows
 
@@ -157,17 +160,20 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
                         device=device, seed=seed)  # fmt: skip
 
 
+CONFIG_KEYS = ("block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split")
+
+
 def best_configs(res: dict) -> dict:
     """Per preset, the launch config with the lowest summed time over the variant contexts."""
     by: dict = {}
     for r in res.get("variants", []):
-        cfg = (r["block_t"], r["num_warps"], r["maxnreg"], r["programs_per_sm"])
+        cfg = tuple(r[k] for k in CONFIG_KEYS)
         by.setdefault(r["preset"], {}).setdefault(cfg, []).append(r["ms_graph"])
     best = {}
     for preset, cfgs in by.items():
         n = max(len(v) for v in cfgs.values())
         cfg = min((c for c, v in cfgs.items() if len(v) == n), key=lambda c: sum(cfgs[c]))
-        best[preset] = dict(block_t=cfg[0], num_warps=cfg[1], maxnreg=cfg[2], programs_per_sm=cfg[3])
+        best[preset] = dict(zip(CONFIG_KEYS, cfg))
     return best
 
 
@@ -241,7 +247,9 @@ def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
     res.setdefault("time", []).extend(rows)
 
 
-def section_variants(res: dict, contexts) -> None:
+def section_variants(res: dict, contexts, grid: dict) -> None:
+    """Graph-replay time of every launch config in ``grid`` (lists per CONFIG_KEYS entry), batch 1;
+    each config's output is compared with the default launch's (``rel_vs_default``)."""
     rows = []
     for ctx in contexts:
         for preset in PRESETS:
@@ -250,30 +258,35 @@ def section_variants(res: dict, contexts) -> None:
             q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
             out = torch.empty_like(q)
             ref = decode_attention(q, st).float()
-            for block_t in (64, 128, 256):
-                for warps in (4, 8):
-                    for maxnreg in (None, 128):
-                        for pps in (4, 8):
-                            cfg = dict(block_t=block_t, num_warps=warps, maxnreg=maxnreg, programs_per_sm=pps)
-                            try:
-                                fn = functools.partial(decode_attention, q, st, out=out, **cfg)
-                                fn()
-                                err = rel(out, ref)
-                                ms = bench(fn, graph=True)
-                            except Exception as exc:
-                                print("variant failed", cfg, repr(exc)[:300])
-                                continue
-                            rows.append({"ctx": ctx, "preset": preset, **cfg, "ms_graph": ms,
-                                         "GBps": nbytes / ms / 1e6, "rel_vs_default": err})  # fmt: skip
+            for values in itertools.product(*(grid[k] for k in CONFIG_KEYS)):
+                cfg = dict(zip(CONFIG_KEYS, values))
+                try:
+                    fn = functools.partial(decode_attention, q, st, out=out, **cfg)
+                    out.fill_(float("nan"))
+                    fn()
+                    err = rel(out, ref)
+                    ms = bench(fn, graph=True)
+                except Exception as exc:
+                    print("variant failed", cfg, repr(exc)[:300], flush=True)
+                    continue
+                rows.append({"ctx": ctx, "preset": preset, **cfg, "ms_graph": ms,
+                             "GBps": nbytes / ms / 1e6, "rel_vs_default": err})  # fmt: skip
+                print(f"variant ctx={ctx} {preset:10s} {cfg} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s "
+                      f"err {err:.1e}", flush=True)  # fmt: skip
             best = sorted(
                 [r for r in rows if r["ctx"] == ctx and r["preset"] == preset], key=lambda r: r["ms_graph"]
             )
-            for r in best[:4]:
-                print(f"variant ctx={ctx} {preset}: block_t={r['block_t']} warps={r['num_warps']} "
-                      f"maxnreg={r['maxnreg']} pps={r['programs_per_sm']} {r['ms_graph']:.4f} ms "
-                      f"{r['GBps']:.0f} GB/s err {r['rel_vs_default']:.1e}", flush=True)  # fmt: skip
+            for r in best[:5]:
+                print(f"best ctx={ctx} {preset}: " + " ".join(f"{k}={r[k]}" for k in CONFIG_KEYS)
+                      + f" {r['ms_graph']:.4f} ms {r['GBps']:.0f} GB/s err {r['rel_vs_default']:.1e}",
+                      flush=True)  # fmt: skip
             del st
+            torch.cuda.empty_cache()
     res["variants"] = rows
+
+
+def _grid_values(text: str) -> list:
+    return [None if v == "none" else int(v) for v in text.split(",")]
 
 
 def section_host(res: dict) -> None:
@@ -294,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variant-contexts", default="32768,131072")
     p.add_argument("--no-ref", action="store_true")
+    # variant grid: comma lists ("none" = the option left to its default)
+    p.add_argument("--v-block-t", default="128,256")
+    p.add_argument("--v-num-warps", default="4")
+    p.add_argument("--v-maxnreg", default="none,128,168")
+    p.add_argument("--v-programs-per-sm", default="4,8")
+    p.add_argument("--v-block-stages", default="0,2")
+    p.add_argument("--v-outlier-split", default="0,1")
+    p.add_argument("--check-configs", default="[{}]", help="JSON list of launch options the check runs")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -308,17 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "copy":
                 section_copy(res)
-            elif name == "check":
-                section_check(res)
-            elif name == "quickcheck":
-                section_check(res, quick=True)
+            elif name in ("check", "quickcheck"):
+                section_check(res, quick=name == "quickcheck", configs=json.loads(args.check_configs))
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
                              [int(b) for b in args.batches.split(",")], not args.no_ref)  # fmt: skip
             elif name == "host":
                 section_host(res)
             elif name == "variants":
-                section_variants(res, [int(c) for c in args.variant_contexts.split(",")])
+                grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
+                res["variant_grid"] = grid
+                section_variants(res, [int(c) for c in args.variant_contexts.split(",")], grid)
         except Exception:
             traceback.print_exc()
             res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-800:]}")

@@ -45,6 +45,7 @@ def _check(
     softcap: float | None = None,
     blocks_per_split: int | None = 1,
     block_stages: int | None = None,
+    outlier_split: bool | None = None,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -65,7 +66,7 @@ def _check(
     out = torch.full_like(query, float("nan"))
     got = decode_attention(
         query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
-        block_stages=block_stages,
+        block_stages=block_stages, outlier_split=outlier_split,
     )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
@@ -167,6 +168,23 @@ def test_split_plans_agree(blocks_per_split: int | None) -> None:
 def test_block_pipelined_loop_agrees(kw: dict, blocks_per_split: int) -> None:
     # block_stages > 0: the tiles of a block unrolled, the block loop software-pipelined
     _check(block_stages=2, blocks_per_split=blocks_per_split, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(key_bits=4, blocks=5, outliers=3),
+        dict(key_bits=8, key_space="pre_rope", mask="bool", batch=2, block_stages=2),
+        dict(block_size=100, rank_keys=5, rank_values=7, q_len=3, groups=2, mask="float", outliers=7),
+        dict(dtype=torch.bfloat16, groups=4, key_bits=4, blocks=6, softcap=5.0, block_stages=2),
+        dict(chunk=20, hot=6, q_len=20, groups=1, outliers=5),  # the chunk starts inside the last block
+        dict(outliers=0),  # nothing to split: the option is ignored
+    ],
+)
+@pytest.mark.parametrize("blocks_per_split", [1, 2, None])
+def test_outliers_in_programs_of_their_own_agree(kw: dict, blocks_per_split: int | None) -> None:
+    # outlier_split: the blocks' exact outlier rows are attended by separate programs
+    _check(outlier_split=True, blocks_per_split=blocks_per_split, **kw)
 
 
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])

@@ -120,7 +120,7 @@ def _split_constexprs(
     groups: int, rows: int, head_dim: int, t: int, block_t: int, rk: int, rv: int, n_out: int, block_e: int,
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
-    block_stages: int,
+    block_stages: int, out_split: bool,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
@@ -129,6 +129,7 @@ def _split_constexprs(
         KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
+        OUT_SPLIT=out_split,
     )  # fmt: skip
 
 
@@ -311,6 +312,7 @@ def decode_attention(
     programs_per_sm: int = 4,
     maxnreg: int | None = -1,
     block_stages: int | None = None,
+    outlier_split: bool | None = None,
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
@@ -458,8 +460,16 @@ def decode_attention(
     # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
     # about as many bytes as a cold program
     exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
+    # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
+    # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
+    out_split = bool(outlier_split) and n_out > 0 and plan_blocks > 0
+    if out_split:
+        out_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
+        n_out_splits = -(-(plan_blocks * n_out) // out_per_split)
+    else:
+        out_per_split, n_out_splits = block_e, 0
     n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
-    n_splits = n_cold_splits + n_exact_splits
+    n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
     # one allocation for every partial: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
     n_part = n_bh * n_splits * rows
@@ -489,13 +499,14 @@ def decode_attention(
         n_land, int(state.hot_start), n_hot, chunk_start, n_chunk, 0,
         partials,
         n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
+        n_out_splits, out_per_split,
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
     constexprs = _split_constexprs(
         groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
         pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
-        device_sizes is not None, block_stages,
+        device_sizes is not None, block_stages, out_split,
     )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
     _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -289,11 +289,55 @@ def _cold_tile(
     return m, den, acc, lat
 
 
+@triton.jit
+def _outlier_segment(
+    m, den, acc, q, starts_ptr,
+    ok_bh, s_ok_n, s_ok_o, s_ok_d, ov_bh, s_ov_n, s_ov_o, s_ov_d, oi_bh, s_oi_n, s_oi_o,
+    j_lo, j_hi, tier_end,
+    mask_ptr, stride_mq, stride_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+    N_OUT: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    """Exact outlier rows ``j_lo .. j_hi-1`` of the cold tier, outlier ``j`` = row ``j % N_OUT`` of
+    block ``j // N_OUT`` (cache index ``block_starts[n] + outlier_index[n, o]``), streamed like an
+    exact tier instead of inside each block's dependent chain (OUT_SPLIT)."""
+    dcols = tl.arange(0, D_P)
+    d_ok = dcols < D
+    for t0 in range(j_lo, j_hi, BLOCK_E):
+        jj = t0 + tl.arange(0, BLOCK_E)
+        j_ok = jj < j_hi
+        nb = jj // N_OUT
+        o = jj % N_OUT
+        idx = tl.load(starts_ptr + nb, mask=j_ok, other=0).to(tl.int32)
+        idx += tl.load(oi_bh + nb * s_oi_n + o * s_oi_o, mask=j_ok, other=0).to(tl.int32)
+        kv_ok = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(
+            ok_bh + nb[:, None] * s_ok_n + o[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
+            mask=kv_ok,
+            other=0.0,
+        )
+        s = _softcap(_dot(q, tl.trans(k), F32, k.dtype) * scale, softcap, HAS_SOFTCAP)
+        s += _mask_bias(
+            mask_ptr, stride_mq, stride_mk, mask_floor, rows_q, rows_ok, idx, j_ok,
+            q_first, tier_end, HAS_MASK, MASK_BOOL,
+        )  # fmt: skip
+        m, alpha, p = _online_step(m, den, s)
+        v = tl.load(
+            ov_bh + nb[:, None] * s_ov_n + o[:, None] * s_ov_o + dcols[None, :] * s_ov_d,
+            mask=kv_ok,
+            other=0.0,
+        )
+        den = den * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p, v, F32, v.dtype)
+    return m, den, acc
+
+
 # Sizes and positions change at every decode step: specialising on them (value 1, multiple of
 # 16) would compile a new kernel variant whenever their combination changes.
 _PER_STEP_ARGS = [
     "s_mb", "s_mq", "n_land", "hot_start", "n_hot", "chunk_start", "n_chunk", "q_first", "seq_len",
     "tier_end", "n_blocks", "blocks_per_split", "n_cold_splits", "exact_per_split", "hot_lo",
+    "n_out_splits", "out_per_split",
 ]  # fmt: skip
 # Order of the per-step sizes in the ``sizes_ptr`` int32 tensor (SIZES_ON_DEVICE): what a captured
 # CUDA graph reads at replay, so one graph serves every step until a buffer moves.
@@ -333,6 +377,7 @@ def spectral_decode_split_kernel(
     part_ptr,
     # sizes
     n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
+    n_out_splits, out_per_split,
     scale, softcap,
     # per-step sizes on the device (int32 [len(SIZE_FIELDS)]), read instead of the scalars above
     sizes_ptr,
@@ -345,6 +390,7 @@ def spectral_decode_split_kernel(
     PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
+    OUT_SPLIT: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -424,6 +470,9 @@ def spectral_decode_split_kernel(
             # -- exact outliers of this block, in the same online softmax
             if N_OUT > 0:
                 oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
+            else:
+                oidx = 0
+            if N_OUT > 0 and not OUT_SPLIT:
                 okeys = tl.load(
                     ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
                     mask=o_ok[:, None] & d_ok[None, :],
@@ -442,8 +491,6 @@ def spectral_decode_split_kernel(
                 )
                 den = den * alpha_out + tl.sum(p_out, axis=1)
                 acc = acc * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
-            else:
-                oidx = 0
             # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
             if not KEY_IDENTITY:
                 bk = tl.load(
@@ -501,9 +548,24 @@ def spectral_decode_split_kernel(
                     other=0.0,
                 )
                 acc += _dot(lat, bv, F32, tl.float16)
+    elif pid_s < n_cold_splits + n_out_splits:
+        # ------------------------------------------------------------ outliers of the cold blocks
+        # (OUT_SPLIT; else n_out_splits = 0): outlier j = n * N_OUT + o, out_per_split per program
+        if OUT_SPLIT:
+            j_lo = (pid_s - n_cold_splits) * out_per_split
+            j_hi = tl.minimum(j_lo + out_per_split, n_blocks * N_OUT)
+            m, den, acc = _outlier_segment(
+                m, den, acc, q, starts_ptr,
+                ok_ptr + b * s_ok_b + h * s_ok_h, s_ok_n, s_ok_o, s_ok_d,
+                ov_ptr + b * s_ov_b + h * s_ov_h, s_ov_n, s_ov_o, s_ov_d,
+                oi_ptr + b * s_oi_b + h * s_oi_h, s_oi_n, s_oi_o,
+                j_lo, j_hi, tier_end,
+                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+                N_OUT, D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+            )  # fmt: skip
     else:
         # ------------------------------------------------------------ exact tiers
-        e_lo = (pid_s - n_cold_splits) * exact_per_split
+        e_lo = (pid_s - n_cold_splits - n_out_splits) * exact_per_split
         e_hi = e_lo + exact_per_split
         # landmarks: virtual [0, n_land)
         m, den, acc = _exact_segment(
