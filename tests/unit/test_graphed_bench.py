@@ -32,7 +32,7 @@ def test_static_cache_step_equals_dynamic_cache() -> None:
     static = e2e._make_cache(model, "graphed:static", max_cache_len=40)
     dynamic = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, cache=static)
+        e2e._prefill_static(model, ids, static, e2e.cache_argument(model))  # the bench's prefill of a StaticCache
         model(ids, cache=dynamic)
         decoder = e2e._graphed_decoder(model, static, ids, 12, dev)
         want = [model(follow[:, i : i + 1], cache=dynamic).logits[:, -1] for i in range(6)]
