@@ -236,6 +236,21 @@ def test_refusals(model) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs the model on CUDA"):
             GraphedDecoder(model, SpectralCache(model, small_lossy_config(**CFG)), mode="graph")
+    import spectralcache
+
+    cache = SpectralCache(model, small_lossy_config(**CFG))
+    spectralcache.disable(model)
+    try:
+        with pytest.raises(ValueError, match="enable"):
+            GraphedDecoder(model, cache, mode="static")
+    finally:
+        spectralcache.enable(model)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval"):
+            GraphedDecoder(model, cache, mode="static")
+    finally:
+        model.eval()
     decoder = GraphedDecoder(model, SpectralCache(model, small_lossy_config(**CFG)), mode="static")
     ids = tiny_prompt(2, 12, seed=1)
     mask = torch.ones_like(ids)

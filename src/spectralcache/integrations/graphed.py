@@ -141,6 +141,15 @@ class GraphedDecoder:
         if cache.config.hot_size < 1 and mode != "eager":
             raise ValueError("GraphedDecoder: SpectralConfig.hot_size must be >= 1 (a due block must not "
                              "include the incoming token)")  # fmt: skip
+        if getattr(model, "training", False):
+            raise ValueError("GraphedDecoder: call model.eval() first (decoding runs in eval mode)")
+        from spectralcache.integrations.transformers import is_enabled
+
+        if mode != "eager" and not is_enabled(model):
+            raise ValueError(
+                "GraphedDecoder: the model does not attend with spectral attention; call "
+                "spectralcache.enable(model) (SpectralCache(model, ...) does it)"
+            )
         device = next(model.parameters()).device
         if mode == "auto":
             mode = "graph" if device.type == "cuda" else "eager"
