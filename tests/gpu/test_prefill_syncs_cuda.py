@@ -61,7 +61,27 @@ def test_compressing_prefill_syncs_once_more_than_dynamic_cache(name: str) -> No
         spectral_sites = sync_sites(lambda: model(prompt, past_key_values=cache, use_cache=True))
     assert all(layer.num_blocks > 0 for layer in cache.layers)  # every layer compressed
     dynamic_sites = sync_sites(lambda: prefill(dynamic))
-    assert len(spectral_sites) <= len(dynamic_sites) + 1, (spectral_sites, dynamic_sites)
+    assert len(spectral_sites) <= len(dynamic_sites) + 1, (
+        spectral_sites,
+        dynamic_sites,
+        first_sync_stack(model, prompt),
+    )
+
+
+def first_sync_stack(model, prompt) -> str:
+    """The Python stack of the first synchronizing call of a spectral prefill (for the report)."""
+    import traceback
+
+    cache = SpectralCache(model, CFG)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            model(prompt, past_key_values=cache, use_cache=True)
+    except RuntimeError:
+        return "".join(traceback.format_exc(limit=-12))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "no sync raised"
 
 
 def test_refusal_read_at_the_forward_end_rolls_back_on_cuda() -> None:
