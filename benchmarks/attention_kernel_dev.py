@@ -160,7 +160,9 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
                         device=device, seed=seed)  # fmt: skip
 
 
-CONFIG_KEYS = ("block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split")
+CONFIG_KEYS = (
+    "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
+)  # fmt: skip
 
 
 def best_configs(res: dict) -> dict:
@@ -247,9 +249,12 @@ def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
     res.setdefault("time", []).extend(rows)
 
 
-def section_variants(res: dict, contexts, grid: dict) -> None:
-    """Graph-replay time of every launch config in ``grid`` (lists per CONFIG_KEYS entry), batch 1;
+def section_variants(res: dict, contexts, grid: dict, extra: list) -> None:
+    """Graph-replay time of every launch config in ``grid`` (lists per CONFIG_KEYS entry) and of
+    each dict in ``extra`` (CONFIG_KEYS entries it leaves out: the grid's first value), batch 1;
     each config's output is compared with the default launch's (``rel_vs_default``)."""
+    configs = [dict(zip(CONFIG_KEYS, v)) for v in itertools.product(*(grid[k] for k in CONFIG_KEYS))]
+    configs += [{k: e.get(k, grid[k][0]) for k in CONFIG_KEYS} for e in extra]
     rows = []
     for ctx in contexts:
         for preset in PRESETS:
@@ -258,8 +263,7 @@ def section_variants(res: dict, contexts, grid: dict) -> None:
             q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
             out = torch.empty_like(q)
             ref = decode_attention(q, st).float()
-            for values in itertools.product(*(grid[k] for k in CONFIG_KEYS)):
-                cfg = dict(zip(CONFIG_KEYS, values))
+            for cfg in configs:
                 try:
                     fn = functools.partial(decode_attention, q, st, out=out, **cfg)
                     out.fill_(float("nan"))
@@ -314,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-programs-per-sm", default="4,8")
     p.add_argument("--v-block-stages", default="0,2")
     p.add_argument("--v-outlier-split", default="0,1")
+    p.add_argument("--v-dequant-asm", default="0,1")
+    p.add_argument("--v-extra", default="[]", help="JSON list of extra variant configs")
     p.add_argument("--check-configs", default="[{}]", help="JSON list of launch options the check runs")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "variants":
                 grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
                 res["variant_grid"] = grid
-                section_variants(res, [int(c) for c in args.variant_contexts.split(",")], grid)
+                section_variants(
+                    res, [int(c) for c in args.variant_contexts.split(",")], grid, json.loads(args.v_extra)
+                )
         except Exception:
             traceback.print_exc()
             res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-800:]}")

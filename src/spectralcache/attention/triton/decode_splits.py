@@ -47,6 +47,8 @@ __all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 # Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies bfloat16 dot
 # operands as raw bits (Triton 3.6: off by 1e10); there, bfloat16 dots run in float32 instead.
 _BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# compiled (not interpreted): inline PTX is available
+_COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -114,10 +116,48 @@ def _online_step(m, den, s):
     return m_new, alpha, p
 
 
+# int8 -> float16, four bytes per call: flip the sign bits (u = c + 128), place each byte under the
+# float16 exponent byte 0x64 (bits 0x64uu = 1024 + u exactly), subtract 1152 = 1024 + 128 (exact)
+_I8_F16_ASM = tl.constexpr("""
+{
+.reg .b32 t, e, m;
+xor.b32 t, $2, 0x80808080;
+mov.b32 e, 0x64646464;
+prmt.b32 $0, t, e, 0x4140;
+prmt.b32 $1, t, e, 0x4342;
+mov.b32 m, 0x64806480;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}
+""")
+# packed int4 -> float16, four bytes (eight nibbles) per call: bytes to 16-bit lanes, nibble n in
+# the mantissa under 0x6400 XOR 8 (bits = 1024 + (n ^ 8)), minus 1032 = the two's-complement value
+_I4_F16_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1, z, m;
+mov.b32 z, 0;
+prmt.b32 t0, $4, z, 0x4140;
+prmt.b32 t1, $4, z, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, 0x64086408, 0x6a;
+lop3.b32 $1, t1, 0x000F000F, 0x64086408, 0x6a;
+shr.b32 t0, t0, 4;
+shr.b32 t1, t1, 4;
+lop3.b32 $2, t0, 0x000F000F, 0x64086408, 0x6a;
+lop3.b32 $3, t1, 0x000F000F, 0x64086408, 0x6a;
+mov.b32 m, 0x64086408;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+sub.f16x2 $2, $2, m;
+sub.f16x2 $3, $3, m;
+}
+""")
+
+
 @triton.jit
 def _load_coeffs(
-    base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr
-):
+    base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr,
+    DQ_ASM: tl.constexpr = False,
+):  # fmt: skip
     """Coefficient tile [N, RANK_P] (zeros past RANK / outside ``rows_ok``), unscaled.
 
     int8 and packed int4 come back as exact small integers in float16; 16-bit coefficients
@@ -128,15 +168,24 @@ def _load_coeffs(
     rate and were the largest single instruction cost of the cold loop): a small integer
     ``u`` in [0, 1023] ORed into the mantissa of the float16 1024.0 (bits 0x6400) *is* the
     float16 ``1024 + u``, exactly; subtracting the offset back is exact too. int8 ``c``:
-    ``u = c + 128`` (flip the sign bit); int4 nibble ``n``: ``u = n ^ 8`` (= its value + 8)."""
+    ``u = c + 128`` (flip the sign bit); int4 nibble ``n``: ``u = n ^ 8`` (= its value + 8).
+    ``DQ_ASM`` (compiled CUDA only; the interpreter runs the tensor-op form): the same
+    arithmetic on four packed bytes per PTX block (byte permutes, 3-input logic ops and
+    float16x2 subtractions) instead of per-element 16-bit ops."""
     if BITS == 4:
         HALF: tl.constexpr = RANK_P // 2
         cols2 = tl.arange(0, HALF)
         ok = rows_ok[:, None] & (cols2 < (RANK + 1) // 2)[None, :]
         ptrs = base + rows[:, None] * stride_t + cols2[None, :] * stride_c
-        byte = tl.load(ptrs, mask=ok, other=0).to(tl.int16)
-        lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-        hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        if DQ_ASM and _COMPILED:
+            byte = tl.load(ptrs, mask=ok, other=0)
+            lo, hi = tl.inline_asm_elementwise(
+                _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
+        else:
+            byte = tl.load(ptrs, mask=ok, other=0).to(tl.int16)
+            lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+            hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
         vals = tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
         if RANK % 2 == 1:  # the high nibble of the last byte is padding
             vals = tl.where((tl.arange(0, RANK_P) < RANK)[None, :], vals, 0.0)
@@ -145,8 +194,14 @@ def _load_coeffs(
         cols = tl.arange(0, RANK_P)
         ok = rows_ok[:, None] & (cols < RANK)[None, :]
         ptrs = base + rows[:, None] * stride_t + cols[None, :] * stride_c
-        c = tl.load(ptrs, mask=ok, other=0).to(tl.int16)
-        return ((c & 255) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0
+        if DQ_ASM and _COMPILED:
+            c = tl.load(ptrs, mask=ok, other=0)
+            return tl.inline_asm_elementwise(
+                _I8_F16_ASM, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4
+            )
+        else:
+            c = tl.load(ptrs, mask=ok, other=0).to(tl.int16)
+            return ((c & 255) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0
     else:
         cols = tl.arange(0, RANK_P)
         ok = rows_ok[:, None] & (cols < RANK)[None, :]
@@ -218,12 +273,12 @@ def _cold_tile(
     RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    F32: tl.constexpr,
+    F32: tl.constexpr, DQ_ASM: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``)."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
-    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS)
+    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM)
     if KEY_BITS != 16:
         kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
     if PRE_ROPE:
@@ -275,7 +330,7 @@ def _cold_tile(
         )  # fmt: skip
     m, alpha, p = _online_step(m, den, s)
     den = den * alpha + tl.sum(p, axis=1)
-    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS)
+    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM)
     if VALUE_BITS != 16:
         vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
         pv = p * vscale[None, :]
@@ -390,7 +445,7 @@ def spectral_decode_split_kernel(
     PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
-    OUT_SPLIT: tl.constexpr,
+    OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -527,7 +582,7 @@ def spectral_decode_split_kernel(
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -539,7 +594,7 @@ def spectral_decode_split_kernel(
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(
