@@ -89,3 +89,30 @@ def test_recapture_after_a_buffer_moves() -> None:
         assert _rel(a, b) < 1e-3
         nxt = a.argmax(-1, keepdim=True)
     assert decoder.captures == captures + 1
+
+
+def test_padded_batch_replays_equal_eager() -> None:
+    """Left-padded rows: the captured step reads the padding mask (fixed address, by cache index)
+    and per-row positions; = the eager forwards, and = the uncaptured step. Decoding past
+    ``max_new_tokens`` grows the mask once (one more capture)."""
+    model = tiny_model("llama").cuda()
+    ids = tiny_prompt(3, 30, seed=8).cuda()
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 9, 3]):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    runs = {}
+    for mode in ("eager", "static", "graph"):
+        decoder = GraphedDecoder(
+            model, SpectralCache(model, small_lossy_config(**CFG)), max_new_tokens=30, mode=mode
+        )
+        runs[mode] = (*decoder.generate(ids, 30, attention_mask=mask, return_logits=True), decoder)
+    tokens, logits, dec = runs["graph"]
+    assert torch.equal(tokens, runs["eager"][0]) and torch.equal(tokens, runs["static"][0])
+    assert max(_rel(a, b) for a, b in zip(logits, runs["eager"][1])) < 1e-3
+    assert max(_rel(a, b) for a, b in zip(logits, runs["static"][1])) < 1e-5
+    captures = dec.captures
+    nxt = tokens[:, -1:]
+    for _ in range(8):  # past max_new_tokens: the mask grows once
+        nxt = dec.next_ids(dec.step(nxt))
+    assert dec.captures == captures + 1

@@ -41,8 +41,10 @@ Why a step can be captured, and what runs outside it (docs/graphed_decode.md has
 
 What it refuses (``ValueError`` / ``RuntimeError`` naming the problem; the cache unchanged):
 layers that are not compressed (``DynamicLayer`` / sliding layers grow by concatenation: not
-capturable), ``hot_size == 0``, a padding mask (a batch must be unpadded), a cache not built
-for this model's layers. Before the landmarks are full (prompt shorter than ``landmarks``) a step
+capturable), ``hot_size == 0``, right padding, a model in training mode or not attending with
+spectral attention. A left-padded batch (``attention_mask`` at :meth:`GraphedDecoder.prefill`)
+decodes through a mask by cache index of fixed address (grown, and the graph captured again,
+only past ``max_new_tokens``) and per-row position ids. Before the landmarks are full (prompt shorter than ``landmarks``) a step
 runs the plain eager forward. Without CUDA, ``mode="auto"`` decodes with plain eager forwards
 (identical to calling the model); ``mode="static"`` runs the graph-mode step *without*
 capture (device-index writes, device sizes, fixed buffers -- the Triton kernel through its
@@ -75,6 +77,9 @@ class GraphSlot:
     write_row: torch.Tensor  # int64 [1]: the hot row this step's token is written to
     capacity_blocks: int
     capacity_exact: int
+    # padded batches: bool [B, 1, 1, positions] by cache index (True = attend), fixed address;
+    # None: no padding (the kernel applies causality by cache index itself)
+    mask: torch.Tensor | None = None
 
     def attend(
         self, query: torch.Tensor, layer: Any, scaling: float | None, softcap: float | None
@@ -85,7 +90,7 @@ class GraphSlot:
         return decode_attention(
             query,
             layer.graph_state(),
-            None,
+            self.mask,
             scaling,
             softcap,
             device_sizes=self.sizes,
@@ -182,6 +187,10 @@ class GraphedDecoder:
         self._warm_layout: list[tuple] | None = None
         self._slots: list[GraphSlot] | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits [B, V], next ids [B, 1])
+        # padded batches: the attention mask by cache index ([B, 1, 1, positions] bool, True past
+        # the prompt) and each row's position id minus its cache index ([B] int64, <= 0)
+        self._mask: torch.Tensor | None = None
+        self._row_offset: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ static buffers
     def _allocate(self, batch: int) -> None:
@@ -200,7 +209,6 @@ class GraphedDecoder:
         i64 = self._dev[size_bytes:].view(torch.int64)
         self._rows = [i64[i : i + 1] for i in range(n)]
         self._cache_position = i64[n : n + 1]
-        self._position_ids = self._cache_position.view(1, 1).expand(batch, 1)
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._field = {name: i for i, name in enumerate(SIZE_FIELDS)}
 
@@ -235,14 +243,30 @@ class GraphedDecoder:
         slots = []
         for i, layer in enumerate(self.layers):
             rec = DecodeGraphSizes(layer.graph_state(), q_len=1)
-            slots.append(GraphSlot(self._sizes[i], self._rows[i], rec.capacity_blocks, rec.capacity_exact))
+            slots.append(
+                GraphSlot(self._sizes[i], self._rows[i], rec.capacity_blocks, rec.capacity_exact, self._mask)
+            )
         return slots
+
+    def _grow_mask(self, positions: int) -> None:
+        """A padded batch's mask covers ``positions`` cache indices (new positions attend)."""
+        old = self._mask
+        if old is None or old.shape[-1] >= positions:
+            return
+        mask = torch.ones(
+            old.shape[0], 1, 1, max(positions, 2 * old.shape[-1]), dtype=torch.bool, device=old.device
+        )
+        mask[..., : old.shape[-1]].copy_(old)
+        self._mask = mask  # a new address: the layout key changes, the graph is captured again
 
     # ------------------------------------------------------------------ forwards
     def _call_kwargs(self) -> dict[str, Any]:
+        positions = self._cache_position.view(1, 1)
+        if self._row_offset is not None:  # padded rows: their positions lag the cache index
+            positions = positions + self._row_offset.view(-1, 1)
         kw: dict[str, Any] = {
             "input_ids": self._ids,
-            "position_ids": self._position_ids,
+            "position_ids": positions.expand(self._ids.shape[0], 1),
             "use_cache": True,
             self._kw: self.cache,
         }
@@ -271,14 +295,52 @@ class GraphedDecoder:
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Eager forward over the prompt (the model's own path, hooks included); returns the
-        last position's logits ``[B, vocab]``."""
-        if attention_mask is not None and not bool(attention_mask.all()):
+        """Eager forward over the prompt (the model's own path, hooks included) into an empty
+        cache; returns the last position's logits ``[B, vocab]``.
+
+        ``attention_mask`` ``[B, T]`` (1 = token, 0 = padding; left padding, as ``generate``
+        takes it): a padded batch. Position ids then count each row's tokens (``cumsum - 1``, as
+        ``generate`` computes them) and every decode step attends through a mask by cache index
+        of fixed address (the prompt's padding masked, every later position attended)."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if (padded or self._mask is not None) and self.cache.get_seq_length() != 0:
+            raise ValueError("GraphedDecoder.prefill of a padded batch needs an empty cache (reset it first)")
+        if not padded:
+            self._mask = self._row_offset = None
+            out = self.model(input_ids, use_cache=True, logits_to_keep=1, **{self._kw: self.cache})
+            return out.logits[:, -1]
+        if attention_mask.shape != input_ids.shape:
             raise ValueError(
-                "GraphedDecoder: padded batches are not supported (the captured step has no padding "
-                "mask); decode sequences of one length, or use the model's eager generate"
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
             )
-        out = self.model(input_ids, use_cache=True, logits_to_keep=1, **{self._kw: self.cache})
+        keep = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if not bool(keep[:, -1].all()):
+            raise ValueError("GraphedDecoder: padding must be on the left (every row's last token a token)")
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        t = int(input_ids.shape[-1])
+        self._row_offset = positions[:, -1] - (t - 1)  # position id - cache index, per row
+        self._mask = keep.view(keep.shape[0], 1, 1, t)
+        self._grow_mask(t + max(self.max_new_tokens, 1) + 1)
+        out = self.model(
+            input_ids,
+            attention_mask=keep.long(),
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._kw: self.cache},
+        )
+        return out.logits[:, -1]
+
+    def _eager_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's own forward for one token (mask and positions of a padded batch included)."""
+        self.eager_steps += 1
+        kw: dict[str, Any] = {}
+        if self._mask is not None:
+            seq = self.cache.get_seq_length()
+            self._grow_mask(seq + 1)
+            kw["attention_mask"] = self._mask[:, 0, 0, : seq + 1].long()
+            kw["position_ids"] = (self._row_offset + seq).view(-1, 1)
+        out = self.model(input_ids, use_cache=True, **kw, **{self._kw: self.cache})
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -291,10 +353,8 @@ class GraphedDecoder:
             raise ValueError(f"GraphedDecoder.step takes [batch, 1] token ids, got {tuple(input_ids.shape)}")
         if self.mode == "eager" or any(layer.graph_unready_reason() for layer in self.layers):
             # plain eager forward (e.g. landmarks not full yet): the model's own path
-            self.eager_steps += 1
             self._decoded += 1
-            out = self.model(input_ids, use_cache=True, **{self._kw: self.cache})
-            return out.logits[:, -1]
+            return self._eager_step(input_ids)
         batch = int(input_ids.shape[0])
         if batch != self.layers[0].batch_size or (self._batch is not None and batch != self._batch):
             raise ValueError(
@@ -305,7 +365,10 @@ class GraphedDecoder:
         ahead = max(self.max_new_tokens - self._decoded, 1)
         for layer in self.layers:
             layer.graph_prepare(ahead)  # eager: compression, hot compaction (atomic per layer)
+        if self._mask is not None:
+            self._grow_mask(self.layers[0].get_seq_length() + ahead + 1)
         layout = [_layout_key(layer) for layer in self.layers]
+        layout.append((self._mask,))
         tokens = [layer.checkpoint() for layer in self.layers]
         try:
             rows = [layer.graph_advance() for layer in self.layers]
@@ -355,15 +418,21 @@ class GraphedDecoder:
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, *, return_logits: bool = False
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Greedy decoding: prefill ``input_ids`` [B, T], then ``max_new_tokens`` tokens.
+        """Greedy decoding: prefill ``input_ids`` [B, T] (left-padded rows: ``attention_mask``,
+        see :meth:`prefill`), then ``max_new_tokens`` tokens.
         Returns ``[B, max_new_tokens]`` token ids (and, with ``return_logits``, each step's
         ``[B, vocab]`` logits, copied)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = self._decoded + max_new_tokens
-        logits = self.prefill(input_ids)
+        logits = self.prefill(input_ids, attention_mask)
         out = torch.empty(input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device)
         kept: list[torch.Tensor] = []
         nxt = logits.argmax(-1, keepdim=True)
@@ -385,9 +454,12 @@ def graphed_generate(
     max_new_tokens: int,
     *,
     mode: str = "auto",
+    attention_mask: torch.Tensor | None = None,
     return_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy decoding of ``max_new_tokens`` tokens with ``cache``, each decode step replayed
     from a CUDA graph (see :class:`GraphedDecoder`); returns the new token ids ``[B, n]``."""
     decoder = GraphedDecoder(model, cache, max_new_tokens=max_new_tokens, mode=mode)
-    return decoder.generate(input_ids, max_new_tokens, return_logits=return_logits)
+    return decoder.generate(
+        input_ids, max_new_tokens, attention_mask=attention_mask, return_logits=return_logits
+    )
