@@ -231,6 +231,10 @@ def test_refusals(model) -> None:
         )
     with pytest.raises(ValueError, match="mode"):
         GraphedDecoder(model, SpectralCache(model, small_lossy_config(**CFG)), mode="fast")
+    torch_ref = SpectralCache(model, small_lossy_config(**CFG, attention_backend="torch"))
+    with pytest.raises(ValueError, match="torch reference was requested"):
+        GraphedDecoder(model, torch_ref, mode="static")
+    GraphedDecoder(model, torch_ref, mode="eager")
     with pytest.raises(TypeError, match="SpectralCache"):
         GraphedDecoder(model, object())
     if not torch.cuda.is_available():

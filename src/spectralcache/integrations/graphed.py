@@ -161,8 +161,14 @@ class GraphedDecoder:
         if mode == "graph" and device.type != "cuda":
             raise RuntimeError(f"GraphedDecoder mode='graph' needs the model on CUDA, it is on {device}")
         if mode in ("graph", "static"):
-            from spectralcache.attention.triton.dispatch import triton_available
+            from spectralcache.attention.triton.dispatch import resolve_backend, triton_available
 
+            if resolve_backend(cache.config.attention_backend) == "torch":
+                raise ValueError(
+                    f"GraphedDecoder mode={mode!r} attends with the Triton decode kernel, but the torch "
+                    "reference was requested (SpectralConfig.attention_backend or "
+                    "$SPECTRALCACHE_ATTENTION_BACKEND); use mode='eager' for it"
+                )
             if not triton_available():
                 raise RuntimeError(f"GraphedDecoder mode={mode!r} needs Triton (the decode kernel)")
             if device.type != "cuda":
