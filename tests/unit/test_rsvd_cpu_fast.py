@@ -37,8 +37,11 @@ def steep_matrix(batch: int, m: int, n: int, ratio: float, seed: int, rank: int)
     return ((U * sig) @ V.mT).float()
 
 
-def run(M, rank, *, fast: bool, monkeypatch, **kw):
+def run(M, rank, *, fast: bool, monkeypatch, bf16: bool = False, **kw):
+    """One call with the CPU fast path on or off; ``bf16`` picks its sketch's Gram (the tests
+    that compare with the generic reference to float32 accuracy use the float32 Gram)."""
     monkeypatch.setattr(rsvd, "_CPU_RAYLEIGH_RITZ", fast)
+    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", bf16)
     return randomized_svd(M, rank, generator=gen(kw.pop("seed", 0)), return_info=True, **kw)
 
 
@@ -245,7 +248,7 @@ def spectrum_matrix(kind: str, shape: tuple[int, int, int], seed: int) -> torch.
     i = torch.arange(n, dtype=torch.float64)
     sig = {
         "decaying": torch.exp(-i / 8),
-        "power_law": 1.0 / (1.0 + i),  # slow decay around k: where power iterations matter
+        "power_law": (1.0 + i) ** -0.75,  # slow decay around k: where power iterations matter
         "flat": torch.ones(n, dtype=torch.float64) + 0.01 * torch.rand(n, generator=g, dtype=torch.float64),
         "gap_then_flat": torch.where(i < 16, 1.0, 0.3),
         "rank_deficient_plus_noise": torch.where(i < 10, torch.exp(-i / 3), 1e-3),
@@ -253,21 +256,37 @@ def spectrum_matrix(kind: str, shape: tuple[int, int, int], seed: int) -> torch.
     return ((U * sig) @ V.mT).float()
 
 
-@pytest.mark.parametrize(
-    "kind", ["decaying", "power_law", "flat", "gap_then_flat", "rank_deficient_plus_noise"]
-)
+SPECTRA = ["decaying", "power_law", "flat", "gap_then_flat", "rank_deficient_plus_noise"]
+
+
+@pytest.mark.parametrize("sketch", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", SPECTRA)
 @pytest.mark.parametrize("scale", [1.0, 1e-12, 1e12])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_seed_shape_default_call_against_linalg_svd(kind, scale, seed):
-    """The default CPU call on the seed shape ([8, 512, 128], rank 16, n_iter 2, oversample 8)
-    against torch.linalg.svd on fresh inputs of several spectra and scales: error at most
-    1.05x the optimal rank-16 error (this assertion fails if the path's subspace is not good
-    enough), the leading singular values of torch.linalg.svd, orthonormal factors, and the
-    call finishes at level 0 (the fast path) without any fallback."""
+def test_seed_shape_default_call_against_linalg_svd(sketch, kind, scale, seed, monkeypatch):
+    """The default CPU call on the seed shape ([8, 512, 128], rank 16, n_iter 2, oversample 8),
+    its sketch's Gram in float32 or bfloat16, against torch.linalg.svd on fresh inputs of
+    several spectra and scales: error at most 1.05x the optimal rank-16 error (this assertion
+    fails if the path's subspace is not good enough), the leading singular values of
+    torch.linalg.svd, orthonormal factors, and the call finishes at level 0 (the fast path)
+    without any fallback. With bfloat16, the mild spectra keep every bfloat16-sketched element
+    and the steep one (S₁/S_k = 1000) has every element recomputed from the float32 Gram."""
     rank = 16
+    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", sketch == "bfloat16")
+    redone = []
+    real = rsvd._pipeline_cpu_rr
+
+    def spy(Mc, *a, **k):
+        if not k.get("bf16_sketch", True):
+            redone.append(Mc.shape[0])
+        return real(Mc, *a, **k)
+
+    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", spy)
     M = spectrum_matrix(kind, (8, 512, 128), seed) * scale
     U, S, Vh, info = randomized_svd(M, rank, generator=gen(seed), return_info=True)
     assert info.paths == {"cholqr2": 8}
+    if sketch == "bfloat16":
+        assert redone == ([8] if kind == "rank_deficient_plus_noise" else [])
     Ue, Se, Vhe = torch.linalg.svd(M.double(), full_matrices=False)
     Md = M.double()
     opt = rel_error(Md, Ue[..., :rank], Se[..., :rank], Vhe[..., :rank, :])

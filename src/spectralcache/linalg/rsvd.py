@@ -730,6 +730,190 @@ def _rr_gram(
     return U, S, V, ok
 
 
+def _sketch_basis(
+    gmul: Callable[[torch.Tensor], torch.Tensor],
+    omega: torch.Tensor,
+    n_iter: int,
+    ctx: _Ctx,
+    timer: _Timer | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU fast path's sketch: ``Z = orth(G^(n_iter+1) Ω)`` [B, n, l] float64 and X = Z R's R.
+
+    One CholeskyQR pass per power iteration (float64 Gram and Cholesky, product in G's
+    dtype; shifted for ``orth="shifted_cholqr"``), then the final basis by :func:`_orth`
+    (float64: one checked pass). Where one float64 pass is not enough (κ(X) beyond ~1e5:
+    S_k/S₁ near G's resolution, e.g. a noise floor ~1e-3 of S₁ inside the rank), a second
+    pass on the nearly orthonormal Z, checked against the identity (CholeskyQR2), instead
+    of sending the element down the chain. Checks and Cholesky infos go to ``ctx``.
+    """
+    f64 = torch.float64
+    shifted = ctx.orth == "shifted_cholqr"
+    X = gmul(omega)
+    for _ in range(n_iter):
+        X = gmul(_chol_pass(X, ctx, shifted=shifted, check=None, gram_dtype=f64)[0])
+    if timer:
+        timer.mark("power")
+    Z, R = _orth(X.to(f64), ctx, final=True)
+    assert R is not None
+    if not bool(ctx.checks[-1].all()):
+        ctx.checks.pop()
+        Z, R2 = _chol_pass(Z, ctx, shifted=False, check="identity")
+        R = R2 @ R
+    if timer:
+        timer.mark("orth")
+    return Z, R
+
+
+def _steep_estimate(R: torch.Tensor, rank: int, kappa: float, margin: float) -> torch.Tensor:
+    """[B] bool: S₁/S_k estimated above ``margin · kappa`` from the sketch's R (X = Z R).
+
+    X is power-iterated, so R's diagonal grades like S²: S₁/S_k ≈ sqrt(d_max/d_k), within
+    ~35% on the steep spectra of the tests (the l x l Cholesky of Zᵀ G Z did no better)."""
+    d = R.diagonal(dim1=-2, dim2=-1)
+    return d.amax(-1) > (margin * kappa) ** 2 * d[..., rank - 1]
+
+
+# ---------------------------------------- CPU level 0, part 2: the sketch from a bfloat16 Gram
+
+# Whether the CPU fast path forms its sketch's Gram in bfloat16. None: where the CPU has native
+# bfloat16 dot products (x86 avx512_bf16 / amx_bf16: 4x the float32 GEMM rate; elsewhere
+# torch emulates them, slower than float32); tests set True/False to run either way.
+_CPU_BF16_SKETCH: bool | None = None
+# Acceptance of an element's bfloat16-sketched result (else it is recomputed from the float32
+# Gram). G from bfloat16 rounds its entries to ~2^-9 relative, so directions it cannot order
+# are those with S² below ~1e-3 S₁², and the subspace it finds costs an error excess of
+# ~4e-7..2e-5 of ||M||_F² (measured on [8, 512, 128] blocks: decaying, power-law, flat,
+# low rank plus a noise floor, geometric to S₁/S_k = 10..100). Hence: S₁/S_k <= 16
+# (measured: 1.0001x the optimal error at S₁/S_k = 10, 1.005x at 40, 1.07x at 100) and a
+# rank-k residual of at least 1e-4 of ||M||_F² (a floor 1e-3 of S₁ under a rank-16 signal,
+# 7e-6 of ||M||_F², came out 1.03x), so the excess stays a small fraction of the optimum.
+_BF16_MAX_KAPPA = 16.0
+_BF16_MIN_RESIDUAL = 1e-4
+# The S₁/S_k estimate (:func:`_steep_estimate`, within ~35%) sends an element to the float32
+# Gram before any bfloat16 Rayleigh-Ritz from 12 on (the seed shape's S₁/S_k of 6.5-7.5 never
+# reaches it); the exact S decides the rest.
+_BF16_ESTIMATE_MARGIN = 0.75
+_BF16_MIN_N = 64  # below this the Gram is cheap either way
+_CPU_BF16_DOT: list[bool] = []
+
+
+def _cpu_has_bf16_dot() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (read once from /proc/cpuinfo; False
+    where that file does not exist)."""
+    if not _CPU_BF16_DOT:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            flags = set()
+        _CPU_BF16_DOT.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
+    return _CPU_BF16_DOT[0]
+
+
+def _use_bf16_sketch(Mc: torch.Tensor, acc: torch.dtype, width: int, n_iter: int) -> bool:
+    """The bfloat16 sketch applies to float32 work on CPU with G formed (not implicit), n >= 64."""
+    if _CPU_BF16_SKETCH is False or acc != torch.float32 or Mc.dtype != torch.float32:
+        return False
+    if Mc.shape[-1] < _BF16_MIN_N or _implicit_gram(Mc, width, n_iter):
+        return False
+    return bool(_CPU_BF16_SKETCH) or _cpu_has_bf16_dot()
+
+
+def _pipeline_cpu_bf16(
+    M: torch.Tensor,
+    Mc: torch.Tensor,
+    omega: torch.Tensor,
+    rank: int,
+    n_iter: int,
+    orth: str,
+    gdtype: torch.dtype,
+    acc: torch.dtype,
+    timer: _Timer | None,
+    check_finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_pipeline_cpu_rr` with the sketch from a bfloat16 Gram; same inputs and outputs.
+
+    Why: the float32 Gram is ~40% of a [8, 512, 128] call on the 2-core box (1.0 ms of 2.4
+    on one thread) and runs at the float32 GEMM peak; from bfloat16 (native dot products,
+    float32 accumulation, bfloat16 output) it costs a third. Only the subspace comes from it:
+    ``Z = orth(G_bf16^(n_iter+1) Ω)`` as in the float32 path, then Rayleigh-Ritz on the real
+    float32 product ``Y = M Z``: the float64 eigendecomposition of ``YᵀY`` (l x l) gives
+    ``S``, ``V = Z W`` and ``U = Y W S⁻¹``. So U S Vh is the best rank-k approximation of M
+    inside span(Z), computed exactly; what bfloat16 costs is only how well span(Z) holds
+    M's top-k subspace, an error excess second order in the subspace's angle (measured in
+    :data:`_BF16_MAX_KAPPA`'s comment).
+
+    An element's result is kept only where that is safe: every Cholesky succeeded, the final
+    basis passed its check, finite, ``S₁/S_k <= 16`` and a rank-k residual of at least 1e-4 of
+    ``||M||_F²`` (from the exact S and ``||M||_F``). Every other element — steep (estimated
+    before its Rayleigh-Ritz from the sketch's R, or found from its S), nearly exactly low
+    rank, or failed — is recomputed by the float32 path (:func:`_pipeline_cpu_rr`), with its
+    own checks and the caller's fallback chain behind it.
+    """
+    f64 = torch.float64
+    ctx = _Ctx(orth, 1.0, acc, True)
+    B, m, n = Mc.shape
+    Mb = Mc.to(torch.bfloat16)
+    G = (Mb.mT @ Mb).to(acc)
+    del Mb
+    sq = torch.linalg.vector_norm(Mc, dim=(-2, -1)).to(f64).square()  # ||M||_F² per element
+    if check_finite and not bool(torch.isfinite(sq.sum())):
+        # raises on NaN/inf; a finite M whose norm overflowed goes on (and fails its checks)
+        _validate(M, rank)
+    if timer:
+        timer.mark("sketch")
+
+    def gmul(Z: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(G, Z.expand(B, *Z.shape)) if Z.ndim == 2 else G @ Z
+
+    Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
+    redo = ~ctx.ok() | _steep_estimate(R, rank, _BF16_MAX_KAPPA, _BF16_ESTIMATE_MARGIN)
+    keep = None if not bool(redo.any()) else (~redo).nonzero().flatten()
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if keep is None else t.index_select(0, keep)
+
+    Y = pick(Mc) @ pick(Z).to(acc)  # [b, m, l]: the real product
+    # YᵀY in float32 carries the same GEMM rounding as the float32 path's Zᵀ G Z (so U is as
+    # orthonormal: ~0.1 eps32 (S₁/S_k)², below 2e-6 here); a float64 one cost 3x the product
+    A = (Y.mT @ Y).to(f64)
+    finite = torch.isfinite(A.sum((-2, -1)))
+    s, W = _top_eigh(A, rank)
+    if timer:
+        timer.mark("core")
+    sq_k = pick(sq)
+    ok = (
+        finite
+        & (s[..., -1] * _BF16_MAX_KAPPA >= s[..., 0])
+        & (s[..., -1] > 0)  # NaN fails these comparisons too
+        & (sq_k - s.square().sum(-1) >= _BF16_MIN_RESIDUAL * sq_k)
+    )
+    U = Y @ (W / s.clamp_min(1e-300).unsqueeze(-2)).to(acc)
+    V = (pick(Z) @ W).to(acc)
+    s = s.to(acc)
+    if keep is None and bool(ok.all()):
+        if timer:
+            timer.mark("lift")
+        return U, s, V.mT, ok
+    # recompute the rest by the float32 path, then scatter
+    keep = torch.arange(B) if keep is None else keep
+    redo[keep[~ok]] = True
+    idx = redo.nonzero().flatten()
+    keep = keep[ok]
+    sub = M.index_select(0, idx)
+    Ur, sr, Vhr, okr = _pipeline_cpu_rr(sub, omega, rank, n_iter, orth, gdtype, acc, None, bf16_sketch=False)
+    Uo = U.new_empty(B, m, rank)
+    So = s.new_empty(B, rank)
+    Vho = V.new_empty(B, rank, n)
+    oko = ok.new_empty(B)
+    Uo[idx], So[idx], Vho[idx], oko[idx] = Ur, sr, Vhr, okr
+    sel = ok.nonzero().flatten()
+    Uo[keep], So[keep], Vho[keep], oko[keep] = U[sel], s[sel], V.mT[sel], ok[sel]
+    if timer:
+        timer.mark("lift")
+    return Uo, So, Vho, oko
+
+
 def _pipeline_cpu_rr(
     M: torch.Tensor,
     omega: torch.Tensor,
@@ -740,6 +924,8 @@ def _pipeline_cpu_rr(
     acc: torch.dtype,
     timer: _Timer | None,
     check_finite: bool = False,
+    *,
+    bf16_sketch: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Level 0 of the checked Gram pipeline on CPU: tall M [B, m, n] -> U, S, Vh, ok [B].
 
@@ -774,45 +960,32 @@ def _pipeline_cpu_rr(
     ``check_finite``: validate the input here instead of before the call: G's trace (a
     sum of squares) is finite exactly when M is, unless it overflows, and only then is M
     itself scanned (:func:`_validate`); that saves a pass over M.
+
+    Where :func:`_use_bf16_sketch` says so (float32 work, n >= 64, a CPU with native
+    bfloat16 dot products), the sketch comes from a bfloat16 Gram instead
+    (:func:`_pipeline_cpu_bf16`, which recomputes here, ``bf16_sketch=False``, every element
+    it cannot vouch for).
     """
-    f64 = torch.float64
-    shifted = orth == "shifted_cholqr"
     ctx = _Ctx(orth, 1.0, acc, True)
     Mc = M if M.dtype == gdtype else M.to(gdtype)
+    if bf16_sketch and _use_bf16_sketch(Mc, acc, omega.shape[-1], n_iter):
+        return _pipeline_cpu_bf16(M, Mc, omega, rank, n_iter, orth, gdtype, acc, timer, check_finite)
     G, gmul = _gram_operator(Mc, omega.shape[-1], n_iter, gdtype, acc)
     if check_finite and G is None:
         _validate(M, rank)
     if check_finite and G is not None and not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1).sum())):
         # raises on NaN/inf; a finite M whose Gram overflowed goes on (and fails its checks)
         _validate(M, rank)
-    X = gmul(omega)
     if timer:
         timer.mark("sketch")
-    for _ in range(n_iter):
-        X = gmul(_chol_pass(X, ctx, shifted=shifted, check=None, gram_dtype=f64)[0])
-    if timer:
-        timer.mark("power")
-    Z, R = _orth(X.to(f64), ctx, final=True)  # f64 input: one checked pass (after a shifted one)
-    assert R is not None
-    if not bool(ctx.checks[-1].all()):
-        # κ(X) too large for one float64 pass (S_k/S₁ near G's resolution, e.g. a noise floor
-        # ~1e-3 of S₁ inside the rank): a second pass on the nearly orthonormal Z, checked
-        # against the identity (CholeskyQR2), instead of sending the element down the chain
-        ctx.checks.pop()
-        Z, R2 = _chol_pass(Z, ctx, shifted=False, check="identity")
-        R = R2 @ R
-    if timer:
-        timer.mark("orth")
+    Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
     if G is None:
         U, s, V, ok = _rr_cholqr2(Mc, Z, None, rank, gdtype, acc)
         V = V.to(acc)
         if timer:
             timer.mark("core")
     else:
-        # X = Q R with X power-iterated, so R's diagonal grades like S²: S₁/S_k ≈ sqrt(d_max/d_k),
-        # within ~35% on the steep spectra of the tests (the l x l Cholesky of Zᵀ G Z did no better)
-        d = R.diagonal(dim1=-2, dim2=-1)
-        steep = d.amax(-1) > (_STEEP_ESTIMATE_MARGIN * _GRAM_RR_MAX_KAPPA) ** 2 * d[..., rank - 1]
+        steep = _steep_estimate(R, rank, _GRAM_RR_MAX_KAPPA, _STEEP_ESTIMATE_MARGIN)
         U, s, V, ok = _rr_gram(Mc, G, Z, steep, rank, gdtype, acc, timer)
     ctx.checks.append(ok)
     ctx.checks.append((s[..., -1] >= 1e-6 * s[..., 0]) & (s[..., 0] > 0))  # NaN fails too
