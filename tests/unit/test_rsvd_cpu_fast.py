@@ -215,7 +215,7 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
     per-shape summary of the default call (ratios from the same run) and the load average."""
     import json
 
-    from spectralcache.bench.svd import DEFAULT_METHOD, GENERIC_METHOD
+    from spectralcache.bench.svd import DEFAULT_METHOD, F32_GRAM_METHOD, GENERIC_METHOD
     from spectralcache.bench.svd import main as bench_main
 
     rc = bench_main(
@@ -225,7 +225,7 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
     assert rc == 0
     data = json.loads((tmp_path / "rsvd_s.json").read_text())
     rows = {r["method"]: r for r in data["results"]}
-    assert {DEFAULT_METHOD, GENERIC_METHOD, "torch.linalg.svd"} <= set(rows)
+    assert {DEFAULT_METHOD, GENERIC_METHOD, F32_GRAM_METHOD, "torch.linalg.svd"} <= set(rows)
     assert rows[GENERIC_METHOD]["path"] == rows[DEFAULT_METHOD]["path"] == {"cholqr2": 3}
     (summary,) = data["summary"]
     assert summary["method"] == DEFAULT_METHOD and summary["shape"] == [3, 96, 40]
@@ -234,6 +234,7 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
         == rows["torch.linalg.svd"]["median_ms"] / rows[DEFAULT_METHOD]["median_ms"]
     )
     assert summary["x_vs_generic_pipeline"] > 0 and summary["err_ratio"] <= 1.05
+    assert summary["x_vs_f32_gram"] > 0 and summary["f32_gram_err_ratio"] <= 1.05
     assert len(data["meta"]["load_avg_end"]) == 3
     out = capsys.readouterr().out
     assert "rsvd[cholqr2,generic]" in out and "(default)" in out  # names survive rich's markup

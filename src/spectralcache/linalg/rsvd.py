@@ -622,6 +622,20 @@ def generic_cpu_level0() -> Iterator[None]:
         _CPU_RAYLEIGH_RITZ = prev
 
 
+@contextlib.contextmanager
+def float32_cpu_sketch() -> Iterator[None]:
+    """Within this block, the CPU fast path forms its sketch's Gram in float32 even where the
+    CPU multiplies bfloat16 natively (:func:`_pipeline_cpu_bf16` off): for benchmarks that
+    time both sketches side by side (``spectralcache bench svd``'s ``rsvd[cholqr2,f32-gram]``)."""
+    global _CPU_BF16_SKETCH
+    prev = _CPU_BF16_SKETCH
+    _CPU_BF16_SKETCH = False
+    try:
+        yield
+    finally:
+        _CPU_BF16_SKETCH = prev
+
+
 def _use_cpu_rr(M: torch.Tensor, algorithm: str, orth: str) -> bool:
     """Whether level 0 of the checked pipeline runs :func:`_pipeline_cpu_rr` for this call."""
     return _CPU_RAYLEIGH_RITZ and M.device.type == "cpu" and algorithm == "gram" and orth in _CPU_RR_ORTHS
