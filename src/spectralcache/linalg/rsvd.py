@@ -887,10 +887,12 @@ def _pipeline_cpu_bf16(
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if keep is None else t.index_select(0, keep)
 
-    Y = pick(Mc) @ pick(Z).to(acc)  # [b, m, l]: the real product
-    # YᵀY in float32 carries the same GEMM rounding as the float32 path's Zᵀ G Z (so U is as
-    # orthonormal: ~0.1 eps32 (S₁/S_k)², below 2e-6 here); a float64 one cost 3x the product
-    A = (Y.mT @ Y).to(f64)
+    Zk = pick(Z).to(acc)
+    Y = pick(Mc) @ Zk  # [b, m, l]: the real product
+    # YᵀY and its eigendecomposition in float32: the same GEMM rounding as the float32 path's
+    # Zᵀ G Z, so U is as orthonormal (~0.1 eps32 (S₁/S_k)², below 2e-6 at S₁/S_k <= 16); a
+    # float64 YᵀY cost 3x the product, a float64 eigh 20% more than float32 and bought nothing
+    A = Y.mT @ Y
     finite = torch.isfinite(A.sum((-2, -1)))
     s, W = _top_eigh(A, rank)
     if timer:
@@ -900,11 +902,10 @@ def _pipeline_cpu_bf16(
         finite
         & (s[..., -1] * _BF16_MAX_KAPPA >= s[..., 0])
         & (s[..., -1] > 0)  # NaN fails these comparisons too
-        & (sq_k - s.square().sum(-1) >= _BF16_MIN_RESIDUAL * sq_k)
+        & (sq_k - s.to(f64).square().sum(-1) >= _BF16_MIN_RESIDUAL * sq_k)
     )
-    U = Y @ (W / s.clamp_min(1e-300).unsqueeze(-2)).to(acc)
-    V = (pick(Z) @ W).to(acc)
-    s = s.to(acc)
+    U = Y @ (W / s.clamp_min(torch.finfo(acc).tiny).unsqueeze(-2))
+    V = Zk @ W
     if keep is None and bool(ok.all()):
         if timer:
             timer.mark("lift")
