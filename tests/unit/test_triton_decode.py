@@ -46,6 +46,7 @@ def _check(
     blocks_per_split: int | None = 1,
     block_stages: int | None = None,
     outlier_split: bool | None = None,
+    min_rows: int | None = None,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -66,7 +67,7 @@ def _check(
     out = torch.full_like(query, float("nan"))
     got = decode_attention(
         query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
-        block_stages=block_stages, outlier_split=outlier_split,
+        block_stages=block_stages, outlier_split=outlier_split, min_rows=min_rows,
     )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
@@ -185,6 +186,23 @@ def test_block_pipelined_loop_agrees(kw: dict, blocks_per_split: int) -> None:
 def test_outliers_in_programs_of_their_own_agree(kw: dict, blocks_per_split: int | None) -> None:
     # outlier_split: the blocks' exact outlier rows are attended by separate programs
     _check(outlier_split=True, blocks_per_split=blocks_per_split, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(groups=1),
+        dict(groups=2, key_bits=4, key_space="pre_rope"),
+        dict(groups=4, mask="bool", batch=2, outlier_split=True),
+        dict(groups=8, dtype=torch.bfloat16, key_bits=4, block_stages=2),
+        dict(groups=1, q_len=3, mask="float", identity_keys=True),
+        dict(groups=2, q_len=3, softcap=5.0, identity_values=True, key_bits=4),
+    ],
+)
+@pytest.mark.parametrize("min_rows", [1, 4])
+def test_query_tile_not_padded_to_16_rows_agrees(kw: dict, min_rows: int) -> None:
+    # min_rows < 16: the query tile holds next_pow2(groups * q_len) rows (tl.dot pads on chip)
+    _check(min_rows=min_rows, **kw)
 
 
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])

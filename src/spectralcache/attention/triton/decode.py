@@ -120,10 +120,10 @@ def _split_constexprs(
     groups: int, rows: int, head_dim: int, t: int, block_t: int, rk: int, rv: int, n_out: int, block_e: int,
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
-    block_stages: int, out_split: bool, dequant_asm: bool,
+    block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int,
 ) -> dict:  # fmt: skip
     return dict(
-        G=groups, R=rows, R_P=_next_pow2(rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
+        G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
         RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
         BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
         KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
@@ -314,6 +314,7 @@ def decode_attention(
     block_stages: int | None = None,
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
+    min_rows: int | None = None,
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
@@ -507,7 +508,7 @@ def decode_attention(
     constexprs = _split_constexprs(
         groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
         pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
-        device_sizes is not None, block_stages, out_split, bool(dequant_asm),
+        device_sizes is not None, block_stages, out_split, bool(dequant_asm), 16 if min_rows is None else min_rows,
     )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
     _launch_split((n_bh, n_splits), args, constexprs, options, device)
