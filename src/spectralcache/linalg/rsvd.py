@@ -30,6 +30,11 @@ on the small side (one float64 ``l x l`` eigendecomposition of ``Zᵀ G Z``, ``U
 instead of CholeskyQR2 of ``Y = M Z`` plus a core SVD: half the small LAPACK calls and one
 skinny product with M instead of two, with the same checks and fallback chain. The
 generic pipeline stays the reference (``_CPU_RAYLEIGH_RITZ = False``; tests compare them).
+On CPUs with native bfloat16 dot products (x86 ``avx512_bf16``/``amx_bf16``) the sketch's G
+is formed in bfloat16 (a third of the float32 Gram's time) and the Rayleigh-Ritz runs on the
+real float32 product ``Y = M Z`` (:func:`_pipeline_cpu_bf16`), so only the subspace carries
+bfloat16's rounding; elements it cannot vouch for (S₁/S_k > 16, a rank-k residual below
+1e-4 of ``||M||_F²``, any failed check) are recomputed from the float32 Gram.
 
 The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
 LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
