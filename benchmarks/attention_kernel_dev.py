@@ -290,6 +290,11 @@ def section_variants(res: dict, contexts, grid: dict, extra: list) -> None:
     res["variants"] = rows
 
 
+def _json_arg(text: str):
+    """A JSON command-line value, or ``@path``: the JSON in that file."""
+    return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+
+
 def _grid_values(text: str) -> list:
     return [None if v == "none" else int(v) for v in text.split(",")]
 
@@ -321,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-outlier-split", default="0,1")
     p.add_argument("--v-dequant-asm", default="0,1")
     p.add_argument("--v-min-rows", default="16,1")
-    p.add_argument("--v-extra", default="[]", help="JSON list of extra variant configs")
-    p.add_argument("--check-configs", default="[{}]", help="JSON list of launch options the check runs")
+    p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
+    p.add_argument(
+        "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -338,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "copy":
                 section_copy(res)
             elif name in ("check", "quickcheck"):
-                section_check(res, quick=name == "quickcheck", configs=json.loads(args.check_configs))
+                section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs))
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
                              [int(b) for b in args.batches.split(",")], not args.no_ref)  # fmt: skip
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
                 res["variant_grid"] = grid
                 section_variants(
-                    res, [int(c) for c in args.variant_contexts.split(",")], grid, json.loads(args.v_extra)
+                    res, [int(c) for c in args.variant_contexts.split(",")], grid, _json_arg(args.v_extra)
                 )
         except Exception:
             traceback.print_exc()
