@@ -28,7 +28,7 @@ PRESETS = {"default": dict(rank_keys=32, rank_values=64, outliers=32, key_bits=8
            "aggressive": dict(rank_keys=16, rank_values=32, outliers=16, key_bits=4)}  # fmt: skip
 
 
-def _run(*, groups=4, q_len=1, dtype=torch.bfloat16, mask=None, softcap=None, **kw) -> float:
+def _run(*, groups=4, q_len=1, dtype=torch.bfloat16, mask=None, softcap=None, launch=None, **kw) -> float:
     seed = next(_seed)
     base = dict(batch=1, kv_heads=4, head_dim=128, landmarks=16, block_size=512, blocks=6, hot=200,
                 chunk=q_len, dtype=dtype, device="cuda", seed=seed)  # fmt: skip
@@ -47,7 +47,7 @@ def _run(*, groups=4, q_len=1, dtype=torch.bfloat16, mask=None, softcap=None, **
         if mask == "float":
             attn_mask = torch.where(attn_mask, 0.0, torch.finfo(dtype).min).to(dtype)
     out = torch.full_like(query, float("nan"))
-    decode_attention(query, state, attn_mask, None, softcap, out=out)
+    decode_attention(query, state, attn_mask, None, softcap, out=out, **(launch or {}))
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
     assert torch.isfinite(out).all(), "unwritten (NaN) output elements"
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
@@ -156,6 +156,21 @@ def test_lossless_gemma_layout_falls_back_to_the_reference() -> None:
     for _ in range(2):
         out = attend(query, state, None, None, None, backend="auto")
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# the v6 launch options, each way, against the reference (the defaults are what the rest covers)
+_LAUNCHES = [
+    dict(min_rows=16, dequant_asm=False, outlier_split=False, block_stages=0),
+    dict(min_rows=1, dequant_asm=True, outlier_split=True, block_stages=0),
+    dict(min_rows=1, dequant_asm=True, outlier_split=False, block_stages=2),
+]
+
+
+@pytest.mark.parametrize("launch", _LAUNCHES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["default", "aggressive"])
+def test_launch_options(launch, dtype, preset) -> None:
+    _run(dtype=dtype, launch=launch, mask="bool", batch=2, **PRESETS[preset])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
