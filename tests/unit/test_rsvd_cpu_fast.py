@@ -300,3 +300,44 @@ def test_seed_shape_default_call_against_linalg_svd(sketch, kind, scale, seed, m
         torch.testing.assert_close(S[..., :4].double(), Se[..., :4], rtol=1e-4, atol=0)
     assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5
     assert torch.all(S[..., :-1] >= S[..., 1:])
+
+
+def test_bf16_sketch_recomputes_exactly_the_elements_it_cannot_vouch_for(monkeypatch):
+    """A batch mixing mild elements with a steep one (S₁/S_k = 100: caught after the first
+    power product) and a rank-16 signal over a 1e-3 noise floor (flat top, so caught only by
+    the residual check after its Rayleigh-Ritz): exactly those two are recomputed from the
+    float32 Gram (one call, from the bfloat16 path's first basis), every element meets
+    1.05x its optimal error with orthonormal factors, and the recomputed ones are as
+    accurate as the float32 sketch's."""
+    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", True)
+    rank = 16
+    M = decaying_matrix((5, 512, 128), generator=gen(21))
+    M[2] = steep_matrix(1, 512, 128, 100.0, seed=3, rank=rank)[0]
+    g = gen(22)
+    Uq, _ = torch.linalg.qr(torch.randn(512, 128, generator=g, dtype=torch.float64))
+    Vq, _ = torch.linalg.qr(torch.randn(128, 128, generator=g, dtype=torch.float64))
+    sig = torch.where(torch.arange(128) < rank, 1.0, 1e-3).double()
+    M[4] = ((Uq * sig) @ Vq.mT).float()
+    redone = []
+    real = rsvd._pipeline_cpu_rr
+
+    def spy(Mc, *a, **k):
+        if not k.get("bf16_sketch", True):
+            redone.append(Mc.clone())
+        return real(Mc, *a, **k)
+
+    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", spy)
+    U, S, Vh, info = randomized_svd(M, rank, generator=gen(1), return_info=True)
+    assert info.paths == {"cholqr2": 5}
+    assert len(redone) == 1 and torch.equal(redone[0], M[[2, 4]])
+    for i in range(5):
+        opt = rel_error(M[i], *truncated_svd(M[i], rank))
+        assert rel_error(M[i], U[i], S[i], Vh[i]) <= 1.05 * opt, i
+    assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5
+    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", real)
+    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", False)
+    f32 = randomized_svd(M, rank, generator=gen(1))
+    for i in (2, 4):  # a different start (the first basis), the same accuracy
+        opt = rel_error(M[i], *truncated_svd(M[i], rank))
+        err, err32 = rel_error(M[i], U[i], S[i], Vh[i]), rel_error(M[i], *(t[i] for t in f32))
+        assert abs(err - err32) <= 0.01 * opt, (i, err / opt, err32 / opt)

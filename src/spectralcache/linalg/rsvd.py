@@ -751,13 +751,15 @@ def _rr_gram(
 
 def _sketch_basis(
     gmul: Callable[[torch.Tensor], torch.Tensor],
-    omega: torch.Tensor,
-    n_iter: int,
+    start: torch.Tensor,
+    passes: int,
     ctx: _Ctx,
     timer: _Timer | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU fast path's sketch: ``Z = orth(G^(n_iter+1) Ω)`` [B, n, l] float64 and X = Z R's R.
+    """The CPU fast path's sketch: ``Z = orth(G^(passes+1) start)`` [B, n, l] float64 and X = Z R's R.
 
+    ``start`` is the test matrix Ω (``passes = n_iter``) or the basis after the first pass
+    (``passes = n_iter - 1``: :func:`_pipeline_cpu_bf16` hands its steep elements over so).
     One CholeskyQR pass per power iteration (float64 Gram and Cholesky, product in G's
     dtype; shifted for ``orth="shifted_cholqr"``), then the final basis by :func:`_orth`
     (float64: one checked pass). Where one float64 pass is not enough (κ(X) beyond ~1e5:
@@ -767,8 +769,8 @@ def _sketch_basis(
     """
     f64 = torch.float64
     shifted = ctx.orth == "shifted_cholqr"
-    X = gmul(omega)
-    for _ in range(n_iter):
+    X = gmul(start)
+    for _ in range(passes):
         X = gmul(_chol_pass(X, ctx, shifted=shifted, check=None, gram_dtype=f64)[0])
     if timer:
         timer.mark("power")
@@ -808,10 +810,9 @@ _CPU_BF16_SKETCH: bool | None = None
 # 7e-6 of ||M||_F², came out 1.03x), so the excess stays a small fraction of the optimum.
 _BF16_MAX_KAPPA = 16.0
 _BF16_MIN_RESIDUAL = 1e-4
-# The S₁/S_k estimate (:func:`_steep_estimate`, within ~35%) sends an element to the float32
-# Gram before any bfloat16 Rayleigh-Ritz from 12 on (the seed shape's S₁/S_k of 6.5-7.5 never
-# reaches it); the exact S decides the rest.
-_BF16_ESTIMATE_MARGIN = 0.75
+# After the first power product the estimate reads 0.25-0.85x the true S₁/S_k (measured on the
+# tests' spectra); from 10 on (the seed shape reads 3.5-6.3) the element skips the bfloat16 Gram.
+_BF16_EARLY_MARGIN = 10.0 / 16.0
 _BF16_MIN_N = 64  # below this the Gram is cheap either way
 _CPU_BF16_DOT: list[bool] = []
 
@@ -830,8 +831,9 @@ def _cpu_has_bf16_dot() -> bool:
 
 
 def _use_bf16_sketch(Mc: torch.Tensor, acc: torch.dtype, width: int, n_iter: int) -> bool:
-    """The bfloat16 sketch applies to float32 work on CPU with G formed (not implicit), n >= 64."""
-    if _CPU_BF16_SKETCH is False or acc != torch.float32 or Mc.dtype != torch.float32:
+    """The bfloat16 sketch applies to float32 work on CPU with G formed (not implicit), n >= 64,
+    and at least one power iteration (its first pass decides which elements it keeps)."""
+    if _CPU_BF16_SKETCH is False or acc != torch.float32 or Mc.dtype != torch.float32 or n_iter < 1:
         return False
     if Mc.shape[-1] < _BF16_MIN_N or _implicit_gram(Mc, width, n_iter):
         return False
@@ -864,75 +866,80 @@ def _pipeline_cpu_bf16(
 
     An element's result is kept only where that is safe: every Cholesky succeeded, the final
     basis passed its check, finite, ``S₁/S_k <= 16`` and a rank-k residual of at least 1e-4 of
-    ``||M||_F²`` (from the exact S and ``||M||_F``). Every other element — steep (estimated
-    before its Rayleigh-Ritz from the sketch's R, or found from its S), nearly exactly low
-    rank, or failed — is recomputed by the float32 path (:func:`_pipeline_cpu_rr`), with its
-    own checks and the caller's fallback chain behind it.
+    ``||M||_F²`` (from the exact S and ``||M||_F``). Every other element is recomputed by the
+    float32 path (:func:`_pipeline_cpu_rr`, with its own checks and the caller's fallback
+    chain behind it), from this path's basis after the first power iteration: so that steep
+    elements (keys with a sink row, say) cost little here, the first product ``G Ω`` is
+    ``Mᵀ (M Ω)`` from two skinny bfloat16 GEMMs, before any Gram, and elements whose first
+    pass already estimates ``S₁/S_k > 10`` go to the float32 path at once (the estimate
+    reads 0.25-0.85x the true ratio after one product, so the seed shape's 7-8 never trip
+    it); the exact S decides the rest.
     """
     f64 = torch.float64
-    ctx = _Ctx(orth, 1.0, acc, True)
+    shifted = orth == "shifted_cholqr"
     B, m, n = Mc.shape
     Mb = Mc.to(torch.bfloat16)
-    G = (Mb.mT @ Mb).to(acc)
-    del Mb
     sq = torch.linalg.vector_norm(Mc, dim=(-2, -1)).to(f64).square()  # ||M||_F² per element
     if check_finite and not bool(torch.isfinite(sq.sum())):
         # raises on NaN/inf; a finite M whose norm overflowed goes on (and fails its checks)
         _validate(M, rank)
-    if timer:
-        timer.mark("sketch")
-
-    def gmul(Z: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(G, Z.expand(B, *Z.shape)) if Z.ndim == 2 else G @ Z
-
-    Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
-    redo = ~ctx.ok() | _steep_estimate(R, rank, _BF16_MAX_KAPPA, _BF16_ESTIMATE_MARGIN)
-    keep = None if not bool(redo.any()) else (~redo).nonzero().flatten()
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return t if keep is None else t.index_select(0, keep)
-
-    Zk = pick(Z).to(acc)
-    Y = pick(Mc) @ Zk  # [b, m, l]: the real product
-    # YᵀY from a float32 GEMM (the same rounding as the float32 path's Zᵀ G Z; a float64 one cost
-    # 3x the product), its eigendecomposition in float64: U orthonormal to 8e-7 on the seed
-    # shape and at S₁/S_k = 15, against 4e-6..6e-6 from a float32 eigh (20% cheaper)
-    A = (Y.mT @ Y).to(f64)
-    finite = torch.isfinite(A.sum((-2, -1)))
-    s, W = _top_eigh(A, rank)
-    if timer:
-        timer.mark("core")
-    sq_k = pick(sq)
-    ok = (
-        finite
-        & (s[..., -1] * _BF16_MAX_KAPPA >= s[..., 0])
-        & (s[..., -1] > 0)  # NaN fails these comparisons too
-        & (sq_k - s.square().sum(-1) >= _BF16_MIN_RESIDUAL * sq_k)
-    )
-    U = Y @ (W / s.clamp_min(1e-300).unsqueeze(-2)).to(acc)
-    V = (pick(Z) @ W).to(acc)
-    s = s.to(acc)
-    if keep is None and bool(ok.all()):
+    ctx1 = _Ctx(orth, 1.0, acc, True)
+    X1 = (Mb.mT @ (Mb @ omega.to(torch.bfloat16))).to(acc)  # G Ω without G
+    Q1, R1 = _chol_pass(X1, ctx1, shifted=shifted, check=None, gram_dtype=f64)
+    first_ok = ctx1.ok()
+    redo = ~first_ok | _steep_estimate(R1, rank, _BF16_MAX_KAPPA, _BF16_EARLY_MARGIN)
+    keep = (~redo).nonzero().flatten()
+    b = keep.shape[0]
+    U = Mc.new_empty(B, m, rank)
+    S = Mc.new_empty(B, rank)
+    Vh = Mc.new_empty(B, rank, n)
+    ok = first_ok.new_zeros(B)
+    if b:
+        all_kept = b == B
+        Mk = Mc if all_kept else Mc.index_select(0, keep)
+        Mbk = Mb if all_kept else Mb.index_select(0, keep)
+        G = (Mbk.mT @ Mbk).to(acc)
         if timer:
-            timer.mark("lift")
-        return U, s, V.mT, ok
-    # recompute the rest by the float32 path, then scatter
-    keep = torch.arange(B) if keep is None else keep
-    redo[keep[~ok]] = True
+            timer.mark("sketch")
+        ctx = _Ctx(orth, 1.0, acc, True)
+        Q1k = Q1 if all_kept else Q1.index_select(0, keep)
+        Z, _ = _sketch_basis(lambda z: G @ z, Q1k, n_iter - 1, ctx, timer)
+        Zk = Z.to(acc)
+        Y = Mk @ Zk  # [b, m, l]: the real product
+        # YᵀY from a float32 GEMM (the same rounding as the float32 path's Zᵀ G Z; a float64 one
+        # cost 3x the product), its eigendecomposition in float64: U orthonormal to 8e-7 on the
+        # seed shape and at S₁/S_k = 15, against 4e-6..6e-6 from a float32 eigh (20% cheaper)
+        A = (Y.mT @ Y).to(f64)
+        s, W = _top_eigh(A, rank)
+        if timer:
+            timer.mark("core")
+        sq_k = sq if all_kept else sq.index_select(0, keep)
+        good = (
+            ctx.ok()
+            & torch.isfinite(A.sum((-2, -1)))
+            & (s[..., -1] * _BF16_MAX_KAPPA >= s[..., 0])
+            & (s[..., -1] > 0)  # NaN fails these comparisons too
+            & (sq_k - s.square().sum(-1) >= _BF16_MIN_RESIDUAL * sq_k)
+        )
+        Uk = Y @ (W / s.clamp_min(1e-300).unsqueeze(-2)).to(acc)
+        Vhk = (Z @ W).to(acc).mT
+        if all_kept and bool(good.all()):
+            if timer:
+                timer.mark("lift")
+            return Uk, s.to(acc), Vhk, good
+        sel = good.nonzero().flatten()
+        dst = keep.index_select(0, sel)
+        U[dst], S[dst], Vh[dst], ok[dst] = Uk[sel], s[sel].to(acc), Vhk[sel], True
+        redo[keep[~good]] = True
     idx = redo.nonzero().flatten()
-    keep = keep[ok]
-    sub = M.index_select(0, idx)
-    Ur, sr, Vhr, okr = _pipeline_cpu_rr(sub, omega, rank, n_iter, orth, gdtype, acc, None, bf16_sketch=False)
-    Uo = U.new_empty(B, m, rank)
-    So = s.new_empty(B, rank)
-    Vho = V.new_empty(B, rank, n)
-    oko = ok.new_empty(B)
-    Uo[idx], So[idx], Vho[idx], oko[idx] = Ur, sr, Vhr, okr
-    sel = ok.nonzero().flatten()
-    Uo[keep], So[keep], Vho[keep], oko[keep] = U[sel], s[sel], V.mT[sel], ok[sel]
+    Ur, sr, Vhr, okr = _pipeline_cpu_rr(
+        M.index_select(0, idx), omega, rank, n_iter, orth, gdtype, acc, None,
+        bf16_sketch=False, start=Q1.index_select(0, idx),
+    )  # fmt: skip
+    U[idx], S[idx], Vh[idx], ok[idx] = Ur, sr, Vhr, okr & first_ok.index_select(0, idx)
     if timer:
         timer.mark("lift")
-    return Uo, So, Vho, oko
+    return U, S, Vh, ok
 
 
 def _pipeline_cpu_rr(
@@ -947,6 +954,7 @@ def _pipeline_cpu_rr(
     check_finite: bool = False,
     *,
     bf16_sketch: bool = True,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Level 0 of the checked Gram pipeline on CPU: tall M [B, m, n] -> U, S, Vh, ok [B].
 
@@ -985,7 +993,7 @@ def _pipeline_cpu_rr(
     Where :func:`_use_bf16_sketch` says so (float32 work, n >= 64, a CPU with native
     bfloat16 dot products), the sketch comes from a bfloat16 Gram instead
     (:func:`_pipeline_cpu_bf16`, which recomputes here, ``bf16_sketch=False``, every element
-    it cannot vouch for).
+    it cannot vouch for, handing over its basis after the first power iteration as ``start``).
     """
     ctx = _Ctx(orth, 1.0, acc, True)
     Mc = M if M.dtype == gdtype else M.to(gdtype)
@@ -999,7 +1007,10 @@ def _pipeline_cpu_rr(
         _validate(M, rank)
     if timer:
         timer.mark("sketch")
-    Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
+    if start is None:
+        Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
+    else:
+        Z, R = _sketch_basis(gmul, start.to(acc), n_iter - 1, ctx, timer)
     if G is None:
         U, s, V, ok = _rr_cholqr2(Mc, Z, None, rank, gdtype, acc)
         V = V.to(acc)
