@@ -120,7 +120,7 @@ def _split_constexprs(
     groups: int, rows: int, head_dim: int, t: int, block_t: int, rk: int, rv: int, n_out: int, block_e: int,
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
-    block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int,
+    block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
@@ -129,7 +129,7 @@ def _split_constexprs(
         KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
-        OUT_SPLIT=out_split, DQ_ASM=dequant_asm,
+        OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t,
     )  # fmt: skip
 
 
@@ -266,10 +266,18 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         key_identity,
         value_identity,
         int(cold.outlier_index.shape[-1]),
+        _row_stride(cold.key_coeffs),
+        _row_stride(cold.value_coeffs),
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
     return segment
+
+
+def _row_stride(coeffs: torch.Tensor) -> int:
+    """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
+    Triton then knows the alignment of every row, e.g. 8-byte int4 rows), else 0 (read at run time)."""
+    return int(coeffs.stride(-2)) if coeffs.stride(-1) == 1 else 0
 
 
 def decode_sizes(state: SpectralLayerState, q_len: int, hot_lo: int = 0) -> list[int]:
@@ -396,7 +404,7 @@ def decode_attention(
     rot_half = 1
     if cold is not None and cold.num_blocks:
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
-        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out = facts
+        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t = facts
         if state.key_space == "pre_rope":
             pre_rope = True
             inv_freq = _resolve_inv_freq(state, device)
@@ -408,7 +416,7 @@ def decode_attention(
         else:
             inv_freq = f16
     else:
-        n_blocks, t, rk, rv, kbits, vbits, n_out = 0, 16, head_dim, head_dim, 8, 8, 0
+        n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
         key_identity = value_identity = True
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
         cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
@@ -509,6 +517,7 @@ def decode_attention(
         groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
         pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
         device_sizes is not None, block_stages, out_split, bool(dequant_asm), 16 if min_rows is None else min_rows,
+        kc_t, vc_t,
     )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
     _launch_split((n_bh, n_splits), args, constexprs, options, device)

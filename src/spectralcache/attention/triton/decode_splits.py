@@ -445,7 +445,7 @@ def spectral_decode_split_kernel(
     PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
-    OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr,
+    OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -513,6 +513,17 @@ def spectral_decode_split_kernel(
             partner = 0
             sign = 0.0
             freq = 0.0
+        # coefficient row strides as compile-time constants when the host knows them (KC_T / VC_T > 0:
+        # rows of one block contiguous): then Triton sees that an 8-byte int4 key row is 8-byte
+        # aligned and loads it with one instruction instead of eight byte loads
+        if KC_T > 0:
+            kc_t = KC_T
+        else:
+            kc_t = s_kc_t
+        if VC_T > 0:
+            vc_t = VC_T
+        else:
+            vc_t = s_vc_t
         # BLOCK_STAGES > 0: the tiles of a block are unrolled (static_range), so the block loop is the
         # innermost loop and Triton's software pipeliner loads block n+1's coefficients, bases and
         # outliers (cp.async into shared memory) while block n is computed, BLOCK_STAGES buffers deep.
@@ -577,8 +588,8 @@ def spectral_decode_split_kernel(
                 for t0 in range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
                         m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
-                        kc_bh + n * s_kc_n, s_kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                        vc_bh + n * s_vc_n, s_vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
@@ -589,8 +600,8 @@ def spectral_decode_split_kernel(
                 for t0 in tl.static_range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
                         m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
-                        kc_bh + n * s_kc_n, s_kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                        vc_bh + n * s_vc_n, s_vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
