@@ -37,11 +37,8 @@ def steep_matrix(batch: int, m: int, n: int, ratio: float, seed: int, rank: int)
     return ((U * sig) @ V.mT).float()
 
 
-def run(M, rank, *, fast: bool, monkeypatch, bf16: bool = False, **kw):
-    """One call with the CPU fast path on or off; ``bf16`` picks its sketch's Gram (the tests
-    that compare with the generic reference to float32 accuracy use the float32 Gram)."""
+def run(M, rank, *, fast: bool, monkeypatch, **kw):
     monkeypatch.setattr(rsvd, "_CPU_RAYLEIGH_RITZ", fast)
-    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", bf16)
     return randomized_svd(M, rank, generator=gen(kw.pop("seed", 0)), return_info=True, **kw)
 
 
@@ -215,7 +212,7 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
     per-shape summary of the default call (ratios from the same run) and the load average."""
     import json
 
-    from spectralcache.bench.svd import DEFAULT_METHOD, F32_GRAM_METHOD, GENERIC_METHOD
+    from spectralcache.bench.svd import DEFAULT_METHOD, GENERIC_METHOD
     from spectralcache.bench.svd import main as bench_main
 
     rc = bench_main(
@@ -225,7 +222,7 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
     assert rc == 0
     data = json.loads((tmp_path / "rsvd_s.json").read_text())
     rows = {r["method"]: r for r in data["results"]}
-    assert {DEFAULT_METHOD, GENERIC_METHOD, F32_GRAM_METHOD, "torch.linalg.svd"} <= set(rows)
+    assert {DEFAULT_METHOD, GENERIC_METHOD, "torch.linalg.svd"} <= set(rows)
     assert rows[GENERIC_METHOD]["path"] == rows[DEFAULT_METHOD]["path"] == {"cholqr2": 3}
     (summary,) = data["summary"]
     assert summary["method"] == DEFAULT_METHOD and summary["shape"] == [3, 96, 40]
@@ -234,7 +231,6 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
         == rows["torch.linalg.svd"]["median_ms"] / rows[DEFAULT_METHOD]["median_ms"]
     )
     assert summary["x_vs_generic_pipeline"] > 0 and summary["err_ratio"] <= 1.05
-    assert summary["x_vs_f32_gram"] > 0 and summary["f32_gram_err_ratio"] <= 1.05
     assert len(data["meta"]["load_avg_end"]) == 3
     out = capsys.readouterr().out
     assert "rsvd[cholqr2,generic]" in out and "(default)" in out  # names survive rich's markup
@@ -249,7 +245,7 @@ def spectrum_matrix(kind: str, shape: tuple[int, int, int], seed: int) -> torch.
     i = torch.arange(n, dtype=torch.float64)
     sig = {
         "decaying": torch.exp(-i / 8),
-        "power_law": (1.0 + i) ** -0.75,  # slow decay around k: where power iterations matter
+        "power_law": 1.0 / (1.0 + i),  # slow decay around k: where power iterations matter
         "flat": torch.ones(n, dtype=torch.float64) + 0.01 * torch.rand(n, generator=g, dtype=torch.float64),
         "gap_then_flat": torch.where(i < 16, 1.0, 0.3),
         "rank_deficient_plus_noise": torch.where(i < 10, torch.exp(-i / 3), 1e-3),
@@ -260,34 +256,20 @@ def spectrum_matrix(kind: str, shape: tuple[int, int, int], seed: int) -> torch.
 SPECTRA = ["decaying", "power_law", "flat", "gap_then_flat", "rank_deficient_plus_noise"]
 
 
-@pytest.mark.parametrize("sketch", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", SPECTRA)
 @pytest.mark.parametrize("scale", [1.0, 1e-12, 1e12])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_seed_shape_default_call_against_linalg_svd(sketch, kind, scale, seed, monkeypatch):
-    """The default CPU call on the seed shape ([8, 512, 128], rank 16, n_iter 2, oversample 8),
-    its sketch's Gram in float32 or bfloat16, against torch.linalg.svd on fresh inputs of
-    several spectra and scales: error at most 1.05x the optimal rank-16 error (this assertion
-    fails if the path's subspace is not good enough), the leading singular values of
-    torch.linalg.svd, orthonormal factors, and the call finishes at level 0 (the fast path)
-    without any fallback. With bfloat16, the mild spectra keep every bfloat16-sketched element
-    and the steep one (S₁/S_k = 1000) has every element recomputed from the float32 Gram."""
+def test_seed_shape_default_call_against_linalg_svd(kind, scale, seed):
+    """The default CPU call on the seed shape ([8, 512, 128], rank 16, n_iter 2, oversample 8)
+    against torch.linalg.svd on fresh inputs of several spectra and scales: error at most
+    1.05x the optimal rank-16 error (this assertion fails if the path's subspace is not good
+    enough: n_iter=0 without oversampling gives 1.14-1.28x here), the leading singular values
+    of torch.linalg.svd, orthonormal factors, and the call finishes at level 0 (the fast
+    path) without any fallback."""
     rank = 16
-    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", sketch == "bfloat16")
-    redone = []
-    real = rsvd._pipeline_cpu_rr
-
-    def spy(Mc, *a, **k):
-        if not k.get("bf16_sketch", True):
-            redone.append(Mc.shape[0])
-        return real(Mc, *a, **k)
-
-    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", spy)
     M = spectrum_matrix(kind, (8, 512, 128), seed) * scale
     U, S, Vh, info = randomized_svd(M, rank, generator=gen(seed), return_info=True)
     assert info.paths == {"cholqr2": 8}
-    if sketch == "bfloat16":
-        assert redone == ([8] if kind == "rank_deficient_plus_noise" else [])
     Ue, Se, Vhe = torch.linalg.svd(M.double(), full_matrices=False)
     Md = M.double()
     opt = rel_error(Md, Ue[..., :rank], Se[..., :rank], Vhe[..., :rank, :])
@@ -300,44 +282,3 @@ def test_seed_shape_default_call_against_linalg_svd(sketch, kind, scale, seed, m
         torch.testing.assert_close(S[..., :4].double(), Se[..., :4], rtol=1e-4, atol=0)
     assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5
     assert torch.all(S[..., :-1] >= S[..., 1:])
-
-
-def test_bf16_sketch_recomputes_exactly_the_elements_it_cannot_vouch_for(monkeypatch):
-    """A batch mixing mild elements with a steep one (S₁/S_k = 100: caught after the first
-    power product) and a rank-16 signal over a 1e-3 noise floor (flat top, so caught only by
-    the residual check after its Rayleigh-Ritz): exactly those two are recomputed from the
-    float32 Gram (one call, from the bfloat16 path's first basis), every element meets
-    1.05x its optimal error with orthonormal factors, and the recomputed ones are as
-    accurate as the float32 sketch's."""
-    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", True)
-    rank = 16
-    M = decaying_matrix((5, 512, 128), generator=gen(21))
-    M[2] = steep_matrix(1, 512, 128, 100.0, seed=3, rank=rank)[0]
-    g = gen(22)
-    Uq, _ = torch.linalg.qr(torch.randn(512, 128, generator=g, dtype=torch.float64))
-    Vq, _ = torch.linalg.qr(torch.randn(128, 128, generator=g, dtype=torch.float64))
-    sig = torch.where(torch.arange(128) < rank, 1.0, 1e-3).double()
-    M[4] = ((Uq * sig) @ Vq.mT).float()
-    redone = []
-    real = rsvd._pipeline_cpu_rr
-
-    def spy(Mc, *a, **k):
-        if not k.get("bf16_sketch", True):
-            redone.append(Mc.clone())
-        return real(Mc, *a, **k)
-
-    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", spy)
-    U, S, Vh, info = randomized_svd(M, rank, generator=gen(1), return_info=True)
-    assert info.paths == {"cholqr2": 5}
-    assert len(redone) == 1 and torch.equal(redone[0], M[[2, 4]])
-    for i in range(5):
-        opt = rel_error(M[i], *truncated_svd(M[i], rank))
-        assert rel_error(M[i], U[i], S[i], Vh[i]) <= 1.05 * opt, i
-    assert orth_err(U) < 1e-5 and orth_err(Vh.mT) < 1e-5
-    monkeypatch.setattr(rsvd, "_pipeline_cpu_rr", real)
-    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", False)
-    f32 = randomized_svd(M, rank, generator=gen(1))
-    for i in (2, 4):  # a different start (the first basis), the same accuracy
-        opt = rel_error(M[i], *truncated_svd(M[i], rank))
-        err, err32 = rel_error(M[i], U[i], S[i], Vh[i]), rel_error(M[i], *(t[i] for t in f32))
-        assert abs(err - err32) <= 0.01 * opt, (i, err / opt, err32 / opt)

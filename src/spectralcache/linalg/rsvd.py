@@ -30,11 +30,6 @@ on the small side (one float64 ``l x l`` eigendecomposition of ``Zᵀ G Z``, ``U
 instead of CholeskyQR2 of ``Y = M Z`` plus a core SVD: half the small LAPACK calls and one
 skinny product with M instead of two, with the same checks and fallback chain. The
 generic pipeline stays the reference (``_CPU_RAYLEIGH_RITZ = False``; tests compare them).
-On CPUs with native bfloat16 dot products (x86 ``avx512_bf16``/``amx_bf16``) the sketch's G
-is formed in bfloat16 (a third of the float32 Gram's time) and the Rayleigh-Ritz runs on the
-real float32 product ``Y = M Z`` (:func:`_pipeline_cpu_bf16`), so only the subspace carries
-bfloat16's rounding; elements it cannot vouch for (S₁/S_k > 16, a rank-k residual below
-1e-4 of ``||M||_F²``, any failed check) are recomputed from the float32 Gram.
 
 The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
 LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
@@ -627,20 +622,6 @@ def generic_cpu_level0() -> Iterator[None]:
         _CPU_RAYLEIGH_RITZ = prev
 
 
-@contextlib.contextmanager
-def float32_cpu_sketch() -> Iterator[None]:
-    """Within this block, the CPU fast path forms its sketch's Gram in float32 even where the
-    CPU multiplies bfloat16 natively (:func:`_pipeline_cpu_bf16` off): for benchmarks that
-    time both sketches side by side (``spectralcache bench svd``'s ``rsvd[cholqr2,f32-gram]``)."""
-    global _CPU_BF16_SKETCH
-    prev = _CPU_BF16_SKETCH
-    _CPU_BF16_SKETCH = False
-    try:
-        yield
-    finally:
-        _CPU_BF16_SKETCH = prev
-
-
 def _use_cpu_rr(M: torch.Tensor, algorithm: str, orth: str) -> bool:
     """Whether level 0 of the checked pipeline runs :func:`_pipeline_cpu_rr` for this call."""
     return _CPU_RAYLEIGH_RITZ and M.device.type == "cpu" and algorithm == "gram" and orth in _CPU_RR_ORTHS
@@ -751,15 +732,13 @@ def _rr_gram(
 
 def _sketch_basis(
     gmul: Callable[[torch.Tensor], torch.Tensor],
-    start: torch.Tensor,
-    passes: int,
+    omega: torch.Tensor,
+    n_iter: int,
     ctx: _Ctx,
     timer: _Timer | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU fast path's sketch: ``Z = orth(G^(passes+1) start)`` [B, n, l] float64 and X = Z R's R.
+    """The CPU fast path's sketch: ``Z = orth(G^(n_iter+1) Ω)`` [B, n, l] float64 and X = Z R's R.
 
-    ``start`` is the test matrix Ω (``passes = n_iter``) or the basis after the first pass
-    (``passes = n_iter - 1``: :func:`_pipeline_cpu_bf16` hands its steep elements over so).
     One CholeskyQR pass per power iteration (float64 Gram and Cholesky, product in G's
     dtype; shifted for ``orth="shifted_cholqr"``), then the final basis by :func:`_orth`
     (float64: one checked pass). Where one float64 pass is not enough (κ(X) beyond ~1e5:
@@ -769,8 +748,8 @@ def _sketch_basis(
     """
     f64 = torch.float64
     shifted = ctx.orth == "shifted_cholqr"
-    X = gmul(start)
-    for _ in range(passes):
+    X = gmul(omega)
+    for _ in range(n_iter):
         X = gmul(_chol_pass(X, ctx, shifted=shifted, check=None, gram_dtype=f64)[0])
     if timer:
         timer.mark("power")
@@ -794,161 +773,6 @@ def _steep_estimate(R: torch.Tensor, rank: int, kappa: float, margin: float) -> 
     return d.amax(-1) > (margin * kappa) ** 2 * d[..., rank - 1]
 
 
-# ---------------------------------------- CPU level 0, part 2: the sketch from a bfloat16 Gram
-
-# Whether the CPU fast path forms its sketch's Gram in bfloat16. None: where the CPU has native
-# bfloat16 dot products (x86 avx512_bf16 / amx_bf16: 4x the float32 GEMM rate; elsewhere
-# torch emulates them, slower than float32); tests set True/False to run either way.
-_CPU_BF16_SKETCH: bool | None = None
-# Acceptance of an element's bfloat16-sketched result (else it is recomputed from the float32
-# Gram). G from bfloat16 rounds its entries to ~2^-9 relative, so directions it cannot order
-# are those with S² below ~1e-3 S₁², and the subspace it finds costs an error excess of
-# ~4e-7..2e-5 of ||M||_F² (measured on [8, 512, 128] blocks: decaying, power-law, flat,
-# low rank plus a noise floor, geometric to S₁/S_k = 10..100). Hence: S₁/S_k <= 16
-# (measured: 1.0001x the optimal error at S₁/S_k = 10, 1.005x at 40, 1.07x at 100) and a
-# rank-k residual of at least 1e-4 of ||M||_F² (a floor 1e-3 of S₁ under a rank-16 signal,
-# 7e-6 of ||M||_F², came out 1.03x), so the excess stays a small fraction of the optimum.
-_BF16_MAX_KAPPA = 16.0
-_BF16_MIN_RESIDUAL = 1e-4
-# After the first power product the estimate reads 0.25-0.85x the true S₁/S_k (measured on the
-# tests' spectra); from 10 on (the seed shape reads 3.5-6.3) the element skips the bfloat16 Gram.
-_BF16_EARLY_MARGIN = 10.0 / 16.0
-_BF16_MIN_N = 64  # below this the Gram is cheap either way
-_CPU_BF16_DOT: list[bool] = []
-
-
-def _cpu_has_bf16_dot() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (read once from /proc/cpuinfo; False
-    where that file does not exist)."""
-    if not _CPU_BF16_DOT:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(f.read().split())
-        except OSError:
-            flags = set()
-        _CPU_BF16_DOT.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
-    return _CPU_BF16_DOT[0]
-
-
-def _use_bf16_sketch(Mc: torch.Tensor, acc: torch.dtype, width: int, n_iter: int) -> bool:
-    """The bfloat16 sketch applies to float32 work on CPU with G formed (not implicit), n >= 64,
-    and at least one power iteration (its first pass decides which elements it keeps)."""
-    if _CPU_BF16_SKETCH is False or acc != torch.float32 or Mc.dtype != torch.float32 or n_iter < 1:
-        return False
-    if Mc.shape[-1] < _BF16_MIN_N or _implicit_gram(Mc, width, n_iter):
-        return False
-    return bool(_CPU_BF16_SKETCH) or _cpu_has_bf16_dot()
-
-
-def _pipeline_cpu_bf16(
-    M: torch.Tensor,
-    Mc: torch.Tensor,
-    omega: torch.Tensor,
-    rank: int,
-    n_iter: int,
-    orth: str,
-    gdtype: torch.dtype,
-    acc: torch.dtype,
-    timer: _Timer | None,
-    check_finite: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_pipeline_cpu_rr` with the sketch from a bfloat16 Gram; same inputs and outputs.
-
-    Why: the float32 Gram is ~40% of a [8, 512, 128] call on the 2-core box (1.0 ms of 2.4
-    on one thread) and runs at the float32 GEMM peak; from bfloat16 (native dot products,
-    float32 accumulation, bfloat16 output) it costs a third. Only the subspace comes from it:
-    ``Z = orth(G_bf16^(n_iter+1) Ω)`` as in the float32 path, then Rayleigh-Ritz on the real
-    float32 product ``Y = M Z``: the float64 eigendecomposition of ``YᵀY`` (l x l) gives
-    ``S``, ``V = Z W`` and ``U = Y W S⁻¹``. So U S Vh is the best rank-k approximation of M
-    inside span(Z), computed exactly; what bfloat16 costs is only how well span(Z) holds
-    M's top-k subspace, an error excess second order in the subspace's angle (measured in
-    :data:`_BF16_MAX_KAPPA`'s comment).
-
-    An element's result is kept only where that is safe: every Cholesky succeeded, the final
-    basis passed its check, finite, ``S₁/S_k <= 16`` and a rank-k residual of at least 1e-4 of
-    ``||M||_F²`` (from the exact S and ``||M||_F``). Every other element is recomputed by the
-    float32 path (:func:`_pipeline_cpu_rr`, with its own checks and the caller's fallback
-    chain behind it), from this path's basis after the first power iteration: so that steep
-    elements (keys with a sink row, say) cost little more than the bfloat16 Gram here,
-    elements whose first pass already estimates ``S₁/S_k > 10`` go to the float32 path at
-    once (the estimate reads 0.25-0.85x the true ratio after one product, so the seed
-    shape's 7-8 never trip it); the exact S decides the rest. (``Mᵀ (M Ω)`` from two skinny
-    bfloat16 GEMMs before any Gram measured slower than the whole bfloat16 Gram.)
-    """
-    f64 = torch.float64
-    shifted = orth == "shifted_cholqr"
-    B, m, n = Mc.shape
-    Mb = Mc.to(torch.bfloat16)
-    G = (Mb.mT @ Mb).to(acc)
-    del Mb
-    X1 = torch.bmm(G, omega.expand(B, *omega.shape))
-    if check_finite and not bool(torch.isfinite(X1.sum())):
-        # raises on NaN/inf (they reach G Ω); a finite M whose Gram overflowed goes on (and
-        # fails its checks)
-        _validate(M, rank)
-    if timer:
-        timer.mark("sketch")
-    ctx1 = _Ctx(orth, 1.0, acc, True)
-    Q1, R1 = _chol_pass(X1, ctx1, shifted=shifted, check=None, gram_dtype=f64)
-    first_ok = ctx1.ok()
-    redo = ~first_ok | _steep_estimate(R1, rank, _BF16_MAX_KAPPA, _BF16_EARLY_MARGIN)
-    keep = (~redo).nonzero().flatten()
-    b = keep.shape[0]
-    U = Mc.new_empty(B, m, rank)
-    S = Mc.new_empty(B, rank)
-    Vh = Mc.new_empty(B, rank, n)
-    ok = first_ok.new_zeros(B)
-    if b:
-        all_kept = b == B
-        Mk = Mc if all_kept else Mc.index_select(0, keep)
-        Gk = G if all_kept else G.index_select(0, keep)
-        ctx = _Ctx(orth, 1.0, acc, True)
-        Q1k = Q1 if all_kept else Q1.index_select(0, keep)
-        Z, _ = _sketch_basis(lambda z: Gk @ z, Q1k, n_iter - 1, ctx, timer)
-        Zk = Z.to(acc)
-        # (Zᵀ Mᵀ)ᵀ: MKL runs this skinny product ~15% faster with the long side as the rows
-        Y = (Zk.mT @ Mk.mT).mT  # [b, m, l]: the real product M Z
-        sq_k = torch.linalg.vector_norm(Mk, dim=(-2, -1)).to(f64).square()  # ||M||_F²
-        # YᵀY from a float32 GEMM (the same rounding as the float32 path's Zᵀ G Z; a float64 one
-        # cost 3x the product), its eigendecomposition in float64: U orthonormal to 8e-7 on the
-        # seed shape and at S₁/S_k = 15, against 4e-6..6e-6 from a float32 eigh (20% cheaper)
-        A = (Y.mT @ Y).to(f64)
-        s, W = _top_eigh(A, rank)
-        if timer:
-            timer.mark("core")
-        good = (
-            ctx.ok()
-            & torch.isfinite(A.sum((-2, -1)))
-            & (s[..., -1] * _BF16_MAX_KAPPA >= s[..., 0])
-            & (s[..., -1] > 0)  # NaN fails these comparisons too
-            & (sq_k - s.square().sum(-1) >= _BF16_MIN_RESIDUAL * sq_k)
-        )
-        Uk = Y @ (W / s.clamp_min(1e-300).unsqueeze(-2)).to(acc)
-        Vhk = (Z @ W).to(acc).mT
-        if all_kept and bool(good.all()):
-            if timer:
-                timer.mark("lift")
-            return Uk, s.to(acc), Vhk, good
-        sel = good.nonzero().flatten()
-        dst = keep.index_select(0, sel)
-        U[dst], S[dst], Vh[dst], ok[dst] = Uk[sel], s[sel].to(acc), Vhk[sel], True
-        redo[keep[~good]] = True
-    if not b:  # every element goes to the float32 path: no copies
-        Ur, sr, Vhr, okr = _pipeline_cpu_rr(
-            M, omega, rank, n_iter, orth, gdtype, acc, None, bf16_sketch=False, start=Q1
-        )
-        return Ur, sr, Vhr, okr & first_ok
-    idx = redo.nonzero().flatten()
-    Ur, sr, Vhr, okr = _pipeline_cpu_rr(
-        M.index_select(0, idx), omega, rank, n_iter, orth, gdtype, acc, None,
-        bf16_sketch=False, start=Q1.index_select(0, idx),
-    )  # fmt: skip
-    U[idx], S[idx], Vh[idx], ok[idx] = Ur, sr, Vhr, okr & first_ok.index_select(0, idx)
-    if timer:
-        timer.mark("lift")
-    return U, S, Vh, ok
-
-
 def _pipeline_cpu_rr(
     M: torch.Tensor,
     omega: torch.Tensor,
@@ -959,9 +783,6 @@ def _pipeline_cpu_rr(
     acc: torch.dtype,
     timer: _Timer | None,
     check_finite: bool = False,
-    *,
-    bf16_sketch: bool = True,
-    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Level 0 of the checked Gram pipeline on CPU: tall M [B, m, n] -> U, S, Vh, ok [B].
 
@@ -996,16 +817,9 @@ def _pipeline_cpu_rr(
     ``check_finite``: validate the input here instead of before the call: G's trace (a
     sum of squares) is finite exactly when M is, unless it overflows, and only then is M
     itself scanned (:func:`_validate`); that saves a pass over M.
-
-    Where :func:`_use_bf16_sketch` says so (float32 work, n >= 64, a CPU with native
-    bfloat16 dot products), the sketch comes from a bfloat16 Gram instead
-    (:func:`_pipeline_cpu_bf16`, which recomputes here, ``bf16_sketch=False``, every element
-    it cannot vouch for, handing over its basis after the first power iteration as ``start``).
     """
     ctx = _Ctx(orth, 1.0, acc, True)
     Mc = M if M.dtype == gdtype else M.to(gdtype)
-    if bf16_sketch and _use_bf16_sketch(Mc, acc, omega.shape[-1], n_iter):
-        return _pipeline_cpu_bf16(M, Mc, omega, rank, n_iter, orth, gdtype, acc, timer, check_finite)
     G, gmul = _gram_operator(Mc, omega.shape[-1], n_iter, gdtype, acc)
     if check_finite and G is None:
         _validate(M, rank)
@@ -1014,10 +828,7 @@ def _pipeline_cpu_rr(
         _validate(M, rank)
     if timer:
         timer.mark("sketch")
-    if start is None:
-        Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
-    else:
-        Z, R = _sketch_basis(gmul, start.to(acc), n_iter - 1, ctx, timer)
+    Z, R = _sketch_basis(gmul, omega, n_iter, ctx, timer)
     if G is None:
         U, s, V, ok = _rr_cholqr2(Mc, Z, None, rank, gdtype, acc)
         V = V.to(acc)
