@@ -162,7 +162,7 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
 
 CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
-    "min_rows", "num_stages",
+    "min_rows", "num_stages", "exact_spread",
 )  # fmt: skip
 
 
@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-dequant-asm", default="0,1")
     p.add_argument("--v-min-rows", default="16,1")
     p.add_argument("--v-num-stages", default="none")
+    p.add_argument("--v-exact-spread", default="0")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"

@@ -47,6 +47,7 @@ def _check(
     block_stages: int | None = None,
     outlier_split: bool | None = None,
     min_rows: int | None = None,
+    exact_spread: bool = False,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -68,6 +69,7 @@ def _check(
     got = decode_attention(
         query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
         block_stages=block_stages, outlier_split=outlier_split, min_rows=min_rows,
+        exact_spread=exact_spread,
     )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
@@ -150,9 +152,10 @@ def test_softcap() -> None:
     _check(softcap=5.0, key_space="pre_rope", mask="bool", batch=2)
 
 
+@pytest.mark.parametrize("exact_spread", [False, True])
 @pytest.mark.parametrize("blocks_per_split", [None, 1, 2, 5])
-def test_split_plans_agree(blocks_per_split: int | None) -> None:
-    _check(blocks=4, blocks_per_split=blocks_per_split)
+def test_split_plans_agree(blocks_per_split: int | None, exact_spread: bool) -> None:
+    _check(blocks=4, blocks_per_split=blocks_per_split, exact_spread=exact_spread, hot=70, landmarks=9)
 
 
 @pytest.mark.parametrize(

@@ -323,6 +323,7 @@ def decode_attention(
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
     min_rows: int | None = None,
+    exact_spread: bool = False,
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
@@ -457,6 +458,7 @@ def decode_attention(
             raise ValueError(
                 "capacity_blocks > 0 needs a state with cold blocks (their buffers are recorded)"
             )
+    want_splits = 0
     if blocks_per_split is None:
         target = (
             programs_per_sm
@@ -478,6 +480,15 @@ def decode_attention(
         n_out_splits = -(-(plan_blocks * n_out) // out_per_split)
     else:
         out_per_split, n_out_splits = block_e, 0
+    if exact_spread and plan_exact:
+        # exact_spread: an exact program gets about a compressed block's bytes (T/8 exact rows of
+        # 4·D bytes per block, like the outlier programs: T/2 made them the longest chains), and at
+        # short contexts, where few cold programs leave most of the wanted programs free, the exact
+        # tiers spread over those (4K: a 496-token hot window was 2 programs of 8 serial tiles)
+        exact_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
+        if want_splits:
+            per_free = -(-plan_exact // max(1, want_splits - n_cold_splits - n_out_splits))
+            exact_per_split = max(block_e, min(exact_per_split, -(-per_free // block_e) * block_e))
     n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
