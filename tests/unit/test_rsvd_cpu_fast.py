@@ -217,13 +217,15 @@ def test_bench_svd_reports_default_against_baselines_and_its_reference(tmp_path,
 
     rc = bench_main(
         ["--device", "cpu", "--shapes", "3x96x40:5", "--repeats", "3", "--warmup", "1", "--interleave",
-         "--out", str(tmp_path), "--tag", "s", "--no-plot"]
+         "--profile", "2", "--out", str(tmp_path), "--tag", "s", "--no-plot"]
     )  # fmt: skip
     assert rc == 0
     data = json.loads((tmp_path / "rsvd_s.json").read_text())
     rows = {r["method"]: r for r in data["results"]}
     assert {DEFAULT_METHOD, GENERIC_METHOD, "torch.linalg.svd"} <= set(rows)
     assert rows[GENERIC_METHOD]["path"] == rows[DEFAULT_METHOD]["path"] == {"cholqr2": 3}
+    top = rows[DEFAULT_METHOD]["profile_top"]  # --profile: where the default call's time goes
+    assert top and any(op["op"] == "aten::bmm" and op["self_us"] > 0 for op in top)
     (summary,) = data["summary"]
     assert summary["method"] == DEFAULT_METHOD and summary["shape"] == [3, 96, 40]
     assert (

@@ -294,6 +294,27 @@ def stage_times(
     return {k: statistics.median(v) for k, v in acc.items()}, dict(info.paths), info.algorithm
 
 
+def profile_ops(fn: Callable[[], Any], calls: int, top: int = 25) -> list[dict[str, Any]]:
+    """Self CPU time per call of ``fn``'s heaviest ops (torch.profiler, grouped by input shape):
+    where a call's time goes, op by op (the profiler adds a little to every op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    return [
+        {
+            "op": e.key,
+            "self_us": e.self_cpu_time_total / calls,
+            "calls": e.count / calls,
+            "shapes": str(e.input_shapes)[:80],
+        }
+        for e in events[:top]
+    ]
+
+
 # ------------------------------------------------------------------------ metadata
 
 
@@ -506,6 +527,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time the methods taking turns (each round calls every method once): same load for all",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="also profile N calls of the default method per shape (torch.profiler, CPU ops): "
+        "self time per call of its top ops, printed and stored as the row's profile_top",
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -616,6 +644,13 @@ def run_compare(
                 row.update(path=dict(fn.last_info.paths) if fn.last_info else {}, graph_mode=fn.graph_mode)
                 if fn.capture_error:
                     row["capture_error"] = fn.capture_error
+            if name == DEFAULT_METHOD and getattr(args, "profile", 0):
+                row["profile_top"] = profile_ops(lambda f=fn, x=M: f(x), args.profile)
+                print(
+                    f"{'x'.join(map(str, shape))} r{rank} {name}: top ops, self us per call (calls per call)"
+                )
+                for op in row["profile_top"]:
+                    print(f"  {op['op']:32s} {op['self_us']:8.1f}  x{op['calls']:4.1f}  {op['shapes']}")
             shape_rows.append(row)
             bar.update(1)
         bar.close()
