@@ -323,7 +323,7 @@ def decode_attention(
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
     min_rows: int | None = None,
-    exact_spread: bool = False,
+    exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
@@ -474,7 +474,7 @@ def decode_attention(
     exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
     # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
     # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
-    out_split = bool(outlier_split) and n_out > 0 and plan_blocks > 0
+    out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
     if out_split:
         out_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
         n_out_splits = -(-(plan_blocks * n_out) // out_per_split)
@@ -527,7 +527,7 @@ def decode_attention(
     constexprs = _split_constexprs(
         groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
         pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
-        device_sizes is not None, block_stages, out_split, bool(dequant_asm), 16 if min_rows is None else min_rows,
+        device_sizes is not None, block_stages, out_split, dequant_asm is None or bool(dequant_asm), 1 if min_rows is None else min_rows,
         kc_t, vc_t,
     )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
