@@ -180,10 +180,10 @@ def best_configs(res: dict) -> dict:
     return best
 
 
-def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
+def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None) -> None:
     import torch.nn.functional as F
 
-    rows = []
+    rows = res.setdefault("time", [])  # filled row by row, saved after each (a run cut short keeps them)
     copy_bw = res.get("copy", {}).get("GBps")
     configs = best_configs(res)
     res["time_configs"] = configs
@@ -239,6 +239,7 @@ def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
                     "speedup_vs_sdpa": sdpa_ms / best, "host_us_per_call": host_us, "alloc_us": alloc_us, "config": cfg, "rel_err_vs_ref": err, "build_s": build_s,
                 }  # fmt: skip
                 rows.append(row)
+                save()
                 print(
                     f"time ctx={ctx:6d} B={batch} {preset:10s} sdpa {sdpa_ms:.4f} ms | kernel {ms:.4f} ms "
                     f"(graph {ms_graph:.4f}) {row['GBps']:.0f} GB/s = {row['frac_copy'] or 0:.0%} copy | "
@@ -247,16 +248,15 @@ def section_time(res: dict, contexts, batches, with_ref: bool) -> None:
                 )
                 del st
                 torch.cuda.empty_cache()
-    res.setdefault("time", []).extend(rows)
 
 
-def section_variants(res: dict, contexts, grid: dict, extra: list) -> None:
+def section_variants(res: dict, contexts, grid: dict, extra: list, save=lambda: None) -> None:
     """Graph-replay time of every launch config in ``grid`` (lists per CONFIG_KEYS entry) and of
     each dict in ``extra`` (CONFIG_KEYS entries it leaves out: the grid's first value), batch 1;
     each config's output is compared with the default launch's (``rel_vs_default``)."""
     configs = [dict(zip(CONFIG_KEYS, v)) for v in itertools.product(*(grid[k] for k in CONFIG_KEYS))]
     configs += [{k: e.get(k, grid[k][0]) for k in CONFIG_KEYS} for e in extra]
-    rows = []
+    rows = res["variants"] = []  # saved after each row: a run cut short keeps what it measured
     for ctx in contexts:
         for preset in PRESETS:
             st = llama_state(ctx, 1, preset)
@@ -276,6 +276,7 @@ def section_variants(res: dict, contexts, grid: dict, extra: list) -> None:
                     continue
                 rows.append({"ctx": ctx, "preset": preset, **cfg, "ms_graph": ms,
                              "GBps": nbytes / ms / 1e6, "rel_vs_default": err})  # fmt: skip
+                save()
                 print(f"variant ctx={ctx} {preset:10s} {cfg} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s "
                       f"err {err:.1e}", flush=True)  # fmt: skip
             best = sorted(
@@ -287,7 +288,6 @@ def section_variants(res: dict, contexts, grid: dict, extra: list) -> None:
                       flush=True)  # fmt: skip
             del st
             torch.cuda.empty_cache()
-    res["variants"] = rows
 
 
 def _json_arg(text: str):
@@ -342,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     print(res, flush=True)
     sections = args.sections.split(",")
     t0 = time.time()
+
+    def save() -> None:
+        (args.out / "kernel_dev.json").write_text(json.dumps(res, indent=1))
+
     for name in sections:
         try:
             if name == "copy":
@@ -350,19 +354,23 @@ def main(argv: list[str] | None = None) -> int:
                 section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs))
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
-                             [int(b) for b in args.batches.split(",")], not args.no_ref)  # fmt: skip
+                             [int(b) for b in args.batches.split(",")], not args.no_ref, save)  # fmt: skip
             elif name == "host":
                 section_host(res)
             elif name == "variants":
                 grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
                 res["variant_grid"] = grid
                 section_variants(
-                    res, [int(c) for c in args.variant_contexts.split(",")], grid, _json_arg(args.v_extra)
+                    res,
+                    [int(c) for c in args.variant_contexts.split(",")],
+                    grid,
+                    _json_arg(args.v_extra),
+                    save,
                 )
         except Exception:
             traceback.print_exc()
             res.setdefault("errors", []).append(f"{name}: {traceback.format_exc()[-800:]}")
-        (args.out / "kernel_dev.json").write_text(json.dumps(res, indent=1))
+        save()
         print(f"[{name} done at {time.time() - t0:.0f} s]", flush=True)
     checks = res.get("check", [])
     print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok")
