@@ -337,7 +337,14 @@ def decode_attention(
     ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` / ``maxnreg`` (-1: by
     coefficient width, None: no cap) override the launch plan
     (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
-    multiprocessor, enough independent loads in flight to cover memory latency).
+    multiprocessor, enough independent loads in flight to cover memory latency). Kernel variants
+    (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
+    function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
+    16 = the v5 padding), ``dequant_asm`` (inline-PTX widening of int8 / int4 coefficients on CUDA;
+    default on), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
+    default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
+    programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
+    the block loop software-pipelined that many stages deep; default 0).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
