@@ -274,6 +274,11 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     return segment
 
 
+def _use_asm(dequant_asm: bool | None) -> bool:
+    """Inline-PTX dequantisation: on unless switched off; by default never on ROCm (no PTX there)."""
+    return (torch.version.hip is None) if dequant_asm is None else bool(dequant_asm)
+
+
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
     Triton then knows the alignment of every row, e.g. 8-byte int4 rows), else 0 (read at run time)."""
@@ -534,7 +539,7 @@ def decode_attention(
     constexprs = _split_constexprs(
         groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
         pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
-        device_sizes is not None, block_stages, out_split, dequant_asm is None or bool(dequant_asm), 1 if min_rows is None else min_rows,
+        device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm), 1 if min_rows is None else min_rows,
         kc_t, vc_t,
     )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
