@@ -299,6 +299,114 @@ def _grid_values(text: str) -> list:
     return [None if v == "none" else int(v) for v in text.split(",")]
 
 
+def _compile_sm90(kernel, args: list, constexprs: dict, options: dict):
+    """Compile ``kernel`` for sm_90a without a GPU (Triton's compiler and bundled ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kw = {**constexprs, **options, "debug": False}
+    bound, spec, opts = binder(*args, **kw)
+    opts, sig, cex, attrs = kernel._pack_args(backend, kw, bound, spec, opts)
+    return compile(ASTSource(kernel, sig, cex, attrs), target=target, options=opts.__dict__)
+
+
+def _sass_facts(compiled, maxnreg) -> dict:
+    """Registers / spills (``ptxas -v`` on the kernel's PTX), shared memory, SASS instruction counts,
+    and the instruction count of each innermost loop (a backward branch to a label) with its
+    tensor-core (HMMA) count -- the cold tile loop is the longest one with HMMAs."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        Path(ptx).write_text(compiled.asm["ptx"])
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        cap = [f"-maxrregcount={maxnreg}"] if maxnreg else []
+        info = subprocess.run([f"{tools}/ptxas", "-arch=sm_90a", "-v", *cap, ptx, "-o", os.path.join(d, "k.o")],
+                              capture_output=True, text=True)  # fmt: skip
+        sass = subprocess.run([f"{tools}/nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+    text = info.stdout + info.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    ops: collections.Counter = collections.Counter()
+    labels: dict = {}
+    loops = []
+    n = 0
+    for line in sass.splitlines():
+        if re.match(r"^\.L_x_\d+:", line):
+            labels[line.rstrip(":")] = n
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if not m:
+            continue
+        op = m.group(1).split(".")[0]
+        ops[op] += 1
+        n += 1
+        b = re.search(r"BRA\S* `\((\.L_x_\d+)\)", line)
+        if b and b.group(1) in labels:
+            loops.append((labels[b.group(1)], n))
+    hmma = [i for i, line in enumerate(x for x in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", x))
+            if "HMMA" in line]  # fmt: skip
+    inner = [(a, b) for a, b in loops if not any(a < c and d < b for c, d in loops)]
+    loop_facts = sorted(((b - a, sum(a <= i < b for i in hmma)) for a, b in inner), reverse=True)
+    return {
+        "registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None,
+        "shared_bytes": compiled.metadata.shared, "sass_instructions": n,
+        "innermost_loops": [{"instructions": a, "hmma": h} for a, h in loop_facts[:4]],
+        "top_ops": dict(ops.most_common(12)),
+    }  # fmt: skip
+
+
+def section_sass(res: dict, configs: list, ctx: int = 8192) -> None:
+    """CPU only (no GPU): compile the split kernel of each launch config for sm_90a and read its
+    registers, spills, shared memory and SASS (how the v6 changes were chosen before any GPU time).
+
+    The launch's arguments and constexprs come from a real ``decode_attention`` call on CPU tensors
+    at the Llama shape with the two launches replaced by a recorder."""
+    import spectralcache.attention.triton.decode as dec
+
+    rows = []
+    for cfg in configs:
+        preset = cfg.get("preset", "default")
+        launch = {k: v for k, v in cfg.items() if k != "preset"}
+        st = llama_state(ctx, 1, preset, device="cpu")
+        q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+        seen: dict = {}
+        saved = dec._launch_split, dec._COMBINE, dec._INTERPRET
+        dec._launch_split = lambda grid, args, constexprs, options, device, seen=seen: seen.update(
+            args=list(args), constexprs=dict(constexprs), options=dict(options))  # fmt: skip
+        dec._COMBINE = lambda *a, **k: None
+        dec._INTERPRET = True  # let decode_attention take CPU tensors (nothing runs)
+        try:
+            dec.decode_attention(q, st, **launch)
+        finally:
+            dec._launch_split, dec._COMBINE, dec._INTERPRET = saved
+        options = dict(seen["options"])
+        maxnreg = launch.get("maxnreg", -1)
+        if maxnreg == -1:
+            maxnreg = 128 if PRESETS[preset][3] == 4 else None
+        if maxnreg:
+            options["maxnreg"] = maxnreg  # decode_attention leaves the cap out for CPU tensors
+        compiled = _compile_sm90(dec.spectral_decode_split_kernel, seen["args"], seen["constexprs"], options)
+        row = {"config": cfg, **_sass_facts(compiled, maxnreg)}
+        rows.append(row)
+        loops = ", ".join(f"{x['instructions']} ({x['hmma']} HMMA)" for x in row["innermost_loops"][:2])
+        print(f"sass {cfg}: {row['registers']} registers, spills {row['spill_bytes']} B, shared "
+              f"{row['shared_bytes']} B, {row['sass_instructions']} instructions; innermost loops {loops}",
+              flush=True)  # fmt: skip
+    res["sass"] = rows
+
+
 def section_host(res: dict) -> None:
     """Host cost of one eager call, split (prep / split launch / combine launch, fast launcher vs
     Triton's path): benchmarks/decode_host_overhead.py's ``launch`` section, stored under ``host``."""
@@ -325,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-block-stages", default="0,2")
     p.add_argument("--v-outlier-split", default="0,1")
     p.add_argument("--v-dequant-asm", default="0,1")
+    p.add_argument(
+        "--sass-configs",
+        default='[{"preset": "default"}, {"preset": "aggressive"}]',
+        help="JSON list (or @file) of launch configs (plus 'preset') the CPU-only sass section compiles",
+    )
     p.add_argument("--v-min-rows", default="16,1")
     p.add_argument("--v-num-stages", default="none")
     p.add_argument("--v-exact-spread", default="0")
@@ -337,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     res: dict = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (sass section only)",
+        "torch": torch.__version__, "triton": triton.__version__,
     }  # fmt: skip
     print(res, flush=True)
     sections = args.sections.split(",")
@@ -357,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                              [int(b) for b in args.batches.split(",")], not args.no_ref, save)  # fmt: skip
             elif name == "host":
                 section_host(res)
+            elif name == "sass":
+                section_sass(res, _json_arg(args.sass_configs))
             elif name == "variants":
                 grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
                 res["variant_grid"] = grid
