@@ -6,16 +6,23 @@ Usage (on a CUDA machine)::
 
 * ``copy``: the card's device-to-device copy bandwidth (bytes read + written), the ceiling
   the kernel's achieved bandwidth is compared to;
-* ``check``: kernel vs torch reference (``spectral_attention``) on fresh random states for
+* ``check`` / ``quickcheck`` (5 modes): kernel vs torch reference (``spectral_attention``) on fresh random states for
   every mode (key space, codec per side, 4/8/16-bit, outliers, GQA 1/4/8, batch, padding,
   q_len > 1, softcap), float32 (< 1e-5) and bfloat16 (< 1e-2), output poisoned with NaN first;
 * ``time``: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one
   query token, contexts 4K..128K, batch 1 and 8, presets default / aggressive: SDPA on the dense
   K/V vs the kernel (eager and CUDA-graph replay) vs the torch reference; median ms, GB/s on the
   bytes the kernel must read, fraction of the copy bandwidth, byte ratio vs dense;
-* ``variants``: block_t / num_warps / split-size choices at 32K and 128K.
+* ``variants``: graph-replay time of launch configs at batch 1 (``--variant-contexts``): the product
+  of the ``--v-*`` lists (block_t, num_warps, maxnreg, programs_per_sm, block_stages,
+  outlier_split, dequant_asm, min_rows, num_stages, exact_spread) plus ``--v-extra`` configs; the
+  ``time`` section then uses each preset's fastest;
+* ``sass`` (CPU only, no GPU needed): compile the split kernel of each ``--sass-configs`` launch for
+  sm_90a and report registers, spills, shared memory and SASS instruction counts.
 
-Prints a short table last and writes ``kernel_dev.json`` under ``--out``.
+``--check-configs`` lists launch options the check runs (default: the defaults). Prints a short table
+last and writes ``kernel_dev.json`` under ``--out`` (after every section, and after every variant /
+time row). The v6 runs and their exact commands: ``benchmarks/results/attention_kernel_dev/RUN.md``.
 """
 
 from __future__ import annotations
