@@ -24,6 +24,7 @@ from tests.tiny_models import small_lossy_config, tiny_model, tiny_prompt
 from spectralcache import GraphedDecoder, graphed_generate
 from spectralcache.cache.cache import SpectralCache
 from spectralcache.cache.layer import SpectralLayer
+from spectralcache.integrations.compat import cache_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,8 +78,8 @@ def test_static_step_equals_eager(model, batch, prompt, steps) -> None:
     # the layer ends a valid eager layer: eager decoding goes on from it and agrees
     nxt = tokens[:, -1:]
     with torch.no_grad():
-        a = model(nxt, cache=cache).logits
-        b = model(nxt, cache=ref_cache).logits
+        a = model(nxt, **cache_kwargs(model, cache)).logits
+        b = model(nxt, **cache_kwargs(model, ref_cache)).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-3
 
 
@@ -199,9 +200,9 @@ def test_failed_step_rolls_back_every_layer(model, monkeypatch) -> None:
     ref = SpectralCache(model, small_lossy_config(**CFG))
     a = decoder.step(nxt)
     with torch.no_grad():
-        model(ids, cache=ref)
-        model(first, cache=ref)
-        b = model(nxt, cache=ref).logits[:, -1]
+        model(ids, **cache_kwargs(model, ref))
+        model(first, **cache_kwargs(model, ref))
+        b = model(nxt, **cache_kwargs(model, ref)).logits[:, -1]
     assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
@@ -213,11 +214,11 @@ def test_auto_on_cpu_is_the_eager_path(model) -> None:
     cache = SpectralCache(model, small_lossy_config(**CFG))
     want = []
     with torch.no_grad():
-        logits = model(ids, cache=cache).logits[:, -1]
+        logits = model(ids, **cache_kwargs(model, cache)).logits[:, -1]
         for _ in range(6):
             nxt = logits.argmax(-1, keepdim=True)
             want.append(nxt)
-            logits = model(nxt, cache=cache).logits[:, -1]
+            logits = model(nxt, **cache_kwargs(model, cache)).logits[:, -1]
     assert torch.equal(got, torch.cat(want, dim=1))
 
 
@@ -312,7 +313,7 @@ def test_padded_batch_matches_dynamic_cache(model) -> None:
     try:
         with torch.no_grad():
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(ids, attention_mask=mask, position_ids=pos, cache=dyn).logits[:, -1]
+            out = model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, dyn)).logits[:, -1]
             m, p = mask, pos[:, -1:]
             for i in range(6):
                 torch.testing.assert_close(logits[i], out, rtol=1e-4, atol=1e-4)
@@ -320,6 +321,6 @@ def test_padded_batch_matches_dynamic_cache(model) -> None:
                 assert torch.equal(nxt, out.argmax(-1, keepdim=True))
                 m = torch.cat([m, torch.ones_like(nxt)], dim=1)
                 p = p + 1
-                out = model(nxt, attention_mask=m, position_ids=p, cache=dyn).logits[:, -1]
+                out = model(nxt, attention_mask=m, position_ids=p, **cache_kwargs(model, dyn)).logits[:, -1]
     finally:
         spectralcache.enable(model)

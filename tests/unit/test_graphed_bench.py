@@ -20,6 +20,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from tests.tiny_models import tiny_model, tiny_prompt
 
 from spectralcache.bench import e2e
+from spectralcache.integrations.compat import cache_kwargs
 
 
 def test_static_cache_step_equals_dynamic_cache() -> None:
@@ -32,10 +33,12 @@ def test_static_cache_step_equals_dynamic_cache() -> None:
     static = e2e._make_cache(model, "graphed:static", max_cache_len=40)
     dynamic = DynamicCache(config=model.config)
     with torch.no_grad():
-        e2e._prefill_static(model, ids, static, e2e.cache_argument(model))  # the bench's prefill of a StaticCache
-        model(ids, cache=dynamic)
+        e2e._prefill_static(
+            model, ids, static, e2e.cache_argument(model)
+        )  # the bench's prefill of a StaticCache
+        model(ids, **cache_kwargs(model, dynamic))
         decoder = e2e._graphed_decoder(model, static, ids, 12, dev)
-        want = [model(follow[:, i : i + 1], cache=dynamic).logits[:, -1] for i in range(6)]
+        want = [model(follow[:, i : i + 1], **cache_kwargs(model, dynamic)).logits[:, -1] for i in range(6)]
         for _ in range(2):  # the second pass rewinds and overwrites the same positions
             got = [decoder.step(follow[:, i : i + 1]).clone() for i in range(6)]
             for a, b in zip(got, want):
