@@ -287,7 +287,11 @@ def _use_asm(dequant_asm: bool | None, kbits: int = 8, vbits: int = 8) -> bool:
 
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
-    Triton then knows the alignment of every row, e.g. 8-byte int4 rows), else 0 (read at run time)."""
+    Triton then knows the alignment of every row), else 0 (read at run time). Not for packed int4
+    (uint8) rows: with it the aggressive preset's attention came out wrong on the H100 (not
+    isolated from the int4 unpacking that changed with it; both are back to the checked form)."""
+    if coeffs.dtype == torch.uint8:
+        return 0
     return int(coeffs.stride(-2)) if coeffs.stride(-1) == 1 else 0
 
 

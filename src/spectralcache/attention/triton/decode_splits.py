@@ -182,14 +182,21 @@ def _load_coeffs(
             lo, hi = tl.inline_asm_elementwise(
                 _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
             )
+            vals = tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
+            if RANK % 2 == 1:  # the high nibble of the last byte is padding
+                vals = tl.where((tl.arange(0, RANK_P) < RANK)[None, :], vals, 0.0)
+            return vals
         else:
-            byte = tl.load(ptrs, mask=ok, other=0).to(tl.int16)
-            lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-            hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-        vals = tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
-        if RANK % 2 == 1:  # the high nibble of the last byte is padding
-            vals = tl.where((tl.arange(0, RANK_P) < RANK)[None, :], vals, 0.0)
-        return vals
+            # one load per nibble (each byte read twice, from L1): the byte-once form above
+            # (join + reshape of the two nibble halves) gave wrong attention compiled on the
+            # H100 for the aggressive preset while the interpreter agreed with the reference
+            cols = tl.arange(0, RANK_P)
+            okc = rows_ok[:, None] & (cols < RANK)[None, :]
+            byte = tl.load(
+                base + rows[:, None] * stride_t + (cols // 2)[None, :] * stride_c, mask=okc, other=0
+            )
+            nib = (byte.to(tl.int16) >> ((cols % 2) * 4).to(tl.int16)[None, :]) & 15
+            return (nib ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
     elif BITS == 8:
         cols = tl.arange(0, RANK_P)
         ok = rows_ok[:, None] & (cols < RANK)[None, :]
