@@ -37,14 +37,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tokens", default="4096,131072")
+    ap.add_argument("--presets", default="aggressive,default")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    ap.add_argument("--tag", default="h100")
     args = ap.parse_args()
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
     rows = []
-    for preset in ("aggressive", "default"):
+    for preset in args.presets.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
             for batch in (1, 8):
                 case = build_case(preset, batch, tokens, 32, 8, 128, torch.bfloat16, torch.device("cuda"))
                 ref = spectral_attention(case.query, case.state, None).float()
-                for name, cfg in CONFIGS.items():
+                for name, cfg in configs.items():
                     try:
                         out = decode_attention(case.query, case.state, None, **cfg).float()
                         torch.cuda.synchronize()
@@ -69,7 +73,7 @@ def main() -> None:
                 del case
                 torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "kernel_int4_check_h100.json").write_text(json.dumps(rows, indent=1))
+    (Path(args.out) / f"kernel_int4_check_{args.tag}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
