@@ -9,8 +9,6 @@ rank-r error (``torch.linalg.svdvals`` in float64 on the host as the reference).
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -18,6 +16,8 @@ pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from tests.gpu.sync_debug import sync_sites  # noqa: E402
 
 from spectralcache.bench.svd import decaying_matrix  # noqa: E402
 from spectralcache.cache.block import _quantize, compress_blocks, reconstruct  # noqa: E402
@@ -41,15 +41,7 @@ def opt_error(m: torch.Tensor, r: int) -> float:
 
 
 def syncs(fn) -> int:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return len(sync_sites(fn))
 
 
 @pytest.mark.parametrize(("rank", "decay"), [(32, 8.0), (64, 32.0)])

@@ -812,8 +812,10 @@ class SpectralLayer(CacheLayerMixin):
             self._hot_lo, self._hot_hi = 0, n
             self._invalidate_checkpoints()  # rows a checkpoint's window shows were overwritten
 
-    def _regrow_cold(self, capacity: int) -> None:
-        """Fresh cold buffers of ``capacity`` blocks holding the current ones (checkpoint-safe)."""
+    def _regrow_cold(self, capacity: int, template: ColdBlocks | None = None) -> None:
+        """Fresh cold buffers of ``capacity`` blocks holding the current ones (checkpoint-safe),
+        shaped like ``template``'s tensors (default: the current buffers; a layer that holds none
+        yet passes the blocks it is about to append)."""
         old, nb = self._cold, self._nb
 
         def grow(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -821,10 +823,11 @@ class SpectralLayer(CacheLayerMixin):
             shape = list(x.shape)
             shape[axis] = capacity
             buf = x.new_empty(shape)
-            buf.narrow(axis, 0, nb).copy_(x.narrow(axis, 0, nb))
+            if nb:
+                buf.narrow(axis, 0, nb).copy_(getattr(old, name).narrow(axis, 0, nb))
             return buf
 
-        self._cold = old.map_tensors(grow)
+        self._cold = (old if template is None else template).map_tensors(grow)
 
     def graph_advance(self) -> int:
         """Host counters of one graphed decode token (call after :meth:`graph_prepare`); returns
@@ -1100,20 +1103,7 @@ class SpectralLayer(CacheLayerMixin):
         need = self._nb + n
         if self._cold is None or need > self.cold_capacity:
             cap = need if self._nb == 0 else max(need, math.ceil(self._nb * COLD_GROWTH))
-            cap = max(cap, min_capacity)
-            old, nb = self._cold, self._nb
-
-            def grow(name: str, x: torch.Tensor) -> torch.Tensor:
-                axis = 0 if name == "block_starts" else 2
-                shape = list(x.shape)
-                shape[axis] = cap
-                buf = x.new_empty(shape)
-                if nb:
-                    src = getattr(old, name)
-                    buf.narrow(axis, 0, nb).copy_(src.narrow(axis, 0, nb))
-                return buf
-
-            self._cold = new.map_tensors(grow)
+            self._regrow_cold(max(cap, min_capacity), template=new)
         nb = self._nb
 
         def put(name: str, x: torch.Tensor) -> torch.Tensor:
