@@ -274,15 +274,10 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     return segment
 
 
-def _use_asm(dequant_asm: bool | None, kbits: int = 8, vbits: int = 8) -> bool:
-    """Inline-PTX dequantisation: by default on CUDA for int8 coefficients only (never on ROCm:
-    no PTX there). The packed-int4 form gave wrong attention on the H100 for the aggressive preset
-    (relative error 2-3 against the torch reference in every `bench attention` row at ed66d10,
-    4K-128K, batch 1 and 8), which the interpreter cannot see (it runs the tensor-op form); it
-    stays available by ``dequant_asm=True`` until it is fixed and checked on a GPU."""
-    if dequant_asm is not None:
-        return bool(dequant_asm)
-    return torch.version.hip is None and 4 not in (kbits, vbits)
+def _use_asm(dequant_asm: bool | None) -> bool:
+    """Inline-PTX widening of int8 coefficients: on unless switched off; by default never on
+    ROCm (no PTX there). Packed int4 always takes the checked per-nibble form (decode_splits)."""
+    return (torch.version.hip is None) if dequant_asm is None else bool(dequant_asm)
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
@@ -355,8 +350,8 @@ def decode_attention(
     multiprocessor, enough independent loads in flight to cover memory latency). Kernel variants
     (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
     function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
-    16 = the v5 padding), ``dequant_asm`` (inline-PTX widening of int8 / int4 coefficients on CUDA;
-    default on), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
+    16 = the v5 padding), ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
+    default on; packed int4 is always widened by the checked per-nibble form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
     the block loop software-pipelined that many stages deep; default 0).
@@ -549,7 +544,7 @@ def decode_attention(
     constexprs = _split_constexprs(
         groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
         pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
-        device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm, kbits, vbits),
+        device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
         1 if min_rows is None else min_rows,
         kc_t, vc_t,
     )  # fmt: skip

@@ -130,27 +130,6 @@ sub.f16x2 $0, $0, m;
 sub.f16x2 $1, $1, m;
 }
 """)
-# packed int4 -> float16, four bytes (eight nibbles) per call: bytes to 16-bit lanes, nibble n in
-# the mantissa under 0x6400 XOR 8 (bits = 1024 + (n ^ 8)), minus 1032 = the two's-complement value
-_I4_F16_ASM = tl.constexpr("""
-{
-.reg .b32 t0, t1, z, m;
-mov.b32 z, 0;
-prmt.b32 t0, $4, z, 0x4140;
-prmt.b32 t1, $4, z, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, 0x64086408, 0x6a;
-lop3.b32 $1, t1, 0x000F000F, 0x64086408, 0x6a;
-shr.b32 t0, t0, 4;
-shr.b32 t1, t1, 4;
-lop3.b32 $2, t0, 0x000F000F, 0x64086408, 0x6a;
-lop3.b32 $3, t1, 0x000F000F, 0x64086408, 0x6a;
-mov.b32 m, 0x64086408;
-sub.f16x2 $0, $0, m;
-sub.f16x2 $1, $1, m;
-sub.f16x2 $2, $2, m;
-sub.f16x2 $3, $3, m;
-}
-""")
 
 
 @triton.jit
@@ -169,34 +148,19 @@ def _load_coeffs(
     ``u`` in [0, 1023] ORed into the mantissa of the float16 1024.0 (bits 0x6400) *is* the
     float16 ``1024 + u``, exactly; subtracting the offset back is exact too. int8 ``c``:
     ``u = c + 128`` (flip the sign bit); int4 nibble ``n``: ``u = n ^ 8`` (= its value + 8).
-    ``DQ_ASM`` (compiled CUDA only; the interpreter runs the tensor-op form): the same
+    ``DQ_ASM`` (int8, compiled CUDA only; the interpreter runs the tensor-op form): the same
     arithmetic on four packed bytes per PTX block (byte permutes, 3-input logic ops and
     float16x2 subtractions) instead of per-element 16-bit ops."""
     if BITS == 4:
-        HALF: tl.constexpr = RANK_P // 2
-        cols2 = tl.arange(0, HALF)
-        ok = rows_ok[:, None] & (cols2 < (RANK + 1) // 2)[None, :]
-        ptrs = base + rows[:, None] * stride_t + cols2[None, :] * stride_c
-        if DQ_ASM and _COMPILED:
-            byte = tl.load(ptrs, mask=ok, other=0)
-            lo, hi = tl.inline_asm_elementwise(
-                _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-            )
-            vals = tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
-            if RANK % 2 == 1:  # the high nibble of the last byte is padding
-                vals = tl.where((tl.arange(0, RANK_P) < RANK)[None, :], vals, 0.0)
-            return vals
-        else:
-            # one load per nibble (each byte read twice, from L1): the byte-once form above
-            # (join + reshape of the two nibble halves) gave wrong attention compiled on the
-            # H100 for the aggressive preset while the interpreter agreed with the reference
-            cols = tl.arange(0, RANK_P)
-            okc = rows_ok[:, None] & (cols < RANK)[None, :]
-            byte = tl.load(
-                base + rows[:, None] * stride_t + (cols // 2)[None, :] * stride_c, mask=okc, other=0
-            )
-            nib = (byte.to(tl.int16) >> ((cols % 2) * 4).to(tl.int16)[None, :]) & 15
-            return (nib ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        # one load per nibble (each byte read twice, from L1). A byte-once form (the two nibble
+        # halves joined and reshaped, with or without inline PTX) gave wrong attention compiled
+        # on the H100 for the aggressive preset while the interpreter agreed with the reference,
+        # so packed int4 takes this checked form only (DQ_ASM applies to int8)
+        cols = tl.arange(0, RANK_P)
+        ok = rows_ok[:, None] & (cols < RANK)[None, :]
+        byte = tl.load(base + rows[:, None] * stride_t + (cols // 2)[None, :] * stride_c, mask=ok, other=0)
+        nib = (byte.to(tl.int16) >> ((cols % 2) * 4).to(tl.int16)[None, :]) & 15
+        return (nib ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
     elif BITS == 8:
         cols = tl.arange(0, RANK_P)
         ok = rows_ok[:, None] & (cols < RANK)[None, :]
