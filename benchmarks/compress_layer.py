@@ -42,13 +42,13 @@ import socket
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from spectralcache.bench.common import sync_sites
 from spectralcache.bench.svd import decaying_matrix, rel_error
 from spectralcache.cache.block import compress_blocks, fit_solver, reconstruct
 from spectralcache.config import get_preset
@@ -104,15 +104,8 @@ def count_syncs(fn: Callable[[], Any], dev: torch.device) -> int | None:
     """Host synchronizations torch reports during one call (CUDA only)."""
     if dev.type != "cuda":
         return None
-    torch.cuda.synchronize(dev)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    with torch.cuda.device(dev):
+        return len(sync_sites(fn))
 
 
 def _git_commit() -> str | None:

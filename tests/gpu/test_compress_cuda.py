@@ -17,8 +17,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from tests.gpu.sync_debug import sync_sites  # noqa: E402
 
+from spectralcache.bench.common import sync_sites  # noqa: E402
 from spectralcache.bench.svd import decaying_matrix  # noqa: E402
 from spectralcache.cache.block import _quantize, compress_blocks, reconstruct  # noqa: E402
 from spectralcache.config import get_preset  # noqa: E402

@@ -18,11 +18,11 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from tests.gpu.sync_debug import sync_sites  # noqa: E402
 from tests.tiny_models import tiny_model, tiny_prompt  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from spectralcache import SpectralCache, SpectralConfig  # noqa: E402
+from spectralcache.bench.common import sync_sites  # noqa: E402
 
 CFG = SpectralConfig(block_size=64, hot_size=8, landmarks=4, outliers_per_block=4, rank_keys=8, rank_values=8)
 

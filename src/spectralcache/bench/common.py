@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "render_saved_results",
     "run_metadata",
     "sync",
+    "sync_sites",
     "time_fn",
 ]
 
@@ -64,6 +66,21 @@ def dtype_from_name(name: str, dev: torch.device) -> torch.dtype:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def sync_sites(fn: Callable[[], object]) -> list[str]:
+    """``file:line`` of the Python caller of each host synchronization ``fn`` makes on CUDA
+    (``torch.cuda.set_sync_debug_mode("warn")`` turns each into a warning; work queued before
+    the call is flushed first, so it is not counted)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 def git_commit() -> str | None:
