@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from spectralcache.eval.methods import parse_value
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"
 DEFAULT_TASKS = "niah_single_1,niah_multikey_1"
@@ -160,7 +162,7 @@ def cmd_needles(args: argparse.Namespace) -> int:
                 overrides = {}
                 for item in kv:
                     key, val = item.split("=")
-                    overrides[key] = {"true": True, "false": False}.get(val, val)
+                    overrides[key] = parse_value(val)
                 for protocol in ("two_call", "one_call"):
                     cache = SpectralCache(model, SpectralConfig.from_preset(preset, **overrides))
                     with torch.inference_mode():
@@ -421,7 +423,7 @@ def cmd_bytes(args: argparse.Namespace) -> int:
         overrides = {}
         for o in opts:
             key, value = o.split("=")
-            overrides[key] = value.lower() == "true" if value.lower() in ("true", "false") else value
+            overrides[key] = parse_value(value)
         cfg = SpectralConfig.from_preset(preset, **overrides)
         for n in lengths:
             r = layer_bytes(cfg, n, args.head_dim, args.kv_heads, dtype)

@@ -140,7 +140,8 @@ _SCHEMA: dict[str, tuple[set[str], set[str], set[str] | None]] = {
 }
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A method option's value from its text: bool, None, int, float, else the string."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -172,7 +173,7 @@ def _build(kind: str, tokens: list[str], original: str) -> Method:
                 )
             if key in options:
                 raise ValueError(f"option {key!r} given twice in method {original!r}")
-            options[key] = _value(val.strip())
+            options[key] = parse_value(val.strip())
         else:
             if preset is not None or options:
                 raise ValueError(f"{original!r}: a preset name ({tok!r}) must come first and only once")
