@@ -98,7 +98,13 @@ def test_cuda_graph_replays_across_decode_steps() -> None:
     cfg = SpectralConfig.from_preset("default", block_size=64, hot_size=32, landmarks=8, outliers_per_block=4)
     h, d = 8, 128
     layer = SpectralLayer(cfg, 0, head_dim=d, num_kv_heads=h)
-    k0 = torch.randn(1, h, 8 + 20 * 64 + 40, d, device="cuda", dtype=torch.bfloat16)
+    # 8 + 20 * 64 + 20 tokens (19 blocks at prefill, 84 hot): blocks appended at steps 11, 75, 139.
+    # The first append regrows the cold buffers (the prefill leaves them at exact capacity), and
+    # the eager hot buffer is re-made every hot_slack + 1 = 17 steps; with a 40-token tail (the
+    # first H100 run, e7eb282) the appends fell at steps 55 and 119, the second on such a step, so
+    # no replay ever saw a new block: (140, 0, 10). With 20 (CPU replay of the same sizes logic:
+    # (140, 21, 10)) later appends land between recaptures.
+    k0 = torch.randn(1, h, 8 + 20 * 64 + 20, d, device="cuda", dtype=torch.bfloat16)
     layer.update(k0, torch.randn_like(k0))
     layer.release_chunk()
     k_s = torch.zeros(1, h, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -199,7 +205,11 @@ def test_speculative_q(mask) -> None:
 
 def test_softcap_and_16bit() -> None:
     _run(softcap=30.0, **PRESETS["default"])
-    _run(key_bits=16, value_bits=16, rank_keys=128, rank_values=128, outliers=0)
+    # 16-bit coefficients at rank = head_dim = 128: the default 256-token tiles need 266240 B of
+    # shared memory (> 232448 on the H100: KernelDoesNotFit at e7eb282; sizes from compiling the
+    # split kernel for sm_90 on CPU, as attention_kernel_dev's sass section does), 128-token tiles
+    # 134144 B
+    _run(key_bits=16, value_bits=16, rank_keys=128, rank_values=128, outliers=0, launch=dict(block_t=128))
 
 
 def test_dispatch_uses_kernel_on_cuda() -> None:
