@@ -294,8 +294,7 @@ def _chol_pass(
         _single_check(R, ctx, acc)
     Xp = X if gram_dtype is not None else Xa
     if ctx.use_inverse:
-        eye = torch.eye(ncol, dtype=R.dtype, device=R.device)
-        Rinv = torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
+        Rinv = torch.linalg.solve_triangular(R, _eye(ncol, R.dtype, R.device).expand_as(R), upper=True)
         return Xp @ Rinv.to(Xp.dtype), R
     return torch.linalg.solve_triangular(R.to(Xp.dtype), Xp, upper=True, left=False), R
 
