@@ -30,14 +30,7 @@ from typing import Any
 
 import torch
 
-from spectralcache.linalg.rsvd import (
-    ORTH_METHODS,
-    RR_PATH,
-    RandomizedSVD,
-    bf16_cpu_sketch,
-    generic_cpu_level0,
-    randomized_svd,
-)
+from spectralcache.linalg.rsvd import ORTH_METHODS, RR_PATH, RandomizedSVD, generic_cpu_level0, randomized_svd
 
 __all__ = ["configure", "decaying_matrix", "main", "optimal_errors", "parse_shapes", "run"]
 
@@ -47,8 +40,6 @@ CPU_SHAPES = "8x512x128:16,32x512x128:32,16384x1024:160"
 DEFAULT_METHOD = "rsvd[cholqr2]"
 # The same call with the CPU fast path off: its reference (the generic checked pipeline).
 GENERIC_METHOD = "rsvd[cholqr2,generic]"
-# The same call with the CPU bfloat16 sketch off: the float32 level 0 alone.
-FLOAT32_METHOD = "rsvd[cholqr2,float32]"
 CUDA_SHAPES = CPU_SHAPES + ",65536x4096:256"
 SWEEP_N_ITER = (0, 1, 2, 4, 8)
 SWEEP_OVERSAMPLE = (0, 4, 8, 16, 32)
@@ -185,12 +176,6 @@ def build_methods(
                 return default(x)
 
         methods[GENERIC_METHOD] = generic
-
-        def float32_sketch(x: torch.Tensor):
-            with bf16_cpu_sketch(False):
-                return default(x)
-
-        methods[FLOAT32_METHOD] = float32_sketch
     if min(M.shape[-2:]) <= 256:  # the sync-free Rayleigh-Ritz pipeline (Gram algorithm only)
         methods[f"rsvd[{RR_PATH}]"] = lambda x: randomized_svd(
             x, rank, n_iter=n_iter, oversample=oversample, generator=gen(), host_sync=False
@@ -652,14 +637,7 @@ def run_compare(
                 kw: dict[str, Any] = {"compute_dtype": torch.bfloat16} if "bf16" in name else {}
                 kw["host_sync"] = orth != RR_PATH
                 orth = "cholqr2" if orth == RR_PATH else orth
-                ctx = (
-                    generic_cpu_level0()
-                    if "generic" in name
-                    else bf16_cpu_sketch(False)
-                    if name == FLOAT32_METHOD
-                    else contextlib.nullcontext()
-                )
-                with ctx:
+                with generic_cpu_level0() if "generic" in name else contextlib.nullcontext():
                     stages, paths, alg = stage_times(M, rank, args.n_iter, args.oversample, orth, 3, **kw)
                 row.update(stages_ms=stages, path=paths, algorithm=alg)
             elif "cuda-graph" in name:
@@ -802,8 +780,7 @@ def _title(meta: dict[str, Any]) -> str:
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per shape: the library's default call (:data:`DEFAULT_METHOD`) against torch.linalg.svd,
-    torch.svd_lowrank and, on CPU, its own reference (:data:`GENERIC_METHOD`) and its float32
-    level 0 without the bfloat16 sketch (:data:`FLOAT32_METHOD`), from this run."""
+    torch.svd_lowrank and, on CPU, its own reference (:data:`GENERIC_METHOD`), from this run."""
     out = []
     for key in dict.fromkeys((tuple(r["shape"]), r["rank"]) for r in rows):
         by = {r["method"]: r for r in rows if (tuple(r["shape"]), r["rank"]) == key}
@@ -813,7 +790,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         low = next((r for n, r in by.items() if n.startswith("torch.svd_lowrank")), None)
         svd = by.get("torch.linalg.svd")
         gen = by.get(GENERIC_METHOD)
-        f32 = by.get(FLOAT32_METHOD)
         out.append(
             {
                 "shape": list(key[0]),
@@ -825,8 +801,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "x_vs_svd_lowrank": low["median_ms"] / ours["median_ms"] if low else None,
                 "svd_lowrank_err_ratio": low["err_ratio"] if low else None,
                 "x_vs_generic_pipeline": gen["median_ms"] / ours["median_ms"] if gen else None,
-                "x_vs_float32_sketch": f32["median_ms"] / ours["median_ms"] if f32 else None,
-                "float32_sketch_err_ratio": f32["err_ratio"] if f32 else None,
             }
         )
     return out
@@ -839,8 +813,7 @@ def summary_lines(summary: list[dict[str, Any]]) -> list[str]:
     return [
         f"{'x'.join(map(str, s['shape']))} r{s['rank']}: {s['method']} (default) {s['median_ms']:.3f} ms = "
         f"{x(s['x_vs_linalg_svd'])} torch.linalg.svd, {x(s['x_vs_svd_lowrank'])} torch.svd_lowrank, "
-        f"{x(s['x_vs_generic_pipeline'])} its generic pipeline, "
-        f"{x(s.get('x_vs_float32_sketch'))} its float32 sketch; error/optimal {s['err_ratio']:.4f}"
+        f"{x(s['x_vs_generic_pipeline'])} its generic pipeline; error/optimal {s['err_ratio']:.4f}"
         + (
             f" (svd_lowrank {s['svd_lowrank_err_ratio']:.4f})"
             if s["svd_lowrank_err_ratio"] is not None

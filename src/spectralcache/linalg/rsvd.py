@@ -644,20 +644,6 @@ def generic_cpu_level0() -> Iterator[None]:
         _CPU_RAYLEIGH_RITZ = prev
 
 
-@contextlib.contextmanager
-def bf16_cpu_sketch(enabled: bool | None) -> Iterator[None]:
-    """Within this block the CPU bfloat16 sketch is on / off (None: where the CPU has native
-    bfloat16 units), whatever the default: for benchmarks that time both side by side
-    (``spectralcache bench svd``'s ``rsvd[cholqr2,float32]``)."""
-    global _CPU_BF16_SKETCH
-    prev = _CPU_BF16_SKETCH
-    _CPU_BF16_SKETCH = enabled
-    try:
-        yield
-    finally:
-        _CPU_BF16_SKETCH = prev
-
-
 def _use_cpu_rr(M: torch.Tensor, algorithm: str, orth: str) -> bool:
     """Whether level 0 of the checked pipeline runs :func:`_pipeline_cpu_rr` for this call."""
     return _CPU_RAYLEIGH_RITZ and M.device.type == "cpu" and algorithm == "gram" and orth in _CPU_RR_ORTHS
