@@ -12,18 +12,9 @@ from spectralcache.linalg import (
     RandomizedSVD,
     randomized_svd,
     reset_rsvd_stats,
-    rsvd,
     rsvd_stats,
     truncated_svd,
 )
-
-
-@pytest.fixture(autouse=True)
-def _float32_sketch(monkeypatch):
-    """These tests pin the float32 Gram path (and compare it with the reference at float32
-    tolerances); the bfloat16 sketch in front of it has its own tests (test_rsvd_cpu_bf16.py)."""
-    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", False)
-
 
 ALGORITHMS = ("gram", "direct")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel tests run

@@ -11,14 +11,6 @@ import torch
 from spectralcache.bench.svd import decaying_matrix, rel_error
 from spectralcache.linalg import RandomizedSVD, randomized_svd, rsvd, truncated_svd
 
-
-@pytest.fixture(autouse=True)
-def _float32_sketch(monkeypatch):
-    """These tests pin the float32 Gram path (and compare it with the reference at float32
-    tolerances); the bfloat16 sketch in front of it has its own tests (test_rsvd_cpu_bf16.py)."""
-    monkeypatch.setattr(rsvd, "_CPU_BF16_SKETCH", False)
-
-
 FAST_ORTHS = ("cholqr2", "shifted_cholqr")
 
 

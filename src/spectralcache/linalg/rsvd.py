@@ -30,10 +30,6 @@ on the small side (one float64 ``l x l`` eigendecomposition of ``Zᵀ G Z``, ``U
 instead of CholeskyQR2 of ``Y = M Z`` plus a core SVD: half the small LAPACK calls and one
 skinny product with M instead of two, with the same checks and fallback chain. The
 generic pipeline stays the reference (``_CPU_RAYLEIGH_RITZ = False``; tests compare them).
-On CPUs with native bfloat16 dot products (AVX512-BF16 / AMX) a bfloat16 sketch runs first
-(:func:`_pipeline_cpu_bf16`: the Gram in bfloat16, ~3.5x faster; Rayleigh-Ritz on the
-float32 product ``Y = M Z``); elements whose spectrum is too steep for it go on to the
-float32 path above (``_CPU_BF16_SKETCH = False`` switches it off).
 
 The small core SVD: on CPU an eigendecomposition of ``RᵀR`` in float64 (a third of
 LAPACK SVD's cost for many 24x24 cores); on CUDA cuSOLVER's batched Jacobi SVD for
@@ -79,9 +75,7 @@ CUDA graphs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
@@ -611,14 +605,6 @@ _GRAM_RR_MAX_KAPPA = 32.0
 # The estimate of S₁/S_k from a Cholesky diagonal is trusted to a factor 2 (tests set it
 # to inf so that every steep element is caught by the check on the computed S instead).
 _STEEP_ESTIMATE_MARGIN = 0.5
-# The bfloat16 sketch (:func:`_pipeline_cpu_bf16`): None = where the CPU has native bfloat16
-# dot products; tests force True / False.
-_CPU_BF16_SKETCH: bool | None = None
-# Largest S₁/S_k the bfloat16 sketch keeps: its Gram carries a relative error ~2⁻⁸, which
-# leaves directions below ~S₁/16 poorly resolved. Measured on [8, 512, 128] blocks with a
-# growing common offset (rank 16): excess error over the float32 path 3e-5 at S₁/S_k = 6,
-# 4e-4 at 15, 5e-3 at 30, 3e-2 at 47; real Gemma 3 270M keys (rank 32) reach 24.
-_BF16_SKETCH_MAX_KAPPA = 16.0
 
 
 @contextlib.contextmanager
@@ -784,116 +770,6 @@ def _steep_estimate(R: torch.Tensor, rank: int, kappa: float, margin: float) -> 
     ~35% on the steep spectra of the tests (the l x l Cholesky of Zᵀ G Z did no better)."""
     d = R.diagonal(dim1=-2, dim2=-1)
     return d.amax(-1) > (margin * kappa) ** 2 * d[..., rank - 1]
-
-
-def _native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there a bfloat16
-    GEMM runs ~3.5x faster than float32 (measured on the 2-core Zen4 box); elsewhere oneDNN
-    emulates it, no faster than float32."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    try:
-        return any(bool(getattr(torch.cpu, name)()) for name in probes if hasattr(torch.cpu, name))
-    except Exception:  # a torch without the probes: stay on float32
-        return False
-
-
-@functools.cache
-def _bf16_sketch_default() -> bool:
-    """``SPECTRALCACHE_CPU_BF16_SKETCH=0/1`` overrides the CPU probe (read once)."""
-    env = os.environ.get("SPECTRALCACHE_CPU_BF16_SKETCH", "").strip().lower()
-    if env in ("0", "false", "off", "no"):
-        return False
-    if env in ("1", "true", "on", "yes"):
-        return True
-    return _native_bf16_cpu()
-
-
-def _use_bf16_sketch(M: torch.Tensor, gdtype: torch.dtype, acc: torch.dtype, implicit: bool) -> bool:
-    if M.device.type != "cpu" or implicit or acc != torch.float32 or gdtype != torch.float32:
-        return False
-    return _bf16_sketch_default() if _CPU_BF16_SKETCH is None else _CPU_BF16_SKETCH
-
-
-def _pipeline_cpu_bf16(
-    Mc: torch.Tensor,
-    omega: torch.Tensor,
-    rank: int,
-    n_iter: int,
-    orth: str,
-    timer: _Timer | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bfloat16 sketch of the CPU level 0: float32 tall Mc [B, m, n] -> U, S, Vh, ok [B].
-
-    Why: the float32 Gram ``MᵀM`` is ~40% of a [8, 512, 128] call on the 2-core box and runs
-    at the GEMM peak; a bfloat16 Gram (float32 accumulation inside, bfloat16 output) is
-    ~3.5x faster there. Its error (relative ~2⁻⁸) only steers which subspace the sketch
-    finds, so the power iterations run on it exactly as :func:`_sketch_basis` does on the
-    float32 one, and Rayleigh-Ritz uses the real float32 product ``Y = M Z`` (one GEMM of l
-    columns, which also replaces the float32 path's ``M V`` lift): ``A = YᵀY`` (float64
-    eigendecomposition), ``V = Z W``, ``S = sqrt(λ)``, ``U = Y W S⁻¹``. The result is the
-    exact projection of M onto the best rank-k subspace of span(Z).
-
-    Trust: the sketch resolves directions down to ~S₁/16, so an element whose computed
-    ``S₁/S_k`` exceeds :data:`_BF16_SKETCH_MAX_KAPPA` is returned not-ok and the caller
-    recomputes it on the float32 path (:func:`_pipeline_cpu_rr`); U's orthogonality loss
-    ``~0.1·eps32·(S₁/S_k)²`` stays below 3e-6 under that bound. Checks otherwise as there.
-    """
-    ctx = _Ctx(orth, 1.0, torch.float32, True)
-    Mb = Mc.to(torch.bfloat16)
-    G = (Mb.mT @ Mb).float()
-    if not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1).sum())):
-        _validate(Mc, rank)  # raises on NaN/inf; an overflowing Gram goes on and fails its checks
-    if timer:
-        timer.mark("sketch")
-    B = G.shape[0]
-
-    def gmul(Z: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(G, Z.expand(B, *Z.shape)) if Z.ndim == 2 else G @ Z
-
-    Z = _sketch_basis(gmul, omega, n_iter, ctx, timer)[0].to(torch.float32)
-    Y = Mc @ Z
-    A = (Y.mT @ Y).to(torch.float64)
-    s, W = _top_eigh(A, rank)
-    if timer:
-        timer.mark("core")
-    Wf, sf = W.to(torch.float32), s.to(torch.float32)
-    U = Y @ Wf.div(sf.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-2))
-    ctx.checks.append(torch.isfinite(A.sum((-2, -1))))
-    ctx.checks.append((s[..., -1] * _BF16_SKETCH_MAX_KAPPA >= s[..., 0]) & (s[..., 0] > 0))  # NaN fails too
-    if timer:
-        timer.mark("lift")
-    return U, sf, (Z @ Wf).mT, ctx.ok()
-
-
-def _pipeline_cpu_level0(
-    M: torch.Tensor,
-    omega: torch.Tensor,
-    rank: int,
-    n_iter: int,
-    orth: str,
-    gdtype: torch.dtype,
-    acc: torch.dtype,
-    timer: _Timer | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Level 0 on CPU: the bfloat16 sketch where it applies (:func:`_use_bf16_sketch`), the
-    elements it does not trust recomputed by the float32 path (:func:`_pipeline_cpu_rr`,
-    which also runs alone elsewhere); returns U, S, Vh, ok [B] as both do."""
-    Mc = M if M.dtype == gdtype else M.to(gdtype)
-    if not _use_bf16_sketch(Mc, gdtype, acc, _implicit_gram(Mc, omega.shape[-1], n_iter)):
-        return _pipeline_cpu_rr(M, omega, rank, n_iter, orth, gdtype, acc, timer, True)
-    U, S, Vh, ok = _pipeline_cpu_bf16(Mc, omega, rank, n_iter, orth, timer)
-    n_bad = int((~ok).sum())
-    _STATS["cpu_bf16_sketch"] += ok.shape[0] - n_bad
-    if n_bad:
-        _STATS["cpu_bf16_rerouted"] += n_bad
-        bad = (~ok).nonzero().flatten()
-        u, s, vh, ok_bad = _pipeline_cpu_rr(
-            Mc.index_select(0, bad), omega, rank, n_iter, orth, gdtype, acc, None
-        )
-        U[bad], S[bad], Vh[bad] = u, s, vh
-        ok = ok.clone()
-        ok[bad] = ok_bad
-    return U, S, Vh, ok
 
 
 def _pipeline_cpu_rr(
@@ -1406,7 +1282,7 @@ def randomized_svd(
         if cpu_rr:
 
             def first(sub: torch.Tensor):
-                return _pipeline_cpu_level0(sub, omega, rank, n_iter, orth, gdtype, acc, timer)
+                return _pipeline_cpu_rr(sub, omega, rank, n_iter, orth, gdtype, acc, timer, True)
 
         U, S, Vh = _solve(Mt, rank, width, n_iter, orth, alg, gdtype, omega, timer, paths, first)
     out = _finish(U, S, Vh, transposed, lead, M.dtype)
