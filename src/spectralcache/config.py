@@ -41,8 +41,11 @@ BASIS_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
 COMPUTE_DTYPES = ("float32", "float64")
 COEFF_BITS = (4, 8, 16)
 # How a block's keys / values are stored: "lowrank" = coefficients on a fitted basis;
-# "identity" = the rows themselves, quantized per token (the basis is the identity, not stored).
-CODECS = ("lowrank", "identity")
+# "identity" = the rows themselves, quantized per token (the basis is the identity, not stored);
+# "channel" (keys only) = the rows themselves, quantized with one scale per channel and block.
+CODECS = ("lowrank", "identity", "channel")
+# Codecs that store the rows themselves (no basis, no rank: ``head_dim`` columns per token).
+BASISLESS_CODECS = ("identity", "channel")
 # Who reads a compressed layer in attention (see ``attention/triton/dispatch.py``).
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 OUTLIER_SELECTIONS = ("residual", "attention", "mixed")
@@ -88,8 +91,14 @@ class SpectralConfig:
             accurate per byte than a high rank: with head_dim 256 and a float16 basis, rank 128
             costs as many bytes as the identity codec (int8) and keeps ~8 % error where int8
             rounding keeps ~0.5 %. See ``docs/fidelity.md``.
+            ``"channel"`` (keys only, issue 9's KIVI-style lever): the keys themselves quantized with
+            one scale per channel and block (``key_scales [..., nb, 1, head_dim]``) instead of per
+            token: keys carry a few large channels that a per-token scale follows, so int4 per
+            token loses the rest (niah_single_1 17 % at 4K); outlier tokens are left out of the
+            scales. Read by the torch reference only: the Triton decode kernel refuses it and
+            dispatch falls back to the reference, so it stays out of the presets.
         value_codec: ``"lowrank"``. The same choice for values (``rank_values`` ignored when
-            ``"identity"``).
+            ``"identity"``; ``"channel"`` is refused for values).
         coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale
             per row, 4 = two int4 values packed per uint8 with a float16 scale per row, 16 =
             no quantization (model dtype), used by the lossless preset.
@@ -239,7 +248,7 @@ class SpectralConfig:
             if value is None:
                 continue
             need_int(name, 1)
-            if value > block_size and codec != "identity":  # an identity codec has no rank
+            if value > block_size and codec not in BASISLESS_CODECS:  # a basis-less codec has no rank
                 raise ValueError(
                     f"SpectralConfig.{name}={value} exceeds block_size={block_size}: a block of "
                     f"{block_size} tokens has rank at most {block_size}"
@@ -272,6 +281,11 @@ class SpectralConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"SpectralConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.value_codec == "channel":
+            raise ValueError(
+                "SpectralConfig.value_codec='channel' is not supported: per-channel scales are for keys "
+                "(attention weights mix value rows, so values keep per-token scales: 'identity' or 'lowrank')"
+            )
         if not isinstance(self.refit_after_outliers, bool):
             raise TypeError(
                 f"SpectralConfig.refit_after_outliers must be a bool, got {self.refit_after_outliers!r}"
@@ -321,7 +335,7 @@ class SpectralConfig:
         """Resolved (rank_keys, rank_values) for a model's head_dim: the number of stored
         coefficient columns per token. ``None`` means full rank; an identity codec stores
         ``head_dim`` columns (the rows themselves) whatever the configured rank."""
-        if self.key_codec == "identity":
+        if self.key_codec in BASISLESS_CODECS:
             rk = head_dim
         else:
             rk = min(head_dim if self.rank_keys is None else self.rank_keys, self.block_size)
@@ -335,7 +349,7 @@ class SpectralConfig:
         """Ranks must not exceed the model's head_dim (a block's keys have rank <= head_dim)."""
         for name, codec in (("rank_keys", self.key_codec), ("rank_values", self.value_codec)):
             value = getattr(self, name)
-            if codec == "identity":
+            if codec in BASISLESS_CODECS:
                 continue
             if value is not None and value > head_dim:
                 raise ValueError(

@@ -241,8 +241,9 @@ def _prepare_cold(state: SpectralLayerState, lo: int, hi: int, rows: int) -> _Co
     t = cold.block_size
     starts = cold.block_starts[sel].to(device)
     pre_rope = state.key_space == "pre_rope"
-    # pre-RoPE keys are rebuilt row by row anyway: the scale goes in there
-    fold_keys = pre_rope or rows > cold.rank_keys
+    # pre-RoPE keys are rebuilt row by row anyway: the scale goes in there; per-channel scales
+    # (key_codec="channel") cannot be applied to the scores, so they are always folded in
+    fold_keys = pre_rope or rows > cold.rank_keys or cold.key_scales_per_channel
     key_scales = _opt(cold.key_scales, sel)
     key_coeffs = _coeffs_scaled(
         cold.key_coeffs[:, :, sel], key_scales if fold_keys else None, cold.coeff_bits, cold.rank_keys

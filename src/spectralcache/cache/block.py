@@ -12,7 +12,9 @@ With ``key_codec`` / ``value_codec == "identity"`` that side has no basis (store
 the rows themselves are the coefficients, ``[T, D]`` quantized per token, so only the
 quantization error remains. On Gemma 3 270M prose blocks the post-RoPE keys lose needle
 retrieval at rank 32-64 (layer 11 alone was enough to break it), while int8 rows of the same
-blocks keep the baseline's answers (``docs/fidelity.md``).
+blocks keep the baseline's answers (``docs/fidelity.md``). ``key_codec == "channel"`` stores
+the key rows likewise but with one scale per channel of the block (``[..., 1, D]``), set without
+the block's outlier tokens (they are quantized again once the outliers are chosen).
 
 Outlier score: the per-token reconstruction error *of the stored representation* (after
 quantization and basis rounding), keys and values each normalised by the block's mean
@@ -49,7 +51,7 @@ import torch
 
 from spectralcache.cache.deferred import DeferredCheck, should_defer
 from spectralcache.cache.state import ColdBlocks
-from spectralcache.config import SpectralConfig
+from spectralcache.config import BASISLESS_CODECS, SpectralConfig
 
 __all__ = [
     "compress_blocks",
@@ -130,8 +132,9 @@ def low_rank_fit(
     return u * s.unsqueeze(-2), vh
 
 
-def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype):
-    """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer.
+def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype, per_channel: bool = False):
+    """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer
+    (``per_channel``: scales ``[..., 1, D]``, one per column of each block, ``key_codec="channel"``).
 
     On CUDA without ``quantize_rows``' two host-side checks (``check_finite=False``):
     ``compress_blocks`` has already refused non-finite blocks and taken rows whose scale could
@@ -141,7 +144,8 @@ def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype):
         # copy=True: with the identity codec the "coefficients" are the input rows themselves,
         # and the cold tier must own its storage (no aliasing of, or pinning, the hot buffer)
         return coeffs.to(model_dtype, copy=True), None
-    q = _quant_module().quantize_rows(
+    quant = _quant_module()
+    q = (quant.quantize_cols if per_channel else quant.quantize_rows)(
         coeffs, bits=bits, scale_dtype=torch.float16, check_finite=not coeffs.is_cuda
     )
     return q.data, q.scales
@@ -189,7 +193,7 @@ def _overflowing_rows(
     bound is evaluated in ``dtype`` (default x's)."""
     lo, hi = torch.aminmax(x, dim=-1)  # max |x| per row without a full-size abs() temporary
     amax = torch.maximum(hi, -lo).to(dtype or x.dtype)  # NaN if the row holds one (aminmax propagates NaN)
-    bound = amax if codec == "identity" else amax * math.sqrt(x.shape[-1])
+    bound = amax if codec in BASISLESS_CODECS else amax * math.sqrt(x.shape[-1])
     return bound > _coeff_limit(bits, model_dtype), ~torch.isfinite(amax)
 
 
@@ -242,8 +246,8 @@ def _fit_and_store(
     materializing the reconstruction and subtracting it: on a 128K-token layer each full-size
     ``[N, T, D]`` float32 pass is ~0.5 GB of memory traffic."""
     bits = config.coeff_bits if bits is None else bits
-    if codec == "identity":
-        q, scales = _quantize(m, bits, model_dtype)
+    if codec in BASISLESS_CODECS:
+        q, scales = _quantize(m, bits, model_dtype, per_channel=codec == "channel")
         res = None
         if residuals:
             res = _row_sq_norm_fused(m - dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype))
@@ -344,9 +348,9 @@ def compress_blocks(
         (rank_keys, config.key_codec, "keys"),
         (rank_values, config.value_codec, "values"),
     ):
-        if codec == "identity":
+        if codec in BASISLESS_CODECS:
             if rank != d:
-                raise ValueError(f"identity codec for {side}: rank must be head_dim={d}, got {rank}")
+                raise ValueError(f"{codec} codec for {side}: rank must be head_dim={d}, got {rank}")
         elif rank > min(t, d):
             raise ValueError(f"ranks ({rank_keys}, {rank_values}) exceed min(T, D) = {min(t, d)}")
     model_dtype = values.dtype
@@ -431,7 +435,15 @@ def compress_blocks(
         # them (same values, masked alike; half the bytes)
         k_energy = _block_energy(kf if k_low is None else k_low, cdt).clamp_min(eps)
         v_energy = _block_energy(vf if v_low is None else v_low, cdt).clamp_min(eps)
-        score = kres / k_energy + vres / v_energy  # [N, T]
+        if kc == "channel" and config.coeff_bits != 16:
+            # a token's quantization residual says nothing here: the token that sets a channel's
+            # range is stored well and every other token pays for it; so rank keys by how far a
+            # token stretches its channels: max over channels of |k| / the channel's RMS
+            k_rms = kf.square().mean(-2, keepdim=True).sqrt().clamp_min(eps)  # [N, 1, D]
+            k_term = (kf.abs() / k_rms).amax(-1).square()
+        else:
+            k_term = kres / k_energy
+        score = k_term + vres / v_energy  # [N, T]
         if importance is not None and config.outlier_selection != "residual":
             score = _selection_score(score, importance.reshape(n, t).to(cdt), config.outlier_selection)
         score = score.masked_fill(huge, float("inf"))
@@ -448,6 +460,13 @@ def compress_blocks(
                 vq, vs, vb, _ = _fit_and_store(
                     vf * keep, rank_values, config, gen(), model_dtype, basis_dtype, "lowrank", vbits, False
                 )
+        if kc == "channel" and config.coeff_bits != 16:
+            # the outliers are served exactly: their (largest) entries must not set the channel
+            # scales every other token is rounded with, so the keys are quantized again without them
+            drop = torch.zeros(n, t, 1, dtype=torch.bool, device=kf.device)
+            drop.scatter_(1, idx.unsqueeze(-1), True)
+            kq, ks = _quantize(kf.masked_fill(drop, 0.0), config.coeff_bits, model_dtype, per_channel=True)
+            kq, ks = kq.contiguous(), ks.contiguous()
         gather = idx.unsqueeze(-1).expand(n, o, d)
         out_k = torch.gather(exact_keys.reshape(n, t, d), 1, gather)
         out_v = torch.gather(values.reshape(n, t, d), 1, gather)

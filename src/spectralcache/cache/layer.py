@@ -80,7 +80,7 @@ from spectralcache.cache.block import compress_blocks, reconstruct
 from spectralcache.cache.deferred import DeferredCheck, DeviceSeconds, should_defer
 from spectralcache.cache.rope import RopeRotator, rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
-from spectralcache.config import SpectralConfig
+from spectralcache.config import BASISLESS_CODECS, SpectralConfig
 
 __all__ = ["COLD_GROWTH", "COLD_TIERS", "LayerCheckpoint", "SpectralLayer"]
 
@@ -296,7 +296,9 @@ class SpectralLayer(CacheLayerMixin):
         contiguous blocks, which every reader already handles."""
         cfg, t = self.config, self.config.block_size
         rk, rv = cfg.ranks_for(self.head_dim)
-        ranks = [r for r, codec in ((rk, cfg.key_codec), (rv, cfg.value_codec)) if codec != "identity"]
+        ranks = [
+            r for r, codec in ((rk, cfg.key_codec), (rv, cfg.value_codec)) if codec not in BASISLESS_CODECS
+        ]
         t_min = min(t, max(-(-t // 2), cfg.outliers_per_block + 1, *ranks))
         if n < t_min:
             return t

@@ -22,6 +22,10 @@ o outliers per block, L landmarks stored so far, h hot tokens):
   packs them); model dtype (coeff_bits=16).
 - ``ColdBlocks.key_scales``: [B, H, nb, T, 1] float16, per-row scale (None when 16 bits);
   coefficient row t of block n is ``key_coeffs[..., n, t, :] * key_scales[..., n, t, :]``.
+  With ``key_codec="channel"`` it is [B, H, nb, 1, D] instead, one scale per channel of the
+  block, and row t is ``key_coeffs[..., n, t, :] * key_scales[..., n, 0, :]`` (the same
+  broadcast; ``ColdBlocks.key_scales_per_channel`` tells them apart: per-row scales always end
+  in 1). A reader that applies a per-row scale after the dot product must decode such rows first.
 - ``ColdBlocks.key_basis``: [B, H, nb, rk, D] (storage dtype: ``SpectralConfig.basis_dtype``);
   the block's keys are ``coeffs @ basis``. ``None`` means the identity basis
   (``key_codec="identity"``): then ``rk == D`` and the (scaled) coefficient rows *are* the keys.
@@ -93,6 +97,12 @@ class ColdBlocks:
     @property
     def value_bits(self) -> int:
         return self.coeff_bits if self.value_coeff_bits is None else self.value_coeff_bits
+
+    @property
+    def key_scales_per_channel(self) -> bool:
+        """Whether ``key_scales`` holds one scale per channel (``[..., nb, 1, D]``,
+        ``key_codec="channel"``) rather than one per row (``[..., nb, T, 1]``)."""
+        return self.key_scales is not None and self.key_scales.shape[-1] != 1
 
     @property
     def num_blocks(self) -> int:

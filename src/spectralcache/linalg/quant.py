@@ -11,7 +11,8 @@ Layout (the contract attention relies on, see ``cache/state.py``):
   nibble of byte ``j`` and column ``2j + 1`` the high nibble, each a two's-complement
   4-bit value in ``[-7, 7]``; an odd last column is padded with 0.
 * ``scales``: ``[..., rows, 1]`` in ``scale_dtype`` (float16 by default), so
-  ``x ≈ data * scales`` broadcasts. Because the scale is per row, attention can multiply
+  ``x ≈ data * scales`` broadcasts (:func:`quantize_cols`: ``[..., 1, cols]``, one per column,
+  for keys stored with ``key_codec="channel"``; only the scale differs). Because the scale is per row, attention can multiply
   the raw integer coefficients (cast to float) first and apply the scale afterwards:
   keys ``scores[..., t] = (q @ Bᵀ) @ C[t]ᵀ * s[t]``, values ``p @ (s * C) = (p * sᵀ) @ C``.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantizedRows", "dequantize_rows", "pack_int4", "quantize_rows", "unpack_int4"]
+__all__ = ["QuantizedRows", "dequantize_rows", "pack_int4", "quantize_cols", "quantize_rows", "unpack_int4"]
 
 _QMAX = {8: 127, 4: 7}
 _SCALE_DTYPES = (torch.float16, torch.float32)
@@ -35,7 +36,9 @@ _SCALE_DTYPES = (torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """Integer rows plus one scale per row; see the module docstring for the layout."""
+    """Integer rows plus their scales; see the module docstring for the layout. ``scales`` is
+    ``[..., rows, 1]`` (one per row, :func:`quantize_rows`) or ``[..., 1, cols]`` (one per
+    column, :func:`quantize_cols`); either way ``x ≈ data * scales`` broadcasts."""
 
     data: torch.Tensor
     scales: torch.Tensor
@@ -45,7 +48,7 @@ class QuantizedRows:
     @property
     def shape(self) -> torch.Size:
         """Shape of the tensor this represents."""
-        return torch.Size((*self.scales.shape[:-1], self.n_cols))
+        return torch.Size((*self.data.shape[:-1], self.n_cols))
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
@@ -118,6 +121,41 @@ def quantize_rows(
     scales = _round_up_scale(amax / qmax, scale_dtype)
     if check_finite and not bool(torch.isfinite(scales).all()):
         raise ValueError(f"row magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32")
+    s = scales.float()
+    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
+    data = q if bits == 8 else _pack(q)
+    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1])
+
+
+def quantize_cols(
+    x: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = torch.float16, *, check_finite: bool = True
+) -> QuantizedRows:
+    """Quantize ``x [..., rows, cols]`` symmetrically to ``bits`` bits with one scale per
+    *column*: ``scales [..., 1, cols]``; the integers are stored and packed exactly as
+    :func:`quantize_rows` stores them (int8, or two int4 per byte along the columns), so every
+    reader of the row layout reads them, multiplying by the column scales instead.
+
+    Why: keys carry a few channels far larger than the rest, the same in every token (KIVI,
+    Liu et al. 2024); one scale per token is set by those channels and rounds the others to
+    nothing at 4 bits, one scale per channel does not. Same guarantee as :func:`quantize_rows`
+    per element: ``|x - dequantize| <= scale / 2`` with the stored (rounded-up) scale."""
+    qmax = _check_bits(bits)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"quantize_cols needs a floating tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"quantize_cols needs [..., rows, cols] with rows, cols >= 1, got {tuple(x.shape)}")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    xf = x.float()
+    lo, hi = torch.aminmax(xf, dim=-2, keepdim=True)
+    amax = torch.maximum(hi, -lo)  # [..., 1, cols]
+    if check_finite and not bool(torch.isfinite(amax).all()):
+        raise ValueError("quantize_cols input contains NaN or inf")
+    scales = _round_up_scale(amax / qmax, scale_dtype)
+    if check_finite and not bool(torch.isfinite(scales).all()):
+        raise ValueError(
+            f"column magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32"
+        )
     s = scales.float()
     q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
     data = q if bits == 8 else _pack(q)

@@ -229,6 +229,11 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     rk, rv = int(cold.rank_keys), int(cold.rank_values)
     kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
     key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
+    if cold.key_scales_per_channel:
+        raise ValueError(
+            "per-channel key scales (key_codec='channel') are read by the torch reference only; "
+            "the decode kernel applies one scale per key row"
+        )
     for name, coeffs, bits, rank, ident in (
         ("key", cold.key_coeffs, kbits, rk, key_identity),
         ("value", cold.value_coeffs, vbits, rv, value_identity),
