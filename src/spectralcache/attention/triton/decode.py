@@ -455,6 +455,7 @@ def decode_attention(
     # defaults from the variant scan on an H100 at 128K (docs/kernel_notes.md, v3): 256-token tiles,
     # 4 warps, 4 programs per SM; a 128-register cap helps the int4 kernel (0.102 -> 0.086 ms) and
     # hurts the int8 one (0.113 -> 0.193 ms)
+    auto_block_t = block_t is None
     block_t = min(_next_pow2(t), 256) if block_t is None else block_t
     if maxnreg == -1:
         maxnreg = 128 if 4 in (kbits, vbits) else None
@@ -546,15 +547,25 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    constexprs = _split_constexprs(
-        groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
-        pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
-        device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
-        1 if min_rows is None else min_rows,
-        kc_t, vc_t,
-    )  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
-    _launch_split((n_bh, n_splits), args, constexprs, options, device)
+    while True:
+        constexprs = _split_constexprs(
+            groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
+            pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
+            device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
+            1 if min_rows is None else min_rows,
+            kc_t, vc_t,
+        )  # fmt: skip
+        try:
+            _launch_split((n_bh, n_splits), args, constexprs, options, device)
+            break
+        except KernelDoesNotFit:
+            # the token tile is the one size chosen here: halve it (down to 64) before refusing, so
+            # layouts like identity int4 values at head_dim 256 in float32 (270-289 KB of shared
+            # memory at 256-token tiles on an H100) still run on the kernel; a caller's block_t stands
+            if not auto_block_t or block_t <= 64:
+                raise
+            block_t //= 2
 
     _COMBINE(
         (n_bh * rows,),
