@@ -27,6 +27,10 @@ about its whole energy; a massive-activation / attention-sink token (large key n
 large *absolute* residual from both the truncated spectrum and int8 rounding (which is
 relative to the row maximum), so absolute (not per-token relative) residuals are what is
 ranked. The normalisation by the block mean only makes keys and values commensurable.
+With ``key_codec="channel"`` the key term is ``max_c (|k_tc| / rms_c)²`` instead (rms_c: the
+channel's RMS over the block): the token that sets a channel's range is the one stored best,
+so its residual would never pick it; this term is ~10-100 where the value term is ~0.01-0.1, so
+there outliers are chosen by the keys.
 
 With ``refit_after_outliers`` the basis is fitted again on the block with the outlier rows
 zeroed: they are served exactly, so the rank is spent on the remaining tokens (optional:
