@@ -98,6 +98,35 @@ def _round_up_scale(s32: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor
     return torch.where(s.float() < s32, up, s)
 
 
+def _quantize(
+    x: torch.Tensor, bits: int, scale_dtype: torch.dtype, check_finite: bool, dim: int, name: str, what: str
+) -> QuantizedRows:
+    """Symmetric quantization of ``x [..., rows, cols]`` with one scale per slice along ``dim``
+    (-1: per row, -2: per column); the integers always packed along the columns."""
+    qmax = _check_bits(bits)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name} needs a floating tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim < -dim or any(x.shape[k] == 0 for k in range(dim, 0)):
+        raise ValueError(f"{name} needs {what}, got shape {tuple(x.shape)}")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    xf = x.float()
+    lo, hi = torch.aminmax(xf, dim=dim, keepdim=True)  # max |x| without a full-size abs() temporary
+    amax = torch.maximum(hi, -lo)
+    if check_finite and not bool(torch.isfinite(amax).all()):
+        raise ValueError(f"{name} input contains NaN or inf")
+    scales = _round_up_scale(amax / qmax, scale_dtype)
+    if check_finite and not bool(torch.isfinite(scales).all()):
+        kind = "row" if dim == -1 else "column"
+        raise ValueError(
+            f"{kind} magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32"
+        )
+    s = scales.float()
+    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
+    data = q if bits == 8 else _pack(q)
+    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1])
+
+
 def quantize_rows(
     x: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = torch.float16, *, check_finite: bool = True
 ) -> QuantizedRows:
@@ -106,25 +135,7 @@ def quantize_rows(
     ``check_finite=False`` skips the two host-side checks (NaN/inf input, scale overflow), which
     synchronize on CUDA, for a caller that has already refused such rows (``compress_blocks``);
     the result is the same for every input those checks pass."""
-    qmax = _check_bits(bits)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"quantize_rows needs a floating tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.ndim < 1 or x.shape[-1] == 0:
-        raise ValueError(f"quantize_rows needs rows with at least one column, got shape {tuple(x.shape)}")
-    if scale_dtype not in _SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
-    xf = x.float()
-    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)  # max |x| without a full-size abs() temporary
-    amax = torch.maximum(hi, -lo)
-    if check_finite and not bool(torch.isfinite(amax).all()):
-        raise ValueError("quantize_rows input contains NaN or inf")
-    scales = _round_up_scale(amax / qmax, scale_dtype)
-    if check_finite and not bool(torch.isfinite(scales).all()):
-        raise ValueError(f"row magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32")
-    s = scales.float()
-    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
-    data = q if bits == 8 else _pack(q)
-    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1])
+    return _quantize(x, bits, scale_dtype, check_finite, -1, "quantize_rows", "rows with at least one column")
 
 
 def quantize_cols(
@@ -138,28 +149,11 @@ def quantize_cols(
     Why: keys carry a few channels far larger than the rest, the same in every token (KIVI,
     Liu et al. 2024); one scale per token is set by those channels and rounds the others to
     nothing at 4 bits, one scale per channel does not. Same guarantee as :func:`quantize_rows`
-    per element: ``|x - dequantize| <= scale / 2`` with the stored (rounded-up) scale."""
-    qmax = _check_bits(bits)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"quantize_cols needs a floating tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.ndim < 2 or x.shape[-1] == 0 or x.shape[-2] == 0:
-        raise ValueError(f"quantize_cols needs [..., rows, cols] with rows, cols >= 1, got {tuple(x.shape)}")
-    if scale_dtype not in _SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
-    xf = x.float()
-    lo, hi = torch.aminmax(xf, dim=-2, keepdim=True)
-    amax = torch.maximum(hi, -lo)  # [..., 1, cols]
-    if check_finite and not bool(torch.isfinite(amax).all()):
-        raise ValueError("quantize_cols input contains NaN or inf")
-    scales = _round_up_scale(amax / qmax, scale_dtype)
-    if check_finite and not bool(torch.isfinite(scales).all()):
-        raise ValueError(
-            f"column magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32"
-        )
-    s = scales.float()
-    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
-    data = q if bits == 8 else _pack(q)
-    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1])
+    per element: ``|x - dequantize| <= scale / 2`` with the stored (rounded-up) scale;
+    ``check_finite`` as there."""
+    return _quantize(
+        x, bits, scale_dtype, check_finite, -2, "quantize_cols", "[..., rows, cols] with rows, cols >= 1"
+    )
 
 
 def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
