@@ -425,8 +425,11 @@ def compress_blocks(
 
     kc, vc = config.key_codec, config.value_codec
     want = o > 0  # residuals only rank outliers
+    # per-channel key scales (quantized keys): outliers ranked by channel range, not by the key
+    # residual, and the keys quantized again without them once chosen
+    channel_keys = kc == "channel" and config.coeff_bits != 16
     kq, ks, kb, kres = _fit_and_store(
-        kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want, k_low
+        kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want and not channel_keys, k_low
     )
     vq, vs, vb, vres = _fit_and_store(
         vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want, v_low
@@ -437,16 +440,15 @@ def compress_blocks(
         eps = torch.finfo(cdt).tiny
         # mean squared row norm per block; read from the half-precision copies where the fit had
         # them (same values, masked alike; half the bytes)
-        k_energy = _block_energy(kf if k_low is None else k_low, cdt).clamp_min(eps)
         v_energy = _block_energy(vf if v_low is None else v_low, cdt).clamp_min(eps)
-        if kc == "channel" and config.coeff_bits != 16:
+        if channel_keys:
             # a token's quantization residual says nothing here: the token that sets a channel's
             # range is stored well and every other token pays for it; so rank keys by how far a
             # token stretches its channels: max over channels of |k| / the channel's RMS
             k_rms = kf.square().mean(-2, keepdim=True).sqrt().clamp_min(eps)  # [N, 1, D]
             k_term = (kf.abs() / k_rms).amax(-1).square()
         else:
-            k_term = kres / k_energy
+            k_term = kres / _block_energy(kf if k_low is None else k_low, cdt).clamp_min(eps)
         score = k_term + vres / v_energy  # [N, T]
         if importance is not None and config.outlier_selection != "residual":
             score = _selection_score(score, importance.reshape(n, t).to(cdt), config.outlier_selection)
@@ -464,7 +466,7 @@ def compress_blocks(
                 vq, vs, vb, _ = _fit_and_store(
                     vf * keep, rank_values, config, gen(), model_dtype, basis_dtype, "lowrank", vbits, False
                 )
-        if kc == "channel" and config.coeff_bits != 16:
+        if channel_keys:
             # the outliers are served exactly: their (largest) entries must not set the channel
             # scales every other token is rounded with, so the keys are quantized again without them
             drop = torch.zeros(n, t, 1, dtype=torch.bool, device=kf.device)
