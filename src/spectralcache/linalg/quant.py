@@ -12,8 +12,9 @@ Layout (the contract attention relies on, see ``cache/state.py``):
   4-bit value in ``[-7, 7]``; an odd last column is padded with 0.
 * ``scales``: ``[..., rows, 1]`` in ``scale_dtype`` (float16 by default), so
   ``x ≈ data * scales`` broadcasts (:func:`quantize_cols`: ``[..., 1, cols]``, one per column,
-  for keys stored with ``key_codec="channel"``; only the scale differs). Because the scale is per row, attention can multiply
-  the raw integer coefficients (cast to float) first and apply the scale afterwards:
+  for keys stored with ``key_codec="channel"``; only the scale differs). Because the scale is
+  per row, attention can multiply the raw integer coefficients (cast to float) first and apply
+  the scale afterwards:
   keys ``scores[..., t] = (q @ Bᵀ) @ C[t]ᵀ * s[t]``, values ``p @ (s * C) = (p * sᵀ) @ C``.
 
 Guarantee: ``|x - dequantize(quantize(x))| <= scale / 2`` per element (plus float32
