@@ -3,7 +3,7 @@ and configs (stop 15: the H100 fidelity sweep saw every 4-bit method answer dege
 Gemma 3 270M, float32, head_dim 256, while the CPU answered like the baseline).
 
 Each case fills a one-layer SpectralCache with random K/V (a prefill of ``tokens - 1`` tokens,
-then one decode token, as ``spectralcache.bench.attention.build_case`` does, but for any config),
+then one decode token: ``spectralcache.bench.attention.build_case`` with the config itself),
 then compares ``decode_attention`` with ``spectral_attention`` on the same state: relative error
 of the output (bar 1e-2), or the exception the kernel raised.
 
@@ -23,8 +23,7 @@ import torch
 
 from spectralcache.attention.reference import spectral_attention
 from spectralcache.attention.triton import decode_attention
-from spectralcache.bench.attention import _llama_attention_config, random_kv
-from spectralcache.cache.cache import SpectralCache
+from spectralcache.bench.attention import build_case
 from spectralcache.config import SpectralConfig
 
 CONFIGS = {
@@ -41,19 +40,6 @@ SHAPES = {  # name: (q_heads, kv_heads, head_dim, dtype)
     "gemma270m_bf16": (4, 1, 256, torch.bfloat16),
     "llama8b_bf16": (32, 8, 128, torch.bfloat16),
 }
-
-
-def case(cfg: SpectralConfig, shape: tuple, tokens: int, device: torch.device, seed: int):
-    q_heads, kv_heads, head_dim, dtype = shape
-    keys, values = random_kv(1, kv_heads, tokens, head_dim, dtype, device, seed)
-    cache = SpectralCache(_llama_attention_config(q_heads, kv_heads, head_dim), cfg)
-    layer = cache.layers[0]
-    cache.update(keys[:, :, : tokens - 1], values[:, :, : tokens - 1], 0)
-    layer.release_chunk()
-    cache.update(keys[:, :, tokens - 1 :].clone(), values[:, :, tokens - 1 :].clone(), 0)
-    g = torch.Generator().manual_seed(seed + 7)
-    query = torch.randn(1, q_heads, 1, head_dim, generator=g).to(device=device, dtype=dtype)
-    return layer.state(), query
 
 
 def main() -> int:
@@ -81,9 +67,10 @@ def main() -> int:
         cfg = SpectralConfig.from_preset(preset, **over)
         row = {"shape": sname, "config": cname, "overrides": {k: str(v) for k, v in over.items()}}
         try:
-            state, query = case(cfg, shape, args.tokens, device, seed=len(rows))
-            ref = spectral_attention(query, state, None).float()
-            out = decode_attention(query, state, None).float()
+            q_heads, kv_heads, head_dim, dtype = shape
+            c = build_case(cfg, 1, args.tokens, q_heads, kv_heads, head_dim, dtype, device, seed=len(rows))
+            ref = spectral_attention(c.query, c.state, None).float()
+            out = decode_attention(c.query, c.state, None).float()
             err = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
             row.update(rel_err=err, ok=err < 1e-2, finite=bool(torch.isfinite(out).all()))
         except Exception as exc:  # report, go on with the next case

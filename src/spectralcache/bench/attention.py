@@ -40,9 +40,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from spectralcache.config import SpectralConfig
 
 from spectralcache.bench.common import (
     device_from_name,
@@ -185,7 +188,7 @@ class Case:
 
 
 def build_case(
-    preset: str,
+    preset: str | SpectralConfig,
     batch: int,
     tokens: int,
     q_heads: int,
@@ -197,12 +200,13 @@ def build_case(
     keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Case:
     """Fill a one-layer SpectralCache with ``tokens - 1`` tokens (a prefill), then add the decode
-    token, so ``state()`` is exactly what attention reads at a decode step."""
+    token, so ``state()`` is exactly what attention reads at a decode step. ``preset``: a preset
+    name, or the config itself."""
     from spectralcache.cache.cache import SpectralCache
     from spectralcache.config import SpectralConfig
 
     keys, values = keys_values or random_kv(batch, kv_heads, tokens, head_dim, dtype, device, seed)
-    cfg = SpectralConfig.from_preset(preset)
+    cfg = preset if isinstance(preset, SpectralConfig) else SpectralConfig.from_preset(preset)
     cache = SpectralCache(_llama_attention_config(q_heads, kv_heads, head_dim), cfg)
     layer = cache.layers[0]
     sync(device)
