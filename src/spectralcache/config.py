@@ -95,8 +95,8 @@ class SpectralConfig:
             one scale per channel and block (``key_scales [..., nb, 1, head_dim]``) instead of per
             token: keys carry a few large channels that a per-token scale follows, so int4 per
             token loses the rest (niah_single_1 17 % at 4K); outlier tokens are left out of the
-            scales. Read by the torch reference only: the Triton decode kernel refuses it and
-            dispatch falls back to the reference, so it stays out of the presets.
+            scales. The Triton decode kernel reads it (post-RoPE: the scales fold into the query once
+            per block; pre-RoPE: into the rebuilt key tile), as the torch reference does.
         value_codec: ``"lowrank"``. The same choice for values (``rank_values`` ignored when
             ``"identity"``; ``"channel"`` is refused for values).
         coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale

@@ -214,6 +214,26 @@ def test_bfloat16(key_space: str, key_bits: int) -> None:
     _check(dtype=torch.bfloat16, key_space=key_space, key_bits=key_bits, groups=4, mask="bool", batch=2)
 
 
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("key_bits", [8, 4])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(dtype=torch.float32),
+        dict(dtype=torch.bfloat16, groups=4, mask="bool", batch=2),
+        dict(dtype=torch.float32, q_len=3, mask="float", identity_values=True, value_bits=4),
+        dict(dtype=torch.float32, outlier_split=False, rot_dim=16, blocks_per_split=2),
+    ],
+)
+def test_per_channel_key_scales(key_space: str, key_bits: int, kw: dict) -> None:
+    """key_codec="channel": one scale per key channel and block, folded into the query (post-RoPE)
+    or into the rebuilt key tile (pre-RoPE); scales spread over three decades."""
+    kw = dict(kw)
+    if key_space == "post_rope":
+        kw.pop("rot_dim", None)
+    _check(key_space=key_space, key_bits=key_bits, channel_keys=True, **kw)
+
+
 def test_fully_masked_row_is_zero_not_nan() -> None:
     state = random_state(batch=2, device=DEVICE, seed=next(_seed))
     query = torch.randn(2, 4, 1, 32).to(DEVICE)

@@ -121,6 +121,7 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
+    key_channel: bool = False,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
@@ -129,7 +130,7 @@ def _split_constexprs(
         KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
-        OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t,
+        OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
     )  # fmt: skip
 
 
@@ -229,10 +230,10 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     rk, rv = int(cold.rank_keys), int(cold.rank_values)
     kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
     key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
-    if cold.key_scales_per_channel:
+    key_channel = cold.key_scales_per_channel
+    if key_channel and not key_identity:
         raise ValueError(
-            "per-channel key scales (key_codec='channel') are read by the torch reference only; "
-            "the decode kernel applies one scale per key row"
+            "per-channel key scales need identity keys (key_basis None), as key_codec='channel' stores"
         )
     for name, coeffs, bits, rank, ident in (
         ("key", cold.key_coeffs, kbits, rk, key_identity),
@@ -252,7 +253,8 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     args = (
         starts,
         *_t(cold.key_coeffs, 5, i8, device),
-        *(_t(cold.key_scales, 5, f16, device)[:5]),
+        # per-row scales [.., nb, T, 1]: their row stride; per-channel [.., nb, 1, D]: the channel stride
+        *_key_scale_args(cold.key_scales, key_channel, f16, device),
         *_t(cold.key_basis, 5, f16, device),
         *_t(cold.value_coeffs, 5, i8, device),
         *(_t(cold.value_scales, 5, f16, device)[:5]),
@@ -273,10 +275,20 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         int(cold.outlier_index.shape[-1]),
         _row_stride(cold.key_coeffs),
         _row_stride(cold.value_coeffs),
+        key_channel,
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
     return segment
+
+
+def _key_scale_args(
+    scales: torch.Tensor | None, per_channel: bool, dummy: torch.Tensor, device: torch.device
+) -> tuple:
+    """(tensor, stride_b, stride_h, stride_n, stride_x) of the key scales: ``x`` is the row for
+    per-row scales and the channel for per-channel ones (the kernel reads one or the other)."""
+    full = _t(scales, 5, dummy, device)
+    return (*full[:4], full[5]) if per_channel else full[:5]
 
 
 def _use_asm(dequant_asm: bool | None) -> bool:
@@ -427,7 +439,9 @@ def decode_attention(
     rot_half = 1
     if cold is not None and cold.num_blocks:
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
-        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t = facts
+        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel = (
+            facts
+        )
         if state.key_space == "pre_rope":
             pre_rope = True
             inv_freq = _resolve_inv_freq(state, device)
@@ -441,6 +455,7 @@ def decode_attention(
     else:
         n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
         key_identity = value_identity = True
+        key_channel = False
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
         cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
                      i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
@@ -554,7 +569,7 @@ def decode_attention(
             pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
-            kc_t, vc_t,
+            kc_t, vc_t, key_channel,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -11,6 +11,12 @@ Math (per batch row ``b``, KV head ``h``; the ``G = Hq / Hkv`` query heads of ``
   Pre-RoPE keys: a key tile ``K = (C_K·σ_K)·B_K`` and its rotate-half partner
   ``K' = (C_K·σ_K)·B_K'`` (``B_K'`` = the basis with its rotary columns swapped and negated)
   are built on chip and ``K·cos + K'·sin`` (angle ``float32(cache index)·inv_freq``) is scored;
+* per-channel key scales (``key_codec="channel"``: identity keys, one scale ``c_K[d]`` per
+  channel and block, KEY_CHANNEL): post-RoPE ``s[:, t] = ((q·c_K/c_max)·C_K[t]ᵀ)·c_max·scale`` --
+  the scales fold into the query once per block, the integer rows are scored as stored, and
+  dividing by the block's largest scale ``c_max`` keeps the folded query inside float16's
+  range; pre-RoPE: the key tile ``C_K·c_K`` (and its partner ``sign·C_K[:, partner]·c_K[partner]``)
+  is rebuilt and rotated as above;
 * rows of a cold block that are kept exact as outliers are masked (``-inf``) in the low-rank
   scores and attended through their exact copy in the same step;
 * one online softmax over everything the program reads: running max ``m``, denominator
@@ -236,7 +242,7 @@ def _exact_segment(
 
 @triton.jit
 def _cold_tile(
-    m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
+    m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, oidx, start, open_block,
     kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
     freq, is_rot, partner, sign,
     mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
@@ -244,17 +250,23 @@ def _cold_tile(
     RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    F32: tl.constexpr, DQ_ASM: tl.constexpr,
+    F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr,
 ):  # fmt: skip
-    """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``)."""
+    """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
+
+    KEY_CHANNEL: ``kch`` / ``kch_p`` [D_P] float32 are the block's channel scales at each column
+    and at its rotate-half partner (pre-RoPE), ``qb`` the query with ``kch / kmax`` folded in
+    (post-RoPE); per-row key scales are then absent."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
     ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM)
-    if KEY_BITS != 16:
+    if KEY_BITS != 16 and not KEY_CHANNEL:
         kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
     if PRE_ROPE:
         # rebuild the pre-RoPE key tile, rotate it by its cache indices, then score
-        if KEY_BITS != 16:
+        if KEY_CHANNEL:
+            cks = ck.to(tl.float32) * kch[None, :]
+        elif KEY_BITS != 16:
             cks = ck.to(tl.float32) * kscale[:, None]
         else:
             cks = ck.to(tl.float32)
@@ -262,7 +274,9 @@ def _cold_tile(
             # identity: the partner columns come straight from the coefficient rows
             keys = cks
             keys_partner = _partner_rows(kc_n, tt, t_ok, s_kc_t, s_kc_c, partner, sign, D, D_P, KEY_BITS)
-            if KEY_BITS != 16:
+            if KEY_CHANNEL:
+                keys_partner = keys_partner * kch_p[None, :]
+            elif KEY_BITS != 16:
                 keys_partner = keys_partner * kscale[:, None]
         else:
             keys = _dot(cks, bk, F32, tl.float16)
@@ -272,6 +286,8 @@ def _cold_tile(
         sin = tl.where(is_rot[None, :], tl.sin(ang), 0.0)
         keys = keys * cos + keys_partner * sin
         s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
+    elif KEY_CHANNEL:
+        s = _dot(qb, tl.trans(ck), F32, ck.dtype) * (kmax * scale)
     elif KEY_IDENTITY:
         s = _dot(q, tl.trans(ck), F32, ck.dtype) * scale
         if KEY_BITS != 16:
@@ -382,7 +398,7 @@ def spectral_decode_split_kernel(
     # cold tier
     starts_ptr,
     kc_ptr, s_kc_b, s_kc_h, s_kc_n, s_kc_t, s_kc_c,
-    ks_ptr, s_ks_b, s_ks_h, s_ks_n, s_ks_t,
+    ks_ptr, s_ks_b, s_ks_h, s_ks_n, s_ks_t,  # s_ks_t: row stride, or channel stride (KEY_CHANNEL)
     kb_ptr, s_kb_b, s_kb_h, s_kb_n, s_kb_r, s_kb_d,
     vc_ptr, s_vc_b, s_vc_h, s_vc_n, s_vc_t, s_vc_c,
     vs_ptr, s_vs_b, s_vs_h, s_vs_n, s_vs_t,
@@ -417,6 +433,7 @@ def spectral_decode_split_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -550,6 +567,21 @@ def spectral_decode_split_kernel(
                 bk = 0.0
                 bk_partner = 0.0
                 qb = 0.0
+            if KEY_CHANNEL:
+                # the block's channel scales (key_scales [.., n, 0, d]: s_ks_t is the channel stride)
+                kch = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0).to(tl.float32)
+                kmax = tl.maximum(tl.max(kch, axis=0), 1e-30)
+                if PRE_ROPE:
+                    kch_p = tl.load(ks_bh + n * s_ks_n + partner * s_ks_t, mask=d_ok, other=0.0).to(
+                        tl.float32
+                    )
+                else:
+                    kch_p = 0.0
+                    qb = q.to(tl.float32) * (kch / kmax)[None, :]
+            else:
+                kch = 0.0
+                kch_p = 0.0
+                kmax = 1.0
             if not VALUE_IDENTITY:
                 lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
             else:
@@ -558,25 +590,25 @@ def spectral_decode_split_kernel(
                 # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
                 for t0 in range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, oidx, start, open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
                 for t0 in tl.static_range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, oidx, start, open_block,
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, oidx, start, open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(

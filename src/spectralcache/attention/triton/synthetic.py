@@ -52,6 +52,7 @@ def random_state(
     rank_values: int = 12,
     identity_keys: bool = False,
     identity_values: bool = False,
+    channel_keys: bool = False,
     dtype: torch.dtype = torch.float32,
     basis_dtype: torch.dtype | None = None,
     rot_dim: int | None = None,
@@ -63,12 +64,17 @@ def random_state(
 
     ``spare_capacity`` extra block / token slots make the cold and hot tensors strided views.
     ``rot_dim`` (pre-RoPE only) is the number of rotated leading dims (default head_dim).
+    ``channel_keys``: identity keys with one scale per channel and block (``key_codec="channel"``,
+    ``key_scales [B, H, nb, 1, D]``), channel scales spread over three decades as real keys' are.
     """
+    if channel_keys and key_bits == 16:
+        raise ValueError("channel_keys needs 4- or 8-bit keys (16-bit keys have no scales)")
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, h, d, t, nb = batch, kv_heads, head_dim, block_size, blocks
     value_bits = key_bits if value_bits is None else value_bits
     basis_dtype = (dtype if key_bits == 16 else torch.float16) if basis_dtype is None else basis_dtype
+    identity_keys = identity_keys or channel_keys
     rk = d if identity_keys else rank_keys
     rv = d if identity_values else rank_values
 
@@ -96,6 +102,9 @@ def random_state(
     sc = spare_capacity
     if nb:
         kc, ks = coeffs(rk, key_bits)
+        if channel_keys:
+            spread = 10.0 ** (3.0 * torch.rand((b, h, nb, 1, d), generator=g) - 2.0)  # 0.01 .. 10
+            ks = (spread / (7.0 if key_bits == 4 else 127.0)).half().to(device)
         vc, vs = coeffs(rv, value_bits)
         fields = dict(
             key_coeffs=kc,
