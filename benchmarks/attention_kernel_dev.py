@@ -96,6 +96,9 @@ def check_modes():
         modes.append((f"{ks} idK", dict(key_space=ks, identity_keys=True), 4, 1, None, None))
         modes.append((f"{ks} idK4 idV", dict(key_space=ks, identity_keys=True, identity_values=True,
                                              key_bits=4), 4, 1, None, None))  # fmt: skip
+        for kb in (4, 8):  # per-channel key scales (key_codec="channel")
+            modes.append((f"{ks} chK{kb} idV4", dict(key_space=ks, channel_keys=True, key_bits=kb,
+                                                     identity_values=True, value_bits=4), 4, 1, None, None))  # fmt: skip
     modes += [
         ("idV v4", dict(identity_values=True, value_bits=4), 4, 1, None, None),
         ("G1 b1", dict(batch=1), 1, 1, None, None),
@@ -116,7 +119,15 @@ def check_modes():
 def section_check(res: dict, quick: bool = False, configs=({},)) -> None:
     base, modes = check_modes()
     if quick:  # one mode per kernel specialisation that timing uses, plus pre-RoPE and masks
-        keep = {"post_rope k8", "post_rope k4", "pre_rope k8", "q4 pad", "G8 b4"}
+        keep = {
+            "post_rope k8",
+            "post_rope k4",
+            "pre_rope k8",
+            "q4 pad",
+            "G8 b4",
+            "post_rope chK4 idV4",
+            "pre_rope chK8 idV4",
+        }
         modes = [m for m in modes if m[0] in keep]
     rows = []
     seed = 100

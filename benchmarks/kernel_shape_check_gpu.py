@@ -34,7 +34,11 @@ CONFIGS = {
     "idK4+idV4": ("default", {"key_codec": "identity", "value_codec": "identity", "coeff_bits": 4}),
     "default+int4": ("default", {"coeff_bits": 4}),
     "aggressive+tail": ("aggressive", {"compress_tail": True}),
-}
+    # per-channel int4 / int8 keys (key_codec="channel", issue 9's lever; kernel support stop 16)
+    "chK4+idV4+o8": ("default", {"key_codec": "channel", "value_codec": "identity", "coeff_bits": 4,
+                                 "outliers_per_block": 8, "compress_tail": True}),
+    "chK8+idV4": ("default", {"key_codec": "channel", "value_codec": "identity", "value_coeff_bits": 4}),
+}  # fmt: skip
 SHAPES = {  # name: (q_heads, kv_heads, head_dim, dtype)
     "gemma270m_fp32": (4, 1, 256, torch.float32),
     "gemma270m_bf16": (4, 1, 256, torch.bfloat16),

@@ -126,6 +126,7 @@ def _split_constexprs(
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
         RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
+        OUT_WORDS=_next_pow2(-(-t // 32), 1),
         BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
         KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,

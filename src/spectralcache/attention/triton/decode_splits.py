@@ -242,12 +242,12 @@ def _exact_segment(
 
 @triton.jit
 def _cold_tile(
-    m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, oidx, start, open_block,
+    m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, owords, start, open_block,
     kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
     freq, is_rot, partner, sign,
     mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
     T: tl.constexpr, BLOCK_T: tl.constexpr, RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr,
-    RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr,
+    RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr, OUT_WORDS: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr,
@@ -299,7 +299,10 @@ def _cold_tile(
     s = _softcap(s, softcap, HAS_SOFTCAP)
     if N_OUT > 0:
         # low-rank rows of tokens kept exact are attended through the exact copy only
-        is_out = tl.max((oidx[:, None] == tt[None, :]).to(tl.int32), axis=0) > 0
+        # bit t % 32 of word t // 32 of the block's outlier bit mask (built once per block): a
+        # [N_OUT, BLOCK_T] compare here was a fifth of the tile loop's instructions (SASS)
+        word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
+        is_out = ((word >> (tt % 32)) & 1) != 0
         t_live = t_ok & (~is_out)
     else:
         t_live = t_ok
@@ -426,7 +429,7 @@ def spectral_decode_split_kernel(
     G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     T: tl.constexpr, BLOCK_T: tl.constexpr,
     RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
-    N_OUT: tl.constexpr, N_OUT_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    N_OUT: tl.constexpr, N_OUT_P: tl.constexpr, OUT_WORDS: tl.constexpr, BLOCK_E: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
     KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, ROT_HALF: tl.constexpr,
@@ -524,8 +527,19 @@ def spectral_decode_split_kernel(
             # -- exact outliers of this block, in the same online softmax
             if N_OUT > 0:
                 oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
+                # the block's outliers as a bit mask [OUT_WORDS] int32: bit j of word w <=> row 32w + j;
+                # indices are distinct, so the sum of their bits is their OR
+                o_idx = tl.where(o_ok, oidx, 0)
+                o_word = tl.where(o_ok, o_idx // 32, -1)
+                owords = tl.sum(
+                    tl.where(
+                        o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :], (1 << (o_idx % 32))[:, None], 0
+                    ),
+                    axis=0,
+                )
             else:
                 oidx = 0
+                owords = 0
             if N_OUT > 0 and not OUT_SPLIT:
                 okeys = tl.load(
                     ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
@@ -590,24 +604,24 @@ def spectral_decode_split_kernel(
                 # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
                 for t0 in range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, oidx, start, open_block,
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, owords, start, open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
                 for t0 in tl.static_range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, oidx, start, open_block,
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, owords, start, open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
