@@ -121,7 +121,7 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
-    key_channel: bool = False,
+    key_channel: bool = False, int4_bytes: bool = False,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
@@ -132,6 +132,7 @@ def _split_constexprs(
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
+        INT4_BYTES=int4_bytes,
     )  # fmt: skip
 
 
@@ -300,11 +301,10 @@ def _use_asm(dequant_asm: bool | None) -> bool:
 
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
-    Triton then knows the alignment of every row), else 0 (read at run time). Not for packed int4
-    (uint8) rows: with it the aggressive preset's attention came out wrong on the H100 (not
-    isolated from the int4 unpacking that changed with it; both are back to the checked form)."""
-    if coeffs.dtype == torch.uint8:
-        return 0
+    Triton then knows the alignment of every row), else 0 (read at run time). Packed int4 (uint8)
+    rows use it only with the ``int4_row_stride`` launch option: with it (and the byte-once
+    unpacking, ``int4_bytes``) the aggressive preset's attention came out wrong on the H100 at
+    ed66d10, not isolated between the two; both are off by default."""
     return int(coeffs.stride(-2)) if coeffs.stride(-1) == 1 else 0
 
 
@@ -350,6 +350,8 @@ def decode_attention(
     block_stages: int | None = None,
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
+    int4_bytes: bool = False,
+    int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -368,7 +370,9 @@ def decode_attention(
     multiprocessor, enough independent loads in flight to cover memory latency). Kernel variants
     (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
     function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
-    16 = the v5 padding), ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
+    16 = the v5 padding), ``int4_bytes`` / ``int4_row_stride`` (packed int4: each byte loaded once
+    and its nibbles interleaved on chip / the row stride compiled in; both off: the form verified
+    on the H100), ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; packed int4 is always widened by the checked per-nibble form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
@@ -570,7 +574,8 @@ def decode_attention(
             pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
-            kc_t, vc_t, key_channel,
+            kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
+            key_channel, bool(int4_bytes),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

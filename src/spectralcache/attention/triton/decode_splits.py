@@ -141,7 +141,7 @@ sub.f16x2 $1, $1, m;
 @triton.jit
 def _load_coeffs(
     base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr,
-    DQ_ASM: tl.constexpr = False,
+    DQ_ASM: tl.constexpr = False, INT4_BYTES: tl.constexpr = False,
 ):  # fmt: skip
     """Coefficient tile [N, RANK_P] (zeros past RANK / outside ``rows_ok``), unscaled.
 
@@ -157,7 +157,18 @@ def _load_coeffs(
     ``DQ_ASM`` (int8, compiled CUDA only; the interpreter runs the tensor-op form): the same
     arithmetic on four packed bytes per PTX block (byte permutes, 3-input logic ops and
     float16x2 subtractions) instead of per-element 16-bit ops."""
-    if BITS == 4:
+    if BITS == 4 and INT4_BYTES:
+        # each byte loaded once (a [N, RANK_P/2] tile: contiguous rows, so the loads vectorize and
+        # can be pipelined), both nibbles widened, then interleaved back into column order
+        # (column 2j = low nibble of byte j): join -> [N, RANK_P/2, 2] -> reshape [N, RANK_P]
+        bcols = tl.arange(0, RANK_P // 2)
+        okb = rows_ok[:, None] & (bcols < (RANK + 1) // 2)[None, :]
+        byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
+        byte = byte.to(tl.int16)
+        lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        return tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
+    elif BITS == 4:
         # one load per nibble (each byte read twice, from L1). A byte-once form (the two nibble
         # halves joined and reshaped, with or without inline PTX) gave wrong attention compiled
         # on the H100 for the aggressive preset while the interpreter agreed with the reference,
@@ -250,7 +261,7 @@ def _cold_tile(
     RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr, OUT_WORDS: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
@@ -259,7 +270,7 @@ def _cold_tile(
     (post-RoPE); per-row key scales are then absent."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
-    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM)
+    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES)
     if KEY_BITS != 16 and not KEY_CHANNEL:
         kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
     if PRE_ROPE:
@@ -320,7 +331,7 @@ def _cold_tile(
         )  # fmt: skip
     m, alpha, p = _online_step(m, den, s)
     den = den * alpha + tl.sum(p, axis=1)
-    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM)
+    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES)
     if VALUE_BITS != 16:
         vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
         pv = p * vscale[None, :]
@@ -436,7 +447,7 @@ def spectral_decode_split_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr, INT4_BYTES: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -610,7 +621,7 @@ def spectral_decode_split_kernel(
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -622,7 +633,7 @@ def spectral_decode_split_kernel(
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(
