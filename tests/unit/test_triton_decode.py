@@ -234,6 +234,23 @@ def test_per_channel_key_scales(key_space: str, key_bits: int, kw: dict) -> None
     _check(key_space=key_space, key_bits=key_bits, channel_keys=True, **kw)
 
 
+@pytest.mark.parametrize("int4_bytes", [16, 32])
+@pytest.mark.parametrize("int4_row_stride", [False, True])
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_int4_byte_once_unpacking_agrees(int4_bytes: int, int4_row_stride: bool, key_space: str) -> None:
+    """Packed int4 tiles read a byte once and interleave its nibbles (tiles of >= int4_bytes
+    columns; rank 16 keys / rank 32 values as the aggressive preset), with and without the row
+    stride compiled in: = the torch reference (the per-nibble form is the default)."""
+    seed = next(_seed)
+    state = random_state(
+        key_bits=4, rank_keys=16, rank_values=32, key_space=key_space, seed=seed, device=DEVICE
+    )
+    q = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    got = decode_attention(q, state, None, None, None, block_t=16, int4_bytes=int4_bytes,
+                           int4_row_stride=int4_row_stride)  # fmt: skip
+    _assert_rel(got, spectral_attention(q, state, None))
+
+
 def test_fully_masked_row_is_zero_not_nan() -> None:
     state = random_state(batch=2, device=DEVICE, seed=next(_seed))
     query = torch.randn(2, 4, 1, 32).to(DEVICE)

@@ -121,7 +121,7 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
-    key_channel: bool = False, int4_bytes: bool = False,
+    key_channel: bool = False, int4_bytes: int = 0,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
@@ -132,7 +132,7 @@ def _split_constexprs(
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
-        INT4_BYTES=int4_bytes,
+        INT4_BYTES_K=0 < int4_bytes <= _next_pow2(rk), INT4_BYTES_V=0 < int4_bytes <= _next_pow2(rv),
     )  # fmt: skip
 
 
@@ -350,7 +350,7 @@ def decode_attention(
     block_stages: int | None = None,
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
-    int4_bytes: bool = False,
+    int4_bytes: int = 0,
     int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
@@ -370,9 +370,10 @@ def decode_attention(
     multiprocessor, enough independent loads in flight to cover memory latency). Kernel variants
     (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
     function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
-    16 = the v5 padding), ``int4_bytes`` / ``int4_row_stride`` (packed int4: each byte loaded once
-    and its nibbles interleaved on chip / the row stride compiled in; both off: the form verified
-    on the H100), ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
+    16 = the v5 padding), ``int4_bytes`` (packed int4 coefficient tiles of at least this many
+    padded columns load each byte once and interleave its nibbles on chip; 0: none, every int4 tile
+    by the per-nibble form) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
+    ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; packed int4 is always widened by the checked per-nibble form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
@@ -575,7 +576,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, bool(int4_bytes),
+            key_channel, int(int4_bytes),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -261,7 +261,8 @@ def _cold_tile(
     RV_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, N_OUT: tl.constexpr, OUT_WORDS: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES: tl.constexpr,
+    F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
+    INT4_BYTES_V: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
@@ -270,7 +271,7 @@ def _cold_tile(
     (post-RoPE); per-row key scales are then absent."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
-    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES)
+    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K)
     if KEY_BITS != 16 and not KEY_CHANNEL:
         kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
     if PRE_ROPE:
@@ -331,7 +332,7 @@ def _cold_tile(
         )  # fmt: skip
     m, alpha, p = _online_step(m, den, s)
     den = den * alpha + tl.sum(p, axis=1)
-    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES)
+    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V)
     if VALUE_BITS != 16:
         vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
         pv = p * vscale[None, :]
@@ -447,7 +448,7 @@ def spectral_decode_split_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr, INT4_BYTES: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -621,7 +622,8 @@ def spectral_decode_split_kernel(
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                        INT4_BYTES_V,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -633,7 +635,8 @@ def spectral_decode_split_kernel(
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                        INT4_BYTES_V,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(
