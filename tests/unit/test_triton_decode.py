@@ -234,10 +234,12 @@ def test_per_channel_key_scales(key_space: str, key_bits: int, kw: dict) -> None
     _check(key_space=key_space, key_bits=key_bits, channel_keys=True, **kw)
 
 
-@pytest.mark.parametrize("int4_bytes", [16, 32])
+@pytest.mark.parametrize("int4_bytes,int4_pad", [(0, False), (16, False), (32, False), (32, True)])
 @pytest.mark.parametrize("int4_row_stride", [False, True])
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
-def test_int4_byte_once_unpacking_agrees(int4_bytes: int, int4_row_stride: bool, key_space: str) -> None:
+def test_int4_byte_once_unpacking_agrees(
+    int4_bytes: int, int4_pad: bool, int4_row_stride: bool, key_space: str
+) -> None:
     """Packed int4 tiles read a byte once and interleave its nibbles (tiles of >= int4_bytes
     columns; rank 16 keys / rank 32 values as the aggressive preset), with and without the row
     stride compiled in: = the torch reference (the per-nibble form is the default)."""
@@ -247,7 +249,7 @@ def test_int4_byte_once_unpacking_agrees(int4_bytes: int, int4_row_stride: bool,
     )
     q = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     got = decode_attention(q, state, None, None, None, block_t=16, int4_bytes=int4_bytes,
-                           int4_row_stride=int4_row_stride)  # fmt: skip
+                           int4_pad=int4_pad, int4_row_stride=int4_row_stride)  # fmt: skip
     _assert_rel(got, spectral_attention(q, state, None))
 
 

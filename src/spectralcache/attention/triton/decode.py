@@ -121,19 +121,29 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
-    key_channel: bool = False, int4_bytes: int = 0,
+    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
-        RK=rk, RK_P=_next_pow2(rk), RV=rv, RV_P=_next_pow2(rv), N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
+        RK=rk, RK_P=_int4_width(rk, kbits, int4_bytes, int4_pad), RV=rv, RV_P=_int4_width(rv, vbits, int4_bytes, int4_pad),
+        N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
         OUT_WORDS=_next_pow2(-(-t // 32), 1),
         BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
         KEY_IDENTITY=key_identity, VALUE_IDENTITY=value_identity, PRE_ROPE=pre_rope, ROT_HALF=rot_half,
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
-        INT4_BYTES_K=0 < int4_bytes <= _next_pow2(rk), INT4_BYTES_V=0 < int4_bytes <= _next_pow2(rv),
+        INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= _int4_width(rk, kbits, int4_bytes, int4_pad),
+        INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= _int4_width(rv, vbits, int4_bytes, int4_pad),
     )  # fmt: skip
+
+
+def _int4_width(rank: int, bits: int, int4_bytes: int, int4_pad: bool) -> int:
+    """Padded columns of a coefficient tile: the next power of two (at least 16); with ``int4_pad``,
+    packed int4 tiles narrower than ``int4_bytes`` are zero-padded up to it so that they too are read
+    byte-once (masked loads: no extra bytes, a little more on-chip math)."""
+    width = _next_pow2(rank)
+    return max(width, int4_bytes) if bits == 4 and int4_bytes > 0 and int4_pad else width
 
 
 @functools.lru_cache(maxsize=512)
@@ -350,7 +360,8 @@ def decode_attention(
     block_stages: int | None = None,
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
-    int4_bytes: int = 0,
+    int4_bytes: int = 32,
+    int4_pad: bool = False,
     int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
@@ -371,8 +382,11 @@ def decode_attention(
     (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
     function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
     16 = the v5 padding), ``int4_bytes`` (packed int4 coefficient tiles of at least this many
-    padded columns load each byte once and interleave its nibbles on chip; 0: none, every int4 tile
-    by the per-nibble form) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
+    padded columns load each byte once and interleave its nibbles on chip; default 32; 0: one
+    load per nibble everywhere -- Triton 3.6 compiled that interleave (join + reshape) wrongly on
+    the H100 for 16-column int4 tiles (8-byte rows) and rightly from 32 columns up,
+    docs/kernel_notes.md "Stop 16"), ``int4_pad`` (narrower int4 tiles zero-padded up to
+    ``int4_bytes`` columns so they are read byte-once too; off) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
     ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; packed int4 is always widened by the checked per-nibble form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
@@ -576,7 +590,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes),
+            key_channel, int(int4_bytes), bool(int4_pad),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)
