@@ -268,7 +268,7 @@ def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None
                 torch.cuda.empty_cache()
 
 
-def section_variants(res: dict, contexts, grid: dict, extra: list, save=lambda: None) -> None:
+def section_variants(res: dict, contexts, grid: dict, extra: list, save=lambda: None, presets=None) -> None:
     """Graph-replay time of every launch config in ``grid`` (lists per CONFIG_KEYS entry) and of
     each dict in ``extra`` (CONFIG_KEYS entries it leaves out: the grid's first value), batch 1;
     each config's output is compared with the default launch's (``rel_vs_default``)."""
@@ -276,7 +276,7 @@ def section_variants(res: dict, contexts, grid: dict, extra: list, save=lambda: 
     configs += [{k: e.get(k, grid[k][0]) for k in CONFIG_KEYS} for e in extra]
     rows = res["variants"] = []  # saved after each row: a run cut short keeps what it measured
     for ctx in contexts:
-        for preset in PRESETS:
+        for preset in presets or PRESETS:
             st = llama_state(ctx, 1, preset)
             nbytes = state_bytes(st)
             q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="4096,16384,32768,65536,131072")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variant-contexts", default="32768,131072")
+    p.add_argument(
+        "--variant-presets", default=",".join(PRESETS), help="comma list of PRESETS the variants run"
+    )
     p.add_argument("--no-ref", action="store_true")
     # variant grid: comma lists ("none" = the option left to its default)
     p.add_argument("--v-block-t", default="128,256")
@@ -503,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                     grid,
                     _json_arg(args.v_extra),
                     save,
+                    args.variant_presets.split(","),
                 )
         except Exception:
             traceback.print_exc()
