@@ -253,16 +253,6 @@ def test_int4_byte_once_unpacking_agrees(
     _assert_rel(got, spectral_attention(q, state, None))
 
 
-@pytest.mark.parametrize("key_bits", [8, 4])
-def test_early_value_basis_agrees(key_bits: int) -> None:
-    """The value basis loaded before a block's tiles instead of after: the same function."""
-    seed = next(_seed)
-    state = random_state(key_bits=key_bits, seed=seed, device=DEVICE)
-    q = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    got = decode_attention(q, state, None, None, None, block_t=16, early_value_basis=True)
-    _assert_rel(got, spectral_attention(q, state, None))
-
-
 def test_fully_masked_row_is_zero_not_nan() -> None:
     state = random_state(batch=2, device=DEVICE, seed=next(_seed))
     query = torch.randn(2, 4, 1, 32).to(DEVICE)

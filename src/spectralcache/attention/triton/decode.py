@@ -121,7 +121,7 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
-    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, early_value_basis: bool = False,
+    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False,
 ) -> dict:  # fmt: skip
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
@@ -135,7 +135,6 @@ def _split_constexprs(
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= _int4_width(rk, kbits, int4_bytes, int4_pad),
         INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= _int4_width(rv, vbits, int4_bytes, int4_pad),
-        EARLY_VB=early_value_basis,
     )  # fmt: skip
 
 
@@ -363,7 +362,6 @@ def decode_attention(
     dequant_asm: bool | None = None,
     int4_bytes: int = 32,
     int4_pad: bool = False,
-    early_value_basis: bool = False,
     int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
@@ -388,8 +386,7 @@ def decode_attention(
     load per nibble everywhere -- Triton 3.6 compiled that interleave (join + reshape) wrongly on
     the H100 for 16-column int4 tiles (8-byte rows) and rightly from 32 columns up,
     docs/kernel_notes.md "Stop 16"), ``int4_pad`` (narrower int4 tiles zero-padded up to
-    ``int4_bytes`` columns so they are read byte-once too; off), ``early_value_basis`` (a block's
-    value basis loaded before its tiles instead of after them; off) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
+    ``int4_bytes`` columns so they are read byte-once too; off) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
     ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; packed int4 is always widened by the checked per-nibble form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
@@ -593,7 +590,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes), bool(int4_pad), bool(early_value_basis),
+            key_channel, int(int4_bytes), bool(int4_pad),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

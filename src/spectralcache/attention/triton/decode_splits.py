@@ -448,7 +448,7 @@ def spectral_decode_split_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr, EARLY_VB: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -610,13 +610,6 @@ def spectral_decode_split_kernel(
                 kmax = 1.0
             if not VALUE_IDENTITY:
                 lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
-                if EARLY_VB:
-                    # issued before the tiles, so its latency hides under them (it is needed after)
-                    bv = tl.load(
-                        vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
-                        mask=(vr < RV)[:, None] & d_ok[None, :],
-                        other=0.0,
-                    )
             else:
                 lat = 0.0
             if BLOCK_STAGES == 0:
@@ -646,12 +639,11 @@ def spectral_decode_split_kernel(
                         INT4_BYTES_V,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
-                if not EARLY_VB:
-                    bv = tl.load(
-                        vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
-                        mask=(vr < RV)[:, None] & d_ok[None, :],
-                        other=0.0,
-                    )
+                bv = tl.load(
+                    vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
+                    mask=(vr < RV)[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
                 acc += _dot(lat, bv, F32, tl.float16)
     elif pid_s < n_cold_splits + n_out_splits:
         # ------------------------------------------------------------ outliers of the cold blocks
