@@ -428,9 +428,13 @@ def compress_blocks(
     # per-channel key scales (quantized keys): outliers ranked by channel range, not by the key
     # residual, and the keys quantized again without them once chosen
     channel_keys = kc == "channel" and config.coeff_bits != 16
-    kq, ks, kb, kres = _fit_and_store(
-        kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want and not channel_keys, k_low
-    )
+    if channel_keys and want:
+        # quantized once, below, after the outliers are chosen (they stay out of the channel scales)
+        kq = ks = kb = kres = None
+    else:
+        kq, ks, kb, kres = _fit_and_store(
+            kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want and not channel_keys, k_low
+        )
     vq, vs, vb, vres = _fit_and_store(
         vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want, v_low
     )
