@@ -400,6 +400,12 @@ PRESETS: dict[str, Callable[[], SpectralConfig]] = {
     "aggressive": lambda: SpectralConfig(
         rank_keys=16, rank_values=32, outliers_per_block=16, coeff_bits=4, name="aggressive"
     ),
+    # Largest reduction (issue 9's "max"): int4, ranks 8/16, 4 outliers, the prefill's partial tail
+    # compressed: >= 12x fewer bytes on the compressed layers at the Llama-8B shape (bf16), 21-30x at
+    # Gemma 3 270M's (float32); answers degrade (docs/fidelity.md, "max preset").
+    "max": lambda: SpectralConfig(
+        rank_keys=8, rank_values=16, outliers_per_block=4, coeff_bits=4, compress_tail=True, name="max"
+    ),
     # Pre-RoPE keys: same budget as default but keys compressed before rotation.
     "pre_rope": lambda: SpectralConfig(key_space="pre_rope", name="pre_rope"),
     # Full rank, no quantization, exact SVD: the cache must reproduce DynamicCache outputs.
