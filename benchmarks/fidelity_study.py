@@ -263,7 +263,9 @@ def per_sample_reduction_min(eval_dir: Path, method_slug: str, stem: str) -> flo
 _SHORT = (
     ("spectral:", ""),
     ("key_codec=identity,value_codec=identity,value_coeff_bits=4,outliers_per_block=8", "idK8+idV4,o8"),
-    ("value_codec=identity", "idV8"),
+    ("key_codec=channel", "chK"),
+    # the value bits are coeff_bits / value_coeff_bits, spelled out in the method
+    ("value_codec=identity", "idV"),
     ("compress_tail=True", "tail"),
     ("outlier_selection=attention", "sel=attn"),
     ("outlier_selection=mixed", "sel=mixed"),
@@ -386,13 +388,13 @@ def _plot(table: list[dict], out: Path) -> list[Path]:
             ax.set_ylabel("accuracy %")
             ax.set_ylim(-5, 105)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
         fig.suptitle(
             "Gemma 3 270M, float32, CPU: accuracy vs measured KV reduction (* = Pareto front, dashed)"
         )
         fig.tight_layout()
         path = out / f"pareto_{length}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends sit below the axes
         plt.close(fig)
         written.append(path)
     return written
