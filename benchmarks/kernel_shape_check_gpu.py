@@ -38,6 +38,7 @@ CONFIGS = {
     "chK4+idV4+o8": ("default", {"key_codec": "channel", "value_codec": "identity", "coeff_bits": 4,
                                  "outliers_per_block": 8, "compress_tail": True}),
     "chK8+idV4": ("default", {"key_codec": "channel", "value_codec": "identity", "value_coeff_bits": 4}),
+    "max": ("max", {}),
 }  # fmt: skip
 SHAPES = {  # name: (q_heads, kv_heads, head_dim, dtype)
     "gemma270m_fp32": (4, 1, 256, torch.float32),
