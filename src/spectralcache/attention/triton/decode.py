@@ -305,16 +305,15 @@ def _key_scale_args(
 
 def _use_asm(dequant_asm: bool | None) -> bool:
     """Inline-PTX widening of int8 coefficients: on unless switched off; by default never on
-    ROCm (no PTX there). Packed int4 always takes the checked per-nibble form (decode_splits)."""
+    ROCm (no PTX there). Packed int4 is widened by tensor ops (``int4_bytes``, decode_splits)."""
     return (torch.version.hip is None) if dequant_asm is None else bool(dequant_asm)
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
     Triton then knows the alignment of every row), else 0 (read at run time). Packed int4 (uint8)
-    rows use it only with the ``int4_row_stride`` launch option: with it (and the byte-once
-    unpacking, ``int4_bytes``) the aggressive preset's attention came out wrong on the H100 at
-    ed66d10, not isolated between the two; both are off by default."""
+    rows use it only with the ``int4_row_stride`` launch option (off): stop 16's H100 runs found it
+    right but no faster; the ed66d10 int4 error was the byte-once unpacking of 16-column tiles."""
     return int(coeffs.stride(-2)) if coeffs.stride(-1) == 1 else 0
 
 
@@ -388,7 +387,7 @@ def decode_attention(
     docs/kernel_notes.md "Stop 16"), ``int4_pad`` (narrower int4 tiles zero-padded up to
     ``int4_bytes`` columns so they are read byte-once too; off) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
     ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
-    default on; packed int4 is always widened by the checked per-nibble form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
+    default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
     the block loop software-pipelined that many stages deep; default 0).

@@ -147,7 +147,10 @@ def _load_coeffs(
 
     int8 and packed int4 come back as exact small integers in float16; 16-bit coefficients
     in their stored dtype. int4: column 2j is the low nibble of byte j, 2j+1 the high one,
-    each two's complement (linalg/quant.py); each byte is loaded once and split on chip.
+    each two's complement (linalg/quant.py). ``INT4_BYTES``: each byte loaded once, both nibbles
+    widened and interleaved back (join + reshape; the host sets it only for tiles of >= 32 padded
+    columns, where the compiled H100 kernel was checked right: at 16 columns Triton 3.6 compiled it
+    wrong); otherwise one load per nibble.
 
     Widening without an int -> float conversion (those issue at a quarter of the integer
     rate and were the largest single instruction cost of the cold loop): a small integer
@@ -169,10 +172,9 @@ def _load_coeffs(
         hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
         return tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
     elif BITS == 4:
-        # one load per nibble (each byte read twice, from L1). A byte-once form (the two nibble
-        # halves joined and reshaped, with or without inline PTX) gave wrong attention compiled
-        # on the H100 for the aggressive preset while the interpreter agreed with the reference,
-        # so packed int4 takes this checked form only (DQ_ASM applies to int8)
+        # one load per nibble (each byte read twice, from L1): the form for narrow int4 tiles, whose
+        # byte-once join + reshape came out wrong compiled on the H100 (16 columns: the aggressive
+        # preset's keys) while the interpreter agreed with the reference (DQ_ASM applies to int8)
         cols = tl.arange(0, RANK_P)
         ok = rows_ok[:, None] & (cols < RANK)[None, :]
         byte = tl.load(base + rows[:, None] * stride_t + (cols // 2)[None, :] * stride_c, mask=ok, other=0)
