@@ -14,7 +14,7 @@ quantization error remains. On Gemma 3 270M prose blocks the post-RoPE keys lose
 retrieval at rank 32-64 (layer 11 alone was enough to break it), while int8 rows of the same
 blocks keep the baseline's answers (``docs/fidelity.md``). ``key_codec == "channel"`` stores
 the key rows likewise but with one scale per channel of the block (``[..., 1, D]``), set without
-the block's outlier tokens (they are quantized again once the outliers are chosen).
+the block's outlier tokens (the keys are quantized once the outliers are chosen).
 
 Outlier score: the per-token reconstruction error *of the stored representation* (after
 quantization and basis rounding), keys and values each normalised by the block's mean
@@ -426,14 +426,14 @@ def compress_blocks(
     kc, vc = config.key_codec, config.value_codec
     want = o > 0  # residuals only rank outliers
     # per-channel key scales (quantized keys): outliers ranked by channel range, not by the key
-    # residual, and the keys quantized again without them once chosen
+    # residual, and the keys quantized without them once chosen
     channel_keys = kc == "channel" and config.coeff_bits != 16
     if channel_keys and want:
         # quantized once, below, after the outliers are chosen (they stay out of the channel scales)
         kq = ks = kb = kres = None
     else:
         kq, ks, kb, kres = _fit_and_store(
-            kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want and not channel_keys, k_low
+            kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want, k_low
         )
     vq, vs, vb, vres = _fit_and_store(
         vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want, v_low
@@ -472,11 +472,12 @@ def compress_blocks(
                 )
         if channel_keys:
             # the outliers are served exactly: their (largest) entries must not set the channel
-            # scales every other token is rounded with, so the keys are quantized again without them
+            # scales every other token is rounded with, so the keys are quantized without them
             drop = torch.zeros(n, t, 1, dtype=torch.bool, device=kf.device)
             drop.scatter_(1, idx.unsqueeze(-1), True)
-            kq, ks = _quantize(kf.masked_fill(drop, 0.0), config.coeff_bits, model_dtype, per_channel=True)
-            kq, ks = kq.contiguous(), ks.contiguous()
+            kq, ks, kb, _ = _fit_and_store(
+                kf.masked_fill(drop, 0.0), rank_keys, config, None, model_dtype, basis_dtype, kc, None, False
+            )
         gather = idx.unsqueeze(-1).expand(n, o, d)
         out_k = torch.gather(exact_keys.reshape(n, t, d), 1, gather)
         out_v = torch.gather(values.reshape(n, t, d), 1, gather)

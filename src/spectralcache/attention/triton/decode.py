@@ -123,9 +123,10 @@ def _split_constexprs(
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False,
 ) -> dict:  # fmt: skip
+    rk_p, rv_p = _int4_width(rk, kbits, int4_bytes, int4_pad), _int4_width(rv, vbits, int4_bytes, int4_pad)
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
-        RK=rk, RK_P=_int4_width(rk, kbits, int4_bytes, int4_pad), RV=rv, RV_P=_int4_width(rv, vbits, int4_bytes, int4_pad),
+        RK=rk, RK_P=rk_p, RV=rv, RV_P=rv_p,
         N_OUT=n_out, N_OUT_P=_next_pow2(n_out),
         OUT_WORDS=_next_pow2(-(-t // 32), 1),
         BLOCK_E=block_e, KEY_BITS=kbits, VALUE_BITS=vbits,
@@ -133,8 +134,7 @@ def _split_constexprs(
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_SOFTCAP=has_softcap, HAS_CHUNK=has_chunk,
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
-        INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= _int4_width(rk, kbits, int4_bytes, int4_pad),
-        INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= _int4_width(rv, vbits, int4_bytes, int4_pad),
+        INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
     )  # fmt: skip
 
 
