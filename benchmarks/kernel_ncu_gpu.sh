@@ -16,8 +16,9 @@ for case in ${CASES//,/ }; do
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section LaunchStats --section SourceCounters \
     --section ComputeWorkloadAnalysis --section InstructionStats \
-    --export "$OUT/ncu_$i" --force-overwrite --print-details all \
+    --export "$OUT/ncu_$i" --force-overwrite \
     python3 "$ROOT/benchmarks/kernel_ncu_gpu.py" --cases "$case" --config "$CONFIG" \
-    > "$OUT/ncu_$i.txt" 2>&1
+    > "$OUT/ncu_$i.log" 2>&1
   echo "case $case rc $?" | tee -a "$OUT/env.txt"
+  ncu --import "$OUT/ncu_$i.ncu-rep" --page details --print-details all > "$OUT/ncu_$i.txt" 2>&1
 done
