@@ -317,6 +317,55 @@ def _row_stride(coeffs: torch.Tensor) -> int:
     return int(coeffs.stride(-2)) if coeffs.stride(-1) == 1 else 0
 
 
+def _split_plan(
+    plan_blocks: int, plan_exact: int, blocks_per_split: int, *, t: int, block_e: int, n_out: int,
+    out_split: bool, exact_spread: bool, want_splits: int,
+) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program:
+    ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``."""
+    n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
+    # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
+    # about as many bytes as a cold program
+    exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
+    # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
+    # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
+    if out_split:
+        out_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
+        n_out_splits = -(-(plan_blocks * n_out) // out_per_split)
+    else:
+        out_per_split, n_out_splits = block_e, 0
+    if exact_spread and plan_exact:
+        # exact_spread: an exact program gets about a compressed block's bytes (T/8 exact rows of
+        # 4·D bytes per block, like the outlier programs: T/2 made them the longest chains), and at
+        # short contexts, where few cold programs leave most of the wanted programs free, the exact
+        # tiers spread over those (4K: a 496-token hot window was 2 programs of 8 serial tiles)
+        exact_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
+        if want_splits:
+            per_free = -(-plan_exact // max(1, want_splits - n_cold_splits - n_out_splits))
+            exact_per_split = max(block_e, min(exact_per_split, -(-per_free // block_e) * block_e))
+    n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
+    return n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits
+
+
+def _wave_fit(plan, blocks_per_split: int, n_bh: int, slots: int) -> int:
+    """The blocks per cold program (from ``blocks_per_split`` up to twice it) with the fewest
+    estimated serial block-times: ``ceil(programs / slots) * blocks_per_split``.
+
+    Why: ``slots`` programs run at once (programs_per_sm per SM: registers and shared memory cap
+    residency), and the outlier and exact programs come on top of the cold ones. At 128K, batch 1,
+    the aggressive preset's plan was 664 programs for 528 slots (Nsight Compute: 1.26 waves per SM):
+    a second wave of 136 programs, about one per SM, each as long as a first-wave program. Five
+    blocks per program instead of four makes it 528 programs, one wave. Ties keep the smaller
+    count (more programs in flight)."""
+    best, best_cost = blocks_per_split, None
+    for bps in range(blocks_per_split, 2 * blocks_per_split + 1):
+        programs = n_bh * sum(plan(bps)[i] for i in (0, 3, 4))
+        cost = -(-programs // slots) * bps
+        if best_cost is None or cost < best_cost:
+            best, best_cost = bps, cost
+    return best
+
+
 def decode_sizes(state: SpectralLayerState, q_len: int, hot_lo: int = 0) -> list[int]:
     """The per-step sizes of ``state`` for a ``q_len``-token query, in ``SIZE_FIELDS`` order
     (what ``device_sizes`` holds).
@@ -364,6 +413,7 @@ def decode_attention(
     int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
+    wave_fit: bool = True,
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
@@ -390,7 +440,9 @@ def decode_attention(
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
-    the block loop software-pipelined that many stages deep; default 0).
+    the block loop software-pipelined that many stages deep; default 0), ``wave_fit`` (the
+    automatic plan gives each cold program more blocks, up to twice as many, where that saves a
+    partial second wave of programs: :func:`_wave_fit`; default on).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -515,38 +567,24 @@ def decode_attention(
             raise ValueError(
                 "capacity_blocks > 0 needs a state with cold blocks (their buffers are recorded)"
             )
-    want_splits = 0
+    want_splits = slots = 0
     if blocks_per_split is None:
-        target = (
+        slots = (
             programs_per_sm
             * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
             if query.is_cuda
             else 2
         )
-        want_splits = -(-target // n_bh)
+        want_splits = -(-slots // n_bh)
         blocks_per_split = max(1, -(-plan_blocks // want_splits)) if plan_blocks else 1
-    n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
-    # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
-    # about as many bytes as a cold program
-    exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
-    # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
-    # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
     out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
-    if out_split:
-        out_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
-        n_out_splits = -(-(plan_blocks * n_out) // out_per_split)
-    else:
-        out_per_split, n_out_splits = block_e, 0
-    if exact_spread and plan_exact:
-        # exact_spread: an exact program gets about a compressed block's bytes (T/8 exact rows of
-        # 4·D bytes per block, like the outlier programs: T/2 made them the longest chains), and at
-        # short contexts, where few cold programs leave most of the wanted programs free, the exact
-        # tiers spread over those (4K: a 496-token hot window was 2 programs of 8 serial tiles)
-        exact_per_split = max(block_e, -(-(blocks_per_split * t // 8) // block_e) * block_e)
-        if want_splits:
-            per_free = -(-plan_exact // max(1, want_splits - n_cold_splits - n_out_splits))
-            exact_per_split = max(block_e, min(exact_per_split, -(-per_free // block_e) * block_e))
-    n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
+    plan = functools.partial(
+        _split_plan, plan_blocks, plan_exact, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
+        exact_spread=exact_spread, want_splits=want_splits,
+    )  # fmt: skip
+    if wave_fit and slots and plan_blocks:
+        blocks_per_split = _wave_fit(plan, blocks_per_split, n_bh, slots)
+    n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = plan(blocks_per_split)
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
     # one allocation for every partial: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
