@@ -347,25 +347,6 @@ def _split_plan(
     return n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits
 
 
-def _wave_fit(plan, blocks_per_split: int, n_bh: int, slots: int) -> int:
-    """The blocks per cold program (from ``blocks_per_split`` up to twice it) with the fewest
-    estimated serial block-times: ``ceil(programs / slots) * blocks_per_split``.
-
-    Why: ``slots`` programs run at once (programs_per_sm per SM: registers and shared memory cap
-    residency), and the outlier and exact programs come on top of the cold ones. At 128K, batch 1,
-    the aggressive preset's plan was 664 programs for 528 slots (Nsight Compute: 1.26 waves per SM):
-    a second wave of 136 programs, about one per SM, each as long as a first-wave program. Five
-    blocks per program instead of four makes it 528 programs, one wave. Ties keep the smaller
-    count (more programs in flight)."""
-    best, best_cost = blocks_per_split, None
-    for bps in range(blocks_per_split, 2 * blocks_per_split + 1):
-        programs = n_bh * sum(plan(bps)[i] for i in (0, 3, 4))
-        cost = -(-programs // slots) * bps
-        if best_cost is None or cost < best_cost:
-            best, best_cost = bps, cost
-    return best
-
-
 def decode_sizes(state: SpectralLayerState, q_len: int, hot_lo: int = 0) -> list[int]:
     """The per-step sizes of ``state`` for a ``q_len``-token query, in ``SIZE_FIELDS`` order
     (what ``device_sizes`` holds).
@@ -409,11 +390,10 @@ def decode_attention(
     outlier_split: bool | None = None,
     dequant_asm: bool | None = None,
     int4_bytes: int = 32,
-    int4_pad: bool = False,
+    int4_pad: bool = True,
     int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
-    wave_fit: bool = True,
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
@@ -435,14 +415,13 @@ def decode_attention(
     load per nibble everywhere -- Triton 3.6 compiled that interleave (join + reshape) wrongly on
     the H100 for 16-column int4 tiles (8-byte rows) and rightly from 32 columns up,
     docs/kernel_notes.md "Stop 16"), ``int4_pad`` (narrower int4 tiles zero-padded up to
-    ``int4_bytes`` columns so they are read byte-once too; off) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
+    ``int4_bytes`` columns so they are read byte-once too; on since stop 17: three H100 runs
+    0.0567-0.0571 / 0.0564 ms vs 0.0583-0.0589 at 128K batch 1 aggressive, same output) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
     ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
-    the block loop software-pipelined that many stages deep; default 0), ``wave_fit`` (the
-    automatic plan gives each cold program more blocks, up to twice as many, where that saves a
-    partial second wave of programs: :func:`_wave_fit`; default on).
+    the block loop software-pipelined that many stages deep; default 0)).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -567,7 +546,7 @@ def decode_attention(
             raise ValueError(
                 "capacity_blocks > 0 needs a state with cold blocks (their buffers are recorded)"
             )
-    want_splits = slots = 0
+    want_splits = 0
     if blocks_per_split is None:
         slots = (
             programs_per_sm
@@ -578,13 +557,10 @@ def decode_attention(
         want_splits = -(-slots // n_bh)
         blocks_per_split = max(1, -(-plan_blocks // want_splits)) if plan_blocks else 1
     out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
-    plan = functools.partial(
-        _split_plan, plan_blocks, plan_exact, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
+    n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
+        plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
         exact_spread=exact_spread, want_splits=want_splits,
     )  # fmt: skip
-    if wave_fit and slots and plan_blocks:
-        blocks_per_split = _wave_fit(plan, blocks_per_split, n_bh, slots)
-    n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = plan(blocks_per_split)
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
     # one allocation for every partial: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
