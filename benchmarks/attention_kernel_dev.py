@@ -181,7 +181,7 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
 CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
-    "blocks_per_split", "int4_words",
+    "blocks_per_split",
 )  # fmt: skip
 
 
@@ -467,7 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-int4-row-stride", default="0")
     p.add_argument("--v-int4-pad", default="1")
     p.add_argument("--v-blocks-per-split", default="none")
-    p.add_argument("--v-int4-words", default="0")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"

@@ -253,35 +253,6 @@ def test_int4_byte_once_unpacking_agrees(
     _assert_rel(got, spectral_attention(q, state, None))
 
 
-@pytest.mark.parametrize("rank_keys,rank_values", [(16, 32), (16, 16), (12, 16), (9, 16)])
-@pytest.mark.parametrize("int4_pad", [False, True])
-@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
-def test_int4_word_unpacking_agrees(rank_keys: int, rank_values: int, int4_pad: bool, key_space: str) -> None:
-    """16-column int4 tiles read as two 32-bit words per row (``int4_words``; rank 12 leaves 2 of
-    the 16 columns padding, rank 9 has 5-byte rows, not 4-byte aligned: the host must fall back to
-    the other forms) = the torch reference, keys and values, batch 2 of strided capacity views."""
-    seed = next(_seed)
-    state = random_state(
-        batch=2, key_bits=4, rank_keys=rank_keys, rank_values=rank_values, key_space=key_space, seed=seed,
-        device=DEVICE,
-    )  # fmt: skip
-    q = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    got = decode_attention(q, state, None, None, None, block_t=16, int4_words=True, int4_pad=int4_pad)
-    _assert_rel(got, spectral_attention(q, state, None))
-
-
-def test_word_alignment_check() -> None:
-    """Rows read as 32-bit words only when every row starts 4-byte aligned with contiguous columns."""
-    from spectralcache.attention.triton.decode import _word_aligned
-
-    assert not _word_aligned(torch.zeros(2, 3, 64, 10, dtype=torch.uint8)[..., :8])  # 10-byte row stride
-    assert _word_aligned(torch.zeros(2, 3, 64, 12, dtype=torch.uint8)[..., :8])  # a view with spare capacity
-    assert not _word_aligned(torch.zeros(2, 64, 5, dtype=torch.uint8))
-    assert _word_aligned(torch.zeros(2, 64, 8, dtype=torch.uint8))
-    assert not _word_aligned(torch.zeros(2, 64, 9, dtype=torch.uint8)[..., 1:])
-    assert not _word_aligned(torch.zeros(2, 8, 64, dtype=torch.uint8).mT)
-
-
 def test_fully_masked_row_is_zero_not_nan() -> None:
     state = random_state(batch=2, device=DEVICE, seed=next(_seed))
     query = torch.randn(2, 4, 1, 32).to(DEVICE)

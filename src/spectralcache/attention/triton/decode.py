@@ -121,15 +121,9 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
-    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, k_words: bool = False,
-    v_words: bool = False,
+    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False,
 ) -> dict:  # fmt: skip
-    # int4_words (k_words / v_words: the host checked the rows' alignment): 16-column int4 tiles read as
-    # 32-bit words, before (instead of) int4_pad's padding to 32 columns
-    words_k = kbits == 4 and k_words and _next_pow2(rk) == 16
-    words_v = vbits == 4 and v_words and _next_pow2(rv) == 16
-    rk_p = _next_pow2(rk) if words_k else _int4_width(rk, kbits, int4_bytes, int4_pad)
-    rv_p = _next_pow2(rv) if words_v else _int4_width(rv, vbits, int4_bytes, int4_pad)
+    rk_p, rv_p = _int4_width(rk, kbits, int4_bytes, int4_pad), _int4_width(rv, vbits, int4_bytes, int4_pad)
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
         RK=rk, RK_P=rk_p, RV=rv, RV_P=rv_p,
@@ -141,7 +135,6 @@ def _split_constexprs(
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
-        INT4_WORDS_K=words_k, INT4_WORDS_V=words_v,
     )  # fmt: skip
 
 
@@ -295,8 +288,6 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         _row_stride(cold.key_coeffs),
         _row_stride(cold.value_coeffs),
         key_channel,
-        _word_aligned(cold.key_coeffs),
-        _word_aligned(cold.value_coeffs),
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
@@ -316,16 +307,6 @@ def _use_asm(dequant_asm: bool | None) -> bool:
     """Inline-PTX widening of int8 coefficients: on unless switched off; by default never on
     ROCm (no PTX there). Packed int4 is widened by tensor ops (``int4_bytes``, decode_splits)."""
     return (torch.version.hip is None) if dequant_asm is None else bool(dequant_asm)
-
-
-def _word_aligned(coeffs: torch.Tensor) -> bool:
-    """Whether every coefficient row starts on a 4-byte boundary with its columns contiguous: the
-    condition for reading packed int4 rows as 32-bit words (``int4_words``)."""
-    return (
-        coeffs.stride(-1) == 1
-        and coeffs.data_ptr() % 4 == 0
-        and all(st * coeffs.element_size() % 4 == 0 for st in coeffs.stride()[:-1])
-    )
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
@@ -410,7 +391,6 @@ def decode_attention(
     dequant_asm: bool | None = None,
     int4_bytes: int = 32,
     int4_pad: bool = True,
-    int4_words: bool = False,
     int4_row_stride: bool = False,
     min_rows: int | None = None,
     exact_spread: bool = True,
@@ -436,9 +416,7 @@ def decode_attention(
     the H100 for 16-column int4 tiles (8-byte rows) and rightly from 32 columns up,
     docs/kernel_notes.md "Stop 16"), ``int4_pad`` (narrower int4 tiles zero-padded up to
     ``int4_bytes`` columns so they are read byte-once too; on since stop 17: three H100 runs
-    0.0567-0.0571 / 0.0564 ms vs 0.0583-0.0589 at 128K batch 1 aggressive, same output),
-    ``int4_words`` (16-column int4 tiles whose rows are 4-byte aligned read as two 32-bit words per
-    row and unpacked by shifts, instead of ``int4_pad``'s padding; off) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
+    0.0567-0.0571 / 0.0564 ms vs 0.0583-0.0589 at 128K batch 1 aggressive, same output) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
     ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
@@ -511,8 +489,9 @@ def decode_attention(
     rot_half = 1
     if cold is not None and cold.num_blocks:
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
-        (n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel,
-         k_words, v_words) = facts  # fmt: skip
+        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel = (
+            facts
+        )
         if state.key_space == "pre_rope":
             pre_rope = True
             inv_freq = _resolve_inv_freq(state, device)
@@ -526,7 +505,7 @@ def decode_attention(
     else:
         n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
         key_identity = value_identity = True
-        key_channel = k_words = v_words = False
+        key_channel = False
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
         cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
                      i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
@@ -624,7 +603,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes), bool(int4_pad), bool(int4_words) and k_words, bool(int4_words) and v_words,
+            key_channel, int(int4_bytes), bool(int4_pad),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

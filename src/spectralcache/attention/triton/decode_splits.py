@@ -141,7 +141,7 @@ sub.f16x2 $1, $1, m;
 @triton.jit
 def _load_coeffs(
     base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr,
-    DQ_ASM: tl.constexpr = False, INT4_BYTES: tl.constexpr = False, INT4_WORDS: tl.constexpr = False,
+    DQ_ASM: tl.constexpr = False, INT4_BYTES: tl.constexpr = False,
 ):  # fmt: skip
     """Coefficient tile [N, RANK_P] (zeros past RANK / outside ``rows_ok``), unscaled.
 
@@ -159,23 +159,8 @@ def _load_coeffs(
     ``u = c + 128`` (flip the sign bit); int4 nibble ``n``: ``u = n ^ 8`` (= its value + 8).
     ``DQ_ASM`` (int8, compiled CUDA only; the interpreter runs the tensor-op form): the same
     arithmetic on four packed bytes per PTX block (byte permutes, 3-input logic ops and
-    float16x2 subtractions) instead of per-element 16-bit ops.
-
-    ``INT4_WORDS`` (16-column int4 tiles: 8-byte rows, columns contiguous, every row 4-byte aligned,
-    which the host checks): each row read as two 32-bit words, column ``c`` = bits ``4(c % 8) ..
-    4(c % 8) + 3`` of word ``c // 8`` (little-endian: byte ``j`` holds columns ``2j`` / ``2j + 1`` in
-    its low / high nibble, as the layout says) -- shifts and masks only, no join + reshape (which
-    Triton 3.6 compiled wrongly at this width) and no padding to 32 columns."""
-    if BITS == 4 and INT4_WORDS:
-        word_ptr = (base + rows * stride_t).to(tl.pointer_type(tl.int32))
-        w_lo = tl.load(word_ptr, mask=rows_ok, other=0)
-        w_hi = tl.load(word_ptr + 1, mask=rows_ok, other=0)
-        cols = tl.arange(0, RANK_P)
-        word = tl.where((cols < 8)[None, :], w_lo[:, None], w_hi[:, None])
-        nib = ((word >> ((cols % 8) * 4)[None, :]) & 15).to(tl.int16)
-        nib = tl.where((rows_ok[:, None] & (cols < RANK)[None, :]), nib, 8)  # 8 ^ 8 = 0: zero padding
-        return (nib ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-    elif BITS == 4 and INT4_BYTES:
+    float16x2 subtractions) instead of per-element 16-bit ops."""
+    if BITS == 4 and INT4_BYTES:
         # each byte loaded once (a [N, RANK_P/2] tile: contiguous rows, so the loads vectorize and
         # can be pipelined), both nibbles widened, then interleaved back into column order
         # (column 2j = low nibble of byte j): join -> [N, RANK_P/2, 2] -> reshape [N, RANK_P]
@@ -279,7 +264,7 @@ def _cold_tile(
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
-    INT4_BYTES_V: tl.constexpr, INT4_WORDS_K: tl.constexpr = False, INT4_WORDS_V: tl.constexpr = False,
+    INT4_BYTES_V: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
@@ -288,7 +273,7 @@ def _cold_tile(
     (post-RoPE); per-row key scales are then absent."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
-    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K, INT4_WORDS_K)
+    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K)
     if KEY_BITS != 16 and not KEY_CHANNEL:
         kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
     if PRE_ROPE:
@@ -349,9 +334,7 @@ def _cold_tile(
         )  # fmt: skip
     m, alpha, p = _online_step(m, den, s)
     den = den * alpha + tl.sum(p, axis=1)
-    cv = _load_coeffs(
-        vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, INT4_WORDS_V
-    )
+    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V)
     if VALUE_BITS != 16:
         vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
         pv = p * vscale[None, :]
@@ -468,7 +451,6 @@ def spectral_decode_split_kernel(
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
-    INT4_WORDS_K: tl.constexpr, INT4_WORDS_V: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -643,7 +625,7 @@ def spectral_decode_split_kernel(
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, INT4_WORDS_K, INT4_WORDS_V,
+                        INT4_BYTES_V,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -656,7 +638,7 @@ def spectral_decode_split_kernel(
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, INT4_WORDS_K, INT4_WORDS_V,
+                        INT4_BYTES_V,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(
