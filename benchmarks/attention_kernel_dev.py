@@ -44,10 +44,15 @@ from spectralcache.attention.triton import decode_attention
 from spectralcache.attention.triton.synthetic import random_state
 
 PRESETS = {
-    # name: (rank_keys, rank_values, outliers, bits)
+    # name: (rank_keys, rank_values, outliers, bits). "default" / "aggressive": the low-rank layouts of
+    # those presets up to stop 16 ("default" is the "lowrank" preset since stop 17); "channel": the
+    # default preset since stop 17 (keys int4 per channel, values int4 per token, 8 outliers)
     "default": (32, 64, 32, 8),
     "aggressive": (16, 32, 16, 4),
+    "channel": (128, 128, 8, 4),
 }
+# random_state options beyond the ranks (identity / per-channel codecs)
+STATE_OPTIONS = {"channel": {"channel_keys": True, "identity_values": True}}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,7 +180,7 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
     return random_state(batch=batch, kv_heads=8, head_dim=128, landmarks=lm, block_size=t, blocks=nb,
                         outliers=o, hot=hot, chunk=1, rank_keys=rk, rank_values=rv, key_bits=bits,
                         dtype=torch.bfloat16, basis_dtype=torch.bfloat16, spare_capacity=0,
-                        device=device, seed=seed)  # fmt: skip
+                        device=device, seed=seed, **STATE_OPTIONS.get(preset, {}))  # fmt: skip
 
 
 CONFIG_KEYS = (
@@ -199,7 +204,7 @@ def best_configs(res: dict) -> dict:
     return best
 
 
-def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None) -> None:
+def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None, presets=None) -> None:
     import torch.nn.functional as F
 
     rows = res.setdefault("time", [])  # filled row by row, saved after each (a run cut short keeps them)
@@ -215,7 +220,7 @@ def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None
             dense_bytes = 2 * k.numel() * 2
             sdpa_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             del k, v
-            for preset in PRESETS:
+            for preset in presets or PRESETS:
                 t0 = time.time()
                 st = llama_state(ctx, batch, preset)
                 build_s = time.time() - t0
@@ -446,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variant-presets", default=",".join(PRESETS), help="comma list of PRESETS the variants run"
     )
+    p.add_argument(
+        "--time-presets", default=",".join(PRESETS), help="comma list of PRESETS the time section runs"
+    )
     p.add_argument("--no-ref", action="store_true")
     # variant grid: comma lists ("none" = the option left to its default)
     p.add_argument("--v-block-t", default="128,256")
@@ -494,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs))
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
-                             [int(b) for b in args.batches.split(",")], not args.no_ref, save)  # fmt: skip
+                             [int(b) for b in args.batches.split(",")], not args.no_ref, save,
+                             args.time_presets.split(","))  # fmt: skip
             elif name == "host":
                 section_host(res)
             elif name == "sass":

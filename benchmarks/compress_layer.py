@@ -5,7 +5,8 @@ calls once per layer) on keys/values of one layer at Llama-3.1-8B KV shape (8 KV
 head_dim 128), ``--tokens`` long (default 131072 = 128K), with a preset's block size,
 ranks and outliers. The number of blocks is what the cache compresses for that context:
 the hot buffer keeps ``hot_size`` tokens exact, so ``(tokens - hot_size) // block_size``
-full blocks (255 for 128K with the default preset).
+full blocks (255 for 128K with the default ``--preset lowrank``: the low-rank preset, the library's
+default until stop 17, is what needs an SVD; today's default preset quantizes per channel / token).
 
 ``compress_blocks`` is timed once per ``SpectralConfig.svd_solver`` in ``--solvers`` (default:
 ``auto``, which is the eigensolver-free subspace solver on CUDA, and ``rsvd``, the randomized
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--heads", type=int, default=8, help="KV heads")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--preset", default="default")
+    p.add_argument("--preset", default="lowrank")
     p.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

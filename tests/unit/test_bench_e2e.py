@@ -56,7 +56,6 @@ def test_bench_e2e_json_schema_and_finite_results(tmp_path):
         r = rows[preset]
         assert r["compression_blocks"] >= 2 and r["compression_s"] > 0  # both layers compressed a block
         assert r["kv_ratio_vs_dynamic"] > 1.3  # measured bytes (capacity included), not a formula
-    assert rows["aggressive"]["kv_bytes"] < rows["default"]["kv_bytes"]
     assert (tmp_path / "bench_e2e_t.png").stat().st_size > 1000
     table = e2e.markdown(data).splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| 1600 | dynamic | ") and "(1.00×)" in table[2]

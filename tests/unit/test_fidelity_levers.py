@@ -118,8 +118,10 @@ def test_config_validation() -> None:
     with pytest.raises(TypeError, match="compress_tail"):
         SpectralConfig(compress_tail="yes")
     assert SpectralConfig().compress_tail is False
-    for name in ("default", "aggressive", "pre_rope", "lossless"):
+    for name in ("lowrank", "aggressive", "pre_rope", "lossless"):
         assert SpectralConfig.from_preset(name).compress_tail is False
+    for name in ("default", "max"):  # the presets that compress the prefill's partial tail
+        assert SpectralConfig.from_preset(name).compress_tail is True
 
 
 # ------------------------------------------------------------------------------ exactness

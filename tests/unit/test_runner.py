@@ -231,7 +231,7 @@ def test_run_resume_pairing_and_determinism(tiny_gemma, gemma_tokenizer, tmp_pat
 def test_failing_method_is_recorded_then_retried(tiny_gemma, gemma_tokenizer, tmp_path):
     pytest.importorskip("spectralcache.cache.cache")
     bad = Method(
-        name="spectral:default,rank_keys=999", kind="spectral", preset="default", options={"rank_keys": 999}
+        name="spectral:lowrank,rank_keys=999", kind="spectral", preset="lowrank", options={"rank_keys": 999}
     )
     out = tmp_path / "run"
     run_eval(["niah_single_1"], [400], [bad], _opts(out, 1), model=tiny_gemma, tokenizer=gemma_tokenizer)
