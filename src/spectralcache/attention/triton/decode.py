@@ -521,7 +521,14 @@ def decode_attention(
     # 4 warps, 4 programs per SM; a 128-register cap helps the int4 kernel (0.102 -> 0.086 ms) and
     # hurts the int8 one (0.113 -> 0.193 ms)
     auto_block_t = block_t is None
-    block_t = min(_next_pow2(t), 256) if block_t is None else block_t
+    if block_t is None:
+        # wide coefficient rows (identity / per-channel codecs: head_dim columns per side) in 64-token
+        # tiles: at the Llama-8B shape with per-channel int4 keys + per-token int4 values (256 columns)
+        # 64-token tiles took 0.1297 ms at 128K batch 1 against 0.2441 ms for 256-token ones, 32K 0.0384
+        # vs 0.0716 (H100, results/kernel_stop17/channel_block_t/); the low-rank presets (64-96
+        # columns) stay at 256, their measured best (docs/kernel_notes.md, v3 and stop 16 scans)
+        wide = _next_pow2(rk) + _next_pow2(rv) > 128
+        block_t = min(_next_pow2(t), 64 if wide else 256)
     if maxnreg == -1:
         maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
