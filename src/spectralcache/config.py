@@ -396,11 +396,12 @@ class SpectralConfig:
 PRESETS: dict[str, Callable[[], SpectralConfig]] = {
     # Since stop 17: keys quantized per channel (int4, KIVI-style), values per token (int4), 8 exact
     # outliers per block and the prefill's partial tail compressed. Against the low-rank preset that
-    # was the default before ("lowrank" below) it holds more on every axis measured (docs/fidelity.md,
-    # "Stop 17: the default preset", which names each run): Gemma 3 270M at 4K, niah_single_1 87 %
+    # was the default before ("lowrank" below) it holds more on every axis measured but decode speed
+    # (README, "Stop 17: the default preset", which names each run): Gemma 3 270M at 4K, niah_single_1 87 %
     # vs 85 %, niah_multikey_1 63 % vs 10 % (plain cache 87 % / 80 %), 6.0x vs 3.8x fewer bytes on
     # the compressed layers; perplexity dNLL +0.008 vs +0.117; 3.5x vs 2.8x fewer bytes at the
-    # Llama-8B shape (bf16); no SVD to compute (cheaper prefill), and the decode kernel reads it.
+    # Llama-8B shape (bf16); no SVD to compute (cheaper prefill). The decode kernel reads it at 1.5x
+    # SDPA's speed at 128K on an H100 (the low-rank layout: 2.1x).
     "default": lambda: SpectralConfig(
         key_codec="channel",
         value_codec="identity",
@@ -410,10 +411,12 @@ PRESETS: dict[str, Callable[[], SpectralConfig]] = {
         name="default",
     ),
     # Low-rank keys and values (the default until stop 16): int8 coefficients, rank 32/64 of
-    # 512-token blocks, 32 exact outliers per block. Fewer bytes per token only where ranks are small
-    # against head_dim; it loses multi-key retrieval (values in a shared basis blur which needle is which).
+    # 512-token blocks, 32 exact outliers per block. The faster decode kernel (2.1x SDPA at 128K), but
+    # more bytes than "default" at head_dim 128 (2.8x vs 3.5x fewer than bf16), and low-rank keys lose
+    # multi-key retrieval and perplexity (docs/fidelity.md, "the identity-values discrepancy").
     "lowrank": lambda: SpectralConfig(name="lowrank"),
-    # Smallest footprint: int4 coefficients, lower ranks, fewer outliers.
+    # Low-rank with int4 coefficients, lower ranks, fewer outliers: 7.3x fewer bytes at the Llama-8B
+    # shape, answers degrade (README, eval tables).
     "aggressive": lambda: SpectralConfig(
         rank_keys=16, rank_values=32, outliers_per_block=16, coeff_bits=4, name="aggressive"
     ),
