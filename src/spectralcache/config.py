@@ -11,6 +11,7 @@ and tests can iterate over every preset by name.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -381,9 +382,24 @@ class SpectralConfig:
         return torch.float64 if self.compute_dtype == "float64" else torch.float32
 
     def replace(self, **changes: object) -> SpectralConfig:
-        """A validated copy with some fields changed (name becomes "custom" unless given)."""
+        """A validated copy with some fields changed (name becomes "custom" unless given).
+
+        Warns when a rank is set for a side whose codec has none (``"identity"`` / ``"channel"``
+        store the rows themselves): since stop 17 the default preset is such a codec on both sides,
+        so ``from_preset("default", rank_keys=16)`` would otherwise be silently the default."""
         changes.setdefault("name", "custom")
-        return dataclasses.replace(self, **changes)
+        cfg = dataclasses.replace(self, **changes)
+        for rank, codec in (("rank_keys", cfg.key_codec), ("rank_values", cfg.value_codec)):
+            if rank in changes and codec in BASISLESS_CODECS:
+                side = rank.split("_")[1][:-1]
+                warnings.warn(
+                    f"SpectralConfig.{rank}={changes[rank]!r} is ignored: the {side} codec is {codec!r}, "
+                    f"which stores rows, not a rank-r basis (set {side}_codec='lowrank', or use the "
+                    f"'lowrank' preset, for a low-rank {side} codec)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return cfg
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> SpectralConfig:

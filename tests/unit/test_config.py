@@ -136,3 +136,20 @@ def test_basis_dtype_resolution():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SpectralConfig().block_size = 4
+
+
+def test_rank_for_a_rankless_codec_warns() -> None:
+    """Since stop 17 the default preset stores rows on both sides: a rank override there is a no-op,
+    said out loud; on a low-rank side it is taken without a word."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="rank_keys=16 is ignored: the key codec is 'channel'"):
+        cfg = SpectralConfig.from_preset("default", rank_keys=16)
+    assert cfg.key_codec == "channel"
+    with pytest.warns(UserWarning, match="rank_values=8 is ignored: the value codec is 'identity'"):
+        SpectralConfig.from_preset("lowrank").replace(value_codec="identity", rank_values=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SpectralConfig.from_preset("lowrank", rank_keys=16).rank_keys == 16
+        assert SpectralConfig.from_preset("default", key_codec="lowrank", rank_keys=16).rank_keys == 16
+        SpectralConfig.from_preset("default", block_size=256)

@@ -102,9 +102,7 @@ def test_patched_lossless_generation_equals_transformers(unsloth, reference, nam
 
 def test_patched_default_preset_compresses(unsloth) -> None:
     model = _load(unsloth, "llama")
-    patch_unsloth_attention(
-        model, block_size=128, hot_size=16, rank_keys=8, rank_values=8, outliers_per_block=2
-    )
+    patch_unsloth_attention(model, block_size=128, hot_size=16, outliers_per_block=2)
     _greedy(model, tiny_prompt(1, 600))
     cache = last_spectral_cache(model)
     # 600 prompt tokens, 16 landmarks, 16 hot: 4 full 128-token blocks per layer and the partial tail
@@ -249,7 +247,7 @@ def test_unrecognised_layout_names_the_version(unsloth) -> None:
 
 
 def test_prototype_keyword_aliases() -> None:
-    cfg = resolve_config("default", block_size=256, k_rank_keys=16, k_rank_values=32, hot_buffer_size=48)
+    cfg = resolve_config("lowrank", block_size=256, k_rank_keys=16, k_rank_values=32, hot_buffer_size=48)
     assert (cfg.block_size, cfg.rank_keys, cfg.rank_values, cfg.hot_size) == (256, 16, 32, 48)
     with pytest.raises(TypeError, match="unknown option 'k_rank'"):
         resolve_config("default", k_rank=3)
