@@ -111,9 +111,10 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     M = decaying_matrix((8, 512, 128), noise=1e-2, generator=torch.Generator().manual_seed(0))
-    call = lambda level0: run_with(
-        level0, lambda: R.randomized_svd(M, 16, generator=torch.Generator().manual_seed(0))
-    )  # noqa: E731
+
+    def call(level0):
+        return run_with(level0, lambda: R.randomized_svd(M, 16, generator=torch.Generator().manual_seed(0)))
+
     times = {
         "library_ms": median_ms(lambda: call(LIBRARY), args.repeats),
         "bf16_gram_ms": median_ms(lambda: call(probe), args.repeats),
