@@ -389,9 +389,11 @@ class SpectralConfig:
         so ``from_preset("default", rank_keys=16)`` would otherwise be silently the default."""
         changes.setdefault("name", "custom")
         cfg = dataclasses.replace(self, **changes)
-        for rank, codec in (("rank_keys", cfg.key_codec), ("rank_values", cfg.value_codec)):
+        for rank, side, codec in (
+            ("rank_keys", "key", cfg.key_codec),
+            ("rank_values", "value", cfg.value_codec),
+        ):
             if rank in changes and codec in BASISLESS_CODECS:
-                side = rank.split("_")[1][:-1]
                 warnings.warn(
                     f"SpectralConfig.{rank}={changes[rank]!r} is ignored: the {side} codec is {codec!r}, "
                     f"which stores rows, not a rank-r basis (set {side}_codec='lowrank', or use the "

@@ -324,9 +324,6 @@ def _split_plan(
     """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program:
     ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``."""
     n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
-    # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
-    # about as many bytes as a cold program
-    exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
     # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
     # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
     if out_split:
@@ -343,6 +340,10 @@ def _split_plan(
         if want_splits:
             per_free = -(-plan_exact // max(1, want_splits - n_cold_splits - n_out_splits))
             exact_per_split = max(block_e, min(exact_per_split, -(-per_free // block_e) * block_e))
+    else:
+        # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
+        # about as many bytes as a cold program
+        exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
     n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
     return n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits
 
@@ -421,7 +422,7 @@ def decode_attention(
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
-    the block loop software-pipelined that many stages deep; default 0)).
+    the block loop software-pipelined that many stages deep; default 0).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
