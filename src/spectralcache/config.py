@@ -98,6 +98,13 @@ class SpectralConfig:
             token loses the rest (niah_single_1 17 % at 4K); outlier tokens are left out of the
             scales. The Triton decode kernel reads it (post-RoPE: the scales fold into the query once
             per block; pre-RoPE: into the rebuilt key tile), as the torch reference does.
+        key_zero_point: ``False``. With ``key_codec="channel"`` and 4- or 8-bit keys: each channel
+            of a block also gets a float32 offset (``key_offsets [..., nb, 1, head_dim]``), so the
+            levels cover the channel's range ``[min, max]`` instead of ``[-max|k|, max|k|]`` (KIVI's
+            asymmetric keys). Post-RoPE keys have channels that barely turn over a block and sit
+            far from zero; on Gemma 3 270M's keys it halves the score error of int4 keys at +4
+            bytes (float32) per channel and block (``docs/fidelity.md``). Attention adds ``q·offset`` to the
+            block's scores (one dot product per block).
         value_codec: ``"lowrank"``. The same choice for values (``rank_values`` ignored when
             ``"identity"``; ``"channel"`` is refused for values).
         coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale
@@ -207,6 +214,7 @@ class SpectralConfig:
     key_codec: str = "lowrank"
     value_codec: str = "lowrank"
     coeff_bits: int = 8
+    key_zero_point: bool = False
     value_coeff_bits: int | None = None
     key_space: str = "post_rope"
     svd_method: str = "randomized"
@@ -286,6 +294,14 @@ class SpectralConfig:
             raise ValueError(
                 "SpectralConfig.value_codec='channel' is not supported: per-channel scales are for keys "
                 "(attention weights mix value rows, so values keep per-token scales: 'identity' or 'lowrank')"
+            )
+        if not isinstance(self.key_zero_point, bool):
+            raise TypeError(f"SpectralConfig.key_zero_point must be a bool, got {self.key_zero_point!r}")
+        if self.key_zero_point and (self.key_codec != "channel" or self.coeff_bits == 16):
+            raise ValueError(
+                "SpectralConfig.key_zero_point=True needs key_codec='channel' with coeff_bits 4 or 8 "
+                f"(got key_codec={self.key_codec!r}, coeff_bits={self.coeff_bits}): zero points are "
+                "per-channel offsets of quantized keys"
             )
         if not isinstance(self.refit_after_outliers, bool):
             raise TypeError(

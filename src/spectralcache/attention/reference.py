@@ -248,6 +248,8 @@ def _prepare_cold(state: SpectralLayerState, lo: int, hi: int, rows: int) -> _Co
     key_coeffs = _coeffs_scaled(
         cold.key_coeffs[:, :, sel], key_scales if fold_keys else None, cold.coeff_bits, cold.rank_keys
     )
+    if cold.key_offsets is not None:  # zero points (channel keys only, so folded above): the rows are keys
+        key_coeffs.add_(cold.key_offsets[:, :, sel].float())
     if fold_keys or key_scales is None:
         key_scales = None
     else:
@@ -589,6 +591,8 @@ def _tiers_dense_kv(
         k = _coeffs_scaled(
             cold.key_coeffs[:, :, sel], _opt(cold.key_scales, sel), cold.coeff_bits, cold.rank_keys
         )
+        if cold.key_offsets is not None:
+            k.add_(cold.key_offsets[:, :, sel].float())
         if cold.key_basis is not None:
             k = k @ cold.key_basis[:, :, sel].float()
         if state.key_space == "pre_rope":
@@ -915,11 +919,18 @@ def _softmax_part(
 
 
 def _block_rows(
-    coeffs: torch.Tensor, scales: torch.Tensor | None, basis: torch.Tensor | None, bits: int, rank: int
+    coeffs: torch.Tensor,
+    scales: torch.Tensor | None,
+    basis: torch.Tensor | None,
+    bits: int,
+    rank: int,
+    offsets: torch.Tensor | None = None,
 ):
     c = _coeffs_float(coeffs, bits, rank)
     if scales is not None:
         c = c * scales.float()
+    if offsets is not None:
+        c = c + offsets.float()
     return c if basis is None else c @ basis.float()  # [B,H,nb,T,D]
 
 
@@ -945,7 +956,9 @@ def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch
 
     cold = state.cold
     if cold is not None and cold.num_blocks:
-        k = _block_rows(cold.key_coeffs, cold.key_scales, cold.key_basis, cold.coeff_bits, cold.rank_keys)
+        k = _block_rows(
+            cold.key_coeffs, cold.key_scales, cold.key_basis, cold.coeff_bits, cold.rank_keys, cold.key_offsets
+        )
         if state.key_space == "pre_rope":
             k = rotate_block_keys(k, cold.block_starts, state.rope_inv_freq).float()
         v = _block_rows(

@@ -136,9 +136,12 @@ def low_rank_fit(
     return u * s.unsqueeze(-2), vh
 
 
-def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype, per_channel: bool = False):
-    """-> (stored coeffs, float16 scales [..., T, 1] or None) via the project's quantizer
-    (``per_channel``: scales ``[..., 1, D]``, one per column of each block, ``key_codec="channel"``).
+def _quantize(
+    coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype, per_channel: bool = False, zero_point: bool = False
+):
+    """-> (stored coeffs, float16 scales [..., T, 1] or None, float32 offsets [..., 1, D] or None)
+    via the project's quantizer (``per_channel``: scales ``[..., 1, D]``, one per column of each
+    block, ``key_codec="channel"``; ``zero_point``: with a per-column offset, ``key_zero_point``).
 
     On CUDA without ``quantize_rows``' two host-side checks (``check_finite=False``):
     ``compress_blocks`` has already refused non-finite blocks and taken rows whose scale could
@@ -147,12 +150,16 @@ def _quantize(coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype, per_cha
     if bits == 16:
         # copy=True: with the identity codec the "coefficients" are the input rows themselves,
         # and the cold tier must own its storage (no aliasing of, or pinning, the hot buffer)
-        return coeffs.to(model_dtype, copy=True), None
+        return coeffs.to(model_dtype, copy=True), None, None
     quant = _quant_module()
-    q = (quant.quantize_cols if per_channel else quant.quantize_rows)(
-        coeffs, bits=bits, scale_dtype=torch.float16, check_finite=not coeffs.is_cuda
-    )
-    return q.data, q.scales
+    finite = not coeffs.is_cuda
+    if per_channel:
+        q = quant.quantize_cols(
+            coeffs, bits=bits, scale_dtype=torch.float16, check_finite=finite, zero_point=zero_point
+        )
+    else:
+        q = quant.quantize_rows(coeffs, bits=bits, scale_dtype=torch.float16, check_finite=finite)
+    return q.data, q.scales, q.offsets
 
 
 def dequantize_coeffs(
@@ -161,13 +168,14 @@ def dequantize_coeffs(
     bits: int,
     rank: int,
     dtype: torch.dtype = torch.float32,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stored coefficients -> ``[..., T, rank]`` in ``dtype`` (scales applied)."""
+    """Stored coefficients -> ``[..., T, rank]`` in ``dtype`` (scales and zero points applied)."""
     if bits == 16:
         return coeffs.to(dtype)
     quant = _quant_module()
     return quant.dequantize_rows(
-        quant.QuantizedRows(data=coeffs, scales=scales, bits=bits, n_cols=rank), dtype
+        quant.QuantizedRows(data=coeffs, scales=scales, bits=bits, n_cols=rank, offsets=offsets), dtype
     )
 
 
@@ -241,31 +249,45 @@ def _fit_and_store(
     bits: int | None = None,
     residuals: bool = True,
     lowp: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    zero_point: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fit + quantize (``bits`` default ``config.coeff_bits``); returns (stored coeffs, scales,
     stored basis or None for the identity codec, per-row squared residual ``||m_t - m̂_t||²``
-    of the stored representation ``[N, T]`` in compute dtype, or None without ``residuals``).
+    of the stored representation ``[N, T]`` in compute dtype, or None without ``residuals``,
+    per-channel zero points or None: ``zero_point`` with the channel codec).
 
     The residual is formed by one GEMM with ``m`` as its addend (``m - C B``), not by
     materializing the reconstruction and subtracting it: on a 128K-token layer each full-size
     ``[N, T, D]`` float32 pass is ~0.5 GB of memory traffic."""
     bits = config.coeff_bits if bits is None else bits
     if codec in BASISLESS_CODECS:
-        q, scales = _quantize(m, bits, model_dtype, per_channel=codec == "channel")
+        channel = codec == "channel"
+        q, scales, offsets = _quantize(m, bits, model_dtype, per_channel=channel, zero_point=channel and zero_point)
         res = None
         if residuals:
-            res = _row_sq_norm_fused(m - dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype))
-        return q.contiguous(), None if scales is None else scales.contiguous(), None, res
+            res = _row_sq_norm_fused(m - dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype, offsets))
+        return q.contiguous(), None if scales is None else scales.contiguous(), None, res, offsets
     # int8 / int4 coefficients: compress_blocks took every row whose coefficients could pass
     # _coeff_limit (~8e6) out of the fit, so |m| and hence its float32 Gram are bounded
     coeffs, basis = low_rank_fit(m, rank, config, generator, bounded=bits in (4, 8), lowp=lowp)
-    q, scales = _quantize(coeffs, bits, model_dtype)
+    q, scales, _ = _quantize(coeffs, bits, model_dtype)
     basis_stored = basis.to(basis_dtype).contiguous()
     res = None
     if residuals:
         c = dequantize_coeffs(q, scales, bits, rank, m.dtype)
         res = _row_sq_norm_fused(torch.baddbmm(m, c, basis_stored.to(m.dtype), alpha=-1.0))
-    return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, res
+    return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, res, None
+
+
+def _outside_range(kf: torch.Tensor, drop: torch.Tensor, zero_point: bool) -> torch.Tensor:
+    """``kf [N, T, D]`` with the rows ``drop [N, T, 1]`` (served exactly) made neutral for the
+    channel quantizer: 0 for symmetric scales (inside every range), the middle of the kept rows'
+    range with zero points (a 0 would stretch a channel whose values sit far from zero)."""
+    if not zero_point:
+        return kf.masked_fill(drop, 0.0)
+    lo = kf.masked_fill(drop, float("inf")).amin(-2, keepdim=True)
+    hi = kf.masked_fill(drop, float("-inf")).amax(-2, keepdim=True)
+    return torch.where(drop, (lo + hi) * 0.5, kf)
 
 
 def _within_block_rank(x: torch.Tensor) -> torch.Tensor:
@@ -428,14 +450,15 @@ def compress_blocks(
     # per-channel key scales (quantized keys): outliers ranked by channel range, not by the key
     # residual, and the keys quantized without them once chosen
     channel_keys = kc == "channel" and config.coeff_bits != 16
+    zp = config.key_zero_point
     if channel_keys and want:
         # quantized once, below, after the outliers are chosen (they stay out of the channel scales)
-        kq = ks = kb = kres = None
+        kq = ks = kb = kres = ko = None
     else:
-        kq, ks, kb, kres = _fit_and_store(
-            kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want, k_low
+        kq, ks, kb, kres, ko = _fit_and_store(
+            kf, rank_keys, config, gen(), model_dtype, basis_dtype, kc, None, want, k_low, zp
         )
-    vq, vs, vb, vres = _fit_and_store(
+    vq, vs, vb, vres, _ = _fit_and_store(
         vf, rank_values, config, gen(), model_dtype, basis_dtype, vc, vbits, want, v_low
     )
 
@@ -463,11 +486,11 @@ def compress_blocks(
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)
             keep.scatter_(1, idx.unsqueeze(-1), 0.0)
             if kc == "lowrank":
-                kq, ks, kb, _ = _fit_and_store(
+                kq, ks, kb, _, _ = _fit_and_store(
                     kf * keep, rank_keys, config, gen(), model_dtype, basis_dtype, residuals=False
                 )
             if vc == "lowrank":
-                vq, vs, vb, _ = _fit_and_store(
+                vq, vs, vb, _, _ = _fit_and_store(
                     vf * keep, rank_values, config, gen(), model_dtype, basis_dtype, "lowrank", vbits, False
                 )
         if channel_keys:
@@ -475,8 +498,9 @@ def compress_blocks(
             # scales every other token is rounded with, so the keys are quantized without them
             drop = torch.zeros(n, t, 1, dtype=torch.bool, device=kf.device)
             drop.scatter_(1, idx.unsqueeze(-1), True)
-            kq, ks, kb, _ = _fit_and_store(
-                kf.masked_fill(drop, 0.0), rank_keys, config, None, model_dtype, basis_dtype, kc, None, False
+            kq, ks, kb, _, ko = _fit_and_store(
+                _outside_range(kf, drop, zp), rank_keys, config, None, model_dtype, basis_dtype, kc, None, False,
+                zero_point=zp,
             )
         gather = idx.unsqueeze(-1).expand(n, o, d)
         out_k = torch.gather(exact_keys.reshape(n, t, d), 1, gather)
@@ -496,6 +520,7 @@ def compress_blocks(
     return ColdBlocks(
         key_coeffs=shaped(kq),
         key_scales=shaped(ks),
+        key_offsets=shaped(ko),
         key_basis=shaped(kb),
         value_coeffs=shaped(vq),
         value_scales=shaped(vs),
@@ -529,7 +554,9 @@ def reconstruct_keys(
 ) -> torch.Tensor:
     """Reference decode of the keys ``[..., T, D]``: low-rank part (rotated with ``rotate`` for
     pre-RoPE blocks), then the exact outlier rows written over it."""
-    c = dequantize_coeffs(blocks.key_coeffs, blocks.key_scales, blocks.coeff_bits, blocks.rank_keys, dtype)
+    c = dequantize_coeffs(
+        blocks.key_coeffs, blocks.key_scales, blocks.coeff_bits, blocks.rank_keys, dtype, blocks.key_offsets
+    )
     recon = c if blocks.key_basis is None else c @ blocks.key_basis.to(dtype)
     if rotate is not None:
         recon = rotate(recon).to(dtype)

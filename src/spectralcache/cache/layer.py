@@ -127,6 +127,7 @@ _TIER_OF_FIELD = {
     "key_coeffs": "coefficients",
     "value_coeffs": "coefficients",
     "key_scales": "scales",
+    "key_offsets": "scales",
     "value_scales": "scales",
     "key_basis": "bases",
     "value_basis": "bases",

@@ -26,6 +26,11 @@ o outliers per block, L landmarks stored so far, h hot tokens):
   block, and row t is ``key_coeffs[..., n, t, :] * key_scales[..., n, 0, :]`` (the same
   broadcast; ``ColdBlocks.key_scales_per_channel`` tells them apart: per-row scales always end
   in 1). A reader that applies a per-row scale after the dot product must decode such rows first.
+- ``ColdBlocks.key_offsets``: ``None``, or with ``key_zero_point`` (``key_codec="channel"``
+  only) [B, H, nb, 1, D] float32, one zero point per channel of the block: row t of block n is
+  then ``key_coeffs[..., n, t, :] * key_scales[..., n, 0, :] + key_offsets[..., n, 0, :]``, and the
+  4-bit integers span [-8, 7] (int8: [-128, 127]). A post-RoPE reader adds ``q·key_offsets[n]`` to
+  every score of block n; a pre-RoPE reader adds the offsets to the rebuilt rows before rotating.
 - ``ColdBlocks.key_basis``: [B, H, nb, rk, D] (storage dtype: ``SpectralConfig.basis_dtype``);
   the block's keys are ``coeffs @ basis``. ``None`` means the identity basis
   (``key_codec="identity"``): then ``rk == D`` and the (scaled) coefficient rows *are* the keys.
@@ -93,6 +98,7 @@ class ColdBlocks:
     rank_values: int
     # storage width of the value coefficients when it differs from coeff_bits (None: the same)
     value_coeff_bits: int | None = None
+    key_offsets: torch.Tensor | None = None  # per-channel zero points (key_zero_point), else None
 
     @property
     def value_bits(self) -> int:

@@ -243,6 +243,8 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
     key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
     key_channel = cold.key_scales_per_channel
+    if cold.key_offsets is not None:
+        raise ValueError("the Triton decode kernel does not read key zero points (key_zero_point) yet")
     if key_channel and not key_identity:
         raise ValueError(
             "per-channel key scales need identity keys (key_basis None), as key_codec='channel' stores"
