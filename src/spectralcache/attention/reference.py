@@ -957,7 +957,12 @@ def reconstruct_dense_kv(state: SpectralLayerState) -> tuple[torch.Tensor, torch
     cold = state.cold
     if cold is not None and cold.num_blocks:
         k = _block_rows(
-            cold.key_coeffs, cold.key_scales, cold.key_basis, cold.coeff_bits, cold.rank_keys, cold.key_offsets
+            cold.key_coeffs,
+            cold.key_scales,
+            cold.key_basis,
+            cold.coeff_bits,
+            cold.rank_keys,
+            cold.key_offsets,
         )
         if state.key_space == "pre_rope":
             k = rotate_block_keys(k, cold.block_starts, state.rope_inv_freq).float()

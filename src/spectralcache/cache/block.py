@@ -137,7 +137,11 @@ def low_rank_fit(
 
 
 def _quantize(
-    coeffs: torch.Tensor, bits: int, model_dtype: torch.dtype, per_channel: bool = False, zero_point: bool = False
+    coeffs: torch.Tensor,
+    bits: int,
+    model_dtype: torch.dtype,
+    per_channel: bool = False,
+    zero_point: bool = False,
 ):
     """-> (stored coeffs, float16 scales [..., T, 1] or None, float32 offsets [..., 1, D] or None)
     via the project's quantizer (``per_channel``: scales ``[..., 1, D]``, one per column of each
@@ -262,7 +266,9 @@ def _fit_and_store(
     bits = config.coeff_bits if bits is None else bits
     if codec in BASISLESS_CODECS:
         channel = codec == "channel"
-        q, scales, offsets = _quantize(m, bits, model_dtype, per_channel=channel, zero_point=channel and zero_point)
+        q, scales, offsets = _quantize(
+            m, bits, model_dtype, per_channel=channel, zero_point=channel and zero_point
+        )
         res = None
         if residuals:
             res = _row_sq_norm_fused(m - dequantize_coeffs(q, scales, bits, m.shape[-1], m.dtype, offsets))
@@ -499,7 +505,15 @@ def compress_blocks(
             drop = torch.zeros(n, t, 1, dtype=torch.bool, device=kf.device)
             drop.scatter_(1, idx.unsqueeze(-1), True)
             kq, ks, kb, _, ko = _fit_and_store(
-                _outside_range(kf, drop, zp), rank_keys, config, None, model_dtype, basis_dtype, kc, None, False,
+                _outside_range(kf, drop, zp),
+                rank_keys,
+                config,
+                None,
+                model_dtype,
+                basis_dtype,
+                kc,
+                None,
+                False,
                 zero_point=zp,
             )
         gather = idx.unsqueeze(-1).expand(n, o, d)

@@ -66,7 +66,9 @@ class QuantizedRows:
         return torch.Size((*self.data.shape[:-1], self.n_cols))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.offsets) if t is not None)
+        return sum(
+            t.numel() * t.element_size() for t in (self.data, self.scales, self.offsets) if t is not None
+        )
 
 
 def _check_bits(bits: int) -> int:
