@@ -99,13 +99,16 @@ def test_config_and_block_refusals():
         compress_blocks(k, k, cfg(), 8, D)
 
 
-def channel_state(bits: int, key_space: str, chunk: int, seed: int) -> SpectralLayerState:
+def channel_state(
+    bits: int, key_space: str, chunk: int, seed: int, zero_point: bool = False
+) -> SpectralLayerState:
     """A state whose cold keys were compressed with the channel codec (compress_blocks on
-    random K/V with a big key channel), landmarks / hot / chunk random."""
+    random K/V with a big key channel; ``zero_point``: with per-channel zero points, the big
+    channel far from zero as real keys' slow RoPE channels are), landmarks / hot / chunk random."""
     b, h, nb, lm, hot = 2, 2, 3, 4, 7
     k = keys_with_a_big_channel((b, h, nb), seed=seed)
     v = torch.randn(b, h, nb, T, D, generator=gen(seed + 1))
-    c = cfg(coeff_bits=bits, value_codec="identity", value_coeff_bits=4)
+    c = cfg(coeff_bits=bits, value_codec="identity", value_coeff_bits=4, key_zero_point=zero_point)
     starts = torch.arange(nb) * T + lm
     cold = compress_blocks(k, v, c, D, D, block_starts=starts)
     g = gen(seed + 2)
@@ -131,22 +134,26 @@ def channel_state(bits: int, key_space: str, chunk: int, seed: int) -> SpectralL
     )
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("chunk", [1, 2, 27])  # decode (scales never go on the scores), a few rows, prefill
-def test_reference_matches_dense_attention_over_its_decompression(key_space, bits, chunk):
-    state = channel_state(bits, key_space, chunk, seed=10 * bits + chunk)
+def test_reference_matches_dense_attention_over_its_decompression(key_space, bits, chunk, zero_point):
+    state = channel_state(bits, key_space, chunk, seed=10 * bits + chunk, zero_point=zero_point)
+    assert (state.cold.key_offsets is not None) == zero_point
     q = torch.randn(2, 6, chunk, D, generator=gen(chunk))  # GQA: 3 query heads per KV head
     got = spectral_attention(q, state, None)
     want = dense_reference(q, state, None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_decode_kernel_reads_per_channel_scales(key_space, bits):
+def test_decode_kernel_reads_per_channel_scales(key_space, bits, zero_point):
     """The Triton decode kernel (interpreter on CPU) on states compress_blocks wrote with the
-    channel codec: the same attention as the torch reference, decode and 2 speculative rows."""
+    channel codec (with and without zero points): the same attention as the torch reference,
+    decode and 2 speculative rows."""
     pytest.importorskip("triton")
     import os
 
@@ -155,7 +162,7 @@ def test_decode_kernel_reads_per_channel_scales(key_space, bits):
     from spectralcache.attention.triton.decode import decode_attention
 
     for chunk in (1, 2):
-        state = channel_state(bits, key_space, chunk, seed=5 + bits + chunk)
+        state = channel_state(bits, key_space, chunk, seed=5 + bits + chunk, zero_point=zero_point)
         q = torch.randn(2, 6, chunk, D, generator=gen(5 + chunk))
         got = decode_attention(q, state, None, None, None, block_t=16)
         want = spectral_attention(q, state, None)
