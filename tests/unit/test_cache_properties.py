@@ -108,7 +108,7 @@ class Reference:
 
 
 configs = st.builds(
-    lambda t, hot, lm, o, rk, rv, bits, ks, refit, kc, vc: SpectralConfig(
+    lambda t, hot, lm, o, rk, rv, bits, ks, refit, kc, vc, zp: SpectralConfig(
         block_size=t,
         hot_size=hot,
         landmarks=lm,
@@ -120,6 +120,7 @@ configs = st.builds(
         refit_after_outliers=refit,
         key_codec=kc,
         value_codec=vc,
+        key_zero_point=zp and kc == "channel" and bits != 16,
     ),
     t=st.sampled_from([4, 8]),
     hot=st.sampled_from([0, 1, 3]),
@@ -130,8 +131,9 @@ configs = st.builds(
     bits=st.sampled_from([4, 8, 16]),
     ks=st.sampled_from(["post_rope", "pre_rope"]),
     refit=st.booleans(),
-    kc=st.sampled_from(["lowrank", "lowrank", "identity"]),
+    kc=st.sampled_from(["lowrank", "lowrank", "identity", "channel"]),
     vc=st.sampled_from(["lowrank", "lowrank", "identity"]),
+    zp=st.booleans(),
 )
 
 ops = st.lists(
