@@ -121,7 +121,7 @@ def _split_constexprs(
     kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool, rot_half: int,
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
-    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False,
+    key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
 ) -> dict:  # fmt: skip
     rk_p, rv_p = _int4_width(rk, kbits, int4_bytes, int4_pad), _int4_width(rv, vbits, int4_bytes, int4_pad)
     return dict(
@@ -135,6 +135,7 @@ def _split_constexprs(
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
+        KEY_OFFSETS=key_offsets,
     )  # fmt: skip
 
 
@@ -243,12 +244,13 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     kbits, vbits = int(cold.coeff_bits), int(cold.value_bits)
     key_identity, value_identity = cold.key_basis is None, cold.value_basis is None
     key_channel = cold.key_scales_per_channel
-    if cold.key_offsets is not None:
-        raise ValueError("the Triton decode kernel does not read key zero points (key_zero_point) yet")
     if key_channel and not key_identity:
         raise ValueError(
             "per-channel key scales need identity keys (key_basis None), as key_codec='channel' stores"
         )
+    key_offsets = cold.key_offsets is not None
+    if key_offsets:
+        _check_key_offsets(cold, key_channel)
     for name, coeffs, bits, rank, ident in (
         ("key", cold.key_coeffs, kbits, rk, key_identity),
         ("value", cold.value_coeffs, vbits, rv, value_identity),
@@ -269,6 +271,8 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         *_t(cold.key_coeffs, 5, i8, device),
         # per-row scales [.., nb, T, 1]: their row stride; per-channel [.., nb, 1, D]: the channel stride
         *_key_scale_args(cold.key_scales, key_channel, f16, device),
+        # zero points [.., nb, 1, D] (key_zero_point): (tensor, b, h, n, channel strides)
+        *_key_scale_args(cold.key_offsets, True, f16, device),
         *_t(cold.key_basis, 5, f16, device),
         *_t(cold.value_coeffs, 5, i8, device),
         *(_t(cold.value_scales, 5, f16, device)[:5]),
@@ -290,10 +294,27 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         _row_stride(cold.key_coeffs),
         _row_stride(cold.value_coeffs),
         key_channel,
+        key_offsets,
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
     return segment
+
+
+def _check_key_offsets(cold: ColdBlocks, key_channel: bool) -> None:
+    """Key zero points as ``ColdBlocks`` documents them: floating ``[B, H, nb, 1, D]``, beside
+    per-channel key scales of the same shape (``key_codec="channel"`` with 4- or 8-bit keys)."""
+    offsets = cold.key_offsets
+    if not key_channel or int(cold.coeff_bits) not in (4, 8):
+        raise ValueError(
+            "key_offsets (key zero points) need per-channel key scales with 4- or 8-bit keys "
+            f"(key_codec='channel'); got {int(cold.coeff_bits)}-bit keys, per-channel scales {key_channel}"
+        )
+    if not offsets.is_floating_point() or offsets.shape != cold.key_scales.shape:
+        raise ValueError(
+            f"key_offsets must be floating [B, H, nb, 1, D] like the key scales {tuple(cold.key_scales.shape)}, "
+            f"got {offsets.dtype} {tuple(offsets.shape)}"
+        )
 
 
 def _key_scale_args(
@@ -492,9 +513,10 @@ def decode_attention(
     rot_half = 1
     if cold is not None and cold.num_blocks:
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
-        n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel = (
-            facts
-        )
+        (
+            n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel,
+            key_offsets,
+        ) = facts  # fmt: skip
         if state.key_space == "pre_rope":
             pre_rope = True
             inv_freq = _resolve_inv_freq(state, device)
@@ -508,9 +530,9 @@ def decode_attention(
     else:
         n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
         key_identity = value_identity = True
-        key_channel = False
+        key_channel = key_offsets = False
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
-        cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
+        cold_args = (i64, i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
                      i8, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0,
                      f16, 0, 0, 0, 0, 0, f16, 0, 0, 0, 0, 0, i64, 0, 0, 0, 0)  # fmt: skip
         inv_freq = f16
@@ -613,7 +635,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes), bool(int4_pad),
+            key_channel, int(int4_bytes), bool(int4_pad), key_offsets,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -17,6 +17,14 @@ Math (per batch row ``b``, KV head ``h``; the ``G = Hq / Hkv`` query heads of ``
   dividing by the block's largest scale ``c_max`` keeps the folded query inside float16's
   range; pre-RoPE: the key tile ``C_K·c_K`` (and its partner ``sign·C_K[:, partner]·c_K[partner]``)
   is rebuilt and rotated as above;
+* per-channel zero points (``key_zero_point``: ``key_offsets`` z [D] float32 per block, KEY_OFFSETS,
+  only with KEY_CHANNEL; key row ``k_t = C_K[t] ⊙ c_K + z``): post-RoPE
+  ``s[:, t] = q·(C_K[t] ⊙ c_K + z)·scale = ((q ⊙ c_K/c_max)·C_K[t]ᵀ)·c_max·scale + (q·z)·scale`` --
+  ``qz = (q·z)·scale`` ([R] float32) once per block, added to every raw score of the block before
+  the softcap (outlier rows are masked anyway); pre-RoPE: z is added to the rebuilt tile
+  ``C_K·c_K + z`` and ``sign·z[partner]`` to its partner ``sign·(C_K[:, partner]·c_K[partner] + z[partner])``
+  before the rotation. The integers then span every level ([-8, 7] / [-128, 127]); the widening
+  below is exact for all of them;
 * rows of a cold block that are kept exact as outliers are masked (``-inf``) in the low-rank
   scores and attended through their exact copy in the same step;
 * one online softmax over everything the program reads: running max ``m``, denominator
@@ -156,7 +164,8 @@ def _load_coeffs(
     rate and were the largest single instruction cost of the cold loop): a small integer
     ``u`` in [0, 1023] ORed into the mantissa of the float16 1024.0 (bits 0x6400) *is* the
     float16 ``1024 + u``, exactly; subtracting the offset back is exact too. int8 ``c``:
-    ``u = c + 128`` (flip the sign bit); int4 nibble ``n``: ``u = n ^ 8`` (= its value + 8).
+    ``u = c + 128`` (flip the sign bit); int4 nibble ``n``: ``u = n ^ 8`` (= its value + 8). Both are
+    exact for every level, -128 / -8 included (zero-point keys use them; symmetric ones never do).
     ``DQ_ASM`` (int8, compiled CUDA only; the interpreter runs the tensor-op form): the same
     arithmetic on four packed bytes per PTX block (byte permutes, 3-input logic ops and
     float16x2 subtractions) instead of per-element 16-bit ops."""
@@ -255,7 +264,7 @@ def _exact_segment(
 
 @triton.jit
 def _cold_tile(
-    m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, owords, start, open_block,
+    m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start, open_block,
     kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
     freq, is_rot, partner, sign,
     mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
@@ -264,13 +273,15 @@ def _cold_tile(
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
-    INT4_BYTES_V: tl.constexpr,
+    INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
     KEY_CHANNEL: ``kch`` / ``kch_p`` [D_P] float32 are the block's channel scales at each column
     and at its rotate-half partner (pre-RoPE), ``qb`` the query with ``kch / kmax`` folded in
-    (post-RoPE); per-row key scales are then absent."""
+    (post-RoPE); per-row key scales are then absent. KEY_OFFSETS (with KEY_CHANNEL): ``kz`` [D_P]
+    the block's zero points, ``kz_p`` [D_P] the partner's times its sign (pre-RoPE), ``qz`` [R_P]
+    ``(q·kz)·scale`` (post-RoPE)."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
     ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K)
@@ -280,6 +291,8 @@ def _cold_tile(
         # rebuild the pre-RoPE key tile, rotate it by its cache indices, then score
         if KEY_CHANNEL:
             cks = ck.to(tl.float32) * kch[None, :]
+            if KEY_OFFSETS:
+                cks = cks + kz[None, :]
         elif KEY_BITS != 16:
             cks = ck.to(tl.float32) * kscale[:, None]
         else:
@@ -290,6 +303,8 @@ def _cold_tile(
             keys_partner = _partner_rows(kc_n, tt, t_ok, s_kc_t, s_kc_c, partner, sign, D, D_P, KEY_BITS)
             if KEY_CHANNEL:
                 keys_partner = keys_partner * kch_p[None, :]
+                if KEY_OFFSETS:
+                    keys_partner = keys_partner + kz_p[None, :]
             elif KEY_BITS != 16:
                 keys_partner = keys_partner * kscale[:, None]
         else:
@@ -302,6 +317,8 @@ def _cold_tile(
         s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
     elif KEY_CHANNEL:
         s = _dot(qb, tl.trans(ck), F32, ck.dtype) * (kmax * scale)
+        if KEY_OFFSETS:
+            s = s + qz[:, None]
     elif KEY_IDENTITY:
         s = _dot(q, tl.trans(ck), F32, ck.dtype) * scale
         if KEY_BITS != 16:
@@ -416,6 +433,7 @@ def spectral_decode_split_kernel(
     starts_ptr,
     kc_ptr, s_kc_b, s_kc_h, s_kc_n, s_kc_t, s_kc_c,
     ks_ptr, s_ks_b, s_ks_h, s_ks_n, s_ks_t,  # s_ks_t: row stride, or channel stride (KEY_CHANNEL)
+    ko_ptr, s_ko_b, s_ko_h, s_ko_n, s_ko_d,  # key zero points [B, H, nb, 1, D] (KEY_OFFSETS)
     kb_ptr, s_kb_b, s_kb_h, s_kb_n, s_kb_r, s_kb_d,
     vc_ptr, s_vc_b, s_vc_h, s_vc_n, s_vc_t, s_vc_c,
     vs_ptr, s_vs_b, s_vs_h, s_vs_n, s_vs_t,
@@ -451,6 +469,7 @@ def spectral_decode_split_kernel(
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
+    KEY_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -606,10 +625,33 @@ def spectral_decode_split_kernel(
                 else:
                     kch_p = 0.0
                     qb = q.to(tl.float32) * (kch / kmax)[None, :]
+                if KEY_OFFSETS:
+                    # the block's zero points (key_offsets [.., n, 0, d]); absent columns read 0
+                    kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
+                                 mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
+                    if PRE_ROPE:
+                        # the partner column's zero point, signed as _partner_rows signs its integers
+                        kz_p = sign * tl.load(
+                            ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + partner * s_ko_d,
+                            mask=d_ok,
+                            other=0.0,
+                        ).to(tl.float32)
+                        qz = 0.0
+                    else:
+                        # q·z once per block, already times the softmax scale: added to every raw score
+                        qz = tl.sum(q.to(tl.float32) * kz[None, :], axis=1) * scale
+                        kz_p = 0.0
+                else:
+                    kz = 0.0
+                    kz_p = 0.0
+                    qz = 0.0
             else:
                 kch = 0.0
                 kch_p = 0.0
                 kmax = 1.0
+                kz = 0.0
+                kz_p = 0.0
+                qz = 0.0
             if not VALUE_IDENTITY:
                 lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
             else:
@@ -618,27 +660,29 @@ def spectral_decode_split_kernel(
                 # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
                 for t0 in range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, owords, start, open_block,
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                        open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V,
+                        INT4_BYTES_V, KEY_OFFSETS,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
                 for t0 in tl.static_range(0, T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, owords, start, open_block,
+                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                        open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
                         freq, is_rot, partner, sign,
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V,
+                        INT4_BYTES_V, KEY_OFFSETS,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(

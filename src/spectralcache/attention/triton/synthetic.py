@@ -53,6 +53,7 @@ def random_state(
     identity_keys: bool = False,
     identity_values: bool = False,
     channel_keys: bool = False,
+    key_zero_point: bool = False,
     dtype: torch.dtype = torch.float32,
     basis_dtype: torch.dtype | None = None,
     rot_dim: int | None = None,
@@ -66,9 +67,16 @@ def random_state(
     ``rot_dim`` (pre-RoPE only) is the number of rotated leading dims (default head_dim).
     ``channel_keys``: identity keys with one scale per channel and block (``key_codec="channel"``,
     ``key_scales [B, H, nb, 1, D]``), channel scales spread over three decades as real keys' are.
+    ``key_zero_point`` (with ``channel_keys``): a float32 zero point per channel and block as well
+    (``key_offsets [B, H, nb, 1, D]``, ``key_zero_point=True``), the key integers over every level
+    (``[-8, 7]`` / ``[-128, 127]``, the most negative included) and the offsets spread like real
+    post-RoPE keys': most channels near zero, about one in eight (RoPE's slow channels, which barely
+    turn over a block) offset by 3 to 20 times its channel's half range, either sign.
     """
     if channel_keys and key_bits == 16:
         raise ValueError("channel_keys needs 4- or 8-bit keys (16-bit keys have no scales)")
+    if key_zero_point and not channel_keys:
+        raise ValueError("key_zero_point needs channel_keys (zero points are per-channel offsets)")
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, h, d, t, nb = batch, kv_heads, head_dim, block_size, blocks
@@ -81,16 +89,18 @@ def random_state(
     def rn(*shape: int, scale: float = 1.0, dt: torch.dtype = dtype) -> torch.Tensor:
         return (torch.randn(shape, generator=g) * scale).to(dt).to(device)
 
-    def coeffs(rank: int, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def coeffs(rank: int, bits: int, full_range: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # full_range: every level of the width (zero-point keys), else the symmetric [-qmax, qmax]
         shape = (b, h, nb, t, rank)
         if bits == 16:
             return rn(*shape, scale=0.5), None
         scales = (torch.rand((b, h, nb, t, 1), generator=g) * 0.05 + 0.01).half().to(device)
         if bits == 8:
-            return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).to(device), scales
+            lo = -128 if full_range else -127
+            return torch.randint(lo, 128, shape, generator=g, dtype=torch.int8).to(device), scales
         from spectralcache.linalg import quant
 
-        ints = torch.randint(-7, 8, shape, generator=g, dtype=torch.int8)
+        ints = torch.randint(-8 if full_range else -7, 8, shape, generator=g, dtype=torch.int8)
         return quant.pack_int4(ints).to(device), scales * 8
 
     def basis(rank: int) -> torch.Tensor:
@@ -101,14 +111,27 @@ def random_state(
     cold = None
     sc = spare_capacity
     if nb:
-        kc, ks = coeffs(rk, key_bits)
+        kc, ks = coeffs(rk, key_bits, full_range=key_zero_point)
+        ko = None
         if channel_keys:
             spread = 10.0 ** (3.0 * torch.rand((b, h, nb, 1, d), generator=g) - 2.0)  # 0.01 .. 10
             ks = (spread / (7.0 if key_bits == 4 else 127.0)).half().to(device)
+        if key_zero_point:
+            # offsets in units of the channel's half range: ~N(0, 1) for most channels, 3..20 for
+            # about one channel in eight (a far-from-zero channel, either sign)
+            far = torch.rand((b, h, nb, 1, d), generator=g) < 0.125
+            mag = torch.where(
+                far,
+                3.0 + 17.0 * torch.rand((b, h, nb, 1, d), generator=g),
+                torch.randn((b, h, nb, 1, d), generator=g),
+            )
+            sign = torch.where(torch.rand((b, h, nb, 1, d), generator=g) < 0.5, -1.0, 1.0)
+            ko = (mag * sign * spread).float().to(device)
         vc, vs = coeffs(rv, value_bits)
         fields = dict(
             key_coeffs=kc,
             key_scales=ks,
+            key_offsets=ko,
             key_basis=None if identity_keys else basis(rk),
             value_coeffs=vc,
             value_scales=vs,
