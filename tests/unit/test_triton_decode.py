@@ -48,6 +48,8 @@ def _check(
     outlier_split: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = False,
+    int4_bytes: int = 32,
+    int4_pad: bool = True,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -69,7 +71,7 @@ def _check(
     got = decode_attention(
         query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
         block_stages=block_stages, outlier_split=outlier_split, min_rows=min_rows,
-        exact_spread=exact_spread,
+        exact_spread=exact_spread, int4_bytes=int4_bytes, int4_pad=int4_pad,
     )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
@@ -214,6 +216,7 @@ def test_bfloat16(key_space: str, key_bits: int) -> None:
     _check(dtype=torch.bfloat16, key_space=key_space, key_bits=key_bits, groups=4, mask="bool", batch=2)
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 @pytest.mark.parametrize("key_bits", [8, 4])
 @pytest.mark.parametrize(
@@ -223,15 +226,59 @@ def test_bfloat16(key_space: str, key_bits: int) -> None:
         dict(dtype=torch.bfloat16, groups=4, mask="bool", batch=2),
         dict(dtype=torch.float32, q_len=3, mask="float", identity_values=True, value_bits=4),
         dict(dtype=torch.float32, outlier_split=False, rot_dim=16, blocks_per_split=2),
+        # odd block size and head_dim, the chunk starting inside the last block (partially served)
+        dict(dtype=torch.float32, block_size=13, head_dim=24, outliers=3, chunk=5, hot=2, q_len=5, groups=1),
+        # GQA 8 with batch 3, the block loop pipelined, int4 read one nibble at a time
+        dict(
+            dtype=torch.float32, groups=8, batch=3, kv_heads=1, block_stages=2, int4_bytes=0, int4_pad=False
+        ),
     ],
 )
-def test_per_channel_key_scales(key_space: str, key_bits: int, kw: dict) -> None:
+def test_per_channel_key_scales(key_space: str, key_bits: int, kw: dict, zero_point: bool) -> None:
     """key_codec="channel": one scale per key channel and block, folded into the query (post-RoPE)
-    or into the rebuilt key tile (pre-RoPE); scales spread over three decades."""
+    or into the rebuilt key tile (pre-RoPE); scales spread over three decades. ``zero_point``
+    (key_zero_point): a float32 offset per channel and block too, some channels far from zero,
+    the integers over every level (-8 / -128 included): post-RoPE adds (q·z)·scale to the block's
+    scores, pre-RoPE adds z to the rebuilt tile and its rotate-half partner."""
     kw = dict(kw)
     if key_space == "post_rope":
         kw.pop("rot_dim", None)
-    _check(key_space=key_space, key_bits=key_bits, channel_keys=True, **kw)
+    _check(key_space=key_space, key_bits=key_bits, channel_keys=True, key_zero_point=zero_point, **kw)
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_key_zero_points_are_read(key_space: str) -> None:
+    """The zero points change the answer (a kernel that skipped them would be caught): the same
+    state with other offsets attends differently, and the kernel follows the offsets it is given --
+    replaced, then dropped, on a view it already launched for (its launch-argument cache)."""
+    seed = next(_seed)
+    kw = dict(
+        channel_keys=True, key_zero_point=True, key_bits=4, key_space=key_space, seed=seed, device=DEVICE
+    )
+    state = random_state(**kw)
+    q = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    with_offsets = decode_attention(q, state, block_t=16)
+    _assert_rel(with_offsets, spectral_attention(q, state))
+    state.cold.key_offsets = state.cold.key_offsets * -0.5
+    moved = decode_attention(q, state, block_t=16)
+    _assert_rel(moved, spectral_attention(q, state))
+    assert float((moved - with_offsets).norm() / with_offsets.norm()) > 1e-2
+    state.cold.key_offsets = None
+    _assert_rel(decode_attention(q, state, block_t=16), spectral_attention(q, state))
+
+
+def test_key_zero_points_refused_clearly() -> None:
+    """Zero points without per-channel scales, or of the wrong shape, name the problem."""
+    state = random_state(key_bits=4, device=DEVICE, seed=next(_seed))  # per-row scales
+    nb = state.cold.num_blocks
+    state.cold.key_offsets = torch.zeros(1, 2, nb, 1, 32, device=DEVICE)
+    q = torch.randn(1, 4, 1, 32).to(DEVICE)
+    with pytest.raises(ValueError, match=r"key_offsets .* need per-channel key scales"):
+        decode_attention(q, state)
+    state = random_state(key_bits=4, channel_keys=True, key_zero_point=True, device=DEVICE, seed=next(_seed))
+    state.cold.key_offsets = state.cold.key_offsets[..., :16]
+    with pytest.raises(ValueError, match=r"key_offsets must be floating \[B, H, nb, 1, D\]"):
+        decode_attention(q, state)
 
 
 @pytest.mark.parametrize("int4_bytes,int4_pad", [(0, False), (16, False), (32, False), (32, True)])
