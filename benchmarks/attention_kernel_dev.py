@@ -10,7 +10,8 @@ Usage (on a CUDA machine)::
   every mode (key space, codec per side, 4/8/16-bit, outliers, GQA 1/4/8, batch, padding,
   q_len > 1, softcap), float32 (< 1e-5) and bfloat16 (< 1e-2), output poisoned with NaN first;
 * ``time``: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one
-  query token, contexts 4K..128K, batch 1 and 8, presets default / aggressive: SDPA on the dense
+  query token, contexts 4K..128K, batch 1 and 8, presets (``--time-presets``; ``PRESETS``: default,
+  aggressive, channel, channel_zp = channel with key zero points): SDPA on the dense
   K/V vs the kernel (eager and CUDA-graph replay) vs the torch reference; median ms, GB/s on the
   bytes the kernel must read, fraction of the copy bandwidth, byte ratio vs dense;
 * ``variants``: graph-replay time of launch configs at batch 1 (``--variant-contexts``): the product
@@ -46,13 +47,18 @@ from spectralcache.attention.triton.synthetic import random_state
 PRESETS = {
     # name: (rank_keys, rank_values, outliers, bits). "default" / "aggressive": the low-rank layouts of
     # those presets up to stop 16 ("default" is the "lowrank" preset since stop 17); "channel": the
-    # default preset since stop 17 (keys int4 per channel, values int4 per token, 8 outliers)
+    # default preset since stop 17 (keys int4 per channel, values int4 per token, 8 outliers);
+    # "channel_zp": the same with a float32 zero point per key channel and block (key_zero_point)
     "default": (32, 64, 32, 8),
     "aggressive": (16, 32, 16, 4),
     "channel": (128, 128, 8, 4),
+    "channel_zp": (128, 128, 8, 4),
 }
-# random_state options beyond the ranks (identity / per-channel codecs)
-STATE_OPTIONS = {"channel": {"channel_keys": True, "identity_values": True}}
+# random_state options beyond the ranks (identity / per-channel codecs, zero points)
+STATE_OPTIONS = {
+    "channel": {"channel_keys": True, "identity_values": True},
+    "channel_zp": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
+}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,8 +73,8 @@ def state_bytes(state) -> int:
     c = state.cold
     if c is not None:
         tensors += [
-            c.key_coeffs, c.key_scales, c.key_basis, c.value_coeffs, c.value_scales, c.value_basis,
-            c.outlier_keys, c.outlier_values, c.outlier_index, c.block_starts,
+            c.key_coeffs, c.key_scales, c.key_offsets, c.key_basis, c.value_coeffs, c.value_scales,
+            c.value_basis, c.outlier_keys, c.outlier_values, c.outlier_index, c.block_starts,
         ]  # fmt: skip
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -101,9 +107,11 @@ def check_modes():
         modes.append((f"{ks} idK", dict(key_space=ks, identity_keys=True), 4, 1, None, None))
         modes.append((f"{ks} idK4 idV", dict(key_space=ks, identity_keys=True, identity_values=True,
                                              key_bits=4), 4, 1, None, None))  # fmt: skip
-        for kb in (4, 8):  # per-channel key scales (key_codec="channel")
-            modes.append((f"{ks} chK{kb} idV4", dict(key_space=ks, channel_keys=True, key_bits=kb,
-                                                     identity_values=True, value_bits=4), 4, 1, None, None))  # fmt: skip
+        for kb in (4, 8):  # per-channel key scales (key_codec="channel"), without / with zero points
+            for zp in (False, True):
+                modes.append((f"{ks} chK{kb}{'zp' if zp else ''} idV4",
+                              dict(key_space=ks, channel_keys=True, key_zero_point=zp, key_bits=kb,
+                                   identity_values=True, value_bits=4), 4, 1, None, None))  # fmt: skip
     modes += [
         ("idV v4", dict(identity_values=True, value_bits=4), 4, 1, None, None),
         ("G1 b1", dict(batch=1), 1, 1, None, None),
@@ -132,6 +140,8 @@ def section_check(res: dict, quick: bool = False, configs=({},)) -> None:
             "G8 b4",
             "post_rope chK4 idV4",
             "pre_rope chK8 idV4",
+            "post_rope chK4zp idV4",
+            "pre_rope chK4zp idV4",
         }
         modes = [m for m in modes if m[0] in keep]
     rows = []
@@ -449,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variant-contexts", default="32768,131072")
     p.add_argument(
-        "--variant-presets", default=",".join(PRESETS), help="comma list of PRESETS the variants run"
+        "--variant-presets",
+        default="default,aggressive,channel",
+        help="comma list of PRESETS the variants run (channel_zp: name it)",
     )
     p.add_argument(
         "--time-presets", default=",".join(PRESETS), help="comma list of PRESETS the time section runs"

@@ -41,6 +41,10 @@ CONFIGS = {
     "chK4+idV4+o8": ("lowrank", {"key_codec": "channel", "value_codec": "identity", "coeff_bits": 4,
                                  "outliers_per_block": 8, "compress_tail": True}),
     "chK8+idV4": ("lowrank", {"key_codec": "channel", "value_codec": "identity", "value_coeff_bits": 4}),
+    # per-channel zero points (key_zero_point): the default preset with them, and int8 channel keys
+    "default+zp": ("default", {"key_zero_point": True}),
+    "chK8zp+idV4": ("lowrank", {"key_codec": "channel", "value_codec": "identity", "value_coeff_bits": 4,
+                                "key_zero_point": True}),
     "max": ("max", {}),
 }  # fmt: skip
 SHAPES = {  # name: (q_heads, kv_heads, head_dim, dtype)
