@@ -22,11 +22,19 @@ from spectralcache.attention.triton import decode_attention  # noqa: E402
 from spectralcache.bench.attention import build_case  # noqa: E402
 
 
-@pytest.mark.parametrize("preset", ["default", "aggressive"])  # the bench's presets (post-RoPE keys)
+# the bench's presets (post-RoPE keys); "default+zp": the default preset with key zero points
+@pytest.mark.parametrize("preset", ["default", "aggressive", "default+zp"])
 @pytest.mark.parametrize(("batch", "tokens", "dtype"), [(1, 2600, torch.bfloat16), (3, 1700, torch.float16)])
 def test_kernel_matches_reference_on_preset_states(preset: str, batch: int, tokens: int, dtype) -> None:
-    case = build_case(preset, batch, tokens, 32, 8, 128, dtype, torch.device("cuda"), seed=tokens)
+    from spectralcache.config import SpectralConfig
+
+    zero_point = preset.endswith("+zp")
+    cfg = SpectralConfig.from_preset(
+        preset.removesuffix("+zp"), **({"key_zero_point": True} if zero_point else {})
+    )
+    case = build_case(cfg, batch, tokens, 32, 8, 128, dtype, torch.device("cuda"), seed=tokens)
     assert case.state.cold is not None and case.state.cold.num_blocks > 0
+    assert (case.state.cold.key_offsets is not None) == zero_point
     ref = spectral_attention(case.query, case.state, None).float()
     out = decode_attention(case.query, case.state, None).float()
     err = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))

@@ -193,6 +193,19 @@ def test_identity_codecs(codecs, bits) -> None:
          identity_values=codecs in ("identity_values", "both"))  # fmt: skip
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("key_bits", [4, 8])
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_channel_keys_and_zero_points(zero_point, key_bits, key_space) -> None:
+    """The default layout (per-channel keys, identity int4 values, 8 outliers) with and without
+    key zero points (key_zero_point: offsets far from zero on some channels, every integer level
+    used), compiled; bfloat16 with a padding mask and GQA 4, and float32."""
+    kw = dict(channel_keys=True, key_zero_point=zero_point, key_bits=key_bits, key_space=key_space,
+              identity_values=True, value_bits=4, outliers=8)  # fmt: skip
+    _run(mask="bool", batch=2, **kw)
+    _run(dtype=torch.float32, **kw)
+
+
 @pytest.mark.parametrize("groups,batch", [(1, 1), (4, 4), (8, 2)])
 def test_gqa_batch_padding(groups, batch) -> None:
     _run(groups=groups, batch=batch, mask="bool", **PRESETS["default"])
