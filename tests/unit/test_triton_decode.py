@@ -132,6 +132,8 @@ def test_causal_small_q_without_mask() -> None:
         dict(chunk=20, hot=6),  # the chunk starts inside the last block (partially served block)
         dict(blocks=5, hot=40, landmarks=9),  # several exact splits
         dict(head_dim=24, rank_keys=6),  # head_dim not a power of two
+        # identity sides narrower than int4_bytes: their tiles stay head_dim wide (not int4-padded)
+        dict(head_dim=16, identity_keys=True, identity_values=True, key_space="pre_rope"),
     ],
 )
 @pytest.mark.parametrize("key_bits", [8, 4])
@@ -423,17 +425,25 @@ def test_device_sizes_match_host_sizes() -> None:
         _assert_rel(out, host, 1e-6)
 
 
-def test_recorded_launch_follows_a_decoding_layer() -> None:
+# the layer's own codecs: low-rank, and the default's per-channel int4 keys with zero points
+_LAYER_CODECS = {
+    "lowrank": {},
+    "channel_zp": dict(key_codec="channel", value_codec="identity", coeff_bits=4, key_zero_point=True),
+}
+
+
+@pytest.mark.parametrize("codecs", list(_LAYER_CODECS))
+def test_recorded_launch_follows_a_decoding_layer(codecs: str) -> None:
     """One recorded launch (addresses of the state at record time, sizes on the device) reads every
     later decode step of a real SpectralLayer correctly -- new hot tokens, blocks appended into
-    spare capacity, the hot window moving after a compression -- until a buffer moves, which
-    ``update`` reports as StaleDecodeGraph (then we record again)."""
+    spare capacity (key zero points too), the hot window moving after a compression -- until a
+    buffer moves, which ``update`` reports as StaleDecodeGraph (then we record again)."""
     from tests.layer_helpers import D, H, kv, small_cfg
 
     from spectralcache.attention.triton.graph import DecodeGraphSizes, StaleDecodeGraph
     from spectralcache.cache.layer import SpectralLayer
 
-    layer = SpectralLayer(small_cfg(), 0, head_dim=D, num_kv_heads=H)
+    layer = SpectralLayer(small_cfg(**_LAYER_CODECS[codecs]), 0, head_dim=D, num_kv_heads=H)
     k0, v0 = kv(1, 150, seed=next(_seed))  # 9 blocks: the cold buffers grow with spare capacity
     layer.update(k0.to(DEVICE), v0.to(DEVICE))
     layer.release_chunk()
@@ -460,6 +470,7 @@ def test_recorded_launch_follows_a_decoding_layer() -> None:
             recorded, sizes = state, DecodeGraphSizes(state, q_len=1)
             sizes.update(state)
             records += 1
+        assert (state.cold.key_offsets is not None) == (codecs == "channel_zp")
         out.fill_(float("nan"))
         # the recorded launch: the *recorded* state's addresses, this step's sizes from the device
         decode_attention(q_static, recorded, out=out, block_t=16, **sizes.launch_kwargs())

@@ -123,7 +123,10 @@ def _split_constexprs(
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
 ) -> dict:  # fmt: skip
-    rk_p, rv_p = _int4_width(rk, kbits, int4_bytes, int4_pad), _int4_width(rv, vbits, int4_bytes, int4_pad)
+    # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
+    # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
+    rk_p = _int4_width(rk, kbits, int4_bytes, int4_pad and not key_identity)
+    rv_p = _int4_width(rv, vbits, int4_bytes, int4_pad and not value_identity)
     return dict(
         G=groups, R=rows, R_P=_next_pow2(rows, min_rows), D=head_dim, D_P=_next_pow2(head_dim), T=t, BLOCK_T=block_t,
         RK=rk, RK_P=rk_p, RV=rv, RV_P=rv_p,
