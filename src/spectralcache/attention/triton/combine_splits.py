@@ -1,15 +1,19 @@
-"""Reduction kernel of the fused decode attention: merge the per-split partials by log-sum-exp.
+"""Reduction of the fused decode attention: merge the per-split partials by log-sum-exp.
 
 Math: split ``s`` of one (batch row, KV head) left, per query row ``r``, a running max
 ``m_s``, a denominator ``l_s = Σ exp(score - m_s)`` and an unnormalised output
 ``acc_s = Σ exp(score - m_s)·v``. With ``M = max_s m_s`` the exact softmax attention over the
-union of the splits is ``Σ_s exp(m_s - M)·acc_s / Σ_s exp(m_s - M)·l_s``. A row whose every
-key was masked has ``l = 0`` everywhere and is written as zeros (as the torch reference does),
-never NaN.
+union of the splits is ``Σ_s exp(m_s - M)·acc_s / Σ_s exp(m_s - M)·l_s``. A split that saw no
+key of the row (an empty range, or every key masked) has ``m_s = -inf``, ``l_s = 0``,
+``acc_s = 0`` and weighs nothing; a row whose every key was masked has ``l = 0`` everywhere and
+is written as zeros (as the torch reference does), never NaN.
 
-One program per (batch row, KV head, query row) reads its splits ``BLOCK_S`` at a time (a
+:func:`merge_row` is that merge for one output row, reading the splits ``BLOCK_S`` at a time (a
 ``[BLOCK_S, D]`` tile per step, so hundreds of splits cost a few wide loads, not hundreds of
-dependent ones) and writes one output row ``[D]`` through the output's strides, in its dtype.
+dependent ones) and writing the row ``[D]`` through the output's strides, in its dtype. Two
+callers share it: :func:`combine_splits_kernel` (one program per (batch row, KV head, query
+row), launched after the split kernel) and the split kernel's fused tail (``FUSED_COMBINE``: the
+last split program of a (batch row, KV head) merges its rows itself, ``decode_splits``).
 """
 
 from __future__ import annotations
@@ -17,25 +21,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["combine_splits_kernel"]
+__all__ = ["combine_splits_kernel", "merge_row"]
 
 
-@triton.jit(do_not_specialize=["n_splits"])  # changes with the context length: no recompiles
-def combine_splits_kernel(
-    part_ptr,
-    out_ptr, s_ob, s_oh, s_oq, s_od,
-    n_kv, n_splits, q_len,
+@triton.jit
+def merge_row(
+    part_ptr, n_part, out_ptr, s_ob, s_oh, s_oq, s_od, bh, r, n_kv, n_splits, q_len,
     G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    CACHE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    bh = pid // R
-    r = pid % R
+    """Merge the ``n_splits`` partials of query row ``r`` of ``bh`` (= b·n_kv + h) and store it.
+
+    ``part_ptr``: the split kernel's float32 buffer acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
+    with ``n_part = BH·S·R`` partial rows; ``CACHE``: the loads' cache modifier ("" or ".cg":
+    L2 only, for partials other programs of this launch wrote, see decode_splits)."""
     b = bh // n_kv
     h = bh % n_kv
     dcols = tl.arange(0, D_P)
     d_ok = dcols < D
-    # partials of the split kernel, one buffer: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
-    n_part = tl.num_programs(0) * n_splits
     pm_ptr = part_ptr + n_part * D
     pl_ptr = part_ptr + n_part * (D + 1)
 
@@ -46,10 +49,13 @@ def combine_splits_kernel(
         ss = s0 + tl.arange(0, BLOCK_S)
         s_ok = ss < n_splits
         row = (bh * n_splits + ss) * R + r  # [BLOCK_S] partial rows
-        m_s = tl.load(pm_ptr + row, mask=s_ok, other=float("-inf"))
-        l_s = tl.load(pl_ptr + row, mask=s_ok, other=0.0)
+        m_s = tl.load(pm_ptr + row, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+        l_s = tl.load(pl_ptr + row, mask=s_ok, other=0.0, cache_modifier=CACHE)
         a_s = tl.load(
-            part_ptr + row[:, None] * D + dcols[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+            part_ptr + row[:, None] * D + dcols[None, :],
+            mask=s_ok[:, None] & d_ok[None, :],
+            other=0.0,
+            cache_modifier=CACHE,
         )
         m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -66,3 +72,18 @@ def combine_splits_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=d_ok,
     )
+
+
+@triton.jit(do_not_specialize=["n_splits"])  # changes with the context length: no recompiles
+def combine_splits_kernel(
+    part_ptr,
+    out_ptr, s_ob, s_oh, s_oq, s_od,
+    n_kv, n_splits, q_len,
+    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One program per (batch row, KV head, query row): :func:`merge_row` of that row."""
+    pid = tl.program_id(0)
+    merge_row(
+        part_ptr, tl.num_programs(0) * n_splits, out_ptr, s_ob, s_oh, s_oq, s_od, pid // R, pid % R, n_kv,
+        n_splits, q_len, G, R, D, D_P, BLOCK_S, "",
+    )  # fmt: skip
