@@ -98,7 +98,8 @@ class SpectralConfig:
             token loses the rest (niah_single_1 17 % at 4K); outlier tokens are left out of the
             scales. The Triton decode kernel reads it (post-RoPE: the scales fold into the query once
             per block; pre-RoPE: into the rebuilt key tile), as the torch reference does.
-        key_zero_point: ``False``. With ``key_codec="channel"`` and 4- or 8-bit keys: each channel
+        key_zero_point: ``False`` (``True`` in the default preset since stop 18). With
+            ``key_codec="channel"`` and 4- or 8-bit keys: each channel
             of a block also gets a float32 offset (``key_offsets [..., nb, 1, head_dim]``), so the
             levels cover the channel's range ``[min, max]`` instead of ``[-max|k|, max|k|]`` (KIVI's
             asymmetric keys). Post-RoPE keys have channels that barely turn over a block and sit
@@ -402,8 +403,16 @@ class SpectralConfig:
 
         Warns when a rank is set for a side whose codec has none (``"identity"`` / ``"channel"``
         store the rows themselves): since stop 17 the default preset is such a codec on both sides,
-        so ``from_preset("default", rank_keys=16)`` would otherwise be silently the default."""
+        so ``from_preset("default", rank_keys=16)`` would otherwise be silently the default.
+        Changing ``key_codec`` away from ``"channel"`` (or ``coeff_bits`` to 16) without naming
+        ``key_zero_point`` turns the zero points off, since only quantized channel keys have them."""
         changes.setdefault("name", "custom")
+        if self.key_zero_point and "key_zero_point" not in changes:
+            codec = changes.get("key_codec", self.key_codec)
+            if codec != "channel" or changes.get("coeff_bits", self.coeff_bits) == 16:
+                # zero points belong to quantized channel keys: moving off them (the default
+                # preset -> low-rank or 16-bit keys) drops them instead of failing validation
+                changes["key_zero_point"] = False
         cfg = dataclasses.replace(self, **changes)
         for rank, side, codec in (
             ("rank_keys", "key", cfg.key_codec),
@@ -436,12 +445,16 @@ PRESETS: dict[str, Callable[[], SpectralConfig]] = {
     # the compressed layers; perplexity dNLL +0.008 vs +0.117; 3.5x vs 2.8x fewer bytes at the
     # Llama-8B shape (bf16); no SVD to compute (cheaper prefill). The decode kernel reads it at 1.5x
     # SDPA's speed at 128K on an H100 (the low-rank layout: 2.1x).
+    # Since stop 18 with per-channel zero points on the keys (key_zero_point): on the same 30 + 30
+    # samples at 4K perplexity dNLL +0.0001 instead of +0.008 and more retrieval answers kept
+    # (docs/fidelity.md, "Stop 18: key zero points"), for 4 bytes per key channel and block.
     "default": lambda: SpectralConfig(
         key_codec="channel",
         value_codec="identity",
         coeff_bits=4,
         outliers_per_block=8,
         compress_tail=True,
+        key_zero_point=True,
         name="default",
     ),
     # Low-rank keys and values (the default until stop 16): int8 coefficients, rank 32/64 of

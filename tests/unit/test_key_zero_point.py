@@ -116,7 +116,22 @@ def test_config_refusals():
         SpectralConfig(key_codec="channel", coeff_bits=16, key_zero_point=True)
     with pytest.raises(TypeError, match="key_zero_point must be a bool"):
         SpectralConfig(key_codec="channel", key_zero_point=1)
-    assert SpectralConfig.from_preset("default").replace(key_zero_point=True).key_zero_point
+
+
+def test_the_default_preset_has_zero_points_and_moving_off_channel_keys_drops_them():
+    """Since stop 18 the default stores zero points; overriding its key codec (or 16-bit keys)
+    without naming the switch turns them off instead of failing validation, while naming it
+    keeps the refusal."""
+    default = SpectralConfig.from_preset("default")
+    assert default.key_zero_point and default.key_codec == "channel"
+    assert SpectralConfig.from_preset("default", coeff_bits=8).key_zero_point
+    low = SpectralConfig.from_preset("default", key_codec="lowrank", rank_keys=16)
+    assert not low.key_zero_point and low.rank_keys == 16
+    assert not default.replace(coeff_bits=16).key_zero_point
+    assert not SpectralConfig.from_preset("default", key_zero_point=False).key_zero_point
+    with pytest.raises(ValueError, match="key_zero_point=True needs key_codec='channel'"):
+        default.replace(key_codec="identity", key_zero_point=True)
+    assert not SpectralConfig.from_preset("lowrank").replace(key_codec="channel").key_zero_point
 
 
 def test_bytes_held_and_a_model_end_to_end():
