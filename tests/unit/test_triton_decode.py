@@ -390,7 +390,7 @@ def _split_count(state, query, **launch) -> int:
         # one program in all: it is the last to arrive and merges alone
         (dict(landmarks=0, hot=0, chunk=None, blocks=3, outliers=0), dict(blocks_per_split=8), (1, 1)),
         (dict(blocks=0, landmarks=4, hot=9, chunk=1), dict(), (1, 1)),
-        # many programs: more than the fused tail's tile of 32 splits (two merge steps), GQA, batch 2
+        # many programs: more splits than the fused tail's tile (several merge steps), batch 2
         (dict(blocks=34, batch=2, kv_heads=1, outliers=0), dict(blocks_per_split=1), (33, 40)),
         # the low-rank int4 preset's layout (aggressive: rank 16 keys, 32 values), outliers split out
         (
@@ -405,6 +405,8 @@ def _split_count(state, query, **launch) -> int:
             dict(mask=True),
             (2, 40),
         ),
+        # 24 query rows per KV head (GQA 8 x 3 tokens): the tail merges them 16 rows at a time
+        (dict(blocks=4, chunk=3), dict(groups=8, q_len=3, blocks_per_split=1), (5, 40)),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -422,11 +424,12 @@ def test_fused_combine_agrees_and_resets_its_counters(
     state = random_state(**kw)
     b, h = kw["batch"], kw["kv_heads"]
     g = torch.Generator().manual_seed(seed)
-    query = torch.randn(b, 4 * h, 1, 32, generator=g).to(dtype).to(DEVICE)
     launch = dict(launch, block_t=16)
+    groups, q_len = launch.pop("groups", 4), launch.pop("q_len", 1)
+    query = torch.randn(b, groups * h, q_len, 32, generator=g).to(dtype).to(DEVICE)
     mask = None
     if launch.pop("mask", False):
-        mask = _padded_mask(b, 1, state.seq_len, torch.randint(0, state.seq_len // 2, (b,), generator=g))
+        mask = _padded_mask(b, q_len, state.seq_len, torch.randint(0, state.seq_len // 2, (b,), generator=g))
         mask = mask.to(DEVICE)
     n_splits = _split_count(state, query, attention_mask=mask, **launch)
     assert splits[0] <= n_splits <= splits[1], n_splits

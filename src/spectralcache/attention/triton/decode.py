@@ -140,7 +140,7 @@ def _split_constexprs(
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
-        KEY_OFFSETS=key_offsets, FUSED_COMBINE=fused_combine, BLOCK_S=FUSED_BLOCK_S if fused_combine else 1,
+        KEY_OFFSETS=key_offsets, FUSED_COMBINE=fused_combine, **_fused_tile(fused_combine, rows, head_dim),
     )  # fmt: skip
 
 
@@ -184,9 +184,21 @@ def _fused_combine_env() -> bool:
 
 # decode_attention's default for ``fused_combine=None`` (off until it is measured faster on the H100)
 FUSED_COMBINE_DEFAULT = _fused_combine_env()
-# splits the fused tail merges per step: fixed, so the split kernel is not compiled again when the
-# number of splits crosses a power of two ([32, D] float32 tile: 32 registers a thread at D = 128)
-FUSED_BLOCK_S = 32
+# float32 elements of the fused tail's [BLOCK_S, rows, D] tile of partials (64 registers a thread at
+# 4 warps): Llama's 4 query rows per KV head at head_dim 128 merge 16 splits per step
+FUSED_TILE = 8192
+
+
+def _fused_tile(fused: bool, rows: int, head_dim: int) -> dict:
+    """FUSED_RB (query rows merged together) and BLOCK_S (splits per step) of the fused tail: fixed
+    by the layout, not by the number of splits, so the split kernel is not compiled again as the
+    context grows; (1, 1) when the tail is off (its constexprs then change nothing)."""
+    if not fused:
+        return dict(FUSED_RB=1, BLOCK_S=1)
+    rb = min(_next_pow2(rows, 1), 16)
+    return dict(FUSED_RB=rb, BLOCK_S=max(2, min(64, FUSED_TILE // (rb * _next_pow2(head_dim)))))
+
+
 # (device, batch rows x KV heads) -> int32 zeros: the fused combine's arrival counters. The kernel
 # leaves them at zero, so one buffer serves every stream-ordered launch of that shape, and a CUDA
 # graph that captured its address can be replayed for as long as the process lives: never freed.

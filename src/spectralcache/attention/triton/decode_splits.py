@@ -42,7 +42,8 @@ Fused combine (FUSED_COMBINE; off: the kernel as without it, the host launches
 ``combine_splits_kernel`` after it). After its partial, every program of ``(b, h)`` takes a ticket
 ``a = atomic_add(count[b·n_kv + h], 1)`` (acq_rel, gpu scope); exactly one receives
 ``a = n_splits - 1``, and that one has seen every other program's arrival, so it merges all
-``n_splits`` partials (``combine_splits.merge_row``, the same log-sum-exp as the combine kernel,
+``n_splits`` partials (``combine_splits.merge_rows``: the combine kernel's log-sum-exp step, on
+``[BLOCK_S, D, FUSED_RB]`` tiles that hold every query row,
 empty partials included) into the output rows and stores 0 into the counter, leaving it as the
 next launch (or CUDA-graph replay) needs it. No program waits for another: no deadlock whatever
 the scheduling order. Memory ordering on the GPU, as Triton 3.6 lowers it (sm_90a PTX read on CPU:
@@ -74,7 +75,7 @@ import os
 import triton
 import triton.language as tl
 
-from spectralcache.attention.triton.combine_splits import merge_row
+from spectralcache.attention.triton.combine_splits import merge_rows
 
 __all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 
@@ -491,7 +492,7 @@ def spectral_decode_split_kernel(
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
-    KEY_OFFSETS: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
+    KEY_OFFSETS: tl.constexpr, FUSED_COMBINE: tl.constexpr, FUSED_RB: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -777,10 +778,12 @@ def spectral_decode_split_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
         if arrived == n_splits - 1:
-            for r in range(0, R):
-                merge_row(
-                    part_ptr, n_part, out_ptr, s_ob, s_oh, s_oq, s_od, pid_bh, r, n_kv, n_splits, q_len,
-                    G, R, D, D_P, BLOCK_S, ".cg",
+            # up to FUSED_RB query rows at once ([BLOCK_S, D, FUSED_RB] tiles): one dependent round of
+            # loads per BLOCK_S splits for all of them, not one per row
+            for r0 in range(0, R, FUSED_RB):
+                merge_rows(
+                    part_ptr, n_part, out_ptr, s_ob, s_oh, s_oq, s_od, pid_bh, r0, n_kv, n_splits, q_len,
+                    G, R, FUSED_RB, D, D_P, BLOCK_S, ".cg",
                 )  # fmt: skip
             # every program of this (b, h) has arrived: nothing else touches the counter in this
             # launch; zero for the next launch (or graph replay), which the stream orders after this one
