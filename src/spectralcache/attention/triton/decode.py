@@ -185,9 +185,8 @@ def _fused_combine_env() -> bool:
 # decode_attention's default for ``fused_combine=None`` (off until it is measured faster on the H100)
 FUSED_COMBINE_DEFAULT = _fused_combine_env()
 # float32 elements of the fused tail's [BLOCK_S, D, rows] tile of partials (64 registers a thread at
-# 4 warps): Llama's 4 query rows per KV head at head_dim 128 merge 16 splits per step. On sm_90a
-# (CPU compile) 4096 spilled less in the tail (channel preset 44 B vs 68 B) but takes twice the
-# dependent rounds of loads; the H100 timing decides
+# 4 warps): Llama's 4 query rows per KV head at head_dim 128 merge 16 splits per step (sm_90a, CPU
+# compile: spills as 4096's, which takes twice the dependent rounds of loads)
 FUSED_TILE = 8192
 
 
