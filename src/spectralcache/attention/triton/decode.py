@@ -1,11 +1,13 @@
-"""Fused decode attention over a compressed layer: host side (checks, split plan, two launches).
+"""Fused decode attention over a compressed layer: host side (checks, split plan, launches).
 
 ``decode_attention(query, state, attention_mask, scaling, softcap)`` computes exactly what
 :func:`spectralcache.attention.reference.spectral_attention` computes, for a small query
 (decode, or a few speculative tokens: ``groups * q_len <= MAX_ROWS``), reading the cold tier's
 int8 / packed-int4 coefficients directly (no float copy in memory) with the flash-decoding
 plan of ``decode_splits`` (one program per KV head and range of blocks, plus programs for the
-exact tiers) and the log-sum-exp reduction of ``combine_splits``.
+exact tiers) and the log-sum-exp reduction of ``combine_splits``: a second launch, or, with
+``fused_combine`` (opt-in, ``$SPECTRALCACHE_FUSED_COMBINE=1``), the split kernel's own last
+program of each (batch row, KV head).
 
 It runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter; that is how CI tests it). Everything it does not support raises a ValueError
