@@ -42,10 +42,10 @@ Fused combine (FUSED_COMBINE; off: the kernel as without it, the host launches
 ``combine_splits_kernel`` after it). After its partial, every program of ``(b, h)`` takes a ticket
 ``a = atomic_add(count[b·n_kv + h], 1)`` (acq_rel, gpu scope); exactly one receives
 ``a = n_splits - 1``, and that one has seen every other program's arrival, so it merges all
-``n_splits`` partials (``combine_splits.merge_rows``: the combine kernel's log-sum-exp step, on
-``[BLOCK_S, D, FUSED_RB]`` tiles that hold every query row,
-empty partials included) into the output rows and stores 0 into the counter, leaving it as the
-next launch (or CUDA-graph replay) needs it. No program waits for another: no deadlock whatever
+``n_splits`` partials, empty ones included (``_merge_all``: the combine kernel's log-sum-exp step,
+``combine_splits.merge_step``, on ``[BLOCK_S, D, FUSED_RB]`` tiles that hold every query row),
+into the output rows and stores 0 into the counter, leaving it as the next launch (or CUDA-graph
+replay) needs it. No program waits for another: no deadlock whatever
 the scheduling order. Memory ordering on the GPU, as Triton 3.6 lowers it (sm_90a PTX read on CPU:
 ``atom.global.gpu.acq_rel.add.u32`` predicated on thread 0 only, its result broadcast through
 shared memory between two ``bar.sync``): in a writing program, ``tl.debug_barrier()`` (``bar.sync``)
