@@ -6,21 +6,17 @@ Usage (on a CUDA machine)::
 
 * ``copy``: the card's device-to-device copy bandwidth (bytes read + written), the ceiling
   the kernel's achieved bandwidth is compared to;
-* ``check`` / ``quickcheck`` (9 modes; ``--check-modes`` names a subset): kernel vs torch reference (``spectral_attention``) on fresh random states for
+* ``check`` / ``quickcheck`` (5 modes): kernel vs torch reference (``spectral_attention``) on fresh random states for
   every mode (key space, codec per side, 4/8/16-bit, outliers, GQA 1/4/8, batch, padding,
   q_len > 1, softcap), float32 (< 1e-5) and bfloat16 (< 1e-2), output poisoned with NaN first;
 * ``time``: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one
-  query token, contexts 4K..128K, batch 1 and 8 (``--contexts`` x ``--batches``, or the cells
-  ``--time-cells 4096x1,32768x8``), presets (``--time-presets``; ``PRESETS``: default,
+  query token, contexts 4K..128K, batch 1 and 8, presets (``--time-presets``; ``PRESETS``: default,
   aggressive, channel, channel_zp = channel with key zero points): SDPA on the dense
   K/V vs the kernel (eager and CUDA-graph replay) vs the torch reference; median ms, GB/s on the
-  bytes the kernel must read, fraction of the copy bandwidth, byte ratio vs dense.
-  ``--time-fused 0,1``: each preset with the two-launch path and the fused combine
-  (``fused_combine``) side by side; every fused row also checks 40 back-to-back fused launches on
-  fresh queries against the two-launch results, element by element (``fused_bad_launches``);
+  bytes the kernel must read, fraction of the copy bandwidth, byte ratio vs dense;
 * ``variants``: graph-replay time of launch configs at batch 1 (``--variant-contexts``): the product
   of the ``--v-*`` lists (block_t, num_warps, maxnreg, programs_per_sm, block_stages,
-  outlier_split, dequant_asm, min_rows, num_stages, exact_spread, fused_combine) plus ``--v-extra`` configs; the
+  outlier_split, dequant_asm, min_rows, num_stages, exact_spread) plus ``--v-extra`` configs; the
   ``time`` section then uses each preset's fastest;
 * ``sass`` (CPU only, no GPU needed): compile the split kernel of each ``--sass-configs`` launch for
   sm_90a and report registers, spills, shared memory and SASS instruction counts.
@@ -133,14 +129,9 @@ def check_modes():
     return base, modes
 
 
-def section_check(res: dict, quick: bool = False, configs=({},), only=None) -> None:
+def section_check(res: dict, quick: bool = False, configs=({},)) -> None:
     base, modes = check_modes()
-    if only:  # --check-modes: these modes, quick or not
-        unknown = set(only) - {m[0] for m in modes}
-        if unknown:
-            raise ValueError(f"--check-modes: no such modes {sorted(unknown)}")
-        modes = [m for m in modes if m[0] in only]
-    elif quick:  # one mode per kernel specialisation that timing uses, plus pre-RoPE and masks
+    if quick:  # one mode per kernel specialisation that timing uses, plus pre-RoPE and masks
         keep = {
             "post_rope k8",
             "post_rope k4",
@@ -205,7 +196,7 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
 CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
-    "blocks_per_split", "fused_combine",
+    "blocks_per_split",
 )  # fmt: skip
 
 
@@ -223,36 +214,7 @@ def best_configs(res: dict) -> dict:
     return best
 
 
-def fused_race_check(q: torch.Tensor, st, cfg: dict, launches: int = 40, n_queries: int = 8) -> dict:
-    """``launches`` back-to-back fused launches (``fused_combine=True``) on ``n_queries`` fresh
-    queries, each into a NaN-poisoned output of its own, against the two-launch path's result of the
-    same query, element by element (float32 within 1e-5 relative, bfloat16 one unit in the last
-    place): a memory-ordering race of the fused tail shows as an occasional wrong or NaN output."""
-    base = {**cfg, "fused_combine": False}
-    fused = {**cfg, "fused_combine": True}
-    queries = [torch.randn_like(q) for _ in range(n_queries)]
-    want = [decode_attention(x, st, **base) for x in queries]
-    outs = []
-    for n in range(launches):
-        out = torch.full_like(q, float("nan"))
-        decode_attention(queries[n % n_queries], st, out=out, **fused)
-        outs.append(out)
-    torch.cuda.synchronize()
-    rtol = 1e-5 if q.dtype == torch.float32 else 2.0**-7 * 1.01
-    bad = max_rel = 0
-    for n, out in enumerate(outs):
-        f, u = out.float(), want[n % n_queries].float()
-        off = ~torch.isfinite(f) | ((f - u).abs() > rtol * u.abs() + 1e-6)
-        bad += bool(off.any())
-        max_rel = max(max_rel, rel(f, u))
-    return {"fused_launches": launches, "fused_bad_launches": bad, "fused_max_rel_vs_two_launch": max_rel}
-
-
-def section_time(
-    res: dict, cells, with_ref: bool, save=lambda: None, presets=None, fused_values=(None,)
-) -> None:
-    """``cells``: (context, batch) pairs; ``fused_values``: the ``fused_combine`` settings each
-    preset runs with (None: the variant scan's / decode_attention's default), side by side."""
+def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None, presets=None) -> None:
     import torch.nn.functional as F
 
     rows = res.setdefault("time", [])  # filled row by row, saved after each (a run cut short keeps them)
@@ -260,23 +222,21 @@ def section_time(
     configs = best_configs(res)
     res["time_configs"] = configs
     print("time section launch configs:", configs or "defaults", flush=True)
-    for ctx, batch in cells:
-        q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        dense_bytes = 2 * k.numel() * 2
-        sdpa_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        del k, v
-        for preset in presets or PRESETS:
-            t0 = time.time()
-            st = llama_state(ctx, batch, preset)
-            build_s = time.time() - t0
-            nbytes = state_bytes(st)
-            out = torch.empty_like(q)
-            for fused in fused_values:
-                cfg = dict(configs.get(preset, {}))
-                if fused is not None:
-                    cfg["fused_combine"] = bool(fused)
+    for ctx in contexts:
+        for batch in batches:
+            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            dense_bytes = 2 * k.numel() * 2
+            sdpa_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            del k, v
+            for preset in presets or PRESETS:
+                t0 = time.time()
+                st = llama_state(ctx, batch, preset)
+                build_s = time.time() - t0
+                nbytes = state_bytes(st)
+                out = torch.empty_like(q)
+                cfg = configs.get(preset, {})
                 ms = bench(lambda st=st, out=out, q=q, cfg=cfg: decode_attention(q, st, out=out, **cfg))
                 try:
                     ms_graph = bench(
@@ -301,57 +261,27 @@ def section_time(
                 err = float("nan")
                 if with_ref and ctx <= 32768:
                     ref = spectral_attention(q, st)
-                    err = rel(decode_attention(q, st, **cfg), ref)
+                    err = rel(decode_attention(q, st), ref)
                     ref_ms = bench(lambda st=st, q=q: spectral_attention(q, st))
-                race = fused_race_check(q, st, cfg) if cfg.get("fused_combine") else {}
                 best = min(ms, ms_graph) if not math.isnan(ms_graph) else ms
                 row = {
-                    "ctx": ctx, "batch": batch, "preset": preset, "fused_combine": cfg.get("fused_combine"),
-                    "sdpa_ms": sdpa_ms, "kernel_ms": ms,
+                    "ctx": ctx, "batch": batch, "preset": preset, "sdpa_ms": sdpa_ms, "kernel_ms": ms,
                     "kernel_graph_ms": ms_graph, "torch_ref_ms": ref_ms, "bytes": nbytes,
                     "dense_bytes": dense_bytes, "byte_ratio": dense_bytes / nbytes,
                     "GBps": nbytes / best / 1e6, "GBps_eager": nbytes / ms / 1e6,
                     "frac_copy": (nbytes / best / 1e6) / copy_bw if copy_bw else None,
                     "speedup_vs_sdpa": sdpa_ms / best, "host_us_per_call": host_us, "alloc_us": alloc_us, "config": cfg, "rel_err_vs_ref": err, "build_s": build_s,
-                    **race,
                 }  # fmt: skip
                 rows.append(row)
                 save()
-                tag = {None: "", False: " 2-launch", True: " fused"}[cfg.get("fused_combine")]
-                check = (
-                    f" | fused check {race['fused_bad_launches']}/{race['fused_launches']} bad"
-                    if race
-                    else ""
-                )
                 print(
-                    f"time ctx={ctx:6d} B={batch} {preset:10s}{tag} sdpa {sdpa_ms:.4f} ms | kernel {ms:.4f} ms "
+                    f"time ctx={ctx:6d} B={batch} {preset:10s} sdpa {sdpa_ms:.4f} ms | kernel {ms:.4f} ms "
                     f"(graph {ms_graph:.4f}) {row['GBps']:.0f} GB/s = {row['frac_copy'] or 0:.0%} copy | "
-                    f"x{row['speedup_vs_sdpa']:.2f} vs sdpa | host {host_us:.0f} us/call | ref {ref_ms:.3f} ms err {err:.1e}"
-                    f"{check}",
+                    f"x{row['speedup_vs_sdpa']:.2f} vs sdpa | host {host_us:.0f} us/call | ref {ref_ms:.3f} ms err {err:.1e}",
                     flush=True,
-                )  # fmt: skip
-            del st
-            torch.cuda.empty_cache()
-
-
-def fused_table(rows: list) -> list[str]:
-    """Per cell and preset, the two-launch and fused rows side by side (graph replay and eager)."""
-    pairs: dict = {}
-    for r in rows:
-        if r.get("fused_combine") is not None:
-            pairs.setdefault((r["ctx"], r["batch"], r["preset"]), {})[r["fused_combine"]] = r
-    lines = []
-    for (ctx, batch, preset), p in pairs.items():
-        if False in p and True in p:
-            a, b = p[False], p[True]
-            lines.append(
-                f"{ctx:6d} B{batch} {preset:10s} sdpa {a['sdpa_ms']:.4f} | graph 2-launch {a['kernel_graph_ms']:.4f} "
-                f"fused {b['kernel_graph_ms']:.4f} (x{a['kernel_graph_ms'] / b['kernel_graph_ms']:.3f}; vs sdpa "
-                f"x{a['sdpa_ms'] / a['kernel_graph_ms']:.3f} -> x{b['sdpa_ms'] / b['kernel_graph_ms']:.3f}) | eager "
-                f"{a['kernel_ms']:.4f} -> {b['kernel_ms']:.4f} | fused check "
-                f"{b.get('fused_bad_launches')}/{b.get('fused_launches')} bad"
-            )  # fmt: skip
-    return lines
+                )
+                del st
+                torch.cuda.empty_cache()
 
 
 def section_variants(res: dict, contexts, grid: dict, extra: list, save=lambda: None, presets=None) -> None:
@@ -527,16 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="copy,check,time,variants")
     p.add_argument("--contexts", default="4096,16384,32768,65536,131072")
     p.add_argument("--batches", default="1,8")
-    p.add_argument(
-        "--time-cells",
-        default="",
-        help="CTXxBATCH comma list the time section runs (instead of contexts x batches)",
-    )
-    p.add_argument(
-        "--time-fused",
-        default="none",
-        help="comma list of fused_combine settings each preset is timed with (0, 1; none = the default)",
-    )
     p.add_argument("--variant-contexts", default="32768,131072")
     p.add_argument(
         "--variant-presets",
@@ -567,12 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-int4-row-stride", default="0")
     p.add_argument("--v-int4-pad", default="1")
     p.add_argument("--v-blocks-per-split", default="none")
-    p.add_argument("--v-fused-combine", default="0")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"
     )
-    p.add_argument("--check-modes", default="", help="comma list of check mode names (default: all / quick)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -593,17 +511,11 @@ def main(argv: list[str] | None = None) -> int:
             if name == "copy":
                 section_copy(res)
             elif name in ("check", "quickcheck"):
-                section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs),
-                              only=[m for m in args.check_modes.split(",") if m])  # fmt: skip
+                section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs))
             elif name == "time":
-                if args.time_cells:
-                    cells = [tuple(int(x) for x in c.split("x")) for c in args.time_cells.split(",")]
-                else:
-                    cells = [
-                        (int(c), int(b)) for c in args.contexts.split(",") for b in args.batches.split(",")
-                    ]
-                section_time(res, cells, not args.no_ref, save, args.time_presets.split(","),
-                             [None if f == "none" else bool(int(f)) for f in args.time_fused.split(",")])  # fmt: skip
+                section_time(res, [int(c) for c in args.contexts.split(",")],
+                             [int(b) for b in args.batches.split(",")], not args.no_ref, save,
+                             args.time_presets.split(","))  # fmt: skip
             elif name == "host":
                 section_host(res)
             elif name == "sass":
@@ -627,16 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = res.get("check", [])
     print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok")
     for r in res.get("time", []):
-        tag = {None: "", False: " 2-launch", True: " fused"}[r.get("fused_combine")]
-        print(f"{r['ctx']:6d} B{r['batch']} {r['preset']:10s}{tag} sdpa {r['sdpa_ms']:.4f} kernel {r['kernel_ms']:.4f} "
+        print(f"{r['ctx']:6d} B{r['batch']} {r['preset']:10s} sdpa {r['sdpa_ms']:.4f} kernel {r['kernel_ms']:.4f} "
               f"graph {r['kernel_graph_ms']:.4f} ms {r['GBps']:5.0f} GB/s ({r['frac_copy'] or 0:.0%}) "
               f"x{r['speedup_vs_sdpa']:.2f} bytes/{r['byte_ratio']:.1f}")  # fmt: skip
-    table = fused_table(res.get("time", []))
-    if table:
-        print("fused combine vs two launches (ms; x = two-launch / fused):")
-        print("\n".join(table))
-    races = sum(r.get("fused_bad_launches", 0) for r in res.get("time", []))
-    return 0 if all(r["ok"] for r in checks) and not races else 1
+    return 0 if all(r["ok"] for r in checks) else 1
 
 
 if __name__ == "__main__":

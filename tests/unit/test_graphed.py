@@ -83,46 +83,6 @@ def test_static_step_equals_eager(model, batch, prompt, steps) -> None:
     assert ((a - b).norm() / b.norm()).item() < 1e-3
 
 
-def test_static_step_with_fused_combine_equals_two_launches(model, monkeypatch) -> None:
-    """The graph-mode step with the fused combine switched on (``$SPECTRALCACHE_FUSED_COMBINE=1``'s
-    default, as ``GraphSlot.attend`` passes no switch): every layer's attention is one split-kernel
-    launch over the layer's capacity (device sizes; programs past the live ranges arrive with
-    empty partials), no combine launch, the arrival counters back at zero after every step, and
-    the same tokens and logits as the two-launch step, through a compression while decoding."""
-    from spectralcache.attention.triton import decode as dec
-
-    ids = tiny_prompt(1, 34, seed=34)  # 15 hot tokens: a compression at the 5th step
-    runs = {}
-    for fused in (False, True):
-        monkeypatch.setattr(dec, "FUSED_COMBINE_DEFAULT", fused)
-        launches = {"split": [], "combine": 0}
-        split, combine = dec._SPLIT, dec._COMBINE
-
-        def rec_split(grid, args, constexprs, options, launches=launches, split=split):
-            launches["split"].append(constexprs["FUSED_COMBINE"])
-            split(grid, args, constexprs, options)
-
-        def rec_combine(*a, launches=launches, combine=combine):
-            launches["combine"] += 1
-            combine(*a)
-
-        monkeypatch.setattr(dec, "_SPLIT", rec_split)
-        monkeypatch.setattr(dec, "_COMBINE", rec_combine)
-        tokens, logits, cache, decoder = _decode(model, ids, 6, "static")
-        monkeypatch.setattr(dec, "_SPLIT", split)
-        monkeypatch.setattr(dec, "_COMBINE", combine)
-        assert decoder.static_steps == 5 and len(cache.layers[0].compression_calls) >= 2
-        n_layers = len(cache.layers)
-        assert launches["split"] == [fused] * (5 * n_layers), launches["split"]
-        assert launches["combine"] == (0 if fused else 5 * n_layers)
-        runs[fused] = (tokens, logits)
-    for counters in dec._COUNTERS.values():
-        assert not counters.any()
-    assert torch.equal(runs[True][0], runs[False][0])
-    for a, b in zip(runs[True][1], runs[False][1]):
-        assert ((a - b).norm() / b.norm()).item() < 1e-5
-
-
 def test_staged_sizes_are_the_kernel_contract(model) -> None:
     """The sizes the decoder stages (one copy for every layer) = ``decode_sizes`` of each layer's
     graph state, and the hot window stays at row 0 of one buffer between compressions."""

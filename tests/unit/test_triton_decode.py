@@ -50,7 +50,6 @@ def _check(
     exact_spread: bool = False,
     int4_bytes: int = 32,
     int4_pad: bool = True,
-    fused: bool = False,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -68,26 +67,18 @@ def _check(
         attn_mask = _padded_mask(b, q_len, state.seq_len, pads).to(DEVICE)
         if mask == "float":
             attn_mask = torch.where(attn_mask, 0.0, torch.finfo(dtype).min).to(dtype)
-    launch = dict(
-        blocks_per_split=blocks_per_split, block_t=16, block_stages=block_stages, outlier_split=outlier_split,
-        min_rows=min_rows, exact_spread=exact_spread, int4_bytes=int4_bytes, int4_pad=int4_pad,
-    )  # fmt: skip
     out = torch.full_like(query, float("nan"))
-    got = decode_attention(query, state, attn_mask, None, softcap, out=out, fused_combine=False, **launch)
+    got = decode_attention(
+        query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
+        block_stages=block_stages, outlier_split=outlier_split, min_rows=min_rows,
+        exact_spread=exact_spread, int4_bytes=int4_bytes, int4_pad=int4_pad,
+    )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) output elements"
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
     bar = 1e-5 if dtype == torch.float32 else 1e-2
     assert err < bar, f"relative error {err:.2e} >= {bar}"
-    if fused:
-        # one launch, the last split program of each (b, h) merging: = the reference and = the
-        # two-launch result (the same merge; only its tile of splits may differ: float rounding)
-        fused_out = torch.full_like(query, float("nan"))
-        decode_attention(query, state, attn_mask, None, softcap, out=fused_out, fused_combine=True, **launch)
-        assert torch.isfinite(fused_out).all(), "the fused combine left unwritten (NaN) output elements"
-        _assert_rel(fused_out, ref, bar)
-        _assert_rel(fused_out, out, 1e-6 if dtype == torch.float32 else 1e-2)
     return err
 
 
@@ -117,14 +108,13 @@ def test_value_width_differs_from_key_width(value_bits: int) -> None:
 @pytest.mark.parametrize("groups", [1, 4, 8])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_gqa_and_batch(groups: int, batch: int) -> None:
-    # fused: the last program of each (b, h) writes its G query heads into the right output rows
-    _check(groups=groups, batch=batch, kv_heads=1 if batch == 4 else 2, blocks=2, fused=groups != 1)
+    _check(groups=groups, batch=batch, kv_heads=1 if batch == 4 else 2, blocks=2)
 
 
 @pytest.mark.parametrize("mask", ["bool", "float"])
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_padding_masks_and_small_q(mask: str, q_len: int) -> None:
-    _check(batch=2, mask=mask, q_len=q_len, blocks=3, fused=True)
+    _check(batch=2, mask=mask, q_len=q_len, blocks=3)
 
 
 def test_causal_small_q_without_mask() -> None:
@@ -169,10 +159,7 @@ def test_softcap() -> None:
 @pytest.mark.parametrize("exact_spread", [False, True])
 @pytest.mark.parametrize("blocks_per_split", [None, 1, 2, 5])
 def test_split_plans_agree(blocks_per_split: int | None, exact_spread: bool) -> None:
-    _check(
-        blocks=4, blocks_per_split=blocks_per_split, exact_spread=exact_spread, hot=70, landmarks=9,
-        fused=exact_spread,
-    )  # fmt: skip
+    _check(blocks=4, blocks_per_split=blocks_per_split, exact_spread=exact_spread, hot=70, landmarks=9)
 
 
 @pytest.mark.parametrize(
@@ -228,15 +215,7 @@ def test_query_tile_not_padded_to_16_rows_agrees(kw: dict, min_rows: int) -> Non
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 @pytest.mark.parametrize("key_bits", [8, 4])
 def test_bfloat16(key_space: str, key_bits: int) -> None:
-    _check(
-        dtype=torch.bfloat16,
-        key_space=key_space,
-        key_bits=key_bits,
-        groups=4,
-        mask="bool",
-        batch=2,
-        fused=True,
-    )
+    _check(dtype=torch.bfloat16, key_space=key_space, key_bits=key_bits, groups=4, mask="bool", batch=2)
 
 
 @pytest.mark.parametrize("zero_point", [False, True])
@@ -266,16 +245,7 @@ def test_per_channel_key_scales(key_space: str, key_bits: int, kw: dict, zero_po
     kw = dict(kw)
     if key_space == "post_rope":
         kw.pop("rot_dim", None)
-    # the fused combine on the zero-point layout of the default preset (int4 keys): every kw shape
-    fused = zero_point and key_bits == 4
-    _check(
-        key_space=key_space,
-        key_bits=key_bits,
-        channel_keys=True,
-        key_zero_point=zero_point,
-        fused=fused,
-        **kw,
-    )
+    _check(key_space=key_space, key_bits=key_bits, channel_keys=True, key_zero_point=zero_point, **kw)
 
 
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
@@ -332,13 +302,12 @@ def test_int4_byte_once_unpacking_agrees(
     _assert_rel(got, spectral_attention(q, state, None))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_fully_masked_row_is_zero_not_nan(fused: bool) -> None:
+def test_fully_masked_row_is_zero_not_nan() -> None:
     state = random_state(batch=2, device=DEVICE, seed=next(_seed))
     query = torch.randn(2, 4, 1, 32).to(DEVICE)
     mask = torch.ones(2, 1, 1, state.seq_len, dtype=torch.bool, device=DEVICE)
     mask[1] = False  # batch row 1 sees nothing
-    out = decode_attention(query, state, mask, fused_combine=fused)
+    out = decode_attention(query, state, mask)
     ref = spectral_attention(query, state, mask)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     _assert_rel(out, ref)
@@ -360,132 +329,6 @@ def test_refuses_what_it_does_not_handle() -> None:
     pre.rope_inv_freq = None
     with pytest.raises(ValueError, match="rope_inv_freq"):
         decode_attention(torch.randn(1, 4, 1, 32).to(DEVICE), pre)
-
-
-# ----------------------------------------------------------------------------- fused combine
-
-
-def _split_count(state, query, **launch) -> int:
-    """Programs per (batch row, KV head) of a launch: the partial buffer the split kernel wrote."""
-    from spectralcache.attention.triton import decode as dec
-
-    seen = {}
-    real = dec._SPLIT
-
-    def record(grid, args, constexprs, options):
-        seen["grid"] = grid
-        real(grid, args, constexprs, options)
-
-    dec._SPLIT = record
-    try:
-        decode_attention(query, state, **launch)
-    finally:
-        dec._SPLIT = real
-    return seen["grid"][1]
-
-
-@pytest.mark.parametrize(
-    ("state_kw", "launch", "splits"),
-    [
-        # one program in all: it is the last to arrive and merges alone
-        (dict(landmarks=0, hot=0, chunk=None, blocks=3, outliers=0), dict(blocks_per_split=8), (1, 1)),
-        (dict(blocks=0, landmarks=4, hot=9, chunk=1), dict(), (1, 1)),
-        # many programs: more splits than the fused tail's tile (several merge steps), batch 2
-        (dict(blocks=34, batch=2, kv_heads=1, outliers=0), dict(blocks_per_split=1), (33, 40)),
-        # the low-rank int4 preset's layout (aggressive: rank 16 keys, 32 values), outliers split out
-        (
-            dict(key_bits=4, rank_keys=16, rank_values=32, blocks=6, outliers=3),
-            dict(outlier_split=True, blocks_per_split=2),
-            (5, 40),
-        ),
-        # per-channel int4 keys with zero points (the default preset's layout), pre-RoPE, masked
-        (
-            dict(channel_keys=True, key_zero_point=True, key_bits=4, identity_values=True, value_bits=4,
-                 key_space="pre_rope", batch=2, blocks=5),
-            dict(mask=True),
-            (2, 40),
-        ),
-        # 24 query rows per KV head (GQA 8 x 3 tokens): the tail merges them 16 rows at a time
-        (dict(blocks=4, chunk=3), dict(groups=8, q_len=3, blocks_per_split=1), (5, 40)),
-    ],
-)  # fmt: skip
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_combine_agrees_and_resets_its_counters(
-    state_kw: dict, launch: dict, splits: tuple, dtype: torch.dtype
-) -> None:
-    """fused_combine=True: one launch = two launches = the torch reference, from one split per
-    (b, h) to more than the tail's tile of splits; launched twice on the same buffers (the last
-    program put the counters back to 0: otherwise no program would draw the last ticket the
-    second time and the NaN-poisoned output would stay NaN), the counters zero after each."""
-    from spectralcache.attention.triton import decode as dec
-
-    seed = next(_seed)
-    kw = {**dict(batch=1, kv_heads=2, head_dim=32, dtype=dtype, seed=seed, device=DEVICE), **state_kw}
-    state = random_state(**kw)
-    b, h = kw["batch"], kw["kv_heads"]
-    g = torch.Generator().manual_seed(seed)
-    launch = dict(launch, block_t=16)
-    groups, q_len = launch.pop("groups", 4), launch.pop("q_len", 1)
-    query = torch.randn(b, groups * h, q_len, 32, generator=g).to(dtype).to(DEVICE)
-    mask = None
-    if launch.pop("mask", False):
-        mask = _padded_mask(b, q_len, state.seq_len, torch.randint(0, state.seq_len // 2, (b,), generator=g))
-        mask = mask.to(DEVICE)
-    n_splits = _split_count(state, query, attention_mask=mask, **launch)
-    assert splits[0] <= n_splits <= splits[1], n_splits
-    bar = 1e-5 if dtype == torch.float32 else 1e-2
-    ref = spectral_attention(query, state, mask)
-    two = decode_attention(query, state, mask, fused_combine=False, **launch)
-    _assert_rel(two, ref, bar)
-    for _ in range(2):
-        out = torch.full_like(query, float("nan"))
-        decode_attention(query, state, mask, out=out, fused_combine=True, **launch)
-        assert torch.isfinite(out).all(), "no program merged (a counter not reset?)"
-        _assert_rel(out, ref, bar)
-        _assert_rel(out, two, 1e-6 if dtype == torch.float32 else 1e-2)
-        counters = dec._COUNTERS[(query.device, b * h)]
-        assert counters.dtype == torch.int32 and not counters.any()
-
-
-def test_fused_combine_switch_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``fused_combine=None`` follows ``$SPECTRALCACHE_FUSED_COMBINE`` (read at import: 1 on, 0 or
-    unset off; anything else refused by name); the fused launch skips the combine kernel."""
-    from spectralcache.attention.triton import decode as dec
-
-    monkeypatch.delenv(dec.FUSED_COMBINE_ENV, raising=False)
-    assert dec._fused_combine_env() is False
-    monkeypatch.setenv(dec.FUSED_COMBINE_ENV, "1")
-    assert dec._fused_combine_env() is True
-    monkeypatch.setenv(dec.FUSED_COMBINE_ENV, "0")
-    assert dec._fused_combine_env() is False
-    monkeypatch.setenv(dec.FUSED_COMBINE_ENV, "yes")
-    with pytest.raises(ValueError, match="SPECTRALCACHE_FUSED_COMBINE must be 0 or 1"):
-        dec._fused_combine_env()
-
-    state = random_state(device=DEVICE, seed=next(_seed))
-    query = torch.randn(1, 4, 1, 32).to(DEVICE)
-    seen = []
-    split, combine = dec._SPLIT, dec._COMBINE
-
-    def rec_split(grid, args, constexprs, options):
-        seen.append(("split", constexprs["FUSED_COMBINE"]))
-        split(grid, args, constexprs, options)
-
-    def rec_combine(*a):
-        seen.append(("combine", None))
-        combine(*a)
-
-    monkeypatch.setattr(dec, "_SPLIT", rec_split)
-    monkeypatch.setattr(dec, "_COMBINE", rec_combine)
-    ref = spectral_attention(query, state)
-    for default, expect in ((False, [("split", False), ("combine", None)]), (True, [("split", True)])):
-        monkeypatch.setattr(dec, "FUSED_COMBINE_DEFAULT", default)
-        seen.clear()
-        _assert_rel(decode_attention(query, state, block_t=16), ref)
-        assert seen == expect
-    seen.clear()
-    _assert_rel(decode_attention(query, state, block_t=16, fused_combine=False), ref)  # the argument wins
-    assert seen == [("split", False), ("combine", None)]
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -553,14 +396,12 @@ def test_mask_broadcast_over_batch() -> None:
     _assert_rel(out, spectral_attention(query, state, mask.to(DEVICE)))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_query_and_output_with_transposed_strides(fused: bool) -> None:
-    """transformers hands a [B, q, Hq, D] buffer transposed to [B, Hq, q, D]; strides are honoured
-    (by the combine kernel, or by the split kernel's fused tail)."""
+def test_query_and_output_with_transposed_strides() -> None:
+    """transformers hands a [B, q, Hq, D] buffer transposed to [B, Hq, q, D]; strides are honoured."""
     state = random_state(batch=2, device=DEVICE, seed=next(_seed), chunk=3)
     query = torch.randn(2, 3, 4, 32).to(DEVICE).transpose(1, 2)
     out = torch.full((2, 4, 3, 32), float("nan")).to(DEVICE)
-    decode_attention(query, state, out=out, blocks_per_split=2, block_t=16, fused_combine=fused)
+    decode_attention(query, state, out=out, blocks_per_split=2, block_t=16)
     _assert_rel(out, spectral_attention(query, state))
 
 
@@ -613,7 +454,7 @@ def test_recorded_launch_follows_a_decoding_layer(codecs: str) -> None:
     g = torch.Generator().manual_seed(next(_seed))
     recorded, sizes = None, None
     reused = reused_new_blocks = records = 0
-    for step in range(48):
+    for _ in range(48):
         k_static.copy_(torch.randn(1, H, 1, D, generator=g))
         v_static.copy_(torch.randn(1, H, 1, D, generator=g))
         q_static.copy_(torch.randn(1, 2 * H, 1, D, generator=g))
@@ -631,12 +472,8 @@ def test_recorded_launch_follows_a_decoding_layer(codecs: str) -> None:
             records += 1
         assert (state.cold.key_offsets is not None) == (codecs == "channel_zp")
         out.fill_(float("nan"))
-        # the recorded launch: the *recorded* state's addresses, this step's sizes from the device;
-        # every other step with the fused combine (its programs past the live ranges arrive with
-        # empty partials, and the merging one writes the same static output)
-        decode_attention(
-            q_static, recorded, out=out, block_t=16, fused_combine=bool(step % 2), **sizes.launch_kwargs()
-        )
+        # the recorded launch: the *recorded* state's addresses, this step's sizes from the device
+        decode_attention(q_static, recorded, out=out, block_t=16, **sizes.launch_kwargs())
         _assert_rel(out, spectral_attention(q_static, state))
         layer.release_chunk()
     assert reused >= 20 and reused_new_blocks >= 1 and records >= 2, (reused, reused_new_blocks, records)
@@ -750,11 +587,10 @@ def test_fast_launcher_key(monkeypatch: pytest.MonkeyPatch) -> None:
         launcher((1,), [a, torch.ones(()), 5, 0.5, b], {"K": 3}, {"num_warps": 2})
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(
     "kw", [dict(), dict(blocks=0), dict(key_space="pre_rope", key_bits=4), dict(chunk=None)]
 )
-def test_launch_arguments_fit_the_kernel_signatures(kw: dict, fused: bool) -> None:
+def test_launch_arguments_fit_the_kernel_signatures(kw: dict) -> None:
     """What decode_attention hands its launchers matches the kernels' signatures: tensors exactly
     at the *_ptr parameters (FastLauncher's key covers those), scalars elsewhere, every constexpr
     named in order -- checked on the real argument lists, in every tier layout."""
@@ -775,17 +611,11 @@ def test_launch_arguments_fit_the_kernel_signatures(kw: dict, fused: bool) -> No
     dec._SPLIT, dec._COMBINE = recorder("split"), recorder("combine")
     try:
         dec.decode_attention(
-            torch.randn(1, 4, 1, 32).to(DEVICE),
-            state,
-            torch.ones(1, 1, 1, state.seq_len, dtype=torch.bool),
-            fused_combine=fused,
+            torch.randn(1, 4, 1, 32).to(DEVICE), state, torch.ones(1, 1, 1, state.seq_len, dtype=torch.bool)
         )
     finally:
         dec._SPLIT, dec._COMBINE = saved
-    assert ("combine" in calls) != fused  # the fused launch merges in the split kernel
     for name, kernel in (("split", saved[0].kernel), ("combine", saved[1].kernel)):
-        if name not in calls:
-            continue
         args, constexprs = calls[name]
         names = list(inspect.signature(kernel.fn).parameters)
         runtime = names[: len(names) - len(constexprs)]

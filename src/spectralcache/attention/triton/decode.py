@@ -1,13 +1,11 @@
-"""Fused decode attention over a compressed layer: host side (checks, split plan, launches).
+"""Fused decode attention over a compressed layer: host side (checks, split plan, two launches).
 
 ``decode_attention(query, state, attention_mask, scaling, softcap)`` computes exactly what
 :func:`spectralcache.attention.reference.spectral_attention` computes, for a small query
 (decode, or a few speculative tokens: ``groups * q_len <= MAX_ROWS``), reading the cold tier's
 int8 / packed-int4 coefficients directly (no float copy in memory) with the flash-decoding
 plan of ``decode_splits`` (one program per KV head and range of blocks, plus programs for the
-exact tiers) and the log-sum-exp reduction of ``combine_splits``: a second launch, or, with
-``fused_combine`` (opt-in, ``$SPECTRALCACHE_FUSED_COMBINE=1``), the split kernel's own last
-program of each (batch row, KV head).
+exact tiers) and the log-sum-exp reduction of ``combine_splits``.
 
 It runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter; that is how CI tests it). Everything it does not support raises a ValueError
@@ -31,7 +29,6 @@ from spectralcache.attention.triton.launch import FastLauncher
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 
 __all__ = [
-    "FUSED_COMBINE_ENV",
     "MAX_ROWS",
     "SIZE_FIELDS",
     "KernelDoesNotFit",
@@ -125,7 +122,6 @@ def _split_constexprs(
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
-    fused_combine: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -142,7 +138,7 @@ def _split_constexprs(
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
-        KEY_OFFSETS=key_offsets, FUSED_COMBINE=fused_combine, **_fused_tile(fused_combine, rows, head_dim),
+        KEY_OFFSETS=key_offsets,
     )  # fmt: skip
 
 
@@ -170,49 +166,6 @@ def _options(num_warps: int, num_stages: int | None, maxnreg: int | None) -> dic
 
 
 _COMBINE_OPTIONS = {"num_warps": 4}
-
-# ---- fused combine (the split kernel's last program per (batch row, KV head) merges the partials)
-FUSED_COMBINE_ENV = "SPECTRALCACHE_FUSED_COMBINE"
-
-
-def _fused_combine_env() -> bool:
-    """``$SPECTRALCACHE_FUSED_COMBINE``: "1" on, "0" / unset off (read once, at import, like
-    ``SPECTRALCACHE_TRITON_FAST_LAUNCH``); anything else is refused by name."""
-    value = os.environ.get(FUSED_COMBINE_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"${FUSED_COMBINE_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-# decode_attention's default for ``fused_combine=None`` (off until it is measured faster on the H100)
-FUSED_COMBINE_DEFAULT = _fused_combine_env()
-# float32 elements of the fused tail's [BLOCK_S, D, rows] tile of partials (64 registers a thread at
-# 4 warps): Llama's 4 query rows per KV head at head_dim 128 merge 16 splits per step (sm_90a, CPU
-# compile: spills as 4096's, which takes twice the dependent rounds of loads)
-FUSED_TILE = 8192
-
-
-def _fused_tile(fused: bool, rows: int, head_dim: int) -> dict:
-    """FUSED_RB (query rows merged together) and BLOCK_S (splits per step) of the fused tail: fixed
-    by the layout, not by the number of splits, so the split kernel is not compiled again as the
-    context grows; (1, 1) when the tail is off (its constexprs then change nothing)."""
-    if not fused:
-        return dict(FUSED_RB=1, BLOCK_S=1)
-    rb = min(_next_pow2(rows, 1), 16)
-    return dict(FUSED_RB=rb, BLOCK_S=max(2, min(64, FUSED_TILE // (rb * _next_pow2(head_dim)))))
-
-
-# (device, batch rows x KV heads) -> int32 zeros: the fused combine's arrival counters. The kernel
-# leaves them at zero, so one buffer serves every stream-ordered launch of that shape, and a CUDA
-# graph that captured its address can be replayed for as long as the process lives: never freed.
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n_bh: int) -> torch.Tensor:
-    counters = _COUNTERS.get((device, n_bh))
-    if counters is None:
-        counters = _COUNTERS[(device, n_bh)] = torch.zeros(n_bh, dtype=torch.int32, device=device)
-    return counters
 
 
 class KernelDoesNotFit(ValueError):
@@ -471,7 +424,6 @@ def decode_attention(
     device_sizes: torch.Tensor | None = None,
     capacity_blocks: int | None = None,
     capacity_exact: int | None = None,
-    fused_combine: bool | None = None,
 ) -> torch.Tensor:
     """Attention of a small ``query`` [B, Hq, q, D] over a compressed layer -> [B, Hq, q, D].
 
@@ -504,13 +456,6 @@ def decode_attention(
     covers ``capacity_blocks`` cold blocks and ``capacity_exact`` exact tokens (defaults: this
     state's), so one launch -- or a captured graph of it -- serves every later state whose
     tensors sit at the same addresses (the hot window may start ``hot_lo`` rows later) and fit.
-
-    ``fused_combine`` (None: ``$SPECTRALCACHE_FUSED_COMBINE``, off unless set to 1): one launch
-    instead of two -- the last split program of each (batch row, KV head) merges the partials
-    (decode_splits, "Fused combine"), counting arrivals in an int32 buffer per device and
-    (batch row, KV head) count that the kernel leaves at zero; same function. Launches sharing
-    that buffer must be stream-ordered (one stream, or graphs replayed on it): concurrent decode
-    attention on several streams of one device keeps ``fused_combine`` off.
     """
     bsz, n_q, q_len, head_dim, n_kv = _check(query, state)
     device = query.device
@@ -656,7 +601,6 @@ def decode_attention(
     # one allocation for every partial: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
     n_part = n_bh * n_splits * rows
     partials = torch.empty(n_part * (head_dim + 2), dtype=torch.float32, device=device)
-    fused = FUSED_COMBINE_DEFAULT if fused_combine is None else bool(fused_combine)
     if out is None:
         # a [B, q, Hq, D] buffer seen as [B, Hq, q, D]: transformers' transpose(1, 2) is then free
         out = torch.empty_strided(
@@ -681,7 +625,6 @@ def decode_attention(
         *_t(state.chunk_values, 4, f16, device),
         n_land, int(state.hot_start), n_hot, chunk_start, n_chunk, 0,
         partials,
-        *((_arrival_counters(device, n_bh), out, *out.stride()) if fused else (dummy[torch.int64], f16, 0, 0, 0, 0)),
         n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
         n_out_splits, out_per_split,
         scale, 1.0 if softcap is None else float(softcap),
@@ -695,7 +638,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes), bool(int4_pad), key_offsets, fused,
+            key_channel, int(int4_bytes), bool(int4_pad), key_offsets,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)
@@ -708,8 +651,6 @@ def decode_attention(
                 raise
             block_t //= 2
 
-    if fused:
-        return out  # the split kernel's last programs merged the partials into out
     _COMBINE(
         (n_bh * rows,),
         [partials, out, *out.stride(), n_kv, n_splits, q_len],

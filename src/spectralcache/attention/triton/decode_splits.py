@@ -38,25 +38,6 @@ remaining programs take ``exact_per_split`` tokens each of the exact tiers laid 
 (landmarks | hot buffer | current chunk). Each program writes its ``(m, den, acc)`` partial;
 ``combine_splits`` merges them by log-sum-exp.
 
-Fused combine (FUSED_COMBINE; off: the kernel as without it, the host launches
-``combine_splits_kernel`` after it). After its partial, every program of ``(b, h)`` takes a ticket
-``a = atomic_add(count[b·n_kv + h], 1)`` (acq_rel, gpu scope); exactly one receives
-``a = n_splits - 1``, and that one has seen every other program's arrival, so it merges all
-``n_splits`` partials, empty ones included (``_merge_all``: the combine kernel's log-sum-exp step,
-``combine_splits.merge_step``, on ``[BLOCK_S, D, FUSED_RB]`` tiles that hold every query row),
-into the output rows and stores 0 into the counter, leaving it as the next launch (or CUDA-graph
-replay) needs it. No program waits for another: no deadlock whatever
-the scheduling order. Memory ordering on the GPU, as Triton 3.6 lowers it (sm_90a PTX read on CPU:
-``atom.global.gpu.acq_rel.add.u32`` predicated on thread 0 only, its result broadcast through
-shared memory between two ``bar.sync``): in a writing program, ``tl.debug_barrier()`` (``bar.sync``)
-orders every thread's partial stores before thread 0's releasing atomic, and a release is
-cumulative, so it publishes all of them at gpu scope; the atomics on one counter form one release
-sequence, so the merging program's acquiring atomic synchronizes with every earlier program's
-release, and the ``bar.sync`` after it (the broadcast) orders that acquire before every thread's
-reads of the partials. Those reads use ``.cg`` loads (L2, where the stores landed; an SM's L1 is
-not coherent with other SMs' writes). Its own partial the merging program reads back after the
-same barriers (program order within the block).
-
 Masking is by cache index, as in the torch reference: cache indices ``>= tier_end`` are read
 from the chunk only (their copies in the other tiers are masked), and the mask is either the
 bool / float ``[B|1, 1, q, kv_len]`` tensor transformers passes or, without one, causality
@@ -74,8 +55,6 @@ import os
 
 import triton
 import triton.language as tl
-
-from spectralcache.attention.triton.combine_splits import merge_rows
 
 __all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 
@@ -473,8 +452,6 @@ def spectral_decode_split_kernel(
     n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo,
     # partials, one float32 buffer: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R], contiguous
     part_ptr,
-    # FUSED_COMBINE: arrival counters int32 [BH] (zero between launches) and the output [B, Hq, q, D]
-    count_ptr, out_ptr, s_ob, s_oh, s_oq, s_od,
     # sizes
     n_kv, q_len, q_first, seq_len, tier_end, n_blocks, blocks_per_split, n_cold_splits, exact_per_split,
     n_out_splits, out_per_split,
@@ -492,7 +469,7 @@ def spectral_decode_split_kernel(
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
-    KEY_OFFSETS: tl.constexpr, FUSED_COMBINE: tl.constexpr, FUSED_RB: tl.constexpr, BLOCK_S: tl.constexpr,
+    KEY_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -772,34 +749,6 @@ def spectral_decode_split_kernel(
         acc,
         mask=rows_ok[:, None] & d_ok[None, :],
     )
-    if FUSED_COMBINE:
-        # the last of this (b, h)'s programs to arrive merges every partial (module doc, "Fused
-        # combine"): all threads' partial stores, then one releasing / acquiring arrival
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_splits - 1:
-            _merge_all(part_ptr, n_part, out_ptr, s_ob, s_oh, s_oq, s_od, pid_bh, n_kv, n_splits, q_len,
-                       G, R, FUSED_RB, D, D_P, BLOCK_S)  # fmt: skip
-            # every program of this (b, h) has arrived: nothing else touches the counter in this
-            # launch; zero for the next launch (or graph replay), which the stream orders after this one
-            tl.store(count_ptr + pid_bh, 0)
-
-
-# noinline: a function of its own in the compiled kernel, so its tile does not weigh on the register
-# allocation of the cold-block loop (sm_90a, CPU compile: the aggressive preset's tile loop 1248
-# instructions and no spills as without the tail, against 1265 and 68 B of spills inlined)
-@triton.jit(noinline=True)
-def _merge_all(part_ptr, n_part, out_ptr, s_ob, s_oh, s_oq, s_od, pid_bh, n_kv, n_splits, q_len,
-               G: tl.constexpr, R: tl.constexpr, FUSED_RB: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-               BLOCK_S: tl.constexpr):  # fmt: skip
-    """The fused tail's merge: every query row of ``pid_bh``, up to FUSED_RB of them at once
-    ([BLOCK_S, D, FUSED_RB] tiles: one dependent round of loads per BLOCK_S splits for all of them),
-    read with ``.cg`` loads (L2: see the module doc, "Fused combine")."""
-    for r0 in range(0, R, FUSED_RB):
-        merge_rows(
-            part_ptr, n_part, out_ptr, s_ob, s_oh, s_oq, s_od, pid_bh, r0, n_kv, n_splits, q_len,
-            G, R, FUSED_RB, D, D_P, BLOCK_S, ".cg",
-        )  # fmt: skip
 
 
 @triton.jit

@@ -14,13 +14,6 @@ partials), so a captured graph stays valid while the layer only appends in place
   a different chunk tensor (the query / chunk / output must be the graph's static tensors), or
   sizes beyond the recorded capacity: :meth:`update` raises :class:`StaleDecodeGraph`; recapture.
 
-With the fused combine (``decode_attention(..., fused_combine=True)`` or
-``$SPECTRALCACHE_FUSED_COMBINE=1``) the launch also bakes in the arrival counters of its
-(device, batch x KV heads) shape: one int32 buffer, allocated zeroed at the first such launch
-(do that one eagerly, before capturing, as the compile needs anyway), never freed, and left at
-zero by every launch, so each replay starts from zero with no reset node in the graph; the
-partials stay in the graph's memory pool, as without it.
-
 Usage::
 
     sizes = DecodeGraphSizes(state, q_len=1)          # records addresses and capacity
