@@ -4,6 +4,8 @@
 # the presets default (low-rank layout in attention_kernel_dev), aggressive, channel (the stop-17
 # default's layout) and channel_zp (the stop-18 default's), at 4K / 32K / 128K batch 1 and 32K
 # batch 8, each beside SDPA. Usage: bash benchmarks/gpu_runs/stop18_kernel.sh OUTDIR
+# Needs the tree at 6b541c6 (git worktree add /tmp/s18 6b541c6): the fused combine it times was
+# removed again in 4651dde (slower at every cell), and with it the --time-fused / --time-cells options.
 set -o pipefail
 W=${1:?output dir}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONPATH=$PWD/src:$PWD
