@@ -122,6 +122,7 @@ def _split_constexprs(
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
+    block_parts: int = 1,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -138,8 +139,40 @@ def _split_constexprs(
         F32=f32, SIZES_ON_DEVICE=sizes_on_device, BLOCK_STAGES=block_stages,
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
-        KEY_OFFSETS=key_offsets,
+        KEY_OFFSETS=key_offsets, BLOCK_PARTS=block_parts, PART_T=_part_tokens(t, block_t, block_parts),
     )  # fmt: skip
+
+
+def _part_tokens(t: int, block_t: int, block_parts: int) -> int:
+    """Tokens of a block part: whole ``block_t`` tiles, the block's tiles shared out as evenly as
+    powers of two allow (the last part may hold fewer tokens, or none); ``t`` without parts."""
+    if block_parts <= 1:
+        return t
+    tiles = -(-t // block_t)
+    return -(-tiles // block_parts) * block_t
+
+
+def _max_block_parts(t: int, block_t: int, min_tiles: int) -> int:
+    """The most parts (a power of two) a ``t``-token block splits into with at least ``min_tiles``
+    ``block_t`` tiles each (at least 1)."""
+    tiles = -(-t // block_t)
+    parts = 1
+    while tiles // (2 * parts) >= max(1, min_tiles):
+        parts *= 2
+    return parts
+
+
+def _auto_block_parts(plan_blocks: int, want_splits: int, max_parts: int) -> int:
+    """Block parts for the automatic plan: 1 unless the cold blocks (one per program) are fewer than
+    the wanted programs per (batch row, KV head); then the smallest power of two making
+    ``plan_blocks · P >= want_splits``, at most ``max_parts``. At 4K (Llama-8B shape, batch 1) 7 blocks
+    × 8 KV heads were 56 programs, each a chain of 8 dependent 64-token tiles, on 132 SMs."""
+    if plan_blocks <= 0 or plan_blocks >= want_splits:
+        return 1
+    parts = 1
+    while plan_blocks * parts < want_splits and parts < max_parts:
+        parts *= 2
+    return parts
 
 
 def _int4_width(rank: int, bits: int, int4_bytes: int, int4_pad: bool) -> int:
@@ -345,11 +378,17 @@ def _row_stride(coeffs: torch.Tensor) -> int:
 
 def _split_plan(
     plan_blocks: int, plan_exact: int, blocks_per_split: int, *, t: int, block_e: int, n_out: int,
-    out_split: bool, exact_spread: bool, want_splits: int,
+    out_split: bool, exact_spread: bool, want_splits: int, block_parts: int = 1,
 ) -> tuple[int, int, int, int, int]:  # fmt: skip
-    """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program:
+    """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program, or with
+    ``block_parts`` P > 1 one part of a block per program (``blocks_per_split`` must then be 1):
     ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``."""
-    n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
+    if block_parts > 1:
+        if blocks_per_split != 1:
+            raise ValueError(f"block_parts={block_parts} needs blocks_per_split=1, got {blocks_per_split}")
+        n_cold_splits = plan_blocks * block_parts
+    else:
+        n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
     # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
     # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
     if out_split:
@@ -372,6 +411,31 @@ def _split_plan(
         exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
     n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
     return n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits
+
+
+def _resolve_block_parts(
+    block_parts: int | None, min_tiles: int | None, auto_split: bool, blocks_per_split: int,
+    plan_blocks: int, want_splits: int, t: int, block_t: int,
+) -> int:  # fmt: skip
+    """The launch's block parts: a caller's power of two clamped to the block's tiles (it then
+    needs ``blocks_per_split`` 1 or automatic), or the automatic choice (:func:`_auto_block_parts`,
+    only when the plan itself gave one block per program)."""
+    min_tiles = 2 if min_tiles is None else int(min_tiles)
+    if min_tiles < 1:
+        raise ValueError(f"block_parts_min_tiles must be >= 1, got {min_tiles}")
+    if not plan_blocks:
+        return 1
+    if block_parts is None:
+        if not auto_split or blocks_per_split != 1:
+            return 1
+        return _auto_block_parts(plan_blocks, want_splits, _max_block_parts(t, block_t, min_tiles))
+    parts = int(block_parts)
+    if parts < 1 or parts & (parts - 1):
+        raise ValueError(f"block_parts must be a power of two (1, 2, 4, 8, ...), got {block_parts!r}")
+    if parts > 1 and not auto_split and blocks_per_split != 1:
+        raise ValueError(f"block_parts={parts} reads one block per program: it needs blocks_per_split=1, "
+                         f"got {blocks_per_split}")  # fmt: skip
+    return min(parts, _max_block_parts(t, block_t, 1))
 
 
 def decode_sizes(state: SpectralLayerState, q_len: int, hot_lo: int = 0) -> list[int]:
@@ -407,6 +471,8 @@ def decode_attention(
     *,
     out: torch.Tensor | None = None,
     blocks_per_split: int | None = None,
+    block_parts: int | None = None,
+    block_parts_min_tiles: int | None = None,
     block_t: int | None = None,
     block_e: int | None = None,
     num_warps: int = 4,
@@ -448,7 +514,12 @@ def decode_attention(
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
-    the block loop software-pipelined that many stages deep; default 0).
+    the block loop software-pipelined that many stages deep; default 0), ``block_parts`` (a power of
+    two P: each cold block read by P programs, part j = tokens ``[j·T/P, (j+1)·T/P)`` in whole tiles,
+    one block per program; clamped to the block's tile count; 1: whole blocks; None: automatic -- P > 1
+    only when the plan gives one block per program and the cold programs are fewer than the wanted
+    ones, then the smallest P reaching them, each part at least ``block_parts_min_tiles`` tiles
+    (default 2)).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -582,6 +653,7 @@ def decode_attention(
                 "capacity_blocks > 0 needs a state with cold blocks (their buffers are recorded)"
             )
     want_splits = 0
+    auto_split = blocks_per_split is None
     if blocks_per_split is None:
         slots = (
             programs_per_sm
@@ -591,10 +663,15 @@ def decode_attention(
         )
         want_splits = -(-slots // n_bh)
         blocks_per_split = max(1, -(-plan_blocks // want_splits)) if plan_blocks else 1
+    block_parts = _resolve_block_parts(
+        block_parts, block_parts_min_tiles, auto_split, blocks_per_split, plan_blocks, want_splits, t, block_t
+    )
+    if block_parts > 1:
+        blocks_per_split = 1
     out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
-        exact_spread=exact_spread, want_splits=want_splits,
+        exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts,
     )  # fmt: skip
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
@@ -638,7 +715,7 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes), bool(int4_pad), key_offsets,
+            key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -33,7 +33,11 @@ Math (per batch row ``b``, KV head ``h``; the ``G = Hq / Hkv`` query heads of ``
   of the block (identity values: ``acc += (p·σ_V)·C_V`` directly). ``lat`` is rescaled with
   ``acc`` whenever the running max moves, so the result is exact.
 
-Programs ``0 .. n_cold_splits-1`` take ``blocks_per_split`` consecutive cold blocks each; the
+Programs ``0 .. n_cold_splits-1`` take ``blocks_per_split`` consecutive cold blocks each, or, with
+``BLOCK_PARTS`` = P > 1 (block parts), part ``j = p % P`` of block ``p // P`` each: ``PART_T`` tokens
+(whole tiles) from token ``j·PART_T`` on. A part redoes the block's setup (channel scales, zero
+points, q·B_Kᵀ, the outlier bit mask), keeps its own latent ``lat`` and multiplies it by B_V at its
+end (linear, so the parts sum to the block); part 0 alone attends the block's exact outliers. The
 remaining programs take ``exact_per_split`` tokens each of the exact tiers laid end to end
 (landmarks | hot buffer | current chunk). Each program writes its ``(m, den, acc)`` partial;
 ``combine_splits`` merges them by log-sum-exp.
@@ -469,7 +473,7 @@ def spectral_decode_split_kernel(
     HAS_CHUNK: tl.constexpr, F32: tl.constexpr, SIZES_ON_DEVICE: tl.constexpr, BLOCK_STAGES: tl.constexpr,
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
-    KEY_OFFSETS: tl.constexpr,
+    KEY_OFFSETS: tl.constexpr, BLOCK_PARTS: tl.constexpr, PART_T: tl.constexpr,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -510,8 +514,21 @@ def spectral_decode_split_kernel(
 
     if pid_s < n_cold_splits:
         # ------------------------------------------------------------ cold blocks
-        n_lo = pid_s * blocks_per_split
-        n_hi = tl.minimum(n_lo + blocks_per_split, n_blocks)
+        if BLOCK_PARTS > 1:
+            # block parts: program pid_s reads part j = pid_s % BLOCK_PARTS of block pid_s // BLOCK_PARTS,
+            # PART_TILES whole tiles from token j·PART_TILES·BLOCK_T on (the last part may hold fewer,
+            # or none); programs past the live blocks (graph capacity) find an empty block range
+            n_lo = pid_s // BLOCK_PARTS
+            n_hi = tl.minimum(n_lo + 1, n_blocks)
+            part_j = pid_s % BLOCK_PARTS
+            t_first = part_j * PART_T
+            t_end = tl.minimum(t_first + PART_T, T)
+        else:
+            n_lo = pid_s * blocks_per_split
+            n_hi = tl.minimum(n_lo + blocks_per_split, n_blocks)
+            part_j = 0
+            t_first = 0
+            t_end = T
         kc_bh = kc_ptr + b * s_kc_b + h * s_kc_h
         ks_bh = ks_ptr + b * s_ks_b + h * s_ks_h
         kb_bh = kb_ptr + b * s_kb_b + h * s_kb_h
@@ -574,20 +591,26 @@ def spectral_decode_split_kernel(
                 oidx = 0
                 owords = 0
             if N_OUT > 0 and not OUT_SPLIT:
+                # block parts: part 0 alone attends the block's exact outliers (each exact token once);
+                # the other parts only mask their low-rank rows (owords above)
+                if BLOCK_PARTS > 1:
+                    o_att = o_ok & (part_j == 0)
+                else:
+                    o_att = o_ok
                 okeys = tl.load(
                     ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
-                    mask=o_ok[:, None] & d_ok[None, :],
+                    mask=o_att[:, None] & d_ok[None, :],
                     other=0.0,
                 )
                 s_out = _softcap(_dot(q, tl.trans(okeys), F32, okeys.dtype) * scale, softcap, HAS_SOFTCAP)
                 s_out += _mask_bias(
-                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + oidx, o_ok,
+                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + oidx, o_att,
                     q_first, tier_end, HAS_MASK, MASK_BOOL,
                 )  # fmt: skip
                 m, alpha_out, p_out = _online_step(m, den, s_out)
                 ovals = tl.load(
                     ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + dcols[None, :] * s_ov_d,
-                    mask=o_ok[:, None] & d_ok[None, :],
+                    mask=o_att[:, None] & d_ok[None, :],
                     other=0.0,
                 )
                 den = den * alpha_out + tl.sum(p_out, axis=1)
@@ -658,7 +681,13 @@ def spectral_decode_split_kernel(
                 lat = 0.0
             if BLOCK_STAGES == 0:
                 # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
-                for t0 in range(0, T, BLOCK_T):
+                if BLOCK_PARTS > 1:
+                    t_lo = t_first
+                    t_hi = t_end
+                else:
+                    t_lo = 0
+                    t_hi = T
+                for t0 in range(t_lo, t_hi, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
                         m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
                         open_block,
@@ -672,9 +701,10 @@ def spectral_decode_split_kernel(
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
-                for t0 in tl.static_range(0, T, BLOCK_T):
+                # (block parts: PART_T tokens from t_first on; tiles past the block's end are masked)
+                for t0 in tl.static_range(0, PART_T, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                        m, den, acc, lat, t_first + t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
                         open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
