@@ -2,7 +2,8 @@
 one program, and no program is empty.
 
 Pure arithmetic (no kernel launch): the kernels' agreement with the torch reference under any
-``blocks_per_split`` is tested in ``test_triton_decode.py::test_split_plans_agree``.
+``blocks_per_split`` / ``block_parts`` is tested in ``test_triton_decode.py::test_split_plans_agree`` /
+``test_block_parts_agree``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from spectralcache.attention.triton.decode import _split_plan
+from spectralcache.attention.triton.decode import (
+    _max_block_parts,
+    _part_tokens,
+    _resolve_block_parts,
+    _split_plan,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -41,3 +47,89 @@ def test_plan_covers_everything_once(blocks, exact, t, n_out, bps, want, out_spl
         assert n_out_splits * out_per >= blocks * n_out and (n_out_splits - 1) * out_per < blocks * n_out
     else:
         assert n_out_splits == 0
+
+
+def _kernel_cover(n_cold: int, bps: int, parts: int, blocks: int, t: int, block_t: int) -> list[list[int]]:
+    """How often the split kernel's cold programs read each token of each live block: the kernel's
+    index arithmetic (decode_splits: block range, part token range, tiles masked at the block's end)."""
+    part_t = _part_tokens(t, block_t, parts)
+    seen = [[0] * t for _ in range(blocks)]
+    for pid in range(n_cold):
+        if parts > 1:
+            n_lo, n_hi = pid // parts, min(pid // parts + 1, blocks)
+            t_first = (pid % parts) * part_t
+            t_end = min(t_first + part_t, t)
+        else:
+            n_lo, n_hi = pid * bps, min(pid * bps + bps, blocks)
+            t_first, t_end = 0, t
+        for n in range(n_lo, n_hi):
+            for t0 in range(t_first, t_end, block_t):
+                for tok in range(t0, min(t0 + block_t, t)):
+                    seen[n][tok] += 1
+    return seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    blocks=st.integers(0, 40),
+    spare=st.integers(0, 8),
+    t=st.sampled_from([13, 16, 40, 64, 104, 502, 512]),
+    block_t=st.sampled_from([16, 32, 64, 256]),
+    n_out=st.sampled_from([0, 1, 4, 9]),
+    parts=st.sampled_from([None, 1, 2, 4, 8]),
+    min_tiles=st.integers(1, 4),
+    bps=st.sampled_from([None, 1, 2]),
+    want=st.integers(0, 200),
+    out_split=st.booleans(),
+)
+def test_block_parts_cover_every_token_once(
+    blocks, spare, t, block_t, n_out, parts, min_tiles, bps, want, out_split
+) -> None:
+    """With block parts (any P, automatic or given, clamped to the block's tiles) every token of every
+    live block is read by exactly one cold program, every exact outlier row by exactly one program
+    (part 0 of its block, or an outlier program), programs past the live blocks (graph capacity) by
+    none; the automatic P is the smallest power of two reaching the wanted programs, within its cap."""
+    if block_t > 16 and block_t > t:
+        block_t = 16  # decode_attention never tiles wider than the block's next power of two
+    plan_blocks = blocks + spare  # capacity (CUDA-graph mode): the grid covers spare blocks too
+    auto_split = bps is None
+    bps = (max(1, -(-plan_blocks // want)) if plan_blocks and want else 1) if bps is None else bps
+    if parts is not None and parts > 1 and not auto_split and bps != 1:
+        with pytest.raises(ValueError, match="blocks_per_split=1"):
+            _resolve_block_parts(parts, min_tiles, auto_split, bps, plan_blocks, want, t, block_t)
+        return
+    p = _resolve_block_parts(parts, min_tiles, auto_split, bps, plan_blocks, want, t, block_t)
+    tiles = -(-t // block_t)
+    assert p >= 1 and p & (p - 1) == 0 and (plan_blocks == 0 or p <= tiles)
+    if parts is None and p > 1:
+        assert auto_split and bps == 1 and plan_blocks * (p // 2) < want
+        assert tiles // p >= min_tiles
+    if parts is not None and plan_blocks:
+        assert p == min(parts, _max_block_parts(t, block_t, 1))
+    if p > 1:
+        bps = 1
+    out_split = out_split and n_out > 0 and plan_blocks > 0
+    n_cold, _, out_per, n_out_splits, _ = _split_plan(
+        plan_blocks, 100, bps, t=t, block_e=32, n_out=n_out, out_split=out_split, exact_spread=True,
+        want_splits=want, block_parts=p,
+    )  # fmt: skip
+    assert n_cold == (plan_blocks * p if p > 1 else -(-plan_blocks // bps))
+    seen = _kernel_cover(n_cold, bps, p, blocks, t, block_t)
+    assert all(c == 1 for row in seen for c in row)
+    # exact outliers of block n: by its part-0 program (in-block), or by the outlier programs
+    out_seen = [0] * (blocks * n_out)
+    if out_split:
+        for s in range(n_out_splits):
+            for j in range(s * out_per, min(s * out_per + out_per, blocks * n_out)):
+                out_seen[j] += 1
+    elif n_out:
+        for pid in range(n_cold):
+            if p > 1:
+                if pid % p == 0 and pid // p < blocks:
+                    for o in range(n_out):
+                        out_seen[(pid // p) * n_out + o] += 1
+            else:
+                for n in range(pid * bps, min(pid * bps + bps, blocks)):
+                    for o in range(n_out):
+                        out_seen[n * n_out + o] += 1
+    assert all(c == 1 for c in out_seen)

@@ -83,6 +83,33 @@ def test_static_step_equals_eager(model, batch, prompt, steps) -> None:
     assert ((a - b).norm() / b.norm()).item() < 1e-3
 
 
+def test_static_step_with_block_parts_equals_eager(model, monkeypatch) -> None:
+    """The graph-mode kernel launch with block parts (32-token blocks read in two 16-token halves by
+    capacity·2 programs, those past the live blocks reading nothing) = the eager path, through a
+    compression while decoding."""
+    import spectralcache.attention.triton.decode as dec
+
+    launches = []
+    plain = dec.decode_attention
+
+    def with_parts(*args, **kwargs):
+        assert kwargs.get("device_sizes") is not None  # the graph-mode launch
+        launches.append(kwargs["capacity_blocks"])
+        # outliers in their block's part-0 program (outlier_split off): each exact row read once
+        return plain(*args, **{**kwargs, "block_parts": 2, "block_t": 16, "outlier_split": False})
+
+    cfg = dict(block_size=32)
+    ids = tiny_prompt(1, 50, seed=7)  # one block from the prefill; a compression while decoding
+    ref_tokens, ref_logits, _, _ = _decode(model, ids, 30, "eager", **cfg)
+    monkeypatch.setattr(dec, "decode_attention", with_parts)
+    tokens, logits, cache, decoder = _decode(model, ids, 30, "static", **cfg)
+    assert launches and decoder.static_steps == 29
+    assert max(launches) > 1 and cache.layers[0].num_blocks >= 2
+    assert torch.equal(tokens, ref_tokens)
+    for a, b in zip(logits, ref_logits):
+        assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
 def test_staged_sizes_are_the_kernel_contract(model) -> None:
     """The sizes the decoder stages (one copy for every layer) = ``decode_sizes`` of each layer's
     graph state, and the hot window stays at row 0 of one buffer between compressions."""

@@ -50,6 +50,7 @@ def _check(
     exact_spread: bool = False,
     int4_bytes: int = 32,
     int4_pad: bool = True,
+    block_parts: int | None = None,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -71,7 +72,7 @@ def _check(
     got = decode_attention(
         query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
         block_stages=block_stages, outlier_split=outlier_split, min_rows=min_rows,
-        exact_spread=exact_spread, int4_bytes=int4_bytes, int4_pad=int4_pad,
+        exact_spread=exact_spread, int4_bytes=int4_bytes, int4_pad=int4_pad, block_parts=block_parts,
     )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
@@ -193,6 +194,57 @@ def test_block_pipelined_loop_agrees(kw: dict, blocks_per_split: int) -> None:
 def test_outliers_in_programs_of_their_own_agree(kw: dict, blocks_per_split: int | None) -> None:
     # outlier_split: the blocks' exact outlier rows are attended by separate programs
     _check(outlier_split=True, blocks_per_split=blocks_per_split, **kw)
+
+
+_CHANNEL_ZP = dict(channel_keys=True, key_zero_point=True, identity_values=True, value_bits=4)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        # the default preset's layout: int4 channel keys with zero points, int4 identity values
+        dict(key_bits=4, **_CHANNEL_ZP, outliers=5),
+        dict(key_bits=8, key_space="pre_rope", **_CHANNEL_ZP, mask="bool", batch=2),
+        dict(key_bits=4, key_space="pre_rope", **_CHANNEL_ZP, rot_dim=16, outlier_split=False),
+        # low-rank int4 / int8, post- and pre-RoPE (each part keeps its own latent, times B_V at its end)
+        dict(key_bits=4, outliers=6, outlier_split=False),
+        dict(key_bits=4, outliers=6, outlier_split=True),
+        dict(key_bits=8, key_space="pre_rope", outliers=6, outlier_split=False, mask="float", batch=2),
+        dict(key_bits=8, key_space="pre_rope", outliers=6, outlier_split=True, q_len=3),
+        dict(key_bits=4, dtype=torch.bfloat16, groups=8, batch=2, mask="bool"),  # GQA 8, batch 2
+        dict(key_bits=8, block_stages=2, outlier_split=False),  # the tiles of a part unrolled
+        # block_size not a multiple of the 16-token tile: 104 = 7 tiles (the last half full) -> parts of
+        # 2 tiles and a last part of one partial tile; 40 = 3 tiles -> P <= 2; 13 = 1 tile -> P = 1
+        dict(key_bits=4, block_size=104, blocks=2, outliers=9, outlier_split=False, rank_keys=5),
+        dict(key_bits=8, block_size=104, blocks=2, **_CHANNEL_ZP, block_stages=2, outlier_split=False),
+        dict(key_bits=8, block_size=40, outliers=4, chunk=20, hot=6, q_len=20, groups=1, outlier_split=False),
+        dict(key_bits=4, block_size=13, rank_keys=5, rank_values=7, outliers=3),
+    ],
+)
+@pytest.mark.parametrize("block_parts", [1, 2, 4])
+def test_block_parts_agree(kw: dict, block_parts: int) -> None:
+    """block_parts: each cold block read by P programs (tokens [j·T/P, (j+1)·T/P) in whole tiles), one
+    partial each; part 0 alone attends the block's exact outliers (else the OUT_SPLIT programs). A part
+    missing a tile, or outliers attended by no part or by several, changes the answer."""
+    kw = {"block_size": 64, "blocks": 3, **kw}
+    if kw.get("q_len", 1) > 1 and "chunk" not in kw:
+        kw["chunk"] = kw["q_len"]
+    _check(block_parts=block_parts, **kw)
+
+
+def test_block_parts_plan_refusals_and_clamp() -> None:
+    state = random_state(device=DEVICE, seed=next(_seed), block_size=48, outliers=3)
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    ref = spectral_attention(query, state)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(query, state, block_t=16, block_parts=3)
+    with pytest.raises(ValueError, match="blocks_per_split=1"):
+        decode_attention(query, state, block_t=16, block_parts=2, blocks_per_split=2)
+    with pytest.raises(ValueError, match="block_parts_min_tiles"):
+        decode_attention(query, state, block_t=16, block_parts_min_tiles=0)
+    # 3 tiles per block: 8 parts clamp to 2 (every part at least one tile), automatic P on CPU is 1
+    for kw in (dict(block_parts=8), dict(block_parts=8, blocks_per_split=1), dict(block_parts=None)):
+        _assert_rel(decode_attention(query, state, block_t=16, **kw), ref)
 
 
 @pytest.mark.parametrize(
@@ -432,19 +484,29 @@ _LAYER_CODECS = {
 }
 
 
-@pytest.mark.parametrize("codecs", list(_LAYER_CODECS))
-def test_recorded_launch_follows_a_decoding_layer(codecs: str) -> None:
+@pytest.mark.parametrize(
+    ("codecs", "block_parts"), [("lowrank", None), ("channel_zp", None), ("channel_zp", 2)]
+)
+def test_recorded_launch_follows_a_decoding_layer(codecs: str, block_parts: int | None) -> None:
     """One recorded launch (addresses of the state at record time, sizes on the device) reads every
     later decode step of a real SpectralLayer correctly -- new hot tokens, blocks appended into
     spare capacity (key zero points too), the hot window moving after a compression -- until a
-    buffer moves, which ``update`` reports as StaleDecodeGraph (then we record again)."""
+    buffer moves, which ``update`` reports as StaleDecodeGraph (then we record again).
+    ``block_parts`` 2: 32-token blocks (2 tiles) read in halves by capacity·2 programs, those past
+    the live blocks finding nothing to read."""
     from tests.layer_helpers import D, H, kv, small_cfg
 
     from spectralcache.attention.triton.graph import DecodeGraphSizes, StaleDecodeGraph
     from spectralcache.cache.layer import SpectralLayer
 
-    layer = SpectralLayer(small_cfg(**_LAYER_CODECS[codecs]), 0, head_dim=D, num_kv_heads=H)
-    k0, v0 = kv(1, 150, seed=next(_seed))  # 9 blocks: the cold buffers grow with spare capacity
+    cfg = dict(_LAYER_CODECS[codecs])
+    steps, prefill = 48, 150
+    if block_parts is not None:
+        cfg["block_size"] = 16 * block_parts
+        # 9 blocks as with 16-token ones, and a compression while decoding
+        steps, prefill = 40, 9 * 16 * block_parts + 6
+    layer = SpectralLayer(small_cfg(**cfg), 0, head_dim=D, num_kv_heads=H)
+    k0, v0 = kv(1, prefill, seed=next(_seed))  # 9 blocks: the cold buffers grow with spare capacity
     layer.update(k0.to(DEVICE), v0.to(DEVICE))
     layer.release_chunk()
     k_static = torch.zeros(1, H, 1, D, device=DEVICE)  # the graph's static chunk / query / output
@@ -454,7 +516,7 @@ def test_recorded_launch_follows_a_decoding_layer(codecs: str) -> None:
     g = torch.Generator().manual_seed(next(_seed))
     recorded, sizes = None, None
     reused = reused_new_blocks = records = 0
-    for _ in range(48):
+    for _ in range(steps):
         k_static.copy_(torch.randn(1, H, 1, D, generator=g))
         v_static.copy_(torch.randn(1, H, 1, D, generator=g))
         q_static.copy_(torch.randn(1, 2 * H, 1, D, generator=g))
@@ -473,7 +535,9 @@ def test_recorded_launch_follows_a_decoding_layer(codecs: str) -> None:
         assert (state.cold.key_offsets is not None) == (codecs == "channel_zp")
         out.fill_(float("nan"))
         # the recorded launch: the *recorded* state's addresses, this step's sizes from the device
-        decode_attention(q_static, recorded, out=out, block_t=16, **sizes.launch_kwargs())
+        decode_attention(
+            q_static, recorded, out=out, block_t=16, block_parts=block_parts, **sizes.launch_kwargs()
+        )
         _assert_rel(out, spectral_attention(q_static, state))
         layer.release_chunk()
     assert reused >= 20 and reused_new_blocks >= 1 and records >= 2, (reused, reused_new_blocks, records)

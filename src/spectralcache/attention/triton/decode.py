@@ -423,10 +423,8 @@ def _resolve_block_parts(
     min_tiles = 2 if min_tiles is None else int(min_tiles)
     if min_tiles < 1:
         raise ValueError(f"block_parts_min_tiles must be >= 1, got {min_tiles}")
-    if not plan_blocks:
-        return 1
     if block_parts is None:
-        if not auto_split or blocks_per_split != 1:
+        if not plan_blocks or not auto_split or blocks_per_split != 1:
             return 1
         return _auto_block_parts(plan_blocks, want_splits, _max_block_parts(t, block_t, min_tiles))
     parts = int(block_parts)
@@ -435,7 +433,7 @@ def _resolve_block_parts(
     if parts > 1 and not auto_split and blocks_per_split != 1:
         raise ValueError(f"block_parts={parts} reads one block per program: it needs blocks_per_split=1, "
                          f"got {blocks_per_split}")  # fmt: skip
-    return min(parts, _max_block_parts(t, block_t, 1))
+    return min(parts, _max_block_parts(t, block_t, 1)) if plan_blocks else 1
 
 
 def decode_sizes(state: SpectralLayerState, q_len: int, hot_lo: int = 0) -> list[int]:
