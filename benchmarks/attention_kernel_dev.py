@@ -6,7 +6,8 @@ Usage (on a CUDA machine)::
 
 * ``copy``: the card's device-to-device copy bandwidth (bytes read + written), the ceiling
   the kernel's achieved bandwidth is compared to;
-* ``check`` / ``quickcheck`` (5 modes): kernel vs torch reference (``spectral_attention``) on fresh random states for
+* ``check`` / ``quickcheck`` (9 modes; ``--check-modes`` names a subset, ``--check-block-size`` sets the
+  states' block size): kernel vs torch reference (``spectral_attention``) on fresh random states for
   every mode (key space, codec per side, 4/8/16-bit, outliers, GQA 1/4/8, batch, padding,
   q_len > 1, softcap), float32 (< 1e-5) and bfloat16 (< 1e-2), output poisoned with NaN first;
 * ``time``: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), one
@@ -14,10 +15,11 @@ Usage (on a CUDA machine)::
   aggressive, channel, channel_zp = channel with key zero points): SDPA on the dense
   K/V vs the kernel (eager and CUDA-graph replay) vs the torch reference; median ms, GB/s on the
   bytes the kernel must read, fraction of the copy bandwidth, byte ratio vs dense;
-* ``variants``: graph-replay time of launch configs at batch 1 (``--variant-contexts``): the product
+* ``variants``: graph-replay time of launch configs at batch 1 (``--variant-contexts``; or the
+  ``--variant-cells`` context x batch pairs, e.g. ``4096x1,4096x8``), each cell beside SDPA: the product
   of the ``--v-*`` lists (block_t, num_warps, maxnreg, programs_per_sm, block_stages,
-  outlier_split, dequant_asm, min_rows, num_stages, exact_spread) plus ``--v-extra`` configs; the
-  ``time`` section then uses each preset's fastest;
+  outlier_split, dequant_asm, min_rows, num_stages, exact_spread, ..., blocks_per_split, block_parts,
+  block_parts_min_tiles) plus ``--v-extra`` configs; the ``time`` section then uses each preset's fastest;
 * ``sass`` (CPU only, no GPU needed): compile the split kernel of each ``--sass-configs`` launch for
   sm_90a and report registers, spills, shared memory and SASS instruction counts.
 
@@ -97,8 +99,8 @@ def section_copy(res: dict) -> None:
     del x, y
 
 
-def check_modes():
-    base = dict(batch=2, kv_heads=4, head_dim=128, landmarks=16, block_size=128, blocks=5, outliers=8,
+def check_modes(block_size: int = 128):
+    base = dict(batch=2, kv_heads=4, head_dim=128, landmarks=16, block_size=block_size, blocks=5, outliers=8,
                 hot=70, chunk=1, rank_keys=32, rank_values=64)  # fmt: skip
     modes = []
     for ks in ("post_rope", "pre_rope"):
@@ -129,9 +131,14 @@ def check_modes():
     return base, modes
 
 
-def section_check(res: dict, quick: bool = False, configs=({},)) -> None:
-    base, modes = check_modes()
-    if quick:  # one mode per kernel specialisation that timing uses, plus pre-RoPE and masks
+def section_check(res: dict, quick: bool = False, configs=({},), only=None, block_size: int = 128) -> None:
+    base, modes = check_modes(block_size)
+    if only:  # --check-modes: these modes, quick or not
+        unknown = set(only) - {m[0] for m in modes}
+        if unknown:
+            raise ValueError(f"--check-modes: no such modes {sorted(unknown)}")
+        modes = [m for m in modes if m[0] in only]
+    elif quick:  # one mode per kernel specialisation that timing uses, plus pre-RoPE and masks
         keep = {
             "post_rope k8",
             "post_rope k4",
@@ -196,7 +203,7 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
 CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
-    "blocks_per_split",
+    "blocks_per_split", "block_parts", "block_parts_min_tiles",
 )  # fmt: skip
 
 
@@ -284,44 +291,76 @@ def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None
                 torch.cuda.empty_cache()
 
 
-def section_variants(res: dict, contexts, grid: dict, extra: list, save=lambda: None, presets=None) -> None:
+def section_variants(res: dict, cells, grid: dict, extra: list, save=lambda: None, presets=None) -> None:
     """Graph-replay time of every launch config in ``grid`` (lists per CONFIG_KEYS entry) and of
-    each dict in ``extra`` (CONFIG_KEYS entries it leaves out: the grid's first value), batch 1;
-    each config's output is compared with the default launch's (``rel_vs_default``)."""
+    each dict in ``extra`` (CONFIG_KEYS entries it leaves out: the grid's first value) at each
+    ``(context, batch)`` cell, beside SDPA on the dense K/V of that cell (``sdpa_ms``, eager like the
+    ``time`` section's); each config's output is compared with the default launch's (``rel_vs_default``)."""
+    import torch.nn.functional as F
+
     configs = [dict(zip(CONFIG_KEYS, v)) for v in itertools.product(*(grid[k] for k in CONFIG_KEYS))]
     configs += [{k: e.get(k, grid[k][0]) for k in CONFIG_KEYS} for e in extra]
     rows = res["variants"] = []  # saved after each row: a run cut short keeps what it measured
-    for ctx in contexts:
+    for ctx, batch in cells:
+        q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        sdpa_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        del k, v
+        print(f"variant ctx={ctx} B={batch} sdpa {sdpa_ms:.4f} ms", flush=True)
         for preset in presets or PRESETS:
-            st = llama_state(ctx, 1, preset)
+            st = llama_state(ctx, batch, preset)
             nbytes = state_bytes(st)
-            q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
             out = torch.empty_like(q)
             ref = decode_attention(q, st).float()
             for cfg in configs:
                 try:
                     fn = functools.partial(decode_attention, q, st, out=out, **cfg)
                     out.fill_(float("nan"))
-                    fn()
+                    plan = launch_plan(fn)
                     err = rel(out, ref)
                     ms = bench(fn, graph=True)
                 except Exception as exc:
                     print("variant failed", cfg, repr(exc)[:300], flush=True)
                     continue
-                rows.append({"ctx": ctx, "preset": preset, **cfg, "ms_graph": ms,
-                             "GBps": nbytes / ms / 1e6, "rel_vs_default": err})  # fmt: skip
+                rows.append({"ctx": ctx, "batch": batch, "preset": preset, **cfg, "ms_graph": ms,
+                             "sdpa_ms": sdpa_ms, "GBps": nbytes / ms / 1e6, "rel_vs_default": err,
+                             "plan": plan})  # fmt: skip
                 save()
-                print(f"variant ctx={ctx} {preset:10s} {cfg} {ms:.4f} ms {nbytes / ms / 1e6:.0f} GB/s "
-                      f"err {err:.1e}", flush=True)  # fmt: skip
+                changed = {k: cfg[k] for k in CONFIG_KEYS if len(grid[k]) > 1 or cfg[k] != grid[k][0]}
+                print(f"variant ctx={ctx} B={batch} {preset:10s} {changed or cfg} graph {ms:.4f} ms "
+                      f"(sdpa {sdpa_ms:.4f}, x{sdpa_ms / ms:.2f}) {nbytes / ms / 1e6:.0f} GB/s err {err:.1e} "
+                      f"plan {plan}", flush=True)  # fmt: skip
             best = sorted(
-                [r for r in rows if r["ctx"] == ctx and r["preset"] == preset], key=lambda r: r["ms_graph"]
+                [r for r in rows if r["ctx"] == ctx and r["batch"] == batch and r["preset"] == preset],
+                key=lambda r: r["ms_graph"],
             )
             for r in best[:5]:
-                print(f"best ctx={ctx} {preset}: " + " ".join(f"{k}={r[k]}" for k in CONFIG_KEYS)
-                      + f" {r['ms_graph']:.4f} ms {r['GBps']:.0f} GB/s err {r['rel_vs_default']:.1e}",
-                      flush=True)  # fmt: skip
+                print(f"best ctx={ctx} B={batch} {preset}: " + " ".join(f"{k}={r[k]}" for k in CONFIG_KEYS)
+                      + f" {r['ms_graph']:.4f} ms (sdpa {r['sdpa_ms']:.4f}) {r['GBps']:.0f} GB/s "
+                      f"err {r['rel_vs_default']:.1e}", flush=True)  # fmt: skip
             del st
             torch.cuda.empty_cache()
+
+
+def launch_plan(fn) -> dict:
+    """Run ``fn`` (a decode_attention call) once and report the split launch it made: grid (programs
+    per (batch row, KV head)), block parts and token tile actually used (the automatic choices)."""
+    import spectralcache.attention.triton.decode as dec
+
+    seen: dict = {}
+    launch = dec._launch_split
+
+    def record(grid, args, constexprs, options, device):
+        seen.update(grid=list(grid), block_parts=constexprs["BLOCK_PARTS"], block_t=constexprs["BLOCK_T"])
+        return launch(grid, args, constexprs, options, device)
+
+    dec._launch_split = record
+    try:
+        fn()
+    finally:
+        dec._launch_split = launch
+    return seen
 
 
 def _json_arg(text: str):
@@ -459,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variant-contexts", default="32768,131072")
     p.add_argument(
+        "--variant-cells",
+        default="",
+        help="comma list of CONTEXTxBATCH cells the variants run (e.g. 4096x1,4096x8; default: "
+        "--variant-contexts at batch 1)",
+    )
+    p.add_argument(
         "--variant-presets",
         default="default,aggressive,channel",
         help="comma list of PRESETS the variants run (channel_zp: name it)",
@@ -487,10 +532,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-int4-row-stride", default="0")
     p.add_argument("--v-int4-pad", default="1")
     p.add_argument("--v-blocks-per-split", default="none")
+    # block parts: P programs per cold block (1: whole blocks, none: automatic) and the automatic
+    # choice's cap (each part at least this many tiles; none: decode_attention's default, 2)
+    p.add_argument("--v-block-parts", default="none")
+    p.add_argument("--v-block-parts-min-tiles", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"
     )
+    p.add_argument("--check-modes", default="", help="comma list of check mode names (default: all / quick)")
+    p.add_argument("--check-block-size", type=int, default=128, help="block size of the check states")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -511,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "copy":
                 section_copy(res)
             elif name in ("check", "quickcheck"):
-                section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs))
+                section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs),
+                              only=[m for m in args.check_modes.split(",") if m],
+                              block_size=args.check_block_size)  # fmt: skip
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
                              [int(b) for b in args.batches.split(",")], not args.no_ref, save,
@@ -523,9 +576,13 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "variants":
                 grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
                 res["variant_grid"] = grid
+                if args.variant_cells:
+                    cells = [tuple(int(x) for x in c.split("x")) for c in args.variant_cells.split(",")]
+                else:
+                    cells = [(int(c), 1) for c in args.variant_contexts.split(",")]
                 section_variants(
                     res,
-                    [int(c) for c in args.variant_contexts.split(",")],
+                    cells,
                     grid,
                     _json_arg(args.v_extra),
                     save,
@@ -538,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name} done at {time.time() - t0:.0f} s]", flush=True)
     checks = res.get("check", [])
     print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok")
+    for r in res.get("variants", []):
+        cfg = " ".join(f"{k}={r[k]}" for k in ("block_parts", "block_parts_min_tiles", "blocks_per_split"))
+        print(f"variant {r['ctx']:6d} B{r['batch']} {r['preset']:10s} {cfg} graph {r['ms_graph']:.4f} "
+              f"sdpa {r['sdpa_ms']:.4f} x{r['sdpa_ms'] / r['ms_graph']:.2f} plan {r.get('plan')}")  # fmt: skip
     for r in res.get("time", []):
         print(f"{r['ctx']:6d} B{r['batch']} {r['preset']:10s} sdpa {r['sdpa_ms']:.4f} kernel {r['kernel_ms']:.4f} "
               f"graph {r['kernel_graph_ms']:.4f} ms {r['GBps']:5.0f} GB/s ({r['frac_copy'] or 0:.0%}) "
