@@ -206,6 +206,30 @@ def test_channel_keys_and_zero_points(zero_point, key_bits, key_space) -> None:
     _run(dtype=torch.float32, **kw)
 
 
+@pytest.mark.parametrize(
+    "launch",
+    [
+        dict(block_parts=2),
+        dict(block_parts=4, outlier_split=False),
+        dict(block_parts=8, block_t=32, block_stages=2),
+        dict(block_parts=None, block_parts_min_tiles=1),  # automatic at this size: the most parts
+    ],
+)
+@pytest.mark.parametrize("layout", ["channel_zp", "default", "default_pre_rope"])
+def test_block_parts(launch, layout) -> None:
+    """Block parts compiled: each 512-token block read by P programs (part 0 attends its exact
+    outliers unless outlier_split), the default preset's layout (channel keys + zero points, int4
+    values: 64-token tiles) and the low-rank one (256-token tiles: P clamps to 2 unless block_t is
+    smaller), bfloat16 with a padding mask and GQA 4, and float32."""
+    if layout == "channel_zp":
+        kw = dict(channel_keys=True, key_zero_point=True, key_bits=4, identity_values=True, value_bits=4,
+                  outliers=8)  # fmt: skip
+    else:
+        kw = dict(PRESETS["default"], key_space="pre_rope" if layout == "default_pre_rope" else "post_rope")
+    _run(mask="bool", batch=2, launch=launch, **kw)
+    _run(dtype=torch.float32, launch=launch, **kw)
+
+
 @pytest.mark.parametrize("groups,batch", [(1, 1), (4, 4), (8, 2)])
 def test_gqa_batch_padding(groups, batch) -> None:
     _run(groups=groups, batch=batch, mask="bool", **PRESETS["default"])
