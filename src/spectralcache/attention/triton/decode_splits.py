@@ -516,7 +516,7 @@ def spectral_decode_split_kernel(
         # ------------------------------------------------------------ cold blocks
         if BLOCK_PARTS > 1:
             # block parts: program pid_s reads part j = pid_s % BLOCK_PARTS of block pid_s // BLOCK_PARTS,
-            # PART_TILES whole tiles from token j·PART_TILES·BLOCK_T on (the last part may hold fewer,
+            # PART_T tokens (whole BLOCK_T tiles) from token j·PART_T on (the last part may hold fewer,
             # or none); programs past the live blocks (graph capacity) find an empty block range
             n_lo = pid_s // BLOCK_PARTS
             n_hi = tl.minimum(n_lo + 1, n_blocks)
@@ -527,7 +527,7 @@ def spectral_decode_split_kernel(
             n_lo = pid_s * blocks_per_split
             n_hi = tl.minimum(n_lo + blocks_per_split, n_blocks)
             part_j = 0
-            t_first = 0
+            t_first = 0  # compile-time bounds: without parts the tile loop is today's
             t_end = T
         kc_bh = kc_ptr + b * s_kc_b + h * s_kc_h
         ks_bh = ks_ptr + b * s_ks_b + h * s_ks_h
@@ -681,13 +681,7 @@ def spectral_decode_split_kernel(
                 lat = 0.0
             if BLOCK_STAGES == 0:
                 # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
-                if BLOCK_PARTS > 1:
-                    t_lo = t_first
-                    t_hi = t_end
-                else:
-                    t_lo = 0
-                    t_hi = T
-                for t0 in range(t_lo, t_hi, BLOCK_T):
+                for t0 in range(t_first, t_end, BLOCK_T):
                     m, den, acc, lat = _cold_tile(
                         m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
                         open_block,
