@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 import triton.language as tl
@@ -162,16 +163,24 @@ def _max_block_parts(t: int, block_t: int, min_tiles: int) -> int:
     return parts
 
 
-def _auto_block_parts(plan_blocks: int, want_splits: int, max_parts: int) -> int:
-    """Block parts for the automatic plan: 1 unless the cold blocks (one per program) are fewer than
-    the wanted programs per (batch row, KV head); then the smallest power of two making
-    ``plan_blocks · P >= want_splits``, at most ``max_parts``. At 4K (Llama-8B shape, batch 1) 7 blocks
-    × 8 KV heads were 56 programs, each a chain of 8 dependent 64-token tiles, on 132 SMs."""
-    if plan_blocks <= 0 or plan_blocks >= want_splits:
-        return 1
-    parts = 1
-    while plan_blocks * parts < want_splits and parts < max_parts:
-        parts *= 2
+# the automatic plan splits blocks while the programs per (batch row, KV head) stay within this
+# factor of the wanted count (programs_per_sm slots per SM shared out over the (b, h) pairs)
+_PARTS_PROGRAM_SLACK = 1.25
+
+
+def _auto_block_parts(want_splits: int, max_parts: int, programs: Callable[[int], int]) -> int:
+    """Block parts for the automatic plan: the largest power of two ``P <= max_parts`` whose plan
+    keeps ``programs(P)`` (cold + outlier + exact programs per (batch row, KV head)) within
+    ``_PARTS_PROGRAM_SLACK`` of ``want_splits``; 1 if none does.
+
+    Measured on the H100 (Llama-8B shape, bf16, graph replay; ``benchmarks/results/kernel_stop18/
+    block_parts/``): at 4K batch 1 the per-channel layout's 7-8 blocks × 8 KV heads were a few dozen
+    programs, each a chain of 8 dependent 64-token tiles -- 4 parts: 0.0112 vs 0.0204 ms; at 16K 2
+    parts (75 programs for 66 wanted) 0.0231 vs 0.0301; where the grid already fills the card more
+    programs only add partials (32K: 2 parts 0.0427 vs 0.0392 ms; 4K batch 8: 0.0424 vs 0.0402)."""
+    parts = max(1, max_parts)
+    while parts > 1 and programs(parts) > _PARTS_PROGRAM_SLACK * want_splits:
+        parts //= 2
     return parts
 
 
@@ -415,18 +424,19 @@ def _split_plan(
 
 def _resolve_block_parts(
     block_parts: int | None, min_tiles: int | None, auto_split: bool, blocks_per_split: int,
-    plan_blocks: int, want_splits: int, t: int, block_t: int,
+    plan_blocks: int, want_splits: int, t: int, block_t: int, programs: Callable[[int], int],
 ) -> int:  # fmt: skip
     """The launch's block parts: a caller's power of two clamped to the block's tiles (it then
     needs ``blocks_per_split`` 1 or automatic), or the automatic choice (:func:`_auto_block_parts`,
-    only when the plan itself gave one block per program)."""
-    min_tiles = 2 if min_tiles is None else int(min_tiles)
+    only when the plan itself gave one block per program; ``programs(P)``: the plan's programs per
+    (batch row, KV head) with P parts)."""
+    min_tiles = 1 if min_tiles is None else int(min_tiles)
     if min_tiles < 1:
         raise ValueError(f"block_parts_min_tiles must be >= 1, got {min_tiles}")
     if block_parts is None:
         if not plan_blocks or not auto_split or blocks_per_split != 1:
             return 1
-        return _auto_block_parts(plan_blocks, want_splits, _max_block_parts(t, block_t, min_tiles))
+        return _auto_block_parts(want_splits, _max_block_parts(t, block_t, min_tiles), programs)
     parts = int(block_parts)
     if parts < 1 or parts & (parts - 1):
         raise ValueError(f"block_parts must be a power of two (1, 2, 4, 8, ...), got {block_parts!r}")
@@ -515,9 +525,9 @@ def decode_attention(
     the block loop software-pipelined that many stages deep; default 0), ``block_parts`` (a power of
     two P: each cold block read by P programs, part j = tokens ``[j·T/P, (j+1)·T/P)`` in whole tiles,
     one block per program; clamped to the block's tile count; 1: whole blocks; None: automatic -- P > 1
-    only when the plan gives one block per program and the cold programs are fewer than the wanted
-    ones, then the smallest P reaching them, each part at least ``block_parts_min_tiles`` tiles
-    (default 2)).
+    only when the plan gives one block per program, then the largest P (each part at least
+    ``block_parts_min_tiles`` tiles, default 1) whose programs stay within 1.25x of the wanted ones:
+    :func:`_auto_block_parts`).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -661,12 +671,21 @@ def decode_attention(
         )
         want_splits = -(-slots // n_bh)
         blocks_per_split = max(1, -(-plan_blocks // want_splits)) if plan_blocks else 1
+    out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
+
+    def programs(parts: int) -> int:
+        plan = _split_plan(
+            plan_blocks, plan_exact, 1, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
+            exact_spread=exact_spread, want_splits=want_splits, block_parts=parts,
+        )  # fmt: skip
+        return plan[0] + plan[3] + plan[4]
+
     block_parts = _resolve_block_parts(
-        block_parts, block_parts_min_tiles, auto_split, blocks_per_split, plan_blocks, want_splits, t, block_t
-    )
+        block_parts, block_parts_min_tiles, auto_split, blocks_per_split, plan_blocks, want_splits, t, block_t,
+        programs,
+    )  # fmt: skip
     if block_parts > 1:
         blocks_per_split = 1
-    out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
         exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts,
