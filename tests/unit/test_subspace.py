@@ -212,8 +212,8 @@ def test_unchecked_quantizer_is_bit_identical(bits):
     ref = quant.quantize_rows(x, bits=bits, scale_dtype=torch.float16)
     unchecked = quant.quantize_rows(x, bits=bits, scale_dtype=torch.float16, check_finite=False)
     assert torch.equal(unchecked.data, ref.data) and torch.equal(unchecked.scales, ref.scales)
-    data_c, scales_c = _quantize(x, bits, torch.float32)  # CPU: the checked quantizer
-    assert torch.equal(data_c, ref.data) and torch.equal(scales_c, ref.scales)
+    data_c, scales_c, offsets_c = _quantize(x, bits, torch.float32)  # CPU: the checked quantizer
+    assert torch.equal(data_c, ref.data) and torch.equal(scales_c, ref.scales) and offsets_c is None
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

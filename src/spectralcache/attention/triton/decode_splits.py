@@ -594,7 +594,9 @@ def spectral_decode_split_kernel(
                 # block parts: part 0 alone attends the block's exact outliers (each exact token once);
                 # the other parts only mask their low-rank rows (owords above)
                 if BLOCK_PARTS > 1:
-                    o_att = o_ok & (part_j == 0)
+                    # one integer compare (a scalar bool & a bool tensor is int32 in Triton 3.9's
+                    # interpreter, which then refuses it as a load mask): true for part 0 only
+                    o_att = orow < N_OUT * (1 - part_j)
                 else:
                     o_att = o_ok
                 okeys = tl.load(
