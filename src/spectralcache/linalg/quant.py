@@ -141,39 +141,10 @@ def _quantize(
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise ValueError(f"{name} input contains NaN or inf")
     if zero_point:
-        return _quantize_zero_point(xf, lo, hi, bits, scale_dtype, check_finite, dim, amax)
-    scales = _round_up_scale(amax / qmax, scale_dtype)
-    if check_finite and not bool(torch.isfinite(scales).all()):
-        kind = "row" if dim == -1 else "column"
-        raise ValueError(
-            f"{kind} magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32"
-        )
-    s = scales.float()
-    q = torch.round(xf / torch.where(s > 0, s, 1.0)).clamp_(-qmax, qmax).to(torch.int8)
-    data = q if bits == 8 else _pack(q)
-    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1])
-
-
-def _quantize_zero_point(
-    xf: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    bits: int,
-    scale_dtype: torch.dtype,
-    check_finite: bool,
-    dim: int,
-    amax: torch.Tensor,
-) -> QuantizedRows:
-    """``x ≈ data * scale + offset`` on the levels ``[qmin, qmin + 2**bits - 1]``.
-
-    The offset is fixed first (float32: ``lo - qmin * (hi - lo) / (2**bits - 1)``), then the scale
-    is the smallest one that maps ``[lo, hi]`` into the levels *around the stored offset*, rounded
-    up to ``scale_dtype``: no value is clipped and ``|x - x̂| <= scale / 2`` holds exactly as for
-    the symmetric quantizer. A constant slice gets scale 0, data 0 and the constant as offset."""
-    qmin = _QMIN_ASYM[bits]
-    qmax = qmin + (1 << bits) - 1
-    offsets = lo - qmin * ((hi - lo) / (qmax - qmin))
-    need = torch.maximum((hi - offsets) / qmax, (offsets - lo) / -qmin).clamp_min(0.0)
+        offsets, (qmin, qmax), need = _zero_point(lo, hi, bits)
+        centred = xf - offsets
+    else:
+        offsets, qmin, need, centred = None, -qmax, amax / qmax, xf
     scales = _round_up_scale(need, scale_dtype)
     if check_finite and not bool(torch.isfinite(scales).all()):
         kind = "row" if dim == -1 else "column"
@@ -181,9 +152,27 @@ def _quantize_zero_point(
             f"{kind} magnitude {float(amax.max()):.3g} overflows {scale_dtype} scales; use float32"
         )
     s = scales.float()
-    q = torch.round((xf - offsets) / torch.where(s > 0, s, 1.0)).clamp_(qmin, qmax).to(torch.int8)
+    q = torch.round(centred / torch.where(s > 0, s, 1.0)).clamp_(qmin, qmax).to(torch.int8)
     data = q if bits == 8 else _pack(q)
-    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=xf.shape[-1], offsets=offsets)
+    return QuantizedRows(data=data, scales=scales, bits=bits, n_cols=x.shape[-1], offsets=offsets)
+
+
+def _zero_point(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+    """``(offsets, (qmin, qmax), scale needed)`` of ``x ≈ data * scale + offset`` on the levels
+    ``[qmin, qmin + 2**bits - 1]``.
+
+    The offset is fixed first (float32: ``lo - qmin * (hi - lo) / (2**bits - 1)``), then the scale
+    needed is the smallest one that maps ``[lo, hi]`` into the levels *around that offset* (rounded
+    up to the scale dtype by the caller): no value is clipped and ``|x - x̂| <= scale / 2`` holds
+    exactly as for the symmetric quantizer. A constant slice gets scale 0, data 0 and the constant
+    as offset."""
+    qmin = _QMIN_ASYM[bits]
+    qmax = qmin + (1 << bits) - 1
+    offsets = lo - qmin * ((hi - lo) / (qmax - qmin))
+    need = torch.maximum((hi - offsets) / qmax, (offsets - lo) / -qmin).clamp_min(0.0)
+    return offsets, (qmin, qmax), need
 
 
 def quantize_rows(
