@@ -192,15 +192,24 @@ def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return torch.tanh(scores / softcap) * softcap
 
 
-def _coeffs_scaled(coeffs: torch.Tensor, scales: torch.Tensor | None, bits: int, rank: int) -> torch.Tensor:
-    """Coefficient rows times their per-row scale, float32.
+def _coeffs_scaled(
+    coeffs: torch.Tensor,
+    scales: torch.Tensor | None,
+    bits: int,
+    rank: int,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Coefficient rows times their per-row scale (plus the per-channel zero points of
+    ``key_zero_point`` keys, which are stored only beside per-channel scales), float32.
 
     Convert, then scale in place: measured 2x faster on CPU than ``int8 * float32`` with type
     promotion and broadcasting."""
     if bits == 4:
         coeffs = _unpack_int4(coeffs, rank)
     out = coeffs.float()
-    return out if scales is None else out.mul_(scales)
+    if scales is not None:
+        out.mul_(scales)
+    return out if offsets is None else out.add_(offsets.float())
 
 
 @dataclass
@@ -246,10 +255,12 @@ def _prepare_cold(state: SpectralLayerState, lo: int, hi: int, rows: int) -> _Co
     fold_keys = pre_rope or rows > cold.rank_keys or cold.key_scales_per_channel
     key_scales = _opt(cold.key_scales, sel)
     key_coeffs = _coeffs_scaled(
-        cold.key_coeffs[:, :, sel], key_scales if fold_keys else None, cold.coeff_bits, cold.rank_keys
+        cold.key_coeffs[:, :, sel],
+        key_scales if fold_keys else None,
+        cold.coeff_bits,
+        cold.rank_keys,
+        _opt(cold.key_offsets, sel),  # zero points come with channel scales, always folded
     )
-    if cold.key_offsets is not None:  # zero points (channel keys only, so folded above): the rows are keys
-        key_coeffs.add_(cold.key_offsets[:, :, sel].float())
     if fold_keys or key_scales is None:
         key_scales = None
     else:
@@ -589,10 +600,12 @@ def _tiers_dense_kv(
             return None
         sel = slice(0, n_blocks)
         k = _coeffs_scaled(
-            cold.key_coeffs[:, :, sel], _opt(cold.key_scales, sel), cold.coeff_bits, cold.rank_keys
+            cold.key_coeffs[:, :, sel],
+            _opt(cold.key_scales, sel),
+            cold.coeff_bits,
+            cold.rank_keys,
+            _opt(cold.key_offsets, sel),
         )
-        if cold.key_offsets is not None:
-            k.add_(cold.key_offsets[:, :, sel].float())
         if cold.key_basis is not None:
             k = k @ cold.key_basis[:, :, sel].float()
         if state.key_space == "pre_rope":
