@@ -55,12 +55,18 @@ PRESETS = {
     "aggressive": (16, 32, 16, 4),
     "channel": (128, 128, 8, 4),
     "channel_zp": (128, 128, 8, 4),
+    # the default's codecs in 128-token blocks with 2 outliers each (block_size=128, outliers_per_block=2:
+    # the same outlier share, the candidate next default)
+    "channel_zp_b128": (128, 128, 2, 4),
 }
 # random_state options beyond the ranks (identity / per-channel codecs, zero points)
 STATE_OPTIONS = {
     "channel": {"channel_keys": True, "identity_values": True},
     "channel_zp": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
+    "channel_zp_b128": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
 }
+# block size of a preset's states (default 512, the presets' block_size)
+BLOCK_SIZES = {"channel_zp_b128": 128}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,7 +197,7 @@ def section_check(res: dict, quick: bool = False, configs=({},), only=None, bloc
 
 def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: int = 0):
     rk, rv, o, bits = PRESETS[preset]
-    t, lm = 512, 16
+    t, lm = BLOCK_SIZES.get(preset, 512), 16
     nb = (ctx - lm - 64) // t
     hot = ctx - lm - nb * t
     return random_state(batch=batch, kv_heads=8, head_dim=128, landmarks=lm, block_size=t, blocks=nb,
@@ -203,7 +209,7 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
 CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
-    "blocks_per_split", "block_parts", "block_parts_min_tiles",
+    "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
 )  # fmt: skip
 
 
@@ -369,7 +375,8 @@ def _json_arg(text: str):
 
 
 def _grid_values(text: str) -> list:
-    return [None if v == "none" else int(v) for v in text.split(",")]
+    """A comma list of option values: "none" (the option's default), integers, or words (e.g. "keys")."""
+    return [None if v == "none" else int(v) if v.lstrip("-").isdigit() else v for v in text.split(",")]
 
 
 def _compile_sm90(kernel, args: list, constexprs: dict, options: dict):
@@ -536,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     # choice's cap (each part at least this many tiles; none: decode_attention's default, 2)
     p.add_argument("--v-block-parts", default="none")
     p.add_argument("--v-block-parts-min-tiles", default="none")
+    # packed int4 identity rows: nibble-split dots (none: automatic), PTX widening, deferred softmax sums
+    p.add_argument("--v-nibble-split", default="none")
+    p.add_argument("--v-int4-asm", default="none")
+    p.add_argument("--v-defer-den", default="1")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"

@@ -51,6 +51,7 @@ def _check(
     int4_bytes: int = 32,
     int4_pad: bool = True,
     block_parts: int | None = None,
+    launch: dict | None = None,
     **state_kw,
 ) -> float:
     seed = next(_seed)
@@ -73,6 +74,7 @@ def _check(
         query, state, attn_mask, None, softcap, out=out, blocks_per_split=blocks_per_split, block_t=16,
         block_stages=block_stages, outlier_split=outlier_split, min_rows=min_rows,
         exact_spread=exact_spread, int4_bytes=int4_bytes, int4_pad=int4_pad, block_parts=block_parts,
+        **(launch or {}),
     )  # fmt: skip
     assert got is out
     ref = spectral_attention(query, state, attn_mask, softcap=softcap)
@@ -230,6 +232,74 @@ def test_block_parts_agree(kw: dict, block_parts: int) -> None:
     if kw.get("q_len", 1) > 1 and "chunk" not in kw:
         kw["chunk"] = kw["q_len"]
     _check(block_parts=block_parts, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        # the default preset's layout (block 128 / 2 outliers and block 64 / 5), outliers in the block
+        # programs (part 0) or in programs of their own, bf16 with GQA 4 and a padding mask
+        dict(key_bits=4, **_CHANNEL_ZP, block_size=32, outliers=2, outlier_split=False),
+        dict(key_bits=4, **_CHANNEL_ZP, outliers=5, outlier_split=True, block_parts=2),
+        dict(key_bits=4, **_CHANNEL_ZP, dtype=torch.bfloat16, groups=4, mask="bool", batch=2),
+        # symmetric channel keys (no zero points), per-row identity int4 keys, head_dim 64
+        dict(key_bits=4, channel_keys=True, identity_values=True, value_bits=4, q_len=3, outlier_split=False),
+        dict(key_bits=4, identity_keys=True, identity_values=True, head_dim=64, mask="float"),
+        # int4 identity values under low-rank int8 keys; pre-RoPE channel keys (values split only)
+        dict(key_bits=8, identity_values=True, value_bits=4, outliers=3, outlier_split=False),
+        dict(key_bits=4, key_space="pre_rope", **_CHANNEL_ZP, outlier_split=False),
+        # odd head_dim: the last byte's high nibble is padding, its odd column past head_dim
+        dict(key_bits=4, **_CHANNEL_ZP, head_dim=24, block_size=13, outliers=3, groups=1),
+    ],
+)
+@pytest.mark.parametrize(
+    "launch",
+    [
+        dict(nibble_split=True, defer_den=True),
+        dict(nibble_split="keys", defer_den=False),
+        dict(nibble_split=False, defer_den=True),
+    ],
+)
+def test_nibble_split_and_deferred_sums_agree(kw: dict, launch: dict) -> None:
+    """nibble_split: packed int4 identity rows read as low / high nibble tiles, the low nibbles (even
+    columns) and high nibbles (odd columns) meeting the query's even / odd columns (keys) or filling
+    the output's even / odd columns (values), interleaved once per program; defer_den: the softmax
+    denominator kept per tile column and summed once. A nibble paired with the wrong column, or a
+    lost outlier sum, changes the answer."""
+    kw = {"block_size": 64, "blocks": 3, **kw}
+    _check(launch=launch, **kw)
+
+
+def test_nibble_split_rule_and_launch() -> None:
+    """Which layouts read nibble-split (packed int4 identity rows; keys post-RoPE only; at least 32
+    padded columns), and that the launch really compiles the split kernel for the default layout."""
+    import spectralcache.attention.triton.decode as dec
+
+    rule = dec._nibble_split
+    assert rule(None, 4, 4, True, True, False, 128) == (True, True)
+    assert rule(True, 4, 4, True, True, True, 128) == (False, True)  # pre-RoPE keys are rotated whole
+    assert rule("keys", 4, 4, True, True, False, 128) == (True, False)
+    assert rule(False, 4, 4, True, True, False, 128) == (False, False)
+    assert rule(None, 8, 4, True, False, False, 128) == (False, False)  # int8 keys, low-rank values
+    assert rule(None, 4, 4, False, True, False, 128) == (False, True)  # low-rank int4 keys
+    assert rule(None, 4, 4, True, True, False, 16) == (False, False)  # 8-wide halves: no dot
+    seen: dict = {}
+    launch = dec._launch_split
+
+    def record(grid, args, constexprs, options, device):
+        seen.update(constexprs)
+        return launch(grid, args, constexprs, options, device)
+
+    state = random_state(device=DEVICE, seed=next(_seed), head_dim=32, block_size=32, key_bits=4,
+                         channel_keys=True, key_zero_point=True, identity_values=True)  # fmt: skip
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    dec._launch_split = record
+    try:
+        out = decode_attention(query, state, block_t=16)
+    finally:
+        dec._launch_split = launch
+    assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"]
+    _assert_rel(out, spectral_attention(query, state))
 
 
 def test_block_parts_plan_refusals_and_clamp() -> None:

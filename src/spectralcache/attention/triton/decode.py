@@ -123,7 +123,8 @@ def _split_constexprs(
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
-    block_parts: int = 1,
+    block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: bool = False,
+    defer_den: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -141,6 +142,7 @@ def _split_constexprs(
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
         KEY_OFFSETS=key_offsets, BLOCK_PARTS=block_parts, PART_T=_part_tokens(t, block_t, block_parts),
+        SPLIT_K=split_k, SPLIT_V=split_v, I4_ASM=int4_asm and 4 in (kbits, vbits), DEFER_DEN=defer_den,
     )  # fmt: skip
 
 
@@ -377,6 +379,23 @@ def _use_asm(dequant_asm: bool | None) -> bool:
     return (torch.version.hip is None) if dequant_asm is None else bool(dequant_asm)
 
 
+def _nibble_split(
+    nibble_split: bool | str | None, kbits: int, vbits: int, key_identity: bool, value_identity: bool, pre_rope: bool,
+    head_dim: int,
+) -> tuple[bool, bool]:  # fmt: skip
+    """(keys, values) read nibble-split: packed int4 identity rows whose low / high nibbles meet the
+    even / odd columns of the query (post-RoPE keys) or of the output (values) in separate dots, with
+    no interleave inside the tile loop (``decode_splits._load_int4_halves``). On unless
+    ``nibble_split`` is False; needs at least 32 padded columns (each half a 16-wide dot operand)."""
+    if nibble_split is not None and not nibble_split:
+        return False, False
+    wide = _next_pow2(head_dim) >= 32
+    return (
+        wide and kbits == 4 and key_identity and not pre_rope,
+        wide and vbits == 4 and value_identity and nibble_split != "keys",
+    )
+
+
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
     Triton then knows the alignment of every row), else 0 (read at run time). Packed int4 (uint8)
@@ -493,6 +512,9 @@ def decode_attention(
     int4_bytes: int = 32,
     int4_pad: bool = True,
     int4_row_stride: bool = False,
+    nibble_split: bool | str | None = None,
+    int4_asm: bool | None = None,
+    defer_den: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -527,7 +549,12 @@ def decode_attention(
     one block per program; clamped to the block's tile count; 1: whole blocks; None: automatic -- P > 1
     only when the plan gives one block per program, then the largest P (each part at least
     ``block_parts_min_tiles`` tiles, default 1) whose programs stay within 1.25x of the wanted ones:
-    :func:`_auto_block_parts`).
+    :func:`_auto_block_parts`), ``nibble_split`` (packed int4 identity rows -- the default preset's
+    channel keys and per-token values -- read as low / high nibble tiles that meet the query's /
+    output's even / odd columns in separate dots, no interleave in the tile loop; None / True: on where
+    it applies (:func:`_nibble_split`), "keys": keys only, False: off), ``int4_asm`` (packed int4
+    widened by one PTX block per four bytes on CUDA; None: on except on ROCm) and ``defer_den`` (the
+    softmax denominator kept per tile column and summed once per program; None: on).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -725,6 +752,9 @@ def decode_attention(
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
+    split_k, split_v = _nibble_split(
+        nibble_split, kbits, vbits, key_identity, value_identity, pre_rope, head_dim
+    )
     while True:
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
@@ -732,7 +762,8 @@ def decode_attention(
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
-            key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts,
+            key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
+            _use_asm(int4_asm), defer_den is None or bool(defer_den),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -150,10 +150,61 @@ sub.f16x2 $1, $1, m;
 """)
 
 
+# packed int4 -> two float16 tensors (low / high nibbles), four bytes per call: bytes b0 b1 b2 b3 of
+# $4 are spread into two words [b0, 0, b1, 0] and [b2, 0, b3, 0] (prmt); each nibble n, masked into
+# the mantissa of 0x6400 with its sign bit flipped (^ 8), is the float16 1024 + (n + 8) exactly, and
+# one float16x2 subtraction of 1032 leaves n. $0 $1: low nibbles of b0..b3, $2 $3: high nibbles.
+_I4_F16_ASM = tl.constexpr("""
+{
+.reg .b32 t, u, m, e;
+mov.b32 m, 0x000F000F;
+mov.b32 e, 0x64086408;
+prmt.b32 t, $4, 0, 0x4140;
+prmt.b32 u, $4, 0, 0x4342;
+lop3.b32 $0, t, m, e, 0x6a;
+lop3.b32 $1, u, m, e, 0x6a;
+shr.u32 t, t, 4;
+shr.u32 u, u, 4;
+lop3.b32 $2, t, m, e, 0x6a;
+lop3.b32 $3, u, m, e, 0x6a;
+sub.f16x2 $0, $0, e;
+sub.f16x2 $1, $1, e;
+sub.f16x2 $2, $2, e;
+sub.f16x2 $3, $3, e;
+}
+""")
+
+
+@triton.jit
+def _load_int4_halves(
+    base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, I4_ASM: tl.constexpr,
+):  # fmt: skip
+    """Packed int4 coefficient rows as two float16 tiles [N, RANK_P/2] of exact small integers:
+    ``lo[:, j]`` = column 2j (low nibble of byte j), ``hi[:, j]`` = column 2j+1 (high nibble).
+
+    Nibble-split scoring: consumers pair ``lo`` / ``hi`` with the even / odd columns of the other
+    operand (the query, the value accumulator) instead of interleaving the nibbles back into column
+    order on chip. ``I4_ASM`` (compiled CUDA only): the widening as one PTX block per four bytes
+    (byte permutes, 3-input logic ops, float16x2 subtractions); otherwise the same arithmetic as
+    tensor ops (``_load_coeffs``' int4 path)."""
+    bcols = tl.arange(0, RANK_P // 2)
+    okb = rows_ok[:, None] & (bcols < (RANK + 1) // 2)[None, :]
+    byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
+    if I4_ASM and _COMPILED:
+        lo, hi = tl.inline_asm_elementwise(
+            _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+        )
+    else:
+        byte = byte.to(tl.int16)
+        lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+    return lo, hi
+
+
 @triton.jit
 def _load_coeffs(
     base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr,
-    DQ_ASM: tl.constexpr = False, INT4_BYTES: tl.constexpr = False,
+    DQ_ASM: tl.constexpr = False, INT4_BYTES: tl.constexpr = False, I4_ASM: tl.constexpr = False,
 ):  # fmt: skip
     """Coefficient tile [N, RANK_P] (zeros past RANK / outside ``rows_ok``), unscaled.
 
@@ -180,9 +231,14 @@ def _load_coeffs(
         bcols = tl.arange(0, RANK_P // 2)
         okb = rows_ok[:, None] & (bcols < (RANK + 1) // 2)[None, :]
         byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
-        byte = byte.to(tl.int16)
-        lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-        hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        if I4_ASM and _COMPILED:
+            lo, hi = tl.inline_asm_elementwise(
+                _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
+        else:
+            byte = byte.to(tl.int16)
+            lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+            hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
         return tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
     elif BITS == 4:
         # one load per nibble (each byte read twice, from L1): the form for narrow int4 tiles, whose
@@ -268,7 +324,7 @@ def _exact_segment(
 
 @triton.jit
 def _cold_tile(
-    m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start, open_block,
+    m, den, acc, acc_hi, lat, t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start, open_block,
     kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
     freq, is_rot, partner, sign,
     mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
@@ -277,7 +333,8 @@ def _cold_tile(
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_IDENTITY: tl.constexpr, VALUE_IDENTITY: tl.constexpr,
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
-    INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr,
+    INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
+    I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
@@ -285,10 +342,19 @@ def _cold_tile(
     and at its rotate-half partner (pre-RoPE), ``qb`` the query with ``kch / kmax`` folded in
     (post-RoPE); per-row key scales are then absent. KEY_OFFSETS (with KEY_CHANNEL): ``kz`` [D_P]
     the block's zero points, ``kz_p`` [D_P] the partner's times its sign (pre-RoPE), ``qz`` [R_P]
-    ``(q·kz)·scale`` (post-RoPE)."""
+    ``(q·kz)·scale`` (post-RoPE).
+
+    Nibble split (packed int4 identity rows, post-RoPE): SPLIT_K -- ``qb`` / ``qb_hi`` [R_P, D_P/2] are
+    the even / odd columns of the query (with the channel scales folded in under KEY_CHANNEL) and meet
+    the low / high nibbles of the key rows (``_load_int4_halves``) in two dots; SPLIT_V -- ``acc`` /
+    ``acc_hi`` [R_P, D_P/2] hold the even / odd output columns, fed by the value rows' low / high
+    nibbles. No interleaving of nibbles back into column order inside the tile loop."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
-    ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K)
+    if SPLIT_K:
+        klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM)
+    else:
+        ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K, I4_ASM)
     if KEY_BITS != 16 and not KEY_CHANNEL:
         kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
     if PRE_ROPE:
@@ -319,6 +385,16 @@ def _cold_tile(
         sin = tl.where(is_rot[None, :], tl.sin(ang), 0.0)
         keys = keys * cos + keys_partner * sin
         s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
+    elif SPLIT_K:
+        # even columns x low nibbles + odd columns x high nibbles (Triton folds the sum into one
+        # accumulator)
+        s = _dot(qb, tl.trans(klo), F32, tl.float16) + _dot(qb_hi, tl.trans(khi), F32, tl.float16)
+        if KEY_CHANNEL:
+            s = s * (kmax * scale)
+            if KEY_OFFSETS:
+                s = s + qz[:, None]
+        else:
+            s = s * scale * kscale[None, :]
     elif KEY_CHANNEL:
         s = _dot(qb, tl.trans(ck), F32, ck.dtype) * (kmax * scale)
         if KEY_OFFSETS:
@@ -354,19 +430,30 @@ def _cold_tile(
             q_first, tier_end, HAS_MASK, MASK_BOOL,
         )  # fmt: skip
     m, alpha, p = _online_step(m, den, s)
-    den = den * alpha + tl.sum(p, axis=1)
-    cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V)
+    if DEFER_DEN:
+        # den [R_P, BLOCK_T]: per-column partial sums, summed once after the blocks (no cross-warp
+        # reduction per tile)
+        den = den * alpha[:, None] + p
+    else:
+        den = den * alpha + tl.sum(p, axis=1)
+    if SPLIT_V:
+        vlo, vhi = _load_int4_halves(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
+    else:
+        cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM)
     if VALUE_BITS != 16:
         vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
         pv = p * vscale[None, :]
     else:
         pv = p
     acc = acc * alpha[:, None]
-    if VALUE_IDENTITY:
+    if SPLIT_V:
+        acc += _dot(pv, vlo, F32, tl.float16)
+        acc_hi = acc_hi * alpha[:, None] + _dot(pv, vhi, F32, tl.float16)
+    elif VALUE_IDENTITY:
         acc += _dot(pv, cv, F32, cv.dtype)
     else:
         lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
-    return m, den, acc, lat
+    return m, den, acc, acc_hi, lat
 
 
 @triton.jit
@@ -474,6 +561,8 @@ def spectral_decode_split_kernel(
     OUT_SPLIT: tl.constexpr, DQ_ASM: tl.constexpr, KC_T: tl.constexpr, VC_T: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
     KEY_OFFSETS: tl.constexpr, BLOCK_PARTS: tl.constexpr, PART_T: tl.constexpr,
+    SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
+    DEFER_DEN: tl.constexpr = False,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -542,6 +631,29 @@ def spectral_decode_split_kernel(
         vr = tl.arange(0, RV_P)
         orow = tl.arange(0, N_OUT_P)
         o_ok = orow < N_OUT
+        # nibble split (SPLIT_K / SPLIT_V): even / odd columns 2j / 2j+1 of the query and of the output
+        hcols = tl.arange(0, D_P // 2)
+        even_ok = 2 * hcols < D
+        odd_ok = 2 * hcols + 1 < D
+        if SPLIT_K:
+            q_row = q_ptr + b * s_qb + (h * G + rows_g)[:, None] * s_qh + rows_q[:, None] * s_qq
+            q_lo = tl.load(
+                q_row + (2 * hcols)[None, :] * s_qd, mask=rows_ok[:, None] & even_ok[None, :], other=0.0
+            )
+            q_hi = tl.load(q_row + (2 * hcols + 1)[None, :] * s_qd, mask=rows_ok[:, None] & odd_ok[None, :],
+                           other=0.0)  # fmt: skip
+        else:
+            q_lo = 0.0
+            q_hi = 0.0
+        if SPLIT_V:
+            # the cold programs' output columns as two halves, interleaved back once after the blocks
+            acc_lo = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
+            acc_hi = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
+        else:
+            acc_lo = acc
+            acc_hi = 0.0
+        if DEFER_DEN:
+            den = tl.zeros((R_P, BLOCK_T), dtype=tl.float32)
         if PRE_ROPE:
             # rotate-half partner of column j: -x[j + half] (j < half), x[j - half] (half <= j < 2*half)
             is_rot = dcols < 2 * ROT_HALF
@@ -615,8 +727,28 @@ def spectral_decode_split_kernel(
                     mask=o_att[:, None] & d_ok[None, :],
                     other=0.0,
                 )
-                den = den * alpha_out + tl.sum(p_out, axis=1)
-                acc = acc * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
+                if DEFER_DEN:
+                    # the outliers' row sums into column 0 of the deferred denominator
+                    den = den * alpha_out[:, None] + tl.where(
+                        tl.arange(0, BLOCK_T)[None, :] == 0, tl.sum(p_out, axis=1)[:, None], 0.0
+                    )
+                else:
+                    den = den * alpha_out + tl.sum(p_out, axis=1)
+                if SPLIT_V:
+                    ov_lo = tl.load(
+                        ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + (2 * hcols)[None, :] * s_ov_d,
+                        mask=o_att[:, None] & even_ok[None, :],
+                        other=0.0,
+                    )
+                    ov_hi = tl.load(
+                        ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + (2 * hcols + 1)[None, :] * s_ov_d,
+                        mask=o_att[:, None] & odd_ok[None, :],
+                        other=0.0,
+                    )
+                    acc_lo = acc_lo * alpha_out[:, None] + _dot(p_out, ov_lo, F32, ov_lo.dtype)
+                    acc_hi = acc_hi * alpha_out[:, None] + _dot(p_out, ov_hi, F32, ov_hi.dtype)
+                else:
+                    acc_lo = acc_lo * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
             # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
             if not KEY_IDENTITY:
                 bk = tl.load(
@@ -639,7 +771,33 @@ def spectral_decode_split_kernel(
                 bk = 0.0
                 bk_partner = 0.0
                 qb = 0.0
-            if KEY_CHANNEL:
+            qb_hi = 0.0
+            if SPLIT_K and not KEY_CHANNEL:
+                qb = q_lo
+                qb_hi = q_hi
+            if KEY_CHANNEL and SPLIT_K:
+                # the block's channel scales at the even / odd columns, folded into the query halves
+                kch_lo = tl.load(ks_bh + n * s_ks_n + (2 * hcols) * s_ks_t, mask=even_ok, other=0.0).to(
+                    tl.float32
+                )
+                kch_hi = tl.load(ks_bh + n * s_ks_n + (2 * hcols + 1) * s_ks_t, mask=odd_ok, other=0.0).to(
+                    tl.float32
+                )
+                kmax = tl.maximum(tl.maximum(tl.max(kch_lo, axis=0), tl.max(kch_hi, axis=0)), 1e-30)
+                qb = q_lo.to(tl.float32) * (kch_lo / kmax)[None, :]
+                qb_hi = q_hi.to(tl.float32) * (kch_hi / kmax)[None, :]
+                kch = 0.0
+                kch_p = 0.0
+                kz = 0.0
+                kz_p = 0.0
+                if KEY_OFFSETS:
+                    # q·z once per block times the softmax scale, as below (the full query and offsets)
+                    kz_full = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
+                                      mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
+                    qz = tl.sum(q.to(tl.float32) * kz_full[None, :], axis=1) * scale
+                else:
+                    qz = 0.0
+            elif KEY_CHANNEL:
                 # the block's channel scales (key_scales [.., n, 0, d]: s_ks_t is the channel stride)
                 kch = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0).to(tl.float32)
                 kmax = tl.maximum(tl.max(kch, axis=0), 1e-30)
@@ -684,8 +842,8 @@ def spectral_decode_split_kernel(
             if BLOCK_STAGES == 0:
                 # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
                 for t0 in range(t_first, t_end, BLOCK_T):
-                    m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                    m, den, acc_lo, acc_hi, lat = _cold_tile(
+                        m, den, acc_lo, acc_hi, lat, t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
                         open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
@@ -693,14 +851,14 @@ def spectral_decode_split_kernel(
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, KEY_OFFSETS,
+                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
                     )  # fmt: skip
             else:
                 # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
                 # (block parts: PART_T tokens from t_first on; tiles past the block's end are masked)
                 for t0 in tl.static_range(0, PART_T, BLOCK_T):
-                    m, den, acc, lat = _cold_tile(
-                        m, den, acc, lat, t_first + t0, q, qb, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                    m, den, acc_lo, acc_hi, lat = _cold_tile(
+                        m, den, acc_lo, acc_hi, lat, t_first + t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
                         open_block,
                         kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
                         vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
@@ -708,7 +866,7 @@ def spectral_decode_split_kernel(
                         mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                         T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                         VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, KEY_OFFSETS,
+                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
                     )  # fmt: skip
             if not VALUE_IDENTITY:
                 bv = tl.load(
@@ -716,7 +874,14 @@ def spectral_decode_split_kernel(
                     mask=(vr < RV)[:, None] & d_ok[None, :],
                     other=0.0,
                 )
-                acc += _dot(lat, bv, F32, tl.float16)
+                acc_lo += _dot(lat, bv, F32, tl.float16)
+        if SPLIT_V:
+            # columns 2j / 2j+1 back in order: [R_P, D_P/2, 2] -> [R_P, D_P], once per program
+            acc = tl.reshape(tl.join(acc_lo, acc_hi), (R_P, D_P))
+        else:
+            acc = acc_lo
+        if DEFER_DEN:
+            den = tl.sum(den, axis=1)
     elif pid_s < n_cold_splits + n_out_splits:
         # ------------------------------------------------------------ outliers of the cold blocks
         # (OUT_SPLIT; else n_out_splits = 0): outlier j = n * N_OUT + o, out_per_split per program
