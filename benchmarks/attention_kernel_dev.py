@@ -210,6 +210,7 @@ CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
     "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
+    "flat_tiles",
 )  # fmt: skip
 
 
@@ -547,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-nibble-split", default="none")
     p.add_argument("--v-int4-asm", default="none")
     p.add_argument("--v-defer-den", default="1")
+    p.add_argument("--v-flat-tiles", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"
@@ -607,7 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = res.get("check", [])
     print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok")
     for r in res.get("variants", []):
-        cfg = " ".join(f"{k}={r[k]}" for k in ("block_parts", "block_parts_min_tiles", "blocks_per_split"))
+        pinned = res.get("variant_grid", {})
+        cfg = (
+            " ".join(f"{k}={r[k]}" for k in CONFIG_KEYS if k not in pinned or r[k] != pinned[k][0])
+            or "pinned"
+        )
         print(f"variant {r['ctx']:6d} B{r['batch']} {r['preset']:10s} {cfg} graph {r['ms_graph']:.4f} "
               f"sdpa {r['sdpa_ms']:.4f} x{r['sdpa_ms'] / r['ms_graph']:.2f} plan {r.get('plan')}")  # fmt: skip
     for r in res.get("time", []):

@@ -15,15 +15,15 @@ W=${1:?output dir}
 PHASES=${2:-check,scan,time}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONPATH=$PWD/src:$PWD
 K=benchmarks/attention_kernel_dev.py
-mkdir -p "$W/qa" "$W/qb" "$W/qc" "$W/warm" "$W/warm2" "$W/scan" "$W/time" "$W/time_lr"
+mkdir -p "$W/qa" "$W/qb" "$W/qc" "$W/warm" "$W/warm2" "$W/warm3" "$W/scan" "$W/time" "$W/time_lr"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm --format=csv,noheader | tee "$W/env.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$W/env.txt"
 git log -1 --format='%H %s' 2>/dev/null | tee -a "$W/env.txt"
 git status --short -- src benchmarks tests | tee -a "$W/env.txt"
 # every launch option pinned to decode_attention's default ("none" = automatic)
-PIN='--v-block-t none --v-num-warps 4 --v-maxnreg=-1 --v-programs-per-sm 4 --v-block-stages 0 --v-outlier-split 1 --v-dequant-asm 1 --v-min-rows none --v-num-stages none --v-exact-spread 1 --v-int4-bytes 32 --v-int4-row-stride 0 --v-int4-pad 1 --v-blocks-per-split none --v-block-parts none --v-block-parts-min-tiles none --v-nibble-split none --v-int4-asm none --v-defer-den none'
+PIN='--v-block-t none --v-num-warps 4 --v-maxnreg=-1 --v-programs-per-sm 4 --v-block-stages 0 --v-outlier-split 1 --v-dequant-asm 1 --v-min-rows none --v-num-stages none --v-exact-spread 1 --v-int4-bytes 32 --v-int4-row-stride 0 --v-int4-pad 1 --v-blocks-per-split none --v-block-parts none --v-block-parts-min-tiles none --v-nibble-split none --v-int4-asm none --v-defer-den none --v-flat-tiles none'
 OLD='{"nibble_split":0,"int4_asm":0,"defer_den":0}'
-EXTRA="[$OLD,{\"nibble_split\":0},{\"nibble_split\":\"keys\"},{\"int4_asm\":0},{\"defer_den\":0},{\"block_t\":128,\"num_warps\":8},{\"block_t\":128,\"num_warps\":8,\"nibble_split\":0},{\"num_stages\":4},{\"num_stages\":2},{\"block_t\":32,\"num_warps\":2,\"programs_per_sm\":8},{\"block_t\":128,\"num_warps\":4,\"maxnreg\":null},{\"block_stages\":2},{\"block_parts\":1},{\"programs_per_sm\":2}]"
+EXTRA="[$OLD,{\"nibble_split\":0},{\"nibble_split\":\"keys\"},{\"int4_asm\":0},{\"defer_den\":0},{\"flat_tiles\":0},{\"flat_tiles\":1},{\"block_t\":128,\"num_warps\":8},{\"block_t\":128,\"num_warps\":8,\"nibble_split\":0},{\"num_stages\":4},{\"num_stages\":2},{\"block_t\":32,\"num_warps\":2,\"programs_per_sm\":8},{\"block_t\":128,\"num_warps\":4,\"maxnreg\":null},{\"block_stages\":2},{\"block_t\":128,\"num_warps\":8,\"block_stages\":2},{\"block_parts\":1},{\"programs_per_sm\":2}]"
 echo "$EXTRA" > "$W/scan/extra.json"
 VP='--variant-presets channel_zp,channel_zp_b128'
 
@@ -40,13 +40,16 @@ if [[ $PHASES == *check* ]]; then
   timeout 170 python3 $K --out "$W/qc" --sections quickcheck --check-block-size 128 \
     --check-configs "[{},$OLD]" --check-modes "$M2" > "$W/qc/log" 2>&1 &
   # shellcheck disable=SC2086
-  timeout 170 python3 $K --out "$W/warm" --sections variants --variant-cells 4096x1 $PIN $VP \
-    --v-extra "@$W/scan/extra.json" > "$W/warm/log" 2>&1 &
+  timeout 170 python3 $K --out "$W/warm" --sections variants --variant-cells 4096x1 $PIN \
+    --variant-presets channel_zp --v-extra "@$W/scan/extra.json" > "$W/warm/log" 2>&1 &
+  # shellcheck disable=SC2086
+  timeout 170 python3 $K --out "$W/warm3" --sections variants --variant-cells 4096x1 $PIN \
+    --variant-presets channel_zp_b128 --v-extra "@$W/scan/extra.json" > "$W/warm3/log" 2>&1 &
   timeout 170 python3 $K --out "$W/warm2" --sections time --contexts 4096 --batches 1 --no-ref \
     --time-presets default,aggressive,channel_zp,channel_zp_b128 > "$W/warm2/log" 2>&1 &
   wait
   grep -h "FAIL\|checks:" "$W/qa/log" "$W/qb/log" "$W/qc/log"
-  grep -h -A3 "Traceback" "$W"/q?/log "$W/warm/log" "$W/warm2/log" | head -30
+  grep -h -A3 "Traceback" "$W"/q?/log "$W"/warm*/log | head -30
 fi
 if [[ $PHASES == *scan* ]]; then
   # shellcheck disable=SC2086

@@ -242,9 +242,20 @@ def test_block_parts_agree(kw: dict, block_parts: int) -> None:
         dict(key_bits=4, **_CHANNEL_ZP, block_size=32, outliers=2, outlier_split=False),
         dict(key_bits=4, **_CHANNEL_ZP, outliers=5, outlier_split=True, block_parts=2),
         dict(key_bits=4, **_CHANNEL_ZP, dtype=torch.bfloat16, groups=4, mask="bool", batch=2),
+        # several blocks per program: the flat tile loop crosses block boundaries (setup at each block's
+        # first tile), a block size that is not a multiple of the tile (a partial last tile per block)
+        dict(key_bits=4, **_CHANNEL_ZP, blocks=5, blocks_per_split=3, outliers=4, mask="bool", batch=2),
+        dict(key_bits=4, **_CHANNEL_ZP, block_size=40, blocks=4, blocks_per_split=None, outliers=3, q_len=3),
         # symmetric channel keys (no zero points), per-row identity int4 keys, head_dim 64
         dict(key_bits=4, channel_keys=True, identity_values=True, value_bits=4, q_len=3, outlier_split=False),
-        dict(key_bits=4, identity_keys=True, identity_values=True, head_dim=64, mask="float"),
+        dict(
+            key_bits=4,
+            identity_keys=True,
+            identity_values=True,
+            head_dim=64,
+            mask="float",
+            blocks_per_split=2,
+        ),
         # int4 identity values under low-rank int8 keys; pre-RoPE channel keys (values split only)
         dict(key_bits=8, identity_values=True, value_bits=4, outliers=3, outlier_split=False),
         dict(key_bits=4, key_space="pre_rope", **_CHANNEL_ZP, outlier_split=False),
@@ -256,6 +267,8 @@ def test_block_parts_agree(kw: dict, block_parts: int) -> None:
     "launch",
     [
         dict(nibble_split=True, defer_den=True),
+        dict(nibble_split=True, defer_den=False, flat_tiles=False),
+        dict(nibble_split=True, flat_tiles=1),
         dict(nibble_split="keys", defer_den=False),
         dict(nibble_split=False, defer_den=True),
     ],
@@ -264,8 +277,9 @@ def test_nibble_split_and_deferred_sums_agree(kw: dict, launch: dict) -> None:
     """nibble_split: packed int4 identity rows read as low / high nibble tiles, the low nibbles (even
     columns) and high nibbles (odd columns) meeting the query's even / odd columns (keys) or filling
     the output's even / odd columns (values), interleaved once per program; defer_den: the softmax
-    denominator kept per tile column and summed once. A nibble paired with the wrong column, or a
-    lost outlier sum, changes the answer."""
+    denominator kept per tile column and summed once; flat_tiles: one tile loop across a program's
+    blocks. A nibble paired with the wrong column, a lost outlier sum, or a block setup missed at a
+    block boundary changes the answer."""
     kw = {"block_size": 64, "blocks": 3, **kw}
     _check(launch=launch, **kw)
 
@@ -298,7 +312,7 @@ def test_nibble_split_rule_and_launch() -> None:
         out = decode_attention(query, state, block_t=16)
     finally:
         dec._launch_split = launch
-    assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"]
+    assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"] and seen["FLAT"]
     _assert_rel(out, spectral_attention(query, state))
 
 

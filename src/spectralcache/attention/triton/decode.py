@@ -124,7 +124,7 @@ def _split_constexprs(
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: bool = False,
-    defer_den: bool = False,
+    defer_den: bool = False, flat: int = 0,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -143,6 +143,7 @@ def _split_constexprs(
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
         KEY_OFFSETS=key_offsets, BLOCK_PARTS=block_parts, PART_T=_part_tokens(t, block_t, block_parts),
         SPLIT_K=split_k, SPLIT_V=split_v, I4_ASM=int4_asm and 4 in (kbits, vbits), DEFER_DEN=defer_den,
+        FLAT=flat, FLAT_TILES=-(-t // block_t),
     )  # fmt: skip
 
 
@@ -396,6 +397,23 @@ def _nibble_split(
     )
 
 
+def _flat_tiles(
+    flat_tiles: int | None, split_k: bool, split_v: bool, key_channel: bool, pre_rope: bool, out_split: bool,
+    n_out: int, block_parts: int, block_stages: int,
+) -> int:  # fmt: skip
+    """One pipelined loop over a program's tiles across its blocks (``decode_splits`` FLAT) for
+    nibble-split identity keys and values (post-RoPE), outliers in programs of their own (or none),
+    whole blocks, a run-time tile loop: 0 (off), 1 (a block's setup data read at its first tile) or 2
+    (read at every tile, so that it is prefetched with the tiles). ``flat_tiles`` None: 2 where it
+    applies, False / 0: off."""
+    if flat_tiles is not None and not flat_tiles:
+        return 0
+    applies = split_k and split_v and not pre_rope and (out_split or n_out == 0) and block_parts == 1
+    if not applies or block_stages:
+        return 0
+    return 2 if flat_tiles is None or flat_tiles is True else int(flat_tiles)
+
+
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
     Triton then knows the alignment of every row), else 0 (read at run time). Packed int4 (uint8)
@@ -515,6 +533,7 @@ def decode_attention(
     nibble_split: bool | str | None = None,
     int4_asm: bool | None = None,
     defer_den: bool | None = None,
+    flat_tiles: int | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -764,6 +783,7 @@ def decode_attention(
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
             key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
             _use_asm(int4_asm), defer_den is None or bool(defer_den),
+            _flat_tiles(flat_tiles, split_k, split_v, key_channel, pre_rope, out_split, n_out, block_parts, block_stages),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -562,7 +562,7 @@ def spectral_decode_split_kernel(
     KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr, INT4_BYTES_V: tl.constexpr,
     KEY_OFFSETS: tl.constexpr, BLOCK_PARTS: tl.constexpr, PART_T: tl.constexpr,
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
-    DEFER_DEN: tl.constexpr = False,
+    DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -681,200 +681,280 @@ def spectral_decode_split_kernel(
         # innermost loop and Triton's software pipeliner loads block n+1's coefficients, bases and
         # outliers (cp.async into shared memory) while block n is computed, BLOCK_STAGES buffers deep.
         # 0: a run-time tile loop (pipelined within the block)
-        for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
-            start = tl.load(starts_ptr + n).to(tl.int32)
-            # decode without a mask: a block wholly before the chunk and before the first query is
-            # seen by every row, so only its outlier rows need masking (no per-element bias)
-            open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
-            # -- exact outliers of this block, in the same online softmax
-            if N_OUT > 0:
-                oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
-                # the block's outliers as a bit mask [OUT_WORDS] int32: bit j of word w <=> row 32w + j;
-                # indices are distinct, so the sum of their bits is their OR
-                o_idx = tl.where(o_ok, oidx, 0)
-                o_word = tl.where(o_ok, o_idx // 32, -1)
-                owords = tl.sum(
-                    tl.where(
-                        o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :], (1 << (o_idx % 32))[:, None], 0
-                    ),
-                    axis=0,
-                )
+        if FLAT:
+            # FLAT (1 / 2): one pipelined loop over the program's tiles across its blocks (the default layout:
+            # nibble-split identity rows, post-RoPE, outliers in programs of their own, no block parts),
+            # so the next tiles' loads stay in flight over block boundaries; a block's setup (its start,
+            # outlier bit mask, channel scales folded into the query halves, q·z) runs at its first tile
+            n_tiles = tl.maximum(n_hi - n_lo, 0) * FLAT_TILES
+            start = n_lo * 0
+            open_block = start < 0
+            owords = tl.zeros((OUT_WORDS,), dtype=tl.int32)
+            qz = tl.zeros((R_P,), dtype=tl.float32)
+            kmax = tl.sum(tl.zeros((2,), dtype=tl.float32), axis=0) + 1.0
+            if KEY_CHANNEL:
+                qb = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
+                qb_hi = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
             else:
-                oidx = 0
-                owords = 0
-            if N_OUT > 0 and not OUT_SPLIT:
-                # block parts: part 0 alone attends the block's exact outliers (each exact token once);
-                # the other parts only mask their low-rank rows (owords above)
-                if BLOCK_PARTS > 1:
-                    # one integer compare (a scalar bool & a bool tensor is int32 in Triton 3.9's
-                    # interpreter, which then refuses it as a load mask): true for part 0 only
-                    o_att = orow < N_OUT * (1 - part_j)
-                else:
-                    o_att = o_ok
-                okeys = tl.load(
-                    ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
-                    mask=o_att[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                s_out = _softcap(_dot(q, tl.trans(okeys), F32, okeys.dtype) * scale, softcap, HAS_SOFTCAP)
-                s_out += _mask_bias(
-                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + oidx, o_att,
-                    q_first, tier_end, HAS_MASK, MASK_BOOL,
+                qb = q_lo
+                qb_hi = q_hi
+            for i in tl.range(0, n_tiles):
+                n = n_lo + i // FLAT_TILES
+                t0 = (i % FLAT_TILES) * BLOCK_T
+                # the block's setup data: FLAT 2 loads it at every tile (cache hits after its first) so
+                # that the software pipeliner prefetches it with the tiles; FLAT 1 at its first tile only
+                if FLAT == 2:
+                    start_n = tl.load(starts_ptr + n).to(tl.int32)
+                    if N_OUT > 0:
+                        oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
+                    if KEY_CHANNEL:
+                        kch_n = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0)
+                        if KEY_OFFSETS:
+                            kz_n = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
+                                           mask=d_ok, other=0.0)  # fmt: skip
+                if t0 == 0:
+                    if FLAT != 2:
+                        start_n = tl.load(starts_ptr + n).to(tl.int32)
+                        if N_OUT > 0:
+                            oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(
+                                tl.int32
+                            )
+                        if KEY_CHANNEL:
+                            kch_n = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0)
+                            if KEY_OFFSETS:
+                                kz_n = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
+                                               mask=d_ok, other=0.0)  # fmt: skip
+                    start = start_n
+                    open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
+                    if N_OUT > 0:
+                        o_idx = tl.where(o_ok, oidx, 0)
+                        o_word = tl.where(o_ok, o_idx // 32, -1)
+                        owords = tl.sum(
+                            tl.where(
+                                o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :],
+                                (1 << (o_idx % 32))[:, None],
+                                0,
+                            ),
+                            axis=0,
+                        )
+                    if KEY_CHANNEL:
+                        # the channel scales over the largest, split into even / odd columns (the inverse of
+                        # join + reshape), folded into the query halves
+                        kch_f = kch_n.to(tl.float32)
+                        kmax = tl.maximum(tl.max(kch_f, axis=0), 1e-30)
+                        kch_lo, kch_hi = tl.split(tl.reshape(kch_f / kmax, (D_P // 2, 2)))
+                        qb = q_lo.to(tl.float32) * kch_lo[None, :]
+                        qb_hi = q_hi.to(tl.float32) * kch_hi[None, :]
+                        if KEY_OFFSETS:
+                            qz = tl.sum(q.to(tl.float32) * kz_n.to(tl.float32)[None, :], axis=1) * scale
+                m, den, acc_lo, acc_hi, lat = _cold_tile(
+                    m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
+                    start, open_block,
+                    kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                    vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                    freq, is_rot, partner, sign,
+                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                    T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                    VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                    INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
                 )  # fmt: skip
-                m, alpha_out, p_out = _online_step(m, den, s_out)
-                ovals = tl.load(
-                    ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + dcols[None, :] * s_ov_d,
-                    mask=o_att[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                if DEFER_DEN:
-                    # the outliers' row sums into column 0 of the deferred denominator
-                    den = den * alpha_out[:, None] + tl.where(
-                        tl.arange(0, BLOCK_T)[None, :] == 0, tl.sum(p_out, axis=1)[:, None], 0.0
+        else:
+            for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
+                start = tl.load(starts_ptr + n).to(tl.int32)
+                # decode without a mask: a block wholly before the chunk and before the first query is
+                # seen by every row, so only its outlier rows need masking (no per-element bias)
+                open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
+                # -- exact outliers of this block, in the same online softmax
+                if N_OUT > 0:
+                    oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
+                    # the block's outliers as a bit mask [OUT_WORDS] int32: bit j of word w <=> row 32w + j;
+                    # indices are distinct, so the sum of their bits is their OR
+                    o_idx = tl.where(o_ok, oidx, 0)
+                    o_word = tl.where(o_ok, o_idx // 32, -1)
+                    owords = tl.sum(
+                        tl.where(
+                            o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :],
+                            (1 << (o_idx % 32))[:, None],
+                            0,
+                        ),
+                        axis=0,
                     )
                 else:
-                    den = den * alpha_out + tl.sum(p_out, axis=1)
-                if SPLIT_V:
-                    ov_lo = tl.load(
-                        ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + (2 * hcols)[None, :] * s_ov_d,
-                        mask=o_att[:, None] & even_ok[None, :],
+                    oidx = 0
+                    owords = 0
+                if N_OUT > 0 and not OUT_SPLIT:
+                    # block parts: part 0 alone attends the block's exact outliers (each exact token once);
+                    # the other parts only mask their low-rank rows (owords above)
+                    if BLOCK_PARTS > 1:
+                        # one integer compare (a scalar bool & a bool tensor is int32 in Triton 3.9's
+                        # interpreter, which then refuses it as a load mask): true for part 0 only
+                        o_att = orow < N_OUT * (1 - part_j)
+                    else:
+                        o_att = o_ok
+                    okeys = tl.load(
+                        ok_bh + n * s_ok_n + orow[:, None] * s_ok_o + dcols[None, :] * s_ok_d,
+                        mask=o_att[:, None] & d_ok[None, :],
                         other=0.0,
                     )
-                    ov_hi = tl.load(
-                        ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + (2 * hcols + 1)[None, :] * s_ov_d,
-                        mask=o_att[:, None] & odd_ok[None, :],
+                    s_out = _softcap(_dot(q, tl.trans(okeys), F32, okeys.dtype) * scale, softcap, HAS_SOFTCAP)
+                    s_out += _mask_bias(
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + oidx, o_att,
+                        q_first, tier_end, HAS_MASK, MASK_BOOL,
+                    )  # fmt: skip
+                    m, alpha_out, p_out = _online_step(m, den, s_out)
+                    ovals = tl.load(
+                        ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + dcols[None, :] * s_ov_d,
+                        mask=o_att[:, None] & d_ok[None, :],
                         other=0.0,
                     )
-                    acc_lo = acc_lo * alpha_out[:, None] + _dot(p_out, ov_lo, F32, ov_lo.dtype)
-                    acc_hi = acc_hi * alpha_out[:, None] + _dot(p_out, ov_hi, F32, ov_hi.dtype)
-                else:
-                    acc_lo = acc_lo * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
-            # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
-            if not KEY_IDENTITY:
-                bk = tl.load(
-                    kb_bh + n * s_kb_n + kr[:, None] * s_kb_r + dcols[None, :] * s_kb_d,
-                    mask=(kr < RK)[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                if PRE_ROPE:
-                    bk_partner = tl.load(
-                        kb_bh + n * s_kb_n + kr[:, None] * s_kb_r + partner[None, :] * s_kb_d,
+                    if DEFER_DEN:
+                        # the outliers' row sums into column 0 of the deferred denominator
+                        den = den * alpha_out[:, None] + tl.where(
+                            tl.arange(0, BLOCK_T)[None, :] == 0, tl.sum(p_out, axis=1)[:, None], 0.0
+                        )
+                    else:
+                        den = den * alpha_out + tl.sum(p_out, axis=1)
+                    if SPLIT_V:
+                        ov_lo = tl.load(
+                            ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + (2 * hcols)[None, :] * s_ov_d,
+                            mask=o_att[:, None] & even_ok[None, :],
+                            other=0.0,
+                        )
+                        ov_hi = tl.load(
+                            ov_bh + n * s_ov_n + orow[:, None] * s_ov_o + (2 * hcols + 1)[None, :] * s_ov_d,
+                            mask=o_att[:, None] & odd_ok[None, :],
+                            other=0.0,
+                        )
+                        acc_lo = acc_lo * alpha_out[:, None] + _dot(p_out, ov_lo, F32, ov_lo.dtype)
+                        acc_hi = acc_hi * alpha_out[:, None] + _dot(p_out, ov_hi, F32, ov_hi.dtype)
+                    else:
+                        acc_lo = acc_lo * alpha_out[:, None] + _dot(p_out, ovals, F32, ovals.dtype)
+                # -- per-block key projection q·B_Kᵀ (post-RoPE low-rank keys)
+                if not KEY_IDENTITY:
+                    bk = tl.load(
+                        kb_bh + n * s_kb_n + kr[:, None] * s_kb_r + dcols[None, :] * s_kb_d,
                         mask=(kr < RK)[:, None] & d_ok[None, :],
                         other=0.0,
                     )
-                    bk_partner = bk_partner * sign[None, :].to(bk_partner.dtype)
-                    qb = 0.0
+                    if PRE_ROPE:
+                        bk_partner = tl.load(
+                            kb_bh + n * s_kb_n + kr[:, None] * s_kb_r + partner[None, :] * s_kb_d,
+                            mask=(kr < RK)[:, None] & d_ok[None, :],
+                            other=0.0,
+                        )
+                        bk_partner = bk_partner * sign[None, :].to(bk_partner.dtype)
+                        qb = 0.0
+                    else:
+                        qb = _dot(q, tl.trans(bk), F32, bk.dtype) * scale  # [R_P, RK_P] float32
+                        bk_partner = 0.0
                 else:
-                    qb = _dot(q, tl.trans(bk), F32, bk.dtype) * scale  # [R_P, RK_P] float32
+                    bk = 0.0
                     bk_partner = 0.0
-            else:
-                bk = 0.0
-                bk_partner = 0.0
-                qb = 0.0
-            qb_hi = 0.0
-            if SPLIT_K and not KEY_CHANNEL:
-                qb = q_lo
-                qb_hi = q_hi
-            if KEY_CHANNEL and SPLIT_K:
-                # the block's channel scales at the even / odd columns, folded into the query halves
-                kch_lo = tl.load(ks_bh + n * s_ks_n + (2 * hcols) * s_ks_t, mask=even_ok, other=0.0).to(
-                    tl.float32
-                )
-                kch_hi = tl.load(ks_bh + n * s_ks_n + (2 * hcols + 1) * s_ks_t, mask=odd_ok, other=0.0).to(
-                    tl.float32
-                )
-                kmax = tl.maximum(tl.maximum(tl.max(kch_lo, axis=0), tl.max(kch_hi, axis=0)), 1e-30)
-                qb = q_lo.to(tl.float32) * (kch_lo / kmax)[None, :]
-                qb_hi = q_hi.to(tl.float32) * (kch_hi / kmax)[None, :]
-                kch = 0.0
-                kch_p = 0.0
-                kz = 0.0
-                kz_p = 0.0
-                if KEY_OFFSETS:
-                    # q·z once per block times the softmax scale, as below (the full query and offsets)
-                    kz_full = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
-                                      mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
-                    qz = tl.sum(q.to(tl.float32) * kz_full[None, :], axis=1) * scale
-                else:
-                    qz = 0.0
-            elif KEY_CHANNEL:
-                # the block's channel scales (key_scales [.., n, 0, d]: s_ks_t is the channel stride)
-                kch = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0).to(tl.float32)
-                kmax = tl.maximum(tl.max(kch, axis=0), 1e-30)
-                if PRE_ROPE:
-                    kch_p = tl.load(ks_bh + n * s_ks_n + partner * s_ks_t, mask=d_ok, other=0.0).to(
+                    qb = 0.0
+                qb_hi = 0.0
+                if SPLIT_K and not KEY_CHANNEL:
+                    qb = q_lo
+                    qb_hi = q_hi
+                if KEY_CHANNEL and SPLIT_K:
+                    # the block's channel scales at the even / odd columns, folded into the query halves
+                    kch_lo = tl.load(ks_bh + n * s_ks_n + (2 * hcols) * s_ks_t, mask=even_ok, other=0.0).to(
                         tl.float32
                     )
-                else:
+                    kch_hi = tl.load(
+                        ks_bh + n * s_ks_n + (2 * hcols + 1) * s_ks_t, mask=odd_ok, other=0.0
+                    ).to(tl.float32)
+                    kmax = tl.maximum(tl.maximum(tl.max(kch_lo, axis=0), tl.max(kch_hi, axis=0)), 1e-30)
+                    qb = q_lo.to(tl.float32) * (kch_lo / kmax)[None, :]
+                    qb_hi = q_hi.to(tl.float32) * (kch_hi / kmax)[None, :]
+                    kch = 0.0
                     kch_p = 0.0
-                    qb = q.to(tl.float32) * (kch / kmax)[None, :]
-                if KEY_OFFSETS:
-                    # the block's zero points (key_offsets [.., n, 0, d]); absent columns read 0
-                    kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
-                                 mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
-                    if PRE_ROPE:
-                        # the partner column's zero point, signed as _partner_rows signs its integers
-                        kz_p = sign * tl.load(
-                            ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + partner * s_ko_d,
-                            mask=d_ok,
-                            other=0.0,
-                        ).to(tl.float32)
-                        qz = 0.0
+                    kz = 0.0
+                    kz_p = 0.0
+                    if KEY_OFFSETS:
+                        # q·z once per block times the softmax scale, as below (the full query and offsets)
+                        kz_full = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
+                                          mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
+                        qz = tl.sum(q.to(tl.float32) * kz_full[None, :], axis=1) * scale
                     else:
-                        # q·z once per block, already times the softmax scale: added to every raw score
-                        qz = tl.sum(q.to(tl.float32) * kz[None, :], axis=1) * scale
+                        qz = 0.0
+                elif KEY_CHANNEL:
+                    # the block's channel scales (key_scales [.., n, 0, d]: s_ks_t is the channel stride)
+                    kch = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0).to(tl.float32)
+                    kmax = tl.maximum(tl.max(kch, axis=0), 1e-30)
+                    if PRE_ROPE:
+                        kch_p = tl.load(ks_bh + n * s_ks_n + partner * s_ks_t, mask=d_ok, other=0.0).to(
+                            tl.float32
+                        )
+                    else:
+                        kch_p = 0.0
+                        qb = q.to(tl.float32) * (kch / kmax)[None, :]
+                    if KEY_OFFSETS:
+                        # the block's zero points (key_offsets [.., n, 0, d]); absent columns read 0
+                        kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
+                                     mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
+                        if PRE_ROPE:
+                            # the partner column's zero point, signed as _partner_rows signs its integers
+                            kz_p = sign * tl.load(
+                                ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + partner * s_ko_d,
+                                mask=d_ok,
+                                other=0.0,
+                            ).to(tl.float32)
+                            qz = 0.0
+                        else:
+                            # q·z once per block, already times the softmax scale: added to every raw score
+                            qz = tl.sum(q.to(tl.float32) * kz[None, :], axis=1) * scale
+                            kz_p = 0.0
+                    else:
+                        kz = 0.0
                         kz_p = 0.0
+                        qz = 0.0
                 else:
+                    kch = 0.0
+                    kch_p = 0.0
+                    kmax = 1.0
                     kz = 0.0
                     kz_p = 0.0
                     qz = 0.0
-            else:
-                kch = 0.0
-                kch_p = 0.0
-                kmax = 1.0
-                kz = 0.0
-                kz_p = 0.0
-                qz = 0.0
-            if not VALUE_IDENTITY:
-                lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
-            else:
-                lat = 0.0
-            if BLOCK_STAGES == 0:
-                # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
-                for t0 in range(t_first, t_end, BLOCK_T):
-                    m, den, acc_lo, acc_hi, lat = _cold_tile(
-                        m, den, acc_lo, acc_hi, lat, t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
-                        open_block,
-                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
-                        freq, is_rot, partner, sign,
-                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
-                    )  # fmt: skip
-            else:
-                # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
-                # (block parts: PART_T tokens from t_first on; tiles past the block's end are masked)
-                for t0 in tl.static_range(0, PART_T, BLOCK_T):
-                    m, den, acc_lo, acc_hi, lat = _cold_tile(
-                        m, den, acc_lo, acc_hi, lat, t_first + t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
-                        open_block,
-                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
-                        freq, is_rot, partner, sign,
-                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
-                    )  # fmt: skip
-            if not VALUE_IDENTITY:
-                bv = tl.load(
-                    vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
-                    mask=(vr < RV)[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                acc_lo += _dot(lat, bv, F32, tl.float16)
+                if not VALUE_IDENTITY:
+                    lat = tl.zeros((R_P, RV_P), dtype=tl.float32)
+                else:
+                    lat = 0.0
+                if BLOCK_STAGES == 0:
+                    # tiles in a run-time loop (Triton pipelines that loop: both tiles' loads up front)
+                    for t0 in range(t_first, t_end, BLOCK_T):
+                        m, den, acc_lo, acc_hi, lat = _cold_tile(
+                            m, den, acc_lo, acc_hi, lat, t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                            open_block,
+                            kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                            vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                            freq, is_rot, partner, sign,
+                            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                            T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                            VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
+                        )  # fmt: skip
+                else:
+                    # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
+                    # (block parts: PART_T tokens from t_first on; tiles past the block's end are masked)
+                    for t0 in tl.static_range(0, PART_T, BLOCK_T):
+                        m, den, acc_lo, acc_hi, lat = _cold_tile(
+                            m, den, acc_lo, acc_hi, lat, t_first + t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start,
+                            open_block,
+                            kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                            vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                            freq, is_rot, partner, sign,
+                            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                            T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                            VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
+                        )  # fmt: skip
+                if not VALUE_IDENTITY:
+                    bv = tl.load(
+                        vb_bh + n * s_vb_n + vr[:, None] * s_vb_r + dcols[None, :] * s_vb_d,
+                        mask=(vr < RV)[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
+                    acc_lo += _dot(lat, bv, F32, tl.float16)
         if SPLIT_V:
             # columns 2j / 2j+1 back in order: [R_P, D_P/2, 2] -> [R_P, D_P], once per program
             acc = tl.reshape(tl.join(acc_lo, acc_hi), (R_P, D_P))
