@@ -56,7 +56,7 @@ if [[ $PHASES == *check* ]]; then
 fi
 if [[ $PHASES == *scan* ]]; then
   # shellcheck disable=SC2086
-  timeout 140 python3 $K --out "$W/scan" --sections variants \
+  timeout 170 python3 $K --out "$W/scan" --sections variants \
     --variant-cells 4096x1,32768x1,131072x1,131072x8 $PIN $VP --v-extra "@$W/scan/extra.json" \
     > "$W/scan/log" 2>&1
   # the low-rank layouts (int4 widening and deferred sums reach them too): new vs stop-18 kernel
