@@ -286,7 +286,8 @@ def test_nibble_split_and_deferred_sums_agree(kw: dict, launch: dict) -> None:
 
 def test_nibble_split_rule_and_launch() -> None:
     """Which layouts read nibble-split (packed int4 identity rows; keys post-RoPE only; at least 32
-    padded columns), and that the launch really compiles the split kernel for the default layout."""
+    padded columns), and that the launch really compiles the split kernel for the default layout, with
+    the flat tile loop or the pipelined block loop as the automatic plan chooses."""
     import spectralcache.attention.triton.decode as dec
 
     rule = dec._nibble_split
@@ -304,16 +305,21 @@ def test_nibble_split_rule_and_launch() -> None:
         seen.update(constexprs)
         return launch(grid, args, constexprs, options, device)
 
-    state = random_state(device=DEVICE, seed=next(_seed), head_dim=32, block_size=32, key_bits=4,
-                         channel_keys=True, key_zero_point=True, identity_values=True)  # fmt: skip
-    query = torch.randn(1, 4, 1, 32).to(DEVICE)
-    dec._launch_split = record
-    try:
-        out = decode_attention(query, state, block_t=16)
-    finally:
-        dec._launch_split = launch
-    assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"] and seen["FLAT"]
-    _assert_rel(out, spectral_attention(query, state))
+    # blocks of 4 tiles: the flat tile loop (setup at each block's first tile); of 2 tiles: the tiles
+    # unrolled and the block loop pipelined (block_stages 2), as the automatic plan picks on the H200
+    for block_size, stages, flat in ((64, 0, 1), (32, 2, 0)):
+        state = random_state(device=DEVICE, seed=next(_seed), head_dim=32, block_size=block_size, key_bits=4,
+                             channel_keys=True, key_zero_point=True, identity_values=True)  # fmt: skip
+        query = torch.randn(1, 4, 1, 32).to(DEVICE)
+        dec._launch_split = record
+        try:
+            out = decode_attention(query, state, block_t=16, blocks_per_split=2)
+        finally:
+            dec._launch_split = launch
+        assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"]
+        assert (seen["BLOCK_STAGES"], seen["FLAT"]) == (stages, flat)
+        _assert_rel(out, spectral_attention(query, state))
+    assert dec._auto_block_stages(True, 512, 64) == 0 and dec._auto_block_stages(False, 128, 64) == 0
 
 
 def test_block_parts_plan_refusals_and_clamp() -> None:

@@ -404,14 +404,30 @@ def _flat_tiles(
     """One pipelined loop over a program's tiles across its blocks (``decode_splits`` FLAT) for
     nibble-split identity keys and values (post-RoPE), outliers in programs of their own (or none),
     whole blocks, a run-time tile loop: 0 (off), 1 (a block's setup data read at its first tile) or 2
-    (read at every tile, so that it is prefetched with the tiles). ``flat_tiles`` None: 2 where it
-    applies, False / 0: off."""
+    (read at every tile, so that it is prefetched with the tiles). ``flat_tiles`` None: 1 where it
+    applies, False / 0: off.
+
+    H200 (``benchmarks/results/kernel_stop19/``, default layout, 512-token blocks, graph replay): 128K
+    batch 8 0.7133 ms with 1, 0.8222 without, 0.8268 with 2; batch 1 0.0858 / 0.0855 / 0.0948 ms; 32K
+    batch 1 0.0283 / 0.0275 / 0.0309. Reading the setup data at every tile costs more than its latency."""
     if flat_tiles is not None and not flat_tiles:
         return 0
     applies = split_k and split_v and not pre_rope and (out_split or n_out == 0) and block_parts == 1
     if not applies or block_stages:
         return 0
-    return 2 if flat_tiles is None or flat_tiles is True else int(flat_tiles)
+    return 1 if flat_tiles is None or flat_tiles is True else int(flat_tiles)
+
+
+def _auto_block_stages(split: bool, t: int, block_t: int) -> int:
+    """``block_stages`` of the automatic plan: 2 (a block's tiles unrolled, the block loop pipelined
+    two stages deep) for nibble-split layouts whose blocks hold at most two tiles, else 0 (a run-time
+    tile loop).
+
+    H200 (``benchmarks/results/kernel_stop19/``, default codecs in 128-token blocks with 2 outliers,
+    64-token tiles, graph replay, batch 1): 128K 0.0989 ms with 2 against 0.1081 (run-time tile loop,
+    flat) and 0.1041 (flat, setup at each block's first tile); 32K 0.0314 / 0.0331 / 0.0320; 4K 0.0107 /
+    0.0112. With 512-token blocks (8 tiles unrolled) it is far slower: 128K 0.1855 against 0.0948 ms."""
+    return 2 if split and -(-t // block_t) <= 2 else 0
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
@@ -563,7 +579,8 @@ def decode_attention(
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
     programs at short contexts; default on), ``block_stages`` (> 0: a block's tiles unrolled and
-    the block loop software-pipelined that many stages deep; default 0), ``block_parts`` (a power of
+    the block loop software-pipelined that many stages deep; 0: a run-time tile loop; None: automatic,
+    :func:`_auto_block_stages`), ``block_parts`` (a power of
     two P: each cold block read by P programs, part j = tokens ``[j·T/P, (j+1)·T/P)`` in whole tiles,
     one block per program; clamped to the block's tile count; 1: whole blocks; None: automatic -- P > 1
     only when the plan gives one block per program, then the largest P (each part at least
@@ -573,7 +590,9 @@ def decode_attention(
     output's even / odd columns in separate dots, no interleave in the tile loop; None / True: on where
     it applies (:func:`_nibble_split`), "keys": keys only, False: off), ``int4_asm`` (packed int4
     widened by one PTX block per four bytes on CUDA; None: on except on ROCm) and ``defer_den`` (the
-    softmax denominator kept per tile column and summed once per program; None: on).
+    softmax denominator kept per tile column and summed once per program; None: on), ``flat_tiles``
+    (one pipelined tile loop across a program's blocks for those nibble-split layouts: 1 / 2 / 0,
+    None: automatic, :func:`_flat_tiles`).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -685,8 +704,11 @@ def decode_attention(
     if maxnreg == -1:
         maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
+    split_k, split_v = _nibble_split(
+        nibble_split, kbits, vbits, key_identity, value_identity, pre_rope, head_dim
+    )
     if block_stages is None:
-        block_stages = 0
+        block_stages = _auto_block_stages(split_k and split_v, t, block_t)
     n_bh = bsz * n_kv
     n_exact = n_land + n_hot + n_chunk
     plan_blocks, plan_exact = n_blocks, n_exact
@@ -771,9 +793,6 @@ def decode_attention(
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
-    split_k, split_v = _nibble_split(
-        nibble_split, kbits, vbits, key_identity, value_identity, pre_rope, head_dim
-    )
     while True:
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
