@@ -18,22 +18,22 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 PIN='--v-block-t none --v-num-warps 4 --v-maxnreg=-1 --v-programs-per-sm 4 --v-block-stages none --v-outlier-split 1 --v-dequant-asm 1 --v-min-rows none --v-num-stages none --v-exact-spread 1 --v-int4-bytes 32 --v-int4-row-stride 0 --v-int4-pad 1 --v-blocks-per-split none --v-block-parts none --v-block-parts-min-tiles none --v-nibble-split none --v-int4-asm none --v-defer-den none --v-flat-tiles none'
 COMBO='[{"flat_tiles":0},{"num_stages":2},{"flat_tiles":0,"num_stages":2},{"block_t":128,"maxnreg":null},{"block_t":128,"maxnreg":null,"flat_tiles":0},{"block_stages":2,"num_stages":2}]'
 M='post_rope chK4zp idV4,pre_rope chK4zp idV4,post_rope chK4 idV4,post_rope k4,G8 b4,q4 pad'
-timeout 100 python3 $K --out "$W/qa" --sections quickcheck --check-block-size 128 --check-modes "$M" > "$W/qa/log" 2>&1 &
-timeout 100 python3 $K --out "$W/qb" --sections quickcheck --check-block-size 512 --check-modes "$M" > "$W/qb/log" 2>&1 &
-timeout 100 python3 $K --out "$W/warm" --sections time --contexts 4096 --batches 1 --no-ref \
+timeout 90 python3 $K --out "$W/qa" --sections quickcheck --check-block-size 128 --check-modes "$M" > "$W/qa/log" 2>&1 &
+timeout 90 python3 $K --out "$W/qb" --sections quickcheck --check-block-size 512 --check-modes "$M" > "$W/qb/log" 2>&1 &
+timeout 90 python3 $K --out "$W/warm" --sections time --contexts 4096 --batches 1 --no-ref \
   --time-presets channel_zp,channel_zp_b128,default,aggressive > "$W/warm/log" 2>&1 &
 # shellcheck disable=SC2086
-timeout 100 python3 $K --out "$W/warm2" --sections variants --variant-cells 4096x1 $PIN \
+timeout 90 python3 $K --out "$W/warm2" --sections variants --variant-cells 4096x1 $PIN \
   --variant-presets channel_zp,channel_zp_b128 --v-extra "$COMBO" > "$W/warm2/log" 2>&1 &
 wait
 grep -h "FAIL\|checks:" "$W/qa/log" "$W/qb/log"
 grep -h -A3 "Traceback" "$W"/q?/log "$W"/warm*/log | head -30
-timeout 110 python3 $K --out "$W/time" --sections copy,time --contexts 4096,16384,32768,131072 \
+timeout 90 python3 $K --out "$W/time" --sections copy,time --contexts 4096,16384,32768,131072 \
   --batches 1,8 --time-presets channel_zp,channel_zp_b128 > "$W/time/log" 2>&1
-timeout 40 python3 $K --out "$W/time_lr" --sections copy,time --contexts 131072 --batches 1,8 --no-ref \
+timeout 35 python3 $K --out "$W/time_lr" --sections copy,time --contexts 131072 --batches 1,8 --no-ref \
   --time-presets default,aggressive > "$W/time_lr/log" 2>&1
 grep -h "copy bandwidth\|^ *[0-9]* B[18] " "$W/time/log" "$W/time_lr/log"
 # shellcheck disable=SC2086
-timeout 50 python3 $K --out "$W/combo" --sections variants --variant-cells 131072x1,131072x8 $PIN \
+timeout 45 python3 $K --out "$W/combo" --sections variants --variant-cells 131072x1,131072x8 $PIN \
   --variant-presets channel_zp,channel_zp_b128 --v-extra "$COMBO" > "$W/combo/log" 2>&1
 grep -h "^variant  *[0-9]\|variant failed" "$W/combo/log"
