@@ -28,7 +28,7 @@ timeout 90 python3 $K --out "$W/warm2" --sections variants --variant-cells 4096x
 wait
 grep -h "FAIL\|checks:" "$W/qa/log" "$W/qb/log"
 grep -h -A3 "Traceback" "$W"/q?/log "$W"/warm*/log | head -30
-timeout 90 python3 $K --out "$W/time" --sections copy,time --contexts 4096,16384,32768,131072 \
+timeout 100 python3 $K --out "$W/time" --sections copy,time --contexts 4096,16384,32768,131072 \
   --batches 1,8 --time-presets channel_zp,channel_zp_b128 > "$W/time/log" 2>&1
 timeout 35 python3 $K --out "$W/time_lr" --sections copy,time --contexts 131072 --batches 1,8 --no-ref \
   --time-presets default,aggressive > "$W/time_lr/log" 2>&1
