@@ -230,6 +230,30 @@ def test_block_parts(launch, layout) -> None:
     _run(dtype=torch.float32, launch=launch, **kw)
 
 
+@pytest.mark.parametrize(
+    "launch",
+    [
+        {},  # the automatic plan: flat tile loop (512-token blocks) / pipelined block loop (128-token)
+        dict(nibble_split=True, flat_tiles=2),
+        dict(nibble_split=True, flat_tiles=0, defer_den=False),
+        dict(nibble_split="keys", int4_asm=True),
+        dict(nibble_split=False, int4_asm=True),
+        dict(nibble_split=True, int4_asm=False, block_t=128, num_warps=8, outlier_split=False),
+    ],
+)
+@pytest.mark.parametrize("block_size,outliers", [(512, 8), (128, 2)])
+def test_nibble_split_int4_widening_flat_loop(launch, block_size, outliers) -> None:
+    """Stop 19's int4 paths compiled: nibble-split dots, the PTX widening of packed int4 (asm only runs
+    compiled), deferred denominators, the flat tile loop crossing block boundaries (blocks_per_split 3),
+    for the default codecs in 512- and 128-token blocks; bfloat16 with a padding mask and GQA 4, and
+    float32."""
+    kw = dict(channel_keys=True, key_zero_point=True, key_bits=4, identity_values=True, value_bits=4,
+              outliers=outliers, block_size=block_size, blocks=7 if block_size == 512 else 20)  # fmt: skip
+    launch = {"blocks_per_split": 3, **launch}
+    _run(mask="bool", batch=2, launch=launch, **kw)
+    _run(dtype=torch.float32, launch=launch, **kw)
+
+
 @pytest.mark.parametrize("groups,batch", [(1, 1), (4, 4), (8, 2)])
 def test_gqa_batch_padding(groups, batch) -> None:
     _run(groups=groups, batch=batch, mask="bool", **PRESETS["default"])
