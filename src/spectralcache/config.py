@@ -106,6 +106,16 @@ class SpectralConfig:
             far from zero; on Gemma 3 270M's keys it halves the score error of int4 keys at +4
             bytes (float32) per channel and block (``docs/fidelity.md``). Attention adds ``q·offset`` to the
             block's scores (one dot product per block).
+        key_group_size: ``None``. With ``key_codec="channel"`` and 4- or 8-bit keys: one scale (and
+            zero point) per channel for every group of about this many tokens of a block instead
+            of one per block (``key_scales`` / ``key_offsets [..., nb, G, head_dim]``, ``G =
+            ceil(T / key_group_size)`` groups of ``ceil(T / G)`` rows, ``cache/state.py``): finer
+            channel ranges where a channel drifts over a block (issue 9's lever; 128-token blocks,
+            which also cut the key ranges to 128 tokens, held niah_multikey_1 at the plain cache's
+            level at 4K but spread the outliers too thinly at 8K). Costs ``G - 1`` more scale rows
+            per block (6 bytes per channel each with zero points). **Read by the torch reference
+            only**: the Triton decode kernel refuses such states (``"auto"`` then attends with the
+            reference; ``GraphedDecoder`` refuses the cache), so no preset uses it yet.
         value_codec: ``"lowrank"``. The same choice for values (``rank_values`` ignored when
             ``"identity"``; ``"channel"`` is refused for values).
         coeff_bits: 8. Storage of the per-token coefficients: 8 = int8 with a float16 scale
@@ -216,6 +226,7 @@ class SpectralConfig:
     value_codec: str = "lowrank"
     coeff_bits: int = 8
     key_zero_point: bool = False
+    key_group_size: int | None = None
     value_coeff_bits: int | None = None
     key_space: str = "post_rope"
     svd_method: str = "randomized"
@@ -304,6 +315,14 @@ class SpectralConfig:
                 f"(got key_codec={self.key_codec!r}, coeff_bits={self.coeff_bits}): zero points are "
                 "per-channel offsets of quantized keys"
             )
+        if self.key_group_size is not None:
+            need_int("key_group_size", 2)
+            if self.key_codec != "channel" or self.coeff_bits == 16:
+                raise ValueError(
+                    "SpectralConfig.key_group_size needs key_codec='channel' with coeff_bits 4 or 8 "
+                    f"(got key_codec={self.key_codec!r}, coeff_bits={self.coeff_bits}): groups are "
+                    "token ranges of per-channel key scales"
+                )
         if not isinstance(self.refit_after_outliers, bool):
             raise TypeError(
                 f"SpectralConfig.refit_after_outliers must be a bool, got {self.refit_after_outliers!r}"
@@ -405,14 +424,17 @@ class SpectralConfig:
         store the rows themselves): since stop 17 the default preset is such a codec on both sides,
         so ``from_preset("default", rank_keys=16)`` would otherwise be silently the default.
         Changing ``key_codec`` away from ``"channel"`` (or ``coeff_bits`` to 16) without naming
-        ``key_zero_point`` turns the zero points off, since only quantized channel keys have them."""
+        ``key_zero_point`` (``key_group_size``) turns the zero points (groups) off, since only
+        quantized channel keys have them."""
         changes.setdefault("name", "custom")
-        if self.key_zero_point and "key_zero_point" not in changes:
-            codec = changes.get("key_codec", self.key_codec)
-            if codec != "channel" or changes.get("coeff_bits", self.coeff_bits) == 16:
-                # zero points belong to quantized channel keys: moving off them (the default
-                # preset -> low-rank or 16-bit keys) drops them instead of failing validation
-                changes["key_zero_point"] = False
+        codec = changes.get("key_codec", self.key_codec)
+        off_channel = codec != "channel" or changes.get("coeff_bits", self.coeff_bits) == 16
+        # zero points and groups belong to quantized channel keys: moving off them (the default
+        # preset -> low-rank or 16-bit keys) drops them instead of failing validation
+        if off_channel and self.key_zero_point and "key_zero_point" not in changes:
+            changes["key_zero_point"] = False
+        if off_channel and self.key_group_size is not None and "key_group_size" not in changes:
+            changes["key_group_size"] = None
         cfg = dataclasses.replace(self, **changes)
         for rank, side, codec in (
             ("rank_keys", "key", cfg.key_codec),

@@ -204,12 +204,15 @@ def _coeffs_scaled(
 
     Convert, then scale in place: measured 2x faster on CPU than ``int8 * float32`` with type
     promotion and broadcasting."""
+    from spectralcache.linalg.quant import expand_col_groups  # key_group_size: [..., G, D]
+
     if bits == 4:
         coeffs = _unpack_int4(coeffs, rank)
     out = coeffs.float()
+    rows = out.shape[-2]
     if scales is not None:
-        out.mul_(scales)
-    return out if offsets is None else out.add_(offsets.float())
+        out.mul_(expand_col_groups(scales, rows))
+    return out if offsets is None else out.add_(expand_col_groups(offsets, rows).float())
 
 
 @dataclass
@@ -939,11 +942,14 @@ def _block_rows(
     rank: int,
     offsets: torch.Tensor | None = None,
 ):
+    from spectralcache.linalg.quant import expand_col_groups  # key_group_size: [..., G, D]
+
     c = _coeffs_float(coeffs, bits, rank)
+    rows = c.shape[-2]
     if scales is not None:
-        c = c * scales.float()
+        c = c * expand_col_groups(scales, rows).float()
     if offsets is not None:
-        c = c + offsets.float()
+        c = c + expand_col_groups(offsets, rows).float()
     return c if basis is None else c @ basis.float()  # [B,H,nb,T,D]
 
 

@@ -142,10 +142,12 @@ def _quantize(
     model_dtype: torch.dtype,
     per_channel: bool = False,
     zero_point: bool = False,
+    group_rows: int | None = None,
 ):
     """-> (stored coeffs, float16 scales [..., T, 1] or None, float32 offsets [..., 1, D] or None)
     via the project's quantizer (``per_channel``: scales ``[..., 1, D]``, one per column of each
-    block, ``key_codec="channel"``; ``zero_point``: with a per-column offset, ``key_zero_point``).
+    block, ``key_codec="channel"``; ``zero_point``: with a per-column offset, ``key_zero_point``;
+    ``group_rows``: ``[..., G, D]``, one per column and group of rows, ``key_group_size``).
 
     On CUDA without ``quantize_rows``' two host-side checks (``check_finite=False``):
     ``compress_blocks`` has already refused non-finite blocks and taken rows whose scale could
@@ -159,7 +161,12 @@ def _quantize(
     finite = not coeffs.is_cuda
     if per_channel:
         q = quant.quantize_cols(
-            coeffs, bits=bits, scale_dtype=torch.float16, check_finite=finite, zero_point=zero_point
+            coeffs,
+            bits=bits,
+            scale_dtype=torch.float16,
+            check_finite=finite,
+            zero_point=zero_point,
+            group_rows=group_rows,
         )
     else:
         q = quant.quantize_rows(coeffs, bits=bits, scale_dtype=torch.float16, check_finite=finite)
@@ -267,7 +274,12 @@ def _fit_and_store(
     if codec in BASISLESS_CODECS:
         channel = codec == "channel"
         q, scales, offsets = _quantize(
-            m, bits, model_dtype, per_channel=channel, zero_point=channel and zero_point
+            m,
+            bits,
+            model_dtype,
+            per_channel=channel,
+            zero_point=channel and zero_point,
+            group_rows=config.key_group_size if channel else None,
         )
         res = None
         if residuals:
@@ -285,15 +297,28 @@ def _fit_and_store(
     return q.contiguous(), None if scales is None else scales.contiguous(), basis_stored, res, None
 
 
-def _outside_range(kf: torch.Tensor, drop: torch.Tensor, zero_point: bool) -> torch.Tensor:
+def _outside_range(
+    kf: torch.Tensor, drop: torch.Tensor, zero_point: bool, group_rows: int | None = None
+) -> torch.Tensor:
     """``kf [N, T, D]`` with the rows ``drop [N, T, 1]`` (served exactly) made neutral for the
     channel quantizer: 0 for symmetric scales (inside every range), the middle of the kept rows'
-    range with zero points (a 0 would stretch a channel whose values sit far from zero)."""
+    range with zero points (a 0 would stretch a channel whose values sit far from zero) -- of
+    the rows' own group with ``group_rows`` (the groups of ``quant.quantize_cols``)."""
     if not zero_point:
         return kf.masked_fill(drop, 0.0)
-    lo = kf.masked_fill(drop, float("inf")).amin(-2, keepdim=True)
-    hi = kf.masked_fill(drop, float("-inf")).amax(-2, keepdim=True)
-    return torch.where(drop, (lo + hi) * 0.5, kf)
+    n, t, d = kf.shape
+    groups = 1 if group_rows is None or t <= group_rows else -(-t // group_rows)
+    length = -(-t // groups)
+    pad = groups * length - t
+    # padding repeats the last row and its flag, as the quantizer pads: no range changes
+    kp = torch.cat([kf, kf[:, -1:].expand(n, pad, d)], 1) if pad else kf
+    dp = torch.cat([drop, drop[:, -1:].expand(n, pad, 1)], 1) if pad else drop
+    kp, dp = kp.reshape(n, groups, length, d), dp.reshape(n, groups, length, 1)
+    lo = kp.masked_fill(dp, float("inf")).amin(-2, keepdim=True)
+    hi = kp.masked_fill(dp, float("-inf")).amax(-2, keepdim=True)
+    # a group whose rows are all served exactly has no range to keep: any finite value will do
+    mid = torch.where(lo <= hi, (lo + hi) * 0.5, torch.zeros_like(lo))
+    return torch.where(dp, mid, kp).reshape(n, groups * length, d)[:, :t]
 
 
 def _within_block_rank(x: torch.Tensor) -> torch.Tensor:
@@ -505,7 +530,7 @@ def compress_blocks(
             drop = torch.zeros(n, t, 1, dtype=torch.bool, device=kf.device)
             drop.scatter_(1, idx.unsqueeze(-1), True)
             kq, ks, kb, _, ko = _fit_and_store(
-                _outside_range(kf, drop, zp),
+                _outside_range(kf, drop, zp, config.key_group_size),
                 rank_keys,
                 config,
                 None,

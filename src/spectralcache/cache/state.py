@@ -26,6 +26,10 @@ o outliers per block, L landmarks stored so far, h hot tokens):
   block, and row t is ``key_coeffs[..., n, t, :] * key_scales[..., n, 0, :]`` (the same
   broadcast; ``ColdBlocks.key_scales_per_channel`` tells them apart: per-row scales always end
   in 1). A reader that applies a per-row scale after the dot product must decode such rows first.
+  With ``key_group_size`` it is [B, H, nb, G, D]: G groups of ``L = ceil(T / G)`` rows (the last
+  one shorter), row t scaled by ``key_scales[..., n, t // L, :]`` (``quant.expand_col_groups``);
+  ``key_offsets`` likewise. The torch reference reads any G; the Triton decode kernel G = 1 only
+  (it refuses other states).
 - ``ColdBlocks.key_offsets``: ``None``, or with ``key_zero_point`` (``key_codec="channel"``
   only) [B, H, nb, 1, D] float32, one zero point per channel of the block: row t of block n is
   then ``key_coeffs[..., n, t, :] * key_scales[..., n, 0, :] + key_offsets[..., n, 0, :]``, and the

@@ -143,6 +143,11 @@ class GraphedDecoder:
                 "by concatenation, which a CUDA graph cannot replay); compress every layer "
                 "(SpectralConfig.compress_layers=None on a model without sliding layers) or use mode='eager'"
             )
+        if cache.config.key_group_size is not None and mode != "eager":
+            raise ValueError(
+                "GraphedDecoder: SpectralConfig.key_group_size is read by the torch reference only "
+                "(the decode kernel a graph replays reads one key scale row per block); use mode='eager'"
+            )
         if cache.config.hot_size < 1 and mode != "eager":
             raise ValueError("GraphedDecoder: SpectralConfig.hot_size must be >= 1 (a due block must not "
                              "include the incoming token)")  # fmt: skip

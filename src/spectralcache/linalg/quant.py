@@ -31,6 +31,11 @@ up to ~2x less error per element at the same bytes (measured on Gemma 3 270M's k
 ``docs/fidelity.md``). The integers are computed against the *stored* offset and the scale is
 rounded up after it is known, so the guarantee above holds unchanged.
 Attention folds the offset into one dot product per block: ``q·(s ⊙ c_t + z) = (q ⊙ s)·c_t + q·z``.
+
+Column groups (:func:`quantize_cols` with ``group_rows``, ``key_group_size`` in the config): the
+rows are split into ``G = ceil(rows / group_rows)`` groups of ``L = ceil(rows / G)`` rows (the last
+one shorter), each with its own column scales (and offsets): ``scales [..., G, cols]``; row ``t``
+uses group ``t // L`` (:func:`expand_col_groups`). The guarantee holds per group.
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantizedRows", "dequantize_rows", "pack_int4", "quantize_cols", "quantize_rows", "unpack_int4"]
+__all__ = [
+    "QuantizedRows",
+    "dequantize_rows",
+    "expand_col_groups",
+    "pack_int4",
+    "quantize_cols",
+    "quantize_rows",
+    "unpack_int4",
+]
 
 _QMAX = {8: 127, 4: 7}
 # the levels a zero-point column uses: [-2**(bits-1), 2**(bits-1) - 1]
@@ -193,6 +206,7 @@ def quantize_cols(
     *,
     check_finite: bool = True,
     zero_point: bool = False,
+    group_rows: int | None = None,
 ) -> QuantizedRows:
     """Quantize ``x [..., rows, cols]`` symmetrically to ``bits`` bits with one scale per
     *column*: ``scales [..., 1, cols]``; the integers are stored and packed exactly as
@@ -204,17 +218,46 @@ def quantize_cols(
     nothing at 4 bits, one scale per channel does not. Same guarantee as :func:`quantize_rows`
     per element: ``|x - dequantize| <= scale / 2`` with the stored (rounded-up) scale;
     ``check_finite`` as there. ``zero_point``: a float32 offset per column as well (module
-    docstring), every integer level used."""
-    return _quantize(
-        x,
+    docstring), every integer level used. ``group_rows``: one scale (and offset) per column
+    and group of rows instead (module docstring): ``scales [..., G, cols]``."""
+    what = "[..., rows, cols] with rows, cols >= 1"
+    rows = x.shape[-2] if isinstance(x, torch.Tensor) and x.ndim >= 2 else 0
+    if group_rows is not None and group_rows < 1:
+        raise ValueError(f"quantize_cols: group_rows must be >= 1, got {group_rows}")
+    if group_rows is None or rows <= group_rows:
+        return _quantize(x, bits, scale_dtype, check_finite, -2, "quantize_cols", what, zero_point)
+    n_groups = -(-rows // group_rows)
+    length = -(-rows // n_groups)
+    pad = n_groups * length - rows
+    # the padding repeats the last row: inside its group's range, so the scales are those of the
+    # real rows; its integers are cut off again below
+    xp = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], dim=-2) if pad else x
+    q = _quantize(
+        xp.reshape(*x.shape[:-2], n_groups, length, x.shape[-1]),
         bits,
         scale_dtype,
         check_finite,
         -2,
         "quantize_cols",
-        "[..., rows, cols] with rows, cols >= 1",
+        what,
         zero_point,
     )
+    data = q.data.reshape(*x.shape[:-2], n_groups * length, q.data.shape[-1])[..., :rows, :]
+    offsets = None if q.offsets is None else q.offsets.squeeze(-2)
+    return QuantizedRows(
+        data=data.contiguous(), scales=q.scales.squeeze(-2), bits=bits, n_cols=q.n_cols, offsets=offsets
+    )
+
+
+def expand_col_groups(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """Column scales or offsets of :func:`quantize_cols` ``[..., G, cols]`` -> a tensor that
+    broadcasts against ``[..., rows, cols]``: unchanged for one group (``[..., 1, cols]``), per-row
+    scales (``[..., rows, 1]``) or ``G == rows``; else group ``g`` repeated over its rows
+    ``[g·L, (g+1)·L)``, ``L = ceil(rows / G)``."""
+    if t is None or t.shape[-2] in (1, rows):
+        return t
+    length = -(-rows // t.shape[-2])
+    return t.repeat_interleave(length, dim=-2)[..., :rows, :]
 
 
 def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -223,7 +266,8 @@ def dequantize_rows(q: QuantizedRows, dtype: torch.dtype = torch.float32) -> tor
     ints = q.data if q.bits == 8 else unpack_int4(q.data, q.n_cols)
     if ints.dtype != torch.int8:
         raise ValueError(f"8-bit QuantizedRows data must be int8, got {ints.dtype}")
-    out = ints.float() * q.scales.float()
+    rows = ints.shape[-2]
+    out = ints.float() * expand_col_groups(q.scales, rows).float()
     if q.offsets is not None:
-        out = out + q.offsets.float()
+        out = out + expand_col_groups(q.offsets, rows).float()
     return out.to(dtype)

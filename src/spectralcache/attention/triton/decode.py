@@ -296,6 +296,13 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         raise ValueError(
             "per-channel key scales need identity keys (key_basis None), as key_codec='channel' stores"
         )
+    if key_channel and cold.key_scales.shape[-2] != 1:
+        # key_group_size: the kernel folds one scale row per block into the query
+        raise ValueError(
+            f"the decode kernel reads one key scale row per block; these blocks hold "
+            f"{cold.key_scales.shape[-2]} groups (SpectralConfig.key_group_size): the torch "
+            "reference reads them (attention_backend 'auto' or 'torch')"
+        )
     key_offsets = cold.key_offsets is not None
     if key_offsets:
         _check_key_offsets(cold, key_channel)
