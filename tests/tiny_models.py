@@ -136,3 +136,17 @@ def small_lossless_config(**overrides) -> SpectralConfig:
     )
     base.update(overrides)
     return SpectralConfig(**base)
+
+
+def prefill_both(model, config: SpectralConfig, ids: torch.Tensor):
+    """One prefill of ``ids`` through a SpectralCache with ``config`` and one through a
+    DynamicCache: ``(cache, spectral logits, dynamic logits)`` (last position, float32)."""
+    from transformers import DynamicCache
+
+    from spectralcache import SpectralCache
+
+    cache = SpectralCache(model, config)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        ref = model(ids, past_key_values=DynamicCache(), use_cache=True)
+    return cache, out.logits[:, -1].float(), ref.logits[:, -1].float()

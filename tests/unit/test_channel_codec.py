@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.layer_states import state_around
 from tests.tiny_models import tiny_model
 from transformers import DynamicCache
 
@@ -111,27 +112,7 @@ def channel_state(
     c = cfg(coeff_bits=bits, value_codec="identity", value_coeff_bits=4, key_zero_point=zero_point)
     starts = torch.arange(nb) * T + lm
     cold = compress_blocks(k, v, c, D, D, block_starts=starts)
-    g = gen(seed + 2)
-    hot_start = lm + nb * T
-    seq = hot_start + hot
-    inv_freq = None
-    if key_space == "pre_rope":
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    return SpectralLayerState(
-        layer_idx=0,
-        seq_len=seq,
-        landmark_keys=torch.randn(b, h, lm, D, generator=g),
-        landmark_values=torch.randn(b, h, lm, D, generator=g),
-        cold=cold,
-        hot_keys=torch.randn(b, h, hot, D, generator=g),
-        hot_values=torch.randn(b, h, hot, D, generator=g),
-        hot_start=hot_start,
-        chunk_keys=torch.randn(b, h, chunk, D, generator=g),
-        chunk_values=torch.randn(b, h, chunk, D, generator=g),
-        chunk_start=seq - chunk,
-        key_space=key_space,
-        rope_inv_freq=inv_freq,
-    )
+    return state_around(cold, landmarks=lm, hot=hot, chunk=chunk, seed=seed + 2, key_space=key_space)
 
 
 @pytest.mark.parametrize("zero_point", [False, True])

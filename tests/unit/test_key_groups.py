@@ -13,8 +13,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.tiny_models import tiny_model
-from transformers import DynamicCache
+from tests.layer_states import state_around
+from tests.tiny_models import prefill_both, tiny_model
 
 from spectralcache import SpectralCache, SpectralConfig
 from spectralcache.attention.reference import dense_attention, dense_reference, spectral_attention
@@ -158,27 +158,7 @@ def grouped_state(bits: int, key_space: str, chunk: int, seed: int, zero_point: 
     )  # fmt: skip
     starts = torch.arange(nb) * T + lm
     cold = compress_blocks(k, v, c, D, D, block_starts=starts)
-    g = gen(seed + 2)
-    hot_start = lm + nb * T
-    seq = hot_start + hot
-    inv_freq = None
-    if key_space == "pre_rope":
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    return SpectralLayerState(
-        layer_idx=0,
-        seq_len=seq,
-        landmark_keys=torch.randn(b, h, lm, D, generator=g),
-        landmark_values=torch.randn(b, h, lm, D, generator=g),
-        cold=cold,
-        hot_keys=torch.randn(b, h, hot, D, generator=g),
-        hot_values=torch.randn(b, h, hot, D, generator=g),
-        hot_start=hot_start,
-        chunk_keys=torch.randn(b, h, chunk, D, generator=g),
-        chunk_values=torch.randn(b, h, chunk, D, generator=g),
-        chunk_start=seq - chunk,
-        key_space=key_space,
-        rope_inv_freq=inv_freq,
-    )
+    return state_around(cold, landmarks=lm, hot=hot, chunk=chunk, seed=seed + 2, key_space=key_space)
 
 
 @pytest.mark.parametrize("zero_point", [False, True])
@@ -271,10 +251,7 @@ def test_bytes_held_and_a_model_end_to_end():
     ids = torch.randint(3, model.config.vocab_size, (1, 300))
     one = SpectralConfig.from_preset("default", block_size=64, hot_size=16, landmarks=4)
     c = one.replace(key_group_size=32)
-    cache = SpectralCache(model, c)
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
-        ref = model(ids, past_key_values=DynamicCache(), use_cache=True)
+    cache, a, b = prefill_both(model, c, ids)
     st_ = cache.layers[0].state()
     nb, h, d = st_.cold.num_blocks, st_.hot_keys.shape[1], st_.hot_keys.shape[-1]
     t = st_.cold.block_size
@@ -283,7 +260,6 @@ def test_bytes_held_and_a_model_end_to_end():
     assert st_.cold.key_offsets.shape == (1, h, nb, groups, d)
     tiers = cache.memory_report()["layers"][0]["tiers"]
     assert tiers["scales"] == h * nb * (groups * d * (2 + 4) + t * 2)
-    a, b = out.logits[:, -1].float(), ref.logits[:, -1].float()
     assert (a - b).norm() / b.norm() < 0.1
     gen_ids = model.generate(ids, past_key_values=SpectralCache(model, c), max_new_tokens=4, do_sample=False)
     assert gen_ids.shape == (1, 304)
