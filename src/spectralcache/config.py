@@ -214,6 +214,14 @@ class SpectralConfig:
             ranks the tokens for ``outlier_selection`` ``"attention"`` / ``"mixed"``.
         outlier_pooling: 7. Width (odd) of the max-pooling of the attention score over
             neighbouring tokens (SnapKV keeps the neighbourhood of an attended token); 1 = none.
+        outlier_spans: 1. Each block is cut into this many spans of (nearly) equal length and
+            every span keeps ``outliers_per_block / outlier_spans`` of its highest-scoring tokens
+            exact, instead of the block's top ``outliers_per_block`` wherever they fall (must
+            divide ``outliers_per_block``). Why: 128-token blocks with 2 outliers each answered
+            niah_multikey_1 samples that 512-token blocks with 8 free outliers lose, and per-channel
+            key groups did not, so the allocation of exact tokens over a block's span is a lever of
+            its own (``docs/fidelity.md``, "Stop 19"). Same bytes and layout as 1 (the decode kernel
+            reads it); rows too large to quantize are always kept exact, whichever span they are in.
     """
 
     block_size: int = 512
@@ -245,6 +253,7 @@ class SpectralConfig:
     outlier_selection: str = "residual"
     observation_window: int = 32
     outlier_pooling: int = 7
+    outlier_spans: int = 1
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -354,6 +363,12 @@ class SpectralConfig:
                 f"got {self.outlier_selection!r}"
             )
         need_int("observation_window", 1)
+        spans = need_int("outlier_spans", 1)
+        if spans > 1 and outliers % spans:
+            raise ValueError(
+                f"SpectralConfig.outlier_spans={spans} must divide outliers_per_block={outliers} "
+                "(each span of a block keeps the same number of exact tokens)"
+            )
         if need_int("outlier_pooling", 1) % 2 == 0:
             raise ValueError(
                 f"SpectralConfig.outlier_pooling must be odd (a window centred on each token), "

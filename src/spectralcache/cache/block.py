@@ -321,6 +321,30 @@ def _outside_range(
     return torch.where(dp, mid, kp).reshape(n, groups * length, d)[:, :t]
 
 
+def _top_outliers(score: torch.Tensor, o: int, spans: int, forced: torch.Tensor | None) -> torch.Tensor:
+    """Sorted indices ``[N, o]`` of each block's exact tokens: the ``o`` highest ``score [N, T]``,
+    or with ``spans > 1`` the ``o / spans`` highest of each of ``spans`` near-equal spans (span
+    ``j`` = the rows ``t`` with ``t·spans // T == j``, each at least ``o / spans`` long as
+    ``o < T``). ``forced [N, T]``: rows that must be kept (too large to quantize; their score is
+    inf); a block whose forced rows do not fit their spans' quotas takes the plain top ``o``, which
+    holds them all (``compress_blocks`` refused blocks with more than ``o``)."""
+    top = score.topk(o, dim=-1).indices
+    if spans > 1:
+        t = score.shape[-1]
+        span_of = (torch.arange(t, device=score.device) * spans) // t  # [T]
+        per = o // spans
+        parts = [
+            score.masked_fill(span_of != j, float("-inf")).topk(per, dim=-1).indices for j in range(spans)
+        ]
+        spread = torch.cat(parts, dim=-1)
+        if forced is not None:
+            kept = torch.zeros_like(forced).scatter_(1, spread, True)
+            lost = (forced & ~kept).any(-1, keepdim=True)
+            spread = torch.where(lost, top, spread)
+        top = spread
+    return top.sort(dim=-1).values
+
+
 def _within_block_rank(x: torch.Tensor) -> torch.Tensor:
     """Rank of each row of ``x [N, T]`` within its block, scaled to [0, 1] (1 = largest)."""
     t = x.shape[-1]
@@ -511,7 +535,7 @@ def compress_blocks(
         if importance is not None and config.outlier_selection != "residual":
             score = _selection_score(score, importance.reshape(n, t).to(cdt), config.outlier_selection)
         score = score.masked_fill(huge, float("inf"))
-        idx = score.topk(o, dim=-1).indices.sort(dim=-1).values  # [N, o]
+        idx = _top_outliers(score, o, config.outlier_spans, huge if any_huge else None)  # [N, o]
         if config.refit_after_outliers:
             # only a fitted basis can be re-spent; identity rows stay as they are
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)
