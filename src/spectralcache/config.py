@@ -222,6 +222,10 @@ class SpectralConfig:
             key groups did not, so the allocation of exact tokens over a block's span is a lever of
             its own (``docs/fidelity.md``, "Stop 19"). Same bytes and layout as 1 (the decode kernel
             reads it); rows too large to quantize are always kept exact, whichever span they are in.
+        outliers_per_span: ``None``. With ``outlier_spans``: the exact tokens each span keeps at
+            least; the other ``outliers_per_block - outlier_spans * outliers_per_span`` are the
+            block's highest-scoring remaining tokens wherever they fall. ``None``: all of them
+            spread (``outliers_per_block / outlier_spans`` per span).
     """
 
     block_size: int = 512
@@ -254,6 +258,7 @@ class SpectralConfig:
     observation_window: int = 32
     outlier_pooling: int = 7
     outlier_spans: int = 1
+    outliers_per_span: int | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -364,10 +369,17 @@ class SpectralConfig:
             )
         need_int("observation_window", 1)
         spans = need_int("outlier_spans", 1)
-        if spans > 1 and outliers % spans:
+        if self.outliers_per_span is None:
+            if spans > 1 and outliers % spans:
+                raise ValueError(
+                    f"SpectralConfig.outlier_spans={spans} must divide outliers_per_block={outliers} "
+                    "(each span of a block keeps the same number of exact tokens), or set "
+                    "outliers_per_span"
+                )
+        elif need_int("outliers_per_span", 0) * spans > outliers:
             raise ValueError(
-                f"SpectralConfig.outlier_spans={spans} must divide outliers_per_block={outliers} "
-                "(each span of a block keeps the same number of exact tokens)"
+                f"SpectralConfig.outliers_per_span={self.outliers_per_span} x outlier_spans={spans} "
+                f"exceeds outliers_per_block={outliers}"
             )
         if need_int("outlier_pooling", 1) % 2 == 0:
             raise ValueError(

@@ -51,6 +51,34 @@ def test_each_span_keeps_its_own_top_scores(seed, per, spans, extra):
         assert torch.equal(idx, score.topk(o, -1).indices.sort(-1).values)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    per=st.integers(0, 2),
+    spans=st.integers(2, 4),
+    free=st.integers(1, 4),
+    extra=st.integers(1, 40),
+)
+def test_a_floor_per_span_and_the_rest_anywhere(seed, per, spans, free, extra):
+    """``outliers_per_span``: each span keeps its own top ``per``, the other ``free`` are the
+    highest of what is left, wherever they are."""
+    o = per * spans + free
+    t = o + extra
+    score = torch.rand(2, t, generator=gen(seed))
+    idx = _top_outliers(score, o, spans, None, per)
+    assert idx.shape == (2, o) and all(len(set(r.tolist())) == o for r in idx)
+    for row in range(2):
+        chosen = set(idx[row].tolist())
+        floor = set()
+        for lo, hi in span_bounds(t, spans):
+            own = (score[row, lo:hi].topk(per).indices + lo).tolist() if per else []
+            assert set(own) <= chosen
+            floor |= set(own)
+        rest = score[row].clone()
+        rest[list(floor)] = float("-inf")
+        assert chosen - floor == set(rest.topk(free).indices.tolist())
+
+
 def test_forced_rows_are_kept_when_they_crowd_one_span():
     t, o, spans = 40, 8, 4
     score = torch.rand(2, t, generator=gen(1))
@@ -68,6 +96,9 @@ def test_forced_rows_are_kept_when_they_crowd_one_span():
 def test_config_refusals():
     with pytest.raises(ValueError, match="outlier_spans=3 must divide outliers_per_block=8"):
         SpectralConfig.from_preset("default", outlier_spans=3)
+    with pytest.raises(ValueError, match="exceeds outliers_per_block=8"):
+        SpectralConfig.from_preset("default", outlier_spans=4, outliers_per_span=3)
+    assert SpectralConfig.from_preset("default", outlier_spans=3, outliers_per_span=2).outliers_per_span == 2
     with pytest.raises(ValueError, match="outlier_spans must be >= 1"):
         SpectralConfig(outlier_spans=0)
     assert SpectralConfig.from_preset("default", outlier_spans=4).outlier_spans == 4
@@ -91,6 +122,9 @@ def test_compress_blocks_spreads_the_outliers_and_serves_them_exactly(bits):
     assert per_span(plain.outlier_index[0, 0]) != [2, 2, 2, 2]
     for row in spread.outlier_index.reshape(-1, 8):
         assert per_span(row) == [2, 2, 2, 2]
+    floor = compress_blocks(k, v, c.replace(outlier_spans=spans, outliers_per_span=1), d, d)
+    for row in floor.outlier_index.reshape(-1, 8):
+        assert min(per_span(row)) >= 1 and sum(per_span(row)) == 8
     rec_k, rec_v = reconstruct(spread)
     idx = spread.outlier_index[0, 1]
     torch.testing.assert_close(rec_k[0, 1, idx], k[0, 1, idx])

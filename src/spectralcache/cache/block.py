@@ -321,22 +321,31 @@ def _outside_range(
     return torch.where(dp, mid, kp).reshape(n, groups * length, d)[:, :t]
 
 
-def _top_outliers(score: torch.Tensor, o: int, spans: int, forced: torch.Tensor | None) -> torch.Tensor:
-    """Sorted indices ``[N, o]`` of each block's exact tokens: the ``o`` highest ``score [N, T]``,
-    or with ``spans > 1`` the ``o / spans`` highest of each of ``spans`` near-equal spans (span
-    ``j`` = the rows ``t`` with ``t·spans // T == j``, each at least ``o / spans`` long as
-    ``o < T``). ``forced [N, T]``: rows that must be kept (too large to quantize; their score is
-    inf); a block whose forced rows do not fit their spans' quotas takes the plain top ``o``, which
-    holds them all (``compress_blocks`` refused blocks with more than ``o``)."""
+def _top_outliers(
+    score: torch.Tensor, o: int, spans: int, forced: torch.Tensor | None, per_span: int | None = None
+) -> torch.Tensor:
+    """Sorted indices ``[N, o]`` of each block's exact tokens: the ``o`` highest ``score [N, T]``;
+    with ``spans > 1`` first the ``per_span`` (default ``o / spans``) highest of each of ``spans``
+    near-equal spans (span ``j`` = the rows ``t`` with ``t·spans // T == j``, each at least ``o /
+    spans`` long as ``o < T``), then the highest of the remaining rows up to ``o``. ``forced [N, T]``:
+    rows that must be kept (too large to quantize; their score is inf); a block whose forced rows are
+    not all chosen so takes the plain top ``o``, which holds them all (``compress_blocks`` refused
+    blocks with more than ``o``)."""
     top = score.topk(o, dim=-1).indices
-    if spans > 1:
+    per = o // spans if per_span is None else per_span
+    if spans > 1 and per > 0:
         t = score.shape[-1]
         span_of = (torch.arange(t, device=score.device) * spans) // t  # [T]
-        per = o // spans
         parts = [
             score.masked_fill(span_of != j, float("-inf")).topk(per, dim=-1).indices for j in range(spans)
         ]
         spread = torch.cat(parts, dim=-1)
+        rest = o - spans * per
+        if rest:
+            taken = torch.zeros_like(score, dtype=torch.bool).scatter_(1, spread, True)
+            spread = torch.cat(
+                [spread, score.masked_fill(taken, float("-inf")).topk(rest, dim=-1).indices], -1
+            )
         if forced is not None:
             kept = torch.zeros_like(forced).scatter_(1, spread, True)
             lost = (forced & ~kept).any(-1, keepdim=True)
@@ -535,7 +544,9 @@ def compress_blocks(
         if importance is not None and config.outlier_selection != "residual":
             score = _selection_score(score, importance.reshape(n, t).to(cdt), config.outlier_selection)
         score = score.masked_fill(huge, float("inf"))
-        idx = _top_outliers(score, o, config.outlier_spans, huge if any_huge else None)  # [N, o]
+        spans = config.outlier_spans
+        per_span = o // spans if config.outliers_per_span is None else config.outliers_per_span
+        idx = _top_outliers(score, o, spans, huge if any_huge else None, per_span)  # [N, o]
         if config.refit_after_outliers:
             # only a fitted basis can be re-spent; identity rows stay as they are
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)
