@@ -452,7 +452,9 @@ class SpectralConfig:
         so ``from_preset("default", rank_keys=16)`` would otherwise be silently the default.
         Changing ``key_codec`` away from ``"channel"`` (or ``coeff_bits`` to 16) without naming
         ``key_zero_point`` (``key_group_size``) turns the zero points (groups) off, since only
-        quantized channel keys have them."""
+        quantized channel keys have them. Changing ``outliers_per_block`` below what
+        ``outlier_spans`` spreads, without naming the span fields, lowers ``outliers_per_span`` to
+        what fits (0: no floor, every outlier chosen freely)."""
         changes.setdefault("name", "custom")
         codec = changes.get("key_codec", self.key_codec)
         off_channel = codec != "channel" or changes.get("coeff_bits", self.coeff_bits) == 16
@@ -462,6 +464,14 @@ class SpectralConfig:
             changes["key_zero_point"] = False
         if off_channel and self.key_group_size is not None and "key_group_size" not in changes:
             changes["key_group_size"] = None
+        spans = changes.get("outlier_spans", self.outlier_spans)
+        named = "outlier_spans" in changes or "outliers_per_span" in changes
+        o = changes.get("outliers_per_block", self.outliers_per_block)
+        if not named and spans > 1 and _is_int(o):
+            per = o // spans if self.outliers_per_span is None else self.outliers_per_span
+            if per * spans > o or (self.outliers_per_span is None and o % spans):
+                # fewer outliers than the spread needs: keep the floor that fits, the rest free
+                changes["outliers_per_span"] = min(per, o // spans)
         cfg = dataclasses.replace(self, **changes)
         for rank, side, codec in (
             ("rank_keys", "key", cfg.key_codec),

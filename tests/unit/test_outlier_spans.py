@@ -93,6 +93,17 @@ def test_forced_rows_are_kept_when_they_crowd_one_span():
     assert [sum(lo <= i < hi for i in idx[1].tolist()) for lo, hi in span_bounds(t, spans)] == [2, 2, 2, 2]
 
 
+def test_replace_keeps_the_floor_that_fits_fewer_outliers():
+    spread = SpectralConfig.from_preset("default", outlier_spans=4, outliers_per_span=1)
+    assert spread.replace(outliers_per_block=2).outliers_per_span == 0  # 4 spans cannot hold 1 each
+    assert spread.replace(outliers_per_block=0).outliers_per_span == 0
+    assert spread.replace(outliers_per_block=16).outliers_per_span == 1  # fits: unchanged
+    even = SpectralConfig.from_preset("default", outlier_spans=4)
+    assert even.replace(outliers_per_block=6).outliers_per_span == 1  # 6 is not 4 x k: floor 1 + 2 free
+    with pytest.raises(ValueError, match="exceeds outliers_per_block=2"):
+        spread.replace(outliers_per_block=2, outliers_per_span=1)  # named: refused, not adjusted
+
+
 def test_config_refusals():
     with pytest.raises(ValueError, match="outlier_spans=3 must divide outliers_per_block=8"):
         SpectralConfig.from_preset("default", outlier_spans=3)
