@@ -106,7 +106,7 @@ def test_replace_keeps_the_floor_that_fits_fewer_outliers():
 
 def test_config_refusals():
     with pytest.raises(ValueError, match="outlier_spans=3 must divide outliers_per_block=8"):
-        SpectralConfig.from_preset("default", outlier_spans=3)
+        SpectralConfig.from_preset("default", outlier_spans=3, outliers_per_span=None)
     with pytest.raises(ValueError, match="exceeds outliers_per_block=8"):
         SpectralConfig.from_preset("default", outlier_spans=4, outliers_per_span=3)
     assert SpectralConfig.from_preset("default", outlier_spans=3, outliers_per_span=2).outliers_per_span == 2
@@ -168,7 +168,9 @@ def test_a_model_end_to_end_holds_the_same_bytes():
     model = tiny_model("llama")
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, 300))
-    base = SpectralConfig.from_preset("default", block_size=64, hot_size=16, landmarks=4)
+    base = SpectralConfig.from_preset(
+        "default", block_size=64, hot_size=16, landmarks=4, outlier_spans=1, outliers_per_span=None
+    )
     plain_cache, _, _ = prefill_both(model, base, ids)
     cache, a, b = prefill_both(model, base.replace(outlier_spans=4), ids)
     assert (a - b).norm() / b.norm() < 0.1
