@@ -441,6 +441,14 @@ class SpectralConfig:
             return model_dtype if self.coeff_bits == 16 and self.value_bits == 16 else torch.float16
         return _TORCH_DTYPES[self.basis_dtype]
 
+    @property
+    def outliers_each_span(self) -> int:
+        """Exact tokens each of the ``outlier_spans`` spans of a block keeps at least:
+        ``outliers_per_span``, or all outliers spread evenly when it is None."""
+        if self.outliers_per_span is None:
+            return self.outliers_per_block // self.outlier_spans
+        return self.outliers_per_span
+
     def compute_torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.compute_dtype == "float64" else torch.float32
 

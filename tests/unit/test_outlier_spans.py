@@ -39,7 +39,7 @@ def test_each_span_keeps_its_own_top_scores(seed, per, spans, extra):
     o = per * spans
     t = o + extra  # compress_blocks needs o < T
     score = torch.rand(3, t, generator=gen(seed))
-    idx = _top_outliers(score, o, spans, None)
+    idx = _top_outliers(score, o, spans, None, per)
     assert idx.shape == (3, o)
     assert torch.equal(idx, idx.sort(-1).values) and all(len(set(r.tolist())) == o for r in idx)
     for row in range(3):
@@ -86,7 +86,7 @@ def test_forced_rows_are_kept_when_they_crowd_one_span():
     forced[0, [1, 2, 3, 4, 5]] = True  # 5 rows in span 0, whose quota is 2
     forced[1, [3, 25]] = True  # within the quotas: row 1 keeps its spread
     score = score.masked_fill(forced, float("inf"))
-    idx = _top_outliers(score, o, spans, forced)
+    idx = _top_outliers(score, o, spans, forced, o // spans)
     assert {1, 2, 3, 4, 5} <= set(idx[0].tolist())
     assert torch.equal(idx[0], score[0].topk(o).indices.sort().values)  # the plain top o
     assert {3, 25} <= set(idx[1].tolist())
@@ -110,6 +110,8 @@ def test_config_refusals():
     with pytest.raises(ValueError, match="exceeds outliers_per_block=8"):
         SpectralConfig.from_preset("default", outlier_spans=4, outliers_per_span=3)
     assert SpectralConfig.from_preset("default", outlier_spans=3, outliers_per_span=2).outliers_per_span == 2
+    assert SpectralConfig.from_preset("default", outlier_spans=4).outliers_each_span == 2
+    assert SpectralConfig.from_preset("default", outlier_spans=4, outliers_per_span=1).outliers_each_span == 1
     with pytest.raises(ValueError, match="outlier_spans must be >= 1"):
         SpectralConfig(outlier_spans=0)
     assert SpectralConfig.from_preset("default", outlier_spans=4).outlier_spans == 4

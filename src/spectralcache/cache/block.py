@@ -307,40 +307,36 @@ def _outside_range(
     if not zero_point:
         return kf.masked_fill(drop, 0.0)
     n, t, d = kf.shape
-    groups = 1 if group_rows is None or t <= group_rows else -(-t // group_rows)
-    length = -(-t // groups)
-    pad = groups * length - t
-    # padding repeats the last row and its flag, as the quantizer pads: no range changes
-    kp = torch.cat([kf, kf[:, -1:].expand(n, pad, d)], 1) if pad else kf
-    dp = torch.cat([drop, drop[:, -1:].expand(n, pad, 1)], 1) if pad else drop
-    kp, dp = kp.reshape(n, groups, length, d), dp.reshape(n, groups, length, 1)
+    # the quantizer's own groups (its padding repeats the last row and its flag: no range changes)
+    split = _quant_module().split_row_groups
+    kp, dp = split(kf, group_rows), split(drop, group_rows)
     lo = kp.masked_fill(dp, float("inf")).amin(-2, keepdim=True)
     hi = kp.masked_fill(dp, float("-inf")).amax(-2, keepdim=True)
     # a group whose rows are all served exactly has no range to keep: any finite value will do
     mid = torch.where(lo <= hi, (lo + hi) * 0.5, torch.zeros_like(lo))
-    return torch.where(dp, mid, kp).reshape(n, groups * length, d)[:, :t]
+    return torch.where(dp, mid, kp).reshape(n, -1, d)[:, :t]
 
 
 def _top_outliers(
-    score: torch.Tensor, o: int, spans: int, forced: torch.Tensor | None, per_span: int | None = None
+    score: torch.Tensor, o: int, spans: int, forced: torch.Tensor | None, per_span: int
 ) -> torch.Tensor:
     """Sorted indices ``[N, o]`` of each block's exact tokens: the ``o`` highest ``score [N, T]``;
-    with ``spans > 1`` first the ``per_span`` (default ``o / spans``) highest of each of ``spans``
+    with ``spans > 1`` first the ``per_span`` highest of each of ``spans``
     near-equal spans (span ``j`` = the rows ``t`` with ``t·spans // T == j``, each at least ``o /
     spans`` long as ``o < T``), then the highest of the remaining rows up to ``o``. ``forced [N, T]``:
     rows that must be kept (too large to quantize; their score is inf); a block whose forced rows are
     not all chosen so takes the plain top ``o``, which holds them all (``compress_blocks`` refused
     blocks with more than ``o``)."""
     top = score.topk(o, dim=-1).indices
-    per = o // spans if per_span is None else per_span
-    if spans > 1 and per > 0:
+    if spans > 1 and per_span > 0:
         t = score.shape[-1]
         span_of = (torch.arange(t, device=score.device) * spans) // t  # [T]
         parts = [
-            score.masked_fill(span_of != j, float("-inf")).topk(per, dim=-1).indices for j in range(spans)
+            score.masked_fill(span_of != j, float("-inf")).topk(per_span, dim=-1).indices
+            for j in range(spans)
         ]
         spread = torch.cat(parts, dim=-1)
-        rest = o - spans * per
+        rest = o - spans * per_span
         if rest:
             taken = torch.zeros_like(score, dtype=torch.bool).scatter_(1, spread, True)
             spread = torch.cat(
@@ -544,9 +540,8 @@ def compress_blocks(
         if importance is not None and config.outlier_selection != "residual":
             score = _selection_score(score, importance.reshape(n, t).to(cdt), config.outlier_selection)
         score = score.masked_fill(huge, float("inf"))
-        spans = config.outlier_spans
-        per_span = o // spans if config.outliers_per_span is None else config.outliers_per_span
-        idx = _top_outliers(score, o, spans, huge if any_huge else None, per_span)  # [N, o]
+        forced = huge if any_huge else None
+        idx = _top_outliers(score, o, config.outlier_spans, forced, config.outliers_each_span)  # [N, o]
         if config.refit_after_outliers:
             # only a fitted basis can be re-spent; identity rows stay as they are
             keep = torch.ones(n, t, 1, dtype=cdt, device=kf.device)

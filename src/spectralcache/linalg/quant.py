@@ -51,6 +51,7 @@ __all__ = [
     "pack_int4",
     "quantize_cols",
     "quantize_rows",
+    "split_row_groups",
     "unpack_int4",
 ]
 
@@ -226,14 +227,8 @@ def quantize_cols(
         raise ValueError(f"quantize_cols: group_rows must be >= 1, got {group_rows}")
     if group_rows is None or rows <= group_rows:
         return _quantize(x, bits, scale_dtype, check_finite, -2, "quantize_cols", what, zero_point)
-    n_groups = -(-rows // group_rows)
-    length = -(-rows // n_groups)
-    pad = n_groups * length - rows
-    # the padding repeats the last row: inside its group's range, so the scales are those of the
-    # real rows; its integers are cut off again below
-    xp = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], dim=-2) if pad else x
     q = _quantize(
-        xp.reshape(*x.shape[:-2], n_groups, length, x.shape[-1]),
+        split_row_groups(x, group_rows),
         bits,
         scale_dtype,
         check_finite,
@@ -242,11 +237,25 @@ def quantize_cols(
         what,
         zero_point,
     )
-    data = q.data.reshape(*x.shape[:-2], n_groups * length, q.data.shape[-1])[..., :rows, :]
+    # the padding rows' integers are cut off again
+    data = q.data.reshape(*x.shape[:-2], -1, q.data.shape[-1])[..., :rows, :]
     offsets = None if q.offsets is None else q.offsets.squeeze(-2)
     return QuantizedRows(
         data=data.contiguous(), scales=q.scales.squeeze(-2), bits=bits, n_cols=q.n_cols, offsets=offsets
     )
+
+
+def split_row_groups(x: torch.Tensor, group_rows: int | None) -> torch.Tensor:
+    """``x [..., rows, cols]`` -> ``[..., G, L, cols]``, the row groups of :func:`quantize_cols`
+    (one group when ``group_rows`` is None or ``rows <= group_rows``). The last group is padded by
+    repeating the last row: inside that group's range, so per-group ranges are the real rows'."""
+    rows = x.shape[-2]
+    groups = 1 if group_rows is None or rows <= group_rows else -(-rows // group_rows)
+    length = -(-rows // groups)
+    pad = groups * length - rows
+    if pad:
+        x = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
+    return x.reshape(*x.shape[:-2], groups, length, x.shape[-1])
 
 
 def expand_col_groups(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
