@@ -202,6 +202,18 @@ def _load_int4_halves(
 
 
 @triton.jit
+def _outlier_words(oidx, o_ok, OUT_WORDS: tl.constexpr):
+    """A block's outlier rows ``oidx`` (valid where ``o_ok``) as a bit mask [OUT_WORDS] int32: bit j
+    of word w <=> row 32w + j. The indices are distinct, so the sum of their bits is their OR."""
+    o_idx = tl.where(o_ok, oidx, 0)
+    o_word = tl.where(o_ok, o_idx // 32, -1)
+    return tl.sum(
+        tl.where(o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :], (1 << (o_idx % 32))[:, None], 0),
+        axis=0,
+    )
+
+
+@triton.jit
 def _load_coeffs(
     base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, BITS: tl.constexpr,
     DQ_ASM: tl.constexpr = False, INT4_BYTES: tl.constexpr = False, I4_ASM: tl.constexpr = False,
@@ -228,17 +240,7 @@ def _load_coeffs(
         # each byte loaded once (a [N, RANK_P/2] tile: contiguous rows, so the loads vectorize and
         # can be pipelined), both nibbles widened, then interleaved back into column order
         # (column 2j = low nibble of byte j): join -> [N, RANK_P/2, 2] -> reshape [N, RANK_P]
-        bcols = tl.arange(0, RANK_P // 2)
-        okb = rows_ok[:, None] & (bcols < (RANK + 1) // 2)[None, :]
-        byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
-        if I4_ASM and _COMPILED:
-            lo, hi = tl.inline_asm_elementwise(
-                _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-            )
-        else:
-            byte = byte.to(tl.int16)
-            lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-            hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        lo, hi = _load_int4_halves(base, rows, rows_ok, stride_t, stride_c, RANK, RANK_P, I4_ASM)
         return tl.reshape(tl.join(lo, hi), (rows.shape[0], RANK_P))
     elif BITS == 4:
         # one load per nibble (each byte read twice, from L1): the form for narrow int4 tiles, whose
@@ -727,16 +729,7 @@ def spectral_decode_split_kernel(
                     start = start_n
                     open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
                     if N_OUT > 0:
-                        o_idx = tl.where(o_ok, oidx, 0)
-                        o_word = tl.where(o_ok, o_idx // 32, -1)
-                        owords = tl.sum(
-                            tl.where(
-                                o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :],
-                                (1 << (o_idx % 32))[:, None],
-                                0,
-                            ),
-                            axis=0,
-                        )
+                        owords = _outlier_words(oidx, o_ok, OUT_WORDS)
                     if KEY_CHANNEL:
                         # the channel scales over the largest, split into even / odd columns (the inverse of
                         # join + reshape), folded into the query halves
@@ -767,18 +760,7 @@ def spectral_decode_split_kernel(
                 # -- exact outliers of this block, in the same online softmax
                 if N_OUT > 0:
                     oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(tl.int32)
-                    # the block's outliers as a bit mask [OUT_WORDS] int32: bit j of word w <=> row 32w + j;
-                    # indices are distinct, so the sum of their bits is their OR
-                    o_idx = tl.where(o_ok, oidx, 0)
-                    o_word = tl.where(o_ok, o_idx // 32, -1)
-                    owords = tl.sum(
-                        tl.where(
-                            o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :],
-                            (1 << (o_idx % 32))[:, None],
-                            0,
-                        ),
-                        axis=0,
-                    )
+                    owords = _outlier_words(oidx, o_ok, OUT_WORDS)
                 else:
                     oidx = 0
                     owords = 0
