@@ -405,8 +405,8 @@ def _nibble_split(
 
 
 def _flat_tiles(
-    flat_tiles: int | None, split_k: bool, split_v: bool, key_channel: bool, pre_rope: bool, out_split: bool,
-    n_out: int, block_parts: int, block_stages: int,
+    flat_tiles: int | None, split_k: bool, split_v: bool, pre_rope: bool, out_split: bool, n_out: int,
+    block_parts: int, block_stages: int,
 ) -> int:  # fmt: skip
     """One pipelined loop over a program's tiles across its blocks (``decode_splits`` FLAT) for
     nibble-split identity keys and values (post-RoPE), outliers in programs of their own (or none),
@@ -809,7 +809,7 @@ def decode_attention(
             kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
             key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
             _use_asm(int4_asm), defer_den is None or bool(defer_den),
-            _flat_tiles(flat_tiles, split_k, split_v, key_channel, pre_rope, out_split, n_out, block_parts, block_stages),
+            _flat_tiles(flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)
