@@ -488,6 +488,84 @@ def section_sass(res: dict, configs: list, ctx: int = 8192) -> None:
     res["sass"] = rows
 
 
+def _stream_read_kernel():
+    """A Triton kernel that only reads: program (bh, s) XORs ``per`` int32 words of each of two
+    flat arrays from word ``bh * stride + s * per`` on, ``BLOCK`` words a step (16-byte loads,
+    pipelined), and stores one word. Built on first use (Triton is imported lazily)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def stream_read(a_ptr, b_ptr, stride_a, stride_b, per_a, per_b, out_ptr, BLOCK: tl.constexpr):
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        acc = tl.zeros((BLOCK,), dtype=tl.int32)
+        offs = tl.arange(0, BLOCK)
+        a0 = bh.to(tl.int64) * stride_a + sp * per_a
+        for i in tl.range(0, per_a, BLOCK):
+            acc ^= tl.load(
+                a_ptr + a0 + i + offs, mask=(i + offs < per_a) & (sp * per_a + i + offs < stride_a), other=0
+            )
+        b0 = bh.to(tl.int64) * stride_b + sp * per_b
+        for i in tl.range(0, per_b, BLOCK):
+            acc ^= tl.load(
+                b_ptr + b0 + i + offs, mask=(i + offs < per_b) & (sp * per_b + i + offs < stride_b), other=0
+            )
+        tl.store(out_ptr + bh * tl.num_programs(1) + sp, tl.xor_sum(acc, axis=0))
+
+    return stream_read
+
+
+def section_roofline(res: dict, cells, presets) -> None:
+    """Where the bandwidth ceiling is for the kernel's grid: a read-only Triton kernel streams the
+    cold tier's key and value coefficient bytes (the bulk of what the decode kernel reads) with the
+    decode kernel's grid of (batch row x KV head, cold programs), and with 2x / 4x / 1/2x the
+    programs; graph-replay ms and GB/s on those bytes, beside the decode kernel itself (same state).
+    Says whether the grid itself (8 KV heads x ~66 programs at batch 1) can reach the copy rate."""
+    kern = _stream_read_kernel()
+    rows = res.setdefault("roofline", [])
+    for ctx, batch in cells:
+        for preset in presets:
+            st = llama_state(ctx, batch, preset)
+            c = st.cold
+            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty_like(q)
+            fn = functools.partial(decode_attention, q, st, out=out)
+            plan = launch_plan(fn)
+            kernel_ms = bench(fn, graph=True)
+            nbytes = state_bytes(st)
+            n_bh = batch * 8
+            ka = c.key_coeffs.contiguous().view(torch.int32).reshape(n_bh, -1)
+            va = c.value_coeffs.contiguous().view(torch.int32).reshape(n_bh, -1)
+            coeff_bytes = (ka.numel() + va.numel()) * 4
+            base_s = plan["grid"][1]  # the decode kernel's programs per (batch row, KV head)
+            for mult in (0.5, 1, 2, 4):
+                s_prog = max(1, int(base_s * mult))
+                per_a = -(-ka.shape[1] // s_prog)
+                per_b = -(-va.shape[1] // s_prog)
+                o = torch.empty(n_bh * s_prog, dtype=torch.int32, device="cuda")
+                for warps, block in ((4, 1024), (8, 2048)):
+
+                    def run(o=o, s_prog=s_prog, per_a=per_a, per_b=per_b, warps=warps, block=block, ka=ka, va=va,
+                            n_bh=n_bh):  # fmt: skip
+                        kern[(n_bh, s_prog)](ka, va, ka.shape[1], va.shape[1], per_a, per_b, o,
+                                             BLOCK=block, num_warps=warps)  # fmt: skip
+
+                    ms = bench(run, graph=True)
+                    row = {"ctx": ctx, "batch": batch, "preset": preset, "programs_per_bh": s_prog,
+                           "num_warps": warps, "block": block, "stream_ms": ms,
+                           "stream_GBps": coeff_bytes / ms / 1e6, "coeff_bytes": coeff_bytes,
+                           "kernel_ms": kernel_ms, "kernel_plan": plan, "state_bytes": nbytes,
+                           "kernel_GBps": nbytes / kernel_ms / 1e6}  # fmt: skip
+                    rows.append(row)
+                    print(f"roofline ctx={ctx} B={batch} {preset} programs/bh {s_prog} warps {warps}: stream "
+                          f"{ms:.4f} ms {row['stream_GBps']:.0f} GB/s on {coeff_bytes / 1e6:.1f} MB | kernel "
+                          f"{kernel_ms:.4f} ms {row['kernel_GBps']:.0f} GB/s on {nbytes / 1e6:.1f} MB plan {plan}",
+                          flush=True)  # fmt: skip
+            del st
+            torch.cuda.empty_cache()
+
+
 def section_host(res: dict) -> None:
     """Host cost of one eager call, split (prep / split launch / combine launch, fast launcher vs
     Triton's path): benchmarks/decode_host_overhead.py's ``launch`` section, stored under ``host``."""
@@ -584,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
                              args.time_presets.split(","))  # fmt: skip
             elif name == "host":
                 section_host(res)
+            elif name == "roofline":
+                cells = [
+                    tuple(int(x) for x in c.split("x")) for c in (args.variant_cells or "131072x1").split(",")
+                ]
+                section_roofline(res, cells, args.variant_presets.split(","))
             elif name == "sass":
                 section_sass(res, _json_arg(args.sass_configs))
             elif name == "variants":

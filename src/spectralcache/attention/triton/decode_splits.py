@@ -695,8 +695,10 @@ def spectral_decode_split_kernel(
             qz = tl.zeros((R_P,), dtype=tl.float32)
             kmax = tl.sum(tl.zeros((2,), dtype=tl.float32), axis=0) + 1.0
             if KEY_CHANNEL:
-                qb = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
-                qb_hi = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
+                # the folded query halves in the dots' operand type (float16 unless F32), rounded once
+                # per block here rather than in every tile (16 conversions a tile in the SASS)
+                qb = tl.zeros((R_P, D_P // 2), dtype=tl.float32 if F32 else tl.float16)
+                qb_hi = tl.zeros((R_P, D_P // 2), dtype=tl.float32 if F32 else tl.float16)
             else:
                 qb = q_lo
                 qb_hi = q_hi
@@ -736,8 +738,8 @@ def spectral_decode_split_kernel(
                         kch_f = kch_n.to(tl.float32)
                         kmax = tl.maximum(tl.max(kch_f, axis=0), 1e-30)
                         kch_lo, kch_hi = tl.split(tl.reshape(kch_f / kmax, (D_P // 2, 2)))
-                        qb = q_lo.to(tl.float32) * kch_lo[None, :]
-                        qb_hi = q_hi.to(tl.float32) * kch_hi[None, :]
+                        qb = (q_lo.to(tl.float32) * kch_lo[None, :]).to(qb.dtype)
+                        qb_hi = (q_hi.to(tl.float32) * kch_hi[None, :]).to(qb_hi.dtype)
                         if KEY_OFFSETS:
                             qz = tl.sum(q.to(tl.float32) * kz_n.to(tl.float32)[None, :], axis=1) * scale
                 m, den, acc_lo, acc_hi, lat = _cold_tile(
@@ -846,8 +848,12 @@ def spectral_decode_split_kernel(
                         ks_bh + n * s_ks_n + (2 * hcols + 1) * s_ks_t, mask=odd_ok, other=0.0
                     ).to(tl.float32)
                     kmax = tl.maximum(tl.maximum(tl.max(kch_lo, axis=0), tl.max(kch_hi, axis=0)), 1e-30)
-                    qb = q_lo.to(tl.float32) * (kch_lo / kmax)[None, :]
-                    qb_hi = q_hi.to(tl.float32) * (kch_hi / kmax)[None, :]
+                    qb = (q_lo.to(tl.float32) * (kch_lo / kmax)[None, :]).to(
+                        tl.float32 if F32 else tl.float16
+                    )
+                    qb_hi = (q_hi.to(tl.float32) * (kch_hi / kmax)[None, :]).to(
+                        tl.float32 if F32 else tl.float16
+                    )
                     kch = 0.0
                     kch_p = 0.0
                     kz = 0.0
