@@ -34,6 +34,7 @@ steps of 100/n points, so read differences smaller than that as noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 
 from spectralcache.eval.methods import parse_value
+from spectralcache.eval.scoring import PairedComparison, paired_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"
@@ -232,18 +234,25 @@ def summaries(eval_dir: Path) -> list[dict]:
     return rows
 
 
-def paired_baseline_accuracy(eval_dir: Path, method_slug: str, stem: str) -> tuple[float | None, int]:
-    """The baseline's accuracy on exactly the samples this method answered (paired), and n."""
+def paired_baseline(eval_dir: Path, method_slug: str, stem: str) -> PairedComparison | None:
+    """This method against the baseline on exactly the samples both answered without error
+    (paired: the same prompts), or None when they share none."""
     from spectralcache.eval.runner import latest_rows, predictions_path, read_rows
 
     mine = latest_rows(read_rows(predictions_path(eval_dir, method_slug, stem)))
     base = latest_rows(read_rows(predictions_path(eval_dir, "baseline", stem)))
-    scores = [
-        base[sid]["score"]
+    both = [
+        sid
         for sid, r in mine.items()
         if r.get("error") is None and sid in base and base[sid].get("error") is None
     ]
-    return (100.0 * sum(scores) / len(scores) if scores else None), len(scores)
+    if not both:
+        return None
+    return paired_comparison([mine[s]["score"] for s in both], [base[s]["score"] for s in both])
+
+
+def _field(c: PairedComparison | None, name: str) -> float | None:
+    return None if c is None else getattr(c, name)
 
 
 def per_sample_reduction_min(eval_dir: Path, method_slug: str, stem: str) -> float | None:
@@ -296,7 +305,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"no predictions under {out / 'eval'}", file=sys.stderr)
         return 1
     paired = {
-        (s["method_slug"], s["stem"]): paired_baseline_accuracy(out / "eval", s["method_slug"], s["stem"])
+        (s["method_slug"], s["stem"]): paired_baseline(out / "eval", s["method_slug"], s["stem"])
         for s in rows
     }
     table = [
@@ -308,7 +317,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             "n_errors": s["n_errors"],
             "accuracy": s["score"],
             # the baseline on exactly these samples (runs of different lengths share the baseline)
-            "baseline_accuracy_same_samples": paired[(s["method_slug"], s["stem"])][0],
+            "baseline_accuracy_same_samples": _field(paired[(s["method_slug"], s["stem"])], "reference"),
+            # paired against the baseline on the same samples (eval/scoring.paired_comparison):
+            # points, 95 % interval, samples won / lost, exact sign-test p
+            "vs_baseline": None
+            if s["method"] == "baseline" or paired[(s["method_slug"], s["stem"])] is None
+            else dataclasses.asdict(paired[(s["method_slug"], s["stem"])]),
             "agree_with_baseline": s["agree_with_baseline"],
             "reduction_compressed_layers": 1.0 if s["method"] == "baseline" else s["compression_ratio_full"],
             "reduction_compressed_layers_min": 1.0
@@ -332,8 +346,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "| task | length | method | n | accuracy % | baseline on the same samples % | same answer as baseline % "
+        "| Δ vs baseline, points (95 % CI) | won / lost vs baseline (p) "
         "| reduction (compressed layers) | smallest per sample |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.0f}"
@@ -343,8 +358,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         red = "—" if r["reduction_compressed_layers"] is None else f"{r['reduction_compressed_layers']:.2f}×"
         low = r["reduction_compressed_layers_min"]
         low = "—" if low is None else f"{low:.3f}×"
+        vs = r["vs_baseline"]
+        delta = (
+            "—" if vs is None else f"{vs['difference']:+.1f} ({vs['ci_low']:+.0f} to {vs['ci_high']:+.0f})"
+        )
+        split = "—" if vs is None else f"{vs['wins']} / {vs['losses']} (p {vs['p_value']:.2f})"
         lines.append(
-            f"| {r['task']} | {r['length']} | {r['method']} | {r['n']} | {acc} | {base} | {agree} | {red} | {low} |"
+            f"| {r['task']} | {r['length']} | {r['method']} | {r['n']} | {acc} | {base} | {agree} "
+            f"| {delta} | {split} | {red} | {low} |"
         )
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
