@@ -146,13 +146,14 @@ def cmd_needles(args: argparse.Namespace) -> int:
     from spectralcache import SpectralCache, SpectralConfig
     from spectralcache.cache.layer import SpectralLayer
     from spectralcache.eval.model import load_model
-    from spectralcache.eval.runner import prefill, read_rows, task_path
+    from spectralcache.eval.runner import prefill, task_path
+    from spectralcache.eval.tasks import read_task_file
 
     torch.set_num_threads(int(args.threads))
     model, tok = load_model(dtype=torch.float32)
     rows = []
     for task in args.tasks.split(","):
-        samples = read_rows(task_path(Path(args.out) / "eval", task, int(args.length)))[: args.samples]
+        samples = read_task_file(task_path(Path(args.out) / "eval", task, int(args.length)))[: args.samples]
         for s in samples:
             ctx = tok(s["context"], return_tensors="pt", add_special_tokens=True).input_ids
             q = tok(
@@ -219,6 +220,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def summaries(eval_dir: Path) -> list[dict]:
     """One summary per (method, task file) found under ``eval_dir/predictions``."""
     from spectralcache.eval.runner import summarize_file
+    from spectralcache.eval.tasks import stored_task_file
 
     rows = []
     pred = eval_dir / "predictions"
@@ -226,7 +228,7 @@ def summaries(eval_dir: Path) -> list[dict]:
         return rows
     for method_dir in sorted(p for p in pred.iterdir() if p.is_dir()):
         for f in sorted(method_dir.glob("*.jsonl")):
-            if not (eval_dir / "tasks" / f.name).exists():
+            if not stored_task_file(eval_dir / "tasks" / f.name).exists():
                 continue
             s = summarize_file(eval_dir, method_dir.name, f.stem)
             if s["n"]:

@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     from spectralcache.eval.model import load_model
     from spectralcache.eval.runner import append_row, latest_rows, read_rows
     from spectralcache.eval.scoring import score
-    from spectralcache.eval.tasks import read_task_file
+    from spectralcache.eval.tasks import read_task_file, task_file_stem
 
     single_file = args.out.suffix == ".jsonl"
     if single_file and (len(configs) != 1 or len(args.tasks) != 1):
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     per_file = []
     for task_file in args.tasks:
         samples = read_task_file(task_file)[: args.samples] if args.samples else read_task_file(task_file)
-        stem = task_file.stem
+        stem = task_file_stem(task_file)
         done_f = {
             name: latest_rows(read_rows(out_path(name, stem), repair=True))
             for name in (method_name(p, r) for p, r in runnable)
@@ -579,12 +579,13 @@ def _row(s: dict, name: str, press: str, ratio: float, out: dict, args: Any, sco
 
 def write_results(args: Any, runnable: list, configs: list, report: dict, load_s: float) -> None:
     from spectralcache.eval.runner import latest_rows, read_rows
+    from spectralcache.eval.tasks import task_file_stem
 
     path: Path = args.results
     prev = json.loads(path.read_text()) if path.exists() else {}
     runs = {(r["method"], r["task_file"]): r for r in prev.get("runs", [])}
     for task_file in args.tasks:
-        stem = task_file.stem
+        stem = task_file_stem(task_file)
         for p, r in runnable:
             name = method_name(p, r)
             f = (
@@ -626,11 +627,11 @@ def write_results(args: Any, runnable: list, configs: list, report: dict, load_s
         name = method_name(p, r)
         if name in report["runnable"]:
             for task_file in args.tasks:
-                runs[(name, task_file.stem)] = {
+                runs[(name, task_file_stem(task_file))] = {
                     "method": name,
                     "press": p,
                     "press_compression_ratio": r,
-                    "task_file": task_file.stem,
+                    "task_file": task_file_stem(task_file),
                     "samples": 0,
                     "errors": [report["runnable"][name]],
                     "score": None,
@@ -641,7 +642,7 @@ def write_results(args: Any, runnable: list, configs: list, report: dict, load_s
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}",
         "versions": versions(),
         "task_files_sha256": {
-            t.stem: hashlib.sha256(t.read_bytes()).hexdigest() for t in args.tasks if t.exists()
+            task_file_stem(t): hashlib.sha256(t.read_bytes()).hexdigest() for t in args.tasks if t.exists()
         },
         "model_load_s": round(load_s, 1),
         "protocol": (

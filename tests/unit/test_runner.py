@@ -228,6 +228,31 @@ def test_run_resume_pairing_and_determinism(tiny_gemma, gemma_tokenizer, tmp_pat
         )
 
 
+def test_a_gzipped_task_file_is_run_and_summarized_as_the_plain_one(tiny_gemma, gemma_tokenizer, tmp_path):
+    """A published folder holds ``tasks/<stem>.jsonl.gz`` only: a rerun reuses it (nothing is
+    regenerated), writes predictions under the plain stem, and the summary finds the file."""
+    from spectralcache.eval.tasks import read_task_file, write_task_file
+
+    methods = parse_methods("streaming:sinks=2,window=32")
+    plain_dir, packed_dir = tmp_path / "plain", tmp_path / "packed"
+    run_eval(
+        ["niah_single_1"], [400], methods, _opts(plain_dir, 2), model=tiny_gemma, tokenizer=gemma_tokenizer
+    )
+    stem = "niah_single_1_400"
+    samples = read_task_file(plain_dir / "tasks" / f"{stem}.jsonl")
+    write_task_file(packed_dir / "tasks" / f"{stem}.jsonl.gz", samples)
+    summaries = run_eval(
+        ["niah_single_1"], [400], methods, RunOptions(out=packed_dir, samples=2, seed=99, progress=False, max_new_tokens=4),
+        model=tiny_gemma, tokenizer=gemma_tokenizer,
+    )  # fmt: skip
+    assert not (packed_dir / "tasks" / f"{stem}.jsonl").exists()  # seed 99 would have made other samples
+    for slug in ("baseline", methods[0].slug):
+        a, b = _rows(plain_dir, slug, stem), _rows(packed_dir, slug, stem)
+        # the rows record the run's --seed (99 here); everything else is the same samples' answers
+        assert {k: {**_stable(v), "seed": 3} for k, v in b.items()} == {k: _stable(v) for k, v in a.items()}
+    assert {(s["method"], s["n"]) for s in summaries} == {("baseline", 2), (methods[0].name, 2)}
+
+
 def test_failing_method_is_recorded_then_retried(tiny_gemma, gemma_tokenizer, tmp_path):
     pytest.importorskip("spectralcache.cache.cache")
     bad = Method(

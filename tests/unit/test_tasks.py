@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
@@ -16,6 +17,8 @@ from spectralcache.eval.tasks import (
     TASKS,
     generate_samples,
     read_task_file,
+    stored_task_file,
+    task_file_stem,
     verify_sample,
     write_task_file,
 )
@@ -236,6 +239,24 @@ def test_jsonl_roundtrip(generated, tmp_path):
     path = write_task_file(tmp_path / "sub" / "tasks.jsonl", samples)
     assert read_task_file(path) == samples
     assert len(path.read_text().splitlines()) == len(samples)
+
+
+def test_gzipped_task_files_read_as_the_plain_ones(generated, tmp_path):
+    """Published results keep task files as ``<stem>.jsonl.gz``: written reproducibly (the same
+    bytes twice), read back equal, and found under the plain name when only the gzip exists."""
+    samples = generated["niah_single_1"][0] + generated["vt"][0]
+    plain = tmp_path / "tasks" / "niah_single_1_4096.jsonl"
+    packed = write_task_file(tmp_path / "tasks" / "niah_single_1_4096.jsonl.gz", samples)
+    first = packed.read_bytes()
+    assert gzip.decompress(first).decode("utf-8").count("\n") == len(samples)
+    assert write_task_file(packed, samples).read_bytes() == first  # no time in the header
+    assert read_task_file(packed) == samples
+    assert stored_task_file(plain) == packed and read_task_file(plain) == samples
+    assert task_file_stem(packed) == task_file_stem(plain) == "niah_single_1_4096"
+    write_task_file(plain, samples[:1])  # a plain file, where one exists, is the one read
+    assert stored_task_file(plain) == plain and len(read_task_file(plain)) == 1
+    with pytest.raises(FileNotFoundError):
+        read_task_file(tmp_path / "tasks" / "missing.jsonl")
 
 
 def test_read_task_file_errors(tmp_path):

@@ -24,7 +24,8 @@ Output layout (``DIR`` = ``--out``)
 -----------------------------------
 ::
 
-    DIR/tasks/<stem>.jsonl                      task samples (spectralcache.eval.tasks format)
+    DIR/tasks/<stem>.jsonl                      task samples (spectralcache.eval.tasks format;
+                                                or <stem>.jsonl.gz, as published results keep them)
     DIR/predictions/<method-slug>/<stem>.jsonl  one row per sample (format below), appended
     DIR/predictions/<method-slug>/<stem>.summary.json   per-(method, task file) summary
     DIR/summary.json, DIR/summary.md            every summary in the directory (all methods)
@@ -303,7 +304,13 @@ def prepare_task_files(
 ) -> list[Path]:
     """Generate each (task, length[, depth]) file once; later runs reuse it unchanged, so
     every method (and every peer) answers exactly the same samples."""
-    from spectralcache.eval.tasks import TASKS, generate_samples, read_task_file, write_task_file
+    from spectralcache.eval.tasks import (
+        TASKS,
+        generate_samples,
+        read_task_file,
+        stored_task_file,
+        write_task_file,
+    )
 
     for t in tasks:
         if t not in TASKS:
@@ -312,7 +319,7 @@ def prepare_task_files(
     for task in tasks:
         for length in lengths:
             for depth in depths if depths is not None else [None]:
-                path = task_path(out, task, length, depth)
+                path = stored_task_file(task_path(out, task, length, depth))
                 if path.exists():
                     have = read_task_file(path)
                     if len(have) < samples:
@@ -421,10 +428,10 @@ def run_task_files(
     samples (paired comparisons), and a resumed run continues where it stopped:
     finished (method, id) pairs are skipped.
     """
-    from spectralcache.eval.tasks import read_task_file
+    from spectralcache.eval.tasks import read_task_file, task_file_stem
 
     methods = with_baseline_first(list(methods))
-    files = [(Path(f).stem, read_task_file(f)[: opts.samples]) for f in task_files]
+    files = [(task_file_stem(f), read_task_file(f)[: opts.samples]) for f in task_files]
     done: dict[tuple[str, str], dict[str, dict]] = {}
     for stem, _ in files:
         for m in methods:
@@ -583,12 +590,14 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
 def summarize(out: Path) -> list[dict]:
     """Summaries of every predictions file under ``out`` (ours and peers'), written to
     ``summary.json`` and a markdown table ``summary.md``."""
+    from spectralcache.eval.tasks import stored_task_file
+
     out = Path(out)
     summaries = []
     pred_root = out / "predictions"
     for mdir in sorted(p for p in pred_root.glob("*") if p.is_dir()):
         for f in sorted(mdir.glob("*.jsonl")):
-            if (out / "tasks" / f.name).exists():
+            if stored_task_file(out / "tasks" / f.name).exists():
                 summaries.append(summarize_file(out, mdir.name, f.stem))
     (out / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     (out / "summary.md").write_text(summary_table(summaries))

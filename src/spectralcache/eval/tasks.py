@@ -8,7 +8,7 @@ Public API (used by the runner, the demo and the kvpress peers):
   prompt_tokens, context_tokens, depth, seed, context, question, answer_prefix,
   answers, metric, max_new_tokens`` (plus a few descriptive extras: ``phrasing``,
   ``haystack``, ``source``).
-* ``write_task_file(path, samples)`` / ``read_task_file(path)``: JSONL.
+* ``write_task_file(path, samples)`` / ``read_task_file(path)``: JSONL (``.jsonl.gz``: gzipped).
 * ``verify_sample(sample)``: the structural checks (answer placed exactly once, ...).
 
 Protocol (as in kvpress): the runner prefills ``context`` (the only part a cache may
@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import os
@@ -788,7 +789,8 @@ def verify_sample(sample: dict[str, Any]) -> None:
 
 
 def write_task_file(path: str | os.PathLike[str], samples: Sequence[dict[str, Any]]) -> Path:
-    """Write samples as JSONL (one sample per line), atomically (temp file + rename)."""
+    """Write samples as JSONL (one sample per line), atomically (temp file + rename); gzipped
+    when ``path`` ends in ``.gz`` (reproducible bytes: no name or time in the gzip header)."""
     path = Path(path)
     for s in samples:
         missing = [k for k in SAMPLE_KEYS if k not in s]
@@ -797,9 +799,9 @@ def write_task_file(path: str | os.PathLike[str], samples: Sequence[dict[str, An
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples).encode("utf-8")
+        with os.fdopen(fd, "wb") as f:
+            f.write(gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -807,11 +809,33 @@ def write_task_file(path: str | os.PathLike[str], samples: Sequence[dict[str, An
     return path
 
 
-def read_task_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL task file written by :func:`write_task_file` (keys checked per line)."""
+def stored_task_file(path: str | os.PathLike[str]) -> Path:
+    """Where the task file ``path`` (``<stem>.jsonl``) is on disk: ``path`` itself, or its
+    gzipped copy ``<stem>.jsonl.gz`` when only that exists (published results keep task files
+    gzipped: a folder's prompts repeat one haystack, ~150x smaller), else ``path`` (missing)."""
     path = Path(path)
+    if path.exists() or path.suffix == ".gz":
+        return path
+    packed = path.with_name(path.name + ".gz")
+    return packed if packed.exists() else path
+
+
+def task_file_stem(path: str | os.PathLike[str]) -> str:
+    """``<stem>`` of ``<stem>.jsonl`` or ``<stem>.jsonl.gz``."""
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def read_task_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL task file written by :func:`write_task_file` (keys checked per line);
+    ``<stem>.jsonl`` is read from ``<stem>.jsonl.gz`` when only that exists
+    (:func:`stored_task_file`)."""
+    path = stored_task_file(path)
     out: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
