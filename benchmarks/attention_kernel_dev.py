@@ -210,7 +210,7 @@ CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
     "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
-    "flat_tiles",
+    "flat_tiles", "key_raw", "trans_tile",
 )  # fmt: skip
 
 
@@ -627,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-int4-asm", default="none")
     p.add_argument("--v-defer-den", default="1")
     p.add_argument("--v-flat-tiles", default="none")
+    # stop 20: raw key nibbles (offset removed per block), tokens as the dots' rows in the flat loop
+    p.add_argument("--v-key-raw", default="none")
+    p.add_argument("--v-trans-tile", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"

@@ -124,7 +124,7 @@ def _split_constexprs(
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: bool = False,
-    defer_den: bool = False, flat: int = 0,
+    defer_den: bool = False, flat: int = 0, key_raw: bool = False, trans_tile: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -143,7 +143,7 @@ def _split_constexprs(
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
         KEY_OFFSETS=key_offsets, BLOCK_PARTS=block_parts, PART_T=_part_tokens(t, block_t, block_parts),
         SPLIT_K=split_k, SPLIT_V=split_v, I4_ASM=int4_asm and 4 in (kbits, vbits), DEFER_DEN=defer_den,
-        FLAT=flat, FLAT_TILES=-(-t // block_t),
+        FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw, TRANS_TILE=trans_tile,
     )  # fmt: skip
 
 
@@ -427,21 +427,65 @@ def _flat_tiles(
 
 def _auto_block_stages(split: bool, t: int, block_t: int) -> int:
     """``block_stages`` of the automatic plan: 2 (a block's tiles unrolled, the block loop pipelined
-    two stages deep) for nibble-split layouts whose blocks hold at most two tiles, else 0 (a run-time
-    tile loop).
+    two stages deep) for layouts whose blocks hold at most two tiles, else 0 (a run-time tile loop).
+    (``split``, whether the layout reads nibble-split rows, no longer changes the choice: stop 20.)
+
+    H200 stop 20 (``benchmarks/results/kernel_stop20/scan/``, low-rank layouts, 512-token blocks in
+    256-token tiles, graph replay): ``lowrank`` 128K batch 1 0.0745 ms with 2 against 0.0839 without,
+    batch 8 0.4956 / 0.6155, 32K batch 1 0.0296 / 0.0296; ``aggressive`` (with ``int4_row_stride``, which
+    the automatic plan turns on for these layouts) 0.0510 / 0.0556 at 128K batch 1, 0.3878 / 0.4479 at
+    batch 8.
 
     H200 (``benchmarks/results/kernel_stop19/``, default codecs in 128-token blocks with 2 outliers,
     64-token tiles, graph replay, batch 1): 128K 0.0989 ms with 2 against 0.1081 (run-time tile loop,
     flat) and 0.1041 (flat, setup at each block's first tile); 32K 0.0314 / 0.0331 / 0.0320; 4K 0.0107 /
     0.0112. With 512-token blocks (8 tiles unrolled) it is far slower: 128K 0.1855 against 0.0948 ms."""
-    return 2 if split and -(-t // block_t) <= 2 else 0
+    return 2 if -(-t // block_t) <= 2 else 0
+
+
+def _auto_num_stages(num_stages: int | None, flat: int, tiles_per_program: int) -> int | None:
+    """Software-pipelining depth of the launch: the caller's, or for the flat tile loop (the default
+    preset's layout) 2 when a cold program reads at most 32 tiles, else Triton's default (3).
+
+    H200 stop 20 (``benchmarks/results/kernel_stop20/scan/``, default layout, graph replay): batch 1 --
+    4K (one tile per program) 0.0100 ms with 2 against 0.0107, 32K (8 tiles) 0.0249 / 0.0258, 128K (32
+    tiles) 0.0787 / 0.0796; batch 8 -- 32K (64 tiles) 0.1937 / 0.1758, 128K (256 tiles) 0.7181 / 0.6358:
+    a long loop keeps the deeper pipeline's loads in flight, a short one pays its prologue."""
+    if num_stages is not None or not flat:
+        return num_stages
+    return 2 if tiles_per_program <= 32 else None
+
+
+def _auto_row_stride(int4_row_stride: bool | None, split_k: bool, split_v: bool) -> bool:
+    """Packed int4 row strides compiled in (``int4_row_stride``): the caller's choice, or on for layouts
+    read without the nibble split (the low-rank int4 presets: Triton then loads their 8- / 16-byte rows
+    with vector copies into shared memory, not byte by byte from global memory). H200 stop 20,
+    ``aggressive`` at 128K batch 1: 0.0534 ms against 0.0556 (block loop unpipelined), 0.0510 against
+    0.0575 (``block_stages`` 2); batch 8 0.4205 / 0.4479 and 0.3878 / 0.4380."""
+    if int4_row_stride is not None:
+        return bool(int4_row_stride)
+    return not (split_k or split_v)
+
+
+def _key_raw(key_raw: bool | None, split_k: bool, key_channel: bool, f32: bool) -> bool:
+    """Raw key nibbles (``decode_splits`` KEY_RAW): nibble-split per-channel keys widened to the
+    float16 ``1032 + n`` without the per-element subtraction, the offset ``1032·Σ(query half)`` removed
+    once per block with the zero-point term -- 32 float16x2 subtractions less per 64-token tile and
+    thread (sm_90a SASS, default layout). Never in float32 mode: the dot then sums terms ~1032x larger
+    than the score in float32 (about 2e-5 relative to it), outside that mode's 1e-5 contract; in the
+    16-bit modes that error is ~100x under the bfloat16 rounding of the keys themselves. None: on where
+    it applies, False: off."""
+    if key_raw is not None and not key_raw:
+        return False
+    return split_k and key_channel and not f32
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
     """A coefficient tensor's row stride when its rows are contiguous (compiled in as a constant:
     Triton then knows the alignment of every row), else 0 (read at run time). Packed int4 (uint8)
-    rows use it only with the ``int4_row_stride`` launch option (off): stop 16's H100 runs found it
-    right but no faster; the ed66d10 int4 error was the byte-once unpacking of 16-column tiles."""
+    rows use it only with the ``int4_row_stride`` launch option (:func:`_auto_row_stride`; stop 16's H100
+    runs found it right but no faster there; the ed66d10 int4 error was the byte-once unpacking of
+    16-column tiles)."""
     return int(coeffs.stride(-2)) if coeffs.stride(-1) == 1 else 0
 
 
@@ -552,11 +596,13 @@ def decode_attention(
     dequant_asm: bool | None = None,
     int4_bytes: int = 32,
     int4_pad: bool = True,
-    int4_row_stride: bool = False,
+    int4_row_stride: bool | None = None,
     nibble_split: bool | str | None = None,
     int4_asm: bool | None = None,
     defer_den: bool | None = None,
     flat_tiles: int | None = None,
+    key_raw: bool | None = None,
+    trans_tile: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -572,7 +618,8 @@ def decode_attention(
     ``block_e`` / ``num_warps`` / ``num_stages`` / ``programs_per_sm`` / ``maxnreg`` (-1: by
     coefficient width, None: no cap) override the launch plan
     (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
-    multiprocessor, enough independent loads in flight to cover memory latency). Kernel variants
+    multiprocessor, rounded down per (batch row, KV head), enough independent loads in flight to cover
+    memory latency; ``num_stages`` None: :func:`_auto_num_stages`). Kernel variants
     (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
     function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
     16 = the v5 padding), ``int4_bytes`` (packed int4 coefficient tiles of at least this many
@@ -581,7 +628,7 @@ def decode_attention(
     the H100 for 16-column int4 tiles (8-byte rows) and rightly from 32 columns up,
     docs/kernel_notes.md "Stop 16"), ``int4_pad`` (narrower int4 tiles zero-padded up to
     ``int4_bytes`` columns so they are read byte-once too; on since stop 17: three H100 runs
-    0.0567-0.0571 / 0.0564 ms vs 0.0583-0.0589 at 128K batch 1 aggressive, same output) and ``int4_row_stride`` (packed int4 row strides compiled in; off),
+    0.0567-0.0571 / 0.0564 ms vs 0.0583-0.0589 at 128K batch 1 aggressive, same output) and ``int4_row_stride`` (packed int4 row strides compiled in; None: :func:`_auto_row_stride`),
     ``dequant_asm`` (inline-PTX widening of int8 coefficients on CUDA;
     default on; int4 has no PTX form), ``outlier_split`` (the blocks' exact outlier rows in programs of their own;
     default on), ``exact_spread`` (exact-tier programs of about a block's bytes, spread over free
@@ -744,7 +791,10 @@ def decode_attention(
             if query.is_cuda
             else 2
         )
-        want_splits = -(-slots // n_bh)
+        # as many cold programs per (batch row, KV head) as fit the resident slots, rounded down: at
+        # batch 8 (64 pairs, 528 slots) rounding up gave 9 programs each -- 576, a second partial wave
+        # -- and 8 measured 0.567 against 0.636 ms at 128K, 0.149 against 0.176 at 32K (H200 stop 20)
+        want_splits = max(1, slots // n_bh)
         blocks_per_split = max(1, -(-plan_blocks // want_splits)) if plan_blocks else 1
     out_split = (outlier_split is None or bool(outlier_split)) and n_out > 0 and plan_blocks > 0
 
@@ -799,6 +849,9 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
+    flat = _flat_tiles(flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages)
+    num_stages = _auto_num_stages(num_stages, flat, blocks_per_split * -(-t // block_t))
+    row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
     options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
     while True:
         constexprs = _split_constexprs(
@@ -806,10 +859,11 @@ def decode_attention(
             pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
             device_sizes is not None, block_stages, out_split, _use_asm(dequant_asm),
             1 if min_rows is None else min_rows,
-            kc_t if kbits != 4 or int4_row_stride else 0, vc_t if vbits != 4 or int4_row_stride else 0,
+            kc_t if kbits != 4 or row_stride else 0, vc_t if vbits != 4 or row_stride else 0,
             key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
             _use_asm(int4_asm), defer_den is None or bool(defer_den),
-            _flat_tiles(flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages),
+            flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
+            bool(trans_tile) and flat > 0 and (defer_den is None or bool(defer_den)),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -124,13 +124,31 @@ def _mask_bias(
     return tl.where(ok, bias, float("-inf"))
 
 
+# e^x for the softmax, compiled: one ex2.approx.ftz (MUFU.EX2) of x·log2(e). Triton's exp lowers to the
+# non-flushing ex2.approx, which ptxas wraps in a subnormal fix-up (a compare and two predicated
+# multiplies around every MUFU.EX2: a sixth of the aggressive layout's tile loop in the SASS). Results
+# under 2^-126 (weights < 1e-38 of the running max's) become 0; -inf still gives 0.
+_EX2_FTZ_ASM = tl.constexpr("ex2.approx.ftz.f32 $0, $1;")
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp(x):
+    if _COMPILED:
+        return tl.inline_asm_elementwise(
+            _EX2_FTZ_ASM, "=f,f", [x * _LOG2E], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp(x)
+
+
 @triton.jit
 def _online_step(m, den, s):
     """New running max, rescale factor for the old state, and the tile's probabilities."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: exp(-inf) = 0
-    alpha = tl.exp(m - m_safe)
-    p = tl.exp(s - m_safe[:, None])
+    alpha = _exp(m - m_safe)
+    p = _exp(s - m_safe[:, None])
     return m_new, alpha, p
 
 
@@ -175,9 +193,30 @@ sub.f16x2 $3, $3, e;
 """)
 
 
+# the same without the four subtractions: each nibble n comes back as the float16 1032 + n (KEY_RAW)
+_I4_F16_RAW_ASM = tl.constexpr("""
+{
+.reg .b32 t, u, m, e;
+mov.b32 m, 0x000F000F;
+mov.b32 e, 0x64086408;
+prmt.b32 t, $4, 0, 0x4140;
+prmt.b32 u, $4, 0, 0x4342;
+lop3.b32 $0, t, m, e, 0x6a;
+lop3.b32 $1, u, m, e, 0x6a;
+shr.u32 t, t, 4;
+shr.u32 u, u, 4;
+lop3.b32 $2, t, m, e, 0x6a;
+lop3.b32 $3, u, m, e, 0x6a;
+}
+""")
+# the offset RAW nibbles carry: the float16 1032 + n stands for n
+_I4_RAW_OFFSET = tl.constexpr(1032.0)
+
+
 @triton.jit
 def _load_int4_halves(
     base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, I4_ASM: tl.constexpr,
+    RAW: tl.constexpr = False,
 ):  # fmt: skip
     """Packed int4 coefficient rows as two float16 tiles [N, RANK_P/2] of exact small integers:
     ``lo[:, j]`` = column 2j (low nibble of byte j), ``hi[:, j]`` = column 2j+1 (high nibble).
@@ -186,19 +225,46 @@ def _load_int4_halves(
     operand (the query, the value accumulator) instead of interleaving the nibbles back into column
     order on chip. ``I4_ASM`` (compiled CUDA only): the widening as one PTX block per four bytes
     (byte permutes, 3-input logic ops, float16x2 subtractions); otherwise the same arithmetic as
-    tensor ops (``_load_coeffs``' int4 path)."""
+    tensor ops (``_load_coeffs``' int4 path). ``RAW``: the widened values are left as the float16
+    ``1032 + n`` (no subtraction; padded and masked entries read 1032): the caller removes
+    ``1032 · Σ other operand`` once per block (KEY_RAW)."""
     bcols = tl.arange(0, RANK_P // 2)
     okb = rows_ok[:, None] & (bcols < (RANK + 1) // 2)[None, :]
     byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
+    return _widen_int4(byte, I4_ASM, RAW)
+
+
+@triton.jit
+def _widen_int4(byte, I4_ASM: tl.constexpr, RAW: tl.constexpr):
+    """Packed int4 bytes (any shape) -> their low / high nibbles as float16 (``n``, or ``1032 + n``
+    with ``RAW``), as ``_load_int4_halves`` documents."""
     if I4_ASM and _COMPILED:
-        lo, hi = tl.inline_asm_elementwise(
-            _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-        )
+        if RAW:
+            lo, hi = tl.inline_asm_elementwise(
+                _I4_F16_RAW_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
+            )
     else:
         byte = byte.to(tl.int16)
-        lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
-        hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True) - 1032.0
+        lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True)
+        hi = (((byte >> 4) & 15) ^ 0x6408).to(tl.float16, bitcast=True)
+        if not RAW:
+            lo = lo - 1032.0
+            hi = hi - 1032.0
     return lo, hi
+
+
+@triton.jit
+def _raw_key_offset(qz, qb, qb_hi, kscale):
+    """KEY_RAW: the per-block score term ``qz`` less the raw key nibbles' offset. The tiles score
+    ``qb·(1032 + n_lo) + qb_hi·(1032 + n_hi)`` (no subtraction per element); times ``kscale`` (= the
+    block's ``kmax·scale``) that is the wanted score plus ``1032·kscale·(Σ qb + Σ qb_hi)``, removed here
+    once per block from the very float16 values the dots multiply."""
+    tot = tl.sum(qb.to(tl.float32), axis=1) + tl.sum(qb_hi.to(tl.float32), axis=1)
+    return qz - tot * (_I4_RAW_OFFSET * kscale)
 
 
 @triton.jit
@@ -336,7 +402,7 @@ def _cold_tile(
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
     INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
-    I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr,
+    I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, KEY_RAW: tl.constexpr = False,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
@@ -354,7 +420,7 @@ def _cold_tile(
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
     if SPLIT_K:
-        klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM)
+        klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM, KEY_RAW)
     else:
         ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K, I4_ASM)
     if KEY_BITS != 16 and not KEY_CHANNEL:
@@ -393,7 +459,8 @@ def _cold_tile(
         s = _dot(qb, tl.trans(klo), F32, tl.float16) + _dot(qb_hi, tl.trans(khi), F32, tl.float16)
         if KEY_CHANNEL:
             s = s * (kmax * scale)
-            if KEY_OFFSETS:
+            if KEY_OFFSETS or KEY_RAW:
+                # KEY_RAW: qz also holds -1032·Σ(qb)·kmax·scale, the raw nibbles' offset (set per block)
                 s = s + qz[:, None]
         else:
             s = s * scale * kscale[None, :]
@@ -456,6 +523,81 @@ def _cold_tile(
     else:
         lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
     return m, den, acc, acc_hi, lat
+
+
+@triton.jit
+def _mask_bias_t(mask_ptr, stride_mq, stride_mk, mask_floor, rows_q, rows_ok, idx, idx_ok, q_first, tier_end,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):  # fmt: skip
+    """``_mask_bias`` transposed: [N, R]."""
+    return tl.trans(
+        _mask_bias(
+            mask_ptr,
+            stride_mq,
+            stride_mk,
+            mask_floor,
+            rows_q,
+            rows_ok,
+            idx,
+            idx_ok,
+            q_first,
+            tier_end,
+            HAS_MASK,
+            MASK_BOOL,
+        )
+    )
+
+
+@triton.jit
+def _cold_tile_t(
+    m, den_t, acc_t, acc_t_hi, t0, qb_t, qb_t_hi, kmax, qz, owords, start, open_block,
+    kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
+    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+    T: tl.constexpr, BLOCK_T: tl.constexpr, RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr,
+    RV_P: tl.constexpr, N_OUT: tl.constexpr, OUT_WORDS: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, F32: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    KEY_OFFSETS: tl.constexpr, I4_ASM: tl.constexpr, KEY_RAW: tl.constexpr,
+):  # fmt: skip
+    """``_cold_tile``'s nibble-split path with tokens as the dots' rows (TRANS_TILE): scores
+    ``s_t = K·qb_t`` [BLOCK_T, R_P] (the key tile is the first operand, the folded query halves ``qb_t``
+    [D_P/2, R_P] the second) and outputs ``acc_t += V_tᵀ·p_t`` [D_P/2, R_P], so the R_P (< 16) query
+    rows are the narrow operand's columns instead of a 16-row operand's repeated rows. The deferred
+    denominator is ``den_t`` [BLOCK_T, R_P]; ``m`` [R_P] as usual."""
+    tt = t0 + tl.arange(0, BLOCK_T)
+    t_ok = tt < T
+    klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM, KEY_RAW)
+    s = _dot(klo, qb_t, F32, tl.float16) + _dot(khi, qb_t_hi, F32, tl.float16)  # [BLOCK_T, R_P]
+    if KEY_CHANNEL:
+        s = s * (kmax * scale)
+        if KEY_OFFSETS or KEY_RAW:
+            s = s + qz[None, :]
+    else:
+        kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
+        s = s * scale * kscale[:, None]
+    s = _softcap(s, softcap, HAS_SOFTCAP)
+    if N_OUT > 0:
+        word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
+        t_live = t_ok & (((word >> (tt % 32)) & 1) == 0)
+    else:
+        t_live = t_ok
+    if HAS_MASK:
+        s += _mask_bias_t(mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live, q_first,
+                          tier_end, HAS_MASK, MASK_BOOL)  # fmt: skip
+    elif open_block:
+        s = tl.where(t_live[:, None], s, float("-inf"))
+    else:
+        s += _mask_bias_t(mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live, q_first,
+                          tier_end, HAS_MASK, MASK_BOOL)  # fmt: skip
+    m_new = tl.maximum(m, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = _exp(m - m_safe)
+    p = _exp(s - m_safe[None, :])
+    den_t = den_t * alpha[None, :] + p
+    vlo, vhi = _load_int4_halves(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
+    vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+    pv = p * vscale[:, None]
+    acc_t = acc_t * alpha[None, :] + _dot(tl.trans(vlo), pv, F32, tl.float16)
+    acc_t_hi = acc_t_hi * alpha[None, :] + _dot(tl.trans(vhi), pv, F32, tl.float16)
+    return m_new, den_t, acc_t, acc_t_hi
 
 
 @triton.jit
@@ -565,6 +707,7 @@ def spectral_decode_split_kernel(
     KEY_OFFSETS: tl.constexpr, BLOCK_PARTS: tl.constexpr, PART_T: tl.constexpr,
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
+    KEY_RAW: tl.constexpr = False, TRANS_TILE: tl.constexpr = False,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -702,6 +845,13 @@ def spectral_decode_split_kernel(
             else:
                 qb = q_lo
                 qb_hi = q_hi
+            if TRANS_TILE:
+                # tokens as the dots' rows (_cold_tile_t): transposed state, put back after the loop
+                den_t = tl.zeros((BLOCK_T, R_P), dtype=tl.float32)
+                acc_t = tl.zeros((D_P // 2, R_P), dtype=tl.float32)
+                acc_t_hi = tl.zeros((D_P // 2, R_P), dtype=tl.float32)
+                qb_t = tl.trans(qb)
+                qb_t_hi = tl.trans(qb_hi)
             for i in tl.range(0, n_tiles):
                 n = n_lo + i // FLAT_TILES
                 t0 = (i % FLAT_TILES) * BLOCK_T
@@ -742,17 +892,38 @@ def spectral_decode_split_kernel(
                         qb_hi = (q_hi.to(tl.float32) * kch_hi[None, :]).to(qb_hi.dtype)
                         if KEY_OFFSETS:
                             qz = tl.sum(q.to(tl.float32) * kz_n.to(tl.float32)[None, :], axis=1) * scale
-                m, den, acc_lo, acc_hi, lat = _cold_tile(
-                    m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
-                    start, open_block,
-                    kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                    vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
-                    freq, is_rot, partner, sign,
-                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                    T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                    VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                    INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
-                )  # fmt: skip
+                        elif KEY_RAW:
+                            qz = tl.zeros((R_P,), dtype=tl.float32)
+                        if KEY_RAW:
+                            qz = _raw_key_offset(qz, qb, qb_hi, kmax * scale)
+                        if TRANS_TILE:
+                            qb_t = tl.trans(qb)
+                            qb_t_hi = tl.trans(qb_hi)
+                if TRANS_TILE:
+                    m, den_t, acc_t, acc_t_hi = _cold_tile_t(
+                        m, den_t, acc_t, acc_t_hi, t0, qb_t, qb_t_hi, kmax, qz, owords, start, open_block,
+                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, N_OUT, OUT_WORDS, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+                        KEY_CHANNEL, KEY_OFFSETS, I4_ASM, KEY_RAW,
+                    )  # fmt: skip
+                else:
+                    m, den, acc_lo, acc_hi, lat = _cold_tile(
+                        m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
+                        start, open_block,
+                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        freq, is_rot, partner, sign,
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
+                    )  # fmt: skip
+            if TRANS_TILE:
+                acc_lo = tl.trans(acc_t)
+                acc_hi = tl.trans(acc_t_hi)
+                den = tl.trans(den_t)
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
                 start = tl.load(starts_ptr + n).to(tl.int32)
@@ -864,7 +1035,9 @@ def spectral_decode_split_kernel(
                                           mask=d_ok, other=0.0).to(tl.float32)  # fmt: skip
                         qz = tl.sum(q.to(tl.float32) * kz_full[None, :], axis=1) * scale
                     else:
-                        qz = 0.0
+                        qz = tl.zeros((R_P,), dtype=tl.float32)
+                    if KEY_RAW:
+                        qz = _raw_key_offset(qz, qb, qb_hi, kmax * scale)
                 elif KEY_CHANNEL:
                     # the block's channel scales (key_scales [.., n, 0, d]: s_ks_t is the channel stride)
                     kch = tl.load(ks_bh + n * s_ks_n + dcols * s_ks_t, mask=d_ok, other=0.0).to(tl.float32)
@@ -919,7 +1092,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
                         )  # fmt: skip
                 else:
                     # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -934,7 +1107,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
                         )  # fmt: skip
                 if not VALUE_IDENTITY:
                     bv = tl.load(
