@@ -8,7 +8,8 @@
 #      and lowrank ("default" in the dev script) layouts, automatic plan, graph replay beside SDPA;
 #   C. side by side in one process per cell: the automatic plan against this stop's changes switched off
 #      (key_raw 0; num_stages 3 = Triton's default; blocks_per_split of the stop-19 rounding at batch 8;
-#      block_stages 0 + byte row strides for the low-rank layouts) and the trans_tile variant.
+#      block_stages 0 + byte row strides for the low-rank layouts) and the trans_tile variant; programs
+#      per SM 3 / 8 for the low-rank layouts.
 # Usage (repo root, device machine): bash benchmarks/gpu_runs/stop20_final.sh OUTDIR
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)
 set -f
@@ -25,7 +26,7 @@ E128='[{"key_raw":0},{"num_stages":3},{"key_raw":0,"num_stages":3},{"trans_tile"
 E128B8='[{"key_raw":0},{"blocks_per_split":29},{"key_raw":0,"blocks_per_split":29},{"trans_tile":1}]'
 E32='[{"key_raw":0,"num_stages":3},{"trans_tile":1}]'
 E4='[{"num_stages":3},{"key_raw":0,"num_stages":3},{"trans_tile":1}]'
-ELR='[{"block_stages":0,"int4_row_stride":0}]'
+ELR='[{"block_stages":0,"int4_row_stride":0},{"programs_per_sm":3},{"programs_per_sm":8}]'
 J() { python3 -c "import json,sys; print(json.dumps([{}] + json.loads(sys.argv[1])))" "$1"; }
 M='post_rope chK4zp idV4,pre_rope chK4zp idV4,post_rope chK4 idV4,post_rope idK4 idV,G8 b4,q4 pad'
 M2='post_rope k4,pre_rope k4,post_rope k8,idV v4,softcap,pad mask'
@@ -53,7 +54,7 @@ grep -h "copy bandwidth\|^ *[0-9]* B[18] " "$W/time/log"
 echo "[B done $SECONDS s]"
 var() {  # var OUT CELLS PRESETS EXTRA
   # shellcheck disable=SC2086
-  timeout 40 python3 $K --out "$1" --sections variants --variant-cells "$2" $PIN --variant-presets "$3" \
+  timeout 60 python3 $K --out "$1" --sections variants --variant-cells "$2" $PIN --variant-presets "$3" \
     --v-extra "$4" > "$1/log" 2>&1
   grep -h "^variant  *[0-9]\|variant failed" "$1/log"
 }
