@@ -54,7 +54,7 @@ grep -h "copy bandwidth\|^ *[0-9]* B[18] " "$W/time/log"
 echo "[B done $SECONDS s]"
 var() {  # var OUT CELLS PRESETS EXTRA
   # shellcheck disable=SC2086
-  timeout 60 python3 $K --out "$1" --sections variants --variant-cells "$2" $PIN --variant-presets "$3" \
+  timeout 45 python3 $K --out "$1" --sections variants --variant-cells "$2" $PIN --variant-presets "$3" \
     --v-extra "$4" > "$1/log" 2>&1
   grep -h "^variant  *[0-9]\|variant failed" "$1/log"
 }
