@@ -49,7 +49,7 @@ grep -h "FAIL\|checks:" "$W/qa/log" "$W/qb/log" "$W/qc/log"
 tail -4 "$W/tests/log"
 grep -h -A3 "Traceback" "$W"/qa/log "$W"/qb/log "$W"/qc/log "$W"/w1/log "$W"/w2/log "$W"/w3/log | head -30
 echo "[A done $SECONDS s]"
-timeout 120 python3 $K --out "$W/time" --sections copy,time --contexts 4096,16384,32768,131072 --batches 1,8 \
+timeout 120 python3 $K --out "$W/time" --sections copy,time --contexts 131072,32768,16384,4096 --batches 1,8 \
   --no-ref --time-presets channel_zp,aggressive,default > "$W/time/log" 2>&1
 grep -h "copy bandwidth\|^ *[0-9]* B[18] " "$W/time/log"
 echo "[B done $SECONDS s]"
