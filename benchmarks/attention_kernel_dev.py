@@ -210,7 +210,7 @@ CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
     "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
-    "flat_tiles", "key_raw", "trans_tile",
+    "flat_tiles", "key_raw",
 )  # fmt: skip
 
 
@@ -516,7 +516,7 @@ def _stream_read_kernel():
     return stream_read
 
 
-def section_roofline(res: dict, cells, presets) -> None:
+def section_roofline(res: dict, cells, presets, save=lambda: None) -> None:
     """Where the bandwidth ceiling is for the kernel's grid: a read-only Triton kernel streams the
     cold tier's key and value coefficient bytes (the bulk of what the decode kernel reads) with the
     decode kernel's grid of (batch row x KV head, cold programs), and with 2x / 4x / 1/2x the
@@ -558,6 +558,7 @@ def section_roofline(res: dict, cells, presets) -> None:
                            "kernel_ms": kernel_ms, "kernel_plan": plan, "state_bytes": nbytes,
                            "kernel_GBps": nbytes / kernel_ms / 1e6}  # fmt: skip
                     rows.append(row)
+                    save()  # after every row: a run cut short keeps what it measured
                     print(f"roofline ctx={ctx} B={batch} {preset} programs/bh {s_prog} warps {warps}: stream "
                           f"{ms:.4f} ms {row['stream_GBps']:.0f} GB/s on {coeff_bytes / 1e6:.1f} MB | kernel "
                           f"{kernel_ms:.4f} ms {row['kernel_GBps']:.0f} GB/s on {nbytes / 1e6:.1f} MB plan {plan}",
@@ -627,9 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-int4-asm", default="none")
     p.add_argument("--v-defer-den", default="1")
     p.add_argument("--v-flat-tiles", default="none")
-    # stop 20: raw key nibbles (offset removed per block), tokens as the dots' rows in the flat loop
+    # stop 20: raw key nibbles (offset removed per block; off by default)
     p.add_argument("--v-key-raw", default="none")
-    p.add_argument("--v-trans-tile", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells = [
                     tuple(int(x) for x in c.split("x")) for c in (args.variant_cells or "131072x1").split(",")
                 ]
-                section_roofline(res, cells, args.variant_presets.split(","))
+                section_roofline(res, cells, args.variant_presets.split(","), save)
             elif name == "sass":
                 section_sass(res, _json_arg(args.sass_configs))
             elif name == "variants":

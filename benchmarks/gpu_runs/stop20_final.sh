@@ -11,6 +11,9 @@
 #      (key_raw 0; num_stages 3 = Triton's default; blocks_per_split of the stop-19 rounding at batch 8;
 #      block_stages 0 + byte row strides for the low-rank layouts) and the trans_tile variant; programs
 #      per SM 3 / 8 for the low-rank layouts.
+# Ran at f162182 (results: benchmarks/results/kernel_stop20/final/). Since then the trans_tile option is
+# gone (measured 26-45 % slower: its checks and variants now fail as unknown options) and key_raw is off by
+# default, so the automatic plan no longer includes it; drop those entries to rerun on a later tree.
 # Usage (repo root, device machine): bash benchmarks/gpu_runs/stop20_final.sh OUTDIR
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)
 set -f

@@ -11,6 +11,8 @@
 #      warps, tiles, register caps, programs per SM, and explicit blocks per program (the automatic plan
 #      at 128K batch 1 launches ~73 programs per KV head for 66 resident slots, at batch 8 ~12 per
 #      (row, head) for 8.25: a second partial wave); aggressive and lowrank layouts at 32K / 128K.
+# Ran on the tree of 584678f (results: benchmarks/results/kernel_stop20/scan/); the automatic plan it
+# pinned against has changed since (see that README).
 # Usage (repo root, device machine): bash benchmarks/gpu_runs/stop20_scan.sh OUTDIR
 set -f
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)

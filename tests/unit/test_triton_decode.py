@@ -269,8 +269,6 @@ def test_block_parts_agree(kw: dict, block_parts: int) -> None:
         dict(nibble_split=True, defer_den=True),
         dict(nibble_split=True, defer_den=False, flat_tiles=False),
         dict(nibble_split=True, flat_tiles=1),
-        # stop 20: tokens as the dots' rows in the flat loop (scores [T, R], outputs [D/2, R])
-        dict(nibble_split=True, flat_tiles=1, trans_tile=True),
         dict(nibble_split="keys", defer_den=False),
         dict(nibble_split=False, defer_den=True),
     ],
@@ -280,10 +278,8 @@ def test_nibble_split_and_deferred_sums_agree(kw: dict, launch: dict) -> None:
     columns) and high nibbles (odd columns) meeting the query's even / odd columns (keys) or filling
     the output's even / odd columns (values), interleaved once per program; defer_den: the softmax
     denominator kept per tile column and summed once; flat_tiles: one tile loop across a program's
-    blocks; trans_tile: that loop with the key / value tiles as the dots' first operands (transposed
-    scores and outputs, put back once per program). A nibble paired with the wrong column, a lost
-    outlier sum, a block setup missed at a block boundary, or a row / token axis swapped changes the
-    answer."""
+    blocks. A nibble paired with the wrong column, a lost outlier sum, or a block setup missed at a
+    block boundary changes the answer."""
     kw = {"block_size": 64, "blocks": 3, **kw}
     _check(launch=launch, **kw)
 
@@ -331,7 +327,8 @@ def test_nibble_split_rule_and_launch() -> None:
 def test_stop20_plan_rules() -> None:
     """The automatic choices measured on the H200 at stop 20: a shallower software pipeline for short
     flat tile loops only; packed int4 row strides compiled in for layouts read without the nibble split;
-    raw key nibbles for nibble-split per-channel keys outside float32 mode."""
+    raw key nibbles only when asked for (measured no faster), and then only for nibble-split per-channel
+    keys outside float32 mode."""
     import spectralcache.attention.triton.decode as dec
 
     assert dec._auto_num_stages(None, 1, 32) == 2 and dec._auto_num_stages(None, 1, 33) is None
@@ -340,9 +337,9 @@ def test_stop20_plan_rules() -> None:
     assert dec._auto_row_stride(None, False, False) and not dec._auto_row_stride(None, True, True)
     assert not dec._auto_row_stride(None, False, True) and not dec._auto_row_stride(False, False, False)
     assert dec._auto_row_stride(True, True, True)
-    assert dec._key_raw(None, True, True, False) and not dec._key_raw(None, True, True, True)
-    assert not dec._key_raw(None, False, True, False) and not dec._key_raw(None, True, False, False)
-    assert not dec._key_raw(False, True, True, False)
+    assert dec._key_raw(True, True, True, False) and not dec._key_raw(True, True, True, True)
+    assert not dec._key_raw(True, False, True, False) and not dec._key_raw(True, True, False, False)
+    assert not dec._key_raw(False, True, True, False) and not dec._key_raw(None, True, True, False)
 
 
 def _record_launch(fn):
@@ -368,7 +365,7 @@ def _record_launch(fn):
 @pytest.mark.parametrize("zero_point", [True, False])
 @pytest.mark.parametrize("block_size", [64, 32])  # 4 tiles: flat loop; 2 tiles: pipelined block loop
 def test_raw_key_nibbles_agree(dtype: torch.dtype, zero_point: bool, block_size: int) -> None:
-    """KEY_RAW (the default preset's layout outside float32): per-channel int4 key nibbles scored as
+    """KEY_RAW (``key_raw=True``; the default preset's layout outside float32): per-channel int4 key nibbles scored as
     the float16 1032 + n, the offset 1032·Σ(query half) taken off once per block. A block whose offset
     were left in, or taken off twice, or carried over from the block before, shifts that block's
     scores against the others' and the exact tiers' (the softmax weights move): the output then differs
@@ -378,21 +375,21 @@ def test_raw_key_nibbles_agree(dtype: torch.dtype, zero_point: bool, block_size:
                          dtype=dtype)  # fmt: skip
     query = (3 * torch.randn(1, 4, 1, 32)).to(dtype).to(DEVICE)
     outs = {}
-    for key_raw in (None, False):
+    for key_raw in (True, None):
         outs[key_raw], seen = _record_launch(
             lambda key_raw=key_raw: decode_attention(
                 query, state, block_t=16, blocks_per_split=2, key_raw=key_raw
             )
         )
-        assert seen["KEY_RAW"] == (key_raw is None and dtype != torch.float32)
+        assert seen["KEY_RAW"] == (key_raw is True and dtype != torch.float32)
         assert seen["SPLIT_K"] and (seen["FLAT"], seen["BLOCK_STAGES"]) == (
             (1, 0) if block_size == 64 else (0, 2)
         )
     ref = spectral_attention(query, state)
     bar = 1e-5 if dtype == torch.float32 else 1e-2
-    _assert_rel(outs[None], ref, bar)
+    _assert_rel(outs[True], ref, bar)
     # the two paths differ only by float32 rounding of the offset: far closer than to the reference
-    _assert_rel(outs[None], outs[False], 1e-5 if dtype == torch.float32 else 2e-3)
+    _assert_rel(outs[True], outs[None], 1e-5 if dtype == torch.float32 else 2e-3)
 
 
 def test_lowrank_int4_auto_plan_pipelines_blocks_with_row_strides() -> None:

@@ -124,7 +124,7 @@ def _split_constexprs(
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: bool = False,
-    defer_den: bool = False, flat: int = 0, key_raw: bool = False, trans_tile: bool = False,
+    defer_den: bool = False, flat: int = 0, key_raw: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -143,7 +143,7 @@ def _split_constexprs(
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
         KEY_OFFSETS=key_offsets, BLOCK_PARTS=block_parts, PART_T=_part_tokens(t, block_t, block_parts),
         SPLIT_K=split_k, SPLIT_V=split_v, I4_ASM=int4_asm and 4 in (kbits, vbits), DEFER_DEN=defer_den,
-        FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw, TRANS_TILE=trans_tile,
+        FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw,
     )  # fmt: skip
 
 
@@ -470,12 +470,13 @@ def _auto_row_stride(int4_row_stride: bool | None, split_k: bool, split_v: bool)
 def _key_raw(key_raw: bool | None, split_k: bool, key_channel: bool, f32: bool) -> bool:
     """Raw key nibbles (``decode_splits`` KEY_RAW): nibble-split per-channel keys widened to the
     float16 ``1032 + n`` without the per-element subtraction, the offset ``1032·Σ(query half)`` removed
-    once per block with the zero-point term -- 32 float16x2 subtractions less per 64-token tile and
-    thread (sm_90a SASS, default layout). Never in float32 mode: the dot then sums terms ~1032x larger
-    than the score in float32 (about 2e-5 relative to it), outside that mode's 1e-5 contract; in the
-    16-bit modes that error is ~100x under the bfloat16 rounding of the keys themselves. None: on where
-    it applies, False: off."""
-    if key_raw is not None and not key_raw:
+    once per block with the zero-point term -- 31 fewer SASS instructions per 64-token tile and thread
+    (sm_90a, default layout). Never in float32 mode: the dot then sums terms ~1032x larger than the
+    score in float32 (about 2e-5 relative to it), outside that mode's 1e-5 contract. True: on where it
+    applies; None / False: off -- on the H200 (stop 20, same run, graph replay) it was not faster:
+    128K batch 1 0.0800 ms with it against 0.0778 without, batch 8 0.5583-0.5624 against 0.5612, and
+    the bfloat16 output moved by 6e-4 (relative norm) against the exact path."""
+    if not key_raw:
         return False
     return split_k and key_channel and not f32
 
@@ -602,7 +603,6 @@ def decode_attention(
     defer_den: bool | None = None,
     flat_tiles: int | None = None,
     key_raw: bool | None = None,
-    trans_tile: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -646,7 +646,8 @@ def decode_attention(
     widened by one PTX block per four bytes on CUDA; None: on except on ROCm) and ``defer_den`` (the
     softmax denominator kept per tile column and summed once per program; None: on), ``flat_tiles``
     (one pipelined tile loop across a program's blocks for those nibble-split layouts: 1 / 2 / 0,
-    None: automatic, :func:`_flat_tiles`).
+    None: automatic, :func:`_flat_tiles`), ``key_raw`` (True: per-channel int4 key nibbles scored
+    without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -863,7 +864,6 @@ def decode_attention(
             key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
             _use_asm(int4_asm), defer_den is None or bool(defer_den),
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
-            bool(trans_tile) and flat > 0 and (defer_den is None or bool(defer_den)),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -526,81 +526,6 @@ def _cold_tile(
 
 
 @triton.jit
-def _mask_bias_t(mask_ptr, stride_mq, stride_mk, mask_floor, rows_q, rows_ok, idx, idx_ok, q_first, tier_end,
-                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):  # fmt: skip
-    """``_mask_bias`` transposed: [N, R]."""
-    return tl.trans(
-        _mask_bias(
-            mask_ptr,
-            stride_mq,
-            stride_mk,
-            mask_floor,
-            rows_q,
-            rows_ok,
-            idx,
-            idx_ok,
-            q_first,
-            tier_end,
-            HAS_MASK,
-            MASK_BOOL,
-        )
-    )
-
-
-@triton.jit
-def _cold_tile_t(
-    m, den_t, acc_t, acc_t_hi, t0, qb_t, qb_t_hi, kmax, qz, owords, start, open_block,
-    kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
-    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-    T: tl.constexpr, BLOCK_T: tl.constexpr, RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr,
-    RV_P: tl.constexpr, N_OUT: tl.constexpr, OUT_WORDS: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, F32: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-    KEY_OFFSETS: tl.constexpr, I4_ASM: tl.constexpr, KEY_RAW: tl.constexpr,
-):  # fmt: skip
-    """``_cold_tile``'s nibble-split path with tokens as the dots' rows (TRANS_TILE): scores
-    ``s_t = K·qb_t`` [BLOCK_T, R_P] (the key tile is the first operand, the folded query halves ``qb_t``
-    [D_P/2, R_P] the second) and outputs ``acc_t += V_tᵀ·p_t`` [D_P/2, R_P], so the R_P (< 16) query
-    rows are the narrow operand's columns instead of a 16-row operand's repeated rows. The deferred
-    denominator is ``den_t`` [BLOCK_T, R_P]; ``m`` [R_P] as usual."""
-    tt = t0 + tl.arange(0, BLOCK_T)
-    t_ok = tt < T
-    klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM, KEY_RAW)
-    s = _dot(klo, qb_t, F32, tl.float16) + _dot(khi, qb_t_hi, F32, tl.float16)  # [BLOCK_T, R_P]
-    if KEY_CHANNEL:
-        s = s * (kmax * scale)
-        if KEY_OFFSETS or KEY_RAW:
-            s = s + qz[None, :]
-    else:
-        kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
-        s = s * scale * kscale[:, None]
-    s = _softcap(s, softcap, HAS_SOFTCAP)
-    if N_OUT > 0:
-        word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
-        t_live = t_ok & (((word >> (tt % 32)) & 1) == 0)
-    else:
-        t_live = t_ok
-    if HAS_MASK:
-        s += _mask_bias_t(mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live, q_first,
-                          tier_end, HAS_MASK, MASK_BOOL)  # fmt: skip
-    elif open_block:
-        s = tl.where(t_live[:, None], s, float("-inf"))
-    else:
-        s += _mask_bias_t(mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live, q_first,
-                          tier_end, HAS_MASK, MASK_BOOL)  # fmt: skip
-    m_new = tl.maximum(m, tl.max(s, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = _exp(m - m_safe)
-    p = _exp(s - m_safe[None, :])
-    den_t = den_t * alpha[None, :] + p
-    vlo, vhi = _load_int4_halves(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
-    vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
-    pv = p * vscale[:, None]
-    acc_t = acc_t * alpha[None, :] + _dot(tl.trans(vlo), pv, F32, tl.float16)
-    acc_t_hi = acc_t_hi * alpha[None, :] + _dot(tl.trans(vhi), pv, F32, tl.float16)
-    return m_new, den_t, acc_t, acc_t_hi
-
-
-@triton.jit
 def _outlier_segment(
     m, den, acc, q, starts_ptr,
     ok_bh, s_ok_n, s_ok_o, s_ok_d, ov_bh, s_ov_n, s_ov_o, s_ov_d, oi_bh, s_oi_n, s_oi_o,
@@ -707,7 +632,7 @@ def spectral_decode_split_kernel(
     KEY_OFFSETS: tl.constexpr, BLOCK_PARTS: tl.constexpr, PART_T: tl.constexpr,
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
-    KEY_RAW: tl.constexpr = False, TRANS_TILE: tl.constexpr = False,
+    KEY_RAW: tl.constexpr = False,
 ):  # fmt: skip
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
@@ -845,13 +770,6 @@ def spectral_decode_split_kernel(
             else:
                 qb = q_lo
                 qb_hi = q_hi
-            if TRANS_TILE:
-                # tokens as the dots' rows (_cold_tile_t): transposed state, put back after the loop
-                den_t = tl.zeros((BLOCK_T, R_P), dtype=tl.float32)
-                acc_t = tl.zeros((D_P // 2, R_P), dtype=tl.float32)
-                acc_t_hi = tl.zeros((D_P // 2, R_P), dtype=tl.float32)
-                qb_t = tl.trans(qb)
-                qb_t_hi = tl.trans(qb_hi)
             for i in tl.range(0, n_tiles):
                 n = n_lo + i // FLAT_TILES
                 t0 = (i % FLAT_TILES) * BLOCK_T
@@ -896,34 +814,17 @@ def spectral_decode_split_kernel(
                             qz = tl.zeros((R_P,), dtype=tl.float32)
                         if KEY_RAW:
                             qz = _raw_key_offset(qz, qb, qb_hi, kmax * scale)
-                        if TRANS_TILE:
-                            qb_t = tl.trans(qb)
-                            qb_t_hi = tl.trans(qb_hi)
-                if TRANS_TILE:
-                    m, den_t, acc_t, acc_t_hi = _cold_tile_t(
-                        m, den_t, acc_t, acc_t_hi, t0, qb_t, qb_t_hi, kmax, qz, owords, start, open_block,
-                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
-                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                        T, BLOCK_T, RK, RK_P, RV, RV_P, N_OUT, OUT_WORDS, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-                        KEY_CHANNEL, KEY_OFFSETS, I4_ASM, KEY_RAW,
-                    )  # fmt: skip
-                else:
-                    m, den, acc_lo, acc_hi, lat = _cold_tile(
-                        m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
-                        start, open_block,
-                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
-                        freq, is_rot, partner, sign,
-                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
-                    )  # fmt: skip
-            if TRANS_TILE:
-                acc_lo = tl.trans(acc_t)
-                acc_hi = tl.trans(acc_t_hi)
-                den = tl.trans(den_t)
+                m, den, acc_lo, acc_hi, lat = _cold_tile(
+                    m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
+                    start, open_block,
+                    kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                    vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                    freq, is_rot, partner, sign,
+                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                    T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                    VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                    INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
+                )  # fmt: skip
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
                 start = tl.load(starts_ptr + n).to(tl.int32)
