@@ -870,6 +870,35 @@ def test_launch_arguments_fit_the_kernel_signatures(kw: dict) -> None:
                 assert type(value) in (int, float), (name, pname, type(value))
 
 
+def test_pipelined_block_loop_that_does_not_fit_falls_back_to_the_tile_loop(monkeypatch) -> None:
+    """The automatic ``block_stages`` 2 (since stop 20 also for the low-rank layouts) holds two blocks'
+    tiles in shared memory; where that does not fit, the launch retries with the run-time tile loop
+    (the stop-19 plan for these layouts) instead of refusing the layout; a caller's choice stands."""
+    from spectralcache.attention.triton import decode as decode_mod
+
+    class OutOfResources(Exception):
+        pass
+
+    real = decode_mod._SPLIT
+    tried = []
+
+    def two_stage_too_big(grid, args, constexprs, options):
+        tried.append(constexprs["BLOCK_STAGES"])
+        if constexprs["BLOCK_STAGES"]:
+            raise OutOfResources("out of resource: shared memory, Required: 300000, Hardware limit: 232448")
+        return real(grid, args, constexprs, options)
+
+    monkeypatch.setattr(decode_mod, "_SPLIT", two_stage_too_big)
+    monkeypatch.setattr(decode_mod, "_DOES_NOT_FIT", set())
+    state = random_state(device=DEVICE, seed=next(_seed), head_dim=32, block_size=32, blocks=4, key_bits=8)
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    out = decode_attention(query, state, block_t=16)
+    assert tried == [2, 0]
+    _assert_rel(out, spectral_attention(query, state))
+    with pytest.raises(decode_mod.KernelDoesNotFit):
+        decode_attention(query, state, block_t=16, block_stages=2)  # asked for: not replaced
+
+
 def test_layout_that_does_not_fit_on_chip_is_refused_once_compiled_then_at_once(monkeypatch) -> None:
     """The H100 run of the lossless preset on real Gemma 3 (float32, rank = head_dim = 256) died in
     Triton's compile with OutOfResources (shared memory) at every decode step. Now the first
@@ -895,7 +924,9 @@ def test_layout_that_does_not_fit_on_chip_is_refused_once_compiled_then_at_once(
         decode_attention(query, state)
     with pytest.raises(decode_mod.KernelDoesNotFit, match="attention_backend='torch'"):
         decode_attention(query, state)
-    assert len(calls) == 1  # the second call was refused without compiling
+    # one compile each for the automatic plan's pipelined block loop (one-tile blocks) and the run-time
+    # tile loop it falls back to; the second call was refused without compiling
+    assert len(calls) == 2
     # a forced triton backend surfaces the clear error; the torch backend answers
     with pytest.raises(ValueError, match="does not fit"):
         dispatch.attend(query, state, None, None, None, backend="triton")

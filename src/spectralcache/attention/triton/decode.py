@@ -762,6 +762,7 @@ def decode_attention(
     split_k, split_v = _nibble_split(
         nibble_split, kbits, vbits, key_identity, value_identity, pre_rope, head_dim
     )
+    auto_stages = block_stages is None
     if block_stages is None:
         block_stages = _auto_block_stages(split_k and split_v, t, block_t)
     n_bh = bsz * n_kv
@@ -850,11 +851,13 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    flat = _flat_tiles(flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages)
-    num_stages = _auto_num_stages(num_stages, flat, blocks_per_split * -(-t // block_t))
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
-    options = _options(num_warps, num_stages, maxnreg if query.is_cuda else None)
     while True:
+        flat = _flat_tiles(
+            flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages
+        )
+        stages = _auto_num_stages(num_stages, flat, blocks_per_split * -(-t // block_t))
+        options = _options(num_warps, stages, maxnreg if query.is_cuda else None)
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
             pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
@@ -869,6 +872,11 @@ def decode_attention(
             _launch_split((n_bh, n_splits), args, constexprs, options, device)
             break
         except KernelDoesNotFit:
+            if auto_stages and block_stages:
+                # the automatic pipelined block loop keeps two blocks' tiles in shared memory (since
+                # stop 20 also for the low-rank layouts): fall back to the run-time tile loop first
+                block_stages = 0
+                continue
             # the token tile is the one size chosen here: halve it (down to 64) before refusing, so
             # layouts like identity int4 values at head_dim 256 in float32 (270-289 KB of shared
             # memory at 256-token tiles on an H100) still run on the kernel; a caller's block_t stands
