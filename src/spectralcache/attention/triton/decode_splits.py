@@ -172,8 +172,7 @@ sub.f16x2 $1, $1, m;
 # $4 are spread into two words [b0, 0, b1, 0] and [b2, 0, b3, 0] (prmt); each nibble n, masked into
 # the mantissa of 0x6400 with its sign bit flipped (^ 8), is the float16 1024 + (n + 8) exactly, and
 # one float16x2 subtraction of 1032 leaves n. $0 $1: low nibbles of b0..b3, $2 $3: high nibbles.
-_I4_F16_ASM = tl.constexpr("""
-{
+_I4_F16_SPREAD = """
 .reg .b32 t, u, m, e;
 mov.b32 m, 0x000F000F;
 mov.b32 e, 0x64086408;
@@ -185,30 +184,14 @@ shr.u32 t, t, 4;
 shr.u32 u, u, 4;
 lop3.b32 $2, t, m, e, 0x6a;
 lop3.b32 $3, u, m, e, 0x6a;
-sub.f16x2 $0, $0, e;
-sub.f16x2 $1, $1, e;
-sub.f16x2 $2, $2, e;
-sub.f16x2 $3, $3, e;
-}
-""")
-
-
+"""
+_I4_F16_ASM = tl.constexpr(
+    "{"
+    + _I4_F16_SPREAD
+    + "sub.f16x2 $0, $0, e;\nsub.f16x2 $1, $1, e;\nsub.f16x2 $2, $2, e;\nsub.f16x2 $3, $3, e;\n}"
+)
 # the same without the four subtractions: each nibble n comes back as the float16 1032 + n (KEY_RAW)
-_I4_F16_RAW_ASM = tl.constexpr("""
-{
-.reg .b32 t, u, m, e;
-mov.b32 m, 0x000F000F;
-mov.b32 e, 0x64086408;
-prmt.b32 t, $4, 0, 0x4140;
-prmt.b32 u, $4, 0, 0x4342;
-lop3.b32 $0, t, m, e, 0x6a;
-lop3.b32 $1, u, m, e, 0x6a;
-shr.u32 t, t, 4;
-shr.u32 u, u, 4;
-lop3.b32 $2, t, m, e, 0x6a;
-lop3.b32 $3, u, m, e, 0x6a;
-}
-""")
+_I4_F16_RAW_ASM = tl.constexpr("{" + _I4_F16_SPREAD + "}")
 # the offset RAW nibbles carry: the float16 1032 + n stands for n
 _I4_RAW_OFFSET = tl.constexpr(1032.0)
 
