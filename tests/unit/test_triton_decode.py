@@ -319,9 +319,9 @@ def test_nibble_split_rule_and_launch() -> None:
         assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"]
         assert (seen["BLOCK_STAGES"], seen["FLAT"]) == (stages, flat)
         _assert_rel(out, spectral_attention(query, state))
-    assert dec._auto_block_stages(True, 512, 64) == 0 and dec._auto_block_stages(True, 128, 64) == 2
+    assert dec._auto_block_stages(512, 64) == 0 and dec._auto_block_stages(128, 64) == 2
     # stop 20: the low-rank layouts (512-token blocks in 256-token tiles) pipeline their block loop too
-    assert dec._auto_block_stages(False, 512, 256) == 2 and dec._auto_block_stages(False, 512, 128) == 0
+    assert dec._auto_block_stages(512, 256) == 2 and dec._auto_block_stages(512, 128) == 0
 
 
 def test_stop20_plan_rules() -> None:

@@ -425,10 +425,10 @@ def _flat_tiles(
     return 1 if flat_tiles is None or flat_tiles is True else int(flat_tiles)
 
 
-def _auto_block_stages(split: bool, t: int, block_t: int) -> int:
+def _auto_block_stages(t: int, block_t: int) -> int:
     """``block_stages`` of the automatic plan: 2 (a block's tiles unrolled, the block loop pipelined
-    two stages deep) for layouts whose blocks hold at most two tiles, else 0 (a run-time tile loop).
-    (``split``, whether the layout reads nibble-split rows, no longer changes the choice: stop 20.)
+    two stages deep) for layouts whose blocks hold at most two tiles, else 0 (a run-time tile loop);
+    since stop 20 whether the layout reads nibble-split rows no longer matters.
 
     H200 stop 20 (``benchmarks/results/kernel_stop20/scan/``, low-rank layouts, 512-token blocks in
     256-token tiles, graph replay): ``lowrank`` 128K batch 1 0.0745 ms with 2 against 0.0839 without,
@@ -764,7 +764,7 @@ def decode_attention(
     )
     auto_stages = block_stages is None
     if block_stages is None:
-        block_stages = _auto_block_stages(split_k and split_v, t, block_t)
+        block_stages = _auto_block_stages(t, block_t)
     n_bh = bsz * n_kv
     n_exact = n_land + n_hot + n_chunk
     plan_blocks, plan_exact = n_blocks, n_exact
