@@ -218,39 +218,25 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def summaries(eval_dir: Path) -> list[dict]:
-    """One summary per (method, task file) found under ``eval_dir/predictions``."""
-    from spectralcache.eval.runner import summarize_file
-    from spectralcache.eval.tasks import stored_task_file
+    """One summary per (method, task file) found under ``eval_dir/predictions`` with at least
+    one answered sample."""
+    from spectralcache.eval.runner import task_summaries
 
-    rows = []
-    pred = eval_dir / "predictions"
-    if not pred.is_dir():
-        return rows
-    for method_dir in sorted(p for p in pred.iterdir() if p.is_dir()):
-        for f in sorted(method_dir.glob("*.jsonl")):
-            if not stored_task_file(eval_dir / "tasks" / f.name).exists():
-                continue
-            s = summarize_file(eval_dir, method_dir.name, f.stem)
-            if s["n"]:
-                rows.append(s)
-    return rows
+    return [s for s in task_summaries(eval_dir) if s["n"]]
 
 
 def paired_baseline(eval_dir: Path, method_slug: str, stem: str) -> PairedComparison | None:
     """This method against the baseline on exactly the samples both answered without error
-    (paired: the same prompts), or None when they share none."""
-    from spectralcache.eval.runner import latest_rows, predictions_path, read_rows
+    (paired: the same prompts, scored as the accuracy column scores them), or None when they
+    share none."""
+    from spectralcache.eval.runner import sample_scores
 
-    mine = latest_rows(read_rows(predictions_path(eval_dir, method_slug, stem)))
-    base = latest_rows(read_rows(predictions_path(eval_dir, "baseline", stem)))
-    both = [
-        sid
-        for sid, r in mine.items()
-        if r.get("error") is None and sid in base and base[sid].get("error") is None
-    ]
+    mine = sample_scores(eval_dir, method_slug, stem)
+    base = sample_scores(eval_dir, "baseline", stem)
+    both = [sid for sid in mine if sid in base]
     if not both:
         return None
-    return paired_comparison([mine[s]["score"] for s in both], [base[s]["score"] for s in both])
+    return paired_comparison([mine[s] for s in both], [base[s] for s in both])
 
 
 def _field(c: PairedComparison | None, name: str) -> float | None:

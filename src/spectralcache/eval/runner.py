@@ -507,27 +507,49 @@ def _stem_depth(stem: str) -> float | None:
     return int(last[1:]) / 100 if last.startswith("d") and last[1:].isdigit() else None
 
 
+def _rescore(samples: dict[str, dict], rows: dict[str, dict], where: str) -> dict[str, float]:
+    """``{id: score}`` of the rows answered without error, scored again from the task file's
+    answers (a row's own ``score`` field is not trusted: peers write theirs)."""
+    from spectralcache.eval.scoring import score_sample
+
+    scores = {}
+    for sid, r in rows.items():
+        if sid not in samples:
+            raise ValueError(f"{where}: prediction for unknown sample id {sid!r}")
+        if r.get("error") is None:
+            scores[sid] = float(score_sample(samples[sid], r["prediction"]))
+    return scores
+
+
+def sample_scores(out: Path, method_slug: str, stem: str) -> dict[str, float]:
+    """Each answered sample's score as :func:`summarize_file` counts it (re-scored from the task
+    file), by sample id: what a paired comparison of two methods reads."""
+    from spectralcache.eval.tasks import read_task_file
+
+    out = Path(out)
+    samples = {str(s["id"]): s for s in read_task_file(out / "tasks" / f"{stem}.jsonl")}
+    rows = latest_rows(read_rows(predictions_path(out, method_slug, stem)))
+    return _rescore(samples, rows, f"{method_slug}/{stem}")
+
+
 def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
     """Score (again, from the task file's answers) and summarize one predictions file."""
-    from spectralcache.eval.scoring import score
     from spectralcache.eval.tasks import read_task_file
 
     out = Path(out)
     samples = {str(s["id"]): s for s in read_task_file(out / "tasks" / f"{stem}.jsonl")}
     rows = latest_rows(read_rows(predictions_path(out, method_slug, stem)))
     base_rows = latest_rows(read_rows(predictions_path(out, "baseline", stem)))
+    scores = _rescore(samples, rows, f"{method_slug}/{stem}")
     scored, errors, ratios, ratios_full, agree = [], [], [], [], []
     kv, kv_full, base_kv, pre, dec, ntok = [], [], [], [], [], []
     method = None
     for sid, r in rows.items():
         method = r.get("method", method)
-        if sid not in samples:
-            raise ValueError(f"{method_slug}/{stem}: prediction for unknown sample id {sid!r}")
         if r.get("error") is not None:
             errors.append(r["error"])
             continue
-        s = samples[sid]
-        scored.append(float(score(s["metric"], r["prediction"], s["answers"])))
+        scored.append(scores[sid])
         b = base_rows.get(sid)
         if b is not None and b.get("error") is None:
             agree.append(float(r["prediction"].strip() == b["prediction"].strip()))
@@ -587,18 +609,25 @@ def summarize_file(out: Path, method_slug: str, stem: str) -> dict:
     return summary
 
 
-def summarize(out: Path) -> list[dict]:
-    """Summaries of every predictions file under ``out`` (ours and peers'), written to
-    ``summary.json`` and a markdown table ``summary.md``."""
+def task_summaries(out: Path) -> list[dict]:
+    """:func:`summarize_file` of every predictions file under ``out`` whose task file is there
+    (ours and peers'), by method folder then task file; nothing written but each file's summary."""
     from spectralcache.eval.tasks import stored_task_file
 
     out = Path(out)
-    summaries = []
-    pred_root = out / "predictions"
-    for mdir in sorted(p for p in pred_root.glob("*") if p.is_dir()):
-        for f in sorted(mdir.glob("*.jsonl")):
-            if stored_task_file(out / "tasks" / f.name).exists():
-                summaries.append(summarize_file(out, mdir.name, f.stem))
+    return [
+        summarize_file(out, mdir.name, f.stem)
+        for mdir in sorted(p for p in (out / "predictions").glob("*") if p.is_dir())
+        for f in sorted(mdir.glob("*.jsonl"))
+        if stored_task_file(out / "tasks" / f.name).exists()
+    ]
+
+
+def summarize(out: Path) -> list[dict]:
+    """Summaries of every predictions file under ``out`` (ours and peers'), written to
+    ``summary.json`` and a markdown table ``summary.md``."""
+    out = Path(out)
+    summaries = task_summaries(out)
     (out / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     (out / "summary.md").write_text(summary_table(summaries))
     return summaries
