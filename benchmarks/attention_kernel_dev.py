@@ -567,6 +567,11 @@ def section_roofline(res: dict, cells, presets, save=lambda: None) -> None:
             torch.cuda.empty_cache()
 
 
+def _cells(spec: str) -> list[tuple[int, int]]:
+    """``--variant-cells`` ``"CTXxBATCH,..."`` -> ``[(ctx, batch), ...]``."""
+    return [tuple(int(x) for x in c.split("x")) for c in spec.split(",")]
+
+
 def section_host(res: dict) -> None:
     """Host cost of one eager call, split (prep / split launch / combine launch, fast launcher vs
     Triton's path): benchmarks/decode_host_overhead.py's ``launch`` section, stored under ``host``."""
@@ -666,17 +671,16 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "host":
                 section_host(res)
             elif name == "roofline":
-                cells = [
-                    tuple(int(x) for x in c.split("x")) for c in (args.variant_cells or "131072x1").split(",")
-                ]
-                section_roofline(res, cells, args.variant_presets.split(","), save)
+                section_roofline(
+                    res, _cells(args.variant_cells or "131072x1"), args.variant_presets.split(","), save
+                )
             elif name == "sass":
                 section_sass(res, _json_arg(args.sass_configs))
             elif name == "variants":
                 grid = {k: _grid_values(getattr(args, "v_" + k)) for k in CONFIG_KEYS}
                 res["variant_grid"] = grid
                 if args.variant_cells:
-                    cells = [tuple(int(x) for x in c.split("x")) for c in args.variant_cells.split(",")]
+                    cells = _cells(args.variant_cells)
                 else:
                     cells = [(int(c), 1) for c in args.variant_contexts.split(",")]
                 section_variants(
