@@ -298,24 +298,15 @@ def test_nibble_split_rule_and_launch() -> None:
     assert rule(None, 8, 4, True, False, False, 128) == (False, False)  # int8 keys, low-rank values
     assert rule(None, 4, 4, False, True, False, 128) == (False, True)  # low-rank int4 keys
     assert rule(None, 4, 4, True, True, False, 16) == (False, False)  # 8-wide halves: no dot
-    seen: dict = {}
-    launch = dec._launch_split
-
-    def record(grid, args, constexprs, options, device):
-        seen.update(constexprs)
-        return launch(grid, args, constexprs, options, device)
-
     # blocks of 4 tiles: the flat tile loop (setup at each block's first tile); of 2 tiles: the tiles
     # unrolled and the block loop pipelined (block_stages 2), as the automatic plan picks on the H200
     for block_size, stages, flat in ((64, 0, 1), (32, 2, 0)):
         state = random_state(device=DEVICE, seed=next(_seed), head_dim=32, block_size=block_size, key_bits=4,
                              channel_keys=True, key_zero_point=True, identity_values=True)  # fmt: skip
         query = torch.randn(1, 4, 1, 32).to(DEVICE)
-        dec._launch_split = record
-        try:
-            out = decode_attention(query, state, block_t=16, blocks_per_split=2)
-        finally:
-            dec._launch_split = launch
+        out, seen = _record_launch(
+            lambda query=query, state=state: decode_attention(query, state, block_t=16, blocks_per_split=2)
+        )
         assert seen["SPLIT_K"] and seen["SPLIT_V"] and seen["DEFER_DEN"]
         assert (seen["BLOCK_STAGES"], seen["FLAT"]) == (stages, flat)
         _assert_rel(out, spectral_attention(query, state))
