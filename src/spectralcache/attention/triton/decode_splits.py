@@ -222,14 +222,11 @@ def _widen_int4(byte, I4_ASM: tl.constexpr, RAW: tl.constexpr):
     """Packed int4 bytes (any shape) -> their low / high nibbles as float16 (``n``, or ``1032 + n``
     with ``RAW``), as ``_load_int4_halves`` documents."""
     if I4_ASM and _COMPILED:
-        if RAW:
-            lo, hi = tl.inline_asm_elementwise(
-                _I4_F16_RAW_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-            )
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-            )
+        # one call; RAW (a constexpr) picks the asm string at compile time
+        lo, hi = tl.inline_asm_elementwise(
+            _I4_F16_RAW_ASM if RAW else _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16),
+            is_pure=True, pack=4,
+        )  # fmt: skip
     else:
         byte = byte.to(tl.int16)
         lo = ((byte & 15) ^ 0x6408).to(tl.float16, bitcast=True)
