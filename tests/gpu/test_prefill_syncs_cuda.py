@@ -48,13 +48,14 @@ def prefill_syncs(name: str, layers: int) -> tuple[list[str], list[str], object,
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_compressing_prefill_syncs_per_forward_not_per_layer(name: str) -> None:
     """Before cache/deferred.py: 4 syncs per compressing layer. Now: the same count at 2 and 6
-    layers, at most 2 more than DynamicCache's -- the read of the deferred checks, and one more
-    seen once per forward on the H100 for the tiny Llama only (in torch/cuda/__init__.py; not
-    traced yet: the assertion message carries the first sync's stack)."""
+    layers, at most 1 more than DynamicCache's -- the read of the deferred checks. (Until stop 21
+    the bound was 2: the extra one "in torch/cuda/__init__.py" was torch's once-per-process notice that
+    the sync debug mode is a prototype, which ``sync_sites`` no longer counts (H200, stop 21); the assertion message
+    carries the first sync's stack.)"""
     two, dynamic_two, model, prompt = prefill_syncs(name, 2)
     six, _, _, _ = prefill_syncs(name, 6)
     assert len(six) == len(two), (two, six)
-    assert len(two) <= len(dynamic_two) + 2, (two, dynamic_two, first_sync_stack(model, prompt))
+    assert len(two) <= len(dynamic_two) + 1, (two, dynamic_two, first_sync_stack(model, prompt))
 
 
 def first_sync_stack(model, prompt) -> str:
