@@ -58,13 +58,62 @@ PRESETS = {
     # the default's codecs in 128-token blocks with 2 outliers each (block_size=128, outliers_per_block=2:
     # the same outlier share, the candidate next default)
     "channel_zp_b128": (128, 128, 2, 4),
+    # stop 21 prototype: channel_zp with the value coefficient bytes stored tokens-contiguous ([.., nb,
+    # D/2, T] memory, seen through a transposed view as the [.., nb, T, D/2] tensor the cache holds): the
+    # kernel reads them through their strides, so the results are right; a storage change in cache/
+    # would be needed to get this layout in a model (value_tokens_contiguous)
+    "channel_zp_vt": (128, 128, 8, 4),
 }
 # random_state options beyond the ranks (identity / per-channel codecs, zero points)
 STATE_OPTIONS = {
     "channel": {"channel_keys": True, "identity_values": True},
     "channel_zp": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
     "channel_zp_b128": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
+    "channel_zp_vt": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
 }
+# presets whose value coefficient bytes are stored tokens-contiguous (value_tokens_contiguous)
+VALUE_T = {"channel_zp_vt"}
+
+
+def value_tokens_contiguous(state):
+    """``state`` with its cold value coefficients stored tokens-contiguous: the same [B, H, nb, T, w]
+    tensor (same values), its memory ordered [B, H, nb, w, T] (stop 21 prototype: the kernel's value
+    tile then reaches the mma B operand without single-byte shared-memory loads)."""
+    c = state.cold
+    if c is not None and c.value_coeffs is not None and c.value_coeffs.numel():
+        c.value_coeffs = c.value_coeffs.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return state
+
+
+# timing-only ablations (decode_splits._cold_tile ABLATE): bits of the tile work left out -- results wrong
+ABLATE_BITS = {"values": 1, "keys": 2, "outliers": 4, "softmax": 8}
+
+
+class ablate:
+    """Context manager: every split launch made inside runs with ``ABLATE = bits`` (timing only, the
+    results are wrong; decode_attention itself always launches with 0). Works by wrapping
+    ``decode._launch_split``, the one place the launch's constexprs pass through."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = int(bits)
+
+    def __enter__(self):
+        import spectralcache.attention.triton.decode as dec
+
+        self._dec, self._saved = dec, dec._launch_split
+        if self.bits:
+            saved = self._saved
+
+            def launch(grid, args, constexprs, options, device, bits=self.bits):
+                return saved(grid, args, {**constexprs, "ABLATE": bits}, options, device)
+
+            dec._launch_split = launch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._dec._launch_split = self._saved
+
+
 # block size of a preset's states (default 512, the presets' block_size)
 BLOCK_SIZES = {"channel_zp_b128": 128}
 
@@ -137,7 +186,9 @@ def check_modes(block_size: int = 128):
     return base, modes
 
 
-def section_check(res: dict, quick: bool = False, configs=({},), only=None, block_size: int = 128) -> None:
+def section_check(
+    res: dict, quick: bool = False, configs=({},), only=None, block_size: int = 128, value_t: bool = False
+) -> None:
     base, modes = check_modes(block_size)
     if only:  # --check-modes: these modes, quick or not
         unknown = set(only) - {m[0] for m in modes}
@@ -166,6 +217,8 @@ def section_check(res: dict, quick: bool = False, configs=({},), only=None, bloc
             kw = {**base, **over, "dtype": dtype, "device": "cuda", "seed": seed}
             try:
                 st = random_state(**kw)
+                if value_t:  # --check-value-t: value bytes stored tokens-contiguous
+                    st = value_tokens_contiguous(st)
                 b, h = kw["batch"], kw["kv_heads"]
                 g = torch.Generator().manual_seed(seed)
                 q = torch.randn(b, h * groups, q_len, kw["head_dim"], generator=g).to(dtype).cuda()
@@ -184,7 +237,8 @@ def section_check(res: dict, quick: bool = False, configs=({},), only=None, bloc
                 ref = spectral_attention(q, st, mask, softcap=softcap)
                 err = rel(out, ref)
                 ok = bool(torch.isfinite(out).all()) and err < bar
-                rows.append({"mode": name, "config": cfg, "dtype": str(dtype), "rel_err": err, "ok": ok})
+                rows.append({"mode": name, "config": cfg, "dtype": str(dtype), "rel_err": err, "ok": ok,
+                             "value_t": value_t})  # fmt: skip
             except Exception as exc:  # report and go on: one failing mode must not hide the others
                 rows.append({"mode": name, "config": cfg, "dtype": str(dtype), "error": repr(exc)[:500],
                              "ok": False})  # fmt: skip
@@ -200,17 +254,18 @@ def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: i
     t, lm = BLOCK_SIZES.get(preset, 512), 16
     nb = (ctx - lm - 64) // t
     hot = ctx - lm - nb * t
-    return random_state(batch=batch, kv_heads=8, head_dim=128, landmarks=lm, block_size=t, blocks=nb,
+    st = random_state(batch=batch, kv_heads=8, head_dim=128, landmarks=lm, block_size=t, blocks=nb,
                         outliers=o, hot=hot, chunk=1, rank_keys=rk, rank_values=rv, key_bits=bits,
                         dtype=torch.bfloat16, basis_dtype=torch.bfloat16, spare_capacity=0,
                         device=device, seed=seed, **STATE_OPTIONS.get(preset, {}))  # fmt: skip
+    return value_tokens_contiguous(st) if preset in VALUE_T else st
 
 
 CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
     "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
-    "flat_tiles", "key_raw",
+    "flat_tiles", "key_raw", "outlier_cols", "ablate",
 )  # fmt: skip
 
 
@@ -218,6 +273,8 @@ def best_configs(res: dict) -> dict:
     """Per preset, the launch config with the lowest summed time over the variant contexts."""
     by: dict = {}
     for r in res.get("variants", []):
+        if r.get("ablate"):  # timing-only rows (results wrong) never choose a config
+            continue
         cfg = tuple(r[k] for k in CONFIG_KEYS)
         by.setdefault(r["preset"], {}).setdefault(cfg, []).append(r["ms_graph"])
     best = {}
@@ -250,7 +307,7 @@ def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None
                 build_s = time.time() - t0
                 nbytes = state_bytes(st)
                 out = torch.empty_like(q)
-                cfg = configs.get(preset, {})
+                cfg = {k: v for k, v in configs.get(preset, {}).items() if k != "ablate"}
                 ms = bench(lambda st=st, out=out, q=q, cfg=cfg: decode_attention(q, st, out=out, **cfg))
                 try:
                     ms_graph = bench(
@@ -305,6 +362,7 @@ def section_variants(res: dict, cells, grid: dict, extra: list, save=lambda: Non
     ``time`` section's); each config's output is compared with the default launch's (``rel_vs_default``)."""
     import torch.nn.functional as F
 
+    grid = {**grid, "ablate": grid.get("ablate", [None])}
     configs = [dict(zip(CONFIG_KEYS, v)) for v in itertools.product(*(grid[k] for k in CONFIG_KEYS))]
     configs += [{k: e.get(k, grid[k][0]) for k in CONFIG_KEYS} for e in extra]
     rows = res["variants"] = []  # saved after each row: a run cut short keeps what it measured
@@ -322,11 +380,15 @@ def section_variants(res: dict, cells, grid: dict, extra: list, save=lambda: Non
             ref = decode_attention(q, st).float()
             for cfg in configs:
                 try:
-                    fn = functools.partial(decode_attention, q, st, out=out, **cfg)
+                    # "ablate": timing-only bits of tile work left out (ABLATE_BITS; results wrong)
+                    bits = cfg.get("ablate") or 0
+                    launch_cfg = {k: v for k, v in cfg.items() if k != "ablate"}
+                    fn = functools.partial(decode_attention, q, st, out=out, **launch_cfg)
                     out.fill_(float("nan"))
-                    plan = launch_plan(fn)
-                    err = rel(out, ref)
-                    ms = bench(fn, graph=True)
+                    with ablate(bits):
+                        plan = launch_plan(fn)
+                        err = rel(out, ref)
+                        ms = bench(fn, graph=True)
                 except Exception as exc:
                     print("variant failed", cfg, repr(exc)[:300], flush=True)
                     continue
@@ -422,6 +484,7 @@ def _sass_facts(compiled, maxnreg) -> dict:
     ops: collections.Counter = collections.Counter()
     labels: dict = {}
     loops = []
+    full_ops: list = []  # (opcode with modifiers, branch target label or None) per instruction
     n = 0
     for line in sass.splitlines():
         if re.match(r"^\.L_x_\d+:", line):
@@ -434,17 +497,39 @@ def _sass_facts(compiled, maxnreg) -> dict:
         ops[op] += 1
         n += 1
         b = re.search(r"BRA\S* `\((\.L_x_\d+)\)", line)
+        full_ops.append((m.group(1), b.group(1) if b else None))
         if b and b.group(1) in labels:
             loops.append((labels[b.group(1)], n))
     hmma = [i for i, line in enumerate(x for x in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", x))
             if "HMMA" in line]  # fmt: skip
     inner = [(a, b) for a, b in loops if not any(a < c and d < b for c, d in loops)]
     loop_facts = sorted(((b - a, sum(a <= i < b for i in hmma)) for a, b in inner), reverse=True)
+    tile = _tile_loop_facts(full_ops, labels, inner, hmma)
     return {
         "registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None,
         "shared_bytes": compiled.metadata.shared, "sass_instructions": n,
         "innermost_loops": [{"instructions": a, "hmma": h} for a, h in loop_facts[:4]],
-        "top_ops": dict(ops.most_common(12)),
+        "top_ops": dict(ops.most_common(12)), "tile_loop": tile,
+    }  # fmt: skip
+
+
+def _tile_loop_facts(full_ops: list, labels: dict, inner: list, hmma: list) -> dict:
+    """The tile loop (the innermost loop with the most HMMAs) without its longest forward-skipped
+    region (the flat loop's once-per-block setup branch): instructions a thread issues per steady-state
+    tile, barriers (BAR), tensor-core ops (HMMA), single-byte shared-memory loads (LDS.U8, the value
+    tile's B operand), register copies (IMAD.MOV: the padded query-row A operands)."""
+    if not inner:
+        return {}
+    a, b = max(inner, key=lambda ab: sum(ab[0] <= i < ab[1] for i in hmma))
+    skips = [(i + 1, labels[t]) for i in range(a, b) for t in [full_ops[i][1]]
+             if t in labels and i < labels[t] <= b]  # fmt: skip
+    lo, hi = max(skips, key=lambda s: s[1] - s[0]) if skips else (0, 0)
+    steady = [full_ops[i][0] for i in range(a, b) if not lo <= i < hi]
+    return {
+        "instructions": b - a, "setup_branch": hi - lo, "steady": len(steady),
+        "BAR": sum(o.startswith("BAR") for o in steady), "HMMA": sum(o.startswith("HMMA") for o in steady),
+        "LDS.U8": sum(o.startswith("LDS.U8") for o in steady),
+        "IMAD.MOV": sum(o.startswith("IMAD.MOV") for o in steady),
     }  # fmt: skip
 
 
@@ -459,7 +544,7 @@ def section_sass(res: dict, configs: list, ctx: int = 8192) -> None:
     rows = []
     for cfg in configs:
         preset = cfg.get("preset", "default")
-        launch = {k: v for k, v in cfg.items() if k != "preset"}
+        launch = {k: v for k, v in cfg.items() if k not in ("preset", "ablate")}
         st = llama_state(ctx, 1, preset, device="cpu")
         q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
         seen: dict = {}
@@ -478,12 +563,16 @@ def section_sass(res: dict, configs: list, ctx: int = 8192) -> None:
             maxnreg = 128 if PRESETS[preset][3] == 4 else None
         if maxnreg:
             options["maxnreg"] = maxnreg  # decode_attention leaves the cap out for CPU tensors
-        compiled = _compile_sm90(dec.spectral_decode_split_kernel, seen["args"], seen["constexprs"], options)
+        constexprs = {**seen["constexprs"], **({"ABLATE": cfg["ablate"]} if cfg.get("ablate") else {})}
+        compiled = _compile_sm90(dec.spectral_decode_split_kernel, seen["args"], constexprs, options)
         row = {"config": cfg, **_sass_facts(compiled, maxnreg)}
         rows.append(row)
         loops = ", ".join(f"{x['instructions']} ({x['hmma']} HMMA)" for x in row["innermost_loops"][:2])
+        tl_ = row["tile_loop"]
         print(f"sass {cfg}: {row['registers']} registers, spills {row['spill_bytes']} B, shared "
-              f"{row['shared_bytes']} B, {row['sass_instructions']} instructions; innermost loops {loops}",
+              f"{row['shared_bytes']} B, {row['sass_instructions']} instructions; innermost loops {loops}; "
+              f"tile loop steady state {tl_.get('steady')} instructions (setup branch {tl_.get('setup_branch')}), "
+              f"BAR {tl_.get('BAR')} HMMA {tl_.get('HMMA')} LDS.U8 {tl_.get('LDS.U8')} IMAD.MOV {tl_.get('IMAD.MOV')}",
               flush=True)  # fmt: skip
     res["sass"] = rows
 
@@ -635,12 +724,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-flat-tiles", default="none")
     # stop 20: raw key nibbles (offset removed per block; off by default)
     p.add_argument("--v-key-raw", default="none")
+    # stop 21: the flat loop's outlier mask per tile column (none: automatic)
+    p.add_argument("--v-outlier-cols", default="none")
+    # stop 21: timing-only ablations (a bit set, ABLATE_BITS; none / 0: off). Results are wrong.
+    p.add_argument("--v-ablate", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"
     )
     p.add_argument("--check-modes", default="", help="comma list of check mode names (default: all / quick)")
     p.add_argument("--check-block-size", type=int, default=128, help="block size of the check states")
+    p.add_argument(
+        "--check-value-t",
+        action="store_true",
+        help="check states with their value bytes stored tokens-contiguous (value_tokens_contiguous)",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -663,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name in ("check", "quickcheck"):
                 section_check(res, quick=name == "quickcheck", configs=_json_arg(args.check_configs),
                               only=[m for m in args.check_modes.split(",") if m],
-                              block_size=args.check_block_size)  # fmt: skip
+                              block_size=args.check_block_size, value_t=args.check_value_t)  # fmt: skip
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
                              [int(b) for b in args.batches.split(",")], not args.no_ref, save,

@@ -123,8 +123,8 @@ def _split_constexprs(
     has_mask: bool, mask_bool: bool, has_softcap: bool, has_chunk: bool, f32: bool, sizes_on_device: bool,
     block_stages: int, out_split: bool, dequant_asm: bool, min_rows: int, kc_t: int, vc_t: int,
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
-    block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: bool = False,
-    defer_den: bool = False, flat: int = 0, key_raw: bool = False,
+    block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
+    defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -142,8 +142,10 @@ def _split_constexprs(
         OUT_SPLIT=out_split, DQ_ASM=dequant_asm, KC_T=kc_t, VC_T=vc_t, KEY_CHANNEL=key_channel,
         INT4_BYTES_K=kbits == 4 and 0 < int4_bytes <= rk_p, INT4_BYTES_V=vbits == 4 and 0 < int4_bytes <= rv_p,
         KEY_OFFSETS=key_offsets, BLOCK_PARTS=block_parts, PART_T=_part_tokens(t, block_t, block_parts),
-        SPLIT_K=split_k, SPLIT_V=split_v, I4_ASM=int4_asm and 4 in (kbits, vbits), DEFER_DEN=defer_den,
-        FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw,
+        SPLIT_K=split_k, SPLIT_V=split_v, I4_ASM=int4_asm if 4 in (kbits, vbits) else 0, DEFER_DEN=defer_den,
+        FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw, OUT_COLS=out_cols,
+        # timing-only ablations of the tile work (decode_splits._cold_tile): never on here
+        ABLATE=0,
     )  # fmt: skip
 
 
@@ -381,6 +383,19 @@ def _key_scale_args(
     return (*full[:4], full[5]) if per_channel else full[:5]
 
 
+def _int4_asm_form(int4_asm: bool | int | None) -> int:
+    """PTX widening of packed int4 (``decode_splits`` I4_ASM): 0 off, 1 the stop-19 form (two byte
+    permutes, four logic ops, two shifts, four float16x2 subtractions per four bytes), 2 the paired form
+    (one permute, one shift, four logic ops, two subtractions, two float16x2 FMAs). None / True: the
+    automatic form (2; never on ROCm), False / 0: off; 1 / 2 as given."""
+    if int4_asm is None or int4_asm is True:
+        return 2 if _use_asm(None) else 0
+    form = int(int4_asm)
+    if form not in (0, 1, 2):
+        raise ValueError(f"int4_asm must be None, a bool, 1 or 2, got {int4_asm!r}")
+    return form
+
+
 def _use_asm(dequant_asm: bool | None) -> bool:
     """Inline-PTX widening of int8 coefficients: on unless switched off; by default never on
     ROCm (no PTX there). Packed int4 is widened by tensor ops (``int4_bytes``, decode_splits)."""
@@ -479,6 +494,17 @@ def _key_raw(key_raw: bool | None, split_k: bool, key_channel: bool, f32: bool) 
     if not key_raw:
         return False
     return split_k and key_channel and not f32
+
+
+def _outlier_cols(outlier_cols: bool | None, flat: int, n_out: int, t: int, block_t: int) -> bool:
+    """The block's outlier mask as one int32 per tile column (``decode_splits`` OUT_COLS: bit k of
+    column c <=> token ``k·block_t + c``), so a tile tests its tokens with one shift instead of gathering
+    its two mask words through shared memory (a store, a barrier and a load per tile). Applies to the
+    flat tile loop (the default preset's layout) with outliers and at most 31 tiles a block; None / True:
+    on where it applies, False: off."""
+    if outlier_cols is not None and not outlier_cols:
+        return False
+    return bool(flat) and n_out > 0 and -(-t // block_t) <= 31
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
@@ -599,10 +625,11 @@ def decode_attention(
     int4_pad: bool = True,
     int4_row_stride: bool | None = None,
     nibble_split: bool | str | None = None,
-    int4_asm: bool | None = None,
+    int4_asm: bool | int | None = None,
     defer_den: bool | None = None,
     flat_tiles: int | None = None,
     key_raw: bool | None = None,
+    outlier_cols: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -643,11 +670,14 @@ def decode_attention(
     channel keys and per-token values -- read as low / high nibble tiles that meet the query's /
     output's even / odd columns in separate dots, no interleave in the tile loop; None / True: on where
     it applies (:func:`_nibble_split`), "keys": keys only, False: off), ``int4_asm`` (packed int4
-    widened by one PTX block per four bytes on CUDA; None: on except on ROCm) and ``defer_den`` (the
+    widened by one PTX block per four bytes on CUDA; None: on except on ROCm, in the form
+    :func:`_int4_asm_form` picks; 1 / 2 name a form) and ``defer_den`` (the
     softmax denominator kept per tile column and summed once per program; None: on), ``flat_tiles``
     (one pipelined tile loop across a program's blocks for those nibble-split layouts: 1 / 2 / 0,
     None: automatic, :func:`_flat_tiles`), ``key_raw`` (True: per-channel int4 key nibbles scored
-    without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured).
+    without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured),
+    ``outlier_cols`` (the flat loop's outlier mask kept per tile column, :func:`_outlier_cols`; None:
+    automatic, False: off).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -865,8 +895,9 @@ def decode_attention(
             1 if min_rows is None else min_rows,
             kc_t if kbits != 4 or row_stride else 0, vc_t if vbits != 4 or row_stride else 0,
             key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
-            _use_asm(int4_asm), defer_den is None or bool(defer_den),
+            _int4_asm_form(int4_asm), defer_den is None or bool(defer_den),
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
+            _outlier_cols(outlier_cols, flat, n_out, t, block_t),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

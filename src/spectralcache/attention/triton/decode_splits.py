@@ -192,6 +192,35 @@ _I4_F16_ASM = tl.constexpr(
 )
 # the same without the four subtractions: each nibble n comes back as the float16 1032 + n (KEY_RAW)
 _I4_F16_RAW_ASM = tl.constexpr("{" + _I4_F16_SPREAD + "}")
+# the same widening in fewer instructions (I4_ASM 2, stop 21): one byte permute puts b0 / b1 in the low
+# bytes of the two 16-bit halves and b2 / b3 (after one shift) there too, so each 3-input logic op widens
+# two nibbles straight into their float16x2 output: low nibbles under mask 0x000F give 1024 + (n ^ 8) as
+# above; high nibbles stay in bits 4-7 (mask 0x00F0, sign flip 0x80), the float16 1024 + 16·(n ^ 8), and
+# one float16x2 FMA by 1/16 and -72 leaves n (every step exact). 10 instructions per four bytes (was 12)
+_I4_F16_PAIR = """
+.reg .b32 t, u, m, n, e, f, s, c;
+mov.b32 m, 0x000F000F;
+mov.b32 n, 0x00F000F0;
+mov.b32 e, 0x64086408;
+mov.b32 f, 0x64806480;
+mov.b32 s, 0x2C002C00;
+prmt.b32 t, $4, 0, 0x3120;
+shr.u32 u, t, 8;
+lop3.b32 $0, t, m, e, 0x6a;
+lop3.b32 $1, u, m, e, 0x6a;
+lop3.b32 $2, t, n, f, 0x6a;
+lop3.b32 $3, u, n, f, 0x6a;
+"""
+# c: -72 (0xD480) -- n; RAW: 960 (0x6380) -- 1032 + n, as the low nibbles are left
+_I4_F16_PAIR_ASM = tl.constexpr(
+    "{"
+    + _I4_F16_PAIR
+    + "mov.b32 c, 0xD480D480;\nsub.f16x2 $0, $0, e;\nsub.f16x2 $1, $1, e;\n"
+    + "fma.rn.f16x2 $2, $2, s, c;\nfma.rn.f16x2 $3, $3, s, c;\n}"
+)
+_I4_F16_PAIR_RAW_ASM = tl.constexpr(
+    "{" + _I4_F16_PAIR + "mov.b32 c, 0x63806380;\nfma.rn.f16x2 $2, $2, s, c;\nfma.rn.f16x2 $3, $3, s, c;\n}"
+)
 # the offset RAW nibbles carry: the float16 1032 + n stands for n
 _I4_RAW_OFFSET = tl.constexpr(1032.0)
 
@@ -207,7 +236,8 @@ def _load_int4_halves(
     Nibble-split scoring: consumers pair ``lo`` / ``hi`` with the even / odd columns of the other
     operand (the query, the value accumulator) instead of interleaving the nibbles back into column
     order on chip. ``I4_ASM`` (compiled CUDA only): the widening as one PTX block per four bytes
-    (byte permutes, 3-input logic ops, float16x2 subtractions); otherwise the same arithmetic as
+    (1: byte permutes, 3-input logic ops, float16x2 subtractions; 2: the paired form, one permute and
+    float16x2 FMAs for the high nibbles); otherwise the same arithmetic as
     tensor ops (``_load_coeffs``' int4 path). ``RAW``: the widened values are left as the float16
     ``1032 + n`` (no subtraction; padded and masked entries read 1032): the caller removes
     ``1032 · Σ other operand`` once per block (KEY_RAW)."""
@@ -222,10 +252,12 @@ def _widen_int4(byte, I4_ASM: tl.constexpr, RAW: tl.constexpr):
     """Packed int4 bytes (any shape) -> their low / high nibbles as float16 (``n``, or ``1032 + n``
     with ``RAW``), as ``_load_int4_halves`` documents."""
     if I4_ASM and _COMPILED:
-        # one call; RAW (a constexpr) picks the asm string at compile time
+        # one call; the constexprs pick the asm string at compile time (I4_ASM 1: the stop-19 spread,
+        # 2: the paired form)
         lo, hi = tl.inline_asm_elementwise(
-            _I4_F16_RAW_ASM if RAW else _I4_F16_ASM, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16),
-            is_pure=True, pack=4,
+            (_I4_F16_PAIR_RAW_ASM if RAW else _I4_F16_PAIR_ASM) if I4_ASM == 2 else
+            (_I4_F16_RAW_ASM if RAW else _I4_F16_ASM),
+            "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
         )  # fmt: skip
     else:
         byte = byte.to(tl.int16)
@@ -257,6 +289,17 @@ def _outlier_words(oidx, o_ok, OUT_WORDS: tl.constexpr):
         tl.where(o_word[:, None] == tl.arange(0, OUT_WORDS)[None, :], (1 << (o_idx % 32))[:, None], 0),
         axis=0,
     )
+
+
+@triton.jit
+def _outlier_cols(oidx, o_ok, BLOCK_T: tl.constexpr):
+    """A block's outlier rows ``oidx`` (valid where ``o_ok``) as one int32 per tile column [BLOCK_T]:
+    bit k of column c <=> row ``k·BLOCK_T + c`` (the block holds at most 31 tiles). A tile then tests
+    its tokens with one shift of this mask (OUT_COLS); the indices are distinct, so the sum of their bits
+    is their OR."""
+    o_idx = tl.where(o_ok, oidx, 0)
+    hit = o_ok[:, None] & ((o_idx % BLOCK_T)[:, None] == tl.arange(0, BLOCK_T)[None, :])
+    return tl.sum(tl.where(hit, (1 << (o_idx // BLOCK_T))[:, None], 0), axis=0)
 
 
 @triton.jit
@@ -382,7 +425,8 @@ def _cold_tile(
     PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
     INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
-    I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, KEY_RAW: tl.constexpr = False,
+    I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False,
+    ABLATE: tl.constexpr = 0,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
 
@@ -396,10 +440,24 @@ def _cold_tile(
     the even / odd columns of the query (with the channel scales folded in under KEY_CHANNEL) and meet
     the low / high nibbles of the key rows (``_load_int4_halves``) in two dots; SPLIT_V -- ``acc`` /
     ``acc_hi`` [R_P, D_P/2] hold the even / odd output columns, fed by the value rows' low / high
-    nibbles. No interleaving of nibbles back into column order inside the tile loop."""
+    nibbles. No interleaving of nibbles back into column order inside the tile loop.
+
+    OUT_COLS: ``owords`` is the block's outlier mask per tile column ([BLOCK_T] int32, bit k of column
+    c <=> token ``k·BLOCK_T + c``, :func:`_outlier_cols`), ``t0`` a multiple of BLOCK_T: the tile's bits
+    are one shift away (no gather through shared memory). Otherwise ``owords`` is the bit mask of
+    :func:`_outlier_words`.
+
+    ABLATE (timing only, results WRONG; never set by ``decode_attention``, only by the dev script's
+    ablation hook; the flat tile loop's nibble-split layout): a bit set of tile work left out -- 1 the
+    value side (loads, widening, dot), 2 the key bytes (loads and widening: the score dots multiply
+    zeros), 4 the outlier mask, 8 the softmax (no running max, no exponentials: ``p`` = the scores)."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
-    if SPLIT_K:
+    if ABLATE & 2:
+        # no key bytes read or widened: the score dots multiply zeros (their HMMAs stay)
+        klo = tl.zeros((BLOCK_T, RK_P // 2), dtype=tl.float16)
+        khi = tl.zeros((BLOCK_T, RK_P // 2), dtype=tl.float16)
+    elif SPLIT_K:
         klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM, KEY_RAW)
     else:
         ck = _load_coeffs(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, KEY_BITS, DQ_ASM, INT4_BYTES_K, I4_ASM)
@@ -433,7 +491,7 @@ def _cold_tile(
         sin = tl.where(is_rot[None, :], tl.sin(ang), 0.0)
         keys = keys * cos + keys_partner * sin
         s = _dot(q, tl.trans(keys), F32, tl.float16) * scale
-    elif SPLIT_K:
+    elif SPLIT_K or (ABLATE & 2):
         # even columns x low nibbles + odd columns x high nibbles (Triton folds the sum into one
         # accumulator)
         s = _dot(qb, tl.trans(klo), F32, tl.float16) + _dot(qb_hi, tl.trans(khi), F32, tl.float16)
@@ -457,12 +515,17 @@ def _cold_tile(
         if KEY_BITS != 16:
             s = s * kscale[None, :]
     s = _softcap(s, softcap, HAS_SOFTCAP)
-    if N_OUT > 0:
+    if N_OUT > 0 and not (ABLATE & 4):
         # low-rank rows of tokens kept exact are attended through the exact copy only
-        # bit t % 32 of word t // 32 of the block's outlier bit mask (built once per block): a
-        # [N_OUT, BLOCK_T] compare here was a fifth of the tile loop's instructions (SASS)
-        word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
-        is_out = ((word >> (tt % 32)) & 1) != 0
+        if OUT_COLS:
+            # bit t0 / BLOCK_T of each column's mask (built once per block)
+            is_out = ((owords >> (t0 // BLOCK_T)) & 1) != 0
+        else:
+            # bit t % 32 of word t // 32 of the block's outlier bit mask (built once per block): a
+            # [N_OUT, BLOCK_T] compare here was a fifth of the tile loop's instructions (SASS); the
+            # gather goes through shared memory (a store, a barrier and a load every tile)
+            word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
+            is_out = ((word >> (tt % 32)) & 1) != 0
         t_live = t_ok & (~is_out)
     else:
         t_live = t_ok
@@ -478,30 +541,39 @@ def _cold_tile(
             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
             q_first, tier_end, HAS_MASK, MASK_BOOL,
         )  # fmt: skip
-    m, alpha, p = _online_step(m, den, s)
+    if ABLATE & 8:
+        alpha = tl.full(m.shape, 1.0, tl.float32)
+        p = s
+    else:
+        m, alpha, p = _online_step(m, den, s)
     if DEFER_DEN:
         # den [R_P, BLOCK_T]: per-column partial sums, summed once after the blocks (no cross-warp
         # reduction per tile)
         den = den * alpha[:, None] + p
     else:
         den = den * alpha + tl.sum(p, axis=1)
-    if SPLIT_V:
-        vlo, vhi = _load_int4_halves(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
+    if ABLATE & 1:
+        acc = acc * alpha[:, None]
     else:
-        cv = _load_coeffs(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM)
-    if VALUE_BITS != 16:
-        vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
-        pv = p * vscale[None, :]
-    else:
-        pv = p
-    acc = acc * alpha[:, None]
-    if SPLIT_V:
-        acc += _dot(pv, vlo, F32, tl.float16)
-        acc_hi = acc_hi * alpha[:, None] + _dot(pv, vhi, F32, tl.float16)
-    elif VALUE_IDENTITY:
-        acc += _dot(pv, cv, F32, cv.dtype)
-    else:
-        lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
+        if SPLIT_V:
+            vlo, vhi = _load_int4_halves(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
+        else:
+            cv = _load_coeffs(
+                vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM
+            )
+        if VALUE_BITS != 16:
+            vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+            pv = p * vscale[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None]
+        if SPLIT_V:
+            acc += _dot(pv, vlo, F32, tl.float16)
+            acc_hi = acc_hi * alpha[:, None] + _dot(pv, vhi, F32, tl.float16)
+        elif VALUE_IDENTITY:
+            acc += _dot(pv, cv, F32, cv.dtype)
+        else:
+            lat = lat * alpha[:, None] + _dot(pv, cv, F32, cv.dtype)
     return m, den, acc, acc_hi, lat
 
 
@@ -612,8 +684,10 @@ def spectral_decode_split_kernel(
     KEY_OFFSETS: tl.constexpr, BLOCK_PARTS: tl.constexpr, PART_T: tl.constexpr,
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
-    KEY_RAW: tl.constexpr = False,
+    KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
 ):  # fmt: skip
+    # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
+    # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
         # (programs past the live blocks / exact tokens find empty ranges and write empty partials)
@@ -739,7 +813,10 @@ def spectral_decode_split_kernel(
             n_tiles = tl.maximum(n_hi - n_lo, 0) * FLAT_TILES
             start = n_lo * 0
             open_block = start < 0
-            owords = tl.zeros((OUT_WORDS,), dtype=tl.int32)
+            if OUT_COLS:
+                owords = tl.zeros((BLOCK_T,), dtype=tl.int32)
+            else:
+                owords = tl.zeros((OUT_WORDS,), dtype=tl.int32)
             qz = tl.zeros((R_P,), dtype=tl.float32)
             kmax = tl.sum(tl.zeros((2,), dtype=tl.float32), axis=0) + 1.0
             if KEY_CHANNEL:
@@ -779,7 +856,10 @@ def spectral_decode_split_kernel(
                     start = start_n
                     open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
                     if N_OUT > 0:
-                        owords = _outlier_words(oidx, o_ok, OUT_WORDS)
+                        if OUT_COLS:
+                            owords = _outlier_cols(oidx, o_ok, BLOCK_T)
+                        else:
+                            owords = _outlier_words(oidx, o_ok, OUT_WORDS)
                     if KEY_CHANNEL:
                         # the channel scales over the largest, split into even / odd columns (the inverse of
                         # join + reshape), folded into the query halves
@@ -803,7 +883,7 @@ def spectral_decode_split_kernel(
                     mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                     T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                     VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                    INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
+                    INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, OUT_COLS, ABLATE,
                 )  # fmt: skip
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
