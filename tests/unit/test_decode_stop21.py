@@ -67,8 +67,8 @@ def _default_layout(dtype=torch.float32, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_outlier_cols_agree(dtype: torch.dtype) -> None:
-    """outlier_cols (on by default in the flat tile loop): the block's outlier rows as one bit per tile
-    per column. A bit of the wrong tile leaves an outlier's low-rank row in the softmax (it is then
+    """outlier_cols (the flat tile loop; automatic for programs of more than 32 tiles): the block's
+    outlier rows as one bit per tile per column. A bit of the wrong tile leaves an outlier's low-rank row in the softmax (it is then
     attended twice, once exactly) and masks a plain row: the output moves off the reference. The
     outlier rows are spread over every tile of the block (12 of 64 rows)."""
     state = _default_layout(dtype)
@@ -78,25 +78,48 @@ def test_outlier_cols_agree(dtype: torch.dtype) -> None:
     ref = spectral_attention(query, state)
     bar = 1e-5 if dtype == torch.float32 else 1e-2
     outs = {}
-    for cols in (None, False):
+    for cols in (True, False):
         outs[cols], seen = _launch(
             lambda cols=cols: decode_attention(
                 query, state, block_t=16, blocks_per_split=2, outlier_cols=cols
             )
         )
-        assert seen["FLAT"] == 1 and seen["OUT_COLS"] == (cols is None)
+        assert seen["FLAT"] == 1 and seen["OUT_COLS"] == cols
         assert _rel(outs[cols], ref) < bar
     # not the flat loop (blocks of two tiles: pipelined block loop): the option does not apply
-    _, seen = _launch(lambda: decode_attention(query, state, block_t=32, blocks_per_split=2))
+    _, seen = _launch(
+        lambda: decode_attention(query, state, block_t=32, blocks_per_split=2, outlier_cols=True)
+    )
     assert seen["FLAT"] == 0 and not seen["OUT_COLS"]
+    # automatic: only for programs of more than 32 tiles (here 9 blocks of 4 tiles in one program)
+    state = _default_layout(blocks=9)
+    _, seen = _launch(lambda: decode_attention(query, state, block_t=16, blocks_per_split=9))
+    assert seen["FLAT"] == 1 and seen["OUT_COLS"]
+    _, seen = _launch(lambda: decode_attention(query, state, block_t=16, blocks_per_split=8))
+    assert seen["FLAT"] == 1 and not seen["OUT_COLS"]
 
 
 def test_outlier_cols_rule() -> None:
-    assert dec._outlier_cols(None, 1, 8, 512, 64) and dec._outlier_cols(True, 1, 8, 512, 64)
-    assert not dec._outlier_cols(False, 1, 8, 512, 64)
-    assert not dec._outlier_cols(None, 0, 8, 512, 64)  # not the flat loop
-    assert not dec._outlier_cols(None, 1, 0, 512, 64)  # no outliers
-    assert dec._outlier_cols(None, 1, 8, 31 * 16, 16) and not dec._outlier_cols(None, 1, 8, 32 * 16, 16)
+    rule = dec._outlier_cols
+    assert rule(None, 1, 8, 512, 64, 256) and rule(True, 1, 8, 512, 64, 32)
+    assert not rule(None, 1, 8, 512, 64, 32)  # batch-1 cells: measured no faster
+    assert not rule(False, 1, 8, 512, 64, 256)
+    assert not rule(True, 0, 8, 512, 64, 256)  # not the flat loop
+    assert not rule(True, 1, 0, 512, 64, 256)  # no outliers
+    assert rule(True, 1, 8, 31 * 16, 16, 62) and not rule(True, 1, 8, 32 * 16, 16, 64)  # bits per column
+
+
+def test_programs_per_sm_rule() -> None:
+    """8 programs per SM for packed int4 low-rank layouts under the pipelined block loop when 4 would
+    leave at most 8 per (batch row, KV head) -- the aggressive preset at batch 8 on 132 SMs -- else 4;
+    a caller's value stands."""
+    rule = dec._auto_programs_per_sm
+    assert rule(None, 2, False, True, 64, 132) == 8  # aggressive, batch 8 x 8 KV heads
+    assert rule(None, 2, False, True, 8, 132) == 4  # batch 1: 66 programs per KV head
+    assert rule(None, 0, True, True, 64, 132) == 4  # default layout (nibble split, flat loop)
+    assert rule(None, 2, False, False, 64, 132) == 4  # int8 low-rank: not measured
+    assert rule(None, 0, False, True, 64, 132) == 4  # block loop not pipelined
+    assert rule(3, 2, False, True, 64, 132) == 3
 
 
 @pytest.mark.parametrize("layout", ["default", "lowrank"])

@@ -458,6 +458,23 @@ def _auto_block_stages(t: int, block_t: int) -> int:
     return 2 if -(-t // block_t) <= 2 else 0
 
 
+def _auto_programs_per_sm(
+    programs_per_sm: int | None, block_stages: int, nibble_split: bool, int4: bool, n_bh: int, sms: int
+) -> int:
+    """Resident programs per SM the cold tier is planned for: the caller's, else 4 -- or 8 for packed int4
+    low-rank layouts (read without the nibble split) under the pipelined block loop when 4 per SM would
+    leave at most 8 programs per (batch row, KV head) (the aggressive preset at batch 8).
+
+    H200 stop 21 (``benchmarks/results/kernel_stop21/``, aggressive, graph replay, same process): 128K
+    batch 8 0.2953 ms with 8 against 0.3183 (3.25x against 3.01x SDPA), 32K batch 8 0.0867 / 0.0894;
+    batch 1 (66 programs per KV head at 4) 0.0512 against 0.0493 -- so 4 there; the default layout
+    (nibble split) at batch 8 lost with 8 (128K 0.5335 against 0.5206, 32K 0.1403 / 0.1384)."""
+    if programs_per_sm is not None:
+        return int(programs_per_sm)
+    few = (4 * sms) // max(1, n_bh) <= 8
+    return 8 if block_stages and int4 and not nibble_split and few else 4
+
+
 def _auto_num_stages(num_stages: int | None, flat: int, tiles_per_program: int) -> int | None:
     """Software-pipelining depth of the launch: the caller's, or for the flat tile loop (the default
     preset's layout) 2 when a cold program reads at most 32 tiles, else Triton's default (3).
@@ -496,15 +513,25 @@ def _key_raw(key_raw: bool | None, split_k: bool, key_channel: bool, f32: bool) 
     return split_k and key_channel and not f32
 
 
-def _outlier_cols(outlier_cols: bool | None, flat: int, n_out: int, t: int, block_t: int) -> bool:
+def _outlier_cols(
+    outlier_cols: bool | None, flat: int, n_out: int, t: int, block_t: int, tiles_per_program: int
+) -> bool:
     """The block's outlier mask as one int32 per tile column (``decode_splits`` OUT_COLS: bit k of
     column c <=> token ``k·block_t + c``), so a tile tests its tokens with one shift instead of gathering
-    its two mask words through shared memory (a store, a barrier and a load per tile). Applies to the
-    flat tile loop (the default preset's layout) with outliers and at most 31 tiles a block; None / True:
-    on where it applies, False: off."""
+    its two mask words through shared memory (a store, a barrier and a load per tile; sm_90a: 7 -> 5
+    barriers a tile). Applies to the flat tile loop (the default preset's layout) with outliers and at
+    most 31 tiles a block. None: on where it applies and a cold program reads more than 32 tiles (the
+    deep-pipeline cells), True: on where it applies, False: off.
+
+    H200 stop 21 (``benchmarks/results/kernel_stop21/``, default layout, paired int4 widening, graph
+    replay, same process): 128K batch 8 (256 tiles a program) 0.5206-0.5219 ms with it against 0.5392,
+    32K batch 8 (64 tiles) 0.1384-0.1389 / 0.1403; batch 1 (<= 32 tiles, 2 pipeline stages) no gain --
+    128K 0.0762-0.0763 against 0.0745, 32K 0.0236-0.0239 / 0.0237."""
     if outlier_cols is not None and not outlier_cols:
         return False
-    return bool(flat) and n_out > 0 and -(-t // block_t) <= 31
+    if not (bool(flat) and n_out > 0 and -(-t // block_t) <= 31):
+        return False
+    return outlier_cols is not None or tiles_per_program > 32
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
@@ -616,7 +643,7 @@ def decode_attention(
     block_e: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    programs_per_sm: int = 4,
+    programs_per_sm: int | None = None,
     maxnreg: int | None = -1,
     block_stages: int | None = None,
     outlier_split: bool | None = None,
@@ -646,7 +673,8 @@ def decode_attention(
     coefficient width, None: no cap) override the launch plan
     (tests and tuning; by default the cold tier is cut into about ``programs_per_sm`` programs per
     multiprocessor, rounded down per (batch row, KV head), enough independent loads in flight to cover
-    memory latency; ``num_stages`` None: :func:`_auto_num_stages`). Kernel variants
+    memory latency; ``programs_per_sm`` None: :func:`_auto_programs_per_sm`; ``num_stages`` None:
+    :func:`_auto_num_stages`). Kernel variants
     (defaults from the v6 H100 runs, docs/kernel_notes.md; every setting computes the same
     function): ``min_rows`` (query-tile rows at least this, rounded to a power of two; default 1,
     16 = the v5 padding), ``int4_bytes`` (packed int4 coefficient tiles of at least this many
@@ -817,12 +845,14 @@ def decode_attention(
     want_splits = 0
     auto_split = blocks_per_split is None
     if blocks_per_split is None:
-        slots = (
-            programs_per_sm
-            * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            if query.is_cuda
-            else 2
-        )
+        if query.is_cuda:
+            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            per_sm = _auto_programs_per_sm(
+                programs_per_sm, block_stages, split_k or split_v, 4 in (kbits, vbits), n_bh, sms
+            )
+            slots = per_sm * sms
+        else:
+            slots = 2
         # as many cold programs per (batch row, KV head) as fit the resident slots, rounded down: at
         # batch 8 (64 pairs, 528 slots) rounding up gave 9 programs each -- 576, a second partial wave
         # -- and 8 measured 0.567 against 0.636 ms at 128K, 0.149 against 0.176 at 32K (H200 stop 20)
@@ -886,7 +916,8 @@ def decode_attention(
         flat = _flat_tiles(
             flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages
         )
-        stages = _auto_num_stages(num_stages, flat, blocks_per_split * -(-t // block_t))
+        tiles = blocks_per_split * -(-t // block_t)  # tiles a cold program reads
+        stages = _auto_num_stages(num_stages, flat, tiles)
         options = _options(num_warps, stages, maxnreg if query.is_cuda else None)
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
@@ -897,7 +928,7 @@ def decode_attention(
             key_channel, int(int4_bytes), bool(int4_pad), key_offsets, block_parts, split_k, split_v,
             _int4_asm_form(int4_asm), defer_den is None or bool(defer_den),
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
-            _outlier_cols(outlier_cols, flat, n_out, t, block_t),
+            _outlier_cols(outlier_cols, flat, n_out, t, block_t, tiles),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)
