@@ -251,3 +251,36 @@ def test_ablation_flags_are_private_and_timing_only() -> None:
     for bits in (1, 2, 4, 8):
         ablated, _ = _launch(call, bits)
         assert _rel(ablated, ref) > 1e-3, f"ABLATE {bits} left the answer unchanged"
+
+
+@pytest.mark.parametrize("flat_tiles", [1, 3])
+@pytest.mark.parametrize("blocks_per_split", [1, 2, 3])
+def test_flat_loop_setup_one_block_ahead_agrees(flat_tiles: int, blocks_per_split: int) -> None:
+    """flat_tiles 3: each block's setup data (start, outlier rows, channel scales, zero points) is loaded
+    at the previous block's first tile. A block that took its neighbour's scales, zero points or outlier
+    rows, or a program past the last block that read out of bounds, changes the answer (5 blocks: the
+    last program holds fewer blocks than the others)."""
+    state = _default_layout(blocks=5)
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    out, seen = _launch(
+        lambda: decode_attention(
+            query, state, block_t=16, blocks_per_split=blocks_per_split, flat_tiles=flat_tiles
+        )
+    )
+    assert seen["FLAT"] == flat_tiles
+    assert _rel(out, spectral_attention(query, state)) < 1e-5
+
+
+def test_flat_loop_setup_one_block_ahead_with_graph_capacity() -> None:
+    """flat_tiles 3 under CUDA-graph sizing: the grid covers twice the live blocks, so programs past
+    them find an empty block range (their one-block-ahead loads are masked off)."""
+    from spectralcache.attention.triton.graph import DecodeGraphSizes
+
+    state = _default_layout(blocks=3)
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    sizes = DecodeGraphSizes(state, q_len=1)
+    sizes.update(state)
+    kw = {**sizes.launch_kwargs(), "capacity_blocks": 6}
+    out = torch.full_like(query, float("nan"))
+    decode_attention(query, state, out=out, block_t=16, blocks_per_split=1, flat_tiles=3, **kw)
+    assert _rel(out, spectral_attention(query, state)) < 1e-5

@@ -425,8 +425,9 @@ def _flat_tiles(
 ) -> int:  # fmt: skip
     """One pipelined loop over a program's tiles across its blocks (``decode_splits`` FLAT) for
     nibble-split identity keys and values (post-RoPE), outliers in programs of their own (or none),
-    whole blocks, a run-time tile loop: 0 (off), 1 (a block's setup data read at its first tile) or 2
-    (read at every tile, so that it is prefetched with the tiles). ``flat_tiles`` None: 1 where it
+    whole blocks, a run-time tile loop: 0 (off), 1 (a block's setup data read at its first tile), 2
+    (read at every tile, so that it is prefetched with the tiles) or 3 (read one block ahead: at the
+    previous block's first tile, so that its latency hides behind that block's tiles; stop 21). ``flat_tiles`` None: 1 where it
     applies, False / 0: off.
 
     H200 (``benchmarks/results/kernel_stop19/``, default layout, 512-token blocks, graph replay): 128K
@@ -701,7 +702,7 @@ def decode_attention(
     widened by one PTX block per four bytes on CUDA; None: on except on ROCm, in the form
     :func:`_int4_asm_form` picks; 1 / 2 name a form) and ``defer_den`` (the
     softmax denominator kept per tile column and summed once per program; None: on), ``flat_tiles``
-    (one pipelined tile loop across a program's blocks for those nibble-split layouts: 1 / 2 / 0,
+    (one pipelined tile loop across a program's blocks for those nibble-split layouts: 1 / 2 / 3 / 0,
     None: automatic, :func:`_flat_tiles`), ``key_raw`` (True: per-channel int4 key nibbles scored
     without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured),
     ``outlier_cols`` (the flat loop's outlier mask kept per tile column, :func:`_outlier_cols`; None:

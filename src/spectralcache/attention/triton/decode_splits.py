@@ -806,7 +806,7 @@ def spectral_decode_split_kernel(
         # outliers (cp.async into shared memory) while block n is computed, BLOCK_STAGES buffers deep.
         # 0: a run-time tile loop (pipelined within the block)
         if FLAT:
-            # FLAT (1 / 2): one pipelined loop over the program's tiles across its blocks (the default layout:
+            # FLAT (1 / 2 / 3): one pipelined loop over the program's tiles across its blocks (the default layout:
             # nibble-split identity rows, post-RoPE, outliers in programs of their own, no block parts),
             # so the next tiles' loads stay in flight over block boundaries; a block's setup (its start,
             # outlier bit mask, channel scales folded into the query halves, q·z) runs at its first tile
@@ -827,11 +827,29 @@ def spectral_decode_split_kernel(
             else:
                 qb = q_lo
                 qb_hi = q_hi
+            if FLAT == 3:
+                # the first block's setup data now; each block's setup then loads the next block's, so
+                # its latency hides behind the block's tiles instead of stalling its first tile
+                nx_ok = n_lo < n_hi
+                nx_start = tl.load(starts_ptr + n_lo, mask=nx_ok, other=0).to(tl.int32)
+                nx_oidx = 0
+                nx_kch = 0.0
+                nx_kz = 0.0
+                if N_OUT > 0:
+                    nx_oidx = tl.load(oi_bh + n_lo * s_oi_n + orow * s_oi_o, mask=o_ok & nx_ok, other=-1).to(
+                        tl.int32
+                    )
+                if KEY_CHANNEL:
+                    nx_kch = tl.load(ks_bh + n_lo * s_ks_n + dcols * s_ks_t, mask=d_ok & nx_ok, other=0.0)
+                    if KEY_OFFSETS:
+                        nx_kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n_lo * s_ko_n + dcols * s_ko_d,
+                                        mask=d_ok & nx_ok, other=0.0)  # fmt: skip
             for i in tl.range(0, n_tiles):
                 n = n_lo + i // FLAT_TILES
                 t0 = (i % FLAT_TILES) * BLOCK_T
                 # the block's setup data: FLAT 2 loads it at every tile (cache hits after its first) so
-                # that the software pipeliner prefetches it with the tiles; FLAT 1 at its first tile only
+                # that the software pipeliner prefetches it with the tiles; FLAT 1 at its first tile only;
+                # FLAT 3 one block ahead (at the previous block's first tile)
                 if FLAT == 2:
                     start_n = tl.load(starts_ptr + n).to(tl.int32)
                     if N_OUT > 0:
@@ -842,7 +860,26 @@ def spectral_decode_split_kernel(
                             kz_n = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n * s_ko_n + dcols * s_ko_d,
                                            mask=d_ok, other=0.0)  # fmt: skip
                 if t0 == 0:
-                    if FLAT != 2:
+                    if FLAT == 3:
+                        start_n = nx_start
+                        oidx = nx_oidx
+                        kch_n = nx_kch
+                        kz_n = nx_kz
+                        n1 = n + 1
+                        nx_ok = n1 < n_hi
+                        nx_start = tl.load(starts_ptr + n1, mask=nx_ok, other=0).to(tl.int32)
+                        if N_OUT > 0:
+                            nx_oidx = tl.load(
+                                oi_bh + n1 * s_oi_n + orow * s_oi_o, mask=o_ok & nx_ok, other=-1
+                            ).to(tl.int32)
+                        if KEY_CHANNEL:
+                            nx_kch = tl.load(
+                                ks_bh + n1 * s_ks_n + dcols * s_ks_t, mask=d_ok & nx_ok, other=0.0
+                            )
+                            if KEY_OFFSETS:
+                                nx_kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n1 * s_ko_n + dcols * s_ko_d,
+                                                mask=d_ok & nx_ok, other=0.0)  # fmt: skip
+                    elif FLAT != 2:
                         start_n = tl.load(starts_ptr + n).to(tl.int32)
                         if N_OUT > 0:
                             oidx = tl.load(oi_bh + n * s_oi_n + orow * s_oi_o, mask=o_ok, other=-1).to(
