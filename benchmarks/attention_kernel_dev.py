@@ -538,7 +538,11 @@ def section_sass(res: dict, configs: list, ctx: int = 8192) -> None:
     registers, spills, shared memory and SASS (how the v6 changes were chosen before any GPU time).
 
     The launch's arguments and constexprs come from a real ``decode_attention`` call on CPU tensors
-    at the Llama shape with the two launches replaced by a recorder."""
+    at the Llama shape with the two launches replaced by a recorder. That call plans for 2 resident
+    programs (no GPU to count SMs): one program reads the whole context, so the automatic choices that
+    depend on the tiles per program (``num_stages``, ``outlier_cols``) are the long-program ones -- name
+    them in the config to see a batch-1 plan of the card (2 stages, ``outlier_cols`` off).
+    ``"ablate"`` in a config compiles those timing-only ABLATE bits."""
     import spectralcache.attention.triton.decode as dec
 
     rows = []

@@ -476,9 +476,16 @@ def _auto_programs_per_sm(
     return 8 if block_stages and int4 and not nibble_split and few else 4
 
 
-def _auto_num_stages(num_stages: int | None, flat: int, tiles_per_program: int) -> int | None:
+def _auto_num_stages(
+    num_stages: int | None, flat: int, tiles_per_program: int, value_tokens_contiguous: bool = False
+) -> int | None:
     """Software-pipelining depth of the launch: the caller's, or for the flat tile loop (the default
-    preset's layout) 2 when a cold program reads at most 32 tiles, else Triton's default (3).
+    preset's layout) 2 when a cold program reads at most 32 tiles, else Triton's default (3). Value bytes
+    stored tokens-contiguous (the stop-21 prototype layout): 2 only up to 8 tiles.
+
+    H200 stop 21 (``benchmarks/results/kernel_stop21/final/``, graph replay, same process, one run): the
+    tokens-contiguous layout at 128K batch 1 (32 tiles) 0.0667 ms with 3 against 0.0738-0.0739 with 2
+    (the row-major layout there: 0.0751 against 0.0744-0.0745); not measured at 8 tiles or fewer.
 
     H200 stop 20 (``benchmarks/results/kernel_stop20/scan/``, default layout, graph replay): batch 1 --
     4K (one tile per program) 0.0100 ms with 2 against 0.0107, 32K (8 tiles) 0.0249 / 0.0258, 128K (32
@@ -486,7 +493,7 @@ def _auto_num_stages(num_stages: int | None, flat: int, tiles_per_program: int) 
     a long loop keeps the deeper pipeline's loads in flight, a short one pays its prologue."""
     if num_stages is not None or not flat:
         return num_stages
-    return 2 if tiles_per_program <= 32 else None
+    return 2 if tiles_per_program <= (8 if value_tokens_contiguous else 32) else None
 
 
 def _auto_row_stride(int4_row_stride: bool | None, split_k: bool, split_v: bool) -> bool:
@@ -913,12 +920,14 @@ def decode_attention(
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
+    # value bytes stored tokens-contiguous (the stop-21 prototype layout; cache/ stores them row-major)
+    v_tokens = cold is not None and cold.num_blocks > 0 and cold.value_coeffs.stride(-2) == 1
     while True:
         flat = _flat_tiles(
             flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages
         )
         tiles = blocks_per_split * -(-t // block_t)  # tiles a cold program reads
-        stages = _auto_num_stages(num_stages, flat, tiles)
+        stages = _auto_num_stages(num_stages, flat, tiles, v_tokens)
         options = _options(num_warps, stages, maxnreg if query.is_cuda else None)
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
