@@ -82,7 +82,7 @@ from spectralcache.cache.rope import RopeRotator, rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 from spectralcache.config import BASISLESS_CODECS, SpectralConfig
 
-__all__ = ["COLD_GROWTH", "COLD_TIERS", "LayerCheckpoint", "SpectralLayer"]
+__all__ = ["COLD_GROWTH", "COLD_TIERS", "LayerCheckpoint", "SpectralLayer", "stores_values_tokens_contiguous"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Growth factor of the cold tier's capacity. Geometric growth keeps appends amortized O(1)
@@ -90,6 +90,27 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 # the capacity is held memory (memory_report counts it), and doubling could hold twice the cold
 # tier a long decode needs.
 COLD_GROWTH = 1.25
+
+
+def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
+    """Whether the cold tier keeps its value coefficient bytes tokens-contiguous: packed int4 rows of
+    the identity codec (the default preset's values). The tensor is the same ``[B, H, nb, T, D/2]``
+    (a byte = two channels of one token), its memory ordered ``[B, H, nb, D/2, T]``: the decode
+    kernel's value tile then reaches its ``mma`` operand (tokens as the reduction dim) without a
+    single-byte shared-memory load per element. H200, stop 21 (``benchmarks/results/kernel_stop21/``):
+    the default layout at 128K, graph replay, same process -- batch 1 0.0667 ms against 0.0745 ms
+    row-major, batch 8 0.4547 against 0.5127. Low-rank and int8 rows stay row-major (whole-row copies
+    in the kernel; not measured tokens-contiguous)."""
+    return config.value_codec == "identity" and config.value_bits == 4
+
+
+def _tokens_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., T, w]`` with its memory ordered ``[..., w, T]`` (a copy unless it already is)."""
+    if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) == max(x.shape[-2], 1):
+        return x
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 # Everything a checkpoint restores (the layer's whole mutable state; buffers by reference).
 _STATE_ATTRS = (
     "keys",
@@ -825,7 +846,10 @@ class SpectralLayer(CacheLayerMixin):
             axis = 0 if name == "block_starts" else 2
             shape = list(x.shape)
             shape[axis] = capacity
-            buf = x.new_empty(shape)
+            if name == "value_coeffs" and stores_values_tokens_contiguous(self.config):
+                buf = x.new_empty([*shape[:-2], shape[-1], shape[-2]]).transpose(-1, -2)
+            else:
+                buf = x.new_empty(shape)
             if nb:
                 buf.narrow(axis, 0, nb).copy_(getattr(old, name).narrow(axis, 0, nb))
             return buf
@@ -914,6 +938,9 @@ class SpectralLayer(CacheLayerMixin):
         new_cold = None
         if cold is not None:
             new_cold = cold.map_tensors(lambda name, x: x if batch and name == "block_starts" else fn(x))
+            if stores_values_tokens_contiguous(self.config):
+                # batch ops return row-major copies: keep the layout the kernel reads fastest
+                new_cold.value_coeffs = _tokens_contiguous(new_cold.value_coeffs)
         chunk = [None if x is None else fn(x) for x in (self._chunk_k, self._chunk_v)]
         new = (fn(lm_k), fn(lm_v), fn(hot_k), fn(hot_v))
         # assign (nothing above mutated self)

@@ -60,8 +60,12 @@ Views and strides: the layer keeps every tier in preallocated capacity buffers (
 ``[B, H, capacity, ...]``, grown geometrically; the hot buffer ``[B, H, capacity, D]`` with a
 live window; the landmarks ``[B, H, landmarks, D]``), and the state's tensors are *views* of
 them (e.g. ``key_coeffs = buffer[:, :, :nb]``, ``hot_keys = buffer[:, :, lo:hi]``). The shapes
-are exactly as above, but only the innermost two dims are guaranteed contiguous: readers
-(torch reference, Triton kernels) must use strides and must not assume ``.is_contiguous()``.
+are exactly as above, but only the innermost two dims are guaranteed dense -- row-major, except
+``value_coeffs`` of packed int4 identity rows (the default preset's values), stored
+tokens-contiguous since stop 21: memory ``[B, H, capacity, D/2, T]``, the ``[..., T, D/2]`` tensor a
+transposed view of it (``stride(-2) == 1``; ``cache.layer.stores_values_tokens_contiguous`` says
+when). Readers (torch reference, Triton kernels) must use strides and must not assume
+``.is_contiguous()``.
 A state is a snapshot: it stays valid until the layer's next ``update`` (which only writes
 past the views' ends, or into fresh buffers) and is invalidated by ``crop`` / batch ops.
 

@@ -1,0 +1,142 @@
+"""The cold tier's value coefficient bytes, stored tokens-contiguous for packed int4 identity rows.
+
+``cache/layer.py`` keeps the default preset's value coefficients as the same ``[B, H, nb, T, D/2]``
+tensor with its memory ordered ``[B, H, nb, D/2, T]`` (the decode kernel reads it faster; see
+``stores_values_tokens_contiguous``). What must hold: the layout survives every operation that
+reallocates the cold buffers (growth, batch ops, ``to``), the values are exactly those of a row-major
+twin that saw the same calls, and attention -- the torch reference and the Triton kernel (interpreter
+on CPU) -- reads the layer's own state with the same answer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tests.layer_helpers import D, H, T, kv
+
+import spectralcache.cache.layer as layer_mod
+from spectralcache.attention.reference import spectral_attention
+from spectralcache.cache.layer import SpectralLayer, stores_values_tokens_contiguous
+from spectralcache.config import SpectralConfig, get_preset, list_presets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def default_like(**overrides) -> SpectralConfig:
+    """The default preset's codecs at the small test geometry (blocks fill after a few dozen tokens)."""
+    base = dict(block_size=T, hot_size=4, landmarks=3, outliers_per_block=2)
+    base.update(overrides)
+    return get_preset("default").replace(**base)
+
+
+def tokens_contiguous(x: torch.Tensor) -> bool:
+    return x.stride(-2) == 1 and x.stride(-1) == x.shape[-2]
+
+
+def test_rule_over_presets():
+    """Only packed int4 identity value rows (the default's) are stored tokens-contiguous."""
+    want = {name: False for name in list_presets()}
+    want["default"] = True
+    assert {name: stores_values_tokens_contiguous(get_preset(name)) for name in list_presets()} == want
+    assert not stores_values_tokens_contiguous(get_preset("default").replace(value_coeff_bits=8))
+    assert not stores_values_tokens_contiguous(get_preset("lowrank").replace(coeff_bits=4))
+
+
+def _grow_and_decode(layer: SpectralLayer, k: torch.Tensor, v: torch.Tensor, prefill: int) -> None:
+    if prefill:
+        layer.update(k[:, :, :prefill], v[:, :, :prefill])
+        layer.release_chunk()
+    for i in range(prefill, k.shape[2]):
+        layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        layer.release_chunk()
+
+
+def _assert_same_state(a: SpectralLayer, b: SpectralLayer) -> None:
+    sa, sb = a.state(), b.state()
+    for name, x in sa.cold.tensors().items():
+        y = getattr(sb.cold, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+    for name in ("landmark_keys", "landmark_values", "hot_keys", "hot_values"):
+        assert torch.equal(getattr(sa, name), getattr(sb, name)), name
+    assert (sa.seq_len, sa.hot_start) == (sb.seq_len, sb.hot_start)
+
+
+@pytest.fixture
+def twins(monkeypatch):
+    """(tokens-contiguous layer, row-major layer): the same config; the second built with the layout
+    rule switched off while it runs its calls (``run(layer, fn)`` applies ``fn`` under the right rule)."""
+    cfg = default_like()
+    fast, plain = (
+        SpectralLayer(cfg, 0, head_dim=D, num_kv_heads=H),
+        SpectralLayer(cfg, 0, head_dim=D, num_kv_heads=H),
+    )
+
+    def run(fn):
+        fn(fast)
+        with monkeypatch.context() as m:
+            m.setattr(layer_mod, "stores_values_tokens_contiguous", lambda config: False)
+            fn(plain)
+
+    return fast, plain, run
+
+
+def test_layout_through_growth_and_every_batch_op(twins):
+    fast, plain, run = twins
+    k, v = kv(3, 3 + 7 * T + 9, seed=1, dtype=torch.bfloat16)
+    # a prefill, then decode past the capacity it allocated (the buffers regrow on the way)
+    prefill = 3 + 2 * T + 6
+    run(lambda layer: (layer.update(k[:, :, :prefill], v[:, :, :prefill]), layer.release_chunk()))
+    capacity = fast.cold_capacity
+    run(lambda layer: _grow_and_decode(layer, k[:, :, prefill:], v[:, :, prefill:], 0))
+    assert fast.num_blocks > capacity
+    assert tokens_contiguous(fast.state().cold.value_coeffs)
+    assert fast.state().cold.value_coeffs.stride(-1) != 1
+    assert plain.state().cold.value_coeffs.stride(-1) == 1  # the twin really is row-major
+    _assert_same_state(fast, plain)
+    ops = [
+        lambda layer: layer.reorder_cache(torch.tensor([2, 0, 0])),
+        lambda layer: layer.batch_repeat_interleave(2),
+        lambda layer: layer.batch_select_indices(torch.tensor([5, 1, 2])),
+        lambda layer: layer.crop(-(T + 5)),  # into the cold tier: drops the last block
+        lambda layer: layer.to(dtype=torch.float32),
+    ]
+    for op in ops:
+        run(op)
+        assert tokens_contiguous(fast.state().cold.value_coeffs)
+        _assert_same_state(fast, plain)
+    # and the layer keeps appending blocks into its (re-laid-out) buffers
+    k2, v2 = kv(3, 2 * T + 3, seed=2)
+    run(lambda layer: _grow_and_decode(layer, k2, v2, 1))
+    assert tokens_contiguous(fast.state().cold.value_coeffs)
+    _assert_same_state(fast, plain)
+
+
+def test_reference_and_kernel_read_the_layer_state():
+    """Attention over a real layer's tokens-contiguous state: the torch reference equals its answer on
+    the row-major copy of the same state, and the Triton kernel (interpreter on CPU) equals both."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    pytest.importorskip("triton")
+    from spectralcache.attention.triton import decode_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = SpectralLayer(default_like(), 0, head_dim=32, num_kv_heads=2)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 2, 3 + 5 * T + 7, 32, generator=g).to(dev) for _ in range(2))
+    _grow_and_decode(layer, k, v, 3 + 3 * T)
+    state = layer.state()
+    assert state.cold.num_blocks == 5 and tokens_contiguous(state.cold.value_coeffs)
+    query = torch.randn(2, 8, 1, 32, generator=g).to(dev)
+    ref = spectral_attention(query, state)
+    row_major = state.cold.value_coeffs.contiguous()
+    assert row_major.stride(-1) == 1 and torch.equal(row_major, state.cold.value_coeffs)
+    original = state.cold.value_coeffs
+    state.cold.value_coeffs = row_major
+    try:
+        torch.testing.assert_close(spectral_attention(query, state), ref, rtol=0, atol=0)
+    finally:
+        state.cold.value_coeffs = original
+    out = decode_attention(query, state, block_t=16)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-5
