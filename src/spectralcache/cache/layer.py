@@ -97,10 +97,10 @@ def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
     the identity codec (the default preset's values). The tensor is the same ``[B, H, nb, T, D/2]``
     (a byte = two channels of one token), its memory ordered ``[B, H, nb, D/2, T]``: the decode
     kernel's value tile then reaches its ``mma`` operand (tokens as the reduction dim) without a
-    single-byte shared-memory load per element. H200, stop 21 (``benchmarks/results/kernel_stop21/``):
-    the default layout at 128K, graph replay, same process -- batch 1 0.0667 ms against 0.0745 ms
-    row-major, batch 8 0.4547 against 0.5127. Low-rank and int8 rows stay row-major (whole-row copies
-    in the kernel; not measured tokens-contiguous)."""
+    single-byte shared-memory load per element. H200, stop 21 (``benchmarks/results/kernel_stop21/
+    lead_final/``): the default layout at 128K, same process -- batch 1 0.0670 ms against 0.0745 ms
+    row-major (2.08x / 1.87x SDPA), batch 8 0.4610 against 0.5195. Low-rank and int8 rows stay
+    row-major (whole-row copies in the kernel; not measured tokens-contiguous)."""
     return config.value_codec == "identity" and config.value_bits == 4
 
 
