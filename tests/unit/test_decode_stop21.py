@@ -37,13 +37,14 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _launch(fn, bits: int = 0):
-    """Run ``fn`` (a decode_attention call); return (output, the split launch's constexprs). ``bits``:
-    launch with ABLATE = bits instead (timing-only ablation, as the dev script's hook does)."""
+    """Run ``fn`` (a decode_attention call); return (output, the split launch's constexprs, with its
+    compile options under ``"_options"``). ``bits``: launch with ABLATE = bits instead (timing-only
+    ablation, as the dev script's hook does)."""
     seen: dict = {}
     launch = dec._launch_split
 
     def record(grid, args, constexprs, options, device):
-        seen.update(constexprs)
+        seen.update(constexprs, _options=options)
         if bits:
             constexprs = {**constexprs, "ABLATE": bits}
         return launch(grid, args, constexprs, options, device)
@@ -120,19 +121,9 @@ def test_num_stages_rule_for_tokens_contiguous_values() -> None:
     state = _default_layout(blocks=6)
     state.cold.value_coeffs = state.cold.value_coeffs.transpose(-1, -2).contiguous().transpose(-1, -2)
     query = torch.randn(1, 4, 1, 32).to(DEVICE)
-    seen: dict = {}
-    launch = dec._launch_split
-
-    def record(grid, args, constexprs, options, device):
-        seen.update(options)
-        return launch(grid, args, constexprs, options, device)
-
-    dec._launch_split = record
-    try:
-        out = decode_attention(query, state, block_t=16, blocks_per_split=3)  # 12 tiles a program
-    finally:
-        dec._launch_split = launch
-    assert "num_stages" not in seen  # Triton's default
+    # 12 tiles a program
+    out, seen = _launch(lambda: decode_attention(query, state, block_t=16, blocks_per_split=3))
+    assert "num_stages" not in seen["_options"]  # Triton's default
     assert _rel(out, spectral_attention(query, state)) < 1e-5
 
 
