@@ -830,20 +830,24 @@ def spectral_decode_split_kernel(
             if FLAT == 3:
                 # the first block's setup data now; each block's setup then loads the next block's, so
                 # its latency hides behind the block's tiles instead of stalling its first tile
+                # (a vector mask & nx_ok != 0 below: Triton 3.9's interpreter types the vector int1 & this
+                # scalar comparison as int32, which tl.load refuses as a mask)
                 nx_ok = n_lo < n_hi
                 nx_start = tl.load(starts_ptr + n_lo, mask=nx_ok, other=0).to(tl.int32)
                 nx_oidx = 0
                 nx_kch = 0.0
                 nx_kz = 0.0
                 if N_OUT > 0:
-                    nx_oidx = tl.load(oi_bh + n_lo * s_oi_n + orow * s_oi_o, mask=o_ok & nx_ok, other=-1).to(
-                        tl.int32
-                    )
+                    nx_oidx = tl.load(
+                        oi_bh + n_lo * s_oi_n + orow * s_oi_o, mask=(o_ok & nx_ok) != 0, other=-1
+                    ).to(tl.int32)
                 if KEY_CHANNEL:
-                    nx_kch = tl.load(ks_bh + n_lo * s_ks_n + dcols * s_ks_t, mask=d_ok & nx_ok, other=0.0)
+                    nx_kch = tl.load(
+                        ks_bh + n_lo * s_ks_n + dcols * s_ks_t, mask=(d_ok & nx_ok) != 0, other=0.0
+                    )
                     if KEY_OFFSETS:
                         nx_kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n_lo * s_ko_n + dcols * s_ko_d,
-                                        mask=d_ok & nx_ok, other=0.0)  # fmt: skip
+                                        mask=(d_ok & nx_ok) != 0, other=0.0)  # fmt: skip
             for i in tl.range(0, n_tiles):
                 n = n_lo + i // FLAT_TILES
                 t0 = (i % FLAT_TILES) * BLOCK_T
@@ -870,15 +874,15 @@ def spectral_decode_split_kernel(
                         nx_start = tl.load(starts_ptr + n1, mask=nx_ok, other=0).to(tl.int32)
                         if N_OUT > 0:
                             nx_oidx = tl.load(
-                                oi_bh + n1 * s_oi_n + orow * s_oi_o, mask=o_ok & nx_ok, other=-1
+                                oi_bh + n1 * s_oi_n + orow * s_oi_o, mask=(o_ok & nx_ok) != 0, other=-1
                             ).to(tl.int32)
                         if KEY_CHANNEL:
                             nx_kch = tl.load(
-                                ks_bh + n1 * s_ks_n + dcols * s_ks_t, mask=d_ok & nx_ok, other=0.0
+                                ks_bh + n1 * s_ks_n + dcols * s_ks_t, mask=(d_ok & nx_ok) != 0, other=0.0
                             )
                             if KEY_OFFSETS:
                                 nx_kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n1 * s_ko_n + dcols * s_ko_d,
-                                                mask=d_ok & nx_ok, other=0.0)  # fmt: skip
+                                                mask=(d_ok & nx_ok) != 0, other=0.0)  # fmt: skip
                     elif FLAT != 2:
                         start_n = tl.load(starts_ptr + n).to(tl.int32)
                         if N_OUT > 0:
