@@ -292,6 +292,29 @@ def _outlier_words(oidx, o_ok, OUT_WORDS: tl.constexpr):
 
 
 @triton.jit
+def _setup_ahead(
+    n, n_hi, starts_ptr, oi_n, s_oi_o, orow, o_ok, ks_n, s_ks_t, dcols, d_ok, ko_n, s_ko_d,
+    N_OUT: tl.constexpr, KEY_CHANNEL: tl.constexpr, KEY_OFFSETS: tl.constexpr,
+):  # fmt: skip
+    """FLAT 3: block ``n``'s setup data -- cache index of its first token, outlier rows, channel scales,
+    zero points (``oi_n`` / ``ks_n`` / ``ko_n`` point at its rows) -- loaded one block ahead, so
+    nothing past ``n_hi`` is read. The vector masks are ``(mask & ok) != 0``: Triton 3.9's interpreter
+    types a vector int1 & this scalar comparison as int32, which ``tl.load`` refuses as a mask."""
+    ok = n < n_hi
+    start = tl.load(starts_ptr + n, mask=ok, other=0).to(tl.int32)
+    oidx = 0
+    kch = 0.0
+    kz = 0.0
+    if N_OUT > 0:
+        oidx = tl.load(oi_n + orow * s_oi_o, mask=(o_ok & ok) != 0, other=-1).to(tl.int32)
+    if KEY_CHANNEL:
+        kch = tl.load(ks_n + dcols * s_ks_t, mask=(d_ok & ok) != 0, other=0.0)
+        if KEY_OFFSETS:
+            kz = tl.load(ko_n + dcols * s_ko_d, mask=(d_ok & ok) != 0, other=0.0)
+    return start, oidx, kch, kz
+
+
+@triton.jit
 def _outlier_cols(oidx, o_ok, BLOCK_T: tl.constexpr):
     """A block's outlier rows ``oidx`` (valid where ``o_ok``) as one int32 per tile column [BLOCK_T]:
     bit k of column c <=> row ``k·BLOCK_T + c`` (the block holds at most 31 tiles). A tile then tests
@@ -830,24 +853,11 @@ def spectral_decode_split_kernel(
             if FLAT == 3:
                 # the first block's setup data now; each block's setup then loads the next block's, so
                 # its latency hides behind the block's tiles instead of stalling its first tile
-                # (a vector mask & nx_ok != 0 below: Triton 3.9's interpreter types the vector int1 & this
-                # scalar comparison as int32, which tl.load refuses as a mask)
-                nx_ok = n_lo < n_hi
-                nx_start = tl.load(starts_ptr + n_lo, mask=nx_ok, other=0).to(tl.int32)
-                nx_oidx = 0
-                nx_kch = 0.0
-                nx_kz = 0.0
-                if N_OUT > 0:
-                    nx_oidx = tl.load(
-                        oi_bh + n_lo * s_oi_n + orow * s_oi_o, mask=(o_ok & nx_ok) != 0, other=-1
-                    ).to(tl.int32)
-                if KEY_CHANNEL:
-                    nx_kch = tl.load(
-                        ks_bh + n_lo * s_ks_n + dcols * s_ks_t, mask=(d_ok & nx_ok) != 0, other=0.0
-                    )
-                    if KEY_OFFSETS:
-                        nx_kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n_lo * s_ko_n + dcols * s_ko_d,
-                                        mask=(d_ok & nx_ok) != 0, other=0.0)  # fmt: skip
+                nx_start, nx_oidx, nx_kch, nx_kz = _setup_ahead(
+                    n_lo, n_hi, starts_ptr, oi_bh + n_lo * s_oi_n, s_oi_o, orow, o_ok, ks_bh + n_lo * s_ks_n,
+                    s_ks_t, dcols, d_ok, ko_ptr + b * s_ko_b + h * s_ko_h + n_lo * s_ko_n, s_ko_d,
+                    N_OUT, KEY_CHANNEL, KEY_OFFSETS,
+                )  # fmt: skip
             for i in tl.range(0, n_tiles):
                 n = n_lo + i // FLAT_TILES
                 t0 = (i % FLAT_TILES) * BLOCK_T
@@ -870,19 +880,11 @@ def spectral_decode_split_kernel(
                         kch_n = nx_kch
                         kz_n = nx_kz
                         n1 = n + 1
-                        nx_ok = n1 < n_hi
-                        nx_start = tl.load(starts_ptr + n1, mask=nx_ok, other=0).to(tl.int32)
-                        if N_OUT > 0:
-                            nx_oidx = tl.load(
-                                oi_bh + n1 * s_oi_n + orow * s_oi_o, mask=(o_ok & nx_ok) != 0, other=-1
-                            ).to(tl.int32)
-                        if KEY_CHANNEL:
-                            nx_kch = tl.load(
-                                ks_bh + n1 * s_ks_n + dcols * s_ks_t, mask=(d_ok & nx_ok) != 0, other=0.0
-                            )
-                            if KEY_OFFSETS:
-                                nx_kz = tl.load(ko_ptr + b * s_ko_b + h * s_ko_h + n1 * s_ko_n + dcols * s_ko_d,
-                                                mask=(d_ok & nx_ok) != 0, other=0.0)  # fmt: skip
+                        nx_start, nx_oidx, nx_kch, nx_kz = _setup_ahead(
+                            n1, n_hi, starts_ptr, oi_bh + n1 * s_oi_n, s_oi_o, orow, o_ok, ks_bh + n1 * s_ks_n,
+                            s_ks_t, dcols, d_ok, ko_ptr + b * s_ko_b + h * s_ko_h + n1 * s_ko_n, s_ko_d,
+                            N_OUT, KEY_CHANNEL, KEY_OFFSETS,
+                        )  # fmt: skip
                     elif FLAT != 2:
                         start_n = tl.load(starts_ptr + n).to(tl.int32)
                         if N_OUT > 0:
