@@ -21,6 +21,8 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
+from tests.kernel_helpers import record_launch  # noqa: E402
+
 import spectralcache.attention.triton.decode as dec  # noqa: E402
 import spectralcache.attention.triton.decode_splits as ds  # noqa: E402
 from spectralcache.attention.reference import spectral_attention  # noqa: E402
@@ -37,24 +39,9 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _launch(fn, bits: int = 0):
-    """Run ``fn`` (a decode_attention call); return (output, the split launch's constexprs, with its
-    compile options under ``"_options"``). ``bits``: launch with ABLATE = bits instead (timing-only
-    ablation, as the dev script's hook does)."""
-    seen: dict = {}
-    launch = dec._launch_split
-
-    def record(grid, args, constexprs, options, device):
-        seen.update(constexprs, _options=options)
-        if bits:
-            constexprs = {**constexprs, "ABLATE": bits}
-        return launch(grid, args, constexprs, options, device)
-
-    dec._launch_split = record
-    try:
-        out = fn()
-    finally:
-        dec._launch_split = launch
-    return out, seen
+    """``record_launch`` (tests/kernel_helpers.py): output and the split launch's constexprs / options;
+    ``bits``: the timing-only ablation bits."""
+    return record_launch(fn, bits)
 
 
 def _default_layout(dtype=torch.float32, **kw):

@@ -20,6 +20,8 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
+from tests.kernel_helpers import record_launch  # noqa: E402
+
 from spectralcache.attention.reference import spectral_attention  # noqa: E402
 from spectralcache.attention.triton import MAX_ROWS, decode_attention  # noqa: E402
 from spectralcache.attention.triton.synthetic import random_state  # noqa: E402
@@ -335,21 +337,7 @@ def test_stop20_plan_rules() -> None:
 
 def _record_launch(fn):
     """Run ``fn`` (a decode_attention call); return (its output, the split launch's constexprs)."""
-    import spectralcache.attention.triton.decode as dec
-
-    seen: dict = {}
-    launch = dec._launch_split
-
-    def record(grid, args, constexprs, options, device):
-        seen.update(constexprs)
-        return launch(grid, args, constexprs, options, device)
-
-    dec._launch_split = record
-    try:
-        out = fn()
-    finally:
-        dec._launch_split = launch
-    return out, seen
+    return record_launch(fn)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
