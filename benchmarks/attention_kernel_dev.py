@@ -45,6 +45,7 @@ import torch
 from spectralcache.attention.reference import spectral_attention
 from spectralcache.attention.triton import decode_attention
 from spectralcache.attention.triton.synthetic import random_state
+from spectralcache.cache.layer import tokens_contiguous
 
 PRESETS = {
     # name: (rank_keys, rank_values, outliers, bits). "default" / "aggressive": the low-rank layouts of
@@ -58,10 +59,10 @@ PRESETS = {
     # the default's codecs in 128-token blocks with 2 outliers each (block_size=128, outliers_per_block=2:
     # the same outlier share, the candidate next default)
     "channel_zp_b128": (128, 128, 2, 4),
-    # stop 21 prototype: channel_zp with the value coefficient bytes stored tokens-contiguous ([.., nb,
-    # D/2, T] memory, seen through a transposed view as the [.., nb, T, D/2] tensor the cache holds): the
-    # kernel reads them through their strides, so the results are right; a storage change in cache/
-    # would be needed to get this layout in a model (value_tokens_contiguous)
+    # channel_zp with the value coefficient bytes stored tokens-contiguous ([.., nb, D/2, T] memory, seen
+    # through a transposed view as the [.., nb, T, D/2] tensor): how the cache stores the default preset's
+    # values since stop 21 (cache.layer.stores_values_tokens_contiguous); channel_zp is the row-major
+    # layout before it
     "channel_zp_vt": (128, 128, 8, 4),
 }
 # random_state options beyond the ranks (identity / per-channel codecs, zero points)
@@ -77,11 +78,12 @@ VALUE_T = {"channel_zp_vt"}
 
 def value_tokens_contiguous(state):
     """``state`` with its cold value coefficients stored tokens-contiguous: the same [B, H, nb, T, w]
-    tensor (same values), its memory ordered [B, H, nb, w, T] (stop 21 prototype: the kernel's value
-    tile then reaches the mma B operand without single-byte shared-memory loads)."""
+    tensor (same values), its memory ordered [B, H, nb, w, T] (``cache.layer.tokens_contiguous``, the
+    default preset's values since stop 21: the kernel's value tile then reaches the mma B operand without
+    single-byte shared-memory loads)."""
     c = state.cold
     if c is not None and c.value_coeffs is not None and c.value_coeffs.numel():
-        c.value_coeffs = c.value_coeffs.transpose(-1, -2).contiguous().transpose(-1, -2)
+        c.value_coeffs = tokens_contiguous(c.value_coeffs)
     return state
 
 

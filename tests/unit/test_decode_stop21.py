@@ -28,6 +28,7 @@ import spectralcache.attention.triton.decode_splits as ds  # noqa: E402
 from spectralcache.attention.reference import spectral_attention  # noqa: E402
 from spectralcache.attention.triton import decode_attention  # noqa: E402
 from spectralcache.attention.triton.synthetic import random_state  # noqa: E402
+from spectralcache.cache.layer import tokens_contiguous  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _seed = iter(range(21000, 30000))
@@ -106,7 +107,7 @@ def test_num_stages_rule_for_tokens_contiguous_values() -> None:
     assert rule(None, 1, 8, True) == 2 and rule(None, 1, 9, True) is None
     assert rule(None, 0, 32, True) is None and rule(4, 1, 32, True) == 4
     state = _default_layout(blocks=6)
-    state.cold.value_coeffs = state.cold.value_coeffs.transpose(-1, -2).contiguous().transpose(-1, -2)
+    state.cold.value_coeffs = tokens_contiguous(state.cold.value_coeffs)
     query = torch.randn(1, 4, 1, 32).to(DEVICE)
     # 12 tiles a program
     out, seen = _launch(lambda: decode_attention(query, state, block_t=16, blocks_per_split=3))
@@ -138,7 +139,7 @@ def test_value_bytes_stored_tokens_contiguous_agree(layout: str) -> None:
         state = random_state(device=DEVICE, seed=next(_seed), head_dim=32, block_size=32, blocks=5, key_bits=4,
                              value_bits=4, rank_keys=8, rank_values=16, outliers=3)  # fmt: skip
     vc = state.cold.value_coeffs
-    state.cold.value_coeffs = vc.transpose(-1, -2).contiguous().transpose(-1, -2)
+    state.cold.value_coeffs = tokens_contiguous(vc)
     assert state.cold.value_coeffs.stride(-2) == 1 and torch.equal(state.cold.value_coeffs, vc)
     query = torch.randn(1, 4, 1, 32).to(DEVICE)
     out = decode_attention(query, state, block_t=16, blocks_per_split=2)

@@ -82,7 +82,14 @@ from spectralcache.cache.rope import RopeRotator, rotate_block_keys
 from spectralcache.cache.state import ColdBlocks, SpectralLayerState
 from spectralcache.config import BASISLESS_CODECS, SpectralConfig
 
-__all__ = ["COLD_GROWTH", "COLD_TIERS", "LayerCheckpoint", "SpectralLayer", "stores_values_tokens_contiguous"]
+__all__ = [
+    "COLD_GROWTH",
+    "COLD_TIERS",
+    "LayerCheckpoint",
+    "SpectralLayer",
+    "stores_values_tokens_contiguous",
+    "tokens_contiguous",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Growth factor of the cold tier's capacity. Geometric growth keeps appends amortized O(1)
@@ -104,8 +111,9 @@ def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
     return config.value_codec == "identity" and config.value_bits == 4
 
 
-def _tokens_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., T, w]`` with its memory ordered ``[..., w, T]`` (a copy unless it already is)."""
+def tokens_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., T, w]`` with its memory ordered ``[..., w, T]`` (a copy unless it already is): the
+    layout :func:`stores_values_tokens_contiguous` names."""
     if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) == max(x.shape[-2], 1):
         return x
     return x.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -940,7 +948,7 @@ class SpectralLayer(CacheLayerMixin):
             new_cold = cold.map_tensors(lambda name, x: x if batch and name == "block_starts" else fn(x))
             if stores_values_tokens_contiguous(self.config):
                 # batch ops return row-major copies: keep the layout the kernel reads fastest
-                new_cold.value_coeffs = _tokens_contiguous(new_cold.value_coeffs)
+                new_cold.value_coeffs = tokens_contiguous(new_cold.value_coeffs)
         chunk = [None if x is None else fn(x) for x in (self._chunk_k, self._chunk_v)]
         new = (fn(lm_k), fn(lm_v), fn(hot_k), fn(hot_v))
         # assign (nothing above mutated self)

@@ -481,11 +481,14 @@ def _auto_num_stages(
 ) -> int | None:
     """Software-pipelining depth of the launch: the caller's, or for the flat tile loop (the default
     preset's layout) 2 when a cold program reads at most 32 tiles, else Triton's default (3). Value bytes
-    stored tokens-contiguous (the stop-21 prototype layout): 2 only up to 8 tiles.
+    stored tokens-contiguous (the default preset's values since stop 21, ``cache/layer.py``): 2 only up
+    to 8 tiles.
 
     H200 stop 21 (``benchmarks/results/kernel_stop21/final/``, graph replay, same process, one run): the
     tokens-contiguous layout at 128K batch 1 (32 tiles) 0.0667 ms with 3 against 0.0738-0.0739 with 2
-    (the row-major layout there: 0.0751 against 0.0744-0.0745); not measured at 8 tiles or fewer.
+    (the row-major layout there: 0.0751 against 0.0744-0.0745); the lead's call with the cache storing it
+    (``kernel_stop21/lead_final/``): 0.0670-0.0675 with 3 against 0.0738 with 2; not measured at 8 tiles
+    or fewer.
 
     H200 stop 20 (``benchmarks/results/kernel_stop20/scan/``, default layout, graph replay): batch 1 --
     4K (one tile per program) 0.0100 ms with 2 against 0.0107, 32K (8 tiles) 0.0249 / 0.0258, 128K (32
@@ -920,7 +923,8 @@ def decode_attention(
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
-    # value bytes stored tokens-contiguous (the stop-21 prototype layout; cache/ stores them row-major)
+    # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
+    # stop 21; any other strides are read as well)
     v_tokens = cold is not None and cold.num_blocks > 0 and cold.value_coeffs.stride(-2) == 1
     while True:
         flat = _flat_tiles(
