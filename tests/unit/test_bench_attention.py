@@ -30,10 +30,13 @@ def test_bench_attention_json_schema_and_finite_results(tmp_path):
         assert meta[key] not in (None, ""), key
     assert meta["copy_bandwidth"]["copy_checked"] and meta["copy_bandwidth"]["gbps"] > 0
     rows = data["results"]
-    # per batch: sdpa + 4 spectral methods x 2 presets
-    assert len(rows) == 2 * (1 + 4 * 2)
+    # per batch: sdpa (eager, graphed) + 5 spectral methods x 2 presets
+    assert len(rows) == 2 * (2 + 5 * 2)
     for r in rows:
         assert r["context"] == 1100 and r["batch"] in (1, 2)
+        if r["method"] in bench.GRAPHED:  # CUDA graphs: n/a on the CPU, saying so
+            assert r["status"] == "n/a" and "CUDA" in r["reason"] and "median_ms" not in r
+            continue
         if r["method"] in ("kernel", "dispatch") and r["status"] == "n/a":
             # no CUDA here (or no Triton / no attend()): the column says why, the run goes on
             assert r["reason"]

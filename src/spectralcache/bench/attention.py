@@ -5,8 +5,13 @@ head_dim 128; bf16 on CUDA), one query token, for each context ``T``, batch and 
 
 * ``sdpa``: transformers' SDPA attention (what a ``DynamicCache`` model runs) over the dense
   K/V; it must read ``K + V`` bytes.
+* ``sdpa_graph``: the same call captured in a CUDA graph and timed as graph replays (CUDA only;
+  "n/a" elsewhere).
 * ``kernel``: ``spectralcache.attention.triton.decode_attention`` over the layer's
   ``SpectralLayerState`` (imported lazily; "n/a (reason)" when it is missing or raises).
+* ``kernel_graph``: the kernel call captured in a CUDA graph, timed as replays -- how a model
+  decodes under :class:`spectralcache.GraphedDecoder`, without the host's per-call launch cost,
+  which at one layer and one token is longer than the kernel itself (CUDA only).
 * ``torch``: the torch reference ``spectral_attention`` over the same state.
 * ``dispatch``: ``spectralcache.attention.interface.attend`` (the entry point that picks the
   kernel or the reference) over the same state, where it exists.
@@ -24,7 +29,10 @@ with a device-to-device copy measured in the same run (bytes read + written).
 
 Timing: see :mod:`spectralcache.bench.common` (median of ``triton.testing.do_bench`` on CUDA,
 L2 cleared before every call; inputs additionally rotate among copies while one copy's working
-set would fit in L2). Output: ``bench_attention_<tag>.json`` and ``.png``.
+set would fit in L2; a graphed method captures one graph per copy and replays them in turn).
+``speedup_vs_sdpa`` of a spectral row divides the **faster** of the two SDPA rows (eager and
+graphed) by that row's time, so a graphed kernel is never compared with an eager SDPA that pays
+the launch cost the graph avoids. Output: ``bench_attention_<tag>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -72,7 +80,9 @@ __all__ = [
     "state_bytes",
 ]
 
-METHODS = ("sdpa", "kernel", "torch", "dispatch", "step")
+METHODS = ("sdpa", "sdpa_graph", "kernel", "kernel_graph", "torch", "dispatch", "step")
+GRAPHED = ("sdpa_graph", "kernel_graph")
+NO_GRAPH = "CUDA graphs need a CUDA device"
 CUDA_CONTEXTS = "4096,16384,65536,131072"
 CPU_CONTEXTS = "1024,4096"
 
@@ -277,6 +287,36 @@ def _cycle(items: list[Any]) -> Callable[[], Any]:
     return nxt
 
 
+def graph_replayer(calls: list[Callable[[], Any]], dev: torch.device) -> tuple[Callable[[], None], list[Any]]:
+    """One CUDA graph per call (each bound to its own input copy), replayed in turn, and the
+    graphs' outputs (tensors in the graphs' memory pool, rewritten by every replay).
+
+    Each call runs twice on a side stream first (Triton compiles, the allocator settles), as
+    ``torch.cuda.graphs`` requires before capture; a call that cannot be captured raises here."""
+    if dev.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), torch.no_grad():
+        for call in calls:
+            call()
+            call()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graphs, outputs = [], []
+    for call in calls:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            outputs.append(call())
+        graphs.append(graph)
+    nxt = _cycle(graphs)
+    return (lambda: nxt().replay()), outputs
+
+
+def _cycle_calls(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
+    nxt = _cycle(calls)
+    return lambda: nxt()()
+
+
 def _short(err: BaseException, limit: int = 600) -> str:
     """One line; a long message (a Triton CompilationError quotes source first) keeps its start and
     its end, where the actual error is."""
@@ -328,27 +368,33 @@ def measure_case(
         )
         return row
 
-    sdpa_ms = None
-    if "sdpa" in methods:
+    sdpa_times: list[float] = []  # eager and graphed: spectral rows compare with the faster
+    sdpa_query = torch.randn(batch, hq, 1, d, device=dev, dtype=dtype)
+    for method in [m for m in ("sdpa", "sdpa_graph") if m in methods]:
+        if method in GRAPHED and dev.type != "cuda":
+            finish({"preset": None, "method": method, "status": "n/a", "reason": NO_GRAPH}, None, None)
+            continue
         try:
             copies = _rotation(dense_bytes, l2_bytes, dev)
             kv = [(keys, values)] + [(keys.clone(), values.clone()) for _ in range(copies - 1)]
-            query = torch.randn(batch, hq, 1, d, device=dev, dtype=dtype)
-            nxt = _cycle(kv)
-
-            def sdpa() -> torch.Tensor:
-                k, v = nxt()
-                return sdpa_attention_forward(module, query, k, v, None, scaling=scaling)[0]
-
-            t = time_fn(sdpa, dev, **timing_kw)
-            sdpa_ms = t["median_ms"]
-            finish({"preset": None, "method": "sdpa", "status": "ok", "copies": copies}, t, dense_bytes)
-            del kv
-        except torch.cuda.OutOfMemoryError as err:
-            finish({"preset": None, "method": "sdpa", "status": "oom", "reason": _short(err)}, None, None)
+            calls = [
+                lambda k=k, v=v: sdpa_attention_forward(module, sdpa_query, k, v, None, scaling=scaling)[0]
+                for k, v in kv
+            ]
+            fn = graph_replayer(calls, dev)[0] if method in GRAPHED else _cycle_calls(calls)
+            t = time_fn(fn, dev, **timing_kw)
+            sdpa_times.append(t["median_ms"])
+            finish({"preset": None, "method": method, "status": "ok", "copies": copies}, t, dense_bytes)
+            del kv, calls, fn
+        except Exception as err:  # reported in its column (a graph that cannot be captured, OOM), not fatal
+            if args.verbose:
+                traceback.print_exc()
+            status = "oom" if isinstance(err, torch.cuda.OutOfMemoryError) else "n/a"
+            finish({"preset": None, "method": method, "status": status, "reason": _short(err)}, None, None)
         _free(dev)
+    sdpa_ms = min(sdpa_times) if sdpa_times else None
 
-    spectral_methods = [m for m in methods if m != "sdpa"]
+    spectral_methods = [m for m in methods if m not in ("sdpa", "sdpa_graph")]
     for preset in presets if spectral_methods else []:
         try:
             case = build_case(preset, batch, tokens, hq, hkv, d, dtype, dev, args.seed, (keys, values))
@@ -389,17 +435,15 @@ def measure_case(
                 finish({**info, "method": "torch", "status": "oom", "reason": _short(err)}, None, None)
             _free(dev)
         callables: list[tuple[str, Callable[..., torch.Tensor] | None, str]] = []
-        if "kernel" in spectral_methods:
-            if kernel is not None and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        for name in [m for m in ("kernel", "kernel_graph") if m in spectral_methods]:
+            if name in GRAPHED and dev.type != "cuda":
+                callables.append((name, None, NO_GRAPH))
+            elif kernel is not None and dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
                 callables.append(
-                    (
-                        "kernel",
-                        None,
-                        "Triton kernels need CUDA (TRITON_INTERPRET=1 runs them on CPU, for tests)",
-                    )
+                    (name, None, "Triton kernels need CUDA (TRITON_INTERPRET=1 runs them on CPU, for tests)")
                 )
             else:
-                callables.append(("kernel", kernel, kernel_reason))
+                callables.append((name, kernel, kernel_reason))
         if "dispatch" in spectral_methods:
             callables.append(("dispatch", *load_dispatch()))
         for name, fn, why in callables:
@@ -407,14 +451,19 @@ def measure_case(
                 finish({**info, "method": name, "status": "n/a", "reason": why}, None, None)
                 continue
             try:
-                with torch.no_grad():
-                    out = fn(case.query, case.state, None, scaling, None)
+                calls = [lambda c=case, st=st, f=fn: f(c.query, st, None, scaling, None) for st in states]
+                if name in GRAPHED:  # the error is the graph's own output (states[0] is case.state)
+                    timed, outputs = graph_replayer(calls, dev)
+                    timed()
+                    out = outputs[0]
+                else:
+                    timed = _cycle_calls(calls)
+                    with torch.no_grad():
+                        out = calls[0]()
                 sync(dev)
                 err = None if ref_out is None else _rel_err(out, ref_out)
-                nxt = _cycle(states)
-                t = time_fn(
-                    lambda c=case, n=nxt, f=fn: f(c.query, n(), None, scaling, None), dev, **timing_kw
-                )
+                t = time_fn(timed, dev, **timing_kw)
+                del calls, timed, out
                 row = finish({**info, "method": name, "status": "ok", "copies": copies}, t, read["total"])
                 row["rel_err_vs_torch"] = err
                 row["speedup_vs_sdpa"] = sdpa_ms / t["median_ms"] if sdpa_ms else None
@@ -510,7 +559,7 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         else ""
     )
     header = (
-        f"{'T':>7} {'B':>2} {'preset':<10} {'method':<8} {'median ms':>10} {'GB/s':>7} {'%copy':>6} "
+        f"{'T':>7} {'B':>2} {'preset':<10} {'method':<12} {'median ms':>10} {'GB/s':>7} {'%copy':>6} "
         f"{'x SDPA':>7} {'bytes ratio':>11} {'rel err':>8}  status"
     )
     print(header)
@@ -526,7 +575,7 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         if status != "ok":
             status += f" ({r.get('reason', '')})"
         print(
-            f"{r['context']:>7} {r['batch']:>2} {r.get('preset') or '-':<10} {r['method']:<8} {ms:>10} "
+            f"{r['context']:>7} {r['batch']:>2} {r.get('preset') or '-':<10} {r['method']:<12} {ms:>10} "
             f"{gbps:>7} {frac:>6} {sp:>7} {ratio:>11} {err:>8}  {status}"
         )
 
@@ -543,7 +592,8 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(batches), 2, figsize=(12, 4.2 * len(batches)), squeeze=False)
     series: dict[tuple[str, str | None], str] = {}
-    styles = {"sdpa": "k-o", "kernel": "-s", "torch": "--^", "dispatch": "-.x", "step": ":d"}
+    styles = {"sdpa": "k-o", "sdpa_graph": "k:o", "kernel": "-s", "kernel_graph": ":s", "torch": "--^",
+              "dispatch": "-.x", "step": ":d"}  # fmt: skip
     bw = meta.get("copy_bandwidth", {}).get("gbps")
     for i, b in enumerate(batches):
         for r in rows:
@@ -658,18 +708,28 @@ def markdown(data: dict[str, Any]) -> str:
         return text + (f" ({', '.join(extra)})" if extra else "")
 
     presets = meta.get("presets", [])
-    head = ["context, batch", "SDPA dense ms (GB/s)"]
+    graphed = [m for m in GRAPHED if m in meta.get("methods", ())]  # absent from older results
+    head = ["context, batch", "SDPA dense ms (GB/s)"] + ["SDPA graph ms (GB/s)"] * ("sdpa_graph" in graphed)
     for p in presets:
-        head += [f"kernel {p} ms", f"torch ref {p} ms"]
+        head += (
+            [f"kernel {p} ms"]
+            + [f"kernel graph {p} ms"] * ("kernel_graph" in graphed)
+            + [f"torch ref {p} ms"]
+        )
     head.append("bytes read, dense / " + " / ".join(presets))
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in meta["contexts"]:
         for b in meta["batches"]:
             sd = by.get((t, b, None, "sdpa"))
             cells = [f"{t // 1024}K, {b}" if t % 1024 == 0 else f"{t}, {b}", cell(sd, gbps=True)]
+            if "sdpa_graph" in graphed:
+                cells.append(cell(by.get((t, b, None, "sdpa_graph")), gbps=True))
             ratios = []
             for p in presets:
-                cells += [cell(by.get((t, b, p, "kernel")), gbps=True), cell(by.get((t, b, p, "torch")))]
+                cells.append(cell(by.get((t, b, p, "kernel")), gbps=True))
+                if "kernel_graph" in graphed:
+                    cells.append(cell(by.get((t, b, p, "kernel_graph")), gbps=True))
+                cells.append(cell(by.get((t, b, p, "torch"))))
                 tr = by.get((t, b, p, "torch")) or by.get((t, b, p, "kernel"))
                 ratios.append(f"{tr['byte_ratio']:.2f}×" if tr and tr.get("byte_ratio") else "—")
             cells.append(" / ".join(ratios))
