@@ -64,6 +64,9 @@ PRESETS = {
     # values since stop 21 (cache.layer.stores_values_tokens_contiguous); channel_zp is the row-major
     # layout before it
     "channel_zp_vt": (128, 128, 8, 4),
+    # the aggressive layout with its low-rank value coefficient bytes stored tokens-contiguous (stop 22: a
+    # candidate storage, not what the cache stores)
+    "aggressive_vt": (16, 32, 16, 4),
 }
 # random_state options beyond the ranks (identity / per-channel codecs, zero points)
 STATE_OPTIONS = {
@@ -73,7 +76,7 @@ STATE_OPTIONS = {
     "channel_zp_vt": {"channel_keys": True, "identity_values": True, "key_zero_point": True},
 }
 # presets whose value coefficient bytes are stored tokens-contiguous (value_tokens_contiguous)
-VALUE_T = {"channel_zp_vt"}
+VALUE_T = {"channel_zp_vt", "aggressive_vt"}
 
 
 def value_tokens_contiguous(state):
@@ -267,7 +270,7 @@ CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
     "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
-    "flat_tiles", "key_raw", "outlier_cols", "ablate",
+    "flat_tiles", "key_raw", "outlier_cols", "merge", "pdl", "short_rows", "ablate",
 )  # fmt: skip
 
 
@@ -734,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-outlier-cols", default="none")
     # stop 21: timing-only ablations (a bit set, ABLATE_BITS; none / 0: off). Results are wrong.
     p.add_argument("--v-ablate", default="none")
+    # stop 22: one launch (merge), programmatic dependent launch (pdl), rows per outlier / exact program
+    p.add_argument("--v-merge", default="none")
+    p.add_argument("--v-pdl", default="none")
+    p.add_argument("--v-short-rows", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")
     p.add_argument(
         "--check-configs", default="[{}]", help="JSON list (or @file) of launch options the check runs"

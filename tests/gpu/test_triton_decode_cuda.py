@@ -300,3 +300,45 @@ def test_cuda_graph_capture() -> None:
     ref = spectral_attention(query, state)
     assert torch.isfinite(out).all()
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "launch", [{"merge": True}, {"pdl": True}, {"merge": True, "pdl": True}, {"short_rows": 64}]
+)
+@pytest.mark.parametrize("layout", ["channel_zp", "aggressive"])
+def test_stop22_launch_options(launch, layout) -> None:
+    """Stop 22: one launch (the last program merges), programmatic dependent launch, short outlier / exact
+    programs -- compiled, against the reference (the default preset's layout and the aggressive one)."""
+    kw = (
+        dict(channel_keys=True, key_zero_point=True, identity_values=True, key_bits=4, outliers=8, blocks=9)
+        if layout == "channel_zp"
+        else dict(**PRESETS["aggressive"], blocks=9)
+    )
+    _run(launch=launch, batch=2, **kw)
+
+
+def test_stop22_merge_and_pdl_replay_from_a_graph() -> None:
+    """merge + pdl captured in a CUDA graph (torch.cuda.graph's capture stream) and replayed with new
+    queries: every replay equals the reference, and the tickets are zeros afterwards (each launch's last
+    program put its ticket back)."""
+    from spectralcache.attention.triton import decode as dec
+
+    state = random_state(batch=2, kv_heads=8, head_dim=128, block_size=512, blocks=6, device="cuda",
+                         dtype=torch.bfloat16, seed=next(_seed), **PRESETS["aggressive"])  # fmt: skip
+    query = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(query)
+    kw = {"merge": True, "pdl": True}
+    decode_attention(query, state, out=out, **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(query, state, out=out, **kw)
+    for _ in range(3):
+        query.copy_(torch.randn_like(query))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = spectral_attention(query, state)
+        assert torch.isfinite(out).all()
+        assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    assert all(int(t.abs().sum()) == 0 for t in dec._TICKETS.values())

@@ -125,6 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
+    merge: bool = False, merge_s: int = 16, pdl: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -146,6 +147,7 @@ def _split_constexprs(
         FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw, OUT_COLS=out_cols,
         # timing-only ablations of the tile work (decode_splits._cold_tile): never on here
         ABLATE=0,
+        MERGE=merge, MERGE_S=merge_s, PDL=pdl,
     )  # fmt: skip
 
 
@@ -198,21 +200,65 @@ def _int4_width(rank: int, bits: int, int4_bytes: int, int4_pad: bool) -> int:
 
 
 @functools.lru_cache(maxsize=512)
-def _combine_constexprs(groups: int, rows: int, head_dim: int, block_s: int) -> dict:
-    return dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=block_s)
+def _combine_constexprs(groups: int, rows: int, head_dim: int, block_s: int, pdl: bool = False) -> dict:
+    return dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=block_s, PDL=pdl)
 
 
 @functools.lru_cache(maxsize=64)
-def _options(num_warps: int, num_stages: int | None, maxnreg: int | None) -> dict:
+def _options(num_warps: int, num_stages: int | None, maxnreg: int | None, pdl: bool = False) -> dict:
     options: dict = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
+    if pdl:
+        options["launch_pdl"] = True
     return options
 
 
 _COMBINE_OPTIONS = {"num_warps": 4}
+_COMBINE_OPTIONS_PDL = {"num_warps": 4, "launch_pdl": True}
+
+
+def _use_pdl(pdl: bool | None, device: torch.device) -> bool:
+    """Programmatic dependent launch (``launch_pdl``; Hopper and later, compiled CUDA only -- never in
+    the interpreter, never on ROCm): the caller's choice there, else off (None: off until measured)."""
+    if not pdl or _INTERPRET or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= 9
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+# (device, stream) -> int32 tickets, one per (batch row, KV head): the one-launch merge (``merge``)
+# counts finished programs there; the last one puts its ticket back to 0, so a buffer is zeros between
+# launches and serves every later launch -- and replay of a graph captured on its stream -- on its stream.
+# Launches on one stream never overlap, so they never share a ticket in flight; graphs captured on one
+# stream (torch.cuda.graph's shared capture stream) share its buffer and must not be replayed
+# concurrently on different streams. A buffer first needed during a capture comes from that graph's
+# memory pool; held here, it stays valid after the graph is gone (the capture also records its zero fill,
+# which each replay then repeats: harmless).
+_TICKETS: dict[tuple, torch.Tensor] = {}
+_TICKETS_OUTGROWN: list[torch.Tensor] = []
+
+
+def _tickets(device: torch.device, n_bh: int) -> torch.Tensor:
+    """The ticket buffer of ``device``'s current stream, with at least ``n_bh`` entries."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (str(device), 0)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n_bh:
+        if buf is not None:
+            _TICKETS_OUTGROWN.append(buf)  # a captured graph may still count there: never freed
+        buf = _TICKETS[key] = torch.zeros(max(n_bh, 64), dtype=torch.int32, device=device)
+    return buf
 
 
 class KernelDoesNotFit(ValueError):
@@ -556,11 +602,12 @@ def _row_stride(coeffs: torch.Tensor) -> int:
 
 def _split_plan(
     plan_blocks: int, plan_exact: int, blocks_per_split: int, *, t: int, block_e: int, n_out: int,
-    out_split: bool, exact_spread: bool, want_splits: int, block_parts: int = 1,
+    out_split: bool, exact_spread: bool, want_splits: int, block_parts: int = 1, short_rows: int | None = None,
 ) -> tuple[int, int, int, int, int]:  # fmt: skip
     """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program, or with
     ``block_parts`` P > 1 one part of a block per program (``blocks_per_split`` must then be 1):
-    ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``."""
+    ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``. ``short_rows``
+    (a multiple of ``block_e``): at most that many rows per outlier and exact program (stop 22)."""
     if block_parts > 1:
         if blocks_per_split != 1:
             raise ValueError(f"block_parts={block_parts} needs blocks_per_split=1, got {blocks_per_split}")
@@ -587,6 +634,10 @@ def _split_plan(
         # an exact token costs ~2*D*2 bytes, a cold block ~T*(rk+rv+...) bytes: give exact programs
         # about as many bytes as a cold program
         exact_per_split = max(block_e, -(-(blocks_per_split * t // 2) // block_e) * block_e)
+    if short_rows:
+        out_per_split = min(out_per_split, short_rows)
+        n_out_splits = -(-(plan_blocks * n_out) // out_per_split) if out_split else 0
+        exact_per_split = min(exact_per_split, short_rows)
     n_exact_splits = -(-plan_exact // exact_per_split) if plan_exact else (0 if n_cold_splits else 1)
     return n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits
 
@@ -668,6 +719,9 @@ def decode_attention(
     flat_tiles: int | None = None,
     key_raw: bool | None = None,
     outlier_cols: bool | None = None,
+    merge: bool | None = None,
+    pdl: bool | None = None,
+    short_rows: int | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -716,7 +770,13 @@ def decode_attention(
     None: automatic, :func:`_flat_tiles`), ``key_raw`` (True: per-channel int4 key nibbles scored
     without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured),
     ``outlier_cols`` (the flat loop's outlier mask kept per tile column, :func:`_outlier_cols`; None:
-    automatic, False: off).
+    automatic, False: off), ``merge`` (True: one launch -- the split kernel's last program per (batch row,
+    KV head), found by a self-resetting ticket, merges the partials; None / False: the combine kernel
+    after it; stop 22) and ``pdl`` (True: programmatic dependent launch of both kernels on Hopper, so a
+    kernel's launch overlaps the previous one's tail; ignored elsewhere; None / False: off),
+    ``short_rows`` (at most this many rows per outlier / exact program, a multiple of ``block_e``: where the
+    plan has more programs than resident slots, the short programs run in a second wave, and their
+    length is the step's tail; None: the plan's, about a cold program's bytes; stop 22).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -828,6 +888,8 @@ def decode_attention(
     if maxnreg == -1:
         maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
+    if short_rows is not None and (short_rows < block_e or short_rows % block_e):
+        raise ValueError(f"short_rows must be a positive multiple of block_e={block_e}, got {short_rows}")
     split_k, split_v = _nibble_split(
         nibble_split, kbits, vbits, key_identity, value_identity, pre_rope, head_dim
     )
@@ -874,7 +936,7 @@ def decode_attention(
     def programs(parts: int) -> int:
         plan = _split_plan(
             plan_blocks, plan_exact, 1, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
-            exact_spread=exact_spread, want_splits=want_splits, block_parts=parts,
+            exact_spread=exact_spread, want_splits=want_splits, block_parts=parts, short_rows=short_rows,
         )  # fmt: skip
         return plan[0] + plan[3] + plan[4]
 
@@ -886,7 +948,7 @@ def decode_attention(
         blocks_per_split = 1
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
-        exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts,
+        exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts, short_rows=short_rows,
     )  # fmt: skip
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
@@ -922,6 +984,13 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
+    # one launch (merge): the split kernel's last program per (batch row, KV head) merges the partials
+    tickets = _tickets(device, n_bh) if merge else None
+    if tickets is not None:
+        args += [out, *out.stride(), tickets]
+    else:
+        args += [f16, 0, 0, 0, 0, dummy[torch.int64]]
+    use_pdl = _use_pdl(pdl, device)
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
     # stop 21; any other strides are read as well)
@@ -932,7 +1001,7 @@ def decode_attention(
         )
         tiles = blocks_per_split * -(-t // block_t)  # tiles a cold program reads
         stages = _auto_num_stages(num_stages, flat, tiles, v_tokens)
-        options = _options(num_warps, stages, maxnreg if query.is_cuda else None)
+        options = _options(num_warps, stages, maxnreg if query.is_cuda else None, use_pdl)
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
             pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
@@ -943,6 +1012,8 @@ def decode_attention(
             _int4_asm_form(int4_asm), defer_den is None or bool(defer_den),
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
             _outlier_cols(outlier_cols, flat, n_out, t, block_t, tiles),
+            tickets is not None, _merge_splits(rows, min_rows, head_dim, n_splits) if tickets is not None else 16,
+            use_pdl,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)
@@ -960,10 +1031,19 @@ def decode_attention(
                 raise
             block_t //= 2
 
-    _COMBINE(
-        (n_bh * rows,),
-        [partials, out, *out.stride(), n_kv, n_splits, q_len],
-        _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2))),
-        _COMBINE_OPTIONS,
-    )  # fmt: skip
+    if tickets is None:
+        _COMBINE(
+            (n_bh * rows,),
+            [partials, out, *out.stride(), n_kv, n_splits, q_len],
+            _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2)), use_pdl),
+            _COMBINE_OPTIONS_PDL if use_pdl else _COMBINE_OPTIONS,
+        )  # fmt: skip
     return out
+
+
+def _merge_splits(rows: int, min_rows: int | None, head_dim: int, n_splits: int) -> int:
+    """Splits the one-launch merge reads a step: ``[S, rows, head_dim]`` float32 tiles of at most 4096
+    elements (32 registers a thread at 4 warps; sm_90a, aggressive layout: 8192 spilled 328 B, 4096 none
+    beyond the tile loop's), no more than the launch has."""
+    r_p = _next_pow2(rows, 1 if min_rows is None else min_rows)
+    return max(1, min(_next_pow2(n_splits, 1), 4096 // (r_p * _next_pow2(head_dim))))

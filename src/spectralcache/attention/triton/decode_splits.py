@@ -60,6 +60,8 @@ import os
 import triton
 import triton.language as tl
 
+from spectralcache.attention.triton.combine_splits import grid_wait, merge_partials
+
 __all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 
 # Triton's interpreter (TRITON_INTERPRET=1, used by the CPU tests) multiplies bfloat16 dot
@@ -693,6 +695,8 @@ def spectral_decode_split_kernel(
     scale, softcap,
     # per-step sizes on the device (int32 [len(SIZE_FIELDS)]), read instead of the scalars above
     sizes_ptr,
+    # MERGE: the output [B, Hq, q, D] and one int32 ticket per (batch row, KV head) (zeros; left zeros)
+    out_ptr, s_ob, s_oh, s_oq, s_od, tick_ptr,
     G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     T: tl.constexpr, BLOCK_T: tl.constexpr,
     RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
@@ -708,9 +712,15 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
+    MERGE: tl.constexpr = False, MERGE_S: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
+    if PDL:
+        # programmatic dependent launch (compiled only; the host sets PDL only there): let the next
+        # dependent grid (the combine kernel, or the next step's split kernel) be scheduled now, then wait
+        # for the grid before this one (the previous step's writes: the partials, the query)
+        grid_wait(True)
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
         # (programs past the live blocks / exact tokens find empty ranges and write empty partials)
@@ -1185,6 +1195,20 @@ def spectral_decode_split_kernel(
         acc,
         mask=rows_ok[:, None] & d_ok[None, :],
     )
+    if MERGE:
+        # one launch (stop 22): the last program of this (batch row, KV head) to finish merges its
+        # n_splits partials (combine_splits' math) and writes the output. Its ticket counts the finished
+        # programs; the barrier orders every thread's partial stores before the one thread's release
+        # increment, the acquire makes the others' visible to the last; that program puts the ticket back
+        # to 0, so the next launch -- or the next replay of a captured graph -- counts from 0 again
+        tl.debug_barrier()
+        done = tl.atomic_add(tick_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            merge_partials(
+                part_ptr, pid_bh, n_part, n_splits, out_ptr, s_ob, s_oh, s_oq, s_od, b, h, q_len,
+                G, R, R_P, D, D_P, MERGE_S,
+            )  # fmt: skip
+            tl.store(tick_ptr + pid_bh, 0)
 
 
 @triton.jit
