@@ -8,6 +8,7 @@ from spectralcache.cache.block import compress_blocks, reconstruct
 from spectralcache.cache.cache import SpectralCache, get_active_spectral_layer
 from spectralcache.cache.layer import SpectralLayer
 from spectralcache.cache.rope import RopeRotator, find_rotary_inv_freq
+from spectralcache.cache.sliding import SlidingWindowLayer
 from spectralcache.config import SpectralConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,7 +304,9 @@ def test_cache_builds_layers_from_layer_types():
     model = tiny_model("gemma3")
     cache = SpectralCache(model, small_cfg())
     kinds = [type(layer) for layer in cache.layers]
-    assert kinds == [DynamicSlidingWindowLayer, SpectralLayer, DynamicSlidingWindowLayer, SpectralLayer]
+    # sliding layers: transformers' own class, with a graphed step added (cache/sliding.py)
+    assert kinds == [SlidingWindowLayer, SpectralLayer, SlidingWindowLayer, SpectralLayer]
+    assert issubclass(SlidingWindowLayer, DynamicSlidingWindowLayer)
     assert cache.compressed_layers == (1, 3)
     cache = SpectralCache(model.config, small_cfg(compress_layers=(3,)))
     assert [type(layer) for layer in cache.layers][1] is DynamicLayer

@@ -1,9 +1,10 @@
 """``SpectralCache``: a transformers ``Cache`` whose full-attention layers are compressed.
 
 Layers are built from the model config's ``layer_types``: a :class:`SpectralLayer` for every
-compressed layer (default: every ``full_attention`` layer), transformers' own
-``DynamicSlidingWindowLayer`` for sliding / chunked layers, ``DynamicLayer`` for full-attention
-layers the config leaves uncompressed.
+compressed layer (default: every ``full_attention`` layer), a :class:`SlidingWindowLayer` for
+sliding layers (transformers' own ``DynamicSlidingWindowLayer``, every eager call inherited, plus a
+step ``GraphedDecoder`` can replay: ``cache/sliding.py``), transformers' own layer for chunked
+layers, ``DynamicLayer`` for full-attention layers the config leaves uncompressed.
 
 Handshake with attention (``attention/interface.py``): for a compressed layer ``update`` returns
 :class:`~spectralcache.attention.interface.SpectralOnlyTensor` objects sharing the chunk's memory
@@ -35,6 +36,7 @@ from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
     DynamicLayer,
+    DynamicSlidingWindowLayer,
     get_layer_types_and_kwargs,
 )
 
@@ -42,6 +44,7 @@ from spectralcache.cache.deferred import DeferredCheck, first_failure
 from spectralcache.cache.layer import COLD_TIERS, SpectralLayer
 from spectralcache.cache.memory import held_bytes, logical_bytes
 from spectralcache.cache.rope import find_rotary_inv_freq
+from spectralcache.cache.sliding import SlidingWindowLayer
 from spectralcache.config import SpectralConfig, get_preset
 
 __all__ = ["SpectralCache", "get_active_spectral_layer"]
@@ -286,6 +289,9 @@ class SpectralCache(Cache):
                 )
             elif lt == _FULL:
                 layers.append(DynamicLayer())
+            elif lt == "sliding_attention" and DYNAMIC_LAYER_TYPE_MAPPING[lt] is DynamicSlidingWindowLayer:
+                # transformers' own layer, plus a graphed decode step (cache/sliding.py)
+                layers.append(SlidingWindowLayer(**kwargs))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[lt](**kwargs))
         super().__init__(layers=layers)
@@ -353,6 +359,9 @@ class SpectralCache(Cache):
                 keys = spectral_only(keys, layer_idx, abort)
                 values = spectral_only(values, layer_idx, abort)
                 register_chunk(keys, layer, abort=abort)
+            elif type(layer) is SlidingWindowLayer and layer.has_pending_chunk:
+                # a graphed step's full window: attention reads it without the model's mask
+                register_chunk(keys, layer, abort=self._abort_callable())
         except BaseException:
             self._abort_forward()
             raise

@@ -39,9 +39,15 @@ Why a step can be captured, and what runs outside it (docs/graphed_decode.md has
   counters, and the write lands past every live window). The cache's own per-forward
   bookkeeping is opened and closed around each eager or capturing call as the hooks would.
 
+* **Sliding-window layers** (Gemma 2/3: never compressed) are :class:`~spectralcache.cache.sliding.
+  SlidingWindowLayer` objects: transformers' own layer, whose graphed step shifts a fixed window
+  buffer in place and attends over its ``W`` rows without a mask (``cache/sliding.py`` says why that
+  is exact). Until every sliding window is full (and, in a padded batch, until the padding has left
+  it) steps run eagerly.
+
 What it refuses (``ValueError`` / ``RuntimeError`` naming the problem; the cache unchanged):
-layers that are not compressed (``DynamicLayer`` / sliding layers grow by concatenation: not
-capturable), ``hot_size == 0``, right padding, a model in training mode or not attending with
+full-attention layers left uncompressed and chunked-attention layers (transformers' layers grow by
+concatenation: not capturable), ``hot_size == 0``, right padding, a model in training mode or not attending with
 spectral attention. A left-padded batch (``attention_mask`` at :meth:`GraphedDecoder.prefill`)
 decodes through a mask by cache index of fixed address (grown, and the graph captured again,
 only past ``max_new_tokens``) and per-row position ids. Before the landmarks are full (prompt shorter than ``landmarks``) a step
@@ -103,6 +109,8 @@ def _layout_key(layer: Any) -> tuple:
     """What a captured step baked in about ``layer``: its buffers (held, so that an id is never
     reused while the graph lives) and whether it has cold blocks (the kernel records their
     buffers only then)."""
+    if getattr(layer, "is_sliding", False):
+        return layer.graph_layout()
     return (layer._hot_k, layer._hot_v, layer._lm_k, layer._lm_v, layer._cold, layer._nb > 0)
 
 
@@ -130,18 +138,23 @@ class GraphedDecoder:
     def __init__(self, model: Any, cache: Any, *, max_new_tokens: int = 0, mode: str = "auto") -> None:
         from spectralcache.cache.cache import SpectralCache
         from spectralcache.cache.layer import SpectralLayer
+        from spectralcache.cache.sliding import SlidingWindowLayer
         from spectralcache.integrations.compat import cache_argument
 
         if mode not in MODES:
             raise ValueError(f"GraphedDecoder mode must be one of {MODES}, got {mode!r}")
         if not isinstance(cache, SpectralCache):
             raise TypeError(f"GraphedDecoder needs a SpectralCache, got {type(cache).__name__}")
-        others = [i for i, layer in enumerate(cache.layers) if type(layer) is not SpectralLayer]
+        others = [
+            i
+            for i, layer in enumerate(cache.layers)
+            if type(layer) not in (SpectralLayer, SlidingWindowLayer)
+        ]
         if others and mode != "eager":
             raise ValueError(
                 f"GraphedDecoder: layers {others} are not compressed (transformers' own layers grow "
-                "by concatenation, which a CUDA graph cannot replay); compress every layer "
-                "(SpectralConfig.compress_layers=None on a model without sliding layers) or use mode='eager'"
+                "by concatenation, which a CUDA graph cannot replay); compress every full-attention "
+                "layer (SpectralConfig.compress_layers=None) or use mode='eager'"
             )
         if cache.config.key_group_size is not None and mode != "eager":
             raise ValueError(
@@ -190,6 +203,13 @@ class GraphedDecoder:
         params = inspect.signature(type(model).forward).parameters
         self._pass_cache_position = "cache_position" in params
         self.layers: list[Any] = list(cache.layers)
+        # the compressed layers carry the step's sizes; the first one also its position and batch
+        self._compressed = [type(layer) is SpectralLayer for layer in self.layers]
+        self._ref = next(layer for layer in self.layers if type(layer) is SpectralLayer)
+        self._sliding_windows = [
+            layer.sliding_window for layer in self.layers if getattr(layer, "is_sliding", False)
+        ]
+        self._pad_end = 0  # padded batch: cache indices below it hold padding in some row
         self.captures = self.replays = self.static_steps = self.eager_steps = 0
         self._decoded = 0
         self._batch: int | None = None
@@ -228,6 +248,8 @@ class GraphedDecoder:
         row 0 of the recorded buffer), write rows and position into the staging buffer."""
         fld, sizes = self._field, self._host_sizes
         for i, layer in enumerate(self.layers):
+            if not self._compressed[i]:
+                continue  # a sliding layer: its step reads no sizes
             seq = layer._seq_len
             r = sizes[i]
             r[fld["n_land"]] = layer._n_lm
@@ -241,7 +263,7 @@ class GraphedDecoder:
             r[fld["n_blocks"]] = layer._nb
             r[fld["hot_lo"]] = layer._hot_lo  # 0: graph_prepare keeps the window at row 0
         self._host_i64[: len(rows)] = rows
-        self._host_i64[len(rows)] = self.layers[0]._seq_len - 1
+        self._host_i64[len(rows)] = self._ref._seq_len - 1
 
     def host_sizes(self) -> np.ndarray:
         """The sizes staged for the current step ``[layers, len(SIZE_FIELDS)]`` (tests compare
@@ -253,6 +275,10 @@ class GraphedDecoder:
 
         slots = []
         for i, layer in enumerate(self.layers):
+            if not self._compressed[i]:
+                # a sliding layer only needs to know it is in a graphed step
+                slots.append(GraphSlot(self._sizes[i], self._rows[i], 0, 0))
+                continue
             rec = DecodeGraphSizes(layer.graph_state(), q_len=1)
             slots.append(
                 GraphSlot(self._sizes[i], self._rows[i], rec.capacity_blocks, rec.capacity_exact, self._mask)
@@ -329,6 +355,7 @@ class GraphedDecoder:
             raise ValueError("GraphedDecoder: padding must be on the left (every row's last token a token)")
         positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
         t = int(input_ids.shape[-1])
+        self._pad_end = int((~keep).nonzero()[:, 1].max()) + 1  # a sliding window holding padding waits
         self._row_offset = positions[:, -1] - (t - 1)  # position id - cache index, per row
         self._mask = keep.view(keep.shape[0], 1, 1, t)
         self._grow_mask(t + max(self.max_new_tokens, 1) + 1)
@@ -362,12 +389,12 @@ class GraphedDecoder:
         the next step."""
         if input_ids.dim() != 2 or input_ids.shape[1] != 1:
             raise ValueError(f"GraphedDecoder.step takes [batch, 1] token ids, got {tuple(input_ids.shape)}")
-        if self.mode == "eager" or any(layer.graph_unready_reason() for layer in self.layers):
+        if self.mode == "eager" or self._unready():
             # plain eager forward (e.g. landmarks not full yet): the model's own path
             self._decoded += 1
             return self._eager_step(input_ids)
         batch = int(input_ids.shape[0])
-        if batch != self.layers[0].batch_size or (self._batch is not None and batch != self._batch):
+        if batch != self._ref.batch_size or (self._batch is not None and batch != self._batch):
             raise ValueError(
                 f"GraphedDecoder: batch {batch} != the cache's batch {self.layers[0].batch_size}"
             )
@@ -377,7 +404,7 @@ class GraphedDecoder:
         for layer in self.layers:
             layer.graph_prepare(ahead)  # eager: compression, hot compaction (atomic per layer)
         if self._mask is not None:
-            self._grow_mask(self.layers[0].get_seq_length() + ahead + 1)
+            self._grow_mask(self._ref.get_seq_length() + ahead + 1)
         layout = [_layout_key(layer) for layer in self.layers]
         layout.append((self._mask,))
         tokens = [layer.checkpoint() for layer in self.layers]
@@ -394,6 +421,17 @@ class GraphedDecoder:
             raise
         self._decoded += 1
         return logits
+
+    def _unready(self) -> bool:
+        """Whether the next step must run eagerly: a layer not ready (landmarks or a sliding window
+        not full, ...) or, in a padded batch, padding still inside a sliding window (the graphed
+        sliding step reads no mask)."""
+        if any(layer.graph_unready_reason() for layer in self.layers):
+            return True
+        if self._mask is not None and self._sliding_windows:
+            first_in_window = self._ref.get_seq_length() - max(self._sliding_windows) + 1
+            return first_in_window < self._pad_end
+        return False
 
     def _run(self, layout: list[tuple]) -> torch.Tensor:
         if self.mode == "graph" and self._graph is not None and _same_layout(self._graph_layout, layout):
