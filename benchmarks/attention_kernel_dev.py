@@ -187,6 +187,9 @@ def check_modes(block_size: int = 128):
         ("no cold", dict(blocks=0), 4, 1, None, None),
         ("odd T=100 rk=20", dict(block_size=100, rank_keys=20, rank_values=36), 4, 1, None, None),
         ("prerope half rot", dict(key_space="pre_rope", rot_dim=64), 4, 1, None, None),
+        # the aggressive preset's ranks: 16-column int4 key tiles (8-byte rows; stop 22: read byte-once
+        # with int4_bytes 16, the tile width Triton 3.6 compiled wrong on the H100 at stop 16)
+        ("post_rope k4 rk16", dict(key_bits=4, rank_keys=16, rank_values=32), 4, 1, None, None),
     ]
     return base, modes
 
@@ -290,12 +293,15 @@ def best_configs(res: dict) -> dict:
     return best
 
 
-def section_time(res: dict, contexts, batches, with_ref: bool, save=lambda: None, presets=None) -> None:
+def section_time(
+    res: dict, contexts, batches, with_ref: bool, save=lambda: None, presets=None, configs=None
+) -> None:
     import torch.nn.functional as F
 
     rows = res.setdefault("time", [])  # filled row by row, saved after each (a run cut short keeps them)
     copy_bw = res.get("copy", {}).get("GBps")
-    configs = best_configs(res)
+    # launch configs per preset: --time-configs, else the fastest of this run's variants, else defaults
+    configs = configs or best_configs(res)
     res["time_configs"] = configs
     print("time section launch configs:", configs or "defaults", flush=True)
     for ctx in contexts:
@@ -702,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         "--time-presets", default=",".join(PRESETS), help="comma list of PRESETS the time section runs"
     )
     p.add_argument("--no-ref", action="store_true")
+    p.add_argument(
+        "--time-configs", default="{}", help="JSON {preset: launch options} (or @file) the time section uses"
+    )
     # variant grid: comma lists ("none" = the option left to its default)
     p.add_argument("--v-block-t", default="128,256")
     p.add_argument("--v-num-warps", default="4")
@@ -778,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "time":
                 section_time(res, [int(c) for c in args.contexts.split(",")],
                              [int(b) for b in args.batches.split(",")], not args.no_ref, save,
-                             args.time_presets.split(","))  # fmt: skip
+                             args.time_presets.split(","), _json_arg(args.time_configs))  # fmt: skip
             elif name == "host":
                 section_host(res)
             elif name == "roofline":

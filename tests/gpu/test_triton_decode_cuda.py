@@ -303,12 +303,15 @@ def test_cuda_graph_capture() -> None:
 
 
 @pytest.mark.parametrize(
-    "launch", [{"merge": True}, {"pdl": True}, {"merge": True, "pdl": True}, {"short_rows": 64}]
-)
+    "launch",
+    [{"merge": True}, {"merge": 2}, {"pdl": True}, {"merge": True, "pdl": True}, {"short_rows": 64},
+     {"int4_bytes": 16, "int4_pad": False}],
+)  # fmt: skip
 @pytest.mark.parametrize("layout", ["channel_zp", "aggressive"])
 def test_stop22_launch_options(launch, layout) -> None:
-    """Stop 22: one launch (the last program merges), programmatic dependent launch, short outlier / exact
-    programs -- compiled, against the reference (the default preset's layout and the aggressive one)."""
+    """Stop 22: one launch (the last program merges; acquire-release or release-only ticket), programmatic
+    dependent launch, short outlier / exact programs, 16-column int4 key tiles read byte-once (the aggressive
+    ranks) -- compiled, against the reference (the default preset's layout and the aggressive one)."""
     kw = (
         dict(channel_keys=True, key_zero_point=True, identity_values=True, key_bits=4, outliers=8, blocks=9)
         if layout == "channel_zp"

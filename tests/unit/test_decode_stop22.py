@@ -52,8 +52,8 @@ LAYOUTS = {
     [("default", 1, torch.float32), ("lowrank4", 1, torch.bfloat16), ("lowrank4", 4, torch.float32)],
 )
 def test_merge_in_the_split_kernel_agrees(layout: str, q_len: int, dtype: torch.dtype) -> None:
-    """merge=True: one launch, no combine kernel; the output equals the reference and the two-launch
-    path's. Called twice on one state: the second launch counts from the tickets the first left (0 again:
+    """merge=True (or 2, the release-only ticket): one launch, no combine kernel; the output equals the
+    reference and the two-launch path's. Called twice on one state: the second launch counts from the tickets the first left (0 again:
     a ticket not put back makes every program of the next launch miss the last place, and the output stays
     NaN). The output is written through strides (a [B, Hq, q, D] view of a [B, q, Hq, D] buffer)."""
     state = random_state(
@@ -71,12 +71,14 @@ def test_merge_in_the_split_kernel_agrees(layout: str, q_len: int, dtype: torch.
     bar = 1e-5 if dtype == torch.float32 else 1e-2
     two, seen = record_launch(lambda: decode_attention(query, state, mask, blocks_per_split=1, merge=False))
     assert not seen["MERGE"]
-    for _ in range(2):
+    for form in (True, 2):  # acquire-release ticket, release-only ticket
         out = torch.full((2, q_len, 8, 32), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
         _, seen = record_launch(
-            lambda out=out: decode_attention(query, state, mask, out=out, blocks_per_split=1, merge=True)
+            lambda out=out, form=form: decode_attention(
+                query, state, mask, out=out, blocks_per_split=1, merge=form
+            )
         )
-        assert seen["MERGE"] and not seen["PDL"]
+        assert seen["MERGE"] == int(form) and not seen["PDL"]
         assert _rel(out, ref) < bar
         assert _rel(out, two) < bar
         assert _tickets_zero()
@@ -152,3 +154,16 @@ def test_short_rows_plan_and_agreement() -> None:
     assert grids == [1 + 1 + 2, 1 + 2 + 3]
     with pytest.raises(ValueError, match="short_rows"):
         decode_attention(query, state, block_e=16, short_rows=24)
+    assert _rel(decode_attention(query, state, block_e=16, short_rows=0), ref) < 1e-5  # 0: the plan's rows
+
+
+def test_short_rows_automatic_rule() -> None:
+    """The automatic plan caps outlier / exact programs at 128 rows only where the cold tier is planned for
+    at least 32 programs per (batch row, KV head), the plan overflows them and a short program holds more."""
+    assert dec._auto_short_rows(66, 32, (64, 256, 256, 16, 3)) == 128  # aggressive 128K batch 1
+    assert dec._auto_short_rows(16, 32, (16, 256, 256, 4, 1)) is None  # batch 8: few programs wanted
+    assert dec._auto_short_rows(66, 32, (63, 64, 64, 16, 1)) is None  # 32K: programs already short
+    assert dec._auto_short_rows(66, 32, (60, 256, 256, 3, 3)) is None  # one wave
+    assert dec._auto_short_rows(66, 48, (64, 288, 288, 16, 3)) is None  # 128 rows not whole block_e steps
+    with pytest.raises(ValueError, match="merge"):
+        dec._merge_form(3)

@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    merge: bool = False, merge_s: int = 16, pdl: bool = False,
+    merge: int = 0, merge_s: int = 16, pdl: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -545,6 +545,31 @@ def _auto_num_stages(
     return 2 if tiles_per_program <= (8 if value_tokens_contiguous else 32) else None
 
 
+# rows per outlier / exact program of the automatic plan where the programs overflow the resident slots
+_SHORT_ROWS = 128
+
+
+def _auto_short_rows(want_splits: int, block_e: int, plan: tuple[int, int, int, int, int]) -> int | None:
+    """``short_rows`` of the automatic plan: 128 where the cold tier is planned for at least 32 programs
+    per (batch row, KV head) (few pairs: batch 1-4 at the Llama-8B shape), the plan's programs overflow
+    them (the outlier and exact programs then run as a second wave, after the first cold programs end)
+    and an outlier or exact program holds more than 128 rows; else None (the plan's own rows).
+
+    H200 stop 22 (``benchmarks/results/kernel_stop22/scan/``, graph replay, same process): aggressive
+    128K batch 1 (64 cold + 16 outlier + 3 exact programs per pair against 66 wanted) 0.0473 ms with 128
+    rows (101 programs) against 0.0492 (64 rows: 0.0492); the default layout there 0.0663 against 0.0669;
+    32K batch 1 level (0.0189 / 0.0188, 0.0225 / 0.0225); at batch 8 (8-16 wanted: not applied) 128 rows
+    measured level for aggressive and slower for the default layout (0.4843 against 0.4680)."""
+    n_cold, exact_per, out_per, n_out_splits, n_exact = plan
+    if want_splits < 32 or n_cold + n_out_splits + n_exact <= want_splits or _SHORT_ROWS % block_e:
+        return None
+    return (
+        _SHORT_ROWS
+        if max(out_per if n_out_splits else 0, exact_per if n_exact else 0) > _SHORT_ROWS
+        else None
+    )
+
+
 def _auto_row_stride(int4_row_stride: bool | None, split_k: bool, split_v: bool) -> bool:
     """Packed int4 row strides compiled in (``int4_row_stride``): the caller's choice, or on for layouts
     read without the nibble split (the low-rank int4 presets: Triton then loads their 8- / 16-byte rows
@@ -770,13 +795,14 @@ def decode_attention(
     None: automatic, :func:`_flat_tiles`), ``key_raw`` (True: per-channel int4 key nibbles scored
     without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured),
     ``outlier_cols`` (the flat loop's outlier mask kept per tile column, :func:`_outlier_cols`; None:
-    automatic, False: off), ``merge`` (True: one launch -- the split kernel's last program per (batch row,
-    KV head), found by a self-resetting ticket, merges the partials; None / False: the combine kernel
-    after it; stop 22) and ``pdl`` (True: programmatic dependent launch of both kernels on Hopper, so a
+    automatic, False: off), ``merge`` (True / 1: one launch -- the split kernel's last program per (batch
+    row, KV head), found by a self-resetting ticket taken with acquire-release semantics, merges the
+    partials; 2: the ticket taken with release semantics only; None / False: the combine kernel after it;
+    stop 22) and ``pdl`` (True: programmatic dependent launch of both kernels on Hopper, so a
     kernel's launch overlaps the previous one's tail; ignored elsewhere; None / False: off),
     ``short_rows`` (at most this many rows per outlier / exact program, a multiple of ``block_e``: where the
     plan has more programs than resident slots, the short programs run in a second wave, and their
-    length is the step's tail; None: the plan's, about a cold program's bytes; stop 22).
+    length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -888,8 +914,8 @@ def decode_attention(
     if maxnreg == -1:
         maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
-    if short_rows is not None and (short_rows < block_e or short_rows % block_e):
-        raise ValueError(f"short_rows must be a positive multiple of block_e={block_e}, got {short_rows}")
+    if short_rows is not None and (short_rows < 0 or short_rows % block_e):
+        raise ValueError(f"short_rows must be 0 or a multiple of block_e={block_e}, got {short_rows}")
     split_k, split_v = _nibble_split(
         nibble_split, kbits, vbits, key_identity, value_identity, pre_rope, head_dim
     )
@@ -946,6 +972,14 @@ def decode_attention(
     )  # fmt: skip
     if block_parts > 1:
         blocks_per_split = 1
+    if short_rows is None:
+        short_rows = _auto_short_rows(
+            want_splits, block_e,
+            _split_plan(
+                plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
+                exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts,
+            ),
+        )  # fmt: skip
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
         exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts, short_rows=short_rows,
@@ -1012,7 +1046,7 @@ def decode_attention(
             _int4_asm_form(int4_asm), defer_den is None or bool(defer_den),
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
             _outlier_cols(outlier_cols, flat, n_out, t, block_t, tiles),
-            tickets is not None, _merge_splits(rows, min_rows, head_dim, n_splits) if tickets is not None else 16,
+            _merge_form(merge) if tickets is not None else 0, _merge_splits(rows, min_rows, head_dim, n_splits) if tickets is not None else 16,
             use_pdl,
         )  # fmt: skip
         try:
@@ -1039,6 +1073,14 @@ def decode_attention(
             _COMBINE_OPTIONS_PDL if use_pdl else _COMBINE_OPTIONS,
         )  # fmt: skip
     return out
+
+
+def _merge_form(merge: bool | int | None) -> int:
+    """``decode_splits`` MERGE: 1 (True) the ticket taken with acquire-release semantics, 2 release only."""
+    form = 1 if merge is True else int(merge)
+    if form not in (1, 2):
+        raise ValueError(f"merge must be None, a bool, 1 or 2, got {merge!r}")
+    return form
 
 
 def _merge_splits(rows: int, min_rows: int | None, head_dim: int, n_splits: int) -> int:

@@ -712,7 +712,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    MERGE: tl.constexpr = False, MERGE_S: tl.constexpr = 16, PDL: tl.constexpr = False,
+    MERGE: tl.constexpr = 0, MERGE_S: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -1202,7 +1202,12 @@ def spectral_decode_split_kernel(
         # increment, the acquire makes the others' visible to the last; that program puts the ticket back
         # to 0, so the next launch -- or the next replay of a captured graph -- counts from 0 again
         tl.debug_barrier()
-        done = tl.atomic_add(tick_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if MERGE == 2:
+            # release only: no L1 invalidation (CCTL.IVALL) at every program's end; the last program's
+            # loads of the others' partials go to L2 (.cg), past any L1 line, after its ticket came back
+            done = tl.atomic_add(tick_ptr + pid_bh, 1, sem="release", scope="gpu")
+        else:
+            done = tl.atomic_add(tick_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
         if done == n_splits - 1:
             merge_partials(
                 part_ptr, pid_bh, n_part, n_splits, out_ptr, s_ob, s_oh, s_oq, s_od, b, h, q_len,
