@@ -7,7 +7,8 @@
 #      warm-up compiles of what B and C time;
 #   B. side by side in one process per cell (graph replay beside SDPA): aggressive at 128K batch 1 / 8 and
 #      32K batch 1, the default layout as stored (channel_zp_vt) at 128K batch 1 -- the committed plan vs
-#      short_rows off, int4_bytes 16 (with / without short rows), merge 1 / 2, pdl;
+#      short_rows off, int4_bytes 16 (with / without short rows), merge 1 / 2, pdl 1 / 2 (both kernels /
+#      the combine kernel only), 8 warps at 2 programs per SM, a 168-register cap at 3 per SM;
 #   C. copy bandwidth + time section of the committed plan (channel_zp_vt, aggressive, lowrank) at 4K / 32K /
 #      128K x batch 1 / 8, then aggressive again with int4_bytes 16.
 # Usage (repo root, device machine): bash benchmarks/gpu_runs/stop22_final.sh OUTDIR
@@ -23,8 +24,9 @@ echo "SPECTRALCACHE_COMMIT=${SPECTRALCACHE_COMMIT:-unset}" | tee -a "$W/env.txt"
 git status --short -- src benchmarks tests | tee -a "$W/env.txt"
 PIN='--v-block-t none --v-num-warps 4 --v-maxnreg=-1 --v-programs-per-sm none --v-block-stages none --v-outlier-split 1 --v-dequant-asm 1 --v-min-rows none --v-num-stages none --v-exact-spread 1 --v-int4-bytes 32 --v-int4-row-stride none --v-int4-pad 1 --v-blocks-per-split none --v-block-parts none --v-block-parts-min-tiles none --v-nibble-split none --v-int4-asm none --v-defer-den none --v-flat-tiles none --v-key-raw none --v-outlier-cols none --v-merge none --v-pdl none --v-short-rows none --v-ablate none'
 I16='"int4_bytes":16,"int4_pad":0'
-EA="[{\"short_rows\":0},{$I16},{$I16,\"short_rows\":0},{\"merge\":1},{\"merge\":2},{\"pdl\":1}]"
-EZ='[{"short_rows":0},{"merge":2},{"pdl":1}]'
+EA="[{\"short_rows\":0},{$I16},{$I16,\"short_rows\":0},{\"merge\":1},{\"merge\":2},{\"pdl\":1},{\"pdl\":2},\
+{\"num_warps\":8,\"programs_per_sm\":2},{\"maxnreg\":168,\"programs_per_sm\":3}]"
+EZ='[{"short_rows":0},{"merge":2},{"pdl":1},{"pdl":2}]'
 timeout 130 python3 $K --out "$W/qk" --sections quickcheck --check-block-size 512 \
   --check-modes "post_rope k4 rk16,post_rope k4,post_rope chK4zp idV4,q4 pad" \
   --check-configs "[{},{$I16},{\"merge\":2}]" > "$W/qk/log" 2>&1 &

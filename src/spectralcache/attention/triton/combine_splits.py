@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["combine_splits_kernel", "grid_wait", "merge_partials"]
+__all__ = ["combine_splits_kernel", "grid_trigger", "grid_wait", "merge_partials"]
 
 # Hopper grid dependency control (PTX ``griddepcontrol``), as triton.language.extra.cuda.gdc_* emit it
 # (written out here: the interpreter, CI's, never runs it, and the module path differs between releases)
@@ -33,12 +33,18 @@ _GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents; // dummy $0")
 
 
 @triton.jit
+def grid_trigger():
+    """Programmatic dependent launch (compiled CUDA only): let the next dependent grid be scheduled."""
+    tl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def grid_wait(LAUNCH_DEPENDENTS: tl.constexpr):
     """Programmatic dependent launch (compiled CUDA only): wait until the grid this one depends on has
     finished and its writes are visible; with ``LAUNCH_DEPENDENTS`` first let the next dependent grid
     be scheduled (its programs then wait the same way). Both are no-ops for a normal launch."""
     if LAUNCH_DEPENDENTS:
-        tl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        grid_trigger()
     tl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 

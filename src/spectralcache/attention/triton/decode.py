@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    merge: int = 0, merge_s: int = 16, pdl: bool = False,
+    merge: int = 0, merge_s: int = 16, pdl: int = 0,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -220,13 +220,17 @@ _COMBINE_OPTIONS = {"num_warps": 4}
 _COMBINE_OPTIONS_PDL = {"num_warps": 4, "launch_pdl": True}
 
 
-def _use_pdl(pdl: bool | None, device: torch.device) -> bool:
+def _use_pdl(pdl: bool | int | None, device: torch.device) -> int:
     """Programmatic dependent launch (``launch_pdl``; Hopper and later, compiled CUDA only -- never in
-    the interpreter, never on ROCm): the caller's choice there, else off (None: off until measured)."""
-    if not pdl or _INTERPRET or device.type != "cuda" or torch.version.hip is not None:
-        return False
+    the interpreter, never on ROCm): 1 (True) both kernels launched as dependents of the previous launch,
+    2 the combine kernel only; 0 elsewhere or when not asked for (None: off, as measured in stop 22)."""
+    form = 1 if pdl is True else int(pdl or 0)
+    if form not in (0, 1, 2):
+        raise ValueError(f"pdl must be None, a bool, 1 or 2, got {pdl!r}")
+    if not form or _INTERPRET or device.type != "cuda" or torch.version.hip is not None:
+        return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= 9
+    return form if _capability(index) >= 9 else 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -798,8 +802,9 @@ def decode_attention(
     automatic, False: off), ``merge`` (True / 1: one launch -- the split kernel's last program per (batch
     row, KV head), found by a self-resetting ticket taken with acquire-release semantics, merges the
     partials; 2: the ticket taken with release semantics only; None / False: the combine kernel after it;
-    stop 22) and ``pdl`` (True: programmatic dependent launch of both kernels on Hopper, so a
-    kernel's launch overlaps the previous one's tail; ignored elsewhere; None / False: off),
+    stop 22), ``pdl`` (True / 1: programmatic dependent launch of both kernels on Hopper, so a kernel's
+    launch overlaps the previous one's tail; 2: the combine kernel only; ignored elsewhere; None / False:
+    off) and
     ``short_rows`` (at most this many rows per outlier / exact program, a multiple of ``block_e``: where the
     plan has more programs than resident slots, the short programs run in a second wave, and their
     length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22).
@@ -1035,7 +1040,7 @@ def decode_attention(
         )
         tiles = blocks_per_split * -(-t // block_t)  # tiles a cold program reads
         stages = _auto_num_stages(num_stages, flat, tiles, v_tokens)
-        options = _options(num_warps, stages, maxnreg if query.is_cuda else None, use_pdl)
+        options = _options(num_warps, stages, maxnreg if query.is_cuda else None, use_pdl == 1)
         constexprs = _split_constexprs(
             groups, rows, head_dim, t, block_t, rk, rv, n_out, block_e, kbits, vbits, key_identity, value_identity,
             pre_rope, rot_half, has_mask, mask_bool, softcap is not None, has_chunk, query.dtype == torch.float32,
@@ -1069,7 +1074,7 @@ def decode_attention(
         _COMBINE(
             (n_bh * rows,),
             [partials, out, *out.stride(), n_kv, n_splits, q_len],
-            _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2)), use_pdl),
+            _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2)), use_pdl > 0),
             _COMBINE_OPTIONS_PDL if use_pdl else _COMBINE_OPTIONS,
         )  # fmt: skip
     return out

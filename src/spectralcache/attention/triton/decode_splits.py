@@ -60,7 +60,7 @@ import os
 import triton
 import triton.language as tl
 
-from spectralcache.attention.triton.combine_splits import grid_wait, merge_partials
+from spectralcache.attention.triton.combine_splits import grid_trigger, grid_wait, merge_partials
 
 __all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 
@@ -712,15 +712,19 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    MERGE: tl.constexpr = 0, MERGE_S: tl.constexpr = 16, PDL: tl.constexpr = False,
+    MERGE: tl.constexpr = 0, MERGE_S: tl.constexpr = 16, PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
-    if PDL:
+    if PDL == 1:
         # programmatic dependent launch (compiled only; the host sets PDL only there): let the next
         # dependent grid (the combine kernel, or the next step's split kernel) be scheduled now, then wait
         # for the grid before this one (the previous step's writes: the partials, the query)
         grid_wait(True)
+    elif PDL == 2:
+        # only the combine kernel is a programmatic dependent: let it be scheduled now (this launch is an
+        # ordinary one, so there is nothing to wait for)
+        grid_trigger()
     if SIZES_ON_DEVICE:
         # CUDA-graph mode: the grid is sized for capacity; the sizes of this step are device data
         # (programs past the live blocks / exact tokens find empty ranges and write empty partials)
