@@ -5,7 +5,8 @@
 #      byte-once (int4_bytes 16, the aggressive ranks: Triton 3.6 compiled that tile wrong on the H100 at
 #      stop 16) and the release-only merge ticket; CUDA tests (stop 22 options, launch options, graphs);
 #      warm-up compiles of what B and C time;
-#   B. side by side in one process per cell (graph replay beside SDPA): aggressive at 128K batch 1 / 8 and
+#   C. (first, the committed plan's table) copy bandwidth + time section -- see below;
+#   B. (then) side by side in one process per cell (graph replay beside SDPA): aggressive at 128K batch 1 / 8 and
 #      32K batch 1, the default layout as stored (channel_zp_vt) at 128K batch 1 -- the committed plan vs
 #      short_rows off, int4_bytes 16 (with / without short rows), merge 1 / 2, pdl 1 / 2 (both kernels /
 #      the combine kernel only), 8 warps at 2 programs per SM, a 168-register cap at 3 per SM;
@@ -45,6 +46,13 @@ grep -h "FAIL\|checks:" "$W/qk/log"
 tail -4 "$W/gpu_tests.log"
 grep -h -A3 "Traceback" "$W"/qk/log "$W"/w?/log | head -30
 echo "[A done $SECONDS s]"
+timeout 150 python3 $K --out "$W/time" --sections copy,time --contexts 131072,32768,4096 --batches 1,8 \
+  --no-ref --time-presets channel_zp_vt,aggressive,default > "$W/time/log" 2>&1
+grep -h "copy bandwidth\|^ *[0-9]* B[18] " "$W/time/log"
+timeout 60 python3 $K --out "$W/time16" --sections time --contexts 131072,32768 --batches 1,8 --no-ref \
+  --time-presets aggressive --time-configs "{\"aggressive\":{$I16}}" > "$W/time16/log" 2>&1
+grep -h "^ *[0-9]* B[18] " "$W/time16/log"
+echo "[C done $SECONDS s]"
 var() {  # var OUT CELLS PRESETS EXTRA
   # shellcheck disable=SC2086
   timeout 70 python3 $K --out "$1" --sections variants --variant-cells "$2" $PIN --variant-presets "$3" \
@@ -56,10 +64,3 @@ var "$W/v128z" 131072x1 channel_zp_vt "$EZ"
 var "$W/v128b8" 131072x8 aggressive "$EA"
 var "$W/v32" 32768x1 aggressive "$EA"
 echo "[B done $SECONDS s]"
-timeout 150 python3 $K --out "$W/time" --sections copy,time --contexts 131072,32768,4096 --batches 1,8 \
-  --no-ref --time-presets channel_zp_vt,aggressive,default > "$W/time/log" 2>&1
-grep -h "copy bandwidth\|^ *[0-9]* B[18] " "$W/time/log"
-timeout 60 python3 $K --out "$W/time16" --sections time --contexts 131072,32768 --batches 1,8 --no-ref \
-  --time-presets aggressive --time-configs "{\"aggressive\":{$I16}}" > "$W/time16/log" 2>&1
-grep -h "^ *[0-9]* B[18] " "$W/time16/log"
-echo "[C done $SECONDS s]"
