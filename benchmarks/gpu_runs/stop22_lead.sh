@@ -5,7 +5,7 @@
 #             aggressive) with the graphed columns new in stop 22 (sdpa_graph, kernel_graph), the torch
 #             reference and the decode step; then `spectralcache bench e2e`: the 32-layer Llama-8B-shaped
 #             model at 32K (DynamicCache eager, the default graphed) and Gemma 3 270M's architecture with
-#             random weights (--model gemma3-270m-shape) at 16K (DynamicCache twice, the default).
+#             random weights (--model gemma3-270m-shape) graphed at 4K and 32K (16K: the probe).
 #   probe  -- the new graphed paths alone (sliding-window capture, bench graph columns, Gemma shape graphed).
 # Usage (repo root, device machine): bash benchmarks/gpu_runs/stop22_lead.sh probe|tests|bench OUTDIR
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)
@@ -54,8 +54,8 @@ timeout 120 python3 -m spectralcache.cli bench e2e --device cuda --lengths 32k \
   --methods "dynamic;graphed:default" --decode-steps 16 --warmup-steps 3 --time-budget-s 100 --no-plot \
   --out "$W/e2e" --tag h200_llama8b_32l_stop22 > "$W/e2e/llama.log" 2>&1
 echo "[e2e llama rc=$?]"; tail -6 "$W/e2e/llama.log"
-timeout 120 python3 -m spectralcache.cli bench e2e --device cuda --model gemma3-270m-shape --lengths 16k \
-  --methods "dynamic;default;dynamic#again" --decode-steps 32 --warmup-steps 4 --time-budget-s 100 --no-plot \
+timeout 150 python3 -m spectralcache.cli bench e2e --device cuda --model gemma3-270m-shape --lengths 4k,32k \
+  --methods "dynamic;graphed:default;dynamic#again" --decode-steps 16 --warmup-steps 3 --time-budget-s 120 --no-plot \
   --out "$W/e2e" --tag h200_gemma3_shape_stop22 > "$W/e2e/gemma.log" 2>&1
-echo "[e2e gemma rc=$?]"; tail -7 "$W/e2e/gemma.log"
+echo "[e2e gemma rc=$?]"; tail -8 "$W/e2e/gemma.log"
 echo "[bench done $SECONDS s]"
