@@ -273,7 +273,7 @@ CONFIG_KEYS = (
     "block_t", "num_warps", "maxnreg", "programs_per_sm", "block_stages", "outlier_split", "dequant_asm",
     "min_rows", "num_stages", "exact_spread", "int4_bytes", "int4_row_stride", "int4_pad",
     "blocks_per_split", "block_parts", "block_parts_min_tiles", "nibble_split", "int4_asm", "defer_den",
-    "flat_tiles", "key_raw", "outlier_cols", "merge", "pdl", "short_rows", "ablate",
+    "flat_tiles", "key_raw", "outlier_cols", "pdl", "short_rows", "ablate",
 )  # fmt: skip
 
 
@@ -746,8 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--v-outlier-cols", default="none")
     # stop 21: timing-only ablations (a bit set, ABLATE_BITS; none / 0: off). Results are wrong.
     p.add_argument("--v-ablate", default="none")
-    # stop 22: one launch (merge), programmatic dependent launch (pdl), rows per outlier / exact program
-    p.add_argument("--v-merge", default="none")
+    # stop 22: programmatic dependent launch (pdl), rows per outlier / exact program (short_rows)
     p.add_argument("--v-pdl", default="none")
     p.add_argument("--v-short-rows", default="none")
     p.add_argument("--v-extra", default="[]", help="JSON list (or @file) of extra variant configs")

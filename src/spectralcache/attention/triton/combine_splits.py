@@ -14,9 +14,7 @@ dependent ones) and writes one output row ``[D]`` through the output's strides, 
 Stop 22: ``PDL`` -- the kernel is launched as a programmatic dependent of the split kernel (Hopper's
 programmatic dependent launch, the ``launch_pdl`` compile option): its programs may start while the
 split kernel's last programs run and wait (``griddepcontrol.wait``) for its partials, so the launch
-gap between the two kernels is hidden. ``merge_partials`` is the same merge for all rows of one
-(batch row, KV head) at once, run by the split kernel's last program of that pair (``MERGE``: one
-launch, no combine kernel).
+gap between the two kernels is hidden (``decode_attention(pdl=...)``, off by default).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["combine_splits_kernel", "grid_trigger", "grid_wait", "merge_partials"]
+__all__ = ["combine_splits_kernel", "grid_trigger", "grid_wait"]
 
 # Hopper grid dependency control (PTX ``griddepcontrol``), as triton.language.extra.cuda.gdc_* emit it
 # (written out here: the interpreter, CI's, never runs it, and the module path differs between releases)
@@ -46,58 +44,6 @@ def grid_wait(LAUNCH_DEPENDENTS: tl.constexpr):
     if LAUNCH_DEPENDENTS:
         grid_trigger()
     tl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def merge_partials(
-    part_ptr, bh, n_part, n_splits, out_ptr, s_ob, s_oh, s_oq, s_od, b, h, q_len,
-    G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """``combine_splits_kernel``'s log-sum-exp merge for all ``R`` rows of one (batch row ``b``, KV head
-    ``h``) -- ``bh`` = its partial index -- ``BLOCK_S`` splits a step (``[BLOCK_S, R_P, D_P]`` partial
-    tiles, ``[BLOCK_S, R_P]`` maxima and denominators); writes the ``[R, D]`` output rows.
-
-    Its row / channel indices come from one flat ``arange(R_P·D_P)`` reshaped, never from ``arange(R_P)``
-    / ``arange(D_P)``: the compiler would merge those with the split kernel's own and give the split
-    kernel's query tile the merge's layout (a first form did: +37 SASS instructions per tile in the default
-    layout's loop). The partials are read through L2 (``.cg``): other programs of this launch wrote them,
-    and an L1 line of this multiprocessor could be older."""
-    flat = tl.arange(0, R_P * D_P)
-    r2 = tl.reshape(flat // D_P, (R_P, D_P))
-    d2 = tl.reshape(flat % D_P, (R_P, D_P))
-    rr = tl.max(r2, axis=1)  # [R_P]: 0 .. R_P-1
-    ok2 = (r2 < R) & (d2 < D)
-    pm_ptr = part_ptr + n_part * D
-    pl_ptr = part_ptr + n_part * (D + 1)
-    m_run = tl.full((R_P,), float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros((R_P,), dtype=tl.float32)
-    acc = tl.zeros((R_P, D_P), dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        s_ok = ss < n_splits
-        row = (bh * n_splits + ss)[:, None] * R + rr[None, :]  # [BLOCK_S, R_P] partial rows
-        ok = s_ok[:, None] & (rr < R)[None, :]
-        m_s = tl.load(pm_ptr + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(pl_ptr + row, mask=ok, other=0.0, cache_modifier=".cg")
-        row3 = (bh * n_splits + ss)[:, None, None] * R + r2[None, :, :]
-        a_s = tl.load(
-            part_ptr + row3 * D + d2[None, :, :], mask=s_ok[:, None, None] & ok2[None, :, :], other=0.0,
-            cache_modifier=".cg",
-        )  # fmt: skip
-        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_old = tl.exp(m_run - m_safe)
-        w_s = tl.exp(m_s - m_safe[None, :])
-        l_run = l_run * w_old + tl.sum(l_s * w_s, axis=0)
-        acc = acc * w_old[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
-        m_run = m_new
-    out = tl.where(l_run[:, None] > 0, acc / tl.where(l_run > 0, l_run, 1.0)[:, None], 0.0)
-    tl.store(
-        out_ptr + b * s_ob + (h * G + r2 // q_len) * s_oh + (r2 % q_len) * s_oq + d2 * s_od,
-        out.to(out_ptr.dtype.element_ty),
-        mask=ok2,
-    )
 
 
 @triton.jit(do_not_specialize=["n_splits"])  # changes with the context length: no recompiles

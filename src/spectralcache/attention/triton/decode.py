@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    merge: int = 0, merge_s: int = 16, pdl: int = 0,
+    pdl: int = 0,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -147,7 +147,7 @@ def _split_constexprs(
         FLAT=flat, FLAT_TILES=-(-t // block_t), KEY_RAW=key_raw, OUT_COLS=out_cols,
         # timing-only ablations of the tile work (decode_splits._cold_tile): never on here
         ABLATE=0,
-        MERGE=merge, MERGE_S=merge_s, PDL=pdl,
+        PDL=pdl,
     )  # fmt: skip
 
 
@@ -236,33 +236,6 @@ def _use_pdl(pdl: bool | int | None, device: torch.device) -> int:
 @functools.lru_cache(maxsize=8)
 def _capability(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
-
-
-# (device, stream) -> int32 tickets, one per (batch row, KV head): the one-launch merge (``merge``)
-# counts finished programs there; the last one puts its ticket back to 0, so a buffer is zeros between
-# launches and serves every later launch -- and replay of a graph captured on its stream -- on its stream.
-# Launches on one stream never overlap, so they never share a ticket in flight; graphs captured on one
-# stream (torch.cuda.graph's shared capture stream) share its buffer and must not be replayed
-# concurrently on different streams. A buffer first needed during a capture comes from that graph's
-# memory pool; held here, it stays valid after the graph is gone (the capture also records its zero fill,
-# which each replay then repeats: harmless).
-_TICKETS: dict[tuple, torch.Tensor] = {}
-_TICKETS_OUTGROWN: list[torch.Tensor] = []
-
-
-def _tickets(device: torch.device, n_bh: int) -> torch.Tensor:
-    """The ticket buffer of ``device``'s current stream, with at least ``n_bh`` entries."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, torch._C._cuda_getCurrentRawStream(index))
-    else:
-        key = (str(device), 0)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n_bh:
-        if buf is not None:
-            _TICKETS_OUTGROWN.append(buf)  # a captured graph may still count there: never freed
-        buf = _TICKETS[key] = torch.zeros(max(n_bh, 64), dtype=torch.int32, device=device)
-    return buf
 
 
 class KernelDoesNotFit(ValueError):
@@ -553,19 +526,30 @@ def _auto_num_stages(
 _SHORT_ROWS = 128
 
 
-def _auto_short_rows(want_splits: int, block_e: int, plan: tuple[int, int, int, int, int]) -> int | None:
-    """``short_rows`` of the automatic plan: 128 where the cold tier is planned for at least 32 programs
-    per (batch row, KV head) (few pairs: batch 1-4 at the Llama-8B shape), the plan's programs overflow
-    them (the outlier and exact programs then run as a second wave, after the first cold programs end)
-    and an outlier or exact program holds more than 128 rows; else None (the plan's own rows).
+def _auto_short_rows(
+    want_splits: int, block_e: int, plan: tuple[int, int, int, int, int], int4: bool = True
+) -> int | None:
+    """``short_rows`` of the automatic plan: 128 for packed int4 layouts (the default and aggressive
+    presets') where the cold tier is planned for at least 32 programs per (batch row, KV head) (few pairs:
+    batch 1-4 at the Llama-8B shape), the plan's programs overflow them (the outlier and exact programs then
+    run as a second wave, after the first cold programs end) and an outlier or exact program holds more than
+    128 rows; else None (the plan's own rows).
 
-    H200 stop 22 (``benchmarks/results/kernel_stop22/scan/``, graph replay, same process): aggressive
-    128K batch 1 (64 cold + 16 outlier + 3 exact programs per pair against 66 wanted) 0.0473 ms with 128
-    rows (101 programs) against 0.0492 (64 rows: 0.0492); the default layout there 0.0663 against 0.0669;
-    32K batch 1 level (0.0189 / 0.0188, 0.0225 / 0.0225); at batch 8 (8-16 wanted: not applied) 128 rows
-    measured level for aggressive and slower for the default layout (0.4843 against 0.4680)."""
+    H200 stop 22 (``benchmarks/results/kernel_stop22/``, graph replay, same process): aggressive 128K
+    batch 1 (64 cold + 16 outlier + 3 exact programs per pair against 66 wanted) 0.0473 / 0.0474 ms with
+    128 rows (101 programs) against 0.0492 / 0.0491 (two calls; 64 rows: 0.0492); the default layout there
+    0.0663 / 0.0662 against 0.0669 / 0.0671; 32K batch 1 level (0.0189 / 0.0188-0.0190, 0.0225 / 0.0225);
+    at batch 8 (8-16 wanted: not applied) 128 rows measured level for aggressive and slower for the default
+    layout (0.4843 against 0.4680). The int8 ``lowrank`` layout was not timed side by side: its 128K batch-1
+    time with 128 rows (0.0764 ms, the final call's table) was above stop 21's without (0.0735, another
+    call), so it keeps its rows."""
     n_cold, exact_per, out_per, n_out_splits, n_exact = plan
-    if want_splits < 32 or n_cold + n_out_splits + n_exact <= want_splits or _SHORT_ROWS % block_e:
+    if (
+        not int4
+        or want_splits < 32
+        or n_cold + n_out_splits + n_exact <= want_splits
+        or _SHORT_ROWS % block_e
+    ):
         return None
     return (
         _SHORT_ROWS
@@ -748,7 +732,6 @@ def decode_attention(
     flat_tiles: int | None = None,
     key_raw: bool | None = None,
     outlier_cols: bool | None = None,
-    merge: bool | None = None,
     pdl: bool | None = None,
     short_rows: int | None = None,
     min_rows: int | None = None,
@@ -799,10 +782,7 @@ def decode_attention(
     None: automatic, :func:`_flat_tiles`), ``key_raw`` (True: per-channel int4 key nibbles scored
     without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured),
     ``outlier_cols`` (the flat loop's outlier mask kept per tile column, :func:`_outlier_cols`; None:
-    automatic, False: off), ``merge`` (True / 1: one launch -- the split kernel's last program per (batch
-    row, KV head), found by a self-resetting ticket taken with acquire-release semantics, merges the
-    partials; 2: the ticket taken with release semantics only; None / False: the combine kernel after it;
-    stop 22), ``pdl`` (True / 1: programmatic dependent launch of both kernels on Hopper, so a kernel's
+    automatic, False: off), ``pdl`` (True / 1: programmatic dependent launch of both kernels on Hopper, so a kernel's
     launch overlaps the previous one's tail; 2: the combine kernel only; ignored elsewhere; None / False:
     off) and
     ``short_rows`` (at most this many rows per outlier / exact program, a multiple of ``block_e``: where the
@@ -984,6 +964,7 @@ def decode_attention(
                 plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
                 exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts,
             ),
+            4 in (kbits, vbits),
         )  # fmt: skip
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
@@ -1023,12 +1004,6 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    # one launch (merge): the split kernel's last program per (batch row, KV head) merges the partials
-    tickets = _tickets(device, n_bh) if merge else None
-    if tickets is not None:
-        args += [out, *out.stride(), tickets]
-    else:
-        args += [f16, 0, 0, 0, 0, dummy[torch.int64]]
     use_pdl = _use_pdl(pdl, device)
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
@@ -1051,7 +1026,6 @@ def decode_attention(
             _int4_asm_form(int4_asm), defer_den is None or bool(defer_den),
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
             _outlier_cols(outlier_cols, flat, n_out, t, block_t, tiles),
-            _merge_form(merge) if tickets is not None else 0, _merge_splits(rows, min_rows, head_dim, n_splits) if tickets is not None else 16,
             use_pdl,
         )  # fmt: skip
         try:
@@ -1070,27 +1044,10 @@ def decode_attention(
                 raise
             block_t //= 2
 
-    if tickets is None:
-        _COMBINE(
-            (n_bh * rows,),
-            [partials, out, *out.stride(), n_kv, n_splits, q_len],
-            _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2)), use_pdl > 0),
-            _COMBINE_OPTIONS_PDL if use_pdl else _COMBINE_OPTIONS,
-        )  # fmt: skip
+    _COMBINE(
+        (n_bh * rows,),
+        [partials, out, *out.stride(), n_kv, n_splits, q_len],
+        _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2)), use_pdl > 0),
+        _COMBINE_OPTIONS_PDL if use_pdl else _COMBINE_OPTIONS,
+    )  # fmt: skip
     return out
-
-
-def _merge_form(merge: bool | int | None) -> int:
-    """``decode_splits`` MERGE: 1 (True) the ticket taken with acquire-release semantics, 2 release only."""
-    form = 1 if merge is True else int(merge)
-    if form not in (1, 2):
-        raise ValueError(f"merge must be None, a bool, 1 or 2, got {merge!r}")
-    return form
-
-
-def _merge_splits(rows: int, min_rows: int | None, head_dim: int, n_splits: int) -> int:
-    """Splits the one-launch merge reads a step: ``[S, rows, head_dim]`` float32 tiles of at most 4096
-    elements (32 registers a thread at 4 warps; sm_90a, aggressive layout: 8192 spilled 328 B, 4096 none
-    beyond the tile loop's), no more than the launch has."""
-    r_p = _next_pow2(rows, 1 if min_rows is None else min_rows)
-    return max(1, min(_next_pow2(n_splits, 1), 4096 // (r_p * _next_pow2(head_dim))))

@@ -60,7 +60,7 @@ import os
 import triton
 import triton.language as tl
 
-from spectralcache.attention.triton.combine_splits import grid_trigger, grid_wait, merge_partials
+from spectralcache.attention.triton.combine_splits import grid_trigger, grid_wait
 
 __all__ = ["SIZE_FIELDS", "spectral_decode_split_kernel"]
 
@@ -695,8 +695,6 @@ def spectral_decode_split_kernel(
     scale, softcap,
     # per-step sizes on the device (int32 [len(SIZE_FIELDS)]), read instead of the scalars above
     sizes_ptr,
-    # MERGE: the output [B, Hq, q, D] and one int32 ticket per (batch row, KV head) (zeros; left zeros)
-    out_ptr, s_ob, s_oh, s_oq, s_od, tick_ptr,
     G: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     T: tl.constexpr, BLOCK_T: tl.constexpr,
     RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
@@ -712,7 +710,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    MERGE: tl.constexpr = 0, MERGE_S: tl.constexpr = 16, PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -1199,25 +1197,6 @@ def spectral_decode_split_kernel(
         acc,
         mask=rows_ok[:, None] & d_ok[None, :],
     )
-    if MERGE:
-        # one launch (stop 22): the last program of this (batch row, KV head) to finish merges its
-        # n_splits partials (combine_splits' math) and writes the output. Its ticket counts the finished
-        # programs; the barrier orders every thread's partial stores before the one thread's release
-        # increment, the acquire makes the others' visible to the last; that program puts the ticket back
-        # to 0, so the next launch -- or the next replay of a captured graph -- counts from 0 again
-        tl.debug_barrier()
-        if MERGE == 2:
-            # release only: no L1 invalidation (CCTL.IVALL) at every program's end; the last program's
-            # loads of the others' partials go to L2 (.cg), past any L1 line, after its ticket came back
-            done = tl.atomic_add(tick_ptr + pid_bh, 1, sem="release", scope="gpu")
-        else:
-            done = tl.atomic_add(tick_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if done == n_splits - 1:
-            merge_partials(
-                part_ptr, pid_bh, n_part, n_splits, out_ptr, s_ob, s_oh, s_oq, s_od, b, h, q_len,
-                G, R, R_P, D, D_P, MERGE_S,
-            )  # fmt: skip
-            tl.store(tick_ptr + pid_bh, 0)
 
 
 @triton.jit
