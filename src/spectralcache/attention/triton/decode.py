@@ -957,7 +957,9 @@ def decode_attention(
     )  # fmt: skip
     if block_parts > 1:
         blocks_per_split = 1
-    if short_rows is None:
+    if (
+        short_rows is None and want_splits >= 32 and 4 in (kbits, vbits)
+    ):  # cheap tests first: a plan call is ~1 us
         short_rows = _auto_short_rows(
             want_splits, block_e,
             _split_plan(
@@ -1004,7 +1006,7 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    use_pdl = _use_pdl(pdl, device)
+    use_pdl = _use_pdl(pdl, device) if pdl else 0
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
     # stop 21; any other strides are read as well)
