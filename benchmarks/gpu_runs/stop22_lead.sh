@@ -6,8 +6,9 @@
 #             reference and the decode step; then `spectralcache bench e2e`: the 32-layer Llama-8B-shaped
 #             model at 32K (DynamicCache eager, the default graphed) and Gemma 3 270M's architecture with
 #             random weights (--model gemma3-270m-shape) graphed at 4K and 32K (16K: the probe).
+#   final  -- value rows aligned vs not (benchmarks/value_align_gpu.py), the bench grid, tests/gpu whole;
 #   probe  -- the new graphed paths alone (sliding-window capture, bench graph columns, Gemma shape graphed).
-# Usage (repo root, device machine): bash benchmarks/gpu_runs/stop22_lead.sh probe|tests|bench OUTDIR
+# Usage (repo root, device machine): bash benchmarks/gpu_runs/stop22_lead.sh probe|bench|final|tests OUTDIR
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)
 set -f
 PART=${1:?tests or bench}
@@ -31,6 +32,25 @@ if [ "$PART" = probe ]; then
     --no-plot --out "$W/e2e" --tag h200_gemma3_shape_probe > "$W/e2e/gemma_probe.log" 2>&1
   echo "[e2e gemma rc=$?]"; tail -8 "$W/e2e/gemma_probe.log"
   echo "[probe done $SECONDS s]"
+  exit 0
+fi
+if [ "$PART" = final ]; then
+  # after the value rows were aligned (cache/layer.py VALUE_ROW_ALIGN): aligned vs unaligned vs 512-token
+  # blocks side by side; the bench grid again; tests/gpu whole (two pytest runs side by side)
+  mkdir -p "$W"/{align,attention,t1,t2,e2e}
+  timeout 150 python3 benchmarks/value_align_gpu.py --out "$W/align" > "$W/align/log" 2>&1
+  echo "[align rc=$?]"; cat "$W/align/log" | grep -v Warning | tail -20
+  timeout 120 python3 -m spectralcache.cli bench attention --device cuda --contexts 4096,16384,65536,131072 \
+    --batches 1,8 --presets default,aggressive --methods sdpa,sdpa_graph,kernel,kernel_graph,torch,step \
+    --out "$W/attention" --tag h200_stop22_final > "$W/attention/log" 2>&1
+  echo "[attention rc=$?]"; grep -E "^ +[0-9]+ +[18] +(default|aggressive|-) +(sdpa_graph|kernel_graph)" "$W/attention/log"
+  timeout 260 python3 -m pytest -v -n 4 -rf -p no:cacheprovider tests/gpu --ignore=tests/gpu/test_triton_decode_cuda.py \
+    --ignore=tests/gpu/test_unsloth_cuda.py --timeout 250 > "$W/t1/log" 2>&1 &
+  timeout 260 python3 -m pytest -v -n 8 -rf -p no:cacheprovider tests/gpu/test_triton_decode_cuda.py \
+    --timeout 250 > "$W/t2/log" 2>&1 &
+  wait
+  for t in t1 t2; do grep -E "passed|failed" "$W/$t/log" | tail -1; grep -c PASSED "$W/$t/log"; grep "FAILED" "$W/$t/log" | head -10; done
+  echo "[final done $SECONDS s]"
   exit 0
 fi
 if [ "$PART" = tests ]; then

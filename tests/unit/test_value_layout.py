@@ -18,7 +18,12 @@ from tests.layer_helpers import D, H, T, kv
 
 import spectralcache.cache.layer as layer_mod
 from spectralcache.attention.reference import spectral_attention
-from spectralcache.cache.layer import SpectralLayer, stores_values_tokens_contiguous
+from spectralcache.cache.layer import (
+    SpectralLayer,
+    is_tokens_contiguous,
+    stores_values_tokens_contiguous,
+    tokens_contiguous_stride,
+)
 from spectralcache.config import SpectralConfig, get_preset, list_presets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +37,10 @@ def default_like(**overrides) -> SpectralConfig:
 
 
 def tokens_contiguous(x: torch.Tensor) -> bool:
-    return x.stride(-2) == 1 and x.stride(-1) == x.shape[-2]
+    """The stored layout: tokens contiguous, every channel row (and every block) starting at a
+    multiple of 16 bytes from the buffer's start."""
+    aligned = x.stride(-1) % 16 == 0 and x.stride(-3) % 16 == 0 and x.storage_offset() % 16 == 0
+    return is_tokens_contiguous(x) and x.stride(-2) == 1 and aligned
 
 
 def test_rule_over_presets():
@@ -63,11 +71,12 @@ def _assert_same_state(a: SpectralLayer, b: SpectralLayer) -> None:
     assert (sa.seq_len, sa.hot_start) == (sb.seq_len, sb.hot_start)
 
 
-@pytest.fixture
-def twins(monkeypatch):
+@pytest.fixture(params=[T, 13], ids=["block16", "block13"])
+def twins(monkeypatch, request):
     """(tokens-contiguous layer, row-major layer): the same config; the second built with the layout
-    rule switched off while it runs its calls (``run(layer, fn)`` applies ``fn`` under the right rule)."""
-    cfg = default_like()
+    rule switched off while it runs its calls (``run(layer, fn)`` applies ``fn`` under the right rule).
+    Blocks of 13 tokens: rows padded to 16 (compress_tail gives such lengths: 511 at 128K)."""
+    cfg = default_like(block_size=request.param)
     fast, plain = (
         SpectralLayer(cfg, 0, head_dim=D, num_kv_heads=H),
         SpectralLayer(cfg, 0, head_dim=D, num_kv_heads=H),
@@ -140,3 +149,16 @@ def test_reference_and_kernel_read_the_layer_state():
         state.cold.value_coeffs = original
     out = decode_attention(query, state, block_t=16)
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-5
+
+
+def test_row_stride_is_the_block_length_rounded_up_to_16():
+    assert [tokens_contiguous_stride(t) for t in (1, 13, 16, 17, 511, 512)] == [16, 16, 16, 32, 512, 512]
+    from spectralcache.cache.layer import tokens_contiguous as relayout
+
+    x = torch.arange(2 * 3 * 511 * 4, dtype=torch.int16).view(2, 3, 511, 4).to(torch.uint8)
+    y = relayout(x)
+    assert torch.equal(x, y) and y.stride() == (4 * 512 * 3, 4 * 512, 1, 512) and tokens_contiguous(y)
+    assert relayout(y) is y  # already laid out: no copy
+    assert not is_tokens_contiguous(x) and not is_tokens_contiguous(
+        x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    )

@@ -87,8 +87,10 @@ __all__ = [
     "COLD_TIERS",
     "LayerCheckpoint",
     "SpectralLayer",
+    "is_tokens_contiguous",
     "stores_values_tokens_contiguous",
     "tokens_contiguous",
+    "tokens_contiguous_stride",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -102,7 +104,8 @@ COLD_GROWTH = 1.25
 def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
     """Whether the cold tier keeps its value coefficient bytes tokens-contiguous: packed int4 rows of
     the identity codec (the default preset's values). The tensor is the same ``[B, H, nb, T, D/2]``
-    (a byte = two channels of one token), its memory ordered ``[B, H, nb, D/2, T]``: the decode
+    (a byte = two channels of one token), its memory ordered ``[B, H, nb, D/2, T_row]`` (``T_row``:
+    ``T`` rounded up to ``VALUE_ROW_ALIGN``, so every row starts 16-byte aligned): the decode
     kernel's value tile then reaches its ``mma`` operand (tokens as the reduction dim) without a
     single-byte shared-memory load per element. H200, stop 21 (``benchmarks/results/kernel_stop21/
     lead_final/``): the default layout at 128K, same process -- batch 1 0.0670 ms against 0.0745 ms
@@ -111,12 +114,49 @@ def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
     return config.value_codec == "identity" and config.value_bits == 4
 
 
+# Tokens-contiguous rows start every VALUE_ROW_ALIGN tokens (= bytes: one packed byte per token).
+# Blocks of the compressed tail's length (``compress_tail``, the default preset: 511 tokens at 128K)
+# would otherwise start each channel row at an odd byte, and the decode kernel's value tile could not
+# be read with 16-byte vector loads: H200, stop 22 (``benchmarks/results/lead_stop22/``), the default
+# preset through a real cache at 128K batch 1 took 0.126 ms with 511-byte rows against 0.066 ms for
+# 512-token blocks. The padding (at most 15 bytes per channel row) is held, never read.
+VALUE_ROW_ALIGN = 16
+
+
+def tokens_contiguous_stride(tokens: int) -> int:
+    """The channel-row stride (in tokens) of the tokens-contiguous layout for ``tokens`` per block."""
+    return -(-max(tokens, 1) // VALUE_ROW_ALIGN) * VALUE_ROW_ALIGN
+
+
+def empty_tokens_contiguous(like: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """An uninitialized ``shape = [..., T, w]`` tensor (``like``'s dtype and device) in the layout
+    :func:`stores_values_tokens_contiguous` names: memory ``[..., w, T_row]``, ``T_row`` =
+    :func:`tokens_contiguous_stride` (``T`` rounded up to ``VALUE_ROW_ALIGN``), seen as the
+    transposed view of its first ``T`` columns."""
+    *outer, t, w = shape
+    return like.new_empty([*outer, w, tokens_contiguous_stride(t)])[..., :t].transpose(-1, -2)
+
+
+def is_tokens_contiguous(x: torch.Tensor) -> bool:
+    """Whether ``x [..., T, w]`` is in that layout: tokens contiguous, channel rows ``T_row`` apart and,
+    with a block dim, blocks ``w * T_row`` apart (the dims before may be views of a larger capacity)."""
+    if x.dim() < 2:
+        return False
+    t, w = x.shape[-2], x.shape[-1]
+    row = tokens_contiguous_stride(t)
+    if (t > 1 and x.stride(-2) != 1) or (w > 1 and x.stride(-1) != row):
+        return False
+    return x.dim() < 3 or x.shape[-3] < 2 or x.stride(-3) == w * row
+
+
 def tokens_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., T, w]`` with its memory ordered ``[..., w, T]`` (a copy unless it already is): the
-    layout :func:`stores_values_tokens_contiguous` names."""
-    if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) == max(x.shape[-2], 1):
+    """``x [..., T, w]`` in the layout :func:`stores_values_tokens_contiguous` names (a copy unless it
+    already is): memory ``[..., w, T_row]`` with ``T_row`` a multiple of ``VALUE_ROW_ALIGN``."""
+    if is_tokens_contiguous(x):
         return x
-    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = empty_tokens_contiguous(x, list(x.shape))
+    out.copy_(x)
+    return out
 
 
 # Everything a checkpoint restores (the layer's whole mutable state; buffers by reference).
@@ -855,7 +895,7 @@ class SpectralLayer(CacheLayerMixin):
             shape = list(x.shape)
             shape[axis] = capacity
             if name == "value_coeffs" and stores_values_tokens_contiguous(self.config):
-                buf = x.new_empty([*shape[:-2], shape[-1], shape[-2]]).transpose(-1, -2)
+                buf = empty_tokens_contiguous(x, shape)
             else:
                 buf = x.new_empty(shape)
             if nb:

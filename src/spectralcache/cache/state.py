@@ -62,9 +62,10 @@ live window; the landmarks ``[B, H, landmarks, D]``), and the state's tensors ar
 them (e.g. ``key_coeffs = buffer[:, :, :nb]``, ``hot_keys = buffer[:, :, lo:hi]``). The shapes
 are exactly as above, but only the innermost two dims are guaranteed dense -- row-major, except
 ``value_coeffs`` of packed int4 identity rows (the default preset's values), stored
-tokens-contiguous since stop 21: memory ``[B, H, capacity, D/2, T]``, the ``[..., T, D/2]`` tensor a
-transposed view of it (``stride(-2) == 1``; ``cache.layer.stores_values_tokens_contiguous`` says
-when). Readers (torch reference, Triton kernels) must use strides and must not assume
+tokens-contiguous since stop 21: memory ``[B, H, capacity, D/2, T_row]``, the ``[..., T, D/2]``
+tensor a transposed view of its first ``T`` columns (``stride(-2) == 1``; ``T_row`` = ``T`` rounded up
+to a multiple of 16 since stop 22, so each row starts 16-byte aligned whatever the block length;
+``cache.layer.stores_values_tokens_contiguous`` says when). Readers (torch reference, Triton kernels) must use strides and must not assume
 ``.is_contiguous()``.
 A state is a snapshot: it stays valid until the layer's next ``update`` (which only writes
 past the views' ends, or into fresh buffers) and is invalidated by ``crop`` / batch ops.
