@@ -8,7 +8,9 @@ a multiple of 16 tokens (``cache.layer.VALUE_ROW_ALIGN``). Side by side in one p
 state ``bench attention`` builds (``build_case``: a one-layer SpectralCache filled by a prefill, one
 decode token):
 
-* ``aligned``: the cache as committed (rows padded to 16);
+* ``aligned``: the cache as committed (rows padded to 16, the value tile masked by 16-token groups:
+  ``decode._value_tokens_padded``);
+* ``aligned_mask_T``: the same rows read with the mask ``t < T'`` (``_value_tokens_padded`` off);
 * ``unaligned``: the same cache built with ``VALUE_ROW_ALIGN = 1`` (rows ``T'`` bytes apart, stop 21);
 * ``blocks512``: ``compress_tail=False`` (whole 512-token blocks, what the dev script's state has);
 
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/lead_stop22/align")
     args = ap.parse_args(argv)
     import triton.testing as tt
+
+    import spectralcache.attention.triton.decode as dec
+
+    value_tokens_padded = dec._value_tokens_padded
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -61,15 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
             sdpa = graph_replayer([dense], dev)[0]
             sdpa_ms = time_fn(sdpa, dev)["median_ms"]
-            sdpa_b2b = float(tt.do_bench_cudagraph(sdpa, rep=100, return_mode="median"))
+            sdpa_b2b = float(tt.do_bench_cudagraph(dense, rep=100, return_mode="median"))
             print(
                 f"T={tokens} B={batch} sdpa graph {sdpa_ms:.4f} ms (back to back {sdpa_b2b:.4f})", flush=True
             )
             for name, align, tail in (
                 ("aligned", 16, True),
+                ("aligned_mask_T", 16, True),
                 ("unaligned", 1, True),
                 ("blocks512", 16, False),
             ):
+                # aligned_mask_T: the aligned rows read with the value mask t < T (the kernel's T_V off)
+                dec._value_tokens_padded = (lambda *a: 0) if name == "aligned_mask_T" else value_tokens_padded
                 saved = layer_mod.VALUE_ROW_ALIGN
                 layer_mod.VALUE_ROW_ALIGN = align
                 try:
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 ref = spectral_attention(case.query, st, None, scaling=128**-0.5)
                 err = float((outs[0].float() - ref.float()).norm() / ref.float().norm())
                 ms = time_fn(replay, dev)["median_ms"]
-                b2b = float(tt.do_bench_cudagraph(replay, rep=100, return_mode="median"))
+                b2b = float(tt.do_bench_cudagraph(call, rep=100, return_mode="median"))
                 row = {
                     "context": tokens, "batch": batch, "layout": name, "block_tokens": int(vc.shape[-2]),
                     "value_row_stride": int(vc.stride(-1)), "graph_ms": ms, "graph_back_to_back_ms": b2b,

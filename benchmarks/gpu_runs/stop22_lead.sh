@@ -8,7 +8,7 @@
 #             random weights (--model gemma3-270m-shape) graphed at 4K and 32K (16K: the probe).
 #   final  -- value rows aligned vs not (benchmarks/value_align_gpu.py), the bench grid, tests/gpu whole;
 #   probe  -- the new graphed paths alone (sliding-window capture, bench graph columns, Gemma shape graphed).
-# Usage (repo root, device machine): bash benchmarks/gpu_runs/stop22_lead.sh probe|bench|final|tests OUTDIR
+# Usage (repo root, device machine): bash benchmarks/gpu_runs/stop22_lead.sh probe|bench|final|fix|tests OUTDIR
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)
 set -f
 PART=${1:?tests or bench}
@@ -51,6 +51,27 @@ if [ "$PART" = final ]; then
   wait
   for t in t1 t2; do grep -E "passed|failed" "$W/$t/log" | tail -1; grep -c PASSED "$W/$t/log"; grep "FAILED" "$W/$t/log" | head -10; done
   echo "[final done $SECONDS s]"
+  exit 0
+fi
+if [ "$PART" = fix ]; then
+  # the value tile's mask by 16-token groups (decode._value_tokens_padded, T_V): aligned / mask T /
+  # unaligned / 512-token blocks side by side; the CUDA tests on real preset states and the layout;
+  # the bench's graph columns; end to end at 32K / 128K
+  mkdir -p "$W"/{align,attention,t3,e2e}
+  timeout 100 python3 benchmarks/value_align_gpu.py --out "$W/align" > "$W/align/log" 2>&1
+  echo "[align rc=$?]"; grep -E "^T=|^  [a-z]" "$W/align/log"
+  timeout 60 python3 -m pytest -q -rf -p no:cacheprovider tests/gpu/test_kernel_presets_cuda.py \
+    tests/unit/test_value_layout.py > "$W/t3/log" 2>&1
+  echo "[t3 rc=$?]"; tail -2 "$W/t3/log"
+  timeout 60 python3 -m spectralcache.cli bench attention --device cuda --contexts 4096,32768,131072 \
+    --batches 1,8 --presets default,aggressive --methods sdpa,sdpa_graph,kernel_graph \
+    --out "$W/attention" --tag h200_stop22_fix > "$W/attention/log" 2>&1
+  echo "[attention rc=$?]"; grep -E "^ +[0-9]+ +[18] +(default|aggressive|-) +(sdpa_graph|kernel_graph)" "$W/attention/log"
+  timeout 130 python3 -m spectralcache.cli bench e2e --device cuda --lengths 32k,128k \
+    --methods "dynamic;graphed:default" --decode-steps 8 --warmup-steps 3 --time-budget-s 120 --no-plot \
+    --out "$W/e2e" --tag h200_llama8b_32l_stop22_fix > "$W/e2e/llama.log" 2>&1
+  echo "[e2e rc=$?]"; tail -5 "$W/e2e/llama.log"
+  echo "[fix done $SECONDS s]"
   exit 0
 fi
 if [ "$PART" = tests ]; then

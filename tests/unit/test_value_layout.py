@@ -122,7 +122,8 @@ def test_layout_through_growth_and_every_batch_op(twins):
     _assert_same_state(fast, plain)
 
 
-def test_reference_and_kernel_read_the_layer_state():
+@pytest.mark.parametrize("block", [T, 13])
+def test_reference_and_kernel_read_the_layer_state(block):
     """Attention over a real layer's tokens-contiguous state: the torch reference equals its answer on
     the row-major copy of the same state, and the Triton kernel (interpreter on CPU) equals both."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -131,12 +132,21 @@ def test_reference_and_kernel_read_the_layer_state():
     from spectralcache.attention.triton import decode_attention
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = SpectralLayer(default_like(), 0, head_dim=32, num_kv_heads=2)
+    layer = SpectralLayer(default_like(block_size=block, compress_tail=False), 0, head_dim=32, num_kv_heads=2)
     g = torch.Generator().manual_seed(3)
-    k, v = (torch.randn(2, 2, 3 + 5 * T + 7, 32, generator=g).to(dev) for _ in range(2))
-    _grow_and_decode(layer, k, v, 3 + 3 * T)
+    k, v = (torch.randn(2, 2, 3 + 5 * block + 7, 32, generator=g).to(dev) for _ in range(2))
+    _grow_and_decode(layer, k, v, 3 + 3 * block)
     state = layer.state()
     assert state.cold.num_blocks == 5 and tokens_contiguous(state.cold.value_coeffs)
+    if block % 16:
+        # the rows' padding bytes (never written) hold anything: the kernel reads them (T_V) and
+        # must not be changed by them
+        pad = state.cold.value_coeffs.transpose(-1, -2).as_strided(
+            (*state.cold.value_coeffs.shape[:-2], 16, 16 - block % 16),
+            (*state.cold.value_coeffs.stride()[:-2], 16, 1),
+            state.cold.value_coeffs.storage_offset() + block,
+        )
+        pad.fill_(0x77)
     query = torch.randn(2, 8, 1, 32, generator=g).to(dev)
     ref = spectral_attention(query, state)
     row_major = state.cold.value_coeffs.contiguous()
@@ -147,8 +157,12 @@ def test_reference_and_kernel_read_the_layer_state():
         torch.testing.assert_close(spectral_attention(query, state), ref, rtol=0, atol=0)
     finally:
         state.cold.value_coeffs = original
-    out = decode_attention(query, state, block_t=16)
+    from tests.kernel_helpers import record_launch
+
+    out, constexprs = record_launch(lambda: decode_attention(query, state, block_t=16))
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-5
+    # 13-token blocks: the value tile is masked by 16-token groups (T_V), reading the row padding
+    assert (constexprs["T"], constexprs["T_V"]) == ((block, 16) if block % 16 else (block, 0))
 
 
 def test_row_stride_is_the_block_length_rounded_up_to_16():

@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    pdl: int = 0,
+    pdl: int = 0, t_v: int = 0,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -148,6 +148,7 @@ def _split_constexprs(
         # timing-only ablations of the tile work (decode_splits._cold_tile): never on here
         ABLATE=0,
         PDL=pdl,
+        T_V=t_v,
     )  # fmt: skip
 
 
@@ -497,6 +498,24 @@ def _auto_programs_per_sm(
         return int(programs_per_sm)
     few = (4 * sms) // max(1, n_bh) <= 8
     return 8 if block_stages and int4 and not nibble_split and few else 4
+
+
+def _value_tokens_padded(cold: ColdBlocks, t: int, vbits: int) -> int:
+    """The value tile's token mask bound (``decode_splits._cold_tile``'s T_V): ``t`` rounded up to 16
+    where the value coefficient rows are tokens-contiguous integers whose rows hold that many bytes
+    (``cache/layer.py`` pads them since stop 22), else 0 (the mask is ``t < T``).
+
+    Why: the mask of a tokens-contiguous tile is constant over as many tokens as ``T`` is divisible by;
+    with a compressed tail's block length (``compress_tail``, the default preset: 511 at 128K) that is
+    one, and the loads became single bytes. H200 (``benchmarks/results/lead_stop22/``): the default
+    preset through ``spectralcache bench attention`` (a real cache, T' = 511) took 0.126-0.138 ms at
+    128K batch 1 against 0.066 for 512-token blocks. Reading the padding is safe: each row's stride
+    covers it, integers are finite, and those tokens meet ``p · scale`` = 0."""
+    tv = -(-t // 16) * 16
+    vc = cold.value_coeffs
+    if tv == t or vbits not in (4, 8) or vc.shape[-2] != t or vc.stride(-1) < tv or vc.stride(-1) % 16:
+        return 0
+    return tv
 
 
 def _auto_num_stages(
@@ -1011,6 +1030,7 @@ def decode_attention(
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
     # stop 21; any other strides are read as well)
     v_tokens = cold is not None and cold.num_blocks > 0 and cold.value_coeffs.stride(-2) == 1
+    t_v = _value_tokens_padded(cold, t, vbits) if v_tokens else 0
     while True:
         flat = _flat_tiles(
             flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages
@@ -1029,6 +1049,7 @@ def decode_attention(
             flat, _key_raw(key_raw, split_k, key_channel, query.dtype == torch.float32),
             _outlier_cols(outlier_cols, flat, n_out, t, block_t, tiles),
             use_pdl,
+            t_v,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

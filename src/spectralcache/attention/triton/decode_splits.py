@@ -451,9 +451,16 @@ def _cold_tile(
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
     INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
     I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False,
-    ABLATE: tl.constexpr = 0,
+    ABLATE: tl.constexpr = 0, T_V: tl.constexpr = 0,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
+
+    T_V > T (the host's ``_value_tokens_padded``): the value coefficient rows are tokens-contiguous and
+    hold at least T_V bytes each (``cache/layer.py`` pads them to a multiple of 16), so the value tile is
+    loaded with the mask ``t < T_V``: a mask constant over 16-token groups keeps the loads 16-byte
+    vectors (``t < T`` with T = 511 -- a compressed tail's block -- made them single bytes, half the
+    kernel's speed on the H200). The padding tokens' bytes are integers (finite) and meet ``p · scale``
+    = 0 there (the score is masked, the scale loaded as 0), so the result is unchanged.
 
     KEY_CHANNEL: ``kch`` / ``kch_p`` [D_P] float32 are the block's channel scales at each column
     and at its rotate-half partner (pre-RoPE), ``qb`` the query with ``kch / kmax`` folded in
@@ -478,6 +485,10 @@ def _cold_tile(
     zeros), 4 the outlier mask, 8 the softmax (no running max, no exponentials: ``p`` = the scores)."""
     tt = t0 + tl.arange(0, BLOCK_T)
     t_ok = tt < T
+    if T_V > T:
+        tv_ok = tt < T_V
+    else:
+        tv_ok = t_ok
     if ABLATE & 2:
         # no key bytes read or widened: the score dots multiply zeros (their HMMAs stay)
         klo = tl.zeros((BLOCK_T, RK_P // 2), dtype=tl.float16)
@@ -581,10 +592,10 @@ def _cold_tile(
         acc = acc * alpha[:, None]
     else:
         if SPLIT_V:
-            vlo, vhi = _load_int4_halves(vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
+            vlo, vhi = _load_int4_halves(vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)
         else:
             cv = _load_coeffs(
-                vc_n, tt, t_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM
+                vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM
             )
         if VALUE_BITS != 16:
             vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
@@ -710,7 +721,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -939,6 +950,7 @@ def spectral_decode_split_kernel(
                     T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                     VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
                     INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, OUT_COLS, ABLATE,
+                    T_V=T_V,
                 )  # fmt: skip
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
@@ -1108,7 +1120,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V,
                         )  # fmt: skip
                 else:
                     # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -1123,7 +1135,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V,
                         )  # fmt: skip
                 if not VALUE_IDENTITY:
                     bv = tl.load(
