@@ -130,3 +130,17 @@ def test_bench_attention_bad_arguments_are_clear(tmp_path):
         )
     with pytest.raises(SystemExit, match="post-RoPE"):
         _run(tmp_path, "--contexts", "600", "--presets", "pre_rope")
+
+
+def test_graph_column_alone_loads_the_kernel(tmp_path, monkeypatch):
+    """``--methods sdpa_graph,kernel_graph`` (without ``kernel``) still loads the kernel: its rows say
+    why they did not run (no CUDA here), never "not requested"."""
+    calls = []
+    real = bench.load_kernel
+    monkeypatch.setattr(bench, "load_kernel", lambda: calls.append(1) or real())
+    data = _run(
+        tmp_path, "--contexts", "600", "--batches", "1", "--methods", "sdpa_graph,kernel_graph", "--no-plot"
+    )
+    assert calls == [1]
+    rows = [r for r in data["results"] if r["method"] == "kernel_graph"]
+    assert rows and all(r["status"] == "n/a" and "not requested" not in r["reason"] for r in rows)

@@ -777,7 +777,8 @@ def run(args: argparse.Namespace) -> int:
     if min(contexts) < 2:
         raise SystemExit("contexts must be at least 2 tokens")
 
-    kernel, kernel_reason = load_kernel() if "kernel" in methods else (None, "not requested")
+    wants_kernel = "kernel" in methods or "kernel_graph" in methods
+    kernel, kernel_reason = load_kernel() if wants_kernel else (None, "not requested")
     copy = measure_copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 26))
     meta = run_metadata(
         "spectralcache bench attention",
