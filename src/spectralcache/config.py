@@ -511,10 +511,11 @@ PRESETS: dict[str, Callable[[], SpectralConfig]] = {
     # vs 85 %, niah_multikey_1 63 % vs 10 % (plain cache 87 % / 80 %), 6.0x vs 3.8x fewer bytes on
     # the compressed layers; perplexity dNLL +0.008 vs +0.117; 3.5x vs 2.8x fewer bytes at the
     # Llama-8B shape (bf16); no SVD to compute (cheaper prefill). The decode kernel reads it at 1.5x
-    # SDPA's speed at 128K on an H100 (the low-rank layout: 2.1x); on an H200 1.61x since stop 19,
-    # 1.74x since stop 20 and 2.08x since stop 21, its value bytes stored tokens-contiguous (the
-    # low-rank layout: 1.88x in the same kind of run; the stop-18 kernel: 1.04x there;
-    # benchmarks/results/kernel_stop21/).
+    # SDPA's speed at 128K on an H100 (the low-rank layout: 2.1x); on an H200 the dev script's
+    # synthetic 512-token blocks gave 1.61x (stop 19), 1.74x (stop 20), 2.08x (stop 21), but the
+    # cache's own state -- compress_tail makes 511-token blocks at 128K -- ran at 1.1x until stop 22
+    # aligned its value rows: 1.78x at batch 1, 1.97x at batch 8 (`spectralcache bench attention`,
+    # graph replays, L2 cleared; benchmarks/results/lead_stop22/).
     # Since stop 18 with per-channel zero points on the keys (key_zero_point): on the same 30 + 30
     # samples at 4K perplexity dNLL +0.0001 instead of +0.008 and more retrieval answers kept
     # (docs/fidelity.md, "Stop 18: key zero points"), for 4 bytes per key channel and block.

@@ -109,17 +109,21 @@ def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
     kernel's value tile then reaches its ``mma`` operand (tokens as the reduction dim) without a
     single-byte shared-memory load per element. H200, stop 21 (``benchmarks/results/kernel_stop21/
     lead_final/``): the default layout at 128K, same process -- batch 1 0.0670 ms against 0.0745 ms
-    row-major (2.08x / 1.87x SDPA), batch 8 0.4610 against 0.5195. Low-rank and int8 rows stay
-    row-major (whole-row copies in the kernel; not measured tokens-contiguous)."""
+    row-major (2.08x / 1.87x SDPA), batch 8 0.4610 against 0.5195 (synthetic 512-token blocks timed back
+    to back; a real cache's state with its compressed tail's block length: ``VALUE_ROW_ALIGN``). Low-rank
+    and int8 rows stay row-major (whole-row copies in the kernel; stop 22's SASS: tokens-contiguous
+    low-rank values make the aggressive loop longer, 2092 vs 2031 instructions)."""
     return config.value_codec == "identity" and config.value_bits == 4
 
 
-# Tokens-contiguous rows start every VALUE_ROW_ALIGN tokens (= bytes: one packed byte per token).
-# Blocks of the compressed tail's length (``compress_tail``, the default preset: 511 tokens at 128K)
-# would otherwise start each channel row at an odd byte, and the decode kernel's value tile could not
-# be read with 16-byte vector loads: H200, stop 22 (``benchmarks/results/lead_stop22/``), the default
-# preset through a real cache at 128K batch 1 took 0.126 ms with 511-byte rows against 0.066 ms for
-# 512-token blocks. The padding (at most 15 bytes per channel row) is held, never read.
+# Tokens-contiguous rows start every VALUE_ROW_ALIGN tokens (= bytes: one packed byte per token), so a
+# row holds its block's T tokens rounded up to 16. Blocks of the compressed tail's length
+# (``compress_tail``, the default preset: 511 at 128K) then still start each row 16-byte aligned, and
+# the decode kernel may read a value tile up to the next 16-token boundary (its mask constant over
+# 16-token groups: ``decode._value_tokens_padded``), which keeps the loads 16-byte vectors. H200,
+# stop 22 (``benchmarks/results/lead_stop22/fix/``, real cache, 128K batch 1, graph replays): 0.0781 ms
+# with both, 0.1377 with the rows padded but the mask ``t < 511``, 0.1261 unpadded (stop 21), 0.0732 for
+# whole 512-token blocks. The padding (at most 15 bytes per row) is held, never stored into.
 VALUE_ROW_ALIGN = 16
 
 
