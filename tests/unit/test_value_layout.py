@@ -176,3 +176,28 @@ def test_row_stride_is_the_block_length_rounded_up_to_16():
     assert not is_tokens_contiguous(x) and not is_tokens_contiguous(
         x.transpose(-1, -2).contiguous().transpose(-1, -2)
     )
+
+
+def test_value_mask_bound_only_where_the_rows_hold_it():
+    """``decode._value_tokens_padded``: T rounded up to 16 only for tokens-contiguous integer rows whose
+    stride covers it (the cache's padded rows); 0 (mask by T) for unpadded, row-major, 16-bit or aligned
+    blocks."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from spectralcache.attention.triton.decode import _value_tokens_padded
+    from spectralcache.cache.layer import tokens_contiguous as relayout
+
+    def cold(x):
+        return SimpleNamespace(value_coeffs=x)
+
+    rows = torch.zeros(1, 2, 3, 511, 64, dtype=torch.uint8)
+    assert _value_tokens_padded(cold(relayout(rows)), 511, 4) == 512
+    assert _value_tokens_padded(cold(relayout(rows)), 511, 8) == 512
+    unpadded = rows.transpose(-1, -2).contiguous().transpose(-1, -2)  # rows 511 bytes apart
+    assert _value_tokens_padded(cold(unpadded), 511, 4) == 0
+    assert _value_tokens_padded(cold(rows), 511, 4) == 0  # row-major: stride(-1) == 1
+    half = relayout(torch.zeros(1, 2, 3, 511, 64, dtype=torch.float16))
+    assert _value_tokens_padded(cold(half), 511, 16) == 0  # padding could hold NaN bits
+    whole = relayout(torch.zeros(1, 2, 3, 512, 64, dtype=torch.uint8))
+    assert _value_tokens_padded(cold(whole), 512, 4) == 0  # already a multiple of 16
