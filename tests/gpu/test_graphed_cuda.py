@@ -31,16 +31,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize(("batch", "prompt", "steps"), [(1, 40, 60), (3, 10, 50)])
-def test_replayed_step_equals_eager_and_uncaptured(batch: int, prompt: int, steps: int) -> None:
-    model = tiny_model("llama").cuda()
-    ids = tiny_prompt(batch, prompt, seed=prompt).cuda()
+def _three_runs(model, ids: torch.Tensor, steps: int) -> dict:
+    """mode -> (tokens, logits, decoder, cache) for eager, static (uncaptured) and graph decoding."""
     runs = {}
     for mode in ("eager", "static", "graph"):
         cache = SpectralCache(model, small_lossy_config(**CFG))
         decoder = GraphedDecoder(model, cache, max_new_tokens=steps, mode=mode)
         tokens, logits = decoder.generate(ids, steps, return_logits=True)
         runs[mode] = (tokens, logits, decoder, cache)
+    return runs
+
+
+@pytest.mark.parametrize(("batch", "prompt", "steps"), [(1, 40, 60), (3, 10, 50)])
+def test_replayed_step_equals_eager_and_uncaptured(batch: int, prompt: int, steps: int) -> None:
+    model = tiny_model("llama").cuda()
+    ids = tiny_prompt(batch, prompt, seed=prompt).cuda()
+    runs = _three_runs(model, ids, steps)
     g_tokens, g_logits, dec, cache = runs["graph"]
     assert torch.equal(g_tokens, runs["eager"][0])
     assert torch.equal(g_tokens, runs["static"][0])
@@ -131,12 +137,7 @@ def test_sliding_window_model_replays_equal_eager_and_uncaptured(batch: int, pro
     the 30-token prompt) must equal the uncaptured step and the eager path."""
     model = tiny_model("gemma3").cuda()
     ids = tiny_prompt(batch, prompt, seed=prompt).cuda()
-    runs = {}
-    for mode in ("eager", "static", "graph"):
-        cache = SpectralCache(model, small_lossy_config(**CFG))
-        decoder = GraphedDecoder(model, cache, max_new_tokens=steps, mode=mode)
-        tokens, logits = decoder.generate(ids, steps, return_logits=True)
-        runs[mode] = (tokens, logits, decoder, cache)
+    runs = _three_runs(model, ids, steps)
     g_tokens, g_logits, dec, cache = runs["graph"]
     assert torch.equal(g_tokens, runs["eager"][0]) and torch.equal(g_tokens, runs["static"][0])
     assert max(_rel(a, b) for a, b in zip(g_logits, runs["static"][1])) < 1e-5
