@@ -67,6 +67,12 @@ PRESETS = {
     # the aggressive layout with its low-rank value coefficient bytes stored tokens-contiguous (stop 22: a
     # candidate storage, not what the cache stores)
     "aggressive_vt": (16, 32, 16, 4),
+    # the state a real SpectralCache builds for that preset (bench.attention.build_case: a prefill through
+    # update, one decode token) -- its block length, tiers and storage as the library runs them (stop 22:
+    # the default preset's compressed tail makes 511-token blocks at 128K, which the synthetic states above
+    # never had; benchmarks/results/lead_stop22/)
+    "cache:default": (128, 128, 8, 4),
+    "cache:aggressive": (16, 32, 16, 4),
 }
 # random_state options beyond the ranks (identity / per-channel codecs, zero points)
 STATE_OPTIONS = {
@@ -258,6 +264,12 @@ def section_check(
 
 
 def llama_state(ctx: int, batch: int, preset: str, device: str = "cuda", seed: int = 0):
+    if preset.startswith("cache:"):
+        from spectralcache.bench.attention import build_case
+
+        case = build_case(preset.removeprefix("cache:"), batch, ctx, 32, 8, 128, torch.bfloat16,
+                          torch.device(device), seed)  # fmt: skip
+        return case.state
     rk, rv, o, bits = PRESETS[preset]
     t, lm = BLOCK_SIZES.get(preset, 512), 16
     nb = (ctx - lm - 64) // t
