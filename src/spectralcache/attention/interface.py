@@ -326,18 +326,12 @@ def spectral_attention_forward(
         # not a compressed layer of a SpectralCache (a SpectralOnlyTensor found no live layer
         # raises its clear error inside the stock path)
         return _stock_attention(module, query, key, value, attention_mask, scaling, dropout, softcap, kwargs)
-    if getattr(layer, "is_sliding", False):
-        # a sliding layer's graphed decode step (cache/sliding.py): its keys are the full window of
-        # W rows, each in the window and at or before the one query, so no mask applies; the mask
-        # transformers built carries the capture step's window offset, stale on a replay
-        try:
-            return _stock_attention(module, query, key, value, None, scaling, dropout, softcap, kwargs)
-        except BaseException:
-            _abort(key)
-            raise
-        finally:
-            layer.release_chunk()
     try:
+        if getattr(layer, "is_sliding", False):
+            # a sliding layer's graphed decode step (cache/sliding.py): its keys are the full window of
+            # W rows, each in the window and at or before the one query, so no mask applies; the mask
+            # transformers built carries the capture step's window offset, stale on a replay
+            return _stock_attention(module, query, key, value, None, scaling, dropout, softcap, kwargs)
         if sliding_window is not None:
             raise ValueError(
                 f"layer {module.layer_idx} is a sliding-window layer (window {sliding_window}) but the "

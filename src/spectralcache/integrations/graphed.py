@@ -206,9 +206,10 @@ class GraphedDecoder:
         # the compressed layers carry the step's sizes; the first one also its position and batch
         self._compressed = [type(layer) is SpectralLayer for layer in self.layers]
         self._ref = next(layer for layer in self.layers if type(layer) is SpectralLayer)
-        self._sliding_windows = [
-            layer.sliding_window for layer in self.layers if getattr(layer, "is_sliding", False)
-        ]
+        # the widest sliding window (0: none): a padded row's padding must have left it (``_unready``)
+        self._widest_window = max(
+            (layer.sliding_window for layer in self.layers if getattr(layer, "is_sliding", False)), default=0
+        )
         self._pad_end = 0  # padded batch: cache indices below it hold padding in some row
         self.captures = self.replays = self.static_steps = self.eager_steps = 0
         self._decoded = 0
@@ -428,8 +429,8 @@ class GraphedDecoder:
         sliding step reads no mask)."""
         if any(layer.graph_unready_reason() for layer in self.layers):
             return True
-        if self._mask is not None and self._sliding_windows:
-            first_in_window = self._ref.get_seq_length() - max(self._sliding_windows) + 1
+        if self._mask is not None and self._widest_window:
+            first_in_window = self._ref.get_seq_length() - self._widest_window + 1
             return first_in_window < self._pad_end
         return False
 
