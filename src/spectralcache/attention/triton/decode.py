@@ -376,6 +376,7 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         _row_stride(cold.value_coeffs),
         key_channel,
         key_offsets,
+        _value_tokens_padded(cold, t, vbits),
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
@@ -513,7 +514,9 @@ def _value_tokens_padded(cold: ColdBlocks, t: int, vbits: int) -> int:
     covers it, integers are finite, and those tokens meet ``p · scale`` = 0."""
     tv = -(-t // 16) * 16
     vc = cold.value_coeffs
-    if tv == t or vbits not in (4, 8) or vc.shape[-2] != t or vc.stride(-1) < tv or vc.stride(-1) % 16:
+    if tv == t or vbits not in (4, 8) or vc.shape[-2] != t or vc.stride(-2) != 1:
+        return 0
+    if vc.stride(-1) < tv or vc.stride(-1) % 16:
         return 0
     return tv
 
@@ -876,7 +879,7 @@ def decode_attention(
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
         (
             n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel,
-            key_offsets,
+            key_offsets, t_v,
         ) = facts  # fmt: skip
         if state.key_space == "pre_rope":
             pre_rope = True
@@ -890,6 +893,7 @@ def decode_attention(
             inv_freq = f16
     else:
         n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
+        t_v = 0
         key_identity = value_identity = True
         key_channel = key_offsets = False
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
@@ -1030,7 +1034,6 @@ def decode_attention(
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
     # stop 21; any other strides are read as well)
     v_tokens = cold is not None and cold.num_blocks > 0 and cold.value_coeffs.stride(-2) == 1
-    t_v = _value_tokens_padded(cold, t, vbits) if v_tokens else 0
     while True:
         flat = _flat_tiles(
             flat_tiles, split_k, split_v, pre_rope, out_split, n_out, block_parts, block_stages
