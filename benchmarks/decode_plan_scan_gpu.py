@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     from spectralcache.config import SpectralConfig
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    copy = measure_copy_bandwidth(dev)
-    meta = run_metadata("benchmarks/decode_plan_scan_gpu.py", dev, copy_bandwidth=copy)
+    copy_info = measure_copy_bandwidth(dev)
+    copy = float(copy_info["gbps"])
+    meta = run_metadata("benchmarks/decode_plan_scan_gpu.py", dev, copy_bandwidth=copy_info)
     committed_tail = SpectralLayer._tail_block_size
     tails = {"tail": committed_tail, "tail16": _rounded_tail(16), "tail64": _rounded_tail(64)}
     cells = CELLS if args.cells == "all" else {
