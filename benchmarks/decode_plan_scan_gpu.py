@@ -7,7 +7,8 @@ kernel is constant over one token. This script times, side by side in one proces
 ``spectralcache bench attention`` does (``kernel_graph``: the call captured in a CUDA graph, the L2
 cleared before every replay, beside SDPA timed the same way on the dense K/V):
 
-* **layouts** -- the block length a layer gets: ``tail`` (the rule as committed), ``plain``
+* **layouts** -- the block length a layer gets: ``tail`` (the rule as committed), ``stop22`` (the rule
+  before stop 23, which re-blocked long prompts too: ``--matrix verify``), ``plain``
   (``compress_tail=False``: whole ``block_size`` blocks, up to ``block_size - 1`` more exact tokens),
   ``tail16`` (``T'`` rounded down to a multiple of 16: whole 16-token mask groups, 16-byte aligned
   value rows and scales, up to ``15 k`` more exact tokens), ``tail64`` (to a multiple of the 64-token
@@ -50,8 +51,22 @@ CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
     (131072, 8): (["tail", "tail16", "plain"], {"plain": ["noosplit", "pdl"]}),
 }
 
+# stop 23's check of what it changed: the block length rule before it (``stop22``) against the committed
+# one (``tail``: whole blocks once they leave <= n/64 over) and the automatic plan (one-tile block parts
+# no longer overflow the slots), side by side
+VERIFY: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
+    (4096, 1): (["stop22", "tail"], {"stop22": ["bp8"]}),
+    (16384, 1): (["stop22", "tail"], {}),
+    (32768, 1): (["stop22", "tail"], {}),
+    (65536, 1): (["stop22", "tail"], {}),
+    (131072, 1): (["stop22", "tail"], {}),
+    (32768, 8): (["stop22", "tail"], {}),
+    (131072, 8): (["stop22", "tail"], {}),
+}
+
 PLANS: dict[str, dict[str, Any]] = {
     "base": {},
+    "bp8": {"block_parts": 8},
     "bp4": {"block_parts": 4},
     "bp2": {"block_parts": 2},
     "bp1": {"block_parts": 1},
@@ -84,6 +99,7 @@ def _rounded_tail(multiple: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--matrix", choices=("scan", "verify"), default="scan", help="CELLS or VERIFY")
     ap.add_argument("--cells", default="all", help="'all' or a comma list of CONTEXTxBATCH, e.g. 4096x1")
     ap.add_argument("--preset", default="default")
     ap.add_argument(
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    import spectralcache.cache.layer as layer_mod
     from spectralcache.attention.reference import spectral_attention
     from spectralcache.attention.triton import decode_attention
     from spectralcache.bench.attention import (
@@ -112,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     copy = float(copy_info["gbps"])
     meta = run_metadata("benchmarks/decode_plan_scan_gpu.py", dev, copy_bandwidth=copy_info)
     committed_tail = SpectralLayer._tail_block_size
+    plain_fraction = layer_mod.TAIL_PLAIN_FRACTION
     tails = {"tail": committed_tail, "tail16": _rounded_tail(16), "tail64": _rounded_tail(64)}
-    cells = CELLS if args.cells == "all" else {
-        k: CELLS[k] for k in (tuple(int(x) for x in c.split("x")) for c in args.cells.split(","))
+    matrix = CELLS if args.matrix == "scan" else VERIFY
+    cells = matrix if args.cells == "all" else {
+        k: matrix[k] for k in (tuple(int(x) for x in c.split("x")) for c in args.cells.split(","))
     }  # fmt: skip
     extra = [p for p in args.extra_presets.split(",") if p]
     rows: list[dict[str, Any]] = []
@@ -151,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
                     if layout == "plain":
                         cfg = cfg.replace(compress_tail=False)
                     SpectralLayer._tail_block_size = tails.get(layout or "tail", committed_tail)
+                    # stop22: the rule before stop 23 (whole blocks only where they waste no more)
+                    layer_mod.TAIL_PLAIN_FRACTION = 1 << 62 if layout == "stop22" else plain_fraction
                     try:
                         cases = {
                             name: build_case(cfg, batch, tokens, 32, 8, 128, dtype, dev, 0, (keys, values))
                         }
                     finally:
                         SpectralLayer._tail_block_size = committed_tail
+                        layer_mod.TAIL_PLAIN_FRACTION = plain_fraction
                 case = cases[name]
                 st, kw = case.state, PLANS[plan]
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Stop 23, H200, the lead's calls:
-#   scan  -- benchmarks/decode_plan_scan_gpu.py: block lengths (compress_tail's T') and launch plans on the
-#            state a real cache builds, graph replays with the L2 cleared, beside SDPA (CELLS: env var);
-#   final -- `spectralcache bench attention` (the issue's grid, graph columns), `bench e2e` at 32K / 128K;
-#   tests -- tests/gpu (two pytest runs side by side, the kernel's own file apart).
-# Usage (repo root, device machine): bash benchmarks/gpu_runs/stop23_lead.sh scan|final|tests OUTDIR
+#   scan      -- benchmarks/decode_plan_scan_gpu.py: block lengths (compress_tail's T') and launch plans on
+#                the state a real cache builds, graph replays with the L2 cleared, beside SDPA (CELLS: env);
+#   verify    -- the same script's --matrix verify: the block-length rule and plan before stop 23 against now;
+#   attention -- `spectralcache bench attention` (the issue's grid, graph columns);
+#   e2e       -- `spectralcache bench e2e` at 32K / 128K (DynamicCache eager, the default graphed);
+#   tests     -- tests/gpu (two pytest runs side by side, the kernel's own file apart).
+# Usage (repo root, device machine): bash benchmarks/gpu_runs/stop23_lead.sh "verify attention" OUTDIR
 # (no shell variable may be named CC: Triton compiles its launcher with $CC when it is exported)
 set -f
-PART=${1:?scan, final or tests}
+PARTS=${1:?parts: scan verify attention e2e tests}
 W=${2:?output dir}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 PYTHONPATH=$PWD/src:$PWD TQDM_MININTERVAL=5
 mkdir -p "$W"
@@ -16,27 +18,27 @@ mkdir -p "$W"
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
   echo "tree: ${SPECTRALCACHE_COMMIT:-unknown}"
 } | tee "$W/env.txt"
-if [ "$PART" = scan ]; then
-  mkdir -p "$W/scan"
-  timeout "${SCAN_LIMIT:-500}" python3 benchmarks/decode_plan_scan_gpu.py --cells "${CELLS:-all}" \
-    --extra-presets "${EXTRA:-aggressive}" --out "$W/scan" 2>&1 | grep -v Warning | tee "$W/scan/log"
-  echo "[scan done $SECONDS s]"
-  exit 0
-fi
-if [ "$PART" = final ]; then
-  mkdir -p "$W"/{attention,e2e}
-  timeout 200 python3 -m spectralcache.cli bench attention --device cuda --contexts 4096,16384,32768,65536,131072 \
+for P in $PARTS; do
+if [ "$P" = scan ] || [ "$P" = verify ]; then
+  # scan: the block lengths and plans timed (CELLS); verify: the rule before stop 23 against the committed one
+  MATRIX=$([ "$P" = verify ] && echo verify || echo scan)
+  mkdir -p "$W/$P"
+  timeout "${SCAN_LIMIT:-500}" python3 benchmarks/decode_plan_scan_gpu.py --matrix "$MATRIX" --cells "${CELLS:-all}" \
+    --extra-presets "${EXTRA:-aggressive}" --out "$W/$P" 2>&1 | grep -v Warning | tee "$W/$P/log"
+  echo "[$P done $SECONDS s]"
+elif [ "$P" = attention ]; then
+  mkdir -p "$W/attention"
+  timeout 240 python3 -m spectralcache.cli bench attention --device cuda --contexts 4096,16384,32768,65536,131072 \
     --batches 1,8 --presets default,aggressive --methods sdpa,sdpa_graph,kernel,kernel_graph \
     --out "$W/attention" --tag h200_stop23 > "$W/attention/log" 2>&1
-  echo "[attention rc=$?]"; grep -E "^ +[0-9]+ +[18] +(default|aggressive|-) +(sdpa_graph|kernel_graph)" "$W/attention/log"
+  echo "[attention rc=$? $SECONDS s]"; grep -E "^ +[0-9]+ +[18] +(default|aggressive|-) +(sdpa_graph|kernel_graph)" "$W/attention/log"
+elif [ "$P" = e2e ]; then
+  mkdir -p "$W/e2e"
   timeout 240 python3 -m spectralcache.cli bench e2e --device cuda --lengths 32k,128k \
     --methods "dynamic;graphed:default" --decode-steps 16 --warmup-steps 3 --time-budget-s 200 \
     --out "$W/e2e" --tag h200_stop23 > "$W/e2e/log" 2>&1
-  echo "[e2e rc=$?]"; tail -8 "$W/e2e/log"
-  echo "[final done $SECONDS s]"
-  exit 0
-fi
-if [ "$PART" = tests ]; then
+  echo "[e2e rc=$? $SECONDS s]"; tail -8 "$W/e2e/log"
+elif [ "$P" = tests ]; then
   mkdir -p "$W"/{t1,t2}
   timeout 280 python3 -m pytest -v -n 4 -rf -p no:cacheprovider tests/gpu --ignore=tests/gpu/test_triton_decode_cuda.py \
     --ignore=tests/gpu/test_unsloth_cuda.py --timeout 270 > "$W/t1/log" 2>&1 &
@@ -45,6 +47,7 @@ if [ "$PART" = tests ]; then
   wait
   for t in t1 t2; do grep -E "passed|failed" "$W/$t/log" | tail -1; grep -c PASSED "$W/$t/log"; grep "FAILED" "$W/$t/log" | head -10; done
   echo "[tests done $SECONDS s]"
-  exit 0
+else
+  echo "unknown part $P"; exit 2
 fi
-echo "unknown part $PART"; exit 2
+done

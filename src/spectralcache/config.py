@@ -191,7 +191,8 @@ class SpectralConfig:
             within a few tokens of ``seq_len - hot_size``: ``k = ceil(n / block_size)`` blocks of
             ``T' = n // k`` tokens for the ``n`` tokens past the landmarks and ``hot_size``, which
             leaves ``hot_size + (n mod k)`` tokens exact (fewer than ``hot_size + k``), unless whole
-            ``block_size`` blocks leave no more (then ``T`` is kept). Every later
+            ``block_size`` blocks leave no more, or at most ``n / 64`` (a long prompt: whole blocks
+            decode faster, ``cache.layer.TAIL_PLAIN_FRACTION``; then ``T`` is kept). Every later
             block of that layer (decode, later chunks) has ``T'`` tokens, until the cold tier is
             emptied (crop, reset). The attention state keeps its contract unchanged
             (``ColdBlocks.block_size`` is ``T'``, blocks stay contiguous, ``[nb, T']`` shapes), so

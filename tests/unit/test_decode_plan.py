@@ -114,8 +114,14 @@ def test_block_parts_cover_every_token_once(
     if parts is None and p > 1:
         assert auto_split and bps == 1 and programs(p) <= 1.25 * want
         assert tiles // p >= min_tiles
-        # the largest such P: twice as many parts would exceed the cap or the programs
-        assert tiles // (2 * p) < min_tiles or programs(2 * p) > 1.25 * want
+        # the largest such P: twice as many parts would exceed the cap or the programs -- or P is
+        # half of it because those were one-tile parts whose programs overflowed the wanted ones
+        halved = -(-tiles // (2 * p)) == 1 and programs(2 * p) > want >= programs(p)
+        assert tiles // (2 * p) < min_tiles or programs(2 * p) > 1.25 * want or halved
+    if parts is None and p >= 1 and auto_split and bps == 1 and plan_blocks:
+        # never one-tile parts that overflow the wanted programs when half as many parts fit
+        if p > 1 and -(-tiles // p) == 1:
+            assert programs(p) <= want or programs(p // 2) > want
     if parts is not None and plan_blocks:
         assert p == min(parts, _max_block_parts(t, block_t, 1))
     if p > 1:
@@ -144,3 +150,26 @@ def test_block_parts_cover_every_token_once(
                     for o in range(n_out):
                         out_seen[n * n_out + o] += 1
     assert all(c == 1 for c in out_seen)
+
+
+@pytest.mark.parametrize(
+    ("t", "plan_blocks", "plan_exact", "want", "expect"),
+    [
+        (501, 8, 89, 66, 4),  # 4K batch 1, default preset: 8 one-tile parts = 67 programs for 66 slots
+        (512, 7, 513, 66, 8),  # 7 whole blocks: 8 parts fit (56 + 1 + 4 programs)
+        (509, 32, 97, 66, 2),  # 16K: 4-tile parts overflowing within the slack are kept
+    ],
+)
+def test_one_tile_parts_do_not_overflow_into_a_second_wave(t, plan_blocks, plan_exact, want, expect) -> None:
+    """The automatic block parts at the shapes measured on the H200 (stop 23): one-tile parts whose
+    programs overflow the wanted count give way to two-tile parts that fit; longer parts keep the
+    1.25x slack (H100 stop 18: 16K, 2 parts for 75 programs beat 1 part)."""
+
+    def programs(q: int) -> int:
+        plan = _split_plan(
+            plan_blocks, plan_exact, 1, t=t, block_e=32, n_out=8, out_split=True, exact_spread=True,
+            want_splits=want, block_parts=q,
+        )  # fmt: skip
+        return plan[0] + plan[3] + plan[4]
+
+    assert _resolve_block_parts(None, None, True, 1, plan_blocks, want, t, 64, programs) == expect

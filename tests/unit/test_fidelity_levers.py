@@ -53,6 +53,8 @@ def expected_block_size(cfg: SpectralConfig, n: int) -> int:
     t_prime = min(t, max(t_min, n // k))
     if n >= t and n % t <= n % t_prime:  # plain blocks waste no more: keep them
         return t
+    if n >= t and n % t <= n // 64:  # a long prompt: plain blocks leave at most 1/64 of it exact
+        return t
     return t_prime
 
 
@@ -87,7 +89,7 @@ def test_tail_compressed_to_hot_size(n_tokens: int) -> None:
         assert layer.block_size == t_exp
         assert cfg.block_size // 2 <= t_exp <= cfg.block_size
         k = math.ceil(n / cfg.block_size)
-        assert cfg.hot_size <= layer.hot_len < cfg.hot_size + max(k, 1)
+        assert cfg.hot_size <= layer.hot_len < cfg.hot_size + max(k, n // 64 + 1)
     else:
         assert layer.num_blocks == 0 and layer.block_size == cfg.block_size
     # the switch off keeps today's layout: whole config.block_size blocks, up to T - 1 extra hot
@@ -95,6 +97,23 @@ def test_tail_compressed_to_hot_size(n_tokens: int) -> None:
     off.update(*kv(n_tokens))
     assert off.block_size == cfg.block_size
     assert layer.hot_len <= off.hot_len and layer.num_landmarks == off.num_landmarks
+
+
+def test_long_prompt_keeps_whole_blocks() -> None:
+    """n = 974 tokens past the landmarks and the hot window: 30 whole 32-token blocks leave 14 over
+    (<= 974 // 64 = 15), so the layer keeps block_size although 31 blocks of 31 would leave 13; at
+    n = 975, 15 over (= 975 // 64) still keeps it; n = 496 (16 over > 7) re-blocks (16 blocks of 31)."""
+    cfg = lossy(compress_tail=True)
+    extra = cfg.landmarks + cfg.hot_size
+    for n, plain in ((974, True), (975, True), (496, False)):
+        k = math.ceil(n / 32)
+        assert n % (n // k) < n % 32  # the re-blocked layout would waste fewer tokens
+        layer = fresh_layer(cfg)
+        layer.update(*kv(n + extra))
+        layer.release_chunk()
+        check_contract(layer)
+        assert (layer.block_size == cfg.block_size) is plain, (n, layer.block_size)
+        assert layer.hot_len == cfg.hot_size + (n % 32 if plain else n - (n // (n // k)) * (n // k))
 
 
 def test_switch_off_is_unchanged_layout() -> None:

@@ -101,6 +101,16 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 COLD_GROWTH = 1.25
 
 
+# compress_tail keeps whole ``block_size`` blocks when they leave at most 1/64 of the prompt's
+# compressible tokens exact (at most ``block_size - 1``, so from ~32K tokens on at block_size 512):
+# at most ~1.6 % of the tokens, ~+1-5 % of the bytes at the default preset, for a faster decode kernel.
+# H200, the default preset through a real cache (stop 23, ``benchmarks/results/lead_stop23/scan1/``,
+# graph replays, L2 cleared, one process): 128K batch 1 0.0732 ms with 512-token blocks against 0.0788
+# with the re-blocked 511 (1.89x / 1.76x SDPA; 147.9 / 147.2 MB read), 32K 0.0313 against 0.0338 (510;
+# 38.1 / 37.0 MB); the aligned 496 and 448 were no faster than 511 (0.0784 / 0.0779 at 128K).
+TAIL_PLAIN_FRACTION = 64
+
+
 def stores_values_tokens_contiguous(config: SpectralConfig) -> bool:
     """Whether the cold tier keeps its value coefficient bytes tokens-contiguous: packed int4 rows of
     the identity codec (the default preset's values). The tensor is the same ``[B, H, nb, T, D/2]``
@@ -360,8 +370,9 @@ class SpectralLayer(CacheLayerMixin):
         """``compress_tail``: the block length ``T'`` that lays whole blocks over ``n`` tokens
         with the fewest left over (``k = ceil(n / T)`` blocks of ``n // k``; fewer than ``k``
         tokens remain), within ``[T_min, block_size]``; ``block_size`` itself when whole blocks of
-        it leave no more over (ties keep the longer block: fewer bases), or when ``n < T_min``
-        (then nothing is due and the choice waits for a later chunk).
+        it leave no more over (ties keep the longer block: fewer bases), or at most ``n //
+        TAIL_PLAIN_FRACTION`` (a long prompt: see below), or when ``n < T_min`` (then nothing is due
+        and the choice waits for a later chunk).
 
         Why re-blocking rather than a padded short last block: readers locate blocks from host
         integers (block ``n`` ends ``(nb - n - 1) * T`` before ``hot_start``) and attend the exact
@@ -378,8 +389,12 @@ class SpectralLayer(CacheLayerMixin):
             return t
         k = -(-n // t)
         t_prime = min(t, max(t_min, n // k))
-        # the plain layout may already waste less (n just past a multiple of T): keep T then
-        return t if n >= t and n % t <= n - (n // t_prime) * t_prime else t_prime
+        # the plain layout may already waste less (n just past a multiple of T), or little enough
+        # for the decode kernel's sake (a long prompt): keep T then
+        waste = n % t
+        if n >= t and (waste <= n - (n // t_prime) * t_prime or waste <= n // TAIL_PLAIN_FRACTION):
+            return t
+        return t_prime
 
     @property
     def rope_inv_freq(self) -> torch.Tensor | None:

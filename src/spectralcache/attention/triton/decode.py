@@ -176,10 +176,18 @@ def _max_block_parts(t: int, block_t: int, min_tiles: int) -> int:
 _PARTS_PROGRAM_SLACK = 1.25
 
 
-def _auto_block_parts(want_splits: int, max_parts: int, programs: Callable[[int], int]) -> int:
+def _auto_block_parts(
+    want_splits: int, max_parts: int, programs: Callable[[int], int], block_tiles: int | None = None
+) -> int:
     """Block parts for the automatic plan: the largest power of two ``P <= max_parts`` whose plan
     keeps ``programs(P)`` (cold + outlier + exact programs per (batch row, KV head)) within
-    ``_PARTS_PROGRAM_SLACK`` of ``want_splits``; 1 if none does.
+    ``_PARTS_PROGRAM_SLACK`` of ``want_splits``; 1 if none does. Except: where that P cuts the
+    block's ``block_tiles`` tiles into one-tile parts and its programs overflow ``want_splits``
+    while ``P / 2``'s fit, ``P / 2`` (the overflow would be a second wave of programs as long as the
+    first; a two-tile program has its second tile's loads in flight with the first). H200, stop 23
+    (``benchmarks/results/lead_stop23/scan1/``, a real cache's default preset, graph replays, L2
+    cleared): 4K batch 1 (8 blocks of 501 tokens per KV head, 66 slots per head) -- 8 parts, 67
+    programs: 0.0168 ms; 4 parts, 35: 0.0161 (blocks of 496: 0.0172 against 0.0154; SDPA 0.0160).
 
     Measured on the H100 (Llama-8B shape, bf16, graph replay; ``benchmarks/results/kernel_stop18/
     block_parts/``): at 4K batch 1 the per-channel layout's 7-8 blocks × 8 KV heads were a few dozen
@@ -188,6 +196,9 @@ def _auto_block_parts(want_splits: int, max_parts: int, programs: Callable[[int]
     programs only add partials (32K: 2 parts 0.0427 vs 0.0392 ms; 4K batch 8: 0.0424 vs 0.0402)."""
     parts = max(1, max_parts)
     while parts > 1 and programs(parts) > _PARTS_PROGRAM_SLACK * want_splits:
+        parts //= 2
+    one_tile = block_tiles is not None and -(-block_tiles // parts) == 1
+    if parts > 1 and one_tile and programs(parts) > want_splits >= programs(parts // 2):
         parts //= 2
     return parts
 
@@ -691,7 +702,9 @@ def _resolve_block_parts(
     if block_parts is None:
         if not plan_blocks or not auto_split or blocks_per_split != 1:
             return 1
-        return _auto_block_parts(want_splits, _max_block_parts(t, block_t, min_tiles), programs)
+        return _auto_block_parts(
+            want_splits, _max_block_parts(t, block_t, min_tiles), programs, -(-t // block_t)
+        )
     parts = int(block_parts)
     if parts < 1 or parts & (parts - 1):
         raise ValueError(f"block_parts must be a power of two (1, 2, 4, 8, ...), got {block_parts!r}")
