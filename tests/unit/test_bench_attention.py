@@ -85,6 +85,22 @@ def test_state_bytes_and_clone_state_match_the_layer_state():
     assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
+def test_clone_state_keeps_every_tensors_layout():
+    """The copies the bench rotates through must be laid out as the cache's own state: 1300 tokens
+    give compress_tail blocks of 607 tokens, whose tokens-contiguous value rows are padded to 608 (a
+    view that skips memory, which ``Tensor.clone`` would make contiguous)."""
+    case = bench.build_case("default", 2, 1300, 4, 2, 64, torch.float32, torch.device("cpu"), seed=3)
+    st = case.state
+    vc = st.cold.value_coeffs
+    assert vc.shape[-2] % 16 and vc.stride(-2) == 1 and vc.stride(-1) % 16 == 0  # padded rows
+    copy = bench.clone_state(st)
+    pairs = list(zip(bench._tensors(st), bench._tensors(copy)))
+    assert len(pairs) > 10
+    for (name, x), (name2, y) in pairs:
+        assert name == name2 and y.stride() == x.stride() and torch.equal(x, y), name
+        assert x.numel() == 0 or y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr(), name
+
+
 @pytest.mark.parametrize("behaviour", ["right", "wrong", "raises"])
 def test_kernel_column_right_wrong_or_raising(tmp_path, monkeypatch, behaviour):
     def kernel(query, state, mask, scaling, softcap):
