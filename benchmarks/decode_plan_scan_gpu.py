@@ -64,6 +64,17 @@ VERIFY: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
     (131072, 8): (["stop22", "tail"], {}),
 }
 
+# the aggressive preset (whole 512-token blocks, low-rank int4) at batch 1: 3 programs per SM with 168
+# registers (the kernel engineer's stop-22 lead: 32K 0.0167 against 0.0189 ms, dev script); and the
+# default preset's second-wave program length at 128K
+EXTRA_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
+    (4096, 1): (["plain"], {"plain": ["r168"]}),
+    (16384, 1): (["plain"], {"plain": ["r168"]}),
+    (32768, 1): (["plain"], {"plain": ["r168"]}),
+    (65536, 1): (["plain"], {"plain": ["r168"]}),
+    (131072, 1): (["plain"], {"plain": ["r168", "short64", "short256"]}),
+}
+
 PLANS: dict[str, dict[str, Any]] = {
     "base": {},
     "bp8": {"block_parts": 8},
@@ -77,6 +88,8 @@ PLANS: dict[str, dict[str, Any]] = {
     "st3": {"num_stages": 3},
     "st4": {"num_stages": 4},
     "short0": {"short_rows": 0},
+    "short64": {"short_rows": 64},
+    "short256": {"short_rows": 256},
 }
 
 
@@ -99,7 +112,9 @@ def _rounded_tail(multiple: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--matrix", choices=("scan", "verify"), default="scan", help="CELLS or VERIFY")
+    ap.add_argument(
+        "--matrix", choices=("scan", "verify", "extra"), default="scan", help="CELLS, VERIFY or EXTRA_CELLS"
+    )
     ap.add_argument("--cells", default="all", help="'all' or a comma list of CONTEXTxBATCH, e.g. 4096x1")
     ap.add_argument("--preset", default="default")
     ap.add_argument(
@@ -131,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     committed_tail = SpectralLayer._tail_block_size
     plain_fraction = layer_mod.TAIL_PLAIN_FRACTION
     tails = {"tail": committed_tail, "tail16": _rounded_tail(16), "tail64": _rounded_tail(64)}
-    matrix = CELLS if args.matrix == "scan" else VERIFY
+    matrix = {"scan": CELLS, "verify": VERIFY, "extra": EXTRA_CELLS}[args.matrix]
     cells = matrix if args.cells == "all" else {
         k: matrix[k] for k in (tuple(int(x) for x in c.split("x")) for c in args.cells.split(","))
     }  # fmt: skip

@@ -3,6 +3,7 @@
 #   scan      -- benchmarks/decode_plan_scan_gpu.py: block lengths (compress_tail's T') and launch plans on
 #                the state a real cache builds, graph replays with the L2 cleared, beside SDPA (CELLS: env);
 #   verify    -- the same script's --matrix verify: the block-length rule and plan before stop 23 against now;
+#   extra     -- its --matrix extra: the aggressive preset's batch-1 register plan, the default's short rows;
 #   attention -- `spectralcache bench attention` (the issue's grid, graph columns);
 #   e2e       -- `spectralcache bench e2e` at 32K / 128K (DynamicCache eager, the default graphed);
 #   tests     -- tests/gpu (two pytest runs side by side, the kernel's own file apart).
@@ -19,12 +20,19 @@ mkdir -p "$W"
   echo "tree: ${SPECTRALCACHE_COMMIT:-unknown}"
 } | tee "$W/env.txt"
 for P in $PARTS; do
-if [ "$P" = scan ] || [ "$P" = verify ]; then
-  # scan: the block lengths and plans timed (CELLS); verify: the rule before stop 23 against the committed one
-  MATRIX=$([ "$P" = verify ] && echo verify || echo scan)
+if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ]; then
+  # scan: the block lengths and plans timed (CELLS); verify: the rule before stop 23 against the committed one;
+  # extra: the aggressive preset's batch-1 register plan, then the default's second-wave rows at 128K
   mkdir -p "$W/$P"
-  timeout "${SCAN_LIMIT:-500}" python3 benchmarks/decode_plan_scan_gpu.py --matrix "$MATRIX" --cells "${CELLS:-all}" \
-    --extra-presets "${EXTRA:-aggressive}" --out "$W/$P" 2>&1 | grep -v Warning | tee "$W/$P/log"
+  if [ "$P" = extra ]; then
+    timeout 150 python3 benchmarks/decode_plan_scan_gpu.py --matrix extra --preset aggressive --extra-presets "" \
+      --out "$W/$P/aggressive" 2>&1 | grep -v Warning | tee "$W/$P/log"
+    timeout 100 python3 benchmarks/decode_plan_scan_gpu.py --matrix extra --cells 131072x1 --extra-presets "" \
+      --out "$W/$P/default" 2>&1 | grep -v Warning | tee -a "$W/$P/log"
+  else
+    timeout "${SCAN_LIMIT:-500}" python3 benchmarks/decode_plan_scan_gpu.py --matrix "$P" --cells "${CELLS:-all}" \
+      --extra-presets "${EXTRA:-aggressive}" --out "$W/$P" 2>&1 | grep -v Warning | tee "$W/$P/log"
+  fi
   echo "[$P done $SECONDS s]"
 elif [ "$P" = attention ]; then
   mkdir -p "$W/attention"
