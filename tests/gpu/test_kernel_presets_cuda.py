@@ -17,6 +17,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from tests.kernel_helpers import record_launch  # noqa: E402
+
 from spectralcache.attention.reference import spectral_attention  # noqa: E402
 from spectralcache.attention.triton import decode_attention  # noqa: E402
 from spectralcache.bench.attention import build_case  # noqa: E402
@@ -41,3 +43,18 @@ def test_kernel_matches_reference_on_preset_states(preset: str, batch: int, toke
     out = decode_attention(case.query, case.state, None).float()
     err = float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
     assert err < 1e-2, (preset, err)
+
+
+@pytest.mark.parametrize(
+    ("preset", "batch", "maxnreg"),
+    [("aggressive", 1, 168), ("aggressive", 8, 128), ("default", 1, 128)],
+)
+def test_batch1_register_plan_on_preset_states(preset: str, batch: int, maxnreg: int) -> None:
+    """Stop 23: the aggressive preset at batch 1 (8 KV heads) launches 3 programs per SM with 168
+    registers (``decode._auto_programs_per_sm``); batch 8 and the default layout keep 128. Same answer
+    as the reference either way."""
+    case = build_case(preset, batch, 3000, 32, 8, 128, torch.bfloat16, torch.device("cuda"), seed=5)
+    out, seen = record_launch(lambda: decode_attention(case.query, case.state, None))
+    assert seen["_options"].get("maxnreg") == maxnreg
+    ref = spectral_attention(case.query, case.state, None).float()
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2

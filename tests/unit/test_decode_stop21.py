@@ -116,12 +116,14 @@ def test_num_stages_rule_for_tokens_contiguous_values() -> None:
 
 
 def test_programs_per_sm_rule() -> None:
-    """8 programs per SM for packed int4 low-rank layouts under the pipelined block loop when 4 would
-    leave at most 8 per (batch row, KV head) -- the aggressive preset at batch 8 on 132 SMs -- else 4;
-    a caller's value stands."""
+    """Packed int4 low-rank layouts under the pipelined block loop: 8 programs per SM when 4 would leave
+    at most 8 per (batch row, KV head) -- the aggressive preset at batch 8 on 132 SMs --, 3 when 4 would
+    give at least 64 (batch 1, stop 23); else 4; a caller's value stands."""
     rule = dec._auto_programs_per_sm
     assert rule(None, 2, False, True, 64, 132) == 8  # aggressive, batch 8 x 8 KV heads
-    assert rule(None, 2, False, True, 8, 132) == 4  # batch 1: 66 programs per KV head
+    assert rule(None, 2, False, True, 8, 132) == 3  # batch 1: 66 programs per KV head at 4
+    assert rule(None, 2, False, True, 16, 132) == 4  # batch 2: 33 (not measured)
+    assert rule(None, 0, True, True, 8, 132) == 4  # default layout at batch 1 (slower with 3)
     assert rule(None, 0, True, True, 64, 132) == 4  # default layout (nibble split, flat loop)
     assert rule(None, 2, False, False, 64, 132) == 4  # int8 low-rank: not measured
     assert rule(None, 0, False, True, 64, 132) == 4  # block loop not pipelined

@@ -498,9 +498,19 @@ def _auto_block_stages(t: int, block_t: int) -> int:
 def _auto_programs_per_sm(
     programs_per_sm: int | None, block_stages: int, nibble_split: bool, int4: bool, n_bh: int, sms: int
 ) -> int:
-    """Resident programs per SM the cold tier is planned for: the caller's, else 4 -- or 8 for packed int4
-    low-rank layouts (read without the nibble split) under the pipelined block loop when 4 per SM would
-    leave at most 8 programs per (batch row, KV head) (the aggressive preset at batch 8).
+    """Resident programs per SM the cold tier is planned for: the caller's, else 4 -- or, for packed int4
+    low-rank layouts (read without the nibble split) under the pipelined block loop, 8 when 4 per SM
+    would leave at most 8 programs per (batch row, KV head) (the aggressive preset at batch 8) and 3 when
+    they would give it at least 64 (batch 1 at 8 KV heads on 132 SMs; ``decode_attention`` then lifts
+    its automatic register cap from 128 to ``_MAXNREG_3_PER_SM``: a longer per-program chain without
+    spills).
+
+    H200 stop 23 (``benchmarks/results/lead_stop23/final3/``, the aggressive preset through a real cache,
+    graph replays with the L2 cleared, same process), batch 1, 3 per SM with 168 registers against 4 with
+    128: 4K 0.0129 / 0.0136 ms, 16K 0.0177 / 0.0203, 32K 0.0234 / 0.0268, 64K 0.0330 / 0.0362, 128K
+    0.0523 / 0.0536 (scan1 / final1: 0.0528 / 0.0538, 0.0526 / 0.0538); the default layout lost with it
+    (128K 0.0803 / 0.0730). The kernel engineer's stop 22 (dev script): batch 8 lost (0.3498 against 0.2950
+    with 8 per SM), so it applies where 4 per SM give a pair >= 64 programs only.
 
     H200 stop 21 (``benchmarks/results/kernel_stop21/``, aggressive, graph replay, same process): 128K
     batch 8 0.2953 ms with 8 against 0.3183 (3.25x against 3.01x SDPA), 32K batch 8 0.0867 / 0.0894;
@@ -508,8 +518,18 @@ def _auto_programs_per_sm(
     (nibble split) at batch 8 lost with 8 (128K 0.5335 against 0.5206, 32K 0.1403 / 0.1384)."""
     if programs_per_sm is not None:
         return int(programs_per_sm)
-    few = (4 * sms) // max(1, n_bh) <= 8
-    return 8 if block_stages and int4 and not nibble_split and few else 4
+    per_pair = (4 * sms) // max(1, n_bh)
+    if block_stages and int4 and not nibble_split:
+        if per_pair <= 8:
+            return 8
+        if per_pair >= 64:
+            return 3
+    return 4
+
+
+# the automatic register cap where the plan holds 3 programs per SM (``_auto_programs_per_sm``): 168 x
+# 128 threads x 3 programs fit the 64K registers of an SM
+_MAXNREG_3_PER_SM = 168
 
 
 def _value_tokens_padded(cold: ColdBlocks, t: int, vbits: int) -> int:
@@ -932,6 +952,7 @@ def decode_attention(
         # columns) stay at 256, their measured best (docs/kernel_notes.md, v3 and stop 16 scans)
         wide = _next_pow2(rk) + _next_pow2(rv) > 128
         block_t = min(_next_pow2(t), 64 if wide else 256)
+    auto_maxnreg = maxnreg == -1
     if maxnreg == -1:
         maxnreg = 128 if 4 in (kbits, vbits) else None
     block_e = 32 if block_e is None else block_e
@@ -970,6 +991,8 @@ def decode_attention(
             per_sm = _auto_programs_per_sm(
                 programs_per_sm, block_stages, split_k or split_v, 4 in (kbits, vbits), n_bh, sms
             )
+            if auto_maxnreg and per_sm == 3 and maxnreg is not None:
+                maxnreg = _MAXNREG_3_PER_SM
             slots = per_sm * sms
         else:
             slots = 2
