@@ -75,6 +75,14 @@ EXTRA_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
     (131072, 1): (["plain"], {"plain": ["r168", "short64", "short256"]}),
 }
 
+# kernel variants of the default preset's layout at batch 1 (each an option of ``decode_attention``, off
+# by default after earlier stops' measurements on synthetic row-major states): do any win on the cache's
+# own state (tokens-contiguous value rows, 512-token blocks)?
+KNOB_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
+    (131072, 1): (["tail"], {"tail": ["bt128", "ocols", "keyraw", "i4asm1", "nodefer", "ft3", "w8"]}),
+    (32768, 1): (["tail"], {"tail": ["bt128", "ocols", "keyraw"]}),
+}
+
 PLANS: dict[str, dict[str, Any]] = {
     "base": {},
     "bp8": {"block_parts": 8},
@@ -89,6 +97,13 @@ PLANS: dict[str, dict[str, Any]] = {
     "st4": {"num_stages": 4},
     "short0": {"short_rows": 0},
     "short64": {"short_rows": 64},
+    "bt128": {"block_t": 128},
+    "ocols": {"outlier_cols": True},
+    "keyraw": {"key_raw": True},
+    "i4asm1": {"int4_asm": 1},
+    "nodefer": {"defer_den": False},
+    "ft3": {"flat_tiles": 3},
+    "w8": {"num_warps": 8},
     "short256": {"short_rows": 256},
 }
 
@@ -113,7 +128,10 @@ def _rounded_tail(multiple: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
-        "--matrix", choices=("scan", "verify", "extra"), default="scan", help="CELLS, VERIFY or EXTRA_CELLS"
+        "--matrix",
+        choices=("scan", "verify", "extra", "knobs"),
+        default="scan",
+        help="CELLS, VERIFY, EXTRA_CELLS or KNOB_CELLS",
     )
     ap.add_argument("--cells", default="all", help="'all' or a comma list of CONTEXTxBATCH, e.g. 4096x1")
     ap.add_argument("--preset", default="default")
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     committed_tail = SpectralLayer._tail_block_size
     plain_fraction = layer_mod.TAIL_PLAIN_FRACTION
     tails = {"tail": committed_tail, "tail16": _rounded_tail(16), "tail64": _rounded_tail(64)}
-    matrix = {"scan": CELLS, "verify": VERIFY, "extra": EXTRA_CELLS}[args.matrix]
+    matrix = {"scan": CELLS, "verify": VERIFY, "extra": EXTRA_CELLS, "knobs": KNOB_CELLS}[args.matrix]
     cells = matrix if args.cells == "all" else {
         k: matrix[k] for k in (tuple(int(x) for x in c.split("x")) for c in args.cells.split(","))
     }  # fmt: skip
