@@ -83,6 +83,13 @@ KNOB_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
     (32768, 1): (["tail"], {"tail": ["bt128", "ocols", "keyraw"]}),
 }
 
+# second round: the outlier mask per tile column with PDL, and fewer warps with more programs per SM
+# (more independent tile chains per SM at batch 1)
+KNOB2_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
+    (131072, 1): (["tail"], {"tail": ["ocols", "ocolspdl", "w2p8", "w2p8oc", "w2p6"]}),
+    (32768, 1): (["tail"], {"tail": ["ocols", "w2p8"]}),
+}
+
 PLANS: dict[str, dict[str, Any]] = {
     "base": {},
     "bp8": {"block_parts": 8},
@@ -104,6 +111,10 @@ PLANS: dict[str, dict[str, Any]] = {
     "nodefer": {"defer_den": False},
     "ft3": {"flat_tiles": 3},
     "w8": {"num_warps": 8},
+    "ocolspdl": {"outlier_cols": True, "pdl": True},
+    "w2p8": {"num_warps": 2, "programs_per_sm": 8},
+    "w2p8oc": {"num_warps": 2, "programs_per_sm": 8, "outlier_cols": True},
+    "w2p6": {"num_warps": 2, "programs_per_sm": 6},
     "short256": {"short_rows": 256},
 }
 
@@ -131,13 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         "--matrix",
         choices=("scan", "verify", "extra", "knobs"),
         default="scan",
-        help="CELLS, VERIFY, EXTRA_CELLS or KNOB_CELLS",
+        help="CELLS, VERIFY, EXTRA_CELLS, KNOB_CELLS or KNOB2_CELLS",
     )
     ap.add_argument("--cells", default="all", help="'all' or a comma list of CONTEXTxBATCH, e.g. 4096x1")
     ap.add_argument("--preset", default="default")
-    ap.add_argument(
-        "--extra-presets", default="aggressive", help="presets timed with base/r168/pdl at 128K x 1"
-    )
+    ap.add_argument("--extra-presets", default="aggressive", help="presets timed at 128K x 1 (--extra-plans)")
+    ap.add_argument("--extra-plans", default="base,r168,pdl")
     ap.add_argument("--out", default="benchmarks/results/lead_stop23/scan")
     args = ap.parse_args(argv)
 
@@ -164,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     committed_tail = SpectralLayer._tail_block_size
     plain_fraction = layer_mod.TAIL_PLAIN_FRACTION
     tails = {"tail": committed_tail, "tail16": _rounded_tail(16), "tail64": _rounded_tail(64)}
-    matrix = {"scan": CELLS, "verify": VERIFY, "extra": EXTRA_CELLS, "knobs": KNOB_CELLS}[args.matrix]
+    matrix = {
+        "scan": CELLS,
+        "verify": VERIFY,
+        "extra": EXTRA_CELLS,
+        "knobs": KNOB_CELLS,
+        "knobs2": KNOB2_CELLS,
+    }[args.matrix]
     cells = matrix if args.cells == "all" else {
         k: matrix[k] for k in (tuple(int(x) for x in c.split("x")) for c in args.cells.split(","))
     }  # fmt: skip
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [(f"{args.preset}:{lay}", lay, "base") for lay in layouts]
         todo += [(f"{args.preset}:{lay}", lay, v) for lay, vs in variants.items() for v in vs]
         if (tokens, batch) == (131072, 1):
-            todo += [(f"{p}", None, v) for p in extra for v in ("base", "r168", "pdl")]
+            todo += [(f"{p}", None, v) for p in extra for v in args.extra_plans.split(",")]
         cases: dict[str, Any] = {}
         for name, layout, plan in todo:
             try:

@@ -20,11 +20,14 @@ mkdir -p "$W"
   echo "tree: ${SPECTRALCACHE_COMMIT:-unknown}"
 } | tee "$W/env.txt"
 for P in $PARTS; do
-if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ] || [ "$P" = knobs ]; then
+if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ] || [ "$P" = knobs ] || [ "$P" = knobs2 ]; then
   # scan: the block lengths and plans timed (CELLS); verify: the rule before stop 23 against the committed one;
   # extra: the aggressive preset's batch-1 register plan, then the default's second-wave rows at 128K
   mkdir -p "$W/$P"
-  if [ "$P" = extra ]; then
+  if [ "$P" = knobs2 ]; then
+    timeout 200 python3 benchmarks/decode_plan_scan_gpu.py --matrix knobs2 --extra-presets aggressive \
+      --extra-plans base,w2p8,w2p6 --out "$W/$P" 2>&1 | grep -v Warning | tee "$W/$P/log"
+  elif [ "$P" = extra ]; then
     timeout 150 python3 benchmarks/decode_plan_scan_gpu.py --matrix extra --preset aggressive --extra-presets "" \
       --out "$W/$P/aggressive" 2>&1 | grep -v Warning | tee "$W/$P/log"
     timeout 100 python3 benchmarks/decode_plan_scan_gpu.py --matrix extra --cells 131072x1 --extra-presets "" \
