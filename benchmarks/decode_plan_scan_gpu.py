@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
         "--matrix",
-        choices=("scan", "verify", "extra", "knobs"),
+        choices=("scan", "verify", "extra", "knobs", "knobs2"),
         default="scan",
         help="CELLS, VERIFY, EXTRA_CELLS, KNOB_CELLS or KNOB2_CELLS",
     )
