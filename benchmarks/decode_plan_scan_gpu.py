@@ -90,6 +90,12 @@ KNOB2_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
     (32768, 1): (["tail"], {"tail": ["ocols", "w2p8"]}),
 }
 
+# third round: 128-token tiles (two tiles' chains in one) where 3 programs per SM leave 168 registers
+KNOB3_CELLS: dict[tuple[int, int], tuple[list[str], dict[str, list[str]]]] = {
+    (131072, 1): (["tail"], {"tail": ["bt128r168", "bt128"]}),
+    (32768, 1): (["tail"], {"tail": ["bt128r168"]}),
+}
+
 PLANS: dict[str, dict[str, Any]] = {
     "base": {},
     "bp8": {"block_parts": 8},
@@ -105,6 +111,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "short0": {"short_rows": 0},
     "short64": {"short_rows": 64},
     "bt128": {"block_t": 128},
+    "bt128r168": {"block_t": 128, "programs_per_sm": 3, "maxnreg": 168},
     "ocols": {"outlier_cols": True},
     "keyraw": {"key_raw": True},
     "i4asm1": {"int4_asm": 1},
@@ -140,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
         "--matrix",
-        choices=("scan", "verify", "extra", "knobs", "knobs2"),
+        choices=("scan", "verify", "extra", "knobs", "knobs2", "knobs3"),
         default="scan",
-        help="CELLS, VERIFY, EXTRA_CELLS, KNOB_CELLS or KNOB2_CELLS",
+        help="CELLS, VERIFY, EXTRA_CELLS, KNOB_CELLS, KNOB2_CELLS or KNOB3_CELLS",
     )
     ap.add_argument("--cells", default="all", help="'all' or a comma list of CONTEXTxBATCH, e.g. 4096x1")
     ap.add_argument("--preset", default="default")
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "extra": EXTRA_CELLS,
         "knobs": KNOB_CELLS,
         "knobs2": KNOB2_CELLS,
+        "knobs3": KNOB3_CELLS,
     }[args.matrix]
     cells = matrix if args.cells == "all" else {
         k: matrix[k] for k in (tuple(int(x) for x in c.split("x")) for c in args.cells.split(","))

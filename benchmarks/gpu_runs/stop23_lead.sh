@@ -20,7 +20,7 @@ mkdir -p "$W"
   echo "tree: ${SPECTRALCACHE_COMMIT:-unknown}"
 } | tee "$W/env.txt"
 for P in $PARTS; do
-if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ] || [ "$P" = knobs ] || [ "$P" = knobs2 ]; then
+if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ] || [ "$P" = knobs ] || [ "$P" = knobs2 ] || [ "$P" = knobs3 ]; then
   # scan: the block lengths and plans timed (CELLS); verify: the rule before stop 23 against the committed one;
   # extra: the aggressive preset's batch-1 register plan, then the default's second-wave rows at 128K
   mkdir -p "$W/$P"

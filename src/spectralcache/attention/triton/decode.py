@@ -643,18 +643,21 @@ def _outlier_cols(
     column c <=> token ``k·block_t + c``), so a tile tests its tokens with one shift instead of gathering
     its two mask words through shared memory (a store, a barrier and a load per tile; sm_90a: 7 -> 5
     barriers a tile). Applies to the flat tile loop (the default preset's layout) with outliers and at
-    most 31 tiles a block. None: on where it applies and a cold program reads more than 32 tiles (the
-    deep-pipeline cells), True: on where it applies, False: off.
+    most 31 tiles a block. None: on where it applies and a cold program reads at least 32 tiles (the
+    deep-pipeline cells and 128K batch 1), True: on where it applies, False: off.
 
     H200 stop 21 (``benchmarks/results/kernel_stop21/``, default layout, paired int4 widening, graph
     replay, same process): 128K batch 8 (256 tiles a program) 0.5206-0.5219 ms with it against 0.5392,
     32K batch 8 (64 tiles) 0.1384-0.1389 / 0.1403; batch 1 (<= 32 tiles, 2 pipeline stages) no gain --
-    128K 0.0762-0.0763 against 0.0745, 32K 0.0236-0.0239 / 0.0237."""
+    128K 0.0762-0.0763 against 0.0745, 32K 0.0236-0.0239 / 0.0237. H200 stop 23, the cache's own state
+    (tokens-contiguous value rows, ``benchmarks/results/lead_stop23/knobs*/``, graph replays, L2 cleared):
+    128K batch 1 (32 tiles a program) 0.0718 / 0.0715 ms with it against 0.0731 / 0.0730 in two runs, 32K
+    batch 1 (8 tiles) level (0.0311 / 0.0313 against 0.0311 / 0.0314)."""
     if outlier_cols is not None and not outlier_cols:
         return False
     if not (bool(flat) and n_out > 0 and -(-t // block_t) <= 31):
         return False
-    return outlier_cols is not None or tiles_per_program > 32
+    return outlier_cols is not None or tiles_per_program >= 32
 
 
 def _row_stride(coeffs: torch.Tensor) -> int:
