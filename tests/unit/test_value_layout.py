@@ -20,6 +20,7 @@ import spectralcache.cache.layer as layer_mod
 from spectralcache.attention.reference import spectral_attention
 from spectralcache.cache.layer import (
     SpectralLayer,
+    is_padded_token_rows,
     is_tokens_contiguous,
     stores_values_tokens_contiguous,
     tokens_contiguous_stride,
@@ -101,6 +102,7 @@ def test_layout_through_growth_and_every_batch_op(twins):
     run(lambda layer: _grow_and_decode(layer, k[:, :, prefill:], v[:, :, prefill:], 0))
     assert fast.num_blocks > capacity
     assert tokens_contiguous(fast.state().cold.value_coeffs)
+    scales_padded(fast.state().cold.value_scales)
     assert fast.state().cold.value_coeffs.stride(-1) != 1
     assert plain.state().cold.value_coeffs.stride(-1) == 1  # the twin really is row-major
     _assert_same_state(fast, plain)
@@ -114,12 +116,25 @@ def test_layout_through_growth_and_every_batch_op(twins):
     for op in ops:
         run(op)
         assert tokens_contiguous(fast.state().cold.value_coeffs)
+        scales_padded(fast.state().cold.value_scales)
         _assert_same_state(fast, plain)
     # and the layer keeps appending blocks into its (re-laid-out) buffers
     k2, v2 = kv(3, 2 * T + 3, seed=2)
     run(lambda layer: _grow_and_decode(layer, k2, v2, 1))
     assert tokens_contiguous(fast.state().cold.value_coeffs)
+    scales_padded(fast.state().cold.value_scales)
     _assert_same_state(fast, plain)
+
+
+def scales_padded(vs: torch.Tensor) -> None:
+    """The per-token value scales [.., nb, T, 1]: blocks T rounded up to 16 apart (stop 23), padding zero."""
+    t = vs.shape[-2]
+    assert is_padded_token_rows(vs) and vs.stride(-3) == tokens_contiguous_stride(t) and vs.stride(-2) == 1
+    if t % 16:
+        pad = vs.as_strided(
+            (*vs.shape[:-2], 16 - t % 16, 1), (*vs.stride()[:-2], 1, 1), vs.storage_offset() + t
+        )
+        assert not pad.any()
 
 
 @pytest.mark.parametrize("block", [T, 13])
@@ -147,6 +162,12 @@ def test_reference_and_kernel_read_the_layer_state(block):
             state.cold.value_coeffs.storage_offset() + block,
         )
         pad.fill_(0x77)
+        # and the scales' padding (zeros as the layer leaves it) read by the same mask: NaN there must not
+        # reach the output either (the kernel zeroes the scales past T in registers)
+        vs = state.cold.value_scales
+        vs.as_strided(
+            (*vs.shape[:-2], 16 - block % 16, 1), (*vs.stride()[:-2], 1, 1), vs.storage_offset() + block
+        ).fill_(float("nan"))
     query = torch.randn(2, 8, 1, 32, generator=g).to(dev)
     ref = spectral_attention(query, state)
     row_major = state.cold.value_coeffs.contiguous()
@@ -161,8 +182,11 @@ def test_reference_and_kernel_read_the_layer_state(block):
 
     out, constexprs = record_launch(lambda: decode_attention(query, state, block_t=16))
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-5
-    # 13-token blocks: the value tile is masked by 16-token groups (T_V), reading the row padding
-    assert (constexprs["T"], constexprs["T_V"]) == ((block, 16) if block % 16 else (block, 0))
+    # 13-token blocks: the value tile and its scales are masked by 16-token groups (T_V, VS_PAD), reading
+    # the padding
+    assert (constexprs["T"], constexprs["T_V"], constexprs["VS_PAD"]) == (
+        (block, 16, True) if block % 16 else (block, 0, False)
+    )
 
 
 def test_row_stride_is_the_block_length_rounded_up_to_16():
@@ -201,3 +225,24 @@ def test_value_mask_bound_only_where_the_rows_hold_it():
     assert _value_tokens_padded(cold(half), 511, 16) == 0  # padding could hold NaN bits
     whole = relayout(torch.zeros(1, 2, 3, 512, 64, dtype=torch.uint8))
     assert _value_tokens_padded(cold(whole), 512, 4) == 0  # already a multiple of 16
+
+
+def test_scales_mask_only_where_their_blocks_hold_it():
+    """``decode._value_scales_padded``: the scales may be read up to T_V only where each block's row of
+    per-token scales is dense and at least T_V long, 16-aligned (the cache's padded layout)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from spectralcache.attention.triton.decode import _value_scales_padded
+    from spectralcache.cache.layer import padded_token_rows
+
+    scales = torch.ones(1, 2, 3, 511, 1, dtype=torch.float16)
+    padded = padded_token_rows(scales)
+    assert padded.stride()[-3:] == (512, 1, 1) and torch.equal(padded, scales)
+    assert padded_token_rows(padded) is padded  # already laid out: no copy
+    assert _value_scales_padded(SimpleNamespace(value_scales=padded), 511, 512)
+    assert not _value_scales_padded(SimpleNamespace(value_scales=padded), 511, 0)  # rows not padded
+    assert not _value_scales_padded(SimpleNamespace(value_scales=scales), 511, 512)  # blocks 511 apart
+    assert not _value_scales_padded(SimpleNamespace(value_scales=None), 511, 512)  # 16-bit values
+    per_block = torch.ones(1, 2, 3, 1, 1, dtype=torch.float16)  # not one scale per token
+    assert not _value_scales_padded(SimpleNamespace(value_scales=per_block), 511, 512)

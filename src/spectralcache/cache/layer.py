@@ -87,7 +87,9 @@ __all__ = [
     "COLD_TIERS",
     "LayerCheckpoint",
     "SpectralLayer",
+    "is_padded_token_rows",
     "is_tokens_contiguous",
+    "padded_token_rows",
     "stores_values_tokens_contiguous",
     "tokens_contiguous",
     "tokens_contiguous_stride",
@@ -103,7 +105,8 @@ COLD_GROWTH = 1.25
 
 # compress_tail keeps whole ``block_size`` blocks when they leave at most 1/64 of the prompt's
 # compressible tokens exact (at most ``block_size - 1``, so from ~32K tokens on at block_size 512):
-# at most ~1.6 % of the tokens, ~+1-5 % of the bytes at the default preset, for a faster decode kernel.
+# at most ~1.6 % of the tokens and ~4 % more bytes at the default preset (32K: +3 %, 128K: +0.5 %), for a
+# faster decode kernel.
 # H200, the default preset through a real cache (stop 23, ``benchmarks/results/lead_stop23/scan1/``,
 # graph replays, L2 cleared, one process): 128K batch 1 0.0732 ms with 512-token blocks against 0.0788
 # with the re-blocked 511 (1.89x / 1.76x SDPA; 147.9 / 147.2 MB read), 32K 0.0313 against 0.0338 (510;
@@ -169,6 +172,41 @@ def tokens_contiguous(x: torch.Tensor) -> torch.Tensor:
     if is_tokens_contiguous(x):
         return x
     out = empty_tokens_contiguous(x, list(x.shape))
+    out.copy_(x)
+    return out
+
+
+# The per-token value scales ``[B, H, nb, T, 1]`` of the same layout's blocks start every ``T_row``
+# tokens too (memory ``[B, H, capacity, T_row, 1]``, the padding zeros), so the decode kernel may load a
+# tile's scales up to the next 16-token boundary: 4-byte-or-wider copies that its software pipeliner
+# issues a tile ahead (``cp.async``). With blocks ``T' = 506`` tokens apart and the mask ``t < 506`` the
+# compiled kernel loaded them two bytes at a time, synchronously, in every tile (sm_90a SASS on the CPU,
+# ``attention_kernel_dev.py --sections sass``, stop 23: 9 ``LDG.E.U16`` and no ``LDGSTS.E`` against 5 and 6
+# for 512-token blocks) -- the likely cause of the re-blocked layouts' slower tiles (stop 23: 0.0788 ms at
+# 128K batch 1 with 511-token blocks against 0.0732 with 512).
+def empty_padded_token_rows(like: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """A zero ``shape = [..., nb, T, w]`` tensor (``like``'s dtype and device) whose blocks start every
+    :func:`tokens_contiguous_stride` ``(T)`` rows: memory ``[..., nb, T_row, w]``, seen as its first ``T`` rows
+    (the padding rows stay zero)."""
+    *outer, t, w = shape
+    return like.new_zeros([*outer, tokens_contiguous_stride(t), w])[..., :t, :]
+
+
+def is_padded_token_rows(x: torch.Tensor) -> bool:
+    """Whether ``x [..., nb, T, w]`` is in that layout: rows dense, blocks ``T_row * w`` apart."""
+    if x.dim() < 3:
+        return False
+    t, w = x.shape[-2], x.shape[-1]
+    if (w > 1 and x.stride(-1) != 1) or (t > 1 and x.stride(-2) != w):
+        return False
+    return x.stride(-3) == tokens_contiguous_stride(t) * w
+
+
+def padded_token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., nb, T, w]`` in that layout (a copy unless it already is)."""
+    if is_padded_token_rows(x):
+        return x
+    out = empty_padded_token_rows(x, list(x.shape))
     out.copy_(x)
     return out
 
@@ -371,8 +409,8 @@ class SpectralLayer(CacheLayerMixin):
         with the fewest left over (``k = ceil(n / T)`` blocks of ``n // k``; fewer than ``k``
         tokens remain), within ``[T_min, block_size]``; ``block_size`` itself when whole blocks of
         it leave no more over (ties keep the longer block: fewer bases), or at most ``n //
-        TAIL_PLAIN_FRACTION`` (a long prompt: see below), or when ``n < T_min`` (then nothing is due
-        and the choice waits for a later chunk).
+        TAIL_PLAIN_FRACTION`` (a long prompt: whole blocks decode faster, see that constant), or when
+        ``n < T_min`` (then nothing is due and the choice waits for a later chunk).
 
         Why re-blocking rather than a padded short last block: readers locate blocks from host
         integers (block ``n`` ends ``(nb - n - 1) * T`` before ``hot_start``) and attend the exact
@@ -915,6 +953,8 @@ class SpectralLayer(CacheLayerMixin):
             shape[axis] = capacity
             if name == "value_coeffs" and stores_values_tokens_contiguous(self.config):
                 buf = empty_tokens_contiguous(x, shape)
+            elif name == "value_scales" and stores_values_tokens_contiguous(self.config):
+                buf = empty_padded_token_rows(x, shape)
             else:
                 buf = x.new_empty(shape)
             if nb:
@@ -1008,6 +1048,8 @@ class SpectralLayer(CacheLayerMixin):
             if stores_values_tokens_contiguous(self.config):
                 # batch ops return row-major copies: keep the layout the kernel reads fastest
                 new_cold.value_coeffs = tokens_contiguous(new_cold.value_coeffs)
+                if new_cold.value_scales is not None:
+                    new_cold.value_scales = padded_token_rows(new_cold.value_scales)
         chunk = [None if x is None else fn(x) for x in (self._chunk_k, self._chunk_v)]
         new = (fn(lm_k), fn(lm_v), fn(hot_k), fn(hot_v))
         # assign (nothing above mutated self)

@@ -65,7 +65,9 @@ are exactly as above, but only the innermost two dims are guaranteed dense -- ro
 tokens-contiguous since stop 21: memory ``[B, H, capacity, D/2, T_row]``, the ``[..., T, D/2]``
 tensor a transposed view of its first ``T`` columns (``stride(-2) == 1``; ``T_row`` = ``T`` rounded up
 to a multiple of 16 since stop 22, so each row starts 16-byte aligned whatever the block length;
-``cache.layer.stores_values_tokens_contiguous`` says when). Readers (torch reference, Triton kernels) must use strides and must not assume
+``cache.layer.stores_values_tokens_contiguous`` says when), and, in that layout, ``value_scales``, whose
+blocks start ``T_row`` tokens apart since stop 23 (memory ``[B, H, capacity, T_row, 1]``, the padding zero:
+``cache.layer.padded_token_rows``). Readers (torch reference, Triton kernels) must use strides and must not assume
 ``.is_contiguous()``.
 A state is a snapshot: it stays valid until the layer's next ``update`` (which only writes
 past the views' ends, or into fresh buffers) and is invalidated by ``crop`` / batch ops.

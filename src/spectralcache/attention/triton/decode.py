@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    pdl: int = 0, t_v: int = 0,
+    pdl: int = 0, t_v: int = 0, vs_pad: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -149,6 +149,7 @@ def _split_constexprs(
         ABLATE=0,
         PDL=pdl,
         T_V=t_v,
+        VS_PAD=vs_pad,
     )  # fmt: skip
 
 
@@ -388,6 +389,7 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         key_channel,
         key_offsets,
         _value_tokens_padded(cold, t, vbits),
+        _value_scales_padded(cold, t, _value_tokens_padded(cold, t, vbits)),
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
@@ -550,6 +552,22 @@ def _value_tokens_padded(cold: ColdBlocks, t: int, vbits: int) -> int:
     if vc.stride(-1) < tv or vc.stride(-1) % 16:
         return 0
     return tv
+
+
+def _value_scales_padded(cold: ColdBlocks, t: int, t_v: int) -> bool:
+    """Whether the kernel may load a tile's value scales with the value tile's mask (``t < T_V``,
+    ``T_V`` from :func:`_value_tokens_padded`) -- ``decode_splits._cold_tile``'s VS_PAD: the per-token
+    scales ``[.., nb, T, 1]`` are dense along the tokens and each block's row holds at least ``T_V``
+    entries, 16-aligned (``cache/layer.py`` pads them so since stop 23, ``padded_token_rows``). The
+    padding is read but multiplied by nothing: the kernel zeroes the scales past ``T`` in registers.
+
+    Why: with the mask ``t < T`` over a block length like 506 the scales were loaded two bytes at a time,
+    outside the software pipeline (sm_90a SASS: ``LDG.E.U16`` in the tile loop, no ``cp.async``); the
+    16-token mask and aligned block starts let them be copied a tile ahead like the 512-token blocks'."""
+    vs = cold.value_scales
+    if not t_v or vs is None or vs.dim() != 5 or vs.shape[-2] != t or vs.shape[-1] != 1:
+        return False
+    return vs.stride(-2) == 1 and vs.stride(-3) >= t_v and vs.stride(-3) % 16 == 0
 
 
 def _auto_num_stages(
@@ -915,7 +933,7 @@ def decode_attention(
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
         (
             n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel,
-            key_offsets, t_v,
+            key_offsets, t_v, vs_pad,
         ) = facts  # fmt: skip
         if state.key_space == "pre_rope":
             pre_rope = True
@@ -929,7 +947,7 @@ def decode_attention(
             inv_freq = f16
     else:
         n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
-        t_v = 0
+        t_v, vs_pad = 0, False
         key_identity = value_identity = True
         key_channel = key_offsets = False
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
@@ -1092,6 +1110,7 @@ def decode_attention(
             _outlier_cols(outlier_cols, flat, n_out, t, block_t, tiles),
             use_pdl,
             t_v,
+            vs_pad,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -451,9 +451,14 @@ def _cold_tile(
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
     INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
     I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False,
-    ABLATE: tl.constexpr = 0, T_V: tl.constexpr = 0,
+    ABLATE: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
+
+    VS_PAD (with T_V > T; the host's ``_value_scales_padded``): each block's per-token value scales hold
+    at least T_V entries (``cache/layer.py`` pads them to 16 since stop 23), so they are loaded with the
+    value tile's mask ``t < T_V`` -- whole 16-token groups, copied a tile ahead by the software pipeliner
+    -- and zeroed past T in registers (the padding's content never reaches the output).
 
     T_V > T (the host's ``_value_tokens_padded``): the value coefficient rows are tokens-contiguous and
     hold at least T_V bytes each (``cache/layer.py`` pads them to a multiple of 16), so the value tile is
@@ -598,7 +603,11 @@ def _cold_tile(
                 vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM
             )
         if VALUE_BITS != 16:
-            vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+            if VS_PAD and T_V > T:
+                vscale = tl.load(vs_n + tt * s_vs_t, mask=tv_ok, other=0.0).to(tl.float32)
+                vscale = tl.where(t_ok, vscale, 0.0)
+            else:
+                vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
             pv = p * vscale[None, :]
         else:
             pv = p
@@ -721,7 +730,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -950,7 +959,7 @@ def spectral_decode_split_kernel(
                     T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                     VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
                     INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, OUT_COLS, ABLATE,
-                    T_V=T_V,
+                    T_V=T_V, VS_PAD=VS_PAD,
                 )  # fmt: skip
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
@@ -1120,7 +1129,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V, VS_PAD=VS_PAD,
                         )  # fmt: skip
                 else:
                     # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -1135,7 +1144,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V, VS_PAD=VS_PAD,
                         )  # fmt: skip
                 if not VALUE_IDENTITY:
                     bv = tl.load(
