@@ -4,6 +4,7 @@
 #                the state a real cache builds, graph replays with the L2 cleared, beside SDPA (CELLS: env);
 #   verify    -- the same script's --matrix verify: the block-length rule and plan before stop 23 against now;
 #   extra     -- its --matrix extra: the aggressive preset's batch-1 register plan, the default's short rows;
+#   vspad     -- its --matrix vspad: a57db0e's padded value scales against the mask t < T (not run in stop 23);
 #   attention -- `spectralcache bench attention` (the issue's grid, graph columns);
 #   e2e       -- `spectralcache bench e2e` at 32K / 128K (DynamicCache eager, the default graphed);
 #   tests     -- tests/gpu (two pytest runs side by side, the kernel's own file apart).
@@ -20,7 +21,7 @@ mkdir -p "$W"
   echo "tree: ${SPECTRALCACHE_COMMIT:-unknown}"
 } | tee "$W/env.txt"
 for P in $PARTS; do
-if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ] || [ "$P" = knobs ] || [ "$P" = knobs2 ] || [ "$P" = knobs3 ]; then
+if [ "$P" = scan ] || [ "$P" = verify ] || [ "$P" = extra ] || [ "$P" = knobs ] || [ "$P" = knobs2 ] || [ "$P" = knobs3 ] || [ "$P" = vspad ]; then
   # scan: the block lengths and plans timed (CELLS); verify: the rule before stop 23 against the committed one;
   # extra: the aggressive preset's batch-1 register plan, then the default's second-wave rows at 128K
   mkdir -p "$W/$P"
