@@ -104,6 +104,17 @@ def test_graph_step_keeps_the_window_buffers_and_the_layout(model) -> None:
     assert (layer._window_k, layer._window_v) == buffers and torch.equal(layer.keys, before)
 
 
+def test_a_step_of_another_batch_is_refused_by_name(model) -> None:
+    """Layer 0 is a sliding layer (transformers' own has no ``batch_size``): the refusal names both
+    batches instead of failing on the attribute."""
+    ids = tiny_prompt(2, 80, seed=4)
+    cache = SpectralCache(model, small_lossy_config(**CFG))
+    decoder = GraphedDecoder(model, cache, max_new_tokens=4, mode="static")
+    nxt = decoder.next_ids(decoder.prefill(ids)).clone()
+    with pytest.raises(ValueError, match="batch 1 != the cache's batch 2"):
+        decoder.step(nxt[:1])
+
+
 def test_failed_step_rolls_back_the_sliding_layers(model, monkeypatch) -> None:
     """A step that fails after sliding layer 0 shifted its window in place (attention of layer 1
     raises) leaves every layer as before it; decoding then goes on equal to an eager cache."""

@@ -396,9 +396,7 @@ class GraphedDecoder:
             return self._eager_step(input_ids)
         batch = int(input_ids.shape[0])
         if batch != self._ref.batch_size or (self._batch is not None and batch != self._batch):
-            raise ValueError(
-                f"GraphedDecoder: batch {batch} != the cache's batch {self.layers[0].batch_size}"
-            )
+            raise ValueError(f"GraphedDecoder: batch {batch} != the cache's batch {self._ref.batch_size}")
         if self._batch is None:
             self._allocate(batch)
         ahead = max(self.max_new_tokens - self._decoded, 1)
