@@ -211,6 +211,14 @@ def padded_token_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# the cold fields kept in a padded layout where ``stores_values_tokens_contiguous``: field -> (allocate
+# ``[..., T, w]`` in it, copy a tensor into it unless it already is)
+_PADDED_LAYOUTS = {
+    "value_coeffs": (empty_tokens_contiguous, tokens_contiguous),
+    "value_scales": (empty_padded_token_rows, padded_token_rows),
+}
+
+
 # Everything a checkpoint restores (the layer's whole mutable state; buffers by reference).
 _STATE_ATTRS = (
     "keys",
@@ -946,15 +954,14 @@ class SpectralLayer(CacheLayerMixin):
         shaped like ``template``'s tensors (default: the current buffers; a layer that holds none
         yet passes the blocks it is about to append)."""
         old, nb = self._cold, self._nb
+        padded = stores_values_tokens_contiguous(self.config)
 
         def grow(name: str, x: torch.Tensor) -> torch.Tensor:
             axis = 0 if name == "block_starts" else 2
             shape = list(x.shape)
             shape[axis] = capacity
-            if name == "value_coeffs" and stores_values_tokens_contiguous(self.config):
-                buf = empty_tokens_contiguous(x, shape)
-            elif name == "value_scales" and stores_values_tokens_contiguous(self.config):
-                buf = empty_padded_token_rows(x, shape)
+            if padded and name in _PADDED_LAYOUTS:
+                buf = _PADDED_LAYOUTS[name][0](x, shape)
             else:
                 buf = x.new_empty(shape)
             if nb:
@@ -1046,10 +1053,11 @@ class SpectralLayer(CacheLayerMixin):
         if cold is not None:
             new_cold = cold.map_tensors(lambda name, x: x if batch and name == "block_starts" else fn(x))
             if stores_values_tokens_contiguous(self.config):
-                # batch ops return row-major copies: keep the layout the kernel reads fastest
-                new_cold.value_coeffs = tokens_contiguous(new_cold.value_coeffs)
-                if new_cold.value_scales is not None:
-                    new_cold.value_scales = padded_token_rows(new_cold.value_scales)
+                # batch ops return row-major copies: keep the layouts the kernel reads fastest
+                for name, (_, relayout) in _PADDED_LAYOUTS.items():
+                    x = getattr(new_cold, name)
+                    if x is not None:
+                        setattr(new_cold, name, relayout(x))
         chunk = [None if x is None else fn(x) for x in (self._chunk_k, self._chunk_v)]
         new = (fn(lm_k), fn(lm_v), fn(hot_k), fn(hot_v))
         # assign (nothing above mutated self)
