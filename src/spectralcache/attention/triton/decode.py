@@ -374,6 +374,7 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         *_t(cold.outlier_values, 5, f16, device),
         *_t(cold.outlier_index, 4, i64, device),
     )
+    t_v = _value_tokens_padded(cold, t, vbits)
     facts = (
         cold.num_blocks,
         t,
@@ -388,8 +389,8 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         _row_stride(cold.value_coeffs),
         key_channel,
         key_offsets,
-        _value_tokens_padded(cold, t, vbits),
-        _value_scales_padded(cold, t, _value_tokens_padded(cold, t, vbits)),
+        t_v,
+        _value_scales_padded(cold, t, t_v),
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
