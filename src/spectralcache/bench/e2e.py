@@ -113,6 +113,17 @@ GEMMA3_270M_TEXT = dict(
 )
 
 
+def _random_model(config: Any, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    """A causal LM of ``config`` with seeded random weights, built on ``device`` in ``dtype`` (eval
+    mode, SDPA attention)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # weights initialized on the device, in the target dtype
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
 def _gemma3_270m_shape(
     device: torch.device,
     dtype: torch.dtype,
@@ -122,7 +133,7 @@ def _gemma3_270m_shape(
     max_positions: int,
     seed: int,
 ) -> tuple[Any, dict[str, Any]]:
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3TextConfig
 
     fields = dict(GEMMA3_270M_TEXT, max_position_embeddings=max_positions)
     if layers:
@@ -130,10 +141,7 @@ def _gemma3_270m_shape(
     if vocab:
         fields["vocab_size"] = vocab
     config = Gemma3TextConfig(**fields)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
+    model = _random_model(config, device, dtype, seed)
     return model, {
         "name": "random-weight Gemma3ForCausalLM (Gemma 3 270M's text config)",
         "layers": config.num_hidden_layers,
@@ -155,7 +163,7 @@ def build_model(
     seed: int = 0,
 ) -> tuple[Any, dict[str, Any]]:
     """The benchmark model (eval mode, SDPA attention) and a description for the JSON."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     if kind == "gemma3-270m":
         from spectralcache.eval.model import load_model
@@ -194,10 +202,7 @@ def build_model(
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    with torch.device(device):  # weights initialized on the device, in the target dtype
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
+    model = _random_model(config, device, dtype, seed)
     params = sum(p.numel() for p in model.parameters())
     desc = {
         "name": f"random-weight LlamaForCausalLM ({kind} shape)",
