@@ -41,7 +41,43 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noexact": {"_state": "noexact"},
     "pdl": {"pdl": True},
     "pdl2": {"pdl": 2},
+    # the combine kernel's columns per program / partials per load round (stop 24)
+    "cd32s128": {"combine_block_d": 32, "combine_block_s": 128},
+    "cd64s128": {"combine_block_d": 64, "combine_block_s": 128},
+    "cd32s64": {"combine_block_d": 32, "combine_block_s": 64},
+    "cd16s128": {"combine_block_d": 16, "combine_block_s": 128},
+    "c0s128": {"combine_block_d": 0, "combine_block_s": 128},
+    # the outlier / exact rows in the resident slots the cold programs leave free (one wave): SPARE
+    "spare2": {"_plan": (1, 1)},
+    "spare3": {"_plan": (2, 1)},
+    "spare2cd": {"_plan": (1, 1), "combine_block_d": 32, "combine_block_s": 128},
 }
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def spare_plan(orig: Any, out_programs: int, exact_programs: int) -> Any:
+    """``decode._split_plan`` with the outlier rows in ``out_programs`` programs and the exact tiers in
+    ``exact_programs`` per (batch row, KV head), whatever the slots (timing of the one-wave idea)."""
+
+    def plan(plan_blocks: int, plan_exact: int, blocks_per_split: int, **kw: Any) -> tuple:
+        kw["short_rows"] = 0
+        n_cold, exact_per, out_per, n_out_splits, n_exact = orig(
+            plan_blocks, plan_exact, blocks_per_split, **kw
+        )
+        block_e = kw["block_e"]
+        if n_out_splits:
+            rows = plan_blocks * kw["n_out"]
+            out_per = _ceil(_ceil(rows, out_programs), block_e) * block_e
+            n_out_splits = -(-rows // out_per)
+        if plan_exact:
+            exact_per = _ceil(_ceil(plan_exact, exact_programs), block_e) * block_e
+            n_exact = -(-plan_exact // exact_per)
+        return n_cold, exact_per, out_per, n_out_splits, n_exact
+
+    return plan
 
 
 def strip_state(state: Any, how: str) -> Any:
@@ -143,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default="default,aggressive")
     ap.add_argument("--variants", default="base,coldonly,noexact,pdl,pdl2")
     ap.add_argument("--profile-replays", type=int, default=30)
+    ap.add_argument(
+        "--all-presets", action="store_true", help="every preset at every cell (else 128K x 1 only)"
+    )
     ap.add_argument("--out", default="benchmarks/results/lead_stop24/breakdown")
     args = ap.parse_args(argv)
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    import spectralcache.attention.triton.decode as dec
     from spectralcache.attention.reference import spectral_attention
     from spectralcache.attention.triton import decode_attention
     from spectralcache.bench.attention import (
@@ -198,12 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{'':>8} {[round(g, 2) for g in prof['gaps_us']]!s:>7} {prof['span_us'] or 0:8.2f}",
             flush=True,
         )
-        for preset in presets if (tokens, batch) == (131072, 1) else presets[:1]:
+        for preset in presets if (tokens, batch) == (131072, 1) or args.all_presets else presets[:1]:
             case = build_case(preset, batch, tokens, 32, 8, 128, dtype, dev, 0, (keys, values))
             for variant in variants:
                 kw = dict(VARIANTS[variant])
                 how = kw.pop("_state", None)
+                spare = kw.pop("_plan", None)
                 st = strip_state(case.state, how) if how else case.state
+                committed_plan = dec._split_plan
+                if spare:
+                    dec._split_plan = spare_plan(committed_plan, *spare)
                 try:
                     replay, outs = graph_replayer(
                         [
@@ -228,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"context": tokens, "batch": batch, "preset": preset, "variant": variant,
                                  "error": f"{type(exc).__name__}: {str(exc)[:300]}"})  # fmt: skip
                     continue
+                finally:
+                    dec._split_plan = committed_plan
                 k = prof["kernel_us"]
                 row = {
                     "context": tokens, "batch": batch, "preset": preset, "variant": variant,

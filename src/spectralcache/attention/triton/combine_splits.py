@@ -15,6 +15,12 @@ Stop 22: ``PDL`` -- the kernel is launched as a programmatic dependent of the sp
 programmatic dependent launch, the ``launch_pdl`` compile option): its programs may start while the
 split kernel's last programs run and wait (``griddepcontrol.wait``) for its partials, so the launch
 gap between the two kernels is hidden (``decode_attention(pdl=...)``, off by default).
+
+Stop 24: ``D_BLOCK`` -- the output row's columns split over programs (grid axis 1: ``D / D_BLOCK``
+programs per row, each reading ``[BLOCK_S, D_BLOCK]`` tiles; every one recomputes the row's tiny
+``m`` / ``l`` merge). At batch 1 the one-program-per-row form gave 32 programs for the whole card, each
+reading 88 splits' ``[S, 128]`` partials in two dependent rounds: 3.8 us of a 72 us step at 128K on the
+H200 (``benchmarks/decode_breakdown_gpu.py``). 0: one program per row (all ``D_P`` columns).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def combine_splits_kernel(
     out_ptr, s_ob, s_oh, s_oq, s_od,
     n_kv, n_splits, q_len,
     G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, D_BLOCK: tl.constexpr = 0,
 ):  # fmt: skip
     if PDL:
         # launched as the split kernel's programmatic dependent (compiled only): wait for its partials;
@@ -63,7 +69,12 @@ def combine_splits_kernel(
     r = pid % R
     b = bh // n_kv
     h = bh % n_kv
-    dcols = tl.arange(0, D_P)
+    if D_BLOCK > 0:
+        dcols = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
+        acc = tl.zeros((D_BLOCK,), dtype=tl.float32)
+    else:
+        dcols = tl.arange(0, D_P)
+        acc = tl.zeros((D_P,), dtype=tl.float32)
     d_ok = dcols < D
     # partials of the split kernel, one buffer: acc [BH, S, R, D] | m [BH, S, R] | l [BH, S, R]
     n_part = tl.num_programs(0) * n_splits
@@ -72,7 +83,6 @@ def combine_splits_kernel(
 
     m_run = tl.full((), float("-inf"), dtype=tl.float32)
     l_run = tl.zeros((), dtype=tl.float32)
-    acc = tl.zeros((D_P,), dtype=tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         s_ok = ss < n_splits

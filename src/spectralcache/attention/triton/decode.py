@@ -213,8 +213,33 @@ def _int4_width(rank: int, bits: int, int4_bytes: int, int4_pad: bool) -> int:
 
 
 @functools.lru_cache(maxsize=512)
-def _combine_constexprs(groups: int, rows: int, head_dim: int, block_s: int, pdl: bool = False) -> dict:
-    return dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=block_s, PDL=pdl)
+def _combine_constexprs(
+    groups: int, rows: int, head_dim: int, block_s: int, pdl: bool = False, d_block: int = 0
+) -> dict:
+    return dict(G=groups, R=rows, D=head_dim, D_P=_next_pow2(head_dim), BLOCK_S=block_s, PDL=pdl, D_BLOCK=d_block)
+
+
+def _combine_plan(
+    n_splits: int, head_dim: int, combine_block_d: int | None, combine_block_s: int | None
+) -> tuple[int, int]:
+    """``(D_BLOCK, BLOCK_S)`` of the combine kernel: the caller's, or the automatic choice. ``D_BLOCK``
+    0 = one program per output row; else a power of two >= 16 (clamped to the padded head_dim)."""
+    d_p = _next_pow2(head_dim)
+    if combine_block_d is None:
+        d_block = 0
+    else:
+        d_block = int(combine_block_d)
+        if d_block and (d_block < 16 or d_block & (d_block - 1)):
+            raise ValueError(f"combine_block_d must be 0 or a power of two >= 16, got {combine_block_d}")
+        d_block = 0 if d_block >= d_p else d_block
+    if combine_block_s is None:
+        block_s = min(64, _next_pow2(n_splits, 2))
+    else:
+        block_s = int(combine_block_s)
+        if block_s < 2 or block_s & (block_s - 1):
+            raise ValueError(f"combine_block_s must be a power of two >= 2, got {combine_block_s}")
+        block_s = min(block_s, _next_pow2(n_splits, 2))
+    return d_block, block_s
 
 
 @functools.lru_cache(maxsize=64)
@@ -811,6 +836,8 @@ def decode_attention(
     outlier_cols: bool | None = None,
     pdl: bool | None = None,
     short_rows: int | None = None,
+    combine_block_d: int | None = None,
+    combine_block_s: int | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -864,7 +891,9 @@ def decode_attention(
     off) and
     ``short_rows`` (at most this many rows per outlier / exact program, a multiple of ``block_e``: where the
     plan has more programs than resident slots, the short programs run in a second wave, and their
-    length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22).
+    length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22),
+    ``combine_block_d`` / ``combine_block_s`` (the combine kernel's output columns per program -- 0: a whole
+    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -1129,10 +1158,11 @@ def decode_attention(
                 raise
             block_t //= 2
 
+    d_block, block_s = _combine_plan(n_splits, head_dim, combine_block_d, combine_block_s)
     _COMBINE(
-        (n_bh * rows,),
+        (n_bh * rows, -(-head_dim // d_block) if d_block else 1),
         [partials, out, *out.stride(), n_kv, n_splits, q_len],
-        _combine_constexprs(groups, rows, head_dim, min(64, _next_pow2(n_splits, 2)), use_pdl > 0),
+        _combine_constexprs(groups, rows, head_dim, block_s, use_pdl > 0, d_block),
         _COMBINE_OPTIONS_PDL if use_pdl else _COMBINE_OPTIONS,
     )  # fmt: skip
     return out
