@@ -553,6 +553,7 @@ def _tile_loop_facts(full_ops: list, labels: dict, inner: list, hmma: list) -> d
         "BAR": sum(o.startswith("BAR") for o in steady), "HMMA": sum(o.startswith("HMMA") for o in steady),
         "LDS.U8": sum(o.startswith("LDS.U8") for o in steady),
         "IMAD.MOV": sum(o.startswith("IMAD.MOV") for o in steady),
+        "ops": dict(__import__("collections").Counter(o.split(".")[0] for o in steady).most_common(24)),
     }  # fmt: skip
 
 

@@ -47,6 +47,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cd32s64": {"combine_block_d": 32, "combine_block_s": 64},
     "cd16s128": {"combine_block_d": 16, "combine_block_s": 128},
     "c0s128": {"combine_block_d": 0, "combine_block_s": 128},
+    # the combine plan before stop 24 (one program per row, 64 partials a round)
+    "oldcomb": {"combine_block_d": 0, "combine_block_s": 64},
+    # 64-row exact / outlier tiles; outlier / exact programs of 256 rows
+    "be64": {"block_e": 64},
+    "short256": {"short_rows": 256},
     # the outlier / exact rows in the resident slots the cold programs leave free (one wave): SPARE
     "spare2": {"_plan": (1, 1)},
     "spare3": {"_plan": (2, 1)},

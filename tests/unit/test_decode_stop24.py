@@ -1,0 +1,83 @@
+"""Stop 24: the combine kernel's output columns split over programs (``combine_block_d``) and its
+partials per load round (``combine_block_s``), with the automatic plan :func:`decode._combine_plan`.
+
+Kernel cases run through Triton's interpreter on CPU (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``)
+or compiled on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+import spectralcache.attention.triton.decode as dec  # noqa: E402
+from spectralcache.attention.reference import spectral_attention  # noqa: E402
+from spectralcache.attention.triton import decode_attention  # noqa: E402
+from spectralcache.attention.triton.synthetic import random_state  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_seed = iter(range(24000, 30000))
+
+
+def test_combine_plan_rule() -> None:
+    """Automatic: 64 columns a program where the padded head_dim is wider, up to 128 partials a round
+    (never more than the splits, rounded up to a power of two); a caller's values are checked."""
+    assert dec._combine_plan(88, 128, None, None) == (64, 128)  # Llama-8B shape, 128K batch 1
+    assert dec._combine_plan(26, 128, None, None) == (64, 32)
+    assert dec._combine_plan(300, 256, None, None) == (64, 128)  # Gemma 3: four programs a row
+    assert dec._combine_plan(88, 64, None, None) == (0, 128)  # one program covers the row
+    assert dec._combine_plan(88, 48, None, None) == (0, 128)
+    assert dec._combine_plan(3, 128, 16, 2) == (16, 2)
+    assert dec._combine_plan(3, 128, 0, 64) == (0, 4)  # rounds of at most the splits
+    assert dec._combine_plan(88, 128, 128, None) == (0, 128)  # a whole padded row is one program
+    for bad in (8, 24, -16):
+        with pytest.raises(ValueError, match="combine_block_d"):
+            dec._combine_plan(88, 128, bad, None)
+    for bad in (1, 3, 0):
+        with pytest.raises(ValueError, match="combine_block_s"):
+            dec._combine_plan(88, 128, None, bad)
+
+
+@pytest.mark.parametrize(
+    ("block_d", "block_s"), [(None, None), (0, 2), (16, None), (16, 2), (32, 4), (64, 8)]
+)
+def test_combine_columns_agree_with_reference(block_d: int | None, block_s: int | None) -> None:
+    """Every column split and round size merges the same partials: the output is the reference's, a row
+    whose every key is masked is zeros, and head_dim 48 (padded to 64) leaves no column unwritten; the
+    combine grid has ``head_dim / D_BLOCK`` programs per output row."""
+    state = random_state(
+        batch=2, head_dim=48, device=DEVICE, seed=next(_seed), block_size=16, blocks=6, outliers=2, hot=9
+    )
+    query = torch.randn(2, 4, 1, 48).to(DEVICE)
+    kv = int(state.seq_len)
+    mask = torch.ones(2, 1, 1, kv, dtype=torch.bool, device=DEVICE)
+    mask[1] = False  # batch row 1 sees nothing: zeros, not NaN
+    mask[0, ..., 5:17] = False
+    ref = spectral_attention(query, state, mask)
+    grids = []
+    combine = dec._COMBINE
+
+    def record(grid, *args):
+        grids.append(grid)
+        return combine(grid, *args)
+
+    dec._COMBINE = record
+    try:
+        # one block per program: many partials, so small rounds loop
+        out = decode_attention(
+            query, state, mask, blocks_per_split=1, combine_block_d=block_d, combine_block_s=block_s
+        )
+    finally:
+        dec._COMBINE = combine
+    assert torch.isfinite(out).all()
+    assert float((out[0].float() - ref[0].float()).norm() / ref[0].float().norm()) < 1e-5
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    d_block = dec._combine_plan(8, 48, block_d, block_s)[0]
+    assert grids == [(2 * 2 * 2, -(-48 // d_block) if d_block else 1)]
