@@ -51,6 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "oldcomb": {"combine_block_d": 0, "combine_block_s": 64},
     # 64-row exact / outlier tiles; outlier / exact programs of 256 rows
     "be64": {"block_e": 64},
+    # the outlier rows and exact tiers read by the cold programs after their blocks (stop 24)
+    "merge": {"exact_in_cold": True},
+    # timing only, results wrong: the cold tiles' outlier mask left out (ABLATE 4)
+    "nomask": {"_ablate": 4},
     "short256": {"short_rows": 256},
     # the outlier / exact rows in the resident slots the cold programs leave free (one wave): SPARE
     "spare2": {"_plan": (1, 1)},
@@ -249,10 +253,17 @@ def main(argv: list[str] | None = None) -> int:
                 kw = dict(VARIANTS[variant])
                 how = kw.pop("_state", None)
                 spare = kw.pop("_plan", None)
+                ablate = kw.pop("_ablate", 0)
                 st = strip_state(case.state, how) if how else case.state
-                committed_plan = dec._split_plan
+                committed_plan, committed_launch = dec._split_plan, dec._launch_split
                 if spare:
                     dec._split_plan = spare_plan(committed_plan, *spare)
+                if ablate:
+
+                    def launch(grid, args, constexprs, options, device, bits=ablate, go=committed_launch):
+                        return go(grid, args, {**constexprs, "ABLATE": bits}, options, device)
+
+                    dec._launch_split = launch
                 try:
                     replay, outs = graph_replayer(
                         [
@@ -278,11 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "error": f"{type(exc).__name__}: {str(exc)[:300]}"})  # fmt: skip
                     continue
                 finally:
-                    dec._split_plan = committed_plan
+                    dec._split_plan, dec._launch_split = committed_plan, committed_launch
                 k = prof["kernel_us"]
                 row = {
                     "context": tokens, "batch": batch, "preset": preset, "variant": variant,
-                    "timing_only": how is not None, "graph_ms": ms, "x_sdpa": sdpa_ms / ms, "rel_err_vs_own_state": err,
+                    "timing_only": how is not None or bool(ablate), "graph_ms": ms, "x_sdpa": sdpa_ms / ms, "rel_err_vs_own_state": err,
                     "bytes_read": state_bytes(st)["total"], "profile": prof,
                 }  # fmt: skip
                 rows.append(row)

@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    pdl: int = 0, t_v: int = 0, vs_pad: bool = False,
+    pdl: int = 0, t_v: int = 0, vs_pad: bool = False, exact_in_cold: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -150,6 +150,7 @@ def _split_constexprs(
         PDL=pdl,
         T_V=t_v,
         VS_PAD=vs_pad,
+        EXACT_IN_COLD=exact_in_cold,
     )  # fmt: skip
 
 
@@ -731,17 +732,28 @@ def _row_stride(coeffs: torch.Tensor) -> int:
 def _split_plan(
     plan_blocks: int, plan_exact: int, blocks_per_split: int, *, t: int, block_e: int, n_out: int,
     out_split: bool, exact_spread: bool, want_splits: int, block_parts: int = 1, short_rows: int | None = None,
+    exact_in_cold: bool = False,
 ) -> tuple[int, int, int, int, int]:  # fmt: skip
     """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program, or with
     ``block_parts`` P > 1 one part of a block per program (``blocks_per_split`` must then be 1):
     ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``. ``short_rows``
-    (a multiple of ``block_e``): at most that many rows per outlier and exact program (stop 22)."""
+    (a multiple of ``block_e``): at most that many rows per outlier and exact program (stop 22).
+    ``exact_in_cold`` (with cold programs): the outlier rows and exact tokens spread over the cold
+    programs, whole ``block_e`` steps each -- no programs of their own (stop 24, EXACT_IN_COLD)."""
     if block_parts > 1:
         if blocks_per_split != 1:
             raise ValueError(f"block_parts={block_parts} needs blocks_per_split=1, got {blocks_per_split}")
         n_cold_splits = plan_blocks * block_parts
     else:
         n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
+    if exact_in_cold and n_cold_splits:
+        out_per_split = block_e
+        if out_split:
+            out_rows = -(-(plan_blocks * n_out) // n_cold_splits)  # per cold program, rounded up
+            out_per_split = max(block_e, -(-out_rows // block_e) * block_e)
+        exact_rows = -(-plan_exact // n_cold_splits)
+        exact_per_split = max(block_e, -(-exact_rows // block_e) * block_e)
+        return n_cold_splits, exact_per_split, out_per_split, 0, 0
     # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
     # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
     if out_split:
@@ -853,6 +865,7 @@ def decode_attention(
     short_rows: int | None = None,
     combine_block_d: int | None = None,
     combine_block_s: int | None = None,
+    exact_in_cold: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -908,7 +921,9 @@ def decode_attention(
     plan has more programs than resident slots, the short programs run in a second wave, and their
     length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22),
     ``combine_block_d`` / ``combine_block_s`` (the combine kernel's output columns per program -- 0: a whole
-    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`).
+    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`),
+    ``exact_in_cold`` (the outlier rows and exact tiers read by the cold programs after their blocks, spread
+    evenly, instead of by programs of their own; None: off).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -1093,9 +1108,11 @@ def decode_attention(
             ),
             4 in (kbits, vbits),
         )  # fmt: skip
+    merge_exact = bool(exact_in_cold) and plan_blocks > 0
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
         exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts, short_rows=short_rows,
+        exact_in_cold=merge_exact,
     )  # fmt: skip
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
@@ -1156,6 +1173,7 @@ def decode_attention(
             use_pdl,
             t_v,
             vs_pad,
+            merge_exact,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -665,6 +665,50 @@ def _outlier_segment(
     return m, den, acc
 
 
+@triton.jit
+def _exact_tiers(
+    m, den, acc, q, b, h, e_lo, e_hi,
+    lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d, lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
+    hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d, hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
+    ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d, cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
+    n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo, seq_len, tier_end,
+    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+    D: tl.constexpr, D_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_CHUNK: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    """Tokens ``e_lo .. e_hi-1`` of the exact tiers laid end to end (landmarks | hot buffer | current
+    chunk) for batch row ``b``, KV head ``h``, in the running softmax ``(m, den, acc)``."""
+    # landmarks: virtual [0, n_land)
+    m, den, acc = _exact_segment(
+        m, den, acc, q,
+        lk_ptr + b * s_lk_b + h * s_lk_h, lv_ptr + b * s_lv_b + h * s_lv_h,
+        s_lk_t, s_lk_d, s_lv_t, s_lv_d,
+        tl.maximum(e_lo, 0), tl.minimum(e_hi, n_land), 0, tier_end,
+        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+        D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+    )  # fmt: skip
+    # hot buffer: virtual [n_land, n_land + n_hot)
+    m, den, acc = _exact_segment(
+        m, den, acc, q,
+        hk_ptr + b * s_hk_b + h * s_hk_h + hot_lo * s_hk_t, hv_ptr + b * s_hv_b + h * s_hv_h + hot_lo * s_hv_t,
+        s_hk_t, s_hk_d, s_hv_t, s_hv_d,
+        tl.maximum(e_lo - n_land, 0), tl.minimum(e_hi - n_land, n_hot), hot_start, tier_end,
+        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+        D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+    )  # fmt: skip
+    if HAS_CHUNK:
+        c0 = n_land + n_hot
+        m, den, acc = _exact_segment(
+            m, den, acc, q,
+            ck_ptr + b * s_ck_b + h * s_ck_h, cv_ptr + b * s_cv_b + h * s_cv_h,
+            s_ck_t, s_ck_d, s_cv_t, s_cv_d,
+            tl.maximum(e_lo - c0, 0), tl.minimum(e_hi - c0, n_chunk), chunk_start, seq_len,
+            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+        )  # fmt: skip
+    return m, den, acc
+
+
 # Sizes and positions change at every decode step: specialising on them (value 1, multiple of
 # 16) would compile a new kernel variant whenever their combination changes.
 _PER_STEP_ARGS = [
@@ -730,7 +774,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False,
+    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False, EXACT_IN_COLD: tl.constexpr = False,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -1160,6 +1204,32 @@ def spectral_decode_split_kernel(
             acc = acc_lo
         if DEFER_DEN:
             den = tl.sum(den, axis=1)
+        if EXACT_IN_COLD:
+            # the exact rows spread over the cold programs (no programs of their own): program pid_s reads
+            # outlier rows [pid_s·out_per_split, +out_per_split) and exact tokens [pid_s·exact_per_split, ...)
+            # after its blocks, in the same softmax -- every multiprocessor then runs the same kind of work
+            if OUT_SPLIT:
+                j_lo = pid_s * out_per_split
+                j_hi = tl.minimum(j_lo + out_per_split, n_blocks * N_OUT)
+                m, den, acc = _outlier_segment(
+                    m, den, acc, q, starts_ptr,
+                    ok_ptr + b * s_ok_b + h * s_ok_h, s_ok_n, s_ok_o, s_ok_d,
+                    ov_ptr + b * s_ov_b + h * s_ov_h, s_ov_n, s_ov_o, s_ov_d,
+                    oi_ptr + b * s_oi_b + h * s_oi_h, s_oi_n, s_oi_o,
+                    j_lo, j_hi, tier_end,
+                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+                    N_OUT, D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+                )  # fmt: skip
+            e_lo = pid_s * exact_per_split
+            m, den, acc = _exact_tiers(
+                m, den, acc, q, b, h, e_lo, e_lo + exact_per_split,
+                lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d, lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
+                hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d, hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
+                ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d, cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
+                n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo, seq_len, tier_end,
+                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+                D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, HAS_CHUNK, F32,
+            )  # fmt: skip
     elif pid_s < n_cold_splits + n_out_splits:
         # ------------------------------------------------------------ outliers of the cold blocks
         # (OUT_SPLIT; else n_out_splits = 0): outlier j = n * N_OUT + o, out_per_split per program
@@ -1179,34 +1249,15 @@ def spectral_decode_split_kernel(
         # ------------------------------------------------------------ exact tiers
         e_lo = (pid_s - n_cold_splits - n_out_splits) * exact_per_split
         e_hi = e_lo + exact_per_split
-        # landmarks: virtual [0, n_land)
-        m, den, acc = _exact_segment(
-            m, den, acc, q,
-            lk_ptr + b * s_lk_b + h * s_lk_h, lv_ptr + b * s_lv_b + h * s_lv_h,
-            s_lk_t, s_lk_d, s_lv_t, s_lv_d,
-            tl.maximum(e_lo, 0), tl.minimum(e_hi, n_land), 0, tier_end,
+        m, den, acc = _exact_tiers(
+            m, den, acc, q, b, h, e_lo, e_hi,
+            lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d, lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
+            hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d, hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
+            ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d, cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
+            n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo, seq_len, tier_end,
             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, HAS_CHUNK, F32,
         )  # fmt: skip
-        # hot buffer: virtual [n_land, n_land + n_hot)
-        m, den, acc = _exact_segment(
-            m, den, acc, q,
-            hk_ptr + b * s_hk_b + h * s_hk_h + hot_lo * s_hk_t, hv_ptr + b * s_hv_b + h * s_hv_h + hot_lo * s_hv_t,
-            s_hk_t, s_hk_d, s_hv_t, s_hv_d,
-            tl.maximum(e_lo - n_land, 0), tl.minimum(e_hi - n_land, n_hot), hot_start, tier_end,
-            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-        )  # fmt: skip
-        if HAS_CHUNK:
-            c0 = n_land + n_hot
-            m, den, acc = _exact_segment(
-                m, den, acc, q,
-                ck_ptr + b * s_ck_b + h * s_ck_h, cv_ptr + b * s_cv_b + h * s_cv_h,
-                s_ck_t, s_ck_d, s_cv_t, s_cv_d,
-                tl.maximum(e_lo - c0, 0), tl.minimum(e_hi - c0, n_chunk), chunk_start, seq_len,
-                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-                D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-            )  # fmt: skip
 
     # ---- this program's partial
     part = pid_bh * n_splits + pid_s
