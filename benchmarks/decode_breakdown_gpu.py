@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noexact": {"_state": "noexact"},
     "pdl": {"pdl": True},
     "pdl2": {"pdl": 2},
+    # programmatic dependent launch off (the default is form 2 on Hopper since stop 24)
+    "pdl0": {"pdl": False},
     # the combine kernel's columns per program / partials per load round (stop 24)
     "cd32s128": {"combine_block_d": 32, "combine_block_s": 128},
     "cd64s128": {"combine_block_d": 64, "combine_block_s": 128},
@@ -51,8 +53,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "oldcomb": {"combine_block_d": 0, "combine_block_s": 64},
     # 64-row exact / outlier tiles; outlier / exact programs of 256 rows
     "be64": {"block_e": 64},
-    # the outlier rows and exact tiers read by the cold programs after their blocks (stop 24)
-    "merge": {"exact_in_cold": True},
     # timing only, results wrong: the cold tiles' outlier mask left out (ABLATE 4)
     "nomask": {"_ablate": 4},
     "short256": {"short_rows": 256},

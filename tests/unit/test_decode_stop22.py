@@ -35,9 +35,14 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def test_pdl_only_where_compiled_for_hopper() -> None:
     """pdl: programmatic dependent launch needs a compiled kernel on a CUDA card of compute capability 9
-    or more; the interpreter and CPU tensors never get it (the launch options and PDL constexpr stay off),
-    and it is off unless asked for."""
-    assert not dec._use_pdl(None, torch.device(DEVICE))
+    or more; the interpreter and CPU tensors never get it (the launch options and PDL constexpr stay off).
+    Since stop 24 the default (None) is form 2 (the combine kernel only) where it applies; False / 0: off."""
+    if DEVICE == "cpu":
+        assert not dec._use_pdl(None, torch.device("cpu"))
+    else:
+        hopper = torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None
+        assert dec._use_pdl(None, torch.device(DEVICE)) == (2 if hopper else 0)
+    assert not dec._use_pdl(False, torch.device(DEVICE)) and not dec._use_pdl(0, torch.device(DEVICE))
     assert not dec._use_pdl(True, torch.device("cpu")) and not dec._use_pdl(2, torch.device("cpu"))
     if DEVICE == "cpu":
         state = random_state(device=DEVICE, seed=next(_seed))

@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    pdl: int = 0, t_v: int = 0, vs_pad: bool = False, exact_in_cold: bool = False,
+    pdl: int = 0, t_v: int = 0, vs_pad: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -150,7 +150,6 @@ def _split_constexprs(
         PDL=pdl,
         T_V=t_v,
         VS_PAD=vs_pad,
-        EXACT_IN_COLD=exact_in_cold,
     )  # fmt: skip
 
 
@@ -277,8 +276,14 @@ _COMBINE_OPTIONS_PDL = {"num_warps": 4, "launch_pdl": True}
 def _use_pdl(pdl: bool | int | None, device: torch.device) -> int:
     """Programmatic dependent launch (``launch_pdl``; Hopper and later, compiled CUDA only -- never in
     the interpreter, never on ROCm): 1 (True) both kernels launched as dependents of the previous launch,
-    2 the combine kernel only; 0 elsewhere or when not asked for (None: off, as measured in stop 22)."""
-    form = 1 if pdl is True else int(pdl or 0)
+    2 the combine kernel only (a dependent of our own split kernel: nothing outside the call is assumed);
+    0 elsewhere or when turned off (False / 0). None: 2 -- H200 stop 24 (``benchmarks/decode_breakdown_gpu.py``,
+    the cache's own state, graph replays with the L2 cleared, two runs, against off): default preset batch 1
+    4K 0.0145 / 0.0148 ms against 0.0152-0.0157, 32K 0.0301 / 0.0315 against 0.0303-0.0317, 128K 0.0705 /
+    0.0721 against 0.0709-0.0725, aggressive 128K 0.0510 / 0.0527 against 0.0513-0.0530; batch 8 128K
+    0.4563 / 0.4732 against 0.4557-0.4702 (level within the runs' spread). Form 1 also makes the split
+    kernel a dependent of whatever ran before it (in a model: not ours) and lost at 4K in stop 22."""
+    form = 2 if pdl is None else 1 if pdl is True else int(pdl or 0)
     if form not in (0, 1, 2):
         raise ValueError(f"pdl must be None, a bool, 1 or 2, got {pdl!r}")
     if not form or _INTERPRET or device.type != "cuda" or torch.version.hip is not None:
@@ -732,28 +737,17 @@ def _row_stride(coeffs: torch.Tensor) -> int:
 def _split_plan(
     plan_blocks: int, plan_exact: int, blocks_per_split: int, *, t: int, block_e: int, n_out: int,
     out_split: bool, exact_spread: bool, want_splits: int, block_parts: int = 1, short_rows: int | None = None,
-    exact_in_cold: bool = False,
 ) -> tuple[int, int, int, int, int]:  # fmt: skip
     """Programs per (batch row, KV head) for ``blocks_per_split`` cold blocks per program, or with
     ``block_parts`` P > 1 one part of a block per program (``blocks_per_split`` must then be 1):
     ``(n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits)``. ``short_rows``
-    (a multiple of ``block_e``): at most that many rows per outlier and exact program (stop 22).
-    ``exact_in_cold`` (with cold programs): the outlier rows and exact tokens spread over the cold
-    programs, whole ``block_e`` steps each -- no programs of their own (stop 24, EXACT_IN_COLD)."""
+    (a multiple of ``block_e``): at most that many rows per outlier and exact program (stop 22)."""
     if block_parts > 1:
         if blocks_per_split != 1:
             raise ValueError(f"block_parts={block_parts} needs blocks_per_split=1, got {blocks_per_split}")
         n_cold_splits = plan_blocks * block_parts
     else:
         n_cold_splits = -(-plan_blocks // blocks_per_split) if plan_blocks else 0
-    if exact_in_cold and n_cold_splits:
-        out_per_split = block_e
-        if out_split:
-            out_rows = -(-(plan_blocks * n_out) // n_cold_splits)  # per cold program, rounded up
-            out_per_split = max(block_e, -(-out_rows // block_e) * block_e)
-        exact_rows = -(-plan_exact // n_cold_splits)
-        exact_per_split = max(block_e, -(-exact_rows // block_e) * block_e)
-        return n_cold_splits, exact_per_split, out_per_split, 0, 0
     # outlier rows of the cold blocks in programs of their own (outlier_split), about as many bytes
     # per program as a cold program's blocks hold (a cold block of T tokens ~ T/8 outlier rows)
     if out_split:
@@ -865,7 +859,6 @@ def decode_attention(
     short_rows: int | None = None,
     combine_block_d: int | None = None,
     combine_block_s: int | None = None,
-    exact_in_cold: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -915,15 +908,13 @@ def decode_attention(
     without the per-element offset subtraction, :func:`_key_raw`; None / False: off, as measured),
     ``outlier_cols`` (the flat loop's outlier mask kept per tile column, :func:`_outlier_cols`; None:
     automatic, False: off), ``pdl`` (True / 1: programmatic dependent launch of both kernels on Hopper, so a kernel's
-    launch overlaps the previous one's tail; 2: the combine kernel only; ignored elsewhere; None / False:
-    off) and
+    launch overlaps the previous one's tail; 2: the combine kernel only; ignored elsewhere; None: 2 since
+    stop 24, :func:`_use_pdl`; False / 0: off) and
     ``short_rows`` (at most this many rows per outlier / exact program, a multiple of ``block_e``: where the
     plan has more programs than resident slots, the short programs run in a second wave, and their
     length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22),
     ``combine_block_d`` / ``combine_block_s`` (the combine kernel's output columns per program -- 0: a whole
-    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`),
-    ``exact_in_cold`` (the outlier rows and exact tiers read by the cold programs after their blocks, spread
-    evenly, instead of by programs of their own; None: off).
+    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -1108,11 +1099,9 @@ def decode_attention(
             ),
             4 in (kbits, vbits),
         )  # fmt: skip
-    merge_exact = bool(exact_in_cold) and plan_blocks > 0
     n_cold_splits, exact_per_split, out_per_split, n_out_splits, n_exact_splits = _split_plan(
         plan_blocks, plan_exact, blocks_per_split, t=t, block_e=block_e, n_out=n_out, out_split=out_split,
         exact_spread=exact_spread, want_splits=want_splits, block_parts=block_parts, short_rows=short_rows,
-        exact_in_cold=merge_exact,
     )  # fmt: skip
     n_splits = n_cold_splits + n_out_splits + n_exact_splits
 
@@ -1148,7 +1137,7 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    use_pdl = _use_pdl(pdl, device) if pdl else 0
+    use_pdl = _use_pdl(pdl, device) if query.is_cuda else 0
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
     # stop 21; any other strides are read as well)
@@ -1173,7 +1162,6 @@ def decode_attention(
             use_pdl,
             t_v,
             vs_pad,
-            merge_exact,
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

@@ -774,7 +774,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False, EXACT_IN_COLD: tl.constexpr = False,
+    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -1204,32 +1204,6 @@ def spectral_decode_split_kernel(
             acc = acc_lo
         if DEFER_DEN:
             den = tl.sum(den, axis=1)
-        if EXACT_IN_COLD:
-            # the exact rows spread over the cold programs (no programs of their own): program pid_s reads
-            # outlier rows [pid_s·out_per_split, +out_per_split) and exact tokens [pid_s·exact_per_split, ...)
-            # after its blocks, in the same softmax -- every multiprocessor then runs the same kind of work
-            if OUT_SPLIT:
-                j_lo = pid_s * out_per_split
-                j_hi = tl.minimum(j_lo + out_per_split, n_blocks * N_OUT)
-                m, den, acc = _outlier_segment(
-                    m, den, acc, q, starts_ptr,
-                    ok_ptr + b * s_ok_b + h * s_ok_h, s_ok_n, s_ok_o, s_ok_d,
-                    ov_ptr + b * s_ov_b + h * s_ov_h, s_ov_n, s_ov_o, s_ov_d,
-                    oi_ptr + b * s_oi_b + h * s_oi_h, s_oi_n, s_oi_o,
-                    j_lo, j_hi, tier_end,
-                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-                    N_OUT, D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-                )  # fmt: skip
-            e_lo = pid_s * exact_per_split
-            m, den, acc = _exact_tiers(
-                m, den, acc, q, b, h, e_lo, e_lo + exact_per_split,
-                lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d, lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
-                hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d, hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
-                ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d, cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
-                n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo, seq_len, tier_end,
-                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-                D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, HAS_CHUNK, F32,
-            )  # fmt: skip
     elif pid_s < n_cold_splits + n_out_splits:
         # ------------------------------------------------------------ outliers of the cold blocks
         # (OUT_SPLIT; else n_out_splits = 0): outlier j = n * N_OUT + o, out_per_split per program
