@@ -81,3 +81,89 @@ def test_combine_columns_agree_with_reference(block_d: int | None, block_s: int 
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     d_block = dec._combine_plan(8, 48, block_d, block_s)[0]
     assert grids == [(2 * 2 * 2, -(-48 // d_block) if d_block else 1)]
+
+
+# ---- outlier rows flagged in the value scales (ColdBlocks.value_scales_flag_outliers, OUT_FLAG)
+
+_CASES: dict = {}
+
+
+def _case(preset: str, dtype: torch.dtype = torch.float32):
+    """A real one-layer SpectralCache's decode state (``bench.attention.build_case``), cached per preset."""
+    from spectralcache.bench.attention import build_case
+
+    key = (preset, dtype)
+    if key not in _CASES:
+        _CASES[key] = build_case(preset, 1, 1400, 4, 2, 128, dtype, torch.device(DEVICE), 5)
+    return _CASES[key]
+
+
+def _launch(fn):
+    from tests.kernel_helpers import record_launch
+
+    return record_launch(fn)
+
+
+@pytest.mark.parametrize("preset", ["default", "aggressive"])
+def test_compress_blocks_flags_outlier_rows_in_value_scales(preset: str) -> None:
+    """compress_blocks writes -1 into the value scale of exactly the outlier rows (every other scale >= 0)
+    and says so; the torch reference never reads those rows (the flags replaced by positive scales give the
+    same output, bit for bit)."""
+    import dataclasses
+
+    case = _case(preset)
+    cold = case.state.cold
+    assert cold.value_scales_flag_outliers
+    vs = cold.value_scales[..., 0].float()  # [B, H, nb, T]
+    flagged = torch.zeros_like(vs, dtype=torch.bool).scatter_(-1, cold.outlier_index, True)
+    assert cold.outlier_index.shape[-1] > 0
+    assert torch.equal(vs < 0, flagged)
+    assert torch.all(vs[flagged] == -1.0)
+    ref = spectral_attention(case.query, case.state)
+    unflagged = dataclasses.replace(
+        case.state,
+        cold=dataclasses.replace(
+            cold, value_scales=cold.value_scales.clamp_min(0.0) + 0.5 * (vs < 0)[..., None]
+        ),
+    )
+    assert torch.equal(spectral_attention(case.query, unflagged), ref)
+
+
+@pytest.mark.parametrize("preset", ["default", "aggressive"])
+def test_kernel_masks_outliers_from_value_scales(preset: str) -> None:
+    """OUT_FLAG: on a cache's own (flagged) state the kernel finds the outlier rows from the scales and
+    matches the reference, as the per-block mask (``outlier_flags=False``) does; with the flags removed
+    but the blocks still claiming them, the outlier rows' compressed scores leak in -- so the flags are
+    what masks them."""
+    import dataclasses
+
+    case = _case(preset)
+    st = case.state
+    ref = spectral_attention(case.query, st)
+    out, seen = _launch(lambda: decode_attention(case.query, st))
+    assert seen["OUT_FLAG"]
+    err_flag = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert err_flag < 1e-5
+    out, seen = _launch(lambda: decode_attention(case.query, st, outlier_flags=False))
+    assert not seen["OUT_FLAG"]
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-5
+    cold = st.cold
+    lost = dataclasses.replace(st, cold=dataclasses.replace(cold, value_scales=cold.value_scales.abs()))
+    err_lost = float((decode_attention(case.query, lost).float() - ref.float()).norm() / ref.float().norm())
+    assert err_lost > max(1e-5, 10 * err_flag)
+
+
+def test_kernel_outlier_flags_bf16_and_unflagged_states() -> None:
+    """bfloat16 on the default preset's flagged state (< 1e-2 of the reference); synthetic states carry no
+    flags, so the kernel keeps the per-block mask there."""
+    case = _case("default", torch.bfloat16)
+    out, seen = _launch(lambda: decode_attention(case.query, case.state))
+    ref = spectral_attention(case.query, case.state)
+    assert seen["OUT_FLAG"] and float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    state = random_state(device=DEVICE, seed=next(_seed), block_size=16, blocks=4, outliers=3, hot=9)
+    assert not state.cold.value_scales_flag_outliers
+    query = torch.randn(1, 4, 1, 32).to(DEVICE)
+    out, seen = _launch(lambda: decode_attention(query, state))
+    assert not seen["OUT_FLAG"]
+    ref = spectral_attention(query, state)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5

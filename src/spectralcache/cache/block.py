@@ -579,6 +579,13 @@ def compress_blocks(
         out_k = exact_keys.new_zeros(n, 0, d)
         out_v = values.new_zeros(n, 0, d)
 
+    # the outlier rows' value scales set to -1 (their compressed rows are never read): a reader that loads a
+    # tile's per-row scales knows its outlier rows from them (ColdBlocks.value_scales_flag_outliers; the
+    # decode kernel's OUT_FLAG masks with them instead of a per-block bit mask: stop 24)
+    flag_outliers = vs is not None and vs.dim() == 3 and vs.shape[1] == t and vs.shape[2] == 1
+    if flag_outliers and idx.shape[1]:
+        vs = vs.scatter(1, idx.unsqueeze(-1), -1.0)
+
     if block_starts is None:
         nb = lead[-1] if lead else 1
         block_starts = t * torch.arange(nb, dtype=torch.int64, device=kf.device)
@@ -598,6 +605,7 @@ def compress_blocks(
         outlier_values=shaped(out_v.to(values.dtype)),
         outlier_index=shaped(idx.to(torch.int64)),
         block_starts=block_starts,
+        value_scales_flag_outliers=flag_outliers,
         block_size=t,
         coeff_bits=config.coeff_bits,
         rank_keys=rank_keys,

@@ -44,6 +44,11 @@ o outliers per block, L landmarks stored so far, h hot tokens):
 - ``ColdBlocks.outlier_keys`` / ``outlier_values``: [B, H, nb, o, D] exact, model dtype,
   post-RoPE.
 - ``ColdBlocks.outlier_index``: [B, H, nb, o] int64, index inside the block (0..T-1), sorted.
+- ``ColdBlocks.value_scales_flag_outliers`` (stop 24): when True, ``value_scales`` is per row and holds
+  -1 at every outlier row (``compress_blocks`` writes it; the compressed row there is never read), every
+  other row's scale >= 0: a reader may find the outlier rows of a tile from the scales it loads anyway
+  (the Triton decode kernel's OUT_FLAG) instead of from ``outlier_index``. False (synthetic states, 16-bit
+  values): the scales carry no flag.
 - ``ColdBlocks.block_starts``: [nb] int64 on the cache's device, cache index of each block's
   first token. ``ColdBlocks.num_blocks`` is a host int (from the shape: no device sync).
 - ``hot_keys`` / ``hot_values``: [B, H, h, D] exact, model dtype, post-RoPE; cache indices
@@ -110,6 +115,8 @@ class ColdBlocks:
     # storage width of the value coefficients when it differs from coeff_bits (None: the same)
     value_coeff_bits: int | None = None
     key_offsets: torch.Tensor | None = None  # per-channel zero points (key_zero_point), else None
+    # value_scales hold -1 at the outlier rows (every other scale >= 0): see the module docstring
+    value_scales_flag_outliers: bool = False
 
     @property
     def value_bits(self) -> int:

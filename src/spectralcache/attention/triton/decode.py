@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    pdl: int = 0, t_v: int = 0, vs_pad: bool = False,
+    pdl: int = 0, t_v: int = 0, vs_pad: bool = False, out_flag: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -150,6 +150,7 @@ def _split_constexprs(
         PDL=pdl,
         T_V=t_v,
         VS_PAD=vs_pad,
+        OUT_FLAG=out_flag,
     )  # fmt: skip
 
 
@@ -437,10 +438,24 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
         key_offsets,
         t_v,
         _value_scales_padded(cold, t, t_v),
+        _outlier_flags(cold, vbits),
     )
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
     return segment
+
+
+def _outlier_flags(cold: ColdBlocks, vbits: int) -> bool:
+    """Whether the kernel may find a tile's outlier rows from its value scales (OUT_FLAG): the blocks say
+    their per-row scales are -1 there (``ColdBlocks.value_scales_flag_outliers``, written by
+    ``compress_blocks`` since stop 24), the values are quantized and the blocks have outliers."""
+    return (
+        bool(cold.value_scales_flag_outliers)
+        and vbits != 16
+        and cold.value_scales is not None
+        and cold.value_scales.shape[-1] == 1
+        and cold.outlier_index.shape[-1] > 0
+    )
 
 
 def _check_key_offsets(cold: ColdBlocks, key_channel: bool) -> None:
@@ -859,6 +874,7 @@ def decode_attention(
     short_rows: int | None = None,
     combine_block_d: int | None = None,
     combine_block_s: int | None = None,
+    outlier_flags: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -914,7 +930,9 @@ def decode_attention(
     plan has more programs than resident slots, the short programs run in a second wave, and their
     length is the step's tail; None: automatic, :func:`_auto_short_rows`; 0: the plan's own rows; stop 22),
     ``combine_block_d`` / ``combine_block_s`` (the combine kernel's output columns per program -- 0: a whole
-    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`).
+    row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`),
+    ``outlier_flags`` (the cold tiles find their outlier rows from the value scales where the blocks flag
+    them, :func:`_outlier_flags`; None / True: on where it applies, False: the per-block bit mask).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -984,7 +1002,7 @@ def decode_attention(
         cold_args, facts = _cold_segment(cold, head_dim, device, dummy)
         (
             n_blocks, t, rk, rv, kbits, vbits, key_identity, value_identity, n_out, kc_t, vc_t, key_channel,
-            key_offsets, t_v, vs_pad,
+            key_offsets, t_v, vs_pad, out_flag,
         ) = facts  # fmt: skip
         if state.key_space == "pre_rope":
             pre_rope = True
@@ -998,7 +1016,7 @@ def decode_attention(
             inv_freq = f16
     else:
         n_blocks, t, rk, rv, kbits, vbits, n_out, kc_t, vc_t = 0, 16, head_dim, head_dim, 8, 8, 0, 0, 0
-        t_v, vs_pad = 0, False
+        t_v, vs_pad, out_flag = 0, False, False
         key_identity = value_identity = True
         key_channel = key_offsets = False
         i8, i64 = dummy[torch.int8], dummy[torch.int64]
@@ -1162,6 +1180,7 @@ def decode_attention(
             use_pdl,
             t_v,
             vs_pad,
+            out_flag and (outlier_flags is None or bool(outlier_flags)),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

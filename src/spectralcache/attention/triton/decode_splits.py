@@ -439,6 +439,17 @@ def _exact_segment(
 
 
 @triton.jit
+def _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V: tl.constexpr, T: tl.constexpr, VS_PAD: tl.constexpr):
+    """A tile's per-row value scales [BLOCK_T] float32 (0 past the block's T rows)."""
+    if VS_PAD and T_V > T:
+        vscale = tl.load(vs_n + tt * s_vs_t, mask=tv_ok, other=0.0).to(tl.float32)
+        vscale = tl.where(t_ok, vscale, 0.0)
+    else:
+        vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+    return vscale
+
+
+@triton.jit
 def _cold_tile(
     m, den, acc, acc_hi, lat, t0, q, qb, qb_hi, bk, bk_partner, kch, kch_p, kmax, kz, kz_p, qz, owords, start, open_block,
     kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
@@ -451,9 +462,15 @@ def _cold_tile(
     F32: tl.constexpr, DQ_ASM: tl.constexpr, KEY_CHANNEL: tl.constexpr, INT4_BYTES_K: tl.constexpr,
     INT4_BYTES_V: tl.constexpr, KEY_OFFSETS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
     I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False,
-    ABLATE: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False,
+    ABLATE: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False, OUT_FLAG: tl.constexpr = False,
 ):  # fmt: skip
     """Tokens ``t0 .. t0+BLOCK_T-1`` of one cold block (coefficient rows at ``kc_n`` / ``vc_n``).
+
+    OUT_FLAG (stop 24; the host's ``ColdBlocks.value_scales_flag_outliers``): the per-row value scales are -1
+    at the block's outlier rows and >= 0 elsewhere, so the tile loads its scales before the softmax and
+    masks ``scale < 0`` -- the scales arrive in the layout of the scores (they multiply the probabilities),
+    where a per-block bit mask (OUT_COLS, the gathered words) must be moved into it every tile. ``owords``
+    is then unused. At outlier rows ``p = 0``, so ``p · scale`` is 0 there.
 
     VS_PAD (with T_V > T; the host's ``_value_scales_padded``): each block's per-token value scales hold
     at least T_V entries (``cache/layer.py`` pads them to 16 since stop 23), so they are loaded with the
@@ -556,9 +573,13 @@ def _cold_tile(
         if KEY_BITS != 16:
             s = s * kscale[None, :]
     s = _softcap(s, softcap, HAS_SOFTCAP)
+    if OUT_FLAG:
+        vscale = _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V, T, VS_PAD)
     if N_OUT > 0 and not (ABLATE & 4):
         # low-rank rows of tokens kept exact are attended through the exact copy only
-        if OUT_COLS:
+        if OUT_FLAG:
+            is_out = vscale < 0.0
+        elif OUT_COLS:
             # bit t0 / BLOCK_T of each column's mask (built once per block)
             is_out = ((owords >> (t0 // BLOCK_T)) & 1) != 0
         else:
@@ -603,11 +624,8 @@ def _cold_tile(
                 vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, VALUE_BITS, DQ_ASM, INT4_BYTES_V, I4_ASM
             )
         if VALUE_BITS != 16:
-            if VS_PAD and T_V > T:
-                vscale = tl.load(vs_n + tt * s_vs_t, mask=tv_ok, other=0.0).to(tl.float32)
-                vscale = tl.where(t_ok, vscale, 0.0)
-            else:
-                vscale = tl.load(vs_n + tt * s_vs_t, mask=t_ok, other=0.0).to(tl.float32)
+            if not OUT_FLAG:
+                vscale = _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V, T, VS_PAD)
             pv = p * vscale[None, :]
         else:
             pv = p
@@ -774,7 +792,7 @@ def spectral_decode_split_kernel(
     SPLIT_K: tl.constexpr = False, SPLIT_V: tl.constexpr = False, I4_ASM: tl.constexpr = False,
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
-    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False
+    PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False, OUT_FLAG: tl.constexpr = False,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -974,7 +992,7 @@ def spectral_decode_split_kernel(
                                                mask=d_ok, other=0.0)  # fmt: skip
                     start = start_n
                     open_block = (start + T <= tier_end) & (start + T - 1 <= q_first)
-                    if N_OUT > 0:
+                    if N_OUT > 0 and not OUT_FLAG:
                         if OUT_COLS:
                             owords = _outlier_cols(oidx, o_ok, BLOCK_T)
                         else:
@@ -1003,7 +1021,7 @@ def spectral_decode_split_kernel(
                     T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                     VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
                     INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, OUT_COLS, ABLATE,
-                    T_V=T_V, VS_PAD=VS_PAD,
+                    T_V=T_V, VS_PAD=VS_PAD, OUT_FLAG=OUT_FLAG,
                 )  # fmt: skip
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
@@ -1173,7 +1191,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V, VS_PAD=VS_PAD,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V, VS_PAD=VS_PAD, OUT_FLAG=OUT_FLAG,
                         )  # fmt: skip
                 else:
                     # tiles unrolled: the block loop is then the innermost one, pipelined across blocks
@@ -1188,7 +1206,7 @@ def spectral_decode_split_kernel(
                             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
                             T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
                             VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V, VS_PAD=VS_PAD,
+                            INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, T_V=T_V, VS_PAD=VS_PAD, OUT_FLAG=OUT_FLAG,
                         )  # fmt: skip
                 if not VALUE_IDENTITY:
                     bv = tl.load(
