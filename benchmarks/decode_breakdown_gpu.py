@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pdl2": {"pdl": 2},
     # programmatic dependent launch off (the default is form 2 on Hopper since stop 24)
     "pdl0": {"pdl": False},
+    # the per-block outlier bit mask instead of the value scales' flags (OUT_FLAG, the default since stop 24)
+    "noflag": {"outlier_flags": False},
     # the combine kernel's columns per program / partials per load round (stop 24)
     "cd32s128": {"combine_block_d": 32, "combine_block_s": 128},
     "cd64s128": {"combine_block_d": 64, "combine_block_s": 128},

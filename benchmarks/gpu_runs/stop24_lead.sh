@@ -20,7 +20,7 @@ mkdir -p "$W"
 for P in $PARTS; do
 if [ "$P" = breakdown ]; then
   mkdir -p "$W/breakdown"
-  timeout "${BD_LIMIT:-150}" python3 benchmarks/decode_breakdown_gpu.py --variants "${BD_VARIANTS:-base,pdl0,nomask,oldcomb,base,pdl0}" \
+  timeout "${BD_LIMIT:-150}" python3 benchmarks/decode_breakdown_gpu.py --variants "${BD_VARIANTS:-base,noflag,nomask,base,noflag}" \
     --out "$W/breakdown" 2>&1 | grep -v -i warn | tee "$W/breakdown/log"
   echo "[breakdown done $SECONDS s]"
 elif [ "$P" = attention ]; then
