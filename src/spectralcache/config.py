@@ -516,8 +516,10 @@ PRESETS: dict[str, Callable[[], SpectralConfig]] = {
     # synthetic 512-token blocks gave 1.61x (stop 19), 1.74x (stop 20), 2.08x (stop 21), but the
     # cache's own state -- compress_tail makes 511-token blocks at 128K -- ran at 1.1x until stop 22
     # aligned its value rows: 1.78x at batch 1, 1.97x at batch 8 (`spectralcache bench attention`,
-    # graph replays, L2 cleared; benchmarks/results/lead_stop22/), and 1.94x / 2.08x since stop 23 keeps
-    # whole 512-token blocks for long prompts (1.08x at 4K batch 1; benchmarks/results/lead_stop23/).
+    # graph replays, L2 cleared; benchmarks/results/lead_stop22/), 1.94x / 2.08x since stop 23 keeps
+    # whole 512-token blocks for long prompts (1.08x at 4K batch 1; benchmarks/results/lead_stop23/), and
+    # 2.02x / 2.05x (1.24x at 4K) since stop 24 flags the outlier rows in the value scales, splits the
+    # combine kernel's rows and launches it as a programmatic dependent (benchmarks/results/lead_stop24/).
     # Since stop 18 with per-channel zero points on the keys (key_zero_point): on the same 30 + 30
     # samples at 4K perplexity dNLL +0.0001 instead of +0.008 and more retrieval answers kept
     # (docs/fidelity.md, "Stop 18: key zero points"), for 4 bytes per key channel and block.
