@@ -683,50 +683,6 @@ def _outlier_segment(
     return m, den, acc
 
 
-@triton.jit
-def _exact_tiers(
-    m, den, acc, q, b, h, e_lo, e_hi,
-    lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d, lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
-    hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d, hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
-    ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d, cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
-    n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo, seq_len, tier_end,
-    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-    D: tl.constexpr, D_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_CHUNK: tl.constexpr, F32: tl.constexpr,
-):  # fmt: skip
-    """Tokens ``e_lo .. e_hi-1`` of the exact tiers laid end to end (landmarks | hot buffer | current
-    chunk) for batch row ``b``, KV head ``h``, in the running softmax ``(m, den, acc)``."""
-    # landmarks: virtual [0, n_land)
-    m, den, acc = _exact_segment(
-        m, den, acc, q,
-        lk_ptr + b * s_lk_b + h * s_lk_h, lv_ptr + b * s_lv_b + h * s_lv_h,
-        s_lk_t, s_lk_d, s_lv_t, s_lv_d,
-        tl.maximum(e_lo, 0), tl.minimum(e_hi, n_land), 0, tier_end,
-        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-        D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-    )  # fmt: skip
-    # hot buffer: virtual [n_land, n_land + n_hot)
-    m, den, acc = _exact_segment(
-        m, den, acc, q,
-        hk_ptr + b * s_hk_b + h * s_hk_h + hot_lo * s_hk_t, hv_ptr + b * s_hv_b + h * s_hv_h + hot_lo * s_hv_t,
-        s_hk_t, s_hk_d, s_hv_t, s_hv_d,
-        tl.maximum(e_lo - n_land, 0), tl.minimum(e_hi - n_land, n_hot), hot_start, tier_end,
-        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-        D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-    )  # fmt: skip
-    if HAS_CHUNK:
-        c0 = n_land + n_hot
-        m, den, acc = _exact_segment(
-            m, den, acc, q,
-            ck_ptr + b * s_ck_b + h * s_ck_h, cv_ptr + b * s_cv_b + h * s_cv_h,
-            s_ck_t, s_ck_d, s_cv_t, s_cv_d,
-            tl.maximum(e_lo - c0, 0), tl.minimum(e_hi - c0, n_chunk), chunk_start, seq_len,
-            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
-        )  # fmt: skip
-    return m, den, acc
-
-
 # Sizes and positions change at every decode step: specialising on them (value 1, multiple of
 # 16) would compile a new kernel variant whenever their combination changes.
 _PER_STEP_ARGS = [
@@ -1241,15 +1197,34 @@ def spectral_decode_split_kernel(
         # ------------------------------------------------------------ exact tiers
         e_lo = (pid_s - n_cold_splits - n_out_splits) * exact_per_split
         e_hi = e_lo + exact_per_split
-        m, den, acc = _exact_tiers(
-            m, den, acc, q, b, h, e_lo, e_hi,
-            lk_ptr, s_lk_b, s_lk_h, s_lk_t, s_lk_d, lv_ptr, s_lv_b, s_lv_h, s_lv_t, s_lv_d,
-            hk_ptr, s_hk_b, s_hk_h, s_hk_t, s_hk_d, hv_ptr, s_hv_b, s_hv_h, s_hv_t, s_hv_d,
-            ck_ptr, s_ck_b, s_ck_h, s_ck_t, s_ck_d, cv_ptr, s_cv_b, s_cv_h, s_cv_t, s_cv_d,
-            n_land, hot_start, n_hot, chunk_start, n_chunk, hot_lo, seq_len, tier_end,
+        # landmarks: virtual [0, n_land)
+        m, den, acc = _exact_segment(
+            m, den, acc, q,
+            lk_ptr + b * s_lk_b + h * s_lk_h, lv_ptr + b * s_lv_b + h * s_lv_h,
+            s_lk_t, s_lk_d, s_lv_t, s_lv_d,
+            tl.maximum(e_lo, 0), tl.minimum(e_hi, n_land), 0, tier_end,
             mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
-            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, HAS_CHUNK, F32,
+            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
         )  # fmt: skip
+        # hot buffer: virtual [n_land, n_land + n_hot)
+        m, den, acc = _exact_segment(
+            m, den, acc, q,
+            hk_ptr + b * s_hk_b + h * s_hk_h + hot_lo * s_hk_t, hv_ptr + b * s_hv_b + h * s_hv_h + hot_lo * s_hv_t,
+            s_hk_t, s_hk_d, s_hv_t, s_hv_d,
+            tl.maximum(e_lo - n_land, 0), tl.minimum(e_hi - n_land, n_hot), hot_start, tier_end,
+            mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+            D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+        )  # fmt: skip
+        if HAS_CHUNK:
+            c0 = n_land + n_hot
+            m, den, acc = _exact_segment(
+                m, den, acc, q,
+                ck_ptr + b * s_ck_b + h * s_ck_h, cv_ptr + b * s_cv_b + h * s_cv_h,
+                s_ck_t, s_ck_d, s_cv_t, s_cv_d,
+                tl.maximum(e_lo - c0, 0), tl.minimum(e_hi - c0, n_chunk), chunk_start, seq_len,
+                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, scale, softcap,
+                D, D_P, BLOCK_E, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+            )  # fmt: skip
 
     # ---- this program's partial
     part = pid_bh * n_splits + pid_s
