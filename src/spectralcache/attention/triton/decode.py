@@ -724,7 +724,9 @@ def _outlier_cols(
     its two mask words through shared memory (a store, a barrier and a load per tile; sm_90a: 7 -> 5
     barriers a tile). Applies to the flat tile loop (the default preset's layout) with outliers and at
     most 31 tiles a block. None: on where it applies and a cold program reads at least 32 tiles (the
-    deep-pipeline cells and 128K batch 1), True: on where it applies, False: off.
+    deep-pipeline cells and 128K batch 1), True: on where it applies, False: off. Where the blocks flag
+    their outlier rows in the value scales (OUT_FLAG, :func:`_outlier_flags`, stop 24) the tiles mask from
+    those and no bit mask is built.
 
     H200 stop 21 (``benchmarks/results/kernel_stop21/``, default layout, paired int4 widening, graph
     replay, same process): 128K batch 8 (256 tiles a program) 0.5206-0.5219 ms with it against 0.5392,
