@@ -227,6 +227,7 @@ _COMBINE_BLOCK_D = 64
 _COMBINE_BLOCK_S = 128
 
 
+@functools.lru_cache(maxsize=256)
 def _combine_plan(
     n_splits: int, head_dim: int, combine_block_d: int | None, combine_block_s: int | None
 ) -> tuple[int, int]:
