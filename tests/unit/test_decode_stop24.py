@@ -167,3 +167,63 @@ def test_kernel_outlier_flags_bf16_and_unflagged_states() -> None:
     assert not seen["OUT_FLAG"]
     ref = spectral_attention(query, state)
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+# ---- the flat loop's tiles turned over (tile_transposed, TILE_T; an option, off by default)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        {},
+        {"outlier_flags": False},
+        {"outlier_flags": False, "outlier_cols": True},
+        {"defer_den": False},
+        {"blocks_per_split": 1},
+        {"mask": True},
+    ],
+)
+def test_tile_transposed_agrees_with_reference(launch: dict) -> None:
+    """TILE_T computes the same function as the kernel's own orientation: on a real default-preset state
+    (channel keys with zero points, flagged outliers), with the per-block bit masks instead of the flags,
+    without the deferred denominator, one block a program, and under a bool mask."""
+    case = _case("default")
+    kw = dict(launch)
+    mask = None
+    if kw.pop("mask", False):
+        mask = torch.ones(1, 1, 1, int(case.state.seq_len), dtype=torch.bool, device=DEVICE)
+        mask[..., 40:700] = False
+    ref = spectral_attention(case.query, case.state, mask)
+    out, seen = _launch(lambda: decode_attention(case.query, case.state, mask, tile_transposed=True, **kw))
+    assert seen["TILE_T"] and seen["FLAT"]
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-5
+
+
+def test_tile_transposed_other_layouts_and_refusal() -> None:
+    """TILE_T on channel keys without zero points (bf16) and on identity int4 keys with per-row scales
+    (synthetic, GQA 4); off unless asked; refused where the flat loop does not run."""
+    from spectralcache.bench.attention import build_case
+    from spectralcache.config import SpectralConfig
+
+    cfg = SpectralConfig.from_preset("default").replace(key_zero_point=False)
+    case = build_case(cfg, 1, 1400, 4, 2, 128, torch.bfloat16, torch.device(DEVICE), 6)
+    ref = spectral_attention(case.query, case.state)
+    out, seen = _launch(lambda: decode_attention(case.query, case.state, tile_transposed=True))
+    assert seen["TILE_T"] and float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    state = random_state(
+        device=DEVICE, seed=next(_seed), block_size=64, blocks=3, outliers=2, hot=9, key_bits=4,
+        identity_keys=True, identity_values=True, rank_keys=32, rank_values=32,
+    )  # fmt: skip
+    query = torch.randn(1, 8, 1, 32).to(DEVICE)
+    ref = spectral_attention(query, state)
+    flat = {"block_stages": 0, "block_parts": 1}  # the run-time tile loop the flat layout needs
+    out, seen = _launch(lambda: decode_attention(query, state, tile_transposed=True, **flat))
+    assert seen["TILE_T"] and seen["FLAT"] and float((out - ref).norm() / ref.norm()) < 1e-5
+    _, seen = _launch(lambda: decode_attention(query, state, **flat))
+    assert seen["FLAT"] and not seen["TILE_T"]
+    with pytest.raises(ValueError, match="tile_transposed"):
+        decode_attention(query, state, tile_transposed=True, flat_tiles=0, **flat)
+    with pytest.raises(ValueError, match="tile_transposed"):
+        decode_attention(query, state, tile_transposed=True, block_stages=2)
+    with pytest.raises(ValueError, match="key_raw"):
+        decode_attention(query, state, tile_transposed=True, key_raw=True, **flat)

@@ -125,7 +125,7 @@ def _split_constexprs(
     key_channel: bool = False, int4_bytes: int = 0, int4_pad: bool = False, key_offsets: bool = False,
     block_parts: int = 1, split_k: bool = False, split_v: bool = False, int4_asm: int = 0,
     defer_den: bool = False, flat: int = 0, key_raw: bool = False, out_cols: bool = False,
-    pdl: int = 0, t_v: int = 0, vs_pad: bool = False, out_flag: bool = False,
+    pdl: int = 0, t_v: int = 0, vs_pad: bool = False, out_flag: bool = False, tile_t: bool = False,
 ) -> dict:  # fmt: skip
     # an identity side's coefficient tile meets head_dim-wide tiles (the query, the accumulator): it
     # keeps D_P columns (int4_pad at head_dim 16 made it 32 wide, and the dots refused to compile)
@@ -151,6 +151,7 @@ def _split_constexprs(
         T_V=t_v,
         VS_PAD=vs_pad,
         OUT_FLAG=out_flag,
+        TILE_T=tile_t,
     )  # fmt: skip
 
 
@@ -444,6 +445,23 @@ def _cold_segment(cold: ColdBlocks, head_dim: int, device: torch.device, dummy: 
     segment = (args, facts)
     _COLD_ARGS[key] = (weakref.ref(cold, functools.partial(_forget_cold, key=key)), guard, fields, segment)
     return segment
+
+
+def _tile_transposed(tile_transposed: bool | None, flat: int, key_raw: bool | None) -> bool:
+    """TILE_T (``decode_splits._cold_tile_t``): the flat loop's tiles scored as ``sᵀ = K · qᵀ`` (tokens as
+    the mma's M, the query rows as N) with the values as ``Vᵀ · pᵀ``. Only the flat nibble-split layout (the
+    default preset's) has it, without ``key_raw``. None / False: off -- not yet timed on a GPU (stop 24: the
+    interpreter says the same function; sm_90a SASS of a stripped tile loop, ``benchmarks/
+    transposed_tile_sass.py``, 382 against 466 instructions a tile, half the HMMAs, 87 against 119
+    registers); True where it does not apply: ValueError."""
+    if not tile_transposed:
+        return False
+    if not flat or key_raw:
+        raise ValueError(
+            "tile_transposed needs the flat nibble-split tile loop (packed int4 identity keys and values, "
+            "post-RoPE, outliers in programs of their own, whole blocks) and key_raw off"
+        )
+    return True
 
 
 def _outlier_flags(cold: ColdBlocks, vbits: int) -> bool:
@@ -878,6 +896,7 @@ def decode_attention(
     combine_block_d: int | None = None,
     combine_block_s: int | None = None,
     outlier_flags: bool | None = None,
+    tile_transposed: bool | None = None,
     min_rows: int | None = None,
     exact_spread: bool = True,
     device_sizes: torch.Tensor | None = None,
@@ -935,7 +954,8 @@ def decode_attention(
     ``combine_block_d`` / ``combine_block_s`` (the combine kernel's output columns per program -- 0: a whole
     row, a power of two >= 16: that many -- and partials per load round; None: :func:`_combine_plan`),
     ``outlier_flags`` (the cold tiles find their outlier rows from the value scales where the blocks flag
-    them, :func:`_outlier_flags`; None / True: on where it applies, False: the per-block bit mask).
+    them, :func:`_outlier_flags`; None / True: on where it applies, False: the per-block bit mask),
+    ``tile_transposed`` (the flat loop's tiles turned over, :func:`_tile_transposed`; None / False: off).
 
     CUDA-graph mode (``device_sizes``, an int32 tensor of ``len(SIZE_FIELDS)`` on the query's
     device, see :func:`decode_sizes` and :class:`spectralcache.attention.triton.graph.DecodeGraphSizes`):
@@ -1184,6 +1204,7 @@ def decode_attention(
             t_v,
             vs_pad,
             out_flag and (outlier_flags is None or bool(outlier_flags)),
+            _tile_transposed(tile_transposed, flat, key_raw),
         )  # fmt: skip
         try:
             _launch_split((n_bh, n_splits), args, constexprs, options, device)

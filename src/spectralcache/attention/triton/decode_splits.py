@@ -439,6 +439,89 @@ def _exact_segment(
 
 
 @triton.jit
+def _load_int4_halves_t(
+    base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, I4_ASM: tl.constexpr,
+):  # fmt: skip
+    """``_load_int4_halves`` turned over: the tiles ``lo`` / ``hi`` as [RANK_P/2, N] (byte column j down,
+    rows across) -- how tokens-contiguous value bytes lie in memory."""
+    bcols = tl.arange(0, RANK_P // 2)
+    okb = (bcols < (RANK + 1) // 2)[:, None] & rows_ok[None, :]
+    byte = tl.load(base + bcols[:, None] * stride_c + rows[None, :] * stride_t, mask=okb, other=0)
+    return _widen_int4(byte, I4_ASM, False)
+
+
+@triton.jit
+def _cold_tile_t(
+    m, den, acc_lo, acc_hi, t0, qbt, qbt_hi, kmax, qz, owords, start, open_block,
+    kc_n, s_kc_t, s_kc_c, ks_n, s_ks_t, vc_n, s_vc_t, s_vc_c, vs_n, s_vs_t,
+    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+    T: tl.constexpr, BLOCK_T: tl.constexpr, RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr,
+    RV_P: tl.constexpr, N_OUT: tl.constexpr, OUT_WORDS: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, F32: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    KEY_OFFSETS: tl.constexpr, I4_ASM: tl.constexpr, DEFER_DEN: tl.constexpr, OUT_COLS: tl.constexpr,
+    T_V: tl.constexpr, VS_PAD: tl.constexpr, OUT_FLAG: tl.constexpr,
+):  # fmt: skip
+    """``_cold_tile`` for the flat nibble-split layout, turned over (TILE_T, stop 24; an option, untimed):
+    the scores as ``sᵀ = K · qᵀ`` [BLOCK_T, R_P] -- the tile's tokens are the mma's M operand and the
+    query rows its N (Triton pads N to the mma's 8 where ``s = q · Kᵀ`` padded the rows to 16) --, the
+    softmax over axis 0, and the values as ``accᵀ += Vᵀ · pᵀ`` ([D/2, R_P] halves; ``Vᵀ`` read straight
+    from the tokens-contiguous value bytes). ``qbt`` / ``qbt_hi`` [D_P/2, R_P] are the query halves (channel
+    scales folded in) turned over once per block; ``den`` [BLOCK_T, R_P] with DEFER_DEN. Same function as
+    ``_cold_tile``; sm_90a SASS of a stripped tile loop (``benchmarks/transposed_tile_sass.py``): 382 against
+    466 instructions a tile, half the HMMAs, 87 against 119 registers."""
+    tt = t0 + tl.arange(0, BLOCK_T)
+    t_ok = tt < T
+    if T_V > T:
+        tv_ok = tt < T_V
+    else:
+        tv_ok = t_ok
+    klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM)
+    s = _dot(klo, qbt, F32, tl.float16) + _dot(khi, qbt_hi, F32, tl.float16)  # [BLOCK_T, R_P]
+    if KEY_CHANNEL:
+        s = s * (kmax * scale)
+        if KEY_OFFSETS:
+            s = s + qz[None, :]
+    else:
+        kscale = tl.load(ks_n + tt * s_ks_t, mask=t_ok, other=0.0).to(tl.float32)
+        s = s * scale * kscale[:, None]
+    s = _softcap(s, softcap, HAS_SOFTCAP)
+    vscale = _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V, T, VS_PAD)
+    if N_OUT > 0:
+        if OUT_FLAG:
+            is_out = vscale < 0.0
+        elif OUT_COLS:
+            is_out = ((owords >> (t0 // BLOCK_T)) & 1) != 0
+        else:
+            word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
+            is_out = ((word >> (tt % 32)) & 1) != 0
+        t_live = t_ok & (~is_out)
+    else:
+        t_live = t_ok
+    if HAS_MASK or not open_block:
+        s += tl.trans(
+            _mask_bias(
+                mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, start + tt, t_live,
+                q_first, tier_end, HAS_MASK, MASK_BOOL,
+            )
+        )  # fmt: skip
+    else:
+        s = tl.where(t_live[:, None], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = _exp(m - m_safe)
+    p = _exp(s - m_safe[None, :])
+    if DEFER_DEN:
+        den = den * alpha[None, :] + p
+    else:
+        den = den * alpha + tl.sum(p, axis=0)
+    vlo, vhi = _load_int4_halves_t(vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)  # [RV_P/2, BLOCK_T]
+    pv = p * vscale[:, None]
+    acc_lo = acc_lo * alpha[None, :] + _dot(vlo, pv, F32, tl.float16)
+    acc_hi = acc_hi * alpha[None, :] + _dot(vhi, pv, F32, tl.float16)
+    return m_new, den, acc_lo, acc_hi
+
+
+@triton.jit
 def _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V: tl.constexpr, T: tl.constexpr, VS_PAD: tl.constexpr):
     """A tile's per-row value scales [BLOCK_T] float32 (0 past the block's T rows)."""
     if VS_PAD and T_V > T:
@@ -749,6 +832,7 @@ def spectral_decode_split_kernel(
     DEFER_DEN: tl.constexpr = False, FLAT: tl.constexpr = 0, FLAT_TILES: tl.constexpr = 1,
     KEY_RAW: tl.constexpr = False, OUT_COLS: tl.constexpr = False, ABLATE: tl.constexpr = 0,
     PDL: tl.constexpr = 0, T_V: tl.constexpr = 0, VS_PAD: tl.constexpr = False, OUT_FLAG: tl.constexpr = False,
+    TILE_T: tl.constexpr = False,
 ):  # fmt: skip
     # ABLATE: timing only (parts of the tile work left out, results wrong; see _cold_tile). decode_attention
     # always passes 0; only benchmarks/attention_kernel_dev.py's ablation hook sets it.
@@ -842,14 +926,20 @@ def spectral_decode_split_kernel(
         else:
             q_lo = 0.0
             q_hi = 0.0
-        if SPLIT_V:
+        if SPLIT_V and TILE_T:
+            # TILE_T: the halves turned over, [D_P/2, R_P] (``_cold_tile_t``)
+            acc_lo = tl.zeros((D_P // 2, R_P), dtype=tl.float32)
+            acc_hi = tl.zeros((D_P // 2, R_P), dtype=tl.float32)
+        elif SPLIT_V:
             # the cold programs' output columns as two halves, interleaved back once after the blocks
             acc_lo = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
             acc_hi = tl.zeros((R_P, D_P // 2), dtype=tl.float32)
         else:
             acc_lo = acc
             acc_hi = 0.0
-        if DEFER_DEN:
+        if DEFER_DEN and TILE_T:
+            den = tl.zeros((BLOCK_T, R_P), dtype=tl.float32)
+        elif DEFER_DEN:
             den = tl.zeros((R_P, BLOCK_T), dtype=tl.float32)
         if PRE_ROPE:
             # rotate-half partner of column j: -x[j + half] (j < half), x[j - half] (half <= j < 2*half)
@@ -900,6 +990,12 @@ def spectral_decode_split_kernel(
             else:
                 qb = q_lo
                 qb_hi = q_hi
+            if TILE_T:
+                qbt = tl.trans(qb)
+                qbt_hi = tl.trans(qb_hi)
+            else:
+                qbt = 0.0
+                qbt_hi = 0.0
             if FLAT == 3:
                 # the first block's setup data now; each block's setup then loads the next block's, so
                 # its latency hides behind the block's tiles instead of stalling its first tile
@@ -967,18 +1063,31 @@ def spectral_decode_split_kernel(
                             qz = tl.zeros((R_P,), dtype=tl.float32)
                         if KEY_RAW:
                             qz = _raw_key_offset(qz, qb, qb_hi, kmax * scale)
-                m, den, acc_lo, acc_hi, lat = _cold_tile(
-                    m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
-                    start, open_block,
-                    kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
-                    vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
-                    freq, is_rot, partner, sign,
-                    mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
-                    T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
-                    VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
-                    INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, OUT_COLS, ABLATE,
-                    T_V=T_V, VS_PAD=VS_PAD, OUT_FLAG=OUT_FLAG,
-                )  # fmt: skip
+                        if TILE_T:
+                            qbt = tl.trans(qb)
+                            qbt_hi = tl.trans(qb_hi)
+                if TILE_T:
+                    m, den, acc_lo, acc_hi = _cold_tile_t(
+                        m, den, acc_lo, acc_hi, t0, qbt, qbt_hi, kmax, qz, owords, start, open_block,
+                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, N_OUT, OUT_WORDS, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32,
+                        KEY_CHANNEL, KEY_OFFSETS, I4_ASM, DEFER_DEN, OUT_COLS, T_V, VS_PAD, OUT_FLAG,
+                    )  # fmt: skip
+                else:
+                    m, den, acc_lo, acc_hi, lat = _cold_tile(
+                        m, den, acc_lo, acc_hi, 0.0, t0, q, qb, qb_hi, 0.0, 0.0, 0.0, 0.0, kmax, 0.0, 0.0, qz, owords,
+                        start, open_block,
+                        kc_bh + n * s_kc_n, kc_t, s_kc_c, ks_bh + n * s_ks_n, s_ks_t,
+                        vc_bh + n * s_vc_n, vc_t, s_vc_c, vs_bh + n * s_vs_n, s_vs_t,
+                        freq, is_rot, partner, sign,
+                        mrow_ptr, s_mq, s_mk, mask_floor, rows_q, rows_ok, q_first, tier_end, scale, softcap,
+                        T, BLOCK_T, RK, RK_P, RV, RV_P, D, D_P, N_OUT, OUT_WORDS, KEY_BITS, VALUE_BITS, KEY_IDENTITY,
+                        VALUE_IDENTITY, PRE_ROPE, HAS_MASK, MASK_BOOL, HAS_SOFTCAP, F32, DQ_ASM, KEY_CHANNEL, INT4_BYTES_K,
+                        INT4_BYTES_V, KEY_OFFSETS, SPLIT_K, SPLIT_V, I4_ASM, DEFER_DEN, KEY_RAW, OUT_COLS, ABLATE,
+                        T_V=T_V, VS_PAD=VS_PAD, OUT_FLAG=OUT_FLAG,
+                    )  # fmt: skip
         else:
             for n in tl.range(n_lo, n_hi, num_stages=1 if BLOCK_STAGES == 0 else BLOCK_STAGES):
                 start = tl.load(starts_ptr + n).to(tl.int32)
@@ -1171,12 +1280,16 @@ def spectral_decode_split_kernel(
                         other=0.0,
                     )
                     acc_lo += _dot(lat, bv, F32, tl.float16)
-        if SPLIT_V:
+        if SPLIT_V and TILE_T:
+            acc = tl.reshape(tl.join(tl.trans(acc_lo), tl.trans(acc_hi)), (R_P, D_P))
+        elif SPLIT_V:
             # columns 2j / 2j+1 back in order: [R_P, D_P/2, 2] -> [R_P, D_P], once per program
             acc = tl.reshape(tl.join(acc_lo, acc_hi), (R_P, D_P))
         else:
             acc = acc_lo
-        if DEFER_DEN:
+        if DEFER_DEN and TILE_T:
+            den = tl.sum(den, axis=0)
+        elif DEFER_DEN:
             den = tl.sum(den, axis=1)
     elif pid_s < n_cold_splits + n_out_splits:
         # ------------------------------------------------------------ outliers of the cold blocks
