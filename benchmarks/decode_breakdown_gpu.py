@@ -43,6 +43,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pdl2": {"pdl": 2},
     # programmatic dependent launch off (the default is form 2 on Hopper since stop 24)
     "pdl0": {"pdl": False},
+    # the flat loop's tiles turned over (tile_transposed, stop 24: off, untimed), also at 5 programs an SM
+    "tilet": {"tile_transposed": True},
+    "tilet5": {"tile_transposed": True, "programs_per_sm": 5, "maxnreg": 96},
     # the per-block outlier bit mask instead of the value scales' flags (OUT_FLAG, the default since stop 24)
     "noflag": {"outlier_flags": False},
     # the combine kernel's columns per program / partials per load round (stop 24)
