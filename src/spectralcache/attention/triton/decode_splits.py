@@ -487,14 +487,7 @@ def _cold_tile_t(
     s = _softcap(s, softcap, HAS_SOFTCAP)
     vscale = _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V, T, VS_PAD)
     if N_OUT > 0:
-        if OUT_FLAG:
-            is_out = vscale < 0.0
-        elif OUT_COLS:
-            is_out = ((owords >> (t0 // BLOCK_T)) & 1) != 0
-        else:
-            word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
-            is_out = ((word >> (tt % 32)) & 1) != 0
-        t_live = t_ok & (~is_out)
+        t_live = _live_tokens(t0, tt, t_ok, vscale, owords, BLOCK_T, OUT_WORDS, OUT_FLAG, OUT_COLS)
     else:
         t_live = t_ok
     if HAS_MASK or not open_block:
@@ -519,6 +512,25 @@ def _cold_tile_t(
     acc_lo = acc_lo * alpha[None, :] + _dot(vlo, pv, F32, tl.float16)
     acc_hi = acc_hi * alpha[None, :] + _dot(vhi, pv, F32, tl.float16)
     return m_new, den, acc_lo, acc_hi
+
+
+@triton.jit
+def _live_tokens(
+    t0, tt, t_ok, vscale, owords, BLOCK_T: tl.constexpr, OUT_WORDS: tl.constexpr, OUT_FLAG: tl.constexpr,
+    OUT_COLS: tl.constexpr,
+):  # fmt: skip
+    """``t_ok`` [BLOCK_T] without the block's outlier rows, found from the tile's value scales (OUT_FLAG:
+    -1 there), the per-column mask (OUT_COLS: bit ``t0 / BLOCK_T`` of each column's word, built once per
+    block) or the block's bit mask (bit ``t % 32`` of word ``t // 32``: a [N_OUT, BLOCK_T] compare here was
+    a fifth of the tile loop's instructions in the SASS; the gather goes through shared memory)."""
+    if OUT_FLAG:
+        is_out = vscale < 0.0
+    elif OUT_COLS:
+        is_out = ((owords >> (t0 // BLOCK_T)) & 1) != 0
+    else:
+        word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
+        is_out = ((word >> (tt % 32)) & 1) != 0
+    return t_ok & (~is_out)
 
 
 @triton.jit
@@ -658,20 +670,11 @@ def _cold_tile(
     s = _softcap(s, softcap, HAS_SOFTCAP)
     if OUT_FLAG:
         vscale = _value_scales(vs_n, tt, t_ok, tv_ok, s_vs_t, T_V, T, VS_PAD)
+    else:
+        vscale = 0.0  # loaded with the values below
     if N_OUT > 0 and not (ABLATE & 4):
         # low-rank rows of tokens kept exact are attended through the exact copy only
-        if OUT_FLAG:
-            is_out = vscale < 0.0
-        elif OUT_COLS:
-            # bit t0 / BLOCK_T of each column's mask (built once per block)
-            is_out = ((owords >> (t0 // BLOCK_T)) & 1) != 0
-        else:
-            # bit t % 32 of word t // 32 of the block's outlier bit mask (built once per block): a
-            # [N_OUT, BLOCK_T] compare here was a fifth of the tile loop's instructions (SASS); the
-            # gather goes through shared memory (a store, a barrier and a load every tile)
-            word = tl.gather(owords, tl.minimum(tt // 32, OUT_WORDS - 1), 0)
-            is_out = ((word >> (tt % 32)) & 1) != 0
-        t_live = t_ok & (~is_out)
+        t_live = _live_tokens(t0, tt, t_ok, vscale, owords, BLOCK_T, OUT_WORDS, OUT_FLAG, OUT_COLS)
     else:
         t_live = t_ok
     if HAS_MASK:
