@@ -14,7 +14,7 @@ dependent ones) and writes one output row ``[D]`` through the output's strides, 
 Stop 22: ``PDL`` -- the kernel is launched as a programmatic dependent of the split kernel (Hopper's
 programmatic dependent launch, the ``launch_pdl`` compile option): its programs may start while the
 split kernel's last programs run and wait (``griddepcontrol.wait``) for its partials, so the launch
-gap between the two kernels is hidden (``decode_attention(pdl=...)``, off by default).
+gap between the two kernels is hidden (``decode_attention(pdl=...)``; on by default on Hopper since stop 24).
 
 Stop 24: ``D_BLOCK`` -- the output row's columns split over programs (grid axis 1: ``D / D_BLOCK``
 programs per row, each reading ``[BLOCK_S, D_BLOCK]`` tiles; every one recomputes the row's tiny
