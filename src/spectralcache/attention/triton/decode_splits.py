@@ -145,12 +145,13 @@ def _exp(x):
 
 
 @triton.jit
-def _online_step(m, den, s):
-    """New running max, rescale factor for the old state, and the tile's probabilities."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
+def _online_step(m, den, s, AXIS: tl.constexpr = 1):
+    """New running max, rescale factor for the old state, and the tile's probabilities (tokens along
+    ``AXIS`` of ``s``: 1 for ``[rows, tokens]``, 0 for a tile turned over, TILE_T)."""
+    m_new = tl.maximum(m, tl.max(s, axis=AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: exp(-inf) = 0
     alpha = _exp(m - m_safe)
-    p = _exp(s - m_safe[:, None])
+    p = _exp(s - tl.expand_dims(m_safe, AXIS))
     return m_new, alpha, p
 
 
@@ -230,7 +231,7 @@ _I4_RAW_OFFSET = tl.constexpr(1032.0)
 @triton.jit
 def _load_int4_halves(
     base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, I4_ASM: tl.constexpr,
-    RAW: tl.constexpr = False,
+    RAW: tl.constexpr = False, TRANS: tl.constexpr = False,
 ):  # fmt: skip
     """Packed int4 coefficient rows as two float16 tiles [N, RANK_P/2] of exact small integers:
     ``lo[:, j]`` = column 2j (low nibble of byte j), ``hi[:, j]`` = column 2j+1 (high nibble).
@@ -242,10 +243,16 @@ def _load_int4_halves(
     float16x2 FMAs for the high nibbles); otherwise the same arithmetic as
     tensor ops (``_load_coeffs``' int4 path). ``RAW``: the widened values are left as the float16
     ``1032 + n`` (no subtraction; padded and masked entries read 1032): the caller removes
-    ``1032 · Σ other operand`` once per block (KEY_RAW)."""
+    ``1032 · Σ other operand`` once per block (KEY_RAW). ``TRANS``: the tiles turned over, [RANK_P/2, N]
+    (byte column j down, rows across: how tokens-contiguous value bytes lie in memory; TILE_T)."""
     bcols = tl.arange(0, RANK_P // 2)
-    okb = rows_ok[:, None] & (bcols < (RANK + 1) // 2)[None, :]
-    byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
+    b_ok = bcols < (RANK + 1) // 2
+    if TRANS:
+        okb = b_ok[:, None] & rows_ok[None, :]
+        byte = tl.load(base + bcols[:, None] * stride_c + rows[None, :] * stride_t, mask=okb, other=0)
+    else:
+        okb = rows_ok[:, None] & b_ok[None, :]
+        byte = tl.load(base + rows[:, None] * stride_t + bcols[None, :] * stride_c, mask=okb, other=0)
     return _widen_int4(byte, I4_ASM, RAW)
 
 
@@ -439,15 +446,16 @@ def _exact_segment(
 
 
 @triton.jit
-def _load_int4_halves_t(
-    base, rows, rows_ok, stride_t, stride_c, RANK: tl.constexpr, RANK_P: tl.constexpr, I4_ASM: tl.constexpr,
-):  # fmt: skip
-    """``_load_int4_halves`` turned over: the tiles ``lo`` / ``hi`` as [RANK_P/2, N] (byte column j down,
-    rows across) -- how tokens-contiguous value bytes lie in memory."""
-    bcols = tl.arange(0, RANK_P // 2)
-    okb = (bcols < (RANK + 1) // 2)[:, None] & rows_ok[None, :]
-    byte = tl.load(base + bcols[:, None] * stride_c + rows[None, :] * stride_t, mask=okb, other=0)
-    return _widen_int4(byte, I4_ASM, False)
+def _tile_rows(t0, BLOCK_T: tl.constexpr, T: tl.constexpr, T_V: tl.constexpr):
+    """A tile's token rows ``t0 .. t0+BLOCK_T-1``, which hold tokens (``< T``), and which hold value bytes
+    (``< T_V`` where the value rows are padded past T: see ``_cold_tile``'s docstring)."""
+    tt = t0 + tl.arange(0, BLOCK_T)
+    t_ok = tt < T
+    if T_V > T:
+        tv_ok = tt < T_V
+    else:
+        tv_ok = t_ok
+    return tt, t_ok, tv_ok
 
 
 @triton.jit
@@ -469,12 +477,7 @@ def _cold_tile_t(
     scales folded in) turned over once per block; ``den`` [BLOCK_T, R_P] with DEFER_DEN. Same function as
     ``_cold_tile``; sm_90a SASS of a stripped tile loop (``benchmarks/transposed_tile_sass.py``): 382 against
     466 instructions a tile, half the HMMAs, 87 against 119 registers."""
-    tt = t0 + tl.arange(0, BLOCK_T)
-    t_ok = tt < T
-    if T_V > T:
-        tv_ok = tt < T_V
-    else:
-        tv_ok = t_ok
+    tt, t_ok, tv_ok = _tile_rows(t0, BLOCK_T, T, T_V)
     klo, khi = _load_int4_halves(kc_n, tt, t_ok, s_kc_t, s_kc_c, RK, RK_P, I4_ASM)
     s = _dot(klo, qbt, F32, tl.float16) + _dot(khi, qbt_hi, F32, tl.float16)  # [BLOCK_T, R_P]
     if KEY_CHANNEL:
@@ -499,19 +502,18 @@ def _cold_tile_t(
         )  # fmt: skip
     else:
         s = tl.where(t_live[:, None], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = _exp(m - m_safe)
-    p = _exp(s - m_safe[None, :])
+    m, alpha, p = _online_step(m, den, s, 0)
     if DEFER_DEN:
         den = den * alpha[None, :] + p
     else:
         den = den * alpha + tl.sum(p, axis=0)
-    vlo, vhi = _load_int4_halves_t(vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM)  # [RV_P/2, BLOCK_T]
+    vlo, vhi = _load_int4_halves(
+        vc_n, tt, tv_ok, s_vc_t, s_vc_c, RV, RV_P, I4_ASM, TRANS=True
+    )  # [RV_P/2, BLOCK_T]
     pv = p * vscale[:, None]
     acc_lo = acc_lo * alpha[None, :] + _dot(vlo, pv, F32, tl.float16)
     acc_hi = acc_hi * alpha[None, :] + _dot(vhi, pv, F32, tl.float16)
-    return m_new, den, acc_lo, acc_hi
+    return m, den, acc_lo, acc_hi
 
 
 @triton.jit
@@ -600,12 +602,7 @@ def _cold_tile(
     ablation hook; the flat tile loop's nibble-split layout): a bit set of tile work left out -- 1 the
     value side (loads, widening, dot), 2 the key bytes (loads and widening: the score dots multiply
     zeros), 4 the outlier mask, 8 the softmax (no running max, no exponentials: ``p`` = the scores)."""
-    tt = t0 + tl.arange(0, BLOCK_T)
-    t_ok = tt < T
-    if T_V > T:
-        tv_ok = tt < T_V
-    else:
-        tv_ok = t_ok
+    tt, t_ok, tv_ok = _tile_rows(t0, BLOCK_T, T, T_V)
     if ABLATE & 2:
         # no key bytes read or widened: the score dots multiply zeros (their HMMAs stay)
         klo = tl.zeros((BLOCK_T, RK_P // 2), dtype=tl.float16)
