@@ -50,6 +50,8 @@ def test_pdl_only_where_compiled_for_hopper() -> None:
         out, seen = record_launch(lambda: decode_attention(query, state, pdl=True))
         assert not seen["PDL"] and "launch_pdl" not in seen["_options"]
         assert _rel(out, spectral_attention(query, state)) < 1e-5
+        with pytest.raises(ValueError, match="pdl"):  # checked off the GPU too
+            decode_attention(query, state, pdl=3)
     with pytest.raises(ValueError, match="pdl"):
         dec._use_pdl(3, torch.device("cpu"))
     assert dec._options(4, 2, 128, True)["launch_pdl"] is True

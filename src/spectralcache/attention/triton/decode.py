@@ -1178,7 +1178,7 @@ def decode_attention(
         scale, 1.0 if softcap is None else float(softcap),
         dummy[torch.int64] if device_sizes is None else device_sizes,
     ]  # fmt: skip
-    use_pdl = _use_pdl(pdl, device) if query.is_cuda else 0
+    use_pdl = _use_pdl(pdl, device)  # validates pdl everywhere; 0 off compiled Hopper
     row_stride = _auto_row_stride(int4_row_stride, split_k, split_v)
     # value bytes stored tokens-contiguous (how cache/layer.py stores the default preset's values since
     # stop 21; any other strides are read as well)
